@@ -1,0 +1,47 @@
+"""Hash n-gram ids for the local encoder's input embeddings (spec section 4).
+
+For each hash function f and group size g, the window of the last g ids (oldest first, zero-padded
+before position 0) is hashed as sum(w_m * p_f^m) in signed 64-bit arithmetic with two's-complement
+wrap-around, then floor-modulo the table size. The result indexes table j = f * len(G) + gi of the
+concatenated `[F * len(G) * V, d]` embedding, so each is offset by j * V.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PRIMES = (
+    1000000007, 5915587277, 1500450271, 3267000013, 5754853343, 4093082899,
+    9576890767, 3628273133, 2860486313, 5463458053, 3367900313,
+)
+
+
+def _wrap_int64(x: int) -> int:
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def prime_powers(prime: int, group_size: int) -> list[int]:
+    """p^0 .. p^(g-1) as int64 values with wrap-around, as the reference computes them."""
+    return [_wrap_int64(prime**m) for m in range(group_size)]
+
+
+def group_hash(ids: torch.Tensor, group_size: int, prime: int, vocab: int) -> torch.Tensor:
+    """Hash of every position's trailing window. ids (B, L) int64 -> (B, L) in [0, vocab)."""
+    padded = F.pad(ids, (group_size - 1, 0), value=0)
+    windows = padded.unfold(1, group_size, 1)  # (B, L, g), oldest id first
+    powers = torch.tensor(prime_powers(prime, group_size), dtype=torch.int64, device=ids.device)
+    hashes = (windows * powers).sum(dim=-1)  # int64 arithmetic wraps around
+    return torch.remainder(hashes, vocab)  # floor modulo, result in [0, vocab)
+
+
+def hash_table_indices(ids: torch.Tensor, group_sizes: tuple[int, ...], n_functions: int,
+                       vocab: int) -> torch.Tensor:
+    """Row indices into the concatenated hash table. ids (B, L) -> (B, L, n_functions*len(G))."""
+    cols = []
+    for f in range(n_functions):
+        for gi, g in enumerate(group_sizes):
+            j = f * len(group_sizes) + gi
+            cols.append(group_hash(ids, g, PRIMES[f], vocab) + j * vocab)
+    return torch.stack(cols, dim=-1)

@@ -1,0 +1,170 @@
+"""Building blocks shared by all four stacks (spec section 2).
+
+Owns: RMSNorm (statistics in fp32), interleaved RoPE (angles in fp32), SwiGLU, grouped-query
+self-attention with an optional sliding window, cross-attention with its q/k norms, and the pre-norm
+block. Parameter names match the native checkpoint layout, so a module's state_dict keys are the
+checkpoint's keys below its prefix. Nothing here knows about bytes or patches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import StackConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, fp32, shape positions.shape + (head_dim // 2,)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                             device=positions.device) / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (..., T, head_dim); cos/sin broadcast to (..., T, head_dim/2)."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def window_mask(length: int, window: int | None, device) -> torch.Tensor | None:
+    """Boolean (L, L) mask, query i sees keys i-window+1 .. i; None where plain causal is the same."""
+    if window is None or length <= window:
+        return None
+    i = torch.arange(length, device=device)
+    delta = i[:, None] - i[None, :]
+    return (delta >= 0) & (delta < window)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H_kv, T, D) -> (B, H_kv * groups, T, D); query head h reads kv head h // groups."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Projections(nn.Module):
+    def __init__(self, cfg: StackConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, d, bias=False)
+
+    def heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, T, n*D) -> (B, n, T, D)."""
+        return x.unflatten(-1, (n, self.head_dim)).transpose(1, 2)
+
+    def merge(self, o: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) -> o_proj((B, T, H*D))."""
+        return self.o_proj(o.transpose(1, 2).flatten(2))
+
+
+class SelfAttention(_Projections):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        q = apply_rope(self.heads(self.q_proj(x), self.num_heads), cos, sin)
+        k = apply_rope(self.heads(self.k_proj(x), self.num_kv_heads), cos, sin)
+        v = self.heads(self.v_proj(x), self.num_kv_heads)
+        groups = self.num_heads // self.num_kv_heads
+        o = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
+                                           attn_mask=mask, is_causal=mask is None)
+        return self.merge(o)
+
+
+class CrossAttention(_Projections):
+    """Attention without RoPE from queries to other states; q_norm/k_norm on the inputs.
+
+    Returns only o_proj(attention); the caller applies BLT's double residual.
+    """
+
+    def __init__(self, cfg: StackConfig):
+        super().__init__(cfg)
+        self.q_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, H, T, D)."""
+        return self.heads(self.q_proj(self.q_norm(x)), self.num_heads)
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, d) -> k, v each (B, H, S, D) with kv heads repeated."""
+        kv = self.k_norm(kv)
+        groups = self.num_heads // self.num_kv_heads
+        k = repeat_kv(self.heads(self.k_proj(kv), self.num_kv_heads), groups)
+        v = repeat_kv(self.heads(self.v_proj(kv), self.num_kv_heads), groups)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d) attends to kv (B, S, d) where mask (B, T, S) is True."""
+        k, v = self.keys_values(kv)
+        o = F.scaled_dot_product_attention(self.queries(x), k, v, attn_mask=mask[:, None])
+        return self.merge(o)
+
+
+def double_residual(x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """BLT's cross-attention residual: the module adds its input and the caller adds it again."""
+    return x + (attended + x)
+
+
+class Block(nn.Module):
+    """Pre-norm Llama block: h += Attn(RMSNorm(h)); h += FFN(RMSNorm(h))."""
+
+    def __init__(self, cfg: StackConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Stack(nn.Module):
+    """A list of blocks over a sequence with RoPE positions 0..T-1 and the stack's window."""
+
+    def __init__(self, cfg: StackConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+
+    def positions(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """RoPE cos, sin and the attention mask for a whole sequence of `length` positions."""
+        cos, sin = rope_cos_sin(torch.arange(length, device=device), self.cfg.head_dim, self.cfg.rope_theta)
+        return cos, sin, window_mask(length, self.cfg.window, device)
+
+    def run_layers(self, h: torch.Tensor) -> torch.Tensor:
+        cos, sin, mask = self.positions(h.shape[1], h.device)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        return h
