@@ -50,7 +50,7 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise WeightsError(f"{path}: weight file missing")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
 

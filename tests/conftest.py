@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from factory import make_hf_checkpoint, sample_text
 
 torch.set_num_threads(2)

@@ -1,0 +1,46 @@
+"""The full-sequence forward as training uses it, and the public API's input checks."""
+
+import pytest
+import torch
+from conftest import PARITY_TEXT
+
+from blt_runtime import encode, load_model
+
+
+def test_forward_is_differentiable(hf_checkpoint):
+    _, directory = hf_checkpoint("7b")
+    model = load_model(directory).train().requires_grad_(True)
+    model.patcher.requires_grad_(False)  # the entropy model is trained on its own, then frozen
+    ids = torch.tensor([encode(PARITY_TEXT[:300]), encode(PARITY_TEXT[300:600])])
+    out = model(ids)
+    loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    for name in ("local_encoder.layers.0.mlp.up_proj.weight", "encoder_hash_tok_embedding.weight",
+                 "local_encoder.patch_embedding_projection.weight",
+                 "local_encoder.cross_attn_layers.0.o_proj.weight",
+                 "global_transformer.token_embedding_projection.weight",
+                 "global_transformer.layers.1.self_attn.q_proj.weight",
+                 "local_decoder.cross_attn_layers.2.k_proj.weight", "lm_head.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_entropy_model_trains_on_its_own(hf_checkpoint):
+    _, directory = hf_checkpoint("1b")
+    model = load_model(directory).requires_grad_(True)
+    ids = torch.tensor([encode(PARITY_TEXT[:200])])
+    logits = model.patcher(ids)
+    torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+    assert model.patcher.embed_tokens.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("ids, message", [
+    (torch.zeros(1, 0, dtype=torch.long), "at least BOS"),
+    (torch.tensor([[1, 300]]), "0..259"),
+    (torch.tensor([1, 5]), "shape"),
+    (torch.tensor([[1.0, 5.0]]), "LongTensor"),
+])
+def test_bad_ids(hf_checkpoint, ids, message):
+    _, directory = hf_checkpoint("1b")
+    with pytest.raises(ValueError, match=message):
+        load_model(directory).logits(ids)
