@@ -45,3 +45,18 @@ def test_table_offsets():
     for j in range(4):  # table j = f * len(G) + gi lives at rows [j*V, (j+1)*V)
         assert bool(((rows[..., j] >= 7 * j) & (rows[..., j] < 7 * (j + 1))).all())
     assert torch.equal(rows[..., 3] - 21, group_hash(ids, 4, PRIMES[1], 7))
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(st.integers(0, 259), min_size=1, max_size=30), new=st.integers(1, 30))
+def test_all_tables_at_once(ids, new):
+    """The vectorised form equals the per-group definition, also when hashing only the newest ids."""
+    x = torch.tensor([ids])
+    groups = (3, 4, 5, 6, 7, 8)
+    rows = hash_table_indices(x, groups, n_functions=2, vocab=500002)
+    for f in range(2):
+        for gi, g in enumerate(groups):
+            j = f * len(groups) + gi
+            assert torch.equal(rows[..., j] - j * 500002, group_hash(x, g, PRIMES[f], 500002))
+    new = min(new, len(ids))
+    assert torch.equal(hash_table_indices(x, groups, 2, 500002, new=new), rows[:, -new:])

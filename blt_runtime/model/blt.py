@@ -56,12 +56,14 @@ class BltModel(nn.Module):
     # ------------------------------------------------------------------ pieces
     def embed_bytes(self, ids: torch.Tensor) -> torch.Tensor:
         """Byte embedding plus every hash n-gram embedding. (B, L) -> (B, L, d_enc)."""
+        return self.embed_new_bytes(ids, ids.shape[1])
+
+    def embed_new_bytes(self, ids: torch.Tensor, new: int, powers: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of the last `new` ids of (B, C) `ids`, the earlier ones serving as hash context."""
         cfg = self.config
-        e = self.local_encoder.embed_tokens(ids)
-        rows = hash_table_indices(ids, cfg.hash_group_sizes, cfg.hash_functions, cfg.hash_vocab)
-        for j in range(rows.shape[-1]):  # summed one table at a time, in table order
-            e = e + self.encoder_hash_tok_embedding(rows[..., j])
-        return e
+        rows = hash_table_indices(ids, cfg.hash_group_sizes, cfg.hash_functions, cfg.hash_vocab, powers, new)
+        hashed = self.encoder_hash_tok_embedding(rows).sum(dim=-2)  # (B, new, d_enc)
+        return self.local_encoder.embed_tokens(ids[:, -new:]) + hashed
 
     @torch.no_grad()
     def entropies(self, ids: torch.Tensor) -> torch.Tensor:

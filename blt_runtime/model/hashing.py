@@ -36,12 +36,31 @@ def group_hash(ids: torch.Tensor, group_size: int, prime: int, vocab: int) -> to
     return torch.remainder(hashes, vocab)  # floor modulo, result in [0, vocab)
 
 
-def hash_table_indices(ids: torch.Tensor, group_sizes: tuple[int, ...], n_functions: int,
-                       vocab: int) -> torch.Tensor:
-    """Row indices into the concatenated hash table. ids (B, L) -> (B, L, n_functions*len(G))."""
-    cols = []
+def power_matrix(group_sizes: tuple[int, ...], n_functions: int, device=None) -> torch.Tensor:
+    """(n_tables, max_g) int64: row j = f * len(G) + gi holds p_f^0 .. p_f^(g-1) aligned to the end of a
+    window of the last max_g ids (its oldest id gets p^0), zeros before; table j's hash of that window
+    is then sum(window * row)."""
+    width = max(group_sizes)
+    rows = []
     for f in range(n_functions):
-        for gi, g in enumerate(group_sizes):
-            j = f * len(group_sizes) + gi
-            cols.append(group_hash(ids, g, PRIMES[f], vocab) + j * vocab)
-    return torch.stack(cols, dim=-1)
+        for g in group_sizes:
+            rows.append([0] * (width - g) + prime_powers(PRIMES[f], g))
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def hash_table_indices(ids: torch.Tensor, group_sizes: tuple[int, ...], n_functions: int, vocab: int,
+                       powers: torch.Tensor | None = None, new: int | None = None) -> torch.Tensor:
+    """Row indices into the concatenated hash table for every table at once.
+
+    ids (B, L) -> (B, L, n_tables); positions before 0 count as id 0. With `new`, only the last `new`
+    positions are hashed and ids[:, :-new] is their context (the engine passes the previous ids)."""
+    if powers is None:
+        powers = power_matrix(group_sizes, n_functions, ids.device)
+    width = powers.shape[1]
+    new = ids.shape[1] if new is None else new
+    context = ids[:, -(new + width - 1):]
+    padded = F.pad(context, (width - 1 + new - context.shape[1], 0), value=0)
+    windows = padded.unfold(1, width, 1)  # (B, new, width), oldest id first
+    hashes = (windows[:, :, None, :] * powers).sum(dim=-1)  # int64 arithmetic wraps around
+    offsets = torch.arange(powers.shape[0], device=ids.device) * vocab
+    return torch.remainder(hashes, vocab) + offsets

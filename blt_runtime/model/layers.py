@@ -22,25 +22,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / sqrt(mean(x^2) + eps) in fp32
+        return self.weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, fp32, shape positions.shape + (head_dim // 2,)."""
+def rope_rotation(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """cos + i sin of the rotation angles (computed in fp32), shape positions.shape + (head_dim // 2,)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                              device=positions.device) / head_dim))
     angles = positions.float()[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x (..., T, head_dim); cos/sin broadcast to (..., T, head_dim/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (..., T, head_dim) by angles whose cos + i sin is `rotation`
+    (broadcast to (..., T, head_dim/2)): (x0 + i x1)(cos + i sin), in fp32."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 def window_mask(length: int, window: int | None, device) -> torch.Tensor | None:
@@ -88,10 +86,9 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        q = apply_rope(self.heads(self.q_proj(x), self.num_heads), cos, sin)
-        k = apply_rope(self.heads(self.k_proj(x), self.num_kv_heads), cos, sin)
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q = apply_rope(self.heads(self.q_proj(x), self.num_heads), rotation)
+        k = apply_rope(self.heads(self.k_proj(x), self.num_kv_heads), rotation)
         v = self.heads(self.v_proj(x), self.num_kv_heads)
         groups = self.num_heads // self.num_kv_heads
         o = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
@@ -144,9 +141,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
+    def forward(self, h: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rotation, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -158,13 +154,13 @@ class Stack(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
 
-    def positions(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """RoPE cos, sin and the attention mask for a whole sequence of `length` positions."""
-        cos, sin = rope_cos_sin(torch.arange(length, device=device), self.cfg.head_dim, self.cfg.rope_theta)
-        return cos, sin, window_mask(length, self.cfg.window, device)
+    def positions(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RoPE rotation and the attention mask for a whole sequence of `length` positions."""
+        rotation = rope_rotation(torch.arange(length, device=device), self.cfg.head_dim, self.cfg.rope_theta)
+        return rotation, window_mask(length, self.cfg.window, device)
 
     def run_layers(self, h: torch.Tensor) -> torch.Tensor:
-        cos, sin, mask = self.positions(h.shape[1], h.device)
+        rotation, mask = self.positions(h.shape[1], h.device)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            h = layer(h, rotation, mask)
         return h

@@ -21,6 +21,12 @@ def attend_own_slots(ca: CrossAttention, h: torch.Tensor, slots: torch.Tensor,
     Equal to masked attention over all P*k slots (masked entries weigh exactly zero), at O(L*k).
     """
     keys, values = ca.keys_values(slots)  # (B, H, P*k, D)
+    return attend_gathered(ca, h, keys, values, slot_patch, k)
+
+
+def attend_gathered(ca: CrossAttention, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    slot_patch: torch.Tensor, k: int) -> torch.Tensor:
+    """As attend_own_slots, from slot keys/values (B, H, P*k, D) already projected (the engine caches them)."""
     B, H, _, D = keys.shape
     L = h.shape[1]
     index = slot_patch[:, None, :, None, None].expand(B, H, L, k, D)
@@ -50,11 +56,11 @@ class LocalDecoder(Stack):
     def forward(self, byte_states: torch.Tensor, slots: torch.Tensor,
                 decoder_patch_ids: torch.Tensor) -> torch.Tensor:
         """(B, L, d) encoder byte states -> (B, L, d) normed states that predict byte t+1."""
-        cos, sin, mask = self.positions(byte_states.shape[1], byte_states.device)
+        rotation, mask = self.positions(byte_states.shape[1], byte_states.device)
         h = byte_states
         for i, layer in enumerate(self.layers):
             if i < len(self.cross_attn_layers):
                 ca = self.cross_attn_layers[i]
                 h = double_residual(h, attend_own_slots(ca, h, slots, decoder_patch_ids, self.k))
-            h = layer(h, cos, sin, mask)
+            h = layer(h, rotation, mask)
         return self.norm(h)

@@ -1,0 +1,112 @@
+"""Preallocated per-slot caches for incremental generation, and the slot allocator.
+
+Owns:
+- `KVCache`: keys and values of one stack's self-attention for every slot. With a sliding window it
+  is a ring buffer of `window` entries (position p lives at p % window), so the memory of a sequence
+  is bounded by the window, not by its length. Without one (the global model) position p lives at
+  p, and the capacity grows by doubling as the longest sequence needs it.
+- `RowBuffer`: per-slot rows of vectors that grow the same way (the open patch's byte states).
+- `SlotAllocator`: which slots are free.
+Reading and writing take the rows of a batch (`slots`) and the number of positions each row
+already holds (`lengths`). Knows nothing about what the vectors mean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _grown(t: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
+    """`t` with dimension `dim` at least `needed`, doubling; old contents kept."""
+    size = t.shape[dim]
+    if needed <= size:
+        return t
+    new_size = max(needed, 2 * size, 16)
+    shape = list(t.shape)
+    shape[dim] = new_size
+    out = t.new_zeros(shape)
+    out.narrow(dim, 0, size).copy_(t)
+    return out
+
+
+class KVCache:
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, window: int | None,
+                 max_len: int, device, dtype):
+        self.window = window
+        self.max_len = max_len
+        capacity = window if window is not None else min(max_len, 64)
+        shape = (layers, slots, kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def reserve(self, length: int) -> None:
+        """Make room for positions < length (no-op for a ring buffer)."""
+        if self.window is None:
+            self.k, self.v = _grown(self.k, 3, length), _grown(self.v, 3, length)
+
+    def read(self, layer: int, slots: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `span` entries of each row: (B, H_kv, span, D) keys and values."""
+        return self.k[layer, slots, :, :span], self.v[layer, slots, :, :span]
+
+    def entry_positions(self, lengths: torch.Tensor, span: int) -> torch.Tensor:
+        """(B, span) absolute position held by each entry given each row's length; -1 if empty."""
+        i = torch.arange(span, device=lengths.device)[None, :]
+        n = lengths[:, None]
+        if self.window is None:
+            return torch.where(i < n, i, -1)
+        pos = n - 1 - torch.remainder(n - 1 - i, self.window)
+        return torch.where(pos >= 0, pos, -1)
+
+    def span(self, max_length: int) -> int:
+        """How many entries a batch whose longest row holds `max_length` positions must read."""
+        return min(max_length, self.window) if self.window is not None else max_length
+
+    def write(self, layer: int, slots: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor) -> None:
+        """Store new keys/values (B, H_kv, T, D) for positions lengths .. lengths+T-1."""
+        T = k.shape[2]
+        if self.window is not None and self.window < T:  # only the last `window` survive
+            k, v, lengths, T = k[:, :, -self.window:], v[:, :, -self.window:], lengths + T - self.window, self.window
+        pos = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]  # (B, T)
+        idx = pos if self.window is None else torch.remainder(pos, self.window)
+        rows = slots[:, None].expand_as(idx)
+        self.k[layer][rows, :, idx] = k.transpose(1, 2)
+        self.v[layer][rows, :, idx] = v.transpose(1, 2)
+
+
+class RowBuffer:
+    """(slots, capacity, dim) vectors per slot, each slot filled from 0 up to its own length."""
+
+    def __init__(self, slots: int, dim: int, device, dtype, capacity: int = 64):
+        self.data = torch.zeros(slots, capacity, dim, device=device, dtype=dtype)
+
+    def reserve(self, length: int) -> None:
+        self.data = _grown(self.data, 1, length)
+
+    def write(self, slots: torch.Tensor, starts: torch.Tensor, values: torch.Tensor) -> None:
+        """values (B, T, dim) at rows `slots`, offsets starts .. starts+T-1."""
+        T = values.shape[1]
+        idx = starts[:, None] + torch.arange(T, device=starts.device)[None, :]
+        self.data[slots[:, None].expand_as(idx), idx] = values
+
+
+class SlotAllocator:
+    """Pure bookkeeping: the lowest free slot first, so that batches stay dense at the start."""
+
+    def __init__(self, slots: int):
+        self.free = list(range(slots))
+
+    def allocate(self) -> int | None:
+        if not self.free:
+            return None
+        self.free.sort()
+        return self.free.pop(0)
+
+    def release(self, slot: int) -> None:
+        if slot in self.free:
+            raise ValueError(f"slot {slot} released twice")
+        self.free.append(slot)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)

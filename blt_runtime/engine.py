@@ -1,0 +1,169 @@
+"""The incremental generation engine: add_request / step / abort, joining scheduler and runner.
+
+Every engine step advances each running sequence by one byte (batched), prefills one chunk of at
+most one new prompt, and reports what happened as StepOutputs. Runs on one thread; knows nothing
+about HTTP. Memory per sequence for the local models is bounded by their windows.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from .cache import SlotAllocator
+from .model.blt import BltModel
+from .runner import Runner, Sampled
+from .sampling import SamplingParams
+from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
+from .tokenizer import encode
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_bytes: int
+    generated_bytes: int
+    prompt_patches: int
+    completion_patches: int
+    global_steps: int
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    request_id: str
+    new_bytes: bytes  # zero or one byte
+    patch_start: bool  # the new byte begins a patch
+    logprobs: tuple[float, list[tuple[int, float]]] | None  # (logprob of the byte, top [(byte id, logprob)])
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: bytes | None = None  # the stop string matched, if any
+    usage: Usage | None = None  # on the last output of a request
+
+
+class Engine:
+    def __init__(self, model: BltModel, max_batch_size: int = 16, max_model_len: int | None = None,
+                 max_queue: int = 256, prefill_chunk: int = 512):
+        self.model = model
+        self.max_model_len = max_model_len or model.config.max_seq_len
+        self.max_batch_size = max_batch_size
+        self.runner = Runner(model, max_batch_size, self.max_model_len + 4)  # +3 bytes to finish a character
+        self.slots = SlotAllocator(max_batch_size)
+        self.scheduler = Scheduler(max_batch_size, max_queue, prefill_chunk)
+        self.sequences: dict[str, Sequence] = {}
+        self._aborted: list[Sequence] = []
+        self._rng = random.Random()
+
+    # ------------------------------------------------------------------ API
+    def add_request(self, request_id: str, prompt: bytes, params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = encode(prompt)
+        if len(ids) + params.max_bytes > self.max_model_len:
+            raise PromptTooLong(f"prompt of {len(ids) - 1} bytes plus max_bytes={params.max_bytes} exceeds the "
+                                f"model's context of {self.max_model_len} bytes (BOS included)")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seq = Sequence(request_id, ids, params, seed)
+        self.scheduler.add(seq)
+        self.sequences[request_id] = seq
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its slot is free at once and its last output (finish_reason "abort")
+        comes with the next step. False if the request is unknown or already finished."""
+        seq = self.sequences.get(request_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return False
+        seq.finish_reason = "abort"
+        self._release(seq)
+        self._aborted.append(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.num_waiting or self.scheduler.num_running or self._aborted)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        outputs = [self._final(seq, b"", False) for seq in self._aborted]
+        self._aborted.clear()
+        for seq in self.scheduler.admit(self.slots.allocate):
+            self.runner.admit(seq.slot, seq.ids)
+            if seq.params.max_bytes == 0:
+                seq.finish_reason = "length"
+                outputs.append(self._finish(seq, b"", False))
+        plan = self.scheduler.plan()
+        if plan.decode:
+            outputs += self._decode(plan)
+        if plan.prefill is not None:
+            outputs += self._prefill(plan)
+        return outputs
+
+    # ------------------------------------------------------------------ step kinds
+    def _decode(self, plan: Plan) -> list[StepOutput]:
+        seqs = plan.decode
+        logits = self.runner.decode([s.slot for s in seqs], [s.processed for s in seqs], [s.ids[-1] for s in seqs],
+                                    [s.closes_last for s in seqs], [s.num_patches for s in seqs],
+                                    [s.open_len for s in seqs])
+        for s in seqs:
+            s.num_patches += s.closes_last
+            s.open_len = 0 if s.closes_last else s.open_len + 1
+            s.processed += 1
+        return self._advance(seqs, logits)
+
+    def _prefill(self, plan: Plan) -> list[StepOutput]:
+        seq, (start, end) = plan.prefill, plan.chunk
+        result = self.runner.prefill_chunk(seq.slot, seq.ids[start:end], start, seq.num_patches, seq.open_len)
+        for i, closes in enumerate(result.closes):
+            seq.record_close(start + i, closes)
+        seq.processed, seq.num_patches, seq.open_len = end, seq.num_patches + result.completed, result.open_len
+        if end < seq.prompt_len:
+            return []
+        seq.status = Status.RUNNING
+        return self._advance([seq], result.last_logits)
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample each sequence's next byte from `logits`, apply stops, report."""
+        sampled: Sampled = self.runner.sample_and_look_ahead(
+            logits, [s.slot for s in seqs], [len(s.ids) for s in seqs], [s.params for s in seqs],
+            [s.seed for s in seqs])
+        outputs = []
+        for b, seq in enumerate(seqs):
+            position = len(seq.ids)
+            patch_start = seq.patch_starts[-1] == position
+            seq.accept(sampled.ids[b], self.max_model_len)
+            new = bytes(seq.generated[-1:]) if len(seq.ids) > position else b""
+            if new:
+                seq.closes_last = sampled.closes[b]
+                seq.record_close(position, sampled.closes[b])
+            logprobs = sampled.logprobs[b] if sampled.logprobs and seq.params.logprobs is not None else None
+            if seq.finish_reason is not None:
+                outputs.append(self._finish(seq, new, patch_start and bool(new), logprobs))
+            else:
+                outputs.append(StepOutput(seq.request_id, new, patch_start, logprobs, False))
+        return outputs
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.slots.release(seq.slot)
+            seq.slot = None
+        self.scheduler.remove(seq)
+
+    def _finish(self, seq: Sequence, new: bytes, patch_start: bool, logprobs=None) -> StepOutput:
+        self._release(seq)
+        return self._final(seq, new, patch_start, logprobs)
+
+    def _final(self, seq: Sequence, new: bytes, patch_start: bool, logprobs=None) -> StepOutput:
+        self.sequences.pop(seq.request_id, None)
+        prompt_patches, completion_patches = seq.patch_lengths()
+        usage = Usage(seq.prompt_len - 1, len(seq.generated), len(prompt_patches), len(completion_patches),
+                      seq.num_patches)
+        return StepOutput(seq.request_id, new, patch_start, logprobs, True, seq.finish_reason, seq.stop_reason, usage)

@@ -1,0 +1,265 @@
+"""The only code that builds tensors and launches kernels for a generation step (spec section 6).
+
+Two step kinds, both built from the same cached pieces:
+- `prefill_chunk`: one sequence, T new positions in parallel (a prompt, in chunks).
+- `decode`: B sequences, one position each.
+Per position: an entropy-model step, a local-encoder step, and a local-decoder step; when a patch
+completes, its bytes are pooled and cross-attended, and the global model takes one step for that
+sequence alone. The entropy model runs one position ahead: right after a byte is sampled it is fed to
+the entropy model, so the next step already knows whether that byte closes a patch, and a decode step
+needs one host sync (the sampled bytes and their patch flags together).
+Knows nothing about requests, stops or queues (see engine.py and scheduler.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cache import KVCache, RowBuffer
+from .model.blt import BltModel
+from .model.entropy import entropy_nats
+from .model.hashing import power_matrix
+from .model.layers import Block, Stack, apply_rope, double_residual, repeat_kv, rope_rotation
+from .model.local_decoder import attend_gathered
+from .patcher import starts_next
+from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
+from .tokenizer import EOS_ID
+
+
+@dataclass
+class ChunkResult:
+    closes: list[bool]  # per position: does it complete its patch
+    completed: int  # patches completed in the chunk (= global steps taken)
+    open_len: int  # bytes of the still-open patch after the chunk
+    last_logits: torch.Tensor  # (1, V) logits of the chunk's last position
+
+
+@dataclass
+class Sampled:
+    """What a step hands back to the host, in one transfer."""
+
+    ids: list[int]
+    closes: list[bool]  # does each new byte close its patch
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None  # (chosen, [(id, logprob)...]) per row
+
+
+@dataclass
+class Positions:
+    """RoPE and attention mask for B rows of T new positions after `lengths` cached ones."""
+
+    slots: torch.Tensor  # (B,)
+    lengths: torch.Tensor  # (B,)
+    span: int  # cache entries to read
+    rotation: torch.Tensor  # (B, 1, T, D/2) complex
+    mask: torch.Tensor  # (B, 1, T, span + T)
+
+
+def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: torch.Tensor, T: int,
+                  max_length: int) -> Positions:
+    span = cache.span(max_length)
+    new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]  # (B, T)
+    rotation = rope_rotation(new, stack.cfg.head_dim, stack.cfg.rope_theta)
+    keys = torch.cat([cache.entry_positions(lengths, span), new], dim=1)[:, None, :]  # (B, 1, span+T)
+    q = new[:, :, None]
+    mask = (keys >= 0) & (keys <= q)
+    if stack.cfg.window is not None:
+        mask &= keys > q - stack.cfg.window
+    return Positions(slots, lengths, span, rotation[:, None], mask[:, None])
+
+
+def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Positions) -> torch.Tensor:
+    """One pre-norm block over new positions, attending to the cache, then storing the new keys."""
+    attn = block.self_attn
+    x = block.input_layernorm(h)
+    q = apply_rope(attn.heads(attn.q_proj(x), attn.num_heads), p.rotation)
+    k = apply_rope(attn.heads(attn.k_proj(x), attn.num_kv_heads), p.rotation)
+    v = attn.heads(attn.v_proj(x), attn.num_kv_heads)
+    cached_k, cached_v = cache.read(layer, p.slots, p.span)
+    groups = attn.num_heads // attn.num_kv_heads
+    keys = repeat_kv(torch.cat([cached_k, k], dim=2), groups)
+    values = repeat_kv(torch.cat([cached_v, v], dim=2), groups)
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.mask)
+    cache.write(layer, p.slots, p.lengths, k, v)
+    h = h + attn.merge(o)
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
+class Runner:
+    def __init__(self, model: BltModel, slots: int, max_len: int):
+        self.model, self.cfg = model, model.config
+        cfg, dev, dt = model.config, model.device, model.dtype
+
+        def kv(stack_cfg, window):
+            return KVCache(stack_cfg.num_layers, slots, stack_cfg.num_kv_heads, stack_cfg.head_dim, window,
+                           max_len, dev, dt)
+
+        self.entropy_kv = kv(cfg.patcher, cfg.patcher.window)
+        self.encoder_kv = kv(cfg.encoder, cfg.encoder.window)
+        self.decoder_kv = kv(cfg.decoder, cfg.decoder.window)
+        self.global_kv = kv(cfg.global_model, None)
+        self.open_patch = RowBuffer(slots, cfg.encoder.hidden_size, dev, dt)
+        self.history = torch.zeros(slots, cfg.max_hash_group - 1, dtype=torch.long, device=dev)
+        self.hash_powers = power_matrix(cfg.hash_group_sizes, cfg.hash_functions, dev)
+        n_cross = len(model.local_decoder.cross_attn_layers)
+        d = cfg.decoder
+        self.latest_k = torch.zeros(n_cross, slots, d.num_heads, cfg.cross_attn_k, d.head_dim, device=dev, dtype=dt)
+        self.latest_v = torch.zeros_like(self.latest_k)
+        self.output_counts = torch.zeros(slots, cfg.vocab_size, device=dev)  # generated bytes per id
+        self.seen = torch.zeros(slots, cfg.vocab_size, dtype=torch.bool, device=dev)  # prompt or output
+
+    def admit(self, slot: int, prompt_ids: list[int]) -> None:
+        """Clear a slot's per-sequence state (caches are overwritten position by position)."""
+        self.history[slot] = 0
+        self.output_counts[slot] = 0
+        self.seen[slot] = False
+        self.seen[slot, self._tensor(prompt_ids[1:])] = True
+
+    # ------------------------------------------------------------------ per-stack pieces
+    def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length) -> torch.Tensor:
+        cache.reserve(max_length + h.shape[1])
+        p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length)
+        for i, block in enumerate(stack.layers):
+            h = block_step(block, h, cache, i, p)
+        return h
+
+    def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int) -> torch.Tensor:
+        """(B, T) ids at positions lengths.. -> (B, T) fp32 entropies; extends the entropy cache."""
+        patcher = self.model.patcher
+        h = self._run_stack(patcher, self.entropy_kv, patcher.embed_tokens(ids), slots, lengths, max_length)
+        return entropy_nats(patcher.head(h))
+
+    def encode(self, ids: torch.Tensor, slots, lengths, max_length: int) -> torch.Tensor:
+        """(B, T) ids -> (B, T, d_enc) byte states; extends the encoder cache and the hash history."""
+        m = self.model
+        context = torch.cat([self.history[slots], ids], dim=1)
+        e = m.embed_new_bytes(context, ids.shape[1], self.hash_powers)
+        self.history[slots] = context[:, -self.history.shape[1]:]
+        return self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length)
+
+    def global_step(self, patches: torch.Tensor, slots, num_patches, max_patches: int):
+        """(B, T, k*d_enc) completed patches after `num_patches` earlier ones -> decoder slot keys and
+        values per cross-attention layer, each (B, H, T*k, D); extends the global cache."""
+        m = self.model
+        x = m.global_transformer.project_input(patches)
+        g = self._run_stack(m.global_transformer, self.global_kv, x, slots, num_patches, max_patches)
+        dec_slots = m.local_decoder.slots(g)
+        return [ca.keys_values(dec_slots) for ca in m.local_decoder.cross_attn_layers]
+
+    def decode_bytes(self, byte_states, slots, lengths, max_length, tables, slot_patch) -> torch.Tensor:
+        """Decoder over new positions; byte t reads table entry slot_patch[t]. -> (B, T, d) normed."""
+        dec = self.model.local_decoder
+        p = positions_for(dec, self.decoder_kv, slots, lengths, byte_states.shape[1], max_length)
+        h = byte_states
+        for i, block in enumerate(dec.layers):
+            if i < len(dec.cross_attn_layers):
+                keys, values = tables[i]
+                attended = attend_gathered(dec.cross_attn_layers[i], h, keys, values, slot_patch, dec.k)
+                h = double_residual(h, attended)
+            h = block_step(block, h, self.decoder_kv, i, p)
+        return dec.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(h).float()
+
+    def store_latest(self, slots: torch.Tensor, kv_per_layer) -> None:
+        """Keep the k decoder slots of each row's newest completed patch."""
+        k = self.cfg.cross_attn_k
+        for i, (keys, values) in enumerate(kv_per_layer):
+            self.latest_k[i, slots] = keys[:, :, -k:]
+            self.latest_v[i, slots] = values[:, :, -k:]
+
+    def latest_tables(self, slots: torch.Tensor):
+        return [(self.latest_k[i, slots], self.latest_v[i, slots]) for i in range(self.latest_k.shape[0])]
+
+    def boundary_flags(self, entropy: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return starts_next(entropy, positions, self.cfg.patching_threshold)
+
+    # ------------------------------------------------------------------ step kinds
+    def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.model.device)
+
+    def prefill_chunk(self, slot: int, ids: list[int], start: int, num_patches: int, open_len: int) -> ChunkResult:
+        """Positions start .. start+len(ids)-1 of one sequence, in parallel. Syncs once for the
+        patch boundaries inside the chunk."""
+        T, slots, lengths, x = len(ids), self._tensor([slot]), self._tensor([start]), self._tensor([ids])
+        entropy = self.entropies(x, slots, lengths, start)
+        closes = self.boundary_flags(entropy[0], torch.arange(start, start + T, device=x.device))
+        flags = closes.tolist()
+        byte_states = self.encode(x, slots, lengths, start)
+        ends = [i for i, f in enumerate(flags) if f]
+        tables, slot_patch = self.latest_tables(slots), torch.zeros(1, T, dtype=torch.long, device=x.device)
+        self.open_patch.reserve(open_len + T)
+        if ends:
+            closed_before = closes.long().cumsum(0)
+            states = torch.cat([self.open_patch.data[slot, :open_len], byte_states[0]])
+            pids = torch.cat([closes.new_zeros(open_len, dtype=torch.long), closed_before - closes.long()])
+            vecs = self.model.local_encoder.patch_slots(states[None], pids[None], len(ends) + 1)[:, :len(ends)]
+            new = self.global_step(vecs, slots, self._tensor([num_patches]), num_patches)
+            tables = [(torch.cat([lk, k], 2), torch.cat([lv, v], 2)) for (lk, lv), (k, v) in zip(tables, new)]
+            slot_patch = closed_before[None]  # byte i reads the newest patch closed at or before i
+            self.store_latest(slots, new)
+            tail = byte_states[:, ends[-1] + 1:]
+            open_len = 0
+        else:
+            tail = byte_states
+        if tail.shape[1]:
+            self.open_patch.write(slots, self._tensor([open_len]), tail)
+        h = self.decode_bytes(byte_states, slots, lengths, start, tables, slot_patch)
+        return ChunkResult(flags, len(ends), open_len + tail.shape[1], self.logits(h[:, -1]))
+
+    def decode(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
+               num_patches: list[int], open_lens: list[int]) -> torch.Tensor:
+        """One position for each of B sequences: byte ids[b] at position lengths[b]; closes[b] says
+        whether it completes its patch (known from the entropy model's look-ahead). -> (B, V) logits."""
+        s, n = self._tensor(slots), self._tensor(lengths)
+        byte_states = self.encode(self._tensor(ids)[:, None], s, n, max(lengths))
+        self.open_patch.reserve(max(open_lens) + 1)
+        self.open_patch.write(s, self._tensor(open_lens), byte_states)
+        rows = [i for i, c in enumerate(closes) if c]
+        if rows:
+            closing = s[self._tensor(rows)]
+            counts = self._tensor([open_lens[i] + 1 for i in rows])
+            states = self.open_patch.data[closing, :max(open_lens[i] + 1 for i in rows)]
+            padding = torch.arange(states.shape[1], device=s.device)[None, :] >= counts[:, None]
+            vecs = self.model.local_encoder.patch_slots(states, padding.long(), 2)[:, :1]  # padding = patch 1
+            before = [num_patches[i] for i in rows]
+            self.store_latest(closing, self.global_step(vecs, closing, self._tensor(before), max(before)))
+        zeros = torch.zeros(len(slots), 1, dtype=torch.long, device=s.device)
+        h = self.decode_bytes(byte_states, s, n, max(lengths), self.latest_tables(s), zeros)
+        return self.logits(h[:, 0])
+
+    def look_ahead(self, ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Feed freshly sampled bytes (B,) at `positions` to the entropy model -> (B,) bool: does each
+        close its patch (does the byte after it start a new one)."""
+        pos = self._tensor(positions)
+        entropy = self.entropies(ids[:, None], self._tensor(slots), pos, max(positions))
+        return self.boundary_flags(entropy[:, 0], pos)
+
+    def sample_and_look_ahead(self, logits: torch.Tensor, slots: list[int], positions: list[int],
+                              params: list[SamplingParams], seeds: list[int]) -> Sampled:
+        """Choose each row's byte for `positions`, feed it to the entropy model, and bring the ids,
+        their patch flags and any logprobs to the host in one transfer."""
+        s = self._tensor(slots)
+        batch = SamplingBatch.build(params, seeds, s.device)
+        ids = sample(logits, batch, self._tensor(positions), self.output_counts[s], self.seen[s], EOS_ID)
+        self.output_counts[s, ids] += 1
+        self.seen[s, ids] = True
+        closes = self.look_ahead(ids, slots, positions)
+        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        parts = [ids.double(), closes.double()]
+        if n_top is not None:
+            chosen, top_values, top_ids = top_logprobs(logits, ids, n_top)
+            parts += [chosen.double(), top_values.double().flatten(), top_ids.double().flatten()]
+        host = torch.cat(parts).tolist()  # the step's one host sync
+        B = len(slots)
+        result = Sampled([int(x) for x in host[:B]], [x > 0 for x in host[B:2 * B]], None)
+        if n_top is not None:
+            k = max(n_top, 1)
+            values, top = host[3 * B:3 * B + B * k], host[3 * B + B * k:]
+            result.logprobs = [(host[2 * B + b], [(int(top[b * k + j]), values[b * k + j])
+                                                  for j in range(min(n_top, params[b].logprobs or 0))])
+                               for b in range(B)]
+        return result

@@ -1,0 +1,261 @@
+"""The incremental engine equals full recompute, byte for byte, and batching changes nothing.
+
+Random tiny models in fp32 (spec section 8: scaled heads, threshold from a gap in the entropies).
+Generations run past the 512-byte window from prompts of 1, 100 and 700 bytes.
+"""
+
+import pytest
+import torch
+from conftest import PARITY_TEXT
+
+from blt_runtime import encode, load_model
+from blt_runtime.engine import Engine
+from blt_runtime.generate import generate
+from blt_runtime.reference import reference_generate, reference_patch_lengths
+from blt_runtime.sampling import SamplingBatch, SamplingParams, sample
+from blt_runtime.scheduler import PromptTooLong, QueueFull, Sequence
+from blt_runtime.tokenizer import EOS_ID
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoint):
+    return {s: load_model(hf_checkpoint(s)[1]) for s in ("1b", "7b", "first_layer")}
+
+
+def run_engine(engine: Engine, requests: dict[str, tuple[bytes, SamplingParams]], join_at: dict[str, int] = None):
+    """Drive the engine; requests join at the given step numbers. -> {id: (bytes, final output)}."""
+    join_at = join_at or {}
+    out = {rid: bytearray() for rid in requests}
+    final, step = {}, 0
+    while len(final) < len(requests):
+        for rid, (prompt, params) in requests.items():
+            if join_at.get(rid, 0) == step:
+                engine.add_request(rid, prompt, params)
+        for o in engine.step():
+            out[o.request_id] += o.new_bytes
+            if o.finished:
+                final[o.request_id] = o
+        step += 1
+    return {rid: (bytes(out[rid]), final[rid]) for rid in requests}
+
+
+def replay_full_recompute(model, prompt: bytes, params: SamplingParams, seed: int, generated: bytes,
+                          ended_by_eos: bool = False, engine_logprobs: list | None = None) -> list[int]:
+    """Check engine output against what full-recompute generation computes at every step.
+
+    Full recompute runs the whole model over each prefix; the model is causal and the patches of a
+    prefix never change when bytes are appended (spec section 3), so its logits for the prefix that
+    ends at byte t are row t of one full forward over the final sequence. The sampler is a pure
+    function of (logits, seed, position, counts), so replaying it row by row gives exactly the bytes
+    full recompute would choose; they must be the engine's. Returns the final ids.
+    """
+    ids = encode(prompt + generated)
+    logits = model.logits(torch.tensor([ids]))[0]
+    first = len(ids) - len(generated)
+    batch = SamplingBatch.build([params], [seed], "cpu")
+    counts = torch.zeros(1, 260)
+    seen = torch.zeros(1, 260, dtype=torch.bool)
+    seen[0, ids[1:first]] = True
+    for t in range(first, len(ids) + ended_by_eos):
+        want = ids[t] if t < len(ids) else EOS_ID
+        chosen = int(sample(logits[t - 1:t], batch, torch.tensor([t]), counts, seen, EOS_ID)[0])
+        assert chosen == want, f"byte {t - first} differs"
+        counts[0, chosen] += 1
+        seen[0, chosen] = True
+    if engine_logprobs is not None:
+        want = torch.log_softmax(logits, -1)[first - 1:-1].gather(1, torch.tensor(ids[first:])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor([lp[0] for lp in engine_logprobs]), want, atol=1e-4, rtol=0)
+    return ids
+
+
+@pytest.mark.parametrize("structure, prompt_len", [("1b", 1), ("1b", 100), ("1b", 700), ("7b", 1), ("7b", 700)])
+def test_greedy_equals_full_recompute(models, structure, prompt_len):
+    model = models[structure]
+    prompt = PARITY_TEXT[:prompt_len - 1]  # BOS + prompt_len - 1 bytes = prompt_len positions
+    engine = Engine(model)
+    engine.add_request("g", prompt, SamplingParams(max_bytes=600, temperature=0.0, ignore_eos=True, logprobs=1))
+    seq = engine.sequences["g"]
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    generated = b"".join(o.new_bytes for o in outputs)
+    assert len(generated) >= 600 and len(seq.ids) > 600  # past the 512 window
+    ids = replay_full_recompute(model, prompt, seq.params, seq.seed, generated,
+                                engine_logprobs=[o.logprobs for o in outputs])
+    prompt_lengths, completion_lengths = seq.patch_lengths()
+    lengths = prompt_lengths + completion_lengths
+    assert lengths == reference_patch_lengths(model, ids)
+    assert 1.5 < len(ids) / len(lengths) < 12, "generated text should be cut into realistic patches"
+    # One global step per completed patch. The last byte is never run through the encoder (nothing
+    # follows it), so the patch holding it is the one patch without a global step.
+    assert seq.num_patches == outputs[-1].usage.global_steps == len(lengths) - 1
+
+
+@pytest.mark.parametrize("structure", ["1b", "first_layer"])
+def test_greedy_equals_literal_full_recompute(models, structure):
+    """The byte-by-byte full-recompute generator itself, across the 512 window."""
+    model = models[structure]
+    params = SamplingParams(max_bytes=40, temperature=0.0, ignore_eos=True)
+    prompt = PARITY_TEXT[:490]
+    got = generate(model, prompt, max_bytes=40, ignore_eos=True)
+    want = reference_generate(model, prompt, params)
+    assert got.bytes == bytes(want.generated) and len(want.ids) > 512
+
+
+def test_chunked_prefill_equals_whole_prefill(models):
+    model = models["first_layer"]
+    params = SamplingParams(max_bytes=60, temperature=0.0, ignore_eos=True)
+    prompt = PARITY_TEXT[:700]
+    whole = run_engine(Engine(model, prefill_chunk=4096), {"a": (prompt, params)})["a"]
+    chunked = run_engine(Engine(model, prefill_chunk=37), {"a": (prompt, params)})["a"]
+    assert whole[0] == chunked[0]
+    replay_full_recompute(model, prompt, params, 0, whole[0])
+    assert whole[1].usage == chunked[1].usage
+
+
+def test_batched_equals_alone(models):
+    """The same request gives the same bytes alone and among 7 others joining at different steps."""
+    model = models["1b"]
+    params = SamplingParams(max_bytes=120, temperature=0.0, ignore_eos=True)
+    target = {"target": (PARITY_TEXT[:50], params)}
+    alone = run_engine(Engine(model, max_batch_size=8), target)["target"]
+    others = {f"o{i}": (PARITY_TEXT[i * 37:i * 37 + 13 * i + 1], SamplingParams(max_bytes=40 + 15 * i, temperature=0.0))
+              for i in range(7)}
+    joins = {f"o{i}": (i * 5) % 23 for i in range(7)} | {"target": 3}
+    batched = run_engine(Engine(model, max_batch_size=8, prefill_chunk=64), {**target, **others}, joins)
+    assert batched["target"][0] == alone[0]
+    assert batched["target"][1].usage == alone[1].usage
+    for rid, (prompt, p) in others.items():
+        replay_full_recompute(model, prompt, p, 0, batched[rid][0], batched[rid][1].finish_reason == "stop"
+                              and batched[rid][1].stop_reason is None)
+
+
+def test_seeded_sampling_reproducible_alone_and_batched(models):
+    model = models["7b"]
+    params = SamplingParams(max_bytes=80, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = run_engine(Engine(model), {"s": (b"Seeded ", params)})["s"][0]
+    again = run_engine(Engine(model), {"s": (b"Seeded ", params)})["s"][0]
+    crowd = {f"c{i}": (PARITY_TEXT[:i * 20], SamplingParams(max_bytes=50, temperature=1.0)) for i in range(5)}
+    batched = run_engine(Engine(model), {"s": (b"Seeded ", params), **crowd}, {"s": 2})["s"][0]
+    assert alone == again == batched
+    replay_full_recompute(model, b"Seeded ", params, params.seed, alone)
+    other_seed = run_engine(Engine(model), {"s": (b"Seeded ", SamplingParams(**{**params.__dict__, "seed": 99}))})
+    assert other_seed["s"][0] != alone
+
+
+def test_abort_frees_slot(models):
+    engine = Engine(models["1b"], max_batch_size=2)
+    engine.add_request("a", b"abc", SamplingParams(max_bytes=500, temperature=0.0))
+    engine.add_request("b", b"def", SamplingParams(max_bytes=500, temperature=0.0))
+    engine.add_request("c", b"ghi", SamplingParams(max_bytes=5, temperature=0.0))
+    for _ in range(3):
+        engine.step()
+    assert engine.slots.num_free == 0 and engine.num_waiting == 1
+    assert engine.abort("a") and not engine.abort("a") and not engine.abort("unknown")
+    assert engine.slots.num_free == 1
+    outputs = engine.step()
+    aborted = [o for o in outputs if o.request_id == "a"]
+    assert len(aborted) == 1 and aborted[0].finished and aborted[0].finish_reason == "abort"
+    assert engine.num_running == 2  # "c" took the freed slot
+    engine.abort("b")
+    while engine.has_work():
+        engine.step()
+    assert engine.slots.num_free == 2 and not engine.sequences
+
+
+def test_empty_prompt_and_zero_bytes(models):
+    model = models["1b"]
+    empty = generate(model, b"", max_bytes=20, ignore_eos=True)
+    assert len(empty.bytes) >= 20 and empty.prompt_patch_lengths[0] == 1
+    zero = run_engine(Engine(model), {"z": (b"hello", SamplingParams(max_bytes=0))})["z"]
+    assert zero[0] == b"" and zero[1].finish_reason == "length" and zero[1].usage.generated_bytes == 0
+
+
+def test_prompt_longer_than_context_is_refused(models):
+    engine = Engine(models["1b"], max_model_len=256)
+    with pytest.raises(PromptTooLong, match="256"):
+        engine.add_request("long", b"x" * 300, SamplingParams(max_bytes=1))
+    with pytest.raises(PromptTooLong):
+        engine.add_request("sum", b"x" * 200, SamplingParams(max_bytes=100))
+    engine.add_request("fits", b"x" * 200, SamplingParams(max_bytes=55))
+
+
+def test_queue_bound(models):
+    engine = Engine(models["1b"], max_batch_size=1, max_queue=2)
+    for i in range(2):
+        engine.add_request(str(i), b"q", SamplingParams(max_bytes=1))
+    with pytest.raises(QueueFull):
+        engine.add_request("2", b"q", SamplingParams(max_bytes=1))
+
+
+def test_stops(models):
+    model = models["1b"]
+    free = generate(model, b"Stop test ", max_bytes=60, ignore_eos=True).bytes
+    stop = free[20:23]
+    cut = free.index(stop)
+    stopped = generate(model, b"Stop test ", max_bytes=60, ignore_eos=True, stop=[stop, b"\xff\xfe never"])
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop and stopped.bytes == free[:cut]
+    longer = generate(model, b"Stop test ", max_bytes=10, ignore_eos=True, stop=[free[:30]])
+    assert longer.finish_reason == "length" and longer.bytes.startswith(free[:10])
+
+
+def test_max_bytes_finishes_a_character(models):
+    """If the limit falls inside a multi-byte character, up to 3 more bytes complete it."""
+    seq = Sequence("u", [1], SamplingParams(max_bytes=2), seed=0)
+    for b in "a😀".encode():
+        seq.accept(b + 4, 1000)
+        if seq.finish_reason:
+            break
+    assert bytes(seq.generated) == "a😀".encode() and seq.finish_reason == "length"
+    broken = Sequence("v", [1], SamplingParams(max_bytes=1), seed=0)
+    for b in b"\xf0\x9f\x98\x98\x98":
+        broken.accept(b + 4, 1000)
+        if broken.finish_reason:
+            break
+    assert len(broken.generated) == 4
+
+
+def test_eos_ends_generation(models):
+    """Without ignore_eos, a sampled EOS finishes with reason "stop" and adds no byte."""
+    model = models["1b"]
+    for seed in range(20):  # a random model emits EOS about once in 260 bytes
+        params = SamplingParams(max_bytes=400, temperature=1.0, seed=seed)
+        got, final = run_engine(Engine(model), {"e": (b"", params)})["e"]
+        if final.finish_reason == "stop":
+            break
+    assert final.finish_reason == "stop" and final.stop_reason is None and len(got) < 400
+    replay_full_recompute(model, b"", params, seed, got, ended_by_eos=True)
+
+
+def test_logprobs(models):
+    engine = Engine(models["1b"])
+    out = run_engine(engine, {"l": (b"log", SamplingParams(max_bytes=5, temperature=0.0, logprobs=3))})
+    engine.add_request("l2", b"log", SamplingParams(max_bytes=3, temperature=0.0, logprobs=3))
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    for o in outputs:
+        chosen, top = o.logprobs
+        assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+        assert top[0][0] == o.new_bytes[0] + 4 and abs(top[0][1] - chosen) < 1e-6  # greedy picks the top byte
+    assert 5 <= out["l"][1].usage.generated_bytes <= 8  # up to 3 more to finish a character
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_bytes=-1),
+                                 dict(repetition_penalty=0), dict(logprobs=21), dict(stop=[""])])
+def test_bad_sampling_params(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**bad)
+
+
+def test_penalties_change_the_distribution(models):
+    model = models["1b"]
+    plain = generate(model, b"aaaa", max_bytes=40, ignore_eos=True).bytes
+    penalised = generate(model, b"aaaa", max_bytes=40, ignore_eos=True, repetition_penalty=3.0,
+                         frequency_penalty=2.0, presence_penalty=2.0)
+    want = reference_generate(model, b"aaaa", SamplingParams(max_bytes=40, temperature=0.0, ignore_eos=True,
+                                                            repetition_penalty=3.0, frequency_penalty=2.0,
+                                                            presence_penalty=2.0))
+    assert penalised.bytes == bytes(want.generated) != plain
+    assert torch.tensor(list(penalised.bytes)).unique().numel() > torch.tensor(list(plain)).unique().numel()
