@@ -44,9 +44,12 @@ class KVCache:
         if self.window is None:
             self.k, self.v = _grown(self.k, 3, length), _grown(self.v, 3, length)
 
-    def read(self, layer: int, slots: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `span` entries of each row: (B, H_kv, span, D) keys and values."""
-        return self.k[layer, slots, :, :span], self.v[layer, slots, :, :span]
+    def read(self, layer: int, slots: torch.Tensor | slice, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `span` entries of each row: (B, H_kv, span, D) keys and values. A slice of
+        consecutive slots reads in place; a tensor of slots gathers a copy."""
+        if isinstance(slots, slice):
+            return self.k[layer, slots, :, :span], self.v[layer, slots, :, :span]
+        return self.k[layer].index_select(0, slots)[:, :, :span], self.v[layer].index_select(0, slots)[:, :, :span]
 
     def entry_positions(self, lengths: torch.Tensor, span: int) -> torch.Tensor:
         """(B, span) absolute position held by each entry given each row's length; -1 if empty."""
@@ -61,17 +64,14 @@ class KVCache:
         """How many entries a batch whose longest row holds `max_length` positions must read."""
         return min(max_length, self.window) if self.window is not None else max_length
 
-    def write(self, layer: int, slots: torch.Tensor, lengths: torch.Tensor, k: torch.Tensor,
-              v: torch.Tensor) -> None:
-        """Store new keys/values (B, H_kv, T, D) for positions lengths .. lengths+T-1."""
-        T = k.shape[2]
-        if self.window is not None and self.window < T:  # only the last `window` survive
-            k, v, lengths, T = k[:, :, -self.window:], v[:, :, -self.window:], lengths + T - self.window, self.window
-        pos = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]  # (B, T)
-        idx = pos if self.window is None else torch.remainder(pos, self.window)
-        rows = slots[:, None].expand_as(idx)
-        self.k[layer][rows, :, idx] = k.transpose(1, 2)
-        self.v[layer][rows, :, idx] = v.transpose(1, 2)
+    def index_of(self, positions: torch.Tensor) -> torch.Tensor:
+        """Cache index that holds each absolute position."""
+        return positions if self.window is None else torch.remainder(positions, self.window)
+
+    def write(self, layer: int, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values (B, H_kv, T, D) at (rows, index), both (B, T) (see index_of)."""
+        self.k[layer][rows, :, index] = k.transpose(1, 2)
+        self.v[layer][rows, :, index] = v.transpose(1, 2)
 
 
 class RowBuffer:

@@ -48,49 +48,97 @@ class Sampled:
 
 @dataclass
 class Positions:
-    """RoPE and attention mask for B rows of T new positions after `lengths` cached ones."""
+    """RoPE, attention mask and cache addresses for B rows of T new positions after `lengths` cached
+    ones, shared by every layer of a stack."""
 
-    slots: torch.Tensor  # (B,)
-    lengths: torch.Tensor  # (B,)
+    slots: torch.Tensor | slice  # (B,) rows of the batch, or a slice when they are consecutive
     span: int  # cache entries to read
     rotation: torch.Tensor  # (B, 1, T, D/2) complex
-    mask: torch.Tensor  # (B, 1, T, span + T)
+    mask: torch.Tensor  # (B, 1, T, keys)
+    write_rows: torch.Tensor  # (B, kept) slot of each new entry
+    write_index: torch.Tensor  # (B, kept) cache index of each new entry
+    kept: int  # new entries stored (the last `window` of them at most)
+    write_first: bool  # one new position: store it, then read the cache (no concatenation)
 
 
 def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: torch.Tensor, T: int,
-                  max_length: int) -> Positions:
-    span = cache.span(max_length)
+                  max_length: int, read_slots: slice | None = None) -> Positions:
     new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]  # (B, T)
     rotation = rope_rotation(new, stack.cfg.head_dim, stack.cfg.rope_theta)
-    keys = torch.cat([cache.entry_positions(lengths, span), new], dim=1)[:, None, :]  # (B, 1, span+T)
-    q = new[:, :, None]
+    # With one new position a ring buffer can take it first: it overwrites exactly the entry that
+    # just left the window. Several new positions would overwrite keys that earlier ones still see.
+    write_first = T == 1
+    if write_first:
+        span = cache.span(max_length + 1)
+        keys = cache.entry_positions(lengths + 1, span)
+    else:
+        span = cache.span(max_length)
+        keys = torch.cat([cache.entry_positions(lengths, span), new], dim=1)
+    keys, q = keys[:, None, :], new[:, :, None]
     mask = (keys >= 0) & (keys <= q)
     if stack.cfg.window is not None:
         mask &= keys > q - stack.cfg.window
-    return Positions(slots, lengths, span, rotation[:, None], mask[:, None])
+    kept = T if cache.window is None else min(T, cache.window)
+    index = cache.index_of(new[:, T - kept:])
+    rows = slots[:, None].expand_as(index)
+    return Positions(read_slots or slots, span, rotation[:, None], mask[:, None], rows, index, kept, write_first)
+
+
+def consecutive(slots: list[int]) -> slice | None:
+    """The slots as a slice when they are consecutive, so caches are read in place."""
+    if slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return None
+
+
+def fuse_projections(block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight for q, k and v and one for gate and up, so a step does 4 matmuls per block, not 7.
+
+    The block's own parameters become views into the fused tensors: no weight is stored twice."""
+    attn, mlp = block.self_attn, block.mlp
+    fused = []
+    for linears in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        offset = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = weight[offset:offset + rows]
+            offset += rows
+        fused.append(weight)
+    return fused[0], fused[1]
 
 
 def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Positions) -> torch.Tensor:
-    """One pre-norm block over new positions, attending to the cache, then storing the new keys."""
-    attn = block.self_attn
-    x = block.input_layernorm(h)
-    q = apply_rope(attn.heads(attn.q_proj(x), attn.num_heads), p.rotation)
-    k = apply_rope(attn.heads(attn.k_proj(x), attn.num_kv_heads), p.rotation)
-    v = attn.heads(attn.v_proj(x), attn.num_kv_heads)
-    cached_k, cached_v = cache.read(layer, p.slots, p.span)
-    groups = attn.num_heads // attn.num_kv_heads
-    keys = repeat_kv(torch.cat([cached_k, k], dim=2), groups)
-    values = repeat_kv(torch.cat([cached_v, v], dim=2), groups)
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.mask)
-    cache.write(layer, p.slots, p.lengths, k, v)
+    """One pre-norm block over new positions, attending to the cache and storing the new keys."""
+    attn, (qkv_weight, gate_up_weight) = block.self_attn, block.fused
+    H, H_kv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    qkv = F.linear(block.input_layernorm(h), qkv_weight)
+    qk = apply_rope(qkv[..., :(H + H_kv) * D].unflatten(-1, (H + H_kv, D)).transpose(1, 2), p.rotation)
+    q, k = qk.split([H, H_kv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
+    v = qkv[..., (H + H_kv) * D:].unflatten(-1, (H_kv, D)).transpose(1, 2)
+    new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
+    if p.write_first:
+        cache.write(layer, p.write_rows, p.write_index, new_k, new_v)
+        keys, values = cache.read(layer, p.slots, p.span)
+    else:
+        cached_k, cached_v = cache.read(layer, p.slots, p.span)
+        keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
+        cache.write(layer, p.write_rows, p.write_index, new_k, new_v)
+    groups = H // H_kv
+    o = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=p.mask)
     h = h + attn.merge(o)
-    return h + block.mlp(block.post_attention_layernorm(h))
+    gate, up = F.linear(block.post_attention_layernorm(h), gate_up_weight).chunk(2, dim=-1)
+    return h + block.mlp.down_proj(F.silu(gate) * up)
 
 
 class Runner:
     def __init__(self, model: BltModel, slots: int, max_len: int):
         self.model, self.cfg = model, model.config
         cfg, dev, dt = model.config, model.device, model.dtype
+        for stack in (model.patcher, model.local_encoder, model.global_transformer, model.local_decoder):
+            for block in stack.layers:
+                if not hasattr(block, "fused"):
+                    block.fused = fuse_projections(block)
 
         def kv(stack_cfg, window):
             return KVCache(stack_cfg.num_layers, slots, stack_cfg.num_kv_heads, stack_cfg.head_dim, window,
@@ -103,6 +151,9 @@ class Runner:
         self.open_patch = RowBuffer(slots, cfg.encoder.hidden_size, dev, dt)
         self.history = torch.zeros(slots, cfg.max_hash_group - 1, dtype=torch.long, device=dev)
         self.hash_powers = power_matrix(cfg.hash_group_sizes, cfg.hash_functions, dev)
+        geometry = [(c.head_dim, c.rope_theta, c.window) for c in (cfg.encoder, cfg.decoder)]
+        self.decoder_shares_positions = geometry[0] == geometry[1]
+        self.encoder_positions: Positions | None = None
         n_cross = len(model.local_decoder.cross_attn_layers)
         d = cfg.decoder
         self.latest_k = torch.zeros(n_cross, slots, d.num_heads, cfg.cross_attn_k, d.head_dim, device=dev, dtype=dt)
@@ -118,26 +169,30 @@ class Runner:
         self.seen[slot, self._tensor(prompt_ids[1:])] = True
 
     # ------------------------------------------------------------------ per-stack pieces
-    def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length) -> torch.Tensor:
+    def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length, read_slots=None):
         cache.reserve(max_length + h.shape[1])
-        p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length)
+        p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots)
+        self.last_positions = p  # the decoder reuses the encoder's when their geometry is the same
         for i, block in enumerate(stack.layers):
             h = block_step(block, h, cache, i, p)
         return h
 
-    def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int) -> torch.Tensor:
+    def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None) -> torch.Tensor:
         """(B, T) ids at positions lengths.. -> (B, T) fp32 entropies; extends the entropy cache."""
         patcher = self.model.patcher
-        h = self._run_stack(patcher, self.entropy_kv, patcher.embed_tokens(ids), slots, lengths, max_length)
+        h = self._run_stack(patcher, self.entropy_kv, patcher.embed_tokens(ids), slots, lengths, max_length,
+                            read_slots)
         return entropy_nats(patcher.head(h))
 
-    def encode(self, ids: torch.Tensor, slots, lengths, max_length: int) -> torch.Tensor:
+    def encode(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None) -> torch.Tensor:
         """(B, T) ids -> (B, T, d_enc) byte states; extends the encoder cache and the hash history."""
         m = self.model
         context = torch.cat([self.history[slots], ids], dim=1)
         e = m.embed_new_bytes(context, ids.shape[1], self.hash_powers)
         self.history[slots] = context[:, -self.history.shape[1]:]
-        return self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length)
+        states = self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length, read_slots)
+        self.encoder_positions = self.last_positions  # same rows and positions as the decoder's next call
+        return states
 
     def global_step(self, patches: torch.Tensor, slots, num_patches, max_patches: int):
         """(B, T, k*d_enc) completed patches after `num_patches` earlier ones -> decoder slot keys and
@@ -148,15 +203,20 @@ class Runner:
         dec_slots = m.local_decoder.slots(g)
         return [ca.keys_values(dec_slots) for ca in m.local_decoder.cross_attn_layers]
 
-    def decode_bytes(self, byte_states, slots, lengths, max_length, tables, slot_patch) -> torch.Tensor:
-        """Decoder over new positions; byte t reads table entry slot_patch[t]. -> (B, T, d) normed."""
+    def decode_bytes(self, byte_states, slots, lengths, max_length, tables, slot_patch, read_slots=None):
+        """Decoder over new positions; byte t reads the k slots at table entry slot_patch[t] (None: each
+        row's table holds exactly the k slots all its bytes read). -> (B, T, d) normed."""
         dec = self.model.local_decoder
-        p = positions_for(dec, self.decoder_kv, slots, lengths, byte_states.shape[1], max_length)
+        p = (self.encoder_positions if self.decoder_shares_positions
+             else positions_for(dec, self.decoder_kv, slots, lengths, byte_states.shape[1], max_length, read_slots))
         h = byte_states
         for i, block in enumerate(dec.layers):
             if i < len(dec.cross_attn_layers):
-                keys, values = tables[i]
-                attended = attend_gathered(dec.cross_attn_layers[i], h, keys, values, slot_patch, dec.k)
+                ca, (keys, values) = dec.cross_attn_layers[i], tables[i]
+                if slot_patch is None:  # every byte reads the k slots given: plain attention over them
+                    attended = ca.merge(F.scaled_dot_product_attention(ca.queries(h), keys, values))
+                else:
+                    attended = attend_gathered(ca, h, keys, values, slot_patch, dec.k)
                 h = double_residual(h, attended)
             h = block_step(block, h, self.decoder_kv, i, p)
         return dec.norm(h)
@@ -171,7 +231,7 @@ class Runner:
             self.latest_k[i, slots] = keys[:, :, -k:]
             self.latest_v[i, slots] = values[:, :, -k:]
 
-    def latest_tables(self, slots: torch.Tensor):
+    def latest_tables(self, slots: torch.Tensor | slice):
         return [(self.latest_k[i, slots], self.latest_v[i, slots]) for i in range(self.latest_k.shape[0])]
 
     def boundary_flags(self, entropy: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -214,8 +274,8 @@ class Runner:
                num_patches: list[int], open_lens: list[int]) -> torch.Tensor:
         """One position for each of B sequences: byte ids[b] at position lengths[b]; closes[b] says
         whether it completes its patch (known from the entropy model's look-ahead). -> (B, V) logits."""
-        s, n = self._tensor(slots), self._tensor(lengths)
-        byte_states = self.encode(self._tensor(ids)[:, None], s, n, max(lengths))
+        s, n, rs = self._tensor(slots), self._tensor(lengths), consecutive(slots)
+        byte_states = self.encode(self._tensor(ids)[:, None], s, n, max(lengths), rs)
         self.open_patch.reserve(max(open_lens) + 1)
         self.open_patch.write(s, self._tensor(open_lens), byte_states)
         rows = [i for i, c in enumerate(closes) if c]
@@ -227,15 +287,15 @@ class Runner:
             vecs = self.model.local_encoder.patch_slots(states, padding.long(), 2)[:, :1]  # padding = patch 1
             before = [num_patches[i] for i in rows]
             self.store_latest(closing, self.global_step(vecs, closing, self._tensor(before), max(before)))
-        zeros = torch.zeros(len(slots), 1, dtype=torch.long, device=s.device)
-        h = self.decode_bytes(byte_states, s, n, max(lengths), self.latest_tables(s), zeros)
+        tables = self.latest_tables(rs if rs is not None else s)
+        h = self.decode_bytes(byte_states, s, n, max(lengths), tables, None, rs)
         return self.logits(h[:, 0])
 
     def look_ahead(self, ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """Feed freshly sampled bytes (B,) at `positions` to the entropy model -> (B,) bool: does each
         close its patch (does the byte after it start a new one)."""
         pos = self._tensor(positions)
-        entropy = self.entropies(ids[:, None], self._tensor(slots), pos, max(positions))
+        entropy = self.entropies(ids[:, None], self._tensor(slots), pos, max(positions), consecutive(slots))
         return self.boundary_flags(entropy[:, 0], pos)
 
     def sample_and_look_ahead(self, logits: torch.Tensor, slots: list[int], positions: list[int],
