@@ -1,13 +1,18 @@
-"""blt_runtime: load Byte Latent Transformer checkpoints and run them. Depends on torch and
-safetensors only; never imports the web stack."""
+"""blt_runtime: load Byte Latent Transformer checkpoints and generate from them, byte by byte.
+Depends on torch and safetensors only; never imports the web stack."""
 
 from .config import BltConfig, StackConfig
+from .engine import Engine, StepOutput, Usage
 from .errors import BltError, ConfigError, ConversionError, WeightsError
+from .generate import Generation, generate
 from .model import BltModel
+from .sampling import SamplingParams
+from .scheduler import PromptTooLong, QueueFull
 from .tokenizer import BOS_ID, EOS_ID, decode, encode, encode_tensor
 from .weights import load_model, save_model
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "BltConfig", "BltError", "BltModel", "ConfigError", "ConversionError",
-    "StackConfig", "WeightsError", "decode", "encode", "encode_tensor", "load_model", "save_model",
+    "BOS_ID", "EOS_ID", "BltConfig", "BltError", "BltModel", "ConfigError", "ConversionError", "Engine",
+    "Generation", "PromptTooLong", "QueueFull", "SamplingParams", "StackConfig", "StepOutput", "Usage",
+    "WeightsError", "decode", "encode", "encode_tensor", "generate", "load_model", "save_model",
 ]
