@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--engine-bytes", type=int, default=128)
     p.add_argument("--reference-bytes", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all contexts; medians are reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = p.parse_args()
     if args.threads:
@@ -102,15 +104,20 @@ def main() -> None:
                     "speedup": {}, "aggregate_bytes_per_s": {}}
     engine_run(model, [prompt_text(64)], 16, args.device, max_len)  # warm-up
     total_bytes = total_global = 0
+    samples: dict[int, dict[str, list[float]]] = {c: {"ref": [], "eng": []} for c in contexts}
+    for _ in range(args.repeats):  # rounds interleave the contexts, so drifts in machine speed hit all alike
+        for c in contexts:
+            samples[c]["ref"].append(reference_ms_per_byte(model, c, args.reference_bytes, args.device))
+            run = engine_run(model, [prompt_text(c)], args.engine_bytes, args.device, max_len)
+            samples[c]["eng"].append(1000 / run["bytes_per_s"])
+            total_bytes, total_global = total_bytes + run["bytes"], total_global + run["global_steps"]
     for c in contexts:
-        ref = reference_ms_per_byte(model, c, args.reference_bytes, args.device)
-        run = engine_run(model, [prompt_text(c)], args.engine_bytes, args.device, max_len)
-        eng = 1000 / run["bytes_per_s"]
-        total_bytes, total_global = total_bytes + run["bytes"], total_global + run["global_steps"]
+        ref, eng = statistics.median(samples[c]["ref"]), statistics.median(samples[c]["eng"])
         result["reference_ms_per_byte"][c], result["engine_ms_per_byte"][c] = round(ref, 3), round(eng, 3)
         result["speedup"][c] = round(ref / eng, 1)
-        print(f"context {c:>5}: full recompute {ref:8.2f} ms/byte, engine {eng:6.2f} ms/byte, "
-              f"{ref / eng:6.1f}x", flush=True)
+        print(f"context {c:>5}: full recompute {ref:8.2f} ms/byte, engine {eng:6.2f} ms/byte, {ref / eng:6.1f}x "
+              f"(medians of {args.repeats}; engine runs {', '.join(f'{x:.2f}' for x in samples[c]['eng'])})",
+              flush=True)
     for n in [int(x) for x in args.concurrency.split(",")]:
         prompts = [prompt_text(128 + 17 * i)[17 * i:] for i in range(n)]
         run = engine_run(model, prompts, args.engine_bytes, args.device, max_len)
