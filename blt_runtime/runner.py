@@ -51,7 +51,9 @@ class Positions:
     """RoPE, attention mask and cache addresses for B rows of T new positions after `lengths` cached
     ones, shared by every layer of a stack."""
 
-    slots: torch.Tensor | slice  # (B,) rows of the batch, or a slice when they are consecutive
+    slots: torch.Tensor  # (B,) cache rows of the batch
+    read_slots: slice | None  # the same rows as a slice when they are consecutive (read in place)
+    lengths: torch.Tensor  # (B,) positions cached before the new ones
     span: int  # cache entries to read
     rotation: torch.Tensor  # (B, 1, T, D/2) complex
     mask: torch.Tensor  # (B, 1, T, keys)
@@ -81,7 +83,7 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
     kept = T if cache.window is None else min(T, cache.window)
     index = cache.index_of(new[:, T - kept:])
     rows = slots[:, None].expand_as(index)
-    return Positions(read_slots or slots, span, rotation[:, None], mask[:, None], rows, index, kept, write_first)
+    return Positions(slots, read_slots, lengths, span, rotation[:, None], mask[:, None], rows, index, kept, write_first)
 
 
 def consecutive(slots: list[int]) -> slice | None:
@@ -119,9 +121,9 @@ def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Pos
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
     if p.write_first:
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v)
-        keys, values = cache.read(layer, p.slots, p.span)
+        keys, values = cache.read(layer, p.read_slots or p.slots, p.span)
     else:
-        cached_k, cached_v = cache.read(layer, p.slots, p.span)
+        cached_k, cached_v = cache.read(layer, p.read_slots or p.slots, p.span)
         keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v)
     groups = H // H_kv
@@ -153,7 +155,6 @@ class Runner:
         self.hash_powers = power_matrix(cfg.hash_group_sizes, cfg.hash_functions, dev)
         geometry = [(c.head_dim, c.rope_theta, c.window) for c in (cfg.encoder, cfg.decoder)]
         self.decoder_shares_positions = geometry[0] == geometry[1]
-        self.encoder_positions: Positions | None = None
         n_cross = len(model.local_decoder.cross_attn_layers)
         d = cfg.decoder
         self.latest_k = torch.zeros(n_cross, slots, d.num_heads, cfg.cross_attn_k, d.head_dim, device=dev, dtype=dt)
@@ -169,46 +170,48 @@ class Runner:
         self.seen[slot, self._tensor(prompt_ids[1:])] = True
 
     # ------------------------------------------------------------------ per-stack pieces
-    def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length, read_slots=None):
+    def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length,
+                   read_slots=None) -> tuple[torch.Tensor, Positions]:
         cache.reserve(max_length + h.shape[1])
         p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots)
-        self.last_positions = p  # the decoder reuses the encoder's when their geometry is the same
         for i, block in enumerate(stack.layers):
             h = block_step(block, h, cache, i, p)
-        return h
+        return h, p
 
     def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None) -> torch.Tensor:
         """(B, T) ids at positions lengths.. -> (B, T) fp32 entropies; extends the entropy cache."""
         patcher = self.model.patcher
-        h = self._run_stack(patcher, self.entropy_kv, patcher.embed_tokens(ids), slots, lengths, max_length,
-                            read_slots)
+        h, _ = self._run_stack(patcher, self.entropy_kv, patcher.embed_tokens(ids), slots, lengths, max_length,
+                               read_slots)
         return entropy_nats(patcher.head(h))
 
-    def encode(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, d_enc) byte states; extends the encoder cache and the hash history."""
+    def encode(self, ids: torch.Tensor, slots, lengths, max_length: int,
+               read_slots=None) -> tuple[torch.Tensor, Positions]:
+        """(B, T) ids -> (B, T, d_enc) byte states and their positions; extends the encoder cache and the
+        hash history."""
         m = self.model
         context = torch.cat([self.history[slots], ids], dim=1)
         e = m.embed_new_bytes(context, ids.shape[1], self.hash_powers)
         self.history[slots] = context[:, -self.history.shape[1]:]
-        states = self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length, read_slots)
-        self.encoder_positions = self.last_positions  # same rows and positions as the decoder's next call
-        return states
+        return self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length, read_slots)
 
     def global_step(self, patches: torch.Tensor, slots, num_patches, max_patches: int):
         """(B, T, k*d_enc) completed patches after `num_patches` earlier ones -> decoder slot keys and
         values per cross-attention layer, each (B, H, T*k, D); extends the global cache."""
         m = self.model
         x = m.global_transformer.project_input(patches)
-        g = self._run_stack(m.global_transformer, self.global_kv, x, slots, num_patches, max_patches)
+        g, _ = self._run_stack(m.global_transformer, self.global_kv, x, slots, num_patches, max_patches)
         dec_slots = m.local_decoder.slots(g)
         return [ca.keys_values(dec_slots) for ca in m.local_decoder.cross_attn_layers]
 
-    def decode_bytes(self, byte_states, slots, lengths, max_length, tables, slot_patch, read_slots=None):
+    def decode_bytes(self, byte_states, encoder_positions: Positions, tables, slot_patch, max_length: int):
         """Decoder over new positions; byte t reads the k slots at table entry slot_patch[t] (None: each
         row's table holds exactly the k slots all its bytes read). -> (B, T, d) normed."""
         dec = self.model.local_decoder
-        p = (self.encoder_positions if self.decoder_shares_positions
-             else positions_for(dec, self.decoder_kv, slots, lengths, byte_states.shape[1], max_length, read_slots))
+        p = encoder_positions  # same rows and positions; rebuilt below if the geometry differs
+        if not self.decoder_shares_positions:
+            p = positions_for(dec, self.decoder_kv, p.slots, p.lengths, byte_states.shape[1], max_length,
+                              p.read_slots)
         h = byte_states
         for i, block in enumerate(dec.layers):
             if i < len(dec.cross_attn_layers):
@@ -248,7 +251,7 @@ class Runner:
         entropy = self.entropies(x, slots, lengths, start)
         closes = self.boundary_flags(entropy[0], torch.arange(start, start + T, device=x.device))
         flags = closes.tolist()
-        byte_states = self.encode(x, slots, lengths, start)
+        byte_states, positions = self.encode(x, slots, lengths, start)
         ends = [i for i, f in enumerate(flags) if f]
         tables, slot_patch = self.latest_tables(slots), torch.zeros(1, T, dtype=torch.long, device=x.device)
         self.open_patch.reserve(open_len + T)
@@ -267,7 +270,7 @@ class Runner:
             tail = byte_states
         if tail.shape[1]:
             self.open_patch.write(slots, self._tensor([open_len]), tail)
-        h = self.decode_bytes(byte_states, slots, lengths, start, tables, slot_patch)
+        h = self.decode_bytes(byte_states, positions, tables, slot_patch, start)
         return ChunkResult(flags, len(ends), open_len + tail.shape[1], self.logits(h[:, -1]))
 
     def decode(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
@@ -275,7 +278,7 @@ class Runner:
         """One position for each of B sequences: byte ids[b] at position lengths[b]; closes[b] says
         whether it completes its patch (known from the entropy model's look-ahead). -> (B, V) logits."""
         s, n, rs = self._tensor(slots), self._tensor(lengths), consecutive(slots)
-        byte_states = self.encode(self._tensor(ids)[:, None], s, n, max(lengths), rs)
+        byte_states, positions = self.encode(self._tensor(ids)[:, None], s, n, max(lengths), rs)
         self.open_patch.reserve(max(open_lens) + 1)
         self.open_patch.write(s, self._tensor(open_lens), byte_states)
         rows = [i for i, c in enumerate(closes) if c]
@@ -288,7 +291,7 @@ class Runner:
             before = [num_patches[i] for i in rows]
             self.store_latest(closing, self.global_step(vecs, closing, self._tensor(before), max(before)))
         tables = self.latest_tables(rs if rs is not None else s)
-        h = self.decode_bytes(byte_states, s, n, max(lengths), tables, None, rs)
+        h = self.decode_bytes(byte_states, positions, tables, None, max(lengths))
         return self.logits(h[:, 0])
 
     def look_ahead(self, ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:

@@ -21,6 +21,9 @@ STRUCTURES = {
     # grouped-query attention in every stack
     "gqa": dict(k=2, enc=(32, 4, 2, 2), glob=(64, 8, 2, 2), dec=(32, 4, 1, 2), patcher=(32, 4, 2, 2),
                 dec_all=True),
+    # encoder and decoder with different head sizes (8 and 16)
+    "mixed_heads": dict(k=2, enc=(32, 4, 4, 1), glob=(64, 4, 4, 2), dec=(32, 2, 2, 2), patcher=(32, 4, 4, 2),
+                        dec_all=True),
     # decoder cross-attention on the first layer only
     "first_layer": dict(k=2, enc=(32, 4, 4, 1), glob=(64, 4, 4, 2), dec=(32, 4, 4, 3),
                         patcher=(32, 4, 4, 2), dec_all=False),

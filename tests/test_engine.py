@@ -19,7 +19,7 @@ from blt_runtime.tokenizer import EOS_ID
 
 @pytest.fixture(scope="module")
 def models(hf_checkpoint):
-    return {s: load_model(hf_checkpoint(s)[1]) for s in ("1b", "7b", "first_layer")}
+    return {s: load_model(hf_checkpoint(s)[1]) for s in ("1b", "7b", "first_layer", "mixed_heads")}
 
 
 def run_engine(engine: Engine, requests: dict[str, tuple[bytes, SamplingParams]], join_at: dict[str, int] = None):
@@ -91,7 +91,7 @@ def test_greedy_equals_full_recompute(models, structure, prompt_len):
     assert seq.num_patches == outputs[-1].usage.global_steps == len(lengths) - 1
 
 
-@pytest.mark.parametrize("structure", ["1b", "first_layer"])
+@pytest.mark.parametrize("structure", ["1b", "first_layer", "mixed_heads"])
 def test_greedy_equals_literal_full_recompute(models, structure):
     """The byte-by-byte full-recompute generator itself, across the 512 window."""
     model = models[structure]
