@@ -52,6 +52,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size, max_queue, prefill_chunk)
         self.sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
+        self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step
         self._rng = random.Random()
 
     # ------------------------------------------------------------------ API
@@ -94,7 +95,9 @@ class Engine:
     def step(self) -> list[StepOutput]:
         outputs = [self._final(seq, b"", False) for seq in self._aborted]
         self._aborted.clear()
+        self.last_admitted = []
         for seq in self.scheduler.admit(self.slots.allocate):
+            self.last_admitted.append(seq.request_id)
             self.runner.admit(seq.slot, seq.ids)
             if seq.params.max_bytes == 0:
                 seq.finish_reason = "length"

@@ -111,7 +111,10 @@ class Scheduler:
         self.active: list[Sequence] = []  # PREFILLING and RUNNING, in admission order
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_waiting:
+        """Queue a sequence. Those the next step will admit into free slots do not count against
+        the bound: a burst that arrives between two steps must not be refused while slots are free."""
+        admissible = max(0, self.max_running - len(self.active))
+        if len(self.waiting) >= self.max_waiting + admissible:
             raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests)")
         self.waiting.append(seq)
 

@@ -181,11 +181,17 @@ def test_prompt_longer_than_context_is_refused(models):
 
 
 def test_queue_bound(models):
+    """One slot plus two waiting: a burst of three is taken before any step, the fourth refused;
+    once the first is admitted into the slot, the queue holds two again."""
     engine = Engine(models["1b"], max_batch_size=1, max_queue=2)
-    for i in range(2):
-        engine.add_request(str(i), b"q", SamplingParams(max_bytes=1))
+    for i in range(3):
+        engine.add_request(str(i), b"q", SamplingParams(max_bytes=5))
     with pytest.raises(QueueFull):
-        engine.add_request("2", b"q", SamplingParams(max_bytes=1))
+        engine.add_request("3", b"q", SamplingParams(max_bytes=5))
+    engine.step()
+    assert engine.last_admitted == ["0"] and engine.num_waiting == 2
+    with pytest.raises(QueueFull):
+        engine.add_request("3", b"q", SamplingParams(max_bytes=5))
 
 
 def test_stops(models):

@@ -1,0 +1,80 @@
+"""`blt-serve [MODEL_DIR]`: load the model (the shipped one by default), then serve it with uvicorn.
+
+A model that cannot be loaded ends the process at once with one line naming the problem (exit 2).
+SIGTERM or Ctrl+C drains: new requests get 503, running ones may finish for --shutdown-timeout
+seconds, the rest are stopped with a clean error, and the process exits 0. A second signal stops
+at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import uvicorn
+
+from blt_runtime.errors import BltError
+
+from .app import build_engine, create_app, drain
+from .settings import Settings, load_settings
+
+log = logging.getLogger("blt.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains the engine before the server stops."""
+
+    def __init__(self, config: uvicorn.Config, state, timeout: float):
+        super().__init__(config)
+        self.state, self.timeout = state, timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:  # runs in the main thread, between bytecodes
+        if self._draining or self._loop is None:
+            self.should_exit = True
+            self.force_exit = self._draining
+            return
+        self._draining = True
+        log.info("received %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_then_exit()))
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await drain(self.state, self.timeout)
+        finally:
+            self.should_exit = True
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    try:
+        engine = build_engine(settings)
+    except (BltError, OSError, ValueError) as e:
+        print(f"blt-serve: cannot load the model from {settings.model_dir}: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings, engine)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, timeout_graceful_shutdown=5, lifespan="on")
+    server = DrainingServer(config, app.state.blt, settings.shutdown_timeout)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return serve(load_settings(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The FastAPI app: `create_app(settings, engine=None)` wires routes, middleware, errors and the worker.
+
+Thin on purpose: each route hands its work to completions.py or patches.py. With no engine
+given, the model named by the settings is loaded (bad weights fail here, before serving). The
+lifespan warms the engine up, starts its worker thread, and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from blt_runtime import SamplingParams
+
+from . import errors
+from .completions import create_completion
+from .metrics import Metrics
+from .middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from .patches import model_card, patches
+from .schemas import (
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PatchesRequest,
+    PatchesResponse,
+)
+from .settings import Settings
+from .state import AppState
+from .worker import EngineWorker
+
+log = logging.getLogger("blt.server")
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.blt
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def build_engine(settings: Settings):
+    """Load the model the settings name and wrap it in an Engine (a BltError names what is wrong)."""
+    import torch
+
+    from blt_runtime import Engine, load_model
+    from blt_runtime.errors import ConfigError
+
+    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    auto_dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype_name = settings.dtype if settings.dtype != "auto" else auto_dtype
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"--dtype {settings.dtype!r}: expected auto, float32, bfloat16 or float16")
+    model = load_model(settings.model_dir, device, dtype)
+    if settings.max_model_len is not None and not 2 <= settings.max_model_len <= model.config.max_seq_len:
+        raise ConfigError(f"--max-model-len {settings.max_model_len}: must be in 2..{model.config.max_seq_len} "
+                          "(the model's max_seq_len)")
+    return Engine(model, max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
+                  max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk)
+
+
+def warm_up(engine) -> None:
+    """Run one short request through every step kind, so the first client does not pay for it."""
+    if getattr(engine, "model", None) is None:
+        return
+    engine.add_request("warm-up", b"Warm up.", SamplingParams(max_bytes=8, temperature=0.0, ignore_eos=True))
+    while engine.has_work():
+        engine.step()
+
+
+async def drain(state: AppState, timeout: float) -> None:
+    """Stop admitting (503), let running requests finish for `timeout` s, then stop the rest."""
+    state.draining = True
+    log.info("draining: %d sequence(s) in flight, up to %.0f s", len(state.worker.open), timeout)
+    if not await state.worker.drain(timeout):
+        log.warning("drain timeout: stopping %d sequence(s)", len(state.worker.open))
+        state.worker.abort(list(state.worker.open), reason="shutdown")
+        await state.worker.drain(10.0)
+
+
+def create_app(settings: Settings, engine=None) -> FastAPI:
+    engine = engine if engine is not None else build_engine(settings)
+    metrics = Metrics(settings.model_name)
+    state = AppState(settings, engine, EngineWorker(engine, metrics, settings.log_interval), metrics)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(warm_up, engine)
+        state.worker.start(asyncio.get_running_loop())
+        state.ready = True
+        log.info("serving %s (max %d bytes of context, %d slots, queue %d)", settings.model_name,
+                 engine.max_model_len, engine.max_batch_size, settings.max_queue)
+        yield
+        state.ready = False
+        state.worker.stop()
+
+    app = FastAPI(title="blt-serve", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible completions from a Byte Latent Transformer; counts are bytes.")
+    app.state.blt = state
+    errors.install(app)
+
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    async def health(state: State):
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not (state.ready and state.worker.alive):
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def prometheus(state: State):
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
+    async def models(state: State):
+        return {"object": "list", "data": [model_card(state, created)]}
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS)
+    async def model(model_id: str, state: State):
+        state.check_model(model_id)
+        return model_card(state, created)
+
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+    async def completions(req: CompletionRequest, request: Request, state: State):
+        return await create_completion(req, request, state)
+
+    @app.post("/v1/patches", response_model=PatchesResponse, responses=ERRORS)
+    async def patches_route(req: PatchesRequest, state: State):
+        return await patches(req, state)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key, metrics_open=settings.metrics_without_key)
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+    return app

@@ -1,0 +1,97 @@
+"""One choice of a completion as it is built from engine outputs: text, logprobs, patch starts.
+
+Turns StepOutputs into OpenAI choice objects (whole, or as stream deltas) through a ChoiceStream,
+so the non-streaming body and the concatenated stream carry the same text. Logprob entries name
+a byte by its text when it is a whole character (ASCII), else as "bytes:\\xNN"; EOS as "<eos>".
+"""
+
+from __future__ import annotations
+
+from blt_runtime import EOS_ID, StepOutput
+from blt_runtime.tokenizer import OFFSET
+
+from .textstream import ChoiceStream, Piece
+
+
+def byte_name(byte: int) -> str:
+    return chr(byte) if byte < 0x80 else f"bytes:\\x{byte:02x}"
+
+
+def id_name(model_id: int) -> str:
+    if model_id >= OFFSET:
+        return byte_name(model_id - OFFSET)
+    return "<eos>" if model_id == EOS_ID else f"<special:{model_id}>"
+
+
+class ChoiceState:
+    def __init__(self, index: int, stops: tuple[bytes, ...], prefix: str = "", logprobs: bool = False,
+                 patches: bool = False):
+        self.index, self.prefix, self.want_logprobs, self.want_patches = index, prefix, logprobs, patches
+        self.stream = ChoiceStream(stops)
+        self.pieces: list[tuple[Piece, int]] = []  # with the character offset of each piece's text
+        self.chars = len(prefix)  # characters of text produced so far, echo included
+        self.finish_reason: str | None = None
+        self.stop_reason: str | None = None
+        self.usage = None
+        self.done = False
+
+    def consume(self, out: StepOutput) -> Piece | None:
+        """Feed one engine output; return the piece that may be sent now, if any."""
+        extra = (out.new_bytes[0] if out.new_bytes else None, out.logprobs, out.patch_start)
+        if out.finished:
+            self.done, self.usage = True, out.usage
+            self.finish_reason = out.finish_reason
+            self.stop_reason = out.stop_reason.decode("utf-8", "replace") if out.stop_reason else None
+            piece = self.stream.finish(out.new_bytes, extra, out.stop_reason)
+        else:
+            piece = self.stream.feed(out.new_bytes, extra)
+        if piece is not None:
+            self.pieces.append((piece, self.chars))
+            self.chars += len(piece.text)
+        return piece
+
+    # ------------------------------------------------------------------ rendering
+    def echo_delta(self) -> dict:
+        """The first chunk of an echoing stream: the prompt's text."""
+        return {"index": self.index, "text": self.prefix, "logprobs": None, "finish_reason": None,
+                "stop_reason": None}
+
+    def delta(self, piece: Piece | None) -> dict:
+        """A stream chunk's choice for `piece` (the last one carries the finish reason)."""
+        text = piece.text if piece else ""
+        choice = {"index": self.index, "text": text, "logprobs": None, "finish_reason": None, "stop_reason": None}
+        pieces = self.pieces[-1:] if piece else []
+        if self.want_logprobs:
+            choice["logprobs"] = _logprobs(pieces)
+        if self.want_patches:
+            choice["patch_starts"] = _patch_starts(pieces)
+        if self.done:
+            choice["finish_reason"], choice["stop_reason"] = self.finish_reason, self.stop_reason
+        return choice
+
+    def whole(self) -> dict:
+        choice = {"index": self.index, "text": self.prefix + "".join(p.text for p, _ in self.pieces),
+                  "logprobs": _logprobs(self.pieces) if self.want_logprobs else None,
+                  "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
+        if self.want_patches:
+            choice["patch_starts"] = _patch_starts(self.pieces)
+        return choice
+
+
+def _logprobs(pieces: list[tuple[Piece, int]]) -> dict:
+    lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [], "bytes": []}
+    for piece, char_start in pieces:
+        chars = char_start - 1
+        for byte, logprobs, _ in piece.entries:
+            if byte & 0xC0 != 0x80:  # a byte that begins a character; continuation bytes share its offset
+                chars += 1
+            lp["tokens"].append(byte_name(byte))
+            lp["bytes"].append([byte])
+            lp["token_logprobs"].append(logprobs[0] if logprobs else None)
+            lp["top_logprobs"].append({id_name(i): v for i, v in logprobs[1]} if logprobs else None)
+            lp["text_offset"].append(max(chars, char_start))
+    return lp
+
+
+def _patch_starts(pieces: list[tuple[Piece, int]]) -> list[int]:
+    return [p.offset + i for p, _ in pieces for i, (_, _, start) in enumerate(p.entries) if start]

@@ -1,0 +1,224 @@
+"""POST /v1/completions: a request becomes engine sequences; their outputs become a body or a stream.
+
+Owns: prompt and parameter translation (each refusal a 400 naming its field), submission through
+the worker (429 when the queue is full), the SSE stream (keep-alive comments, include_usage, an
+error event after the stream started) and abort on client disconnect, streaming or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from blt_runtime import PromptTooLong, QueueFull, SamplingParams
+
+from .choices import ChoiceState
+from .errors import ApiError, error_body, prompt_too_long, queue_full
+from .schemas import CompletionRequest
+from .state import AppState
+from .worker import Failure
+
+log = logging.getLogger("blt.server")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def prompt_bytes(prompt) -> list[bytes]:
+    """The request's prompts as bytes: a string, a list of byte values, or a list of either."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if isinstance(prompt, list) and not prompt:
+        prompt = [""]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            try:
+                out.append(p.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                raise ApiError(400, f"prompt is not valid Unicode (lone surrogate at character {e.start})",
+                               "prompt", "invalid_value") from None
+        else:
+            out.append(bytes(p))
+    return out
+
+
+def sampling_params(req: CompletionRequest, index: int) -> SamplingParams:
+    seed = None if req.seed is None else (req.seed + index) % 2**63  # n choices draw differently
+    try:
+        return SamplingParams(
+            max_bytes=256 if req.max_tokens is None else req.max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
+            seed=seed, stop=req.stop or (), presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logprobs=req.logprobs, ignore_eos=req.ignore_eos)
+    except ValueError as e:
+        raise ApiError(400, str(e), str(e).split("=")[0], "invalid_value") from None
+
+
+def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int) -> None:
+    for p in prompts:
+        if len(p) + 1 > max_model_len:
+            raise ApiError(400, f"the prompt is {len(p)} bytes; this model's context is {max_model_len} bytes "
+                                "(BOS included)", "prompt", "context_length_exceeded")
+        if len(p) + 1 + max_bytes > max_model_len:
+            raise ApiError(400, f"prompt ({len(p)} bytes) + max_tokens ({max_bytes}) exceeds this model's context "
+                                f"of {max_model_len} bytes (BOS included)", "max_tokens", "context_length_exceeded")
+
+
+class Completion:
+    """One HTTP request's sequences: choice `prompt_index * n + i` is sequence f"{id}-{index}"."""
+
+    def __init__(self, req: CompletionRequest, state: AppState, prompts: list[bytes]):
+        self.req, self.state, self.prompts = req, state, prompts
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.queue: asyncio.Queue = asyncio.Queue()
+        stops = tuple(SamplingParams(stop=req.stop or ()).stop)
+        self.choices: dict[str, ChoiceState] = {}
+        for p, prompt in enumerate(prompts):
+            prefix = prompt.decode("utf-8", "replace") if req.echo else ""
+            for i in range(req.n):
+                index = p * req.n + i
+                self.choices[f"{self.id}-{index}"] = ChoiceState(index, stops, prefix, req.logprobs is not None,
+                                                                 req.return_patches)
+        self.disconnected = False
+
+    @property
+    def unfinished(self) -> list[str]:
+        return [rid for rid, c in self.choices.items() if not c.done]
+
+    async def submit(self) -> None:
+        items = [(rid, self.prompts[c.index // self.req.n], sampling_params(self.req, c.index % self.req.n))
+                 for rid, c in self.choices.items()]
+        m = self.state.metrics
+        try:
+            await self.state.worker.submit(items, self.queue)
+        except QueueFull as e:
+            m.of(m.rejected, reason="queue_full").inc()
+            raise queue_full(str(e)) from None
+        except PromptTooLong as e:
+            m.of(m.rejected, reason="invalid").inc()
+            raise prompt_too_long(e) from None
+        except ValueError as e:
+            m.of(m.rejected, reason="invalid").inc()
+            raise ApiError(400, str(e), None, "invalid_value") from None
+
+    def on_disconnect(self) -> None:
+        """The client is gone: abort what still runs (once) and count it."""
+        if self.disconnected or not self.unfinished:
+            return
+        self.disconnected = True
+        m = self.state.metrics
+        m.of(m.disconnects).inc()
+        self.state.worker.abort(self.unfinished)
+        log.info("client of %s disconnected; aborted %d sequence(s)", self.id, len(self.unfinished))
+
+    async def watch_disconnect(self, request: Request) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                self.on_disconnect()
+                return
+
+    def usage(self) -> dict:
+        usages = [c.usage for c in self.choices.values() if c.usage is not None]
+        first_of_prompt = [c.usage for c in self.choices.values() if c.usage is not None and c.index % self.req.n == 0]
+        prompt = sum(u.prompt_bytes for u in first_of_prompt)
+        completion = sum(u.generated_bytes for u in usages)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_patches": sum(u.prompt_patches for u in first_of_prompt),
+                "completion_patches": sum(u.completion_patches for u in usages)}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        body = {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.state.model_name, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    # ------------------------------------------------------------------ streaming
+    async def events(self, request: Request) -> AsyncIterator[str]:
+        watcher = asyncio.create_task(self.watch_disconnect(request))
+        try:
+            if self.req.echo:
+                for c in self.choices.values():
+                    yield self.chunk([c.echo_delta()])
+            while self.unfinished:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), self.state.settings.keepalive_interval)
+                except asyncio.TimeoutError:
+                    yield ": keep-alive\n\n"
+                    continue
+                if isinstance(item, Failure):
+                    yield f"data: {json.dumps(self._fail(item))}\n\n"
+                    break
+                choice = self.choices[item.request_id]
+                piece = choice.consume(item)
+                if (piece is not None or choice.done) and not self.disconnected:
+                    yield self.chunk([choice.delta(piece)])
+            else:
+                opts = self.req.stream_options
+                if opts is not None and opts.include_usage:
+                    yield self.chunk([], self.usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            watcher.cancel()
+            self.on_disconnect()  # a no-op when every choice finished
+
+    def _fail(self, failure: Failure) -> dict:
+        """An error inside a started stream (or a body): abort the siblings, return the error body."""
+        self.choices[failure.request_id].done = True
+        if self.unfinished:
+            self.state.worker.abort(self.unfinished)
+            for rid in self.unfinished:
+                self.choices[rid].done = True
+        code = "shutting_down" if failure.status == 503 else "internal_error"
+        return error_body(failure.status, failure.message, None, code)
+
+    # ------------------------------------------------------------------ whole body
+    async def body(self, request: Request) -> JSONResponse:
+        watcher = asyncio.create_task(self.watch_disconnect(request))
+        try:
+            while self.unfinished:
+                item = await self.queue.get()
+                if isinstance(item, Failure):
+                    return JSONResponse(self._fail(item), status_code=item.status)
+                self.choices[item.request_id].consume(item)
+        finally:
+            watcher.cancel()
+            self.on_disconnect()
+        if self.disconnected:  # nobody is listening; the sequences were aborted
+            return JSONResponse(error_body(400, "client disconnected"), status_code=499)
+        return JSONResponse({"id": self.id, "object": "text_completion", "created": self.created,
+                             "model": self.state.model_name,
+                             "choices": [c.whole() for c in sorted(self.choices.values(), key=lambda c: c.index)],
+                             "usage": self.usage()})
+
+
+async def create_completion(req: CompletionRequest, request: Request, state: AppState):
+    state.check_model(req.model)
+    state.check_admitting()
+    extra = sorted((req.model_extra or {}).keys())
+    if extra:
+        log.warning("ignored unknown fields in a completion request: %s", ", ".join(extra))
+    prompts = prompt_bytes(req.prompt)
+    max_bytes = 256 if req.max_tokens is None else req.max_tokens
+    sampling_params(req, 0)  # a 400 before anything is queued
+    try:
+        check_context(prompts, max_bytes, state.max_model_len)
+    except ApiError:
+        state.metrics.of(state.metrics.rejected, reason="invalid").inc()
+        raise
+    completion = Completion(req, state, prompts)
+    await completion.submit()
+    if req.stream:
+        return StreamingResponse(completion.events(request), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await completion.body(request)

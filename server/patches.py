@@ -1,0 +1,66 @@
+"""POST /v1/patches and GET /v1/models: what the model makes of some bytes, and what the model is.
+
+The entropy model runs on the engine's worker thread (between steps), never on the event loop.
+Entropy of byte k: the entropy model's uncertainty when predicting byte k from the bytes before
+it (BOS first), in nats; byte k > 0 begins a patch when it exceeds the threshold (byte 0 always
+does; BOS is a patch of its own and is not reported).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blt_runtime.patcher import patch_starts
+from blt_runtime.tokenizer import encode_tensor
+
+from .errors import ApiError
+from .schemas import PatchesRequest
+from .state import AppState
+
+
+def compute_patches(model, data: bytes) -> tuple[list[float], list[tuple[int, int]]]:
+    """(entropy per byte, [(start, length)] per patch) for `data`, on the model's device."""
+    with torch.inference_mode():
+        ids = encode_tensor(data, model.device)
+        entropies = model.entropies(ids)  # (1, L) fp32, position t predicts id t+1 = byte t
+        starts = patch_starts(entropies, model.config.patching_threshold)[0, 1:len(data) + 1]  # byte k <-> pos k+1
+    per_byte = entropies[0, :len(data)].tolist()
+    begins = [k for k, s in enumerate(starts.tolist()) if s]
+    ends = begins[1:] + [len(data)]
+    return per_byte, [(b, e - b) for b, e in zip(begins, ends)]
+
+
+async def patches(req: PatchesRequest, state: AppState) -> dict:
+    state.check_model(req.model)
+    state.check_admitting()
+    if req.text is not None:
+        try:
+            data = req.text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"text is not valid Unicode (lone surrogate at character {e.start})", "text",
+                           "invalid_value") from None
+    else:
+        data = bytes(req.bytes)
+    if len(data) + 1 > state.max_model_len:
+        raise ApiError(400, f"{len(data)} bytes exceed this model's context of {state.max_model_len} bytes "
+                            "(BOS included)", "text" if req.text is not None else "bytes", "context_length_exceeded")
+    model = state.engine.model
+    entropies, spans = await state.worker.call(lambda: compute_patches(model, data))
+    return {"object": "patches", "model": state.model_name, "num_bytes": len(data),
+            "threshold": model.config.patching_threshold, "entropies": entropies,
+            "patches": [{"start": s, "length": n, "text": data[s:s + n].decode("utf-8", "replace")}
+                        for s, n in spans]}
+
+
+def model_card(state: AppState, created: int) -> dict:
+    card = {"id": state.model_name, "object": "model", "created": created, "owned_by": "blt-serve",
+            "root": state.settings.model_dir, "max_model_len": state.max_model_len, "blt": None}
+    model = getattr(state.engine, "model", None)
+    if model is not None:
+        cfg = model.config
+        card["blt"] = {"parameters": sum(p.numel() for p in model.parameters()),
+                       "patching_threshold": cfg.patching_threshold,
+                       "entropy_layers": cfg.patcher.num_layers, "encoder_layers": cfg.encoder.num_layers,
+                       "global_layers": cfg.global_model.num_layers, "decoder_layers": cfg.decoder.num_layers,
+                       "dtype": str(model.dtype).removeprefix("torch."), "device": str(model.device)}
+    return card

@@ -1,0 +1,121 @@
+"""Server settings: one frozen dataclass, read from command-line flags and `BLT_<FLAG>` env vars.
+
+A flag given on the command line wins over its env var, which wins over the default. Knows
+nothing about FastAPI or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "blt-shakespeare"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: str = str(SHIPPED_MODEL)
+    served_model_name: str | None = None  # default: the model directory's name
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    max_batch_size: int = 16
+    max_queue: int = 256
+    max_model_len: int | None = None  # bytes, BOS included; default: the model's max_seq_len
+    prefill_chunk: int = 512
+    api_key: tuple[str, ...] = ()
+    metrics_without_key: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 1 << 20
+    shutdown_timeout: float = 30.0
+    keepalive_interval: float = 15.0
+    log_level: str = "info"
+    log_interval: float = 5.0  # seconds between throughput summaries while busy
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_dir).resolve().name
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+HELP = {
+    "model_dir": "model directory (config.json + safetensors); default: the shipped model",
+    "served_model_name": "the model id clients send and see; default: the directory's name",
+    "device": "auto, cpu, cuda or cuda:N", "dtype": "auto, float32, bfloat16 or float16",
+    "max_batch_size": "sequences that advance together (cache slots)",
+    "max_queue": "requests that may wait for a slot; beyond it, 429",
+    "max_model_len": "bytes of context per sequence (prompt + completion + BOS)",
+    "prefill_chunk": "prompt bytes prefilled per engine step",
+    "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
+    "metrics_without_key": "leave /metrics open when API keys are set",
+    "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",
+    "max_body_bytes": "largest request body accepted (413 beyond)",
+    "shutdown_timeout": "seconds running requests may finish after SIGTERM",
+    "keepalive_interval": "seconds between ': keep-alive' comments on a waiting stream",
+    "log_level": "|".join(LOG_LEVELS), "log_interval": "seconds between throughput summaries",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blt-serve", description="Serve a BLT model over an OpenAI-compatible HTTP API.",
+                                epilog="Every flag can also be set as an env var BLT_<FLAG>, e.g. BLT_PORT=8080.")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "model_dir":
+            p.add_argument("model_dir", nargs="?", default=None, help=HELP[f.name])
+        elif f.type == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
+        elif f.name in ("api_key", "allowed_origins"):
+            p.add_argument(flag, action="append", default=None, help=HELP[f.name])
+        else:
+            p.add_argument(flag, default=None, help=HELP.get(f.name))
+    return p
+
+
+def _convert(f, raw):
+    if f.name in ("api_key", "allowed_origins"):
+        items = raw if isinstance(raw, list) else [raw]
+        return tuple(v for item in items for v in _split(item))
+    if f.type == "bool":
+        return raw if isinstance(raw, bool) else raw.strip().lower() in ("1", "true", "yes", "on")
+    if raw in ("", "none", "None") and "None" in f.type:
+        return None
+    if f.type.startswith("int"):
+        return int(raw)
+    if f.type.startswith("float"):
+        return float(raw)
+    return raw
+
+
+def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
+    """Flags, then `BLT_*` env vars, then defaults. A bad value exits with argparse's message."""
+    p = parser()
+    args = vars(p.parse_args(argv))
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in fields(Settings):
+        raw = args.get(f.name)
+        if raw is None:
+            raw = environ.get("BLT_" + f.name.upper())
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _convert(f, raw)
+        except ValueError:
+            p.error(f"--{f.name.replace('_', '-')}: {raw!r} is not a valid {f.type}")
+    settings = Settings(**values)
+    if settings.log_level not in LOG_LEVELS:
+        p.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+    for name in ("max_batch_size", "max_body_bytes", "prefill_chunk"):
+        if getattr(settings, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if settings.max_queue < 0:
+        p.error("--max-queue must be >= 0")
+    return settings

@@ -1,0 +1,40 @@
+"""What every handler of one app shares: settings, the engine worker, metrics, readiness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ApiError
+from .metrics import Metrics
+from .settings import Settings
+from .worker import EngineWorker
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: object  # blt_runtime.Engine, or anything with its interface (tests script one)
+    worker: EngineWorker
+    metrics: Metrics
+    ready: bool = False
+    draining: bool = False
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "model_not_found")
+
+    def check_admitting(self) -> None:
+        if self.draining:
+            self.metrics.of(self.metrics.rejected, reason="draining").inc()
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        if not self.ready:
+            raise ApiError(503, "the model is still loading", code="not_ready")

@@ -1,0 +1,97 @@
+"""A scripted engine: the Engine's interface, emitting chosen bytes one step at a time.
+
+Lets the HTTP layer be tested byte by byte without a model: the script for a prompt is the bytes
+it will generate; stops, max_bytes and the UTF-8 finish use the runtime's own Sequence.accept.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from blt_runtime import PromptTooLong, QueueFull, SamplingParams, StepOutput, Usage
+from blt_runtime.scheduler import Sequence
+from blt_runtime.tokenizer import OFFSET, encode
+
+
+class ScriptedEngine:
+    model = None
+
+    def __init__(self, scripts: dict[bytes, bytes], max_batch_size: int = 4, max_queue: int = 8,
+                 max_model_len: int = 4096, step_delay: float = 0.005, default: bytes = b"x" * 10_000):
+        self.scripts, self.default = scripts, default
+        self.max_batch_size, self.max_queue, self.max_model_len = max_batch_size, max_queue, max_model_len
+        self.step_delay = step_delay
+        self.running: list[Sequence] = []
+        self.waiting: list[Sequence] = []
+        self.aborted: list[Sequence] = []
+        self.last_admitted: list[str] = []
+        self.steps = 0
+        self.paused = threading.Event()  # set: running sequences do not advance (they stay "in flight")
+
+    def add_request(self, request_id: str, prompt: bytes, params: SamplingParams | None = None) -> None:
+        params = params or SamplingParams()
+        ids = encode(prompt)
+        if len(ids) + params.max_bytes > self.max_model_len:
+            raise PromptTooLong("too long for the scripted engine")
+        free = self.max_batch_size - len(self.running)
+        if len(self.waiting) >= self.max_queue + free:
+            raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
+        seq = Sequence(request_id, ids, params, 0)
+        seq.script = self.scripts.get(prompt, self.default)
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> bool:
+        for group in (self.running, self.waiting):
+            for seq in group:
+                if seq.request_id == request_id:
+                    group.remove(seq)
+                    seq.finish_reason = "abort"
+                    self.aborted.append(seq)
+                    return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.aborted)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def step(self) -> list[StepOutput]:
+        time.sleep(self.step_delay)
+        self.steps += 1
+        outputs = [self._final(seq, b"") for seq in self.aborted]
+        self.aborted.clear()
+        self.last_admitted = []
+        while self.waiting and len(self.running) < self.max_batch_size:
+            self.running.append(self.waiting.pop(0))
+            self.last_admitted.append(self.running[-1].request_id)
+        if self.paused.is_set():
+            return outputs
+        for seq in list(self.running):
+            n = len(seq.generated)
+            if n >= len(seq.script):
+                seq.finish_reason = "stop"  # the script ran out: like EOS
+                self.running.remove(seq)
+                outputs.append(self._final(seq, b""))
+                continue
+            byte = seq.script[n]
+            seq.accept(byte + OFFSET, self.max_model_len)
+            lp = (-0.5, [(byte + OFFSET, -0.5), (2, -1.5)]) if seq.params.logprobs is not None else None
+            if seq.finish_reason is not None:
+                self.running.remove(seq)
+                outputs.append(self._final(seq, bytes([byte]), lp))
+            else:
+                outputs.append(StepOutput(seq.request_id, bytes([byte]), n % 4 == 0, lp, False))
+        return outputs
+
+    def _final(self, seq: Sequence, new: bytes, lp=None) -> StepOutput:
+        usage = Usage(seq.prompt_len - 1, len(seq.generated), 1, (len(seq.generated) + 3) // 4,
+                      (len(seq.generated) + 3) // 4)
+        return StepOutput(seq.request_id, new, bool(new) and (len(seq.generated) - 1) % 4 == 0, lp, True,
+                          seq.finish_reason, seq.stop_reason, usage)
