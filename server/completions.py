@@ -110,6 +110,9 @@ class Completion:
         except ValueError as e:
             m.of(m.rejected, reason="invalid").inc()
             raise ApiError(400, str(e), None, "invalid_value") from None
+        except asyncio.CancelledError:  # the client went away while its sequences were being added
+            self.state.worker.abort(list(self.choices))
+            raise
 
     def on_disconnect(self) -> None:
         """The client is gone: abort what still runs (once) and count it."""

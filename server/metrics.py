@@ -49,6 +49,9 @@ class Metrics:
         self.batch_size = Histogram("blt_batch_size", "Sequences advanced per engine step.", m,
                                     buckets=BATCH_BUCKETS, registry=r)
         self.model = model
+        for metric in list(vars(self).values()):  # show every series from the start, at zero
+            if getattr(metric, "_labelnames", None) == ("model",):
+                metric.labels(model)
         for reason in ("stop", "length"):
             self.success.labels(model, reason)
         for phase in ("prompt", "generation"):

@@ -82,8 +82,7 @@ class EngineWorker:
         for the first refused one is raised: QueueFull, PromptTooLong or ValueError)."""
         done = self._loop.create_future()
         self._inbox.put(("add", requests, out, time.monotonic(), done))
-        await done
-        self.open.update(rid for rid, _, _ in requests)
+        await done  # the ids are in self.open before any of their outputs can be delivered
 
     def abort(self, request_ids, reason: str | None = None) -> None:
         """Abort sequences (thread-safe, cheap); each still gets its final output."""
@@ -172,7 +171,12 @@ class EngineWorker:
                 self.engine.abort(rid)
             self._resolve(done, error=e)
             return
-        self._resolve(done)
+
+        def accepted():  # on the loop, ahead of the deliveries of any later step
+            self.open.update(added)
+            if not done.done():
+                done.set_result(None)
+        self._loop.call_soon_threadsafe(accepted)
 
     def _step(self) -> None:
         m, engine = self.metrics, self.engine

@@ -69,8 +69,13 @@ class ScriptedEngine:
         self.aborted.clear()
         self.last_admitted = []
         while self.waiting and len(self.running) < self.max_batch_size:
-            self.running.append(self.waiting.pop(0))
-            self.last_admitted.append(self.running[-1].request_id)
+            seq = self.waiting.pop(0)
+            self.last_admitted.append(seq.request_id)
+            if seq.params.max_bytes == 0:  # as the engine does: finished on admission
+                seq.finish_reason = "length"
+                outputs.append(self._final(seq, b""))
+            else:
+                self.running.append(seq)
         if self.paused.is_set():
             return outputs
         for seq in list(self.running):

@@ -257,3 +257,13 @@ def test_cors_is_off_by_default(serve):
     url, _ = serve(ScriptedEngine({}, default=b"ok"))
     r = httpx.get(f"{url}/v1/models", headers={"Origin": "http://example.test"})
     assert "access-control-allow-origin" not in r.headers
+
+
+def test_requests_that_end_at_once_leave_nothing_open(serve):
+    url, state = serve(ScriptedEngine({}, default=b"ok"))
+    with httpx.Client(timeout=30) as client:
+        for stream_mode in (False, True, False):
+            r = client.post(f"{url}/v1/completions", json={"prompt": "z", "max_tokens": 0, "stream": stream_mode})
+            assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == "" and r.json()["choices"][0]["finish_reason"] == "length"
+    wait_for(lambda: not state.worker.open)

@@ -1,0 +1,218 @@
+"""The real `blt-serve` process with a tiny random model, driven by httpx and the official openai client."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from conftest import free_port, metric_value, sse_events
+from hypothesis import HealthCheck, settings
+from openai import OpenAI
+from schemathesis.checks import not_a_server_error
+
+from blt_runtime import encode_tensor, generate, load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SPEC_METRICS = [  # every metric ../shared/spec/SERVER.md names
+    "blt_num_requests_running", "blt_num_requests_waiting", "blt_cache_usage_ratio", "blt_prompt_bytes_total",
+    "blt_generation_bytes_total", "blt_patches_total", "blt_global_steps_total", "blt_request_success_total",
+    "blt_requests_rejected_total", "blt_client_disconnects_total", "blt_time_to_first_byte_seconds",
+    "blt_inter_byte_latency_seconds", "blt_e2e_request_latency_seconds", "blt_request_queue_time_seconds",
+    "blt_request_prompt_bytes", "blt_request_generation_bytes", "blt_patch_length_bytes", "blt_batch_size",
+]
+
+
+class Process:
+    def __init__(self, model_dir, *flags, wait=True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "BLT_LOG_INTERVAL": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", str(model_dir), "--port", str(self.port),
+                                      "--served-model-name", "tiny", *flags], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        if wait:
+            self.wait_ready()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_ready(self, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "".join(self.lines)
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("server did not become ready:\n" + "".join(self.lines))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_checkpoint):
+    return hf_checkpoint("1b")[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    proc = Process(tiny, "--api-key", KEY, "--max-model-len", "512", "--max-batch-size", "4")
+    yield proc
+    proc.stop()
+
+
+def test_greedy_completions_equal_the_runtime(server, tiny):
+    model = load_model(tiny)
+    expected = generate(model, "Hello, BLT", max_bytes=120, temperature=0.0, ignore_eos=True)
+    body = {"model": "tiny", "prompt": "Hello, BLT", "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["object"] == "text_completion" and data["model"] == "tiny"
+    choice = data["choices"][0]
+    assert choice["text"] == expected.text and choice["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == len(expected.bytes) and data["usage"]["prompt_tokens"] == 10
+    assert data["usage"]["completion_patches"] == len(expected.completion_patch_lengths)
+    streamed = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": True, "return_patches": True},
+                          headers=AUTH, timeout=60)
+    events = sse_events(streamed)
+    assert events[-1] == "[DONE]"
+    assert "".join(c["text"] for e in events[:-1] for c in e["choices"]) == expected.text
+    starts = [s for e in events[:-1] for c in e["choices"] for s in c["patch_starts"]]
+    assert len(starts) == len(expected.completion_patch_lengths)
+
+
+def test_openai_client_streaming_and_not(server):
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    whole = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=40, temperature=0, seed=3)
+    assert whole.choices[0].finish_reason in ("stop", "length") and whole.usage.prompt_tokens == 6
+    chunks = list(client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=40, temperature=0, seed=3,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    sampled = [client.completions.create(model="tiny", prompt="x", max_tokens=30, temperature=0.9, seed=7, n=2,
+                                         logprobs=2) for _ in range(2)]
+    assert [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]  # seeded: reproducible
+    assert sum(len(c.logprobs.tokens) for c in sampled[0].choices) == sampled[0].usage.completion_tokens
+    assert all(len(top) <= 2 for c in sampled[0].choices for top in c.logprobs.top_logprobs)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_models_patches_and_health(server, tiny):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # open without a key
+    card = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"][0]
+    assert card["id"] == "tiny" and card["object"] == "model" and card["max_model_len"] == 512
+    assert card["blt"]["parameters"] > 0 and card["blt"]["global_layers"] == 2
+    text = "Patches: 한국어 and 😀."
+    r = httpx.post(f"{server.url}/v1/patches", json={"text": text}, headers=AUTH)
+    body = r.json()
+    assert r.status_code == 200 and body["num_bytes"] == len(text.encode()) == len(body["entropies"])
+    model = load_model(tiny)
+    lengths = [n for n in model.patch_lengths(encode_tensor(text)).tolist()[0] if n]
+    assert lengths[0] == 1 and [p["length"] for p in body["patches"]] == lengths[1:]  # BOS is a patch of its own
+    data, at = text.encode(), 0
+    for p in body["patches"]:  # contiguous; a patch that ends inside a character shows U+FFFD
+        assert p["start"] == at and p["text"] == data[at:at + p["length"]].decode("utf-8", "replace")
+        at += p["length"]
+    same = httpx.post(f"{server.url}/v1/patches", json={"bytes": list(text.encode())}, headers=AUTH).json()
+    assert same["patches"] == body["patches"]
+
+
+def test_metrics_exist_and_move(server):
+    before = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    for name in SPEC_METRICS:
+        assert re.search(rf"^{name}(_bucket|_count|_sum)?{{", before, re.M), name
+    httpx.post(f"{server.url}/v1/completions", json={"prompt": "metrics", "max_tokens": 20, "stream": True, "ignore_eos": True},
+               headers=AUTH, timeout=60)
+    after = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    for name in ("blt_generation_bytes_total", "blt_prompt_bytes_total", "blt_global_steps_total",
+                 "blt_time_to_first_byte_seconds_count", "blt_e2e_request_latency_seconds_count",
+                 "blt_batch_size_count", "blt_request_queue_time_seconds_count"):
+        assert metric_value(after, name) > metric_value(before, name), name
+    assert metric_value(after, "blt_generation_bytes_total") - metric_value(before, "blt_generation_bytes_total") >= 20
+    assert 'model="tiny"' in after
+
+
+def test_sigterm_drains_running_streams(tiny):
+    proc = Process(tiny, "--max-model-len", "4096", "--shutdown-timeout", "4")
+    results = {}
+
+    def stream(name, max_tokens):
+        r = httpx.post(f"{proc.url}/v1/completions", timeout=60, json={
+            "prompt": name, "max_tokens": max_tokens, "stream": True, "ignore_eos": True})
+        results[name] = sse_events(r)
+
+    threads = [threading.Thread(target=stream, args=a) for a in (("short", 200), ("endless", 4000))]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    proc.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    refused = httpx.post(f"{proc.url}/v1/completions", json={"prompt": "late"}, timeout=10)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(f"{proc.url}/health").status_code == 503
+    for t in threads:
+        t.join(60)
+    assert proc.proc.wait(30) == 0, "".join(proc.lines)
+    short, endless = results["short"], results["endless"]
+    assert short[-1] == "[DONE]" and short[-2]["choices"][0]["finish_reason"] == "length"
+    assert endless[-1] == "[DONE]" and endless[-2]["error"]["code"] == "shutting_down"
+
+
+def test_bad_weights_fail_at_start_with_one_line(tiny, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((Path(tiny) / "config.json").read_text())
+    data = (Path(tiny) / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    proc = Process(bad, wait=False)
+    assert proc.proc.wait(120) == 2
+    time.sleep(0.2)
+    out = "".join(proc.lines).strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("blt-serve: cannot load the model") and "safetensors" in out[0]
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tiny):
+    """A server with a short context, so that fuzzed requests stay small (bounded run time)."""
+    proc = Process(tiny, "--api-key", KEY, "--max-model-len", "48", "--max-batch-size", "16")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzzed):
+    return schemathesis.openapi.from_url(f"{fuzzed.url}/openapi.json", headers=AUTH)
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+def test_schemathesis_finds_no_server_error(case):
+    response = case.call(headers=AUTH, timeout=60)
+    case.validate_response(response, checks=[not_a_server_error])
