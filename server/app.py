@@ -51,18 +51,10 @@ State = Annotated[AppState, Depends(get_state)]
 
 def build_engine(settings: Settings):
     """Load the model the settings name and wrap it in an Engine (a BltError names what is wrong)."""
-    import torch
-
     from blt_runtime import Engine, load_model
     from blt_runtime.errors import ConfigError
 
-    device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    auto_dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    dtype_name = settings.dtype if settings.dtype != "auto" else auto_dtype
-    dtype = getattr(torch, dtype_name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ConfigError(f"--dtype {settings.dtype!r}: expected auto, float32, bfloat16 or float16")
-    model = load_model(settings.model_dir, device, dtype)
+    model = load_model(settings.model_dir, settings.device, settings.dtype)
     if settings.max_model_len is not None and not 2 <= settings.max_model_len <= model.config.max_seq_len:
         raise ConfigError(f"--max-model-len {settings.max_model_len}: must be in 2..{model.config.max_seq_len} "
                           "(the model's max_seq_len)")

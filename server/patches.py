@@ -8,26 +8,9 @@ does; BOS is a patch of its own and is not reported).
 
 from __future__ import annotations
 
-import torch
-
-from blt_runtime.patcher import patch_starts
-from blt_runtime.tokenizer import encode_tensor
-
 from .errors import ApiError
 from .schemas import PatchesRequest
 from .state import AppState
-
-
-def compute_patches(model, data: bytes) -> tuple[list[float], list[tuple[int, int]]]:
-    """(entropy per byte, [(start, length)] per patch) for `data`, on the model's device."""
-    with torch.inference_mode():
-        ids = encode_tensor(data, model.device)
-        entropies = model.entropies(ids)  # (1, L) fp32, position t predicts id t+1 = byte t
-        starts = patch_starts(entropies, model.config.patching_threshold)[0, 1:len(data) + 1]  # byte k <-> pos k+1
-    per_byte = entropies[0, :len(data)].tolist()
-    begins = [k for k, s in enumerate(starts.tolist()) if s]
-    ends = begins[1:] + [len(data)]
-    return per_byte, [(b, e - b) for b, e in zip(begins, ends)]
 
 
 async def patches(req: PatchesRequest, state: AppState) -> dict:
@@ -45,7 +28,7 @@ async def patches(req: PatchesRequest, state: AppState) -> dict:
         raise ApiError(400, f"{len(data)} bytes exceed this model's context of {state.max_model_len} bytes "
                             "(BOS included)", "text" if req.text is not None else "bytes", "context_length_exceeded")
     model = state.engine.model
-    entropies, spans = await state.worker.call(lambda: compute_patches(model, data))
+    entropies, spans = await state.worker.call(lambda: model.byte_patches(data))
     return {"object": "patches", "model": state.model_name, "num_bytes": len(data),
             "threshold": model.config.patching_threshold, "entropies": entropies,
             "patches": [{"start": s, "length": n, "text": data[s:s + n].decode("utf-8", "replace")}

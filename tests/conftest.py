@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factory import make_hf_checkpoint, sample_text
+from factory import PARITY_TEXT, make_hf_checkpoint
 
 torch.set_num_threads(2)
-
-PARITY_TEXT = sample_text(1200, seed=1)  # past the 512 window, 1- to 4-byte characters
 
 
 @pytest.fixture(scope="session")

@@ -94,3 +94,6 @@ def sample_text(n_bytes: int, seed: int = 0) -> bytes:
     while len(out) < n_bytes:
         out += rng.choice(pieces).encode("utf-8")
     return out
+
+
+PARITY_TEXT = sample_text(1200, seed=1)  # past the 512 window, 1- to 4-byte characters

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import PARITY_TEXT
+from factory import PARITY_TEXT
 from safetensors.torch import load_file, save_file
 
 from blt_runtime import ConversionError, encode, load_model

@@ -6,7 +6,7 @@ Generations run past the 512-byte window from prompts of 1, 100 and 700 bytes.
 
 import pytest
 import torch
-from conftest import PARITY_TEXT
+from factory import PARITY_TEXT
 
 from blt_runtime import encode, load_model
 from blt_runtime.engine import Engine

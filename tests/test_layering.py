@@ -28,3 +28,10 @@ def test_transformers_is_test_only():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "blt_runtime").rglob("*.py")
                  if "transformers" in _imports(p)]
     assert not offenders
+
+
+def test_server_never_touches_torch():
+    """HTTP handlers talk to the engine through the worker; the runtime owns every tensor."""
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "server").rglob("*.py")
+                 if {"torch", "safetensors", "transformers"} & _imports(p)]
+    assert not offenders

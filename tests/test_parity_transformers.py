@@ -6,8 +6,7 @@ load_model. Inputs are 1,200 bytes of UTF-8 text with multi-byte characters, pas
 
 import pytest
 import torch
-from conftest import PARITY_TEXT
-from factory import STRUCTURES, sample_text
+from factory import PARITY_TEXT, STRUCTURES, sample_text
 
 from blt_runtime import encode, load_model
 

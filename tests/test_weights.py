@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import PARITY_TEXT
+from factory import PARITY_TEXT
 from safetensors.torch import load_file, save_file
 
 from blt_runtime import BltError, ConfigError, WeightsError, encode, load_model, save_model
@@ -100,3 +100,18 @@ def test_unknown_model_type(checkpoint):
 def test_missing_weights_file(checkpoint):
     (checkpoint / "model.safetensors").unlink()
     assert "neither model.safetensors nor" in _one_line_error(checkpoint, WeightsError)
+
+
+def test_device_and_dtype_resolution():
+    from blt_runtime.errors import ConfigError
+    from blt_runtime.weights import resolve_device_dtype
+
+    if not torch.cuda.is_available():
+        assert resolve_device_dtype("auto", "auto") == (torch.device("cpu"), torch.float32)
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device_dtype("cuda", "auto")
+    assert resolve_device_dtype("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ConfigError, match="dtype 'int8'"):
+        resolve_device_dtype("cpu", "int8")
+    with pytest.raises(ConfigError, match="device 'gpu0'"):
+        resolve_device_dtype("gpu0", "auto")

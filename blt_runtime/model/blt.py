@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import BltConfig
 from ..patcher import PatchLayout, layout_from_starts, patch_starts
+from ..tokenizer import BOS_ID, OFFSET
 from .entropy import EntropyModel, entropy_nats
 from .global_model import GlobalModel
 from .hashing import hash_table_indices
@@ -101,6 +102,19 @@ class BltModel(nn.Module):
         """(B, L) ids -> (B, P) patch lengths, the trailing "next byte" patch included (length 0 when
         the last byte's entropy starts a new patch); rows with fewer patches are zero-padded."""
         return self.layout(self._check_ids(ids))[0].lengths
+
+    @torch.inference_mode()
+    def byte_patches(self, data: bytes) -> tuple[list[float], list[tuple[int, int]]]:
+        """What the entropy model makes of `data`: the entropy (nats) of the prediction of each byte
+        from the bytes before it (BOS first), and the patches as (start byte, length). BOS, a patch
+        of its own, is left out; byte 0 always begins a patch, byte k > 0 when its entropy exceeds
+        the threshold."""
+        ids = torch.tensor([[BOS_ID] + [b + OFFSET for b in data]], dtype=torch.long, device=self.device)
+        entropies = self.entropies(ids)  # (1, L); position t predicts id t+1 = byte t
+        starts = patch_starts(entropies, self.config.patching_threshold)[0, 1:len(data) + 1]  # byte k: position k+1
+        begins = [k for k, s in enumerate(starts.tolist()) if s]
+        ends = begins[1:] + [len(data)]
+        return entropies[0, :len(data)].tolist(), [(b, e - b) for b, e in zip(begins, ends)]
 
     def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:

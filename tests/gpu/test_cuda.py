@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PARITY_TEXT
+from factory import PARITY_TEXT
 
 from blt_runtime import encode, load_model
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
-from conftest import free_port, metric_value, sse_events
 from hypothesis import HealthCheck, settings
 from openai import OpenAI
 from schemathesis.checks import not_a_server_error
+from serverkit import free_port, metric_value, sse_events
 
 from blt_runtime import encode_tensor, generate, load_model
 
@@ -145,8 +145,8 @@ def test_metrics_exist_and_move(server):
     before = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     for name in SPEC_METRICS:
         assert re.search(rf"^{name}(_bucket|_count|_sum)?{{", before, re.M), name
-    httpx.post(f"{server.url}/v1/completions", json={"prompt": "metrics", "max_tokens": 20, "stream": True, "ignore_eos": True},
-               headers=AUTH, timeout=60)
+    body = {"prompt": "metrics", "max_tokens": 20, "stream": True, "ignore_eos": True}
+    httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60)
     after = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     for name in ("blt_generation_bytes_total", "blt_prompt_bytes_total", "blt_global_steps_total",
                  "blt_time_to_first_byte_seconds_count", "blt_e2e_request_latency_seconds_count",

@@ -7,8 +7,8 @@ import time
 
 import httpx
 import pytest
-from conftest import metric_value, sse_events
 from scripted import ScriptedEngine
+from serverkit import metric_value, sse_events
 
 KOREAN = "안녕하세요 😀 𝔘𝔫𝔦 naïve".encode()
 

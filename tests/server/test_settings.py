@@ -1,0 +1,30 @@
+"""Settings: a flag beats its BLT_* env var, which beats the default; bad values stop with a message."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.settings import SHIPPED_MODEL, load_settings
+
+
+def test_defaults_serve_the_shipped_model():
+    s = load_settings([], environ={})
+    assert s.model_dir == str(SHIPPED_MODEL) and s.model_name == "blt-shakespeare"
+    assert (s.host, s.port, s.max_body_bytes, s.keepalive_interval) == ("127.0.0.1", 8000, 1 << 20, 15.0)
+    assert s.api_key == () and s.allowed_origins == () and s.max_model_len is None
+
+
+def test_flags_beat_env_and_env_beats_defaults():
+    env = {"BLT_PORT": "9000", "BLT_API_KEY": "a,b", "BLT_MAX_QUEUE": "7", "BLT_METRICS_WITHOUT_KEY": "true",
+           "BLT_MAX_MODEL_LEN": "1024"}
+    s = load_settings(["--port", "9100", "--api-key", "c", "--api-key", "d,e", "/models/x"], environ=env)
+    assert s.port == 9100 and s.api_key == ("c", "d", "e") and s.max_queue == 7 and s.metrics_without_key
+    assert s.model_dir == "/models/x" and s.model_name == "x" and s.max_model_len == 1024
+
+
+@pytest.mark.parametrize("argv", [["--port", "eighty"], ["--max-batch-size", "0"], ["--log-level", "loud"],
+                                  ["--max-queue", "-1"]])
+def test_bad_values_exit_with_a_message(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        load_settings(argv, environ={})
+    assert e.value.code == 2 and "blt-serve: error:" in capsys.readouterr().err
