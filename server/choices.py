@@ -28,12 +28,16 @@ class ChoiceState:
                  patches: bool = False):
         self.index, self.prefix, self.want_logprobs, self.want_patches = index, prefix, logprobs, patches
         self.stream = ChoiceStream(stops)
+        self.prompt_piece: tuple[Piece, int] | None = None  # echoed prompt bytes with their logprobs
         self.pieces: list[tuple[Piece, int]] = []  # with the character offset of each piece's text
         self.chars = len(prefix)  # characters of text produced so far, echo included
         self.finish_reason: str | None = None
         self.stop_reason: str | None = None
         self.usage = None
         self.done = False
+
+    def set_prompt_logprobs(self, prompt: bytes, logprobs: list) -> None:
+        self.prompt_piece = (Piece(self.prefix, 0, [(b, lp, False) for b, lp in zip(prompt, logprobs)]), 0)
 
     def consume(self, out: StepOutput) -> Piece | None:
         """Feed one engine output; return the piece that may be sent now, if any."""
@@ -53,8 +57,8 @@ class ChoiceState:
     # ------------------------------------------------------------------ rendering
     def echo_delta(self) -> dict:
         """The first chunk of an echoing stream: the prompt's text."""
-        return {"index": self.index, "text": self.prefix, "logprobs": None, "finish_reason": None,
-                "stop_reason": None}
+        return {"index": self.index, "text": self.prefix, "finish_reason": None, "stop_reason": None,
+                "logprobs": _logprobs([self.prompt_piece]) if self.want_logprobs and self.prompt_piece else None}
 
     def delta(self, piece: Piece | None) -> dict:
         """A stream chunk's choice for `piece` (the last one carries the finish reason)."""
@@ -71,7 +75,8 @@ class ChoiceState:
 
     def whole(self) -> dict:
         choice = {"index": self.index, "text": self.prefix + "".join(p.text for p, _ in self.pieces),
-                  "logprobs": _logprobs(self.pieces) if self.want_logprobs else None,
+                  "logprobs": _logprobs(([self.prompt_piece] if self.prompt_piece else []) + self.pieces)
+                  if self.want_logprobs else None,
                   "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
         if self.want_patches:
             choice["patch_starts"] = _patch_starts(self.pieces)

@@ -95,6 +95,17 @@ class Completion:
     def unfinished(self) -> list[str]:
         return [rid for rid, c in self.choices.items() if not c.done]
 
+    async def add_prompt_logprobs(self) -> None:
+        """`echo` with `logprobs`: score the prompt bytes too (one full forward per prompt)."""
+        model = getattr(self.state.engine, "model", None)
+        if not (self.req.echo and self.req.logprobs is not None and model is not None):
+            return
+        n = self.req.logprobs
+        scored = [await self.state.worker.call(lambda p=p: model.prompt_logprobs(p, n)) for p in self.prompts]
+        for c in self.choices.values():
+            prompt = self.prompts[c.index // self.req.n]
+            c.set_prompt_logprobs(prompt, scored[c.index // self.req.n])
+
     async def submit(self) -> None:
         items = [(rid, self.prompts[c.index // self.req.n], sampling_params(self.req, c.index % self.req.n))
                  for rid, c in self.choices.items()]
@@ -221,6 +232,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
         state.metrics.of(state.metrics.rejected, reason="invalid").inc()
         raise
     completion = Completion(req, state, prompts)
+    await completion.add_prompt_logprobs()
     await completion.submit()
     if req.stream:
         return StreamingResponse(completion.events(request), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -116,6 +116,19 @@ class BltModel(nn.Module):
         ends = begins[1:] + [len(data)]
         return entropies[0, :len(data)].tolist(), [(b, e - b) for b, e in zip(begins, ends)]
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, data: bytes, top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each byte of `data`: its log-probability given the bytes before it (BOS first) and the
+        `top_n` most likely ids with theirs, from one full forward (what `echo` with `logprobs` shows)."""
+        if not data:
+            return []
+        ids = torch.tensor([[BOS_ID] + [b + OFFSET for b in data]], dtype=torch.long, device=self.device)
+        logp = torch.log_softmax(self.forward(ids).logits[0, :-1].float(), dim=-1)  # row t predicts byte t
+        chosen = logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
+        top = logp.topk(max(top_n, 1), dim=-1)
+        values, indices = top.values.tolist(), top.indices.tolist()
+        return [(chosen[t], list(zip(indices[t][:top_n], values[t][:top_n]))) for t in range(len(data))]
+
     def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError("ids must be a LongTensor of shape (batch, length)")

@@ -216,3 +216,22 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 def test_schemathesis_finds_no_server_error(case):
     response = case.call(headers=AUTH, timeout=60)
     case.validate_response(response, checks=[not_a_server_error])
+
+
+def test_echo_logprobs_score_the_prompt_like_the_engine_scores_its_bytes(server):
+    def complete(prompt, max_tokens):
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "echo": True, "logprobs": 3,
+                "ignore_eos": True}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]
+
+    first = complete("Echo me", 40)
+    assert first["tokens"][:7] == list("Echo me") and len(first["tokens"]) == 47
+    assert first["text_offset"][:3] == [0, 1, 2] and all(v is not None for v in first["token_logprobs"])
+    generated = [b for entry in first["bytes"][7:] for b in entry]
+    again = complete(list(b"Echo me") + generated, 0)  # the same bytes, all scored by one full forward
+    assert again["bytes"] == first["bytes"]
+    for engine_lp, forward_lp in zip(first["token_logprobs"][7:], again["token_logprobs"][7:]):
+        assert abs(engine_lp - forward_lp) < 1e-4
+    assert again["top_logprobs"][10].keys() == first["top_logprobs"][10].keys()

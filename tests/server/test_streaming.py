@@ -128,15 +128,19 @@ def test_disconnect_mid_stream_and_while_queued_aborts(serve, stream_mode):
     wait_for(lambda: metric_value(metrics(url), "blt_client_disconnects_total") == 1)
     wait_for(lambda: metric_value(metrics(url), "blt_num_requests_running") == 0 and not state.worker.open)
 
-    blocker = threading.Thread(target=disconnect_after, args=(url, {**running, "stream": True}, 2))
-    blocker.start()  # holds the only slot for a while, then goes away too
-    wait_for(lambda: engine.num_running == 1)
     queued = {"prompt": "queued", "max_tokens": 10, "stream": True}
-    with httpx.Client(timeout=30) as client, client.stream("POST", f"{url}/v1/completions", json=queued) as r:
-        assert r.status_code == 200
-        wait_for(lambda: engine.num_waiting == 1 or engine.num_running == 0)
-    blocker.join()
-    wait_for(lambda: metric_value(metrics(url), "blt_client_disconnects_total") >= 2)
+    with httpx.Client(timeout=30) as holder, holder.stream("POST", f"{url}/v1/completions",
+                                                           json={**running, "stream": True}) as held:
+        assert held.status_code == 200  # holds the only slot
+        wait_for(lambda: engine.num_running == 1)
+        with httpx.Client(timeout=30) as client, client.stream("POST", f"{url}/v1/completions", json=queued) as r:
+            assert r.status_code == 200
+            wait_for(lambda: engine.num_waiting == 1)
+        # the queued client is gone: its request leaves the queue while the other still runs
+        wait_for(lambda: metric_value(metrics(url), "blt_client_disconnects_total") == 2)
+        wait_for(lambda: engine.num_waiting == 0 and metric_value(metrics(url), "blt_num_requests_waiting") == 0)
+        assert engine.num_running == 1
+    wait_for(lambda: metric_value(metrics(url), "blt_client_disconnects_total") == 3)
     wait_for(lambda: not state.worker.open and engine.num_running == 0 and engine.num_waiting == 0)
     text = metrics(url)
     assert metric_value(text, "blt_num_requests_running") == 0 and metric_value(text, "blt_num_requests_waiting") == 0
