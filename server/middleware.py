@@ -10,11 +10,13 @@ from __future__ import annotations
 import hmac
 import json
 
+from .errors import error_body
+
 OPEN_PATHS = ("/health",)
 
 
-async def _send_error(send, status: int, message: str, kind: str, code: str, headers=()) -> None:
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+async def _send_error(send, status: int, message: str, code: str, headers=()) -> None:
+    body = json.dumps(error_body(status, message, None, code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -41,7 +43,7 @@ class ApiKeyMiddleware:
         if scope["type"] != "http" or self._allowed(scope):
             return await self.app(scope, receive, send)
         await _send_error(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                          "authentication_error", "invalid_api_key", [(b"www-authenticate", b"Bearer")])
+                          "invalid_api_key", [(b"www-authenticate", b"Bearer")])
 
 
 class BodyLimitMiddleware:
@@ -77,5 +79,4 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send) -> None:
-        await _send_error(send, 413, f"the request body exceeds {self.max_bytes} bytes", "invalid_request_error",
-                          "body_too_large")
+        await _send_error(send, 413, f"the request body exceeds {self.max_bytes} bytes", "body_too_large")
