@@ -6,7 +6,7 @@ prometheus_client is thread-safe: the engine worker thread updates most of these
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5, 10, 20, 40, 80)
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -19,6 +19,7 @@ class Metrics:
     def __init__(self, model: str):
         self.registry = r = CollectorRegistry(auto_describe=True)
         m = ["model"]
+        ProcessCollector(registry=r)  # process_resident_memory_bytes etc., for load tests and dashboards
         self.running = Gauge("blt_num_requests_running", "Sequences holding a cache slot.", m, registry=r)
         self.waiting = Gauge("blt_num_requests_waiting", "Sequences waiting for a cache slot.", m, registry=r)
         self.cache_usage = Gauge("blt_cache_usage_ratio", "Fraction of the cache slots in use.", m, registry=r)

@@ -21,3 +21,9 @@ def serve():
 
     with stack:
         yield start
+
+
+@pytest.fixture(scope="session")
+def tiny(hf_checkpoint):
+    """A tiny random model directory (native layout)."""
+    return hf_checkpoint("1b")[1]

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,11 +13,10 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from openai import OpenAI
 from schemathesis.checks import not_a_server_error
-from serverkit import free_port, metric_value, sse_events
+from serverkit import Process, metric_value, sse_events
 
 from blt_runtime import encode_tensor, generate, load_model
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 SPEC_METRICS = [  # every metric ../shared/spec/SERVER.md names
@@ -31,49 +26,6 @@ SPEC_METRICS = [  # every metric ../shared/spec/SERVER.md names
     "blt_inter_byte_latency_seconds", "blt_e2e_request_latency_seconds", "blt_request_queue_time_seconds",
     "blt_request_prompt_bytes", "blt_request_generation_bytes", "blt_patch_length_bytes", "blt_batch_size",
 ]
-
-
-class Process:
-    def __init__(self, model_dir, *flags, wait=True):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "BLT_LOG_INTERVAL": "1", "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", str(model_dir), "--port", str(self.port),
-                                      "--served-model-name", "tiny", *flags], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        if wait:
-            self.wait_ready()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_ready(self, timeout=120):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "".join(self.lines)
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("server did not become ready:\n" + "".join(self.lines))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-@pytest.fixture(scope="module")
-def tiny(hf_checkpoint):
-    return hf_checkpoint("1b")[1]
 
 
 @pytest.fixture(scope="module")
@@ -180,19 +132,6 @@ def test_sigterm_drains_running_streams(tiny):
     short, endless = results["short"], results["endless"]
     assert short[-1] == "[DONE]" and short[-2]["choices"][0]["finish_reason"] == "length"
     assert endless[-1] == "[DONE]" and endless[-2]["error"]["code"] == "shutting_down"
-
-
-def test_bad_weights_fail_at_start_with_one_line(tiny, tmp_path):
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text((Path(tiny) / "config.json").read_text())
-    data = (Path(tiny) / "model.safetensors").read_bytes()
-    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
-    proc = Process(bad, wait=False)
-    assert proc.proc.wait(120) == 2
-    time.sleep(0.2)
-    out = "".join(proc.lines).strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("blt-serve: cannot load the model") and "safetensors" in out[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,35 @@
+# blt-serve on a CUDA-capable PyTorch base. The shipped model is inside; mount another at /models and
+# set BLT_MODEL_DIR=/models/NAME to serve it. Every flag of `blt-serve --help` is also an env var:
+#   BLT_HOST (0.0.0.0 here)     BLT_PORT (8000)          BLT_DEVICE (auto: cuda if visible)
+#   BLT_DTYPE (auto: bf16 on GPU, fp32 on CPU)           BLT_MAX_BATCH_SIZE (16)
+#   BLT_MAX_QUEUE (256)         BLT_MAX_MODEL_LEN        BLT_API_KEY (comma-separated keys)
+#   BLT_METRICS_WITHOUT_KEY     BLT_ALLOWED_ORIGINS      BLT_MAX_BODY_BYTES (1048576)
+#   BLT_SHUTDOWN_TIMEOUT (30)   BLT_KEEPALIVE_INTERVAL   BLT_LOG_LEVEL (info)   BLT_SERVED_MODEL_NAME
+#   BLT_LOG_INTERVAL (5)        BLT_PREFILL_CHUNK (512)  BLT_MODEL_DIR (the shipped model)
+#
+#   docker build -t blt-serve .
+#   docker run --gpus all -p 8000:8000 blt-serve
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    BLT_HOST=0.0.0.0 BLT_PORT=8000 BLT_MODEL_DIR=/app/weights/blt-shakespeare
+
+RUN useradd --create-home --uid 1000 blt
+WORKDIR /app
+# Dependencies first (a layer that survives code changes); the base's torch satisfies torch>=2.5.
+COPY pyproject.toml README.md ./
+COPY blt_runtime/__init__.py blt_runtime/__init__.py
+COPY server/__init__.py server/__init__.py
+RUN pip install -e . && rm -rf blt_runtime server
+COPY blt_runtime blt_runtime
+COPY server server
+COPY weights weights
+RUN pip install --no-deps -e . && chown -R blt:blt /app
+
+USER blt
+EXPOSE 8000
+# SIGTERM drains (503 to new requests, running ones finish); give it time: docker stop -t 40
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('BLT_PORT', '8000'), timeout=2)" || exit 1
+CMD ["blt-serve"]
