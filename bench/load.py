@@ -1,7 +1,8 @@
 """Load test: N concurrent streaming clients against a running blt-serve for T seconds.
 
 Each client loops until the deadline: a prompt of random length (from a text file, or synthetic),
-a random max_tokens, streaming; a fraction disconnect at a random point. Every request ends as
+a random max_tokens, streaming; a fraction disconnect at a random point; after a 429 a client
+waits the Retry-After seconds, as a well-behaved client does. Every request ends as
 completed (a finish_reason and [DONE]), rejected (429), disconnected (on purpose), or failed
 (anything else: a 5xx, a stream without a finish, a transport error). Reports bytes/s, time to
 first byte and inter-byte latency percentiles, the server's RSS (from /metrics) at the start and
@@ -60,8 +61,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, drop_afte
     last, events, finished = None, 0, False
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-            if r.status_code == 429:
+            if r.status_code == 429:  # a well-behaved client waits as told before its next request
                 t.rejected += 1
+                await asyncio.sleep(float(r.headers.get("retry-after", "1")))
                 return
             if r.status_code != 200:
                 t.failed += 1

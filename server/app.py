@@ -11,11 +11,12 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from blt_runtime import SamplingParams
@@ -39,6 +40,7 @@ from .state import AppState
 from .worker import EngineWorker
 
 log = logging.getLogger("blt.server")
+PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
 
 
@@ -102,6 +104,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                   description="OpenAI-compatible completions from a Byte Latent Transformer; counts are bytes.")
     app.state.blt = state
     errors.install(app)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground():
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health(state: State):
