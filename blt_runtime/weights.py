@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import BltConfig
-from .errors import ConfigError, WeightsError
+from .device import resolve_device_dtype
+from .errors import WeightsError
 from .model.blt import BltModel, checkpoint_key
 
 SINGLE_FILE = "model.safetensors"
@@ -74,30 +75,6 @@ def check_checkpoint(cfg: BltConfig, directory: Path) -> dict[str, Path]:
     if problems:
         raise WeightsError(f"{directory}: weights do not match config.json: " + "; ".join(problems))
     return where
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device_dtype(device: str | torch.device = "auto",
-                         dtype: str | torch.dtype = "auto") -> tuple[torch.device, torch.dtype]:
-    """"auto" device: cuda when available, else cpu; "auto" dtype: bfloat16 on cuda, float32 on cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"device {device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r}: CUDA is not available here")
-    if isinstance(dtype, str):
-        if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" else "float32"
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    return device, dtype
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",

@@ -54,9 +54,12 @@ State = Annotated[AppState, Depends(get_state)]
 def build_engine(settings: Settings):
     """Load the model the settings name and wrap it in an Engine (a BltError names what is wrong)."""
     from blt_runtime import Engine, load_model
+    from blt_runtime.device import serving_threads
     from blt_runtime.errors import ConfigError
 
     model = load_model(settings.model_dir, settings.device, settings.dtype)
+    threads = serving_threads(model.device, settings.threads)
+    log.info("loaded %s on %s in %s (%d CPU threads)", settings.model_dir, model.device, model.dtype, threads)
     if settings.max_model_len is not None and not 2 <= settings.max_model_len <= model.config.max_seq_len:
         raise ConfigError(f"--max-model-len {settings.max_model_len}: must be in 2..{model.config.max_seq_len} "
                           "(the model's max_seq_len)")

@@ -27,6 +27,7 @@ class Settings:
     max_queue: int = 256
     max_model_len: int | None = None  # bytes, BOS included; default: the model's max_seq_len
     prefill_chunk: int = 512
+    threads: int | None = None  # CPU intra-op threads; default: all cores but one
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -53,6 +54,7 @@ HELP = {
     "max_queue": "requests that may wait for a slot; beyond it, 429",
     "max_model_len": "bytes of context per sequence (prompt + completion + BOS)",
     "prefill_chunk": "prompt bytes prefilled per engine step",
+    "threads": "CPU threads for the model (default: all cores but one, left to HTTP)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",

@@ -1,6 +1,7 @@
 """Loading native checkpoints: sharded files, and clean one-line failures for corrupt inputs."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -103,8 +104,8 @@ def test_missing_weights_file(checkpoint):
 
 
 def test_device_and_dtype_resolution():
+    from blt_runtime.device import resolve_device_dtype
     from blt_runtime.errors import ConfigError
-    from blt_runtime.weights import resolve_device_dtype
 
     if not torch.cuda.is_available():
         assert resolve_device_dtype("auto", "auto") == (torch.device("cpu"), torch.float32)
@@ -115,3 +116,16 @@ def test_device_and_dtype_resolution():
         resolve_device_dtype("cpu", "int8")
     with pytest.raises(ConfigError, match="device 'gpu0'"):
         resolve_device_dtype("gpu0", "auto")
+
+
+def test_serving_threads_leave_a_core_on_the_cpu():
+    from blt_runtime.device import serving_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert serving_threads(torch.device("cpu"), 3) == 3 == torch.get_num_threads()
+        assert serving_threads(torch.device("cpu")) == max(1, (os.cpu_count() or 2) - 1)
+        with pytest.raises(ConfigError):
+            serving_threads(torch.device("cpu"), 0)
+    finally:
+        torch.set_num_threads(before)
