@@ -22,15 +22,6 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing $spec"
   "$PY" -m pip install -q "$spec"
 fi
-# Headless Chromium for the playground's browser test (Debian packages), where it is missing and can be
-# installed; without it that test is skipped and says why.
-if ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing chromium and chromium-driver (Debian)"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
-      >/dev/null 2>&1 || echo "setup: could not install chromium; the browser test will be skipped"
-  fi
-fi
 stamp=".venv/.installed-$(cat pyproject.toml | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   "$PY" -m pip install -q -e ".[test]"

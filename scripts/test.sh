@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: sets up .venv (scripts/setup.sh), lints, runs pytest.
+# The whole test suite, from a fresh clone: sets up .venv (scripts/setup.sh) and Chromium for the
+# browser test, lints, runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Headless Chromium for the playground's browser test (Debian packages), where it is missing and can be
+# installed; without it that test is skipped and says why.
+if ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium and chromium-driver (Debian)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+      >/dev/null 2>&1 || echo "setup: could not install chromium; the browser test will be skipped"
+  fi
+fi
 .venv/bin/python -m ruff check .
 .venv/bin/python -m pytest "$@"
