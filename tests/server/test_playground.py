@@ -16,7 +16,7 @@ KEY = "browser-key"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="needs Debian's chromium and chromium-driver (scripts/setup.sh installs them "
+                                reason="needs Debian's chromium and chromium-driver (scripts/test.sh installs them "
                                        "where it runs as root with apt-get)")
 
 
