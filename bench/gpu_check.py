@@ -1,0 +1,182 @@
+"""The GPU check: a BLT with the released 1B shapes and random weights, built on the device, checked
+and timed in one run. Prints a table and, last, one JSON line.
+
+1. Builds the model in bf16 directly on the device (output heads scaled x10, spec section 8) and
+   sets the threshold so that English text averages about 4.5 bytes per patch.
+2. Checks: greedy output of the engine against itself run again (determinism), and top-1 agreement
+   when full recompute in bf16 scores the engine's own greedy output (>= 99% asked). Graph replay
+   against eager is reported once the engine captures graphs (not yet: "graphs": "absent").
+3. Times batch-1 bytes/s, time to first byte for a 1 KB prompt, aggregate bytes/s at 8, 32 and 64
+   streams, and peak memory.
+4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run.
+
+Needs torch (and transformers for step 4), never the web stack. `--small` runs tiny shapes, which
+is how the script itself is tested on a CPU:
+
+    python3 bench/gpu_check.py                      # on the GPU machine (bench/gpu_check.sh)
+    .venv/bin/python bench/gpu_check.py --small --device cpu --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
+from blt_runtime.model.blt import checkpoint_key  # noqa: E402
+from blt_runtime.model.entropy import entropy_nats  # noqa: E402
+
+ENGLISH = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt", ROOT / "README.md", ROOT / "weights" / "README.md"]
+SMALL = {"patcher_config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+         "encoder_config": dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4),
+         "global_config": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+         "decoder_config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+         "encoder_hash_byte_group_vocab": 1009}
+
+
+def english(n_bytes: int) -> bytes:
+    data = b"\n\n".join(p.read_bytes() for p in ENGLISH if p.is_file())
+    data = (data * (n_bytes // max(len(data), 1) + 1))[:n_bytes]
+    return data.decode("utf-8", "ignore").encode()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(small: bool, device: torch.device, dtype: torch.dtype) -> BltModel:
+    """Random weights with the released 1B shapes (or tiny ones), made on the device."""
+    cfg = BltConfig.from_dict({"model_type": "blt", **(SMALL if small else {})})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = BltModel(cfg).to(dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+        model.patcher.lm_head.weight.mul_(10.0)
+    return model
+
+
+def set_threshold(model: BltModel, bytes_per_patch: float = 4.5) -> float:
+    """The entropy quantile at which about 1 byte in `bytes_per_patch` starts a patch."""
+    ids = encode_tensor(english(4000), model.device)
+    with torch.inference_mode():
+        h = entropy_nats(model.patcher(ids))[0, 1:].float()
+    values = h.double().sort().values
+    k = int(len(values) * (1.0 - 1.0 / bytes_per_patch))
+    lo, hi = max(k - 40, 0), min(k + 40, len(values) - 1)
+    gaps = values[lo + 1:hi + 1] - values[lo:hi]
+    i = lo + int(gaps.argmax())  # the widest gap near the quantile: no byte sits on the threshold (spec section 8)
+    threshold = float((values[i] + values[i + 1]) / 2)
+    object.__setattr__(model.config, "patching_threshold", threshold)
+    return threshold
+
+
+def run_engine(model: BltModel, prompts: list[bytes], n_bytes: int, max_len: int) -> tuple[dict, list[bytes]]:
+    engine = Engine(model, max_batch_size=len(prompts), max_model_len=max_len)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_bytes=n_bytes, temperature=0.0, ignore_eos=True))
+    out = {str(i): bytearray() for i in range(len(prompts))}
+    patches = 0
+    sync(model.device)
+    start, first = time.perf_counter(), None
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id] += o.new_bytes
+            patches += o.usage.completion_patches if o.usage else 0
+            if first is None and o.new_bytes:
+                sync(model.device)
+                first = time.perf_counter() - start
+    sync(model.device)
+    elapsed = time.perf_counter() - start
+    made = sum(len(b) for b in out.values())
+    return {"bytes_per_s": made / elapsed, "ttfb_s": first, "seconds": elapsed, "bytes": made,
+            "completion_patches": patches}, [bytes(out[str(i)]) for i in range(len(prompts))]
+
+
+def top1_agreement(model: BltModel, prompt: bytes, generated: bytes) -> float:
+    """Share of the engine's greedy bytes that full recompute (same dtype) also ranks first."""
+    ids = encode_tensor(prompt + generated, model.device)
+    logits = model.logits(ids)[0]
+    n = len(generated)
+    predicted = logits[-n - 1:-1, 4:].argmax(dim=-1)  # bytes only: the engine ran with ignore_eos
+    actual = torch.tensor(list(generated), device=model.device)
+    return float((predicted == actual).float().mean())
+
+
+def time_transformers(model: BltModel, prompt: bytes, new_bytes: int) -> dict:
+    try:
+        from transformers import BltConfig as HFConfig
+        from transformers import BltForCausalLM
+    except ImportError as e:
+        return {"error": f"transformers unavailable: {e}"}
+    hf_cfg = HFConfig(**{k: v for k, v in model.config.to_dict().items() if k not in ("architectures", "model_type")})
+    with torch.device(model.device):
+        hf = BltForCausalLM(hf_cfg).to(model.dtype).eval()
+    hf.load_state_dict({checkpoint_key(k): v for k, v in model.state_dict().items()}, strict=True)
+    ids = encode_tensor(prompt, model.device)
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)  # warm-up
+        sync(model.device)
+        start = time.perf_counter()
+        out = hf.generate(ids, max_new_tokens=new_bytes, do_sample=False, use_cache=False)
+        sync(model.device)
+    elapsed = time.perf_counter() - start
+    made = out.shape[1] - ids.shape[1]
+    del hf
+    return {"bytes_per_s": made / elapsed, "bytes": made, "seconds": elapsed}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--small", action="store_true", help="tiny shapes (a CPU test of this script)")
+    p.add_argument("--bytes", type=int, default=256, help="greedy bytes for the checks and batch-1 timing")
+    p.add_argument("--streams", default="8,32,64")
+    p.add_argument("--hf-bytes", type=int, default=8, help="bytes transformers generates (it recomputes all)")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    model = build(args.small, device, dtype)
+    sync(device)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "dtype": args.dtype, "shapes": "small" if args.small else "blt-1b",
+              "parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.perf_counter() - t0, 1),
+              "graphs": "absent"}
+    result["threshold"] = set_threshold(model)
+    prompt = english(1024)
+    run_engine(model, [prompt[:64]], 8, 4096)  # warm-up
+    one, (greedy,) = run_engine(model, [prompt], args.bytes, 4096)
+    _, (again,) = run_engine(model, [prompt], args.bytes, 4096)
+    result["batch1_bytes_per_s"] = round(one["bytes_per_s"], 1)
+    result["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
+    result["bytes_per_patch"] = round(one["bytes"] / max(one["completion_patches"], 1), 2)
+    result["deterministic"] = greedy == again
+    result["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
+    for n in (int(s) for s in args.streams.split(",")):
+        prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
+        stats, _ = run_engine(model, prompts, args.bytes, 1024)
+        result[f"aggregate_bytes_per_s_{n}"] = round(stats["bytes_per_s"], 1)
+    if device.type == "cuda":
+        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    hf = time_transformers(model, prompt[:256], args.hf_bytes)
+    result["transformers"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in hf.items()}
+    if "bytes_per_s" in hf:
+        result["speedup_vs_transformers_batch1"] = round(one["bytes_per_s"] / hf["bytes_per_s"], 1)
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    for key, value in result.items():
+        print(f"{key:>34}: {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
