@@ -8,6 +8,8 @@ checkpoint's keys below its prefix. Nothing here knows about bytes or patches.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,11 +30,14 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+
+
 def rope_rotation(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """cos + i sin of the rotation angles (computed in fp32), shape positions.shape + (head_dim // 2,)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                             device=positions.device) / head_dim))
-    angles = positions.float()[..., None] * inv_freq
+    angles = positions.float()[..., None] * _inv_freq(head_dim, theta, positions.device)
     return torch.polar(torch.ones_like(angles), angles)
 
 
