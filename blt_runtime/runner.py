@@ -56,15 +56,19 @@ class Positions:
     lengths: torch.Tensor  # (B,) positions cached before the new ones
     span: int  # cache entries to read
     rotation: torch.Tensor  # (B, 1, T, D/2) complex
-    mask: torch.Tensor  # (B, 1, T, keys)
+    mask: torch.Tensor | None  # (B, 1, T, keys); None when every row sees every entry read
     write_rows: torch.Tensor  # (B, kept) slot of each new entry
     write_index: torch.Tensor  # (B, kept) cache index of each new entry
     kept: int  # new entries stored (the last `window` of them at most)
     write_first: bool  # one new position: store it, then read the cache (no concatenation)
+    min_length: int | None  # the shortest row's cached positions, when the host knows it
 
 
 def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: torch.Tensor, T: int,
-                  max_length: int, read_slots: slice | None = None) -> Positions:
+                  max_length: int, read_slots: slice | None = None, min_length: int | None = None) -> Positions:
+    """`max_length` (and `min_length`, if given) bound `lengths` on the host. With one new position
+    and min_length + 1 >= the entries read, every entry read is valid and inside every row's window
+    (a full ring, or rows of equal length), so no mask is built."""
     new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]  # (B, T)
     rotation = rope_rotation(new, stack.cfg.head_dim, stack.cfg.rope_theta)
     # With one new position a ring buffer can take it first: it overwrites exactly the entry that
@@ -77,13 +81,18 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
         span = cache.span(max_length)
         keys = torch.cat([cache.entry_positions(lengths, span), new], dim=1)
     keys, q = keys[:, None, :], new[:, :, None]
-    mask = (keys >= 0) & (keys <= q)
-    if stack.cfg.window is not None:
-        mask &= keys > q - stack.cfg.window
+    if write_first and min_length is not None and min_length + 1 >= span:
+        mask = None
+    else:
+        mask = (keys >= 0) & (keys <= q)
+        if stack.cfg.window is not None:
+            mask &= keys > q - stack.cfg.window
+        mask = mask[:, None]
     kept = T if cache.window is None else min(T, cache.window)
     index = cache.index_of(new[:, T - kept:])
     rows = slots[:, None].expand_as(index)
-    return Positions(slots, read_slots, lengths, span, rotation[:, None], mask[:, None], rows, index, kept, write_first)
+    return Positions(slots, read_slots, lengths, span, rotation[:, None], mask, rows, index, kept, write_first,
+                     min_length)
 
 
 def consecutive(slots: list[int]) -> slice | None:
@@ -179,36 +188,39 @@ class Runner:
 
     # ------------------------------------------------------------------ per-stack pieces
     def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length,
-                   read_slots=None) -> tuple[torch.Tensor, Positions]:
+                   read_slots=None, min_length=None) -> tuple[torch.Tensor, Positions]:
         cache.reserve(max_length + h.shape[1])
-        p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots)
+        p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots, min_length)
         for i, block in enumerate(stack.layers):
             h = block_step(block, h, cache, i, p)
         return h, p
 
-    def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None) -> torch.Tensor:
+    def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None,
+                  min_length=None) -> torch.Tensor:
         """(B, T) ids at positions lengths.. -> (B, T) fp32 entropies; extends the entropy cache."""
         patcher = self.model.patcher
         h, _ = self._run_stack(patcher, self.entropy_kv, patcher.embed_tokens(ids), slots, lengths, max_length,
-                               read_slots)
+                               read_slots, min_length)
         return entropy_nats(patcher.head(h))
 
     def encode(self, ids: torch.Tensor, slots, lengths, max_length: int,
-               read_slots=None) -> tuple[torch.Tensor, Positions]:
+               read_slots=None, min_length=None) -> tuple[torch.Tensor, Positions]:
         """(B, T) ids -> (B, T, d_enc) byte states and their positions; extends the encoder cache and the
         hash history."""
         m = self.model
         context = torch.cat([self.history[slots], ids], dim=1)
         e = m.embed_new_bytes(context, ids.shape[1], self.hash_powers)
         self.history[slots] = context[:, -self.history.shape[1]:]
-        return self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length, read_slots)
+        return self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length, read_slots,
+                               min_length)
 
-    def global_step(self, patches: torch.Tensor, slots, num_patches, max_patches: int):
+    def global_step(self, patches: torch.Tensor, slots, num_patches, max_patches: int, min_patches=None):
         """(B, T, k*d_enc) completed patches after `num_patches` earlier ones -> decoder slot keys and
         values per cross-attention layer, each (B, H, T*k, D); extends the global cache."""
         m = self.model
         x = m.global_transformer.project_input(patches)
-        g, _ = self._run_stack(m.global_transformer, self.global_kv, x, slots, num_patches, max_patches)
+        g, _ = self._run_stack(m.global_transformer, self.global_kv, x, slots, num_patches, max_patches,
+                               min_length=min_patches)
         dec_slots = m.local_decoder.slots(g)
         return [ca.keys_values(dec_slots) for ca in m.local_decoder.cross_attn_layers]
 
@@ -219,7 +231,7 @@ class Runner:
         p = encoder_positions  # same rows and positions; rebuilt below if the geometry differs
         if not self.decoder_shares_positions:
             p = positions_for(dec, self.decoder_kv, p.slots, p.lengths, byte_states.shape[1], max_length,
-                              p.read_slots)
+                              p.read_slots, p.min_length)
         h = byte_states
         for i, block in enumerate(dec.layers):
             if i < len(dec.cross_attn_layers):
@@ -286,7 +298,7 @@ class Runner:
         """One position for each of B sequences: byte ids[b] at position lengths[b]; closes[b] says
         whether it completes its patch (known from the entropy model's look-ahead). -> (B, V) logits."""
         s, n, rs = self._tensor(slots), self._tensor(lengths), consecutive(slots)
-        byte_states, positions = self.encode(self._tensor(ids)[:, None], s, n, max(lengths), rs)
+        byte_states, positions = self.encode(self._tensor(ids)[:, None], s, n, max(lengths), rs, min(lengths))
         self.open_patch.reserve(max(open_lens) + 1)
         self.open_patch.write(s, self._tensor(open_lens), byte_states)
         rows = [i for i, c in enumerate(closes) if c]
@@ -297,7 +309,8 @@ class Runner:
             padding = torch.arange(states.shape[1], device=s.device)[None, :] >= counts[:, None]
             vecs = self.model.local_encoder.patch_slots(states, padding.long(), 2)[:, :1]  # padding = patch 1
             before = [num_patches[i] for i in rows]
-            self.store_latest(closing, self.global_step(vecs, closing, self._tensor(before), max(before)))
+            self.store_latest(closing, self.global_step(vecs, closing, self._tensor(before), max(before),
+                                                        min(before)))
         tables = self.latest_tables(rs if rs is not None else s)
         h = self.decode_bytes(byte_states, positions, tables, None, max(lengths))
         return self.logits(h[:, 0])
@@ -306,7 +319,8 @@ class Runner:
         """Feed freshly sampled bytes (B,) at `positions` to the entropy model -> (B,) bool: does each
         close its patch (does the byte after it start a new one)."""
         pos = self._tensor(positions)
-        entropy = self.entropies(ids[:, None], self._tensor(slots), pos, max(positions), consecutive(slots))
+        entropy = self.entropies(ids[:, None], self._tensor(slots), pos, max(positions), consecutive(slots),
+                                 min(positions))
         return self.boundary_flags(entropy[:, 0], pos)
 
     def sample_and_look_ahead(self, logits: torch.Tensor, slots: list[int], positions: list[int],
