@@ -135,3 +135,36 @@ def test_bad_weights_stop_the_start_with_one_line(tiny, tmp_path, fault):
     out = "".join(proc.lines).strip().splitlines()
     assert len(out) == 1 and out[0].startswith("blt-serve: cannot load the model"), out
     assert expected in out[0], out[0]
+
+
+def test_overload_on_the_real_server_gets_429_and_loses_nothing(tiny):
+    """--max-batch-size 2 --max-queue 2: of 10 requests sent together, 4 are taken, 6 refused at once."""
+    proc = Process(tiny, "--max-model-len", "4096", "--max-batch-size", "2", "--max-queue", "2")
+    try:
+        results, lock = [], threading.Lock()
+
+        def client(i):
+            r = httpx.post(f"{proc.url}/v1/completions", timeout=120, json={
+                "prompt": f"overload {i}", "max_tokens": 600, "ignore_eos": True, "stream": i % 2 == 0})
+            with lock:
+                results.append(r)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert sorted(r.status_code for r in results) == [200] * 4 + [429] * 6
+        for r in results:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] and r.json()["error"]["code"] == "queue_full"
+            elif r.headers["content-type"].startswith("text/event-stream"):
+                events = sse_events(r)
+                assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+            else:
+                assert r.json()["choices"][0]["finish_reason"] == "length"
+        text = metrics(proc)
+        assert metric_value(text, "blt_requests_rejected_total", reason="queue_full") == 6
+        assert metric_value(text, "blt_num_requests_running") == 0
+    finally:
+        proc.stop()
