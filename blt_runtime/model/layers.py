@@ -32,7 +32,8 @@ class RMSNorm(nn.Module):
 
 @functools.lru_cache(maxsize=64)
 def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    with torch.inference_mode(False):  # a plain tensor, usable by training as well as by the engine
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
 
 def rope_rotation(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
