@@ -214,13 +214,14 @@ class Runner:
         return self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length, read_slots,
                                min_length)
 
-    def global_step(self, patches: torch.Tensor, slots, num_patches, max_patches: int, min_patches=None):
+    def global_step(self, patches: torch.Tensor, slots, num_patches, max_patches: int, min_patches=None,
+                    read_slots=None):
         """(B, T, k*d_enc) completed patches after `num_patches` earlier ones -> decoder slot keys and
         values per cross-attention layer, each (B, H, T*k, D); extends the global cache."""
         m = self.model
         x = m.global_transformer.project_input(patches)
         g, _ = self._run_stack(m.global_transformer, self.global_kv, x, slots, num_patches, max_patches,
-                               min_length=min_patches)
+                               read_slots, min_patches)
         dec_slots = m.local_decoder.slots(g)
         return [ca.keys_values(dec_slots) for ca in m.local_decoder.cross_attn_layers]
 
@@ -268,10 +269,11 @@ class Runner:
         """Positions start .. start+len(ids)-1 of one sequence, in parallel. Syncs once for the
         patch boundaries inside the chunk."""
         T, slots, lengths, x = len(ids), self._tensor([slot]), self._tensor([start]), self._tensor([ids])
-        entropy = self.entropies(x, slots, lengths, start)
+        rs = slice(slot, slot + 1)  # one row: caches are read in place
+        entropy = self.entropies(x, slots, lengths, start, rs)
         closes = self.boundary_flags(entropy[0], torch.arange(start, start + T, device=x.device))
         flags = closes.tolist()
-        byte_states, positions = self.encode(x, slots, lengths, start)
+        byte_states, positions = self.encode(x, slots, lengths, start, rs)
         ends = [i for i, f in enumerate(flags) if f]
         tables, slot_patch = self.latest_tables(slots), torch.zeros(1, T, dtype=torch.long, device=x.device)
         self.open_patch.reserve(open_len + T)
@@ -280,7 +282,7 @@ class Runner:
             states = torch.cat([self.open_patch.data[slot, :open_len], byte_states[0]])
             pids = torch.cat([closes.new_zeros(open_len, dtype=torch.long), closed_before - closes.long()])
             vecs = self.model.local_encoder.patch_slots(states[None], pids[None], len(ends) + 1)[:, :len(ends)]
-            new = self.global_step(vecs, slots, self._tensor([num_patches]), num_patches)
+            new = self.global_step(vecs, slots, self._tensor([num_patches]), num_patches, read_slots=rs)
             tables = [(torch.cat([lk, k], 2), torch.cat([lv, v], 2)) for (lk, lv), (k, v) in zip(tables, new)]
             slot_patch = closed_before[None]  # byte i reads the newest patch closed at or before i
             self.store_latest(slots, new)
@@ -309,8 +311,9 @@ class Runner:
             padding = torch.arange(states.shape[1], device=s.device)[None, :] >= counts[:, None]
             vecs = self.model.local_encoder.patch_slots(states, padding.long(), 2)[:, :1]  # padding = patch 1
             before = [num_patches[i] for i in rows]
-            self.store_latest(closing, self.global_step(vecs, closing, self._tensor(before), max(before),
-                                                        min(before)))
+            new = self.global_step(vecs, closing, self._tensor(before), max(before), min(before),
+                                   consecutive([slots[i] for i in rows]))  # in-place cache reads when it can
+            self.store_latest(closing, new)
         tables = self.latest_tables(rs if rs is not None else s)
         h = self.decode_bytes(byte_states, positions, tables, None, max(lengths))
         return self.logits(h[:, 0])
