@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from blt_runtime import PromptTooLong, QueueFull, SamplingParams
 
 from .choices import ChoiceState
-from .errors import ApiError, error_body, prompt_too_long, queue_full
+from .errors import ApiError, error_body, prompt_too_long, queue_full, utf8
 from .schemas import CompletionRequest
 from .state import AppState
 from .worker import Failure
@@ -35,17 +35,7 @@ def prompt_bytes(prompt) -> list[bytes]:
         prompt = [prompt]
     if isinstance(prompt, list) and not prompt:
         prompt = [""]
-    out = []
-    for p in prompt:
-        if isinstance(p, str):
-            try:
-                out.append(p.encode("utf-8"))
-            except UnicodeEncodeError as e:
-                raise ApiError(400, f"prompt is not valid Unicode (lone surrogate at character {e.start})",
-                               "prompt", "invalid_value") from None
-        else:
-            out.append(bytes(p))
-    return out
+    return [utf8(p, "prompt") if isinstance(p, str) else bytes(p) for p in prompt]
 
 
 def sampling_params(req: CompletionRequest, index: int) -> SamplingParams:
@@ -76,12 +66,12 @@ def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int) -> N
 class Completion:
     """One HTTP request's sequences: choice `prompt_index * n + i` is sequence f"{id}-{index}"."""
 
-    def __init__(self, req: CompletionRequest, state: AppState, prompts: list[bytes]):
+    def __init__(self, req: CompletionRequest, state: AppState, prompts: list[bytes], params: SamplingParams):
         self.req, self.state, self.prompts = req, state, prompts
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
-        stops = tuple(SamplingParams(stop=req.stop or ()).stop)
+        stops = params.stop
         self.choices: dict[str, ChoiceState] = {}
         for p, prompt in enumerate(prompts):
             prefix = prompt.decode("utf-8", "replace") if req.echo else ""
@@ -224,14 +214,13 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     if extra:
         log.warning("ignored unknown fields in a completion request: %s", ", ".join(extra))
     prompts = prompt_bytes(req.prompt)
-    max_bytes = 256 if req.max_tokens is None else req.max_tokens
-    sampling_params(req, 0)  # a 400 before anything is queued
+    params = sampling_params(req, 0)  # a 400 before anything is queued
     try:
-        check_context(prompts, max_bytes, state.max_model_len)
+        check_context(prompts, params.max_bytes, state.max_model_len)
     except ApiError:
         state.metrics.of(state.metrics.rejected, reason="invalid").inc()
         raise
-    completion = Completion(req, state, prompts)
+    completion = Completion(req, state, prompts, params)
     await completion.add_prompt_logprobs()
     await completion.submit()
     if req.stream:

@@ -50,6 +50,15 @@ def prompt_too_long(e: PromptTooLong, param: str = "max_tokens") -> ApiError:
     return ApiError(400, str(e), param=param, code="context_length_exceeded")
 
 
+def utf8(text: str, param: str) -> bytes:
+    """A request's text as UTF-8; a lone surrogate (valid JSON, not encodable) is a 400 naming `param`."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param} is not valid Unicode (lone surrogate at character {e.start})", param,
+                       "invalid_value") from None
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + "...(truncated)"

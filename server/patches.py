@@ -8,7 +8,7 @@ does; BOS is a patch of its own and is not reported).
 
 from __future__ import annotations
 
-from .errors import ApiError
+from .errors import ApiError, utf8
 from .schemas import PatchesRequest
 from .state import AppState
 
@@ -16,14 +16,7 @@ from .state import AppState
 async def patches(req: PatchesRequest, state: AppState) -> dict:
     state.check_model(req.model)
     state.check_admitting()
-    if req.text is not None:
-        try:
-            data = req.text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ApiError(400, f"text is not valid Unicode (lone surrogate at character {e.start})", "text",
-                           "invalid_value") from None
-    else:
-        data = bytes(req.bytes)
+    data = utf8(req.text, "text") if req.text is not None else bytes(req.bytes)
     if len(data) + 1 > state.max_model_len:
         raise ApiError(400, f"{len(data)} bytes exceed this model's context of {state.max_model_len} bytes "
                             "(BOS included)", "text" if req.text is not None else "bytes", "context_length_exceeded")

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import BltConfig
 from ..patcher import PatchLayout, layout_from_starts, patch_starts
-from ..tokenizer import BOS_ID, OFFSET
+from ..tokenizer import encode_tensor
 from .entropy import EntropyModel, entropy_nats
 from .global_model import GlobalModel
 from .hashing import hash_table_indices
@@ -109,7 +109,7 @@ class BltModel(nn.Module):
         from the bytes before it (BOS first), and the patches as (start byte, length). BOS, a patch
         of its own, is left out; byte 0 always begins a patch, byte k > 0 when its entropy exceeds
         the threshold."""
-        ids = torch.tensor([[BOS_ID] + [b + OFFSET for b in data]], dtype=torch.long, device=self.device)
+        ids = encode_tensor(data, self.device)
         entropies = self.entropies(ids)  # (1, L); position t predicts id t+1 = byte t
         starts = patch_starts(entropies, self.config.patching_threshold)[0, 1:len(data) + 1]  # byte k: position k+1
         begins = [k for k, s in enumerate(starts.tolist()) if s]
@@ -122,7 +122,7 @@ class BltModel(nn.Module):
         `top_n` most likely ids with theirs, from one full forward (what `echo` with `logprobs` shows)."""
         if not data:
             return []
-        ids = torch.tensor([[BOS_ID] + [b + OFFSET for b in data]], dtype=torch.long, device=self.device)
+        ids = encode_tensor(data, self.device)
         logp = torch.log_softmax(self.forward(ids).logits[0, :-1].float(), dim=-1)  # row t predicts byte t
         chosen = logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
         top = logp.topk(max(top_n, 1), dim=-1)

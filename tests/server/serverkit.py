@@ -44,6 +44,22 @@ def running(app):
         thread.join(timeout=30)
 
 
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
+    """Poll `predicate` until it returns something true (returned), or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.03)
+
+
+def metrics_text(url: str, key: str | None = None) -> str:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.get(f"{url}/metrics", headers=headers).text
+
+
 def sse_events(response: httpx.Response) -> list:
     """The data of each SSE event of a streamed response: dicts, "[DONE]", or comments as ": ..."."""
     events = []

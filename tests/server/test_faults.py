@@ -12,16 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverkit import Process, metric_value, sse_events
+from serverkit import Process, metric_value, metrics_text, sse_events, wait_until
 
 from blt_runtime import load_model, save_model
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +25,7 @@ def server(tiny):
 
 
 def metrics(proc) -> str:
-    return httpx.get(f"{proc.url}/metrics").text
+    return metrics_text(proc.url)
 
 
 def test_disconnect_storm_leaves_nothing_behind(server):
@@ -51,8 +44,8 @@ def test_disconnect_storm_leaves_nothing_behind(server):
         t.start()
     for t in threads:
         t.join(60)
-    wait_for(lambda: metric_value(metrics(server), "blt_client_disconnects_total") - before == 24)
-    wait_for(lambda: metric_value(metrics(server), "blt_num_requests_running") == 0
+    wait_until(lambda: metric_value(metrics(server), "blt_client_disconnects_total") - before == 24)
+    wait_until(lambda: metric_value(metrics(server), "blt_num_requests_running") == 0
              and metric_value(metrics(server), "blt_num_requests_waiting") == 0)
     r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "after", "max_tokens": 10}, timeout=30)
     assert r.status_code == 200 and httpx.get(f"{server.url}/health").status_code == 200
@@ -66,7 +59,7 @@ def test_a_reader_that_never_reads_does_not_stall_the_others(server):
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     try:
-        wait_for(lambda: metric_value(metrics(server), "blt_num_requests_running") >= 1)
+        wait_until(lambda: metric_value(metrics(server), "blt_num_requests_running") >= 1)
         start = time.monotonic()
         for _ in range(3):
             r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "fast", "max_tokens": 200,
@@ -76,7 +69,7 @@ def test_a_reader_that_never_reads_does_not_stall_the_others(server):
         assert metric_value(metrics(server), "blt_num_requests_running") >= 1  # the slow one still runs
     finally:
         sock.close()
-    wait_for(lambda: metric_value(metrics(server), "blt_num_requests_running") == 0, timeout=60)
+    wait_until(lambda: metric_value(metrics(server), "blt_num_requests_running") == 0, timeout=60)
 
 
 def test_sigterm_under_load_loses_nothing(tiny):
@@ -97,7 +90,7 @@ def test_sigterm_under_load_loses_nothing(tiny):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(14)]
     for t in threads:
         t.start()
-    wait_for(lambda: metric_value(metrics(proc), "blt_num_requests_waiting") >= 1)
+    wait_until(lambda: metric_value(metrics(proc), "blt_num_requests_waiting") >= 1)
     proc.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(60)

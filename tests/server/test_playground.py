@@ -5,11 +5,9 @@ A screenshot is saved to tests/artifacts/playground.png (a CI artefact)."""
 from __future__ import annotations
 
 import shutil
-import time
 
-import httpx
 import pytest
-from serverkit import ROOT, Process, metric_value
+from serverkit import ROOT, Process, metric_value, metrics_text, wait_until
 
 SHIPPED = ROOT / "weights" / "blt-shakespeare"
 KEY = "browser-key"
@@ -41,18 +39,8 @@ def browser():
     driver.quit()
 
 
-def wait_until(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def metrics(server) -> str:
-    return httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return metrics_text(server.url, KEY)
 
 
 def test_generate_see_patches_and_stop(server, browser):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 from scripted import ScriptedEngine
-from serverkit import metric_value, sse_events
+from serverkit import metric_value, metrics_text, sse_events, wait_until
 
 KOREAN = "안녕하세요 😀 𝔘𝔫𝔦 naïve".encode()
 
@@ -92,15 +91,8 @@ def test_n_choices_and_prompt_lists(serve):
     assert finished == [0, 1, 2]
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
-
-
 def metrics(url: str) -> str:
-    return httpx.get(f"{url}/metrics").text
+    return metrics_text(url)
 
 
 def disconnect_after(url: str, body: dict, n_events: int) -> None:
@@ -125,23 +117,23 @@ def test_disconnect_mid_stream_and_while_queued_aborts(serve, stream_mode):
     else:  # a non-streaming client that gives up after a short wait
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/completions", json=running, timeout=0.5)
-    wait_for(lambda: metric_value(metrics(url), "blt_client_disconnects_total") == 1)
-    wait_for(lambda: metric_value(metrics(url), "blt_num_requests_running") == 0 and not state.worker.open)
+    wait_until(lambda: metric_value(metrics(url), "blt_client_disconnects_total") == 1)
+    wait_until(lambda: metric_value(metrics(url), "blt_num_requests_running") == 0 and not state.worker.open)
 
     queued = {"prompt": "queued", "max_tokens": 10, "stream": True}
     with httpx.Client(timeout=30) as holder, holder.stream("POST", f"{url}/v1/completions",
                                                            json={**running, "stream": True}) as held:
         assert held.status_code == 200  # holds the only slot
-        wait_for(lambda: engine.num_running == 1)
+        wait_until(lambda: engine.num_running == 1)
         with httpx.Client(timeout=30) as client, client.stream("POST", f"{url}/v1/completions", json=queued) as r:
             assert r.status_code == 200
-            wait_for(lambda: engine.num_waiting == 1)
+            wait_until(lambda: engine.num_waiting == 1)
         # the queued client is gone: its request leaves the queue while the other still runs
-        wait_for(lambda: metric_value(metrics(url), "blt_client_disconnects_total") == 2)
-        wait_for(lambda: engine.num_waiting == 0 and metric_value(metrics(url), "blt_num_requests_waiting") == 0)
+        wait_until(lambda: metric_value(metrics(url), "blt_client_disconnects_total") == 2)
+        wait_until(lambda: engine.num_waiting == 0 and metric_value(metrics(url), "blt_num_requests_waiting") == 0)
         assert engine.num_running == 1
-    wait_for(lambda: metric_value(metrics(url), "blt_client_disconnects_total") == 3)
-    wait_for(lambda: not state.worker.open and engine.num_running == 0 and engine.num_waiting == 0)
+    wait_until(lambda: metric_value(metrics(url), "blt_client_disconnects_total") == 3)
+    wait_until(lambda: not state.worker.open and engine.num_running == 0 and engine.num_waiting == 0)
     text = metrics(url)
     assert metric_value(text, "blt_num_requests_running") == 0 and metric_value(text, "blt_num_requests_waiting") == 0
 
@@ -174,7 +166,7 @@ def test_overload_gets_429_and_nothing_is_lost(serve):
     engine.paused.set()  # nothing finishes until every request has arrived
     for t in threads:
         t.start()
-    wait_for(lambda: sum(r.status_code == 429 for r in results) >= 8)
+    wait_until(lambda: sum(r.status_code == 429 for r in results) >= 8)
     engine.paused.clear()
     for t in threads:
         t.join()
@@ -270,4 +262,4 @@ def test_requests_that_end_at_once_leave_nothing_open(serve):
             r = client.post(f"{url}/v1/completions", json={"prompt": "z", "max_tokens": 0, "stream": stream_mode})
             assert r.status_code == 200
     assert r.json()["choices"][0]["text"] == "" and r.json()["choices"][0]["finish_reason"] == "length"
-    wait_for(lambda: not state.worker.open)
+    wait_until(lambda: not state.worker.open)
