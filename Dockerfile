@@ -6,7 +6,7 @@
 #   BLT_METRICS_WITHOUT_KEY     BLT_ALLOWED_ORIGINS      BLT_MAX_BODY_BYTES (1048576)
 #   BLT_SHUTDOWN_TIMEOUT (30)   BLT_KEEPALIVE_INTERVAL   BLT_LOG_LEVEL (info)   BLT_SERVED_MODEL_NAME
 #   BLT_LOG_INTERVAL (5)        BLT_PREFILL_CHUNK (512)  BLT_MODEL_DIR (the shipped model)
-#   BLT_THREADS (CPU threads; default all cores but one)
+#   BLT_THREADS (CPU threads; default all cores but one)   BLT_ENFORCE_EAGER (no CUDA graphs)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve

@@ -3,11 +3,13 @@ and timed in one run. Prints a table and, last, one JSON line.
 
 1. Builds the model in bf16 directly on the device (output heads scaled x10, spec section 8) and
    sets the threshold so that English text averages about 4.5 bytes per patch.
-2. Checks: greedy output of the engine against itself run again (determinism), and top-1 agreement
-   when full recompute in bf16 scores the engine's own greedy output (>= 99% asked). Graph replay
-   against eager is reported once the engine captures graphs (not yet: "graphs": "absent").
-3. Times batch-1 bytes/s, time to first byte for a 1 KB prompt, aggregate bytes/s at 8, 32 and 64
-   streams, and peak memory.
+2. Checks: CUDA graph replay against the same static steps run eagerly on 256 greedy bytes
+   ("graphs_equal_eager"; on a CPU, static steps against the dynamic step), greedy output against
+   itself run again (determinism, batch 1 and every stream count), and top-1 agreement when full
+   recompute in bf16 scores the engine's own greedy output (>= 99% asked).
+3. Times batch-1 bytes/s (graphs and eager), time to first byte for a 1 KB prompt, aggregate bytes/s
+   at 8, 32 and 64 streams, and peak memory. Each timed run follows an identical untimed one, so
+   graph captures (one per new step shape) are not in the figures.
 4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run.
 
 Needs torch (and transformers for step 4), never the web stack. `--small` runs tiny shapes, which
@@ -23,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -80,26 +83,36 @@ def set_threshold(model: BltModel, bytes_per_patch: float = 4.5) -> float:
     return threshold
 
 
-def run_engine(model: BltModel, prompts: list[bytes], n_bytes: int, max_len: int) -> tuple[dict, list[bytes]]:
-    engine = Engine(model, max_batch_size=len(prompts), max_model_len=max_len)
-    for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, SamplingParams(max_bytes=n_bytes, temperature=0.0, ignore_eos=True))
-    out = {str(i): bytearray() for i in range(len(prompts))}
+def make_engine(model: BltModel, graphs: bool, static: bool = True) -> Engine:
+    return Engine(model, max_batch_size=64, max_model_len=4096, static=static, cuda_graphs=graphs)
+
+
+def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple[dict, list[bytes]]:
+    """Greedy generation for all prompts at once (an engine is reused: its graphs stay captured)."""
+    run = RUNS.pop()
+    ids = [f"{run}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, SamplingParams(max_bytes=n_bytes, temperature=0.0, ignore_eos=True))
+    out = {rid: bytearray() for rid in ids}
     patches = 0
-    sync(model.device)
+    device = engine.model.device
+    sync(device)
     start, first = time.perf_counter(), None
     while engine.has_work():
         for o in engine.step():
             out[o.request_id] += o.new_bytes
             patches += o.usage.completion_patches if o.usage else 0
             if first is None and o.new_bytes:
-                sync(model.device)
+                sync(device)
                 first = time.perf_counter() - start
-    sync(model.device)
+    sync(device)
     elapsed = time.perf_counter() - start
     made = sum(len(b) for b in out.values())
     return {"bytes_per_s": made / elapsed, "ttfb_s": first, "seconds": elapsed, "bytes": made,
-            "completion_patches": patches}, [bytes(out[str(i)]) for i in range(len(prompts))]
+            "completion_patches": patches}, [bytes(out[rid]) for rid in ids]
+
+
+RUNS = list(range(10_000, 0, -1))  # unique request ids across runs
 
 
 def top1_agreement(model: BltModel, prompt: bytes, generated: bytes) -> float:
@@ -135,6 +148,35 @@ def time_transformers(model: BltModel, prompt: bytes, new_bytes: int) -> dict:
     return {"bytes_per_s": made / elapsed, "bytes": made, "seconds": elapsed}
 
 
+def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, str], prompt: bytes, args,
+            result: dict) -> None:
+    """Checks and timings of `primary`, with `other` as the comparison for exactness and batch 1."""
+    result["graphs"] = "captured per step shape" if primary.uses_cuda_graphs else "off"
+    for engine in (primary, other):
+        run_engine(engine, [prompt[:64]], 8)  # warm-up
+    first_run, (greedy,) = run_engine(primary, [prompt], args.bytes)  # captures what batch 1 needs
+    one, (again,) = run_engine(primary, [prompt], args.bytes)
+    result["deterministic"] = greedy == again
+    slow, (reference,) = run_engine(other, [prompt], args.bytes)
+    result[f"{names[0]}_equal_{names[1]}"] = greedy == reference
+    result["batch1_bytes_per_s"] = round(one["bytes_per_s"], 1)
+    result[f"batch1_bytes_per_s_{names[1]}"] = round(slow["bytes_per_s"], 1)
+    result["first_run_bytes_per_s"] = round(first_run["bytes_per_s"], 1)  # includes graph capture
+    result["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
+    result["bytes_per_patch"] = round(one["bytes"] / max(one["completion_patches"], 1), 2)
+    result["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
+    for n in (int(s) for s in args.streams.split(",")):
+        prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
+        _, outputs = run_engine(primary, prompts, args.bytes)  # captures this bucket's graphs
+        stats, again = run_engine(primary, prompts, args.bytes)
+        result[f"aggregate_bytes_per_s_{n}"] = round(stats["bytes_per_s"], 1)
+        result["deterministic"] &= outputs == again
+    if primary.static is not None:
+        result["step_shapes_run"] = len(primary.static.keys_seen)
+    if primary.uses_cuda_graphs:
+        result["graph_captures"] = primary.static.graphs.captures
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
@@ -150,28 +192,28 @@ def main() -> None:
     sync(device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": args.dtype, "shapes": "small" if args.small else "blt-1b",
-              "parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.perf_counter() - t0, 1),
-              "graphs": "absent"}
+              "parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.perf_counter() - t0, 1)}
     result["threshold"] = set_threshold(model)
     prompt = english(1024)
-    run_engine(model, [prompt[:64]], 8, 4096)  # warm-up
-    one, (greedy,) = run_engine(model, [prompt], args.bytes, 4096)
-    _, (again,) = run_engine(model, [prompt], args.bytes, 4096)
-    result["batch1_bytes_per_s"] = round(one["bytes_per_s"], 1)
-    result["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
-    result["bytes_per_patch"] = round(one["bytes"] / max(one["completion_patches"], 1), 2)
-    result["deterministic"] = greedy == again
-    result["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
-    for n in (int(s) for s in args.streams.split(",")):
-        prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
-        stats, _ = run_engine(model, prompts, args.bytes, 1024)
-        result[f"aggregate_bytes_per_s_{n}"] = round(stats["bytes_per_s"], 1)
+    # The primary engine replays CUDA graphs where there is a GPU; on a CPU it runs the static steps
+    # eagerly and the dynamic step is its comparison (the CPU test of this script).
+    cuda = device.type == "cuda"
+    try:
+        measure(model, make_engine(model, graphs=cuda), make_engine(model, graphs=False, static=cuda),
+                ("graphs", "eager") if cuda else ("static", "dynamic"), prompt, args, result)
+    except Exception as e:  # noqa: BLE001 - one GPU run must still report what the eager steps do
+        if not cuda:
+            raise
+        traceback.print_exc()
+        result["graphs_error"] = f"{type(e).__name__}: {e}"[:800]
+        measure(model, make_engine(model, graphs=False), make_engine(model, graphs=False, static=False),
+                ("eager", "dynamic"), prompt, args, result)
     if device.type == "cuda":
         result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     hf = time_transformers(model, prompt[:256], args.hf_bytes)
     result["transformers"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in hf.items()}
     if "bytes_per_s" in hf:
-        result["speedup_vs_transformers_batch1"] = round(one["bytes_per_s"] / hf["bytes_per_s"], 1)
+        result["speedup_vs_transformers_batch1"] = round(result["batch1_bytes_per_s"] / hf["bytes_per_s"], 1)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     for key, value in result.items():
         print(f"{key:>34}: {value}")

@@ -17,6 +17,7 @@ from .model.blt import BltModel
 from .runner import Runner, Sampled
 from .sampling import SamplingParams
 from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
+from .static import StaticDecoder
 from .tokenizer import encode
 
 
@@ -43,11 +44,22 @@ class StepOutput:
 
 class Engine:
     def __init__(self, model: BltModel, max_batch_size: int = 16, max_model_len: int | None = None,
-                 max_queue: int = 256, prefill_chunk: int = 512):
+                 max_queue: int = 256, prefill_chunk: int = 512, static: bool | None = None,
+                 cuda_graphs: bool | None = None):
+        """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
+        graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster."""
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
         self.runner = Runner(model, max_batch_size, self.max_model_len + 4)  # +3 bytes to finish a character
+        on_cuda = model.device.type == "cuda"
+        static = on_cuda if static is None else static
+        cuda_graphs = static and on_cuda if cuda_graphs is None else cuda_graphs
+        if cuda_graphs and not static:
+            raise ValueError("cuda_graphs needs static=True: graphs replay static-shaped steps")
+        if cuda_graphs and not on_cuda:
+            raise ValueError(f"cuda_graphs needs a model on a CUDA device, not {model.device}")
+        self.static = StaticDecoder(self.runner, graphs=cuda_graphs) if static else None
         self.slots = SlotAllocator(max_batch_size)
         self.scheduler = Scheduler(max_batch_size, max_queue, prefill_chunk)
         self.sequences: dict[str, Sequence] = {}
@@ -84,6 +96,10 @@ class Engine:
         return bool(self.scheduler.num_waiting or self.scheduler.num_running or self._aborted)
 
     @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.static is not None and self.static.graphs is not None
+
+    @property
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
@@ -112,13 +128,18 @@ class Engine:
     # ------------------------------------------------------------------ step kinds
     def _decode(self, plan: Plan) -> list[StepOutput]:
         seqs = plan.decode
-        logits = self.runner.decode([s.slot for s in seqs], [s.processed for s in seqs], [s.ids[-1] for s in seqs],
-                                    [s.closes_last for s in seqs], [s.num_patches for s in seqs],
-                                    [s.open_len for s in seqs])
+        inputs = ([s.slot for s in seqs], [s.processed for s in seqs], [s.ids[-1] for s in seqs],
+                  [s.closes_last for s in seqs], [s.num_patches for s in seqs], [s.open_len for s in seqs])
+        if self.static is not None:
+            sampled = self.static.step(*inputs, [s.params for s in seqs], [s.seed for s in seqs])
+        else:
+            logits = self.runner.decode(*inputs)
         for s in seqs:
             s.num_patches += s.closes_last
             s.open_len = 0 if s.closes_last else s.open_len + 1
             s.processed += 1
+        if self.static is not None:
+            return self._report(seqs, sampled)
         return self._advance(seqs, logits)
 
     def _prefill(self, plan: Plan) -> list[StepOutput]:
@@ -134,9 +155,13 @@ class Engine:
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
         """Sample each sequence's next byte from `logits`, apply stops, report."""
-        sampled: Sampled = self.runner.sample_and_look_ahead(
+        sampled = self.runner.sample_and_look_ahead(
             logits, [s.slot for s in seqs], [len(s.ids) for s in seqs], [s.params for s in seqs],
             [s.seed for s in seqs])
+        return self._report(seqs, sampled)
+
+    def _report(self, seqs: list[Sequence], sampled: Sampled) -> list[StepOutput]:
+        """Accept each sequence's sampled byte, apply stops, report."""
         outputs = []
         for b, seq in enumerate(seqs):
             position = len(seq.ids)

@@ -145,8 +145,12 @@ def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Pos
 
 class Runner:
     def __init__(self, model: BltModel, slots: int, max_len: int):
+        """Per-sequence state for `slots` sequences, plus one scratch row (index `slots`) that the padding
+        rows of a static-shaped step read and write (see static.py)."""
         self.model, self.cfg = model, model.config
+        self.num_slots, self.scratch, self.max_len = slots, slots, max_len
         cfg, dev, dt = model.config, model.device, model.dtype
+        slots += 1
         for stack in (model.patcher, model.local_encoder, model.global_transformer, model.local_decoder):
             for block in stack.layers:
                 if not hasattr(block, "fused"):

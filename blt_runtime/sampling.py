@@ -9,6 +9,7 @@ batch, and no per-row generator is called. Special ids (BOE, BOS, BPE) are never
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -130,11 +131,20 @@ def filter_logits(logits: torch.Tensor, s: SamplingBatch) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+@functools.lru_cache(maxsize=8)
+def never_sampled(vocab: int, device: torch.device) -> torch.Tensor:
+    """(vocab,) bool, True at the special ids; built once per device, so a captured step copies nothing
+    from the host."""
+    with torch.inference_mode(False):  # a plain tensor, whatever mode first asks for it
+        mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+        mask[list(NEVER_SAMPLED)] = True
+    return mask
+
+
 def sample(logits: torch.Tensor, s: SamplingBatch, positions: torch.Tensor, output_counts: torch.Tensor,
            seen: torch.Tensor, eos_id: int) -> torch.Tensor:
     """(B, V) fp32 logits -> (B,) chosen ids. `positions` (B,) is the index of the byte being chosen."""
-    logits = logits.float().clone()
-    logits[:, list(NEVER_SAMPLED)] = float("-inf")
+    logits = logits.float().masked_fill(never_sampled(logits.shape[-1], logits.device), float("-inf"))
     logits[:, eos_id] = torch.where(s.allow_eos, logits[:, eos_id], float("-inf"))
     if s.any_penalty:
         logits = apply_penalties(logits, s, output_counts, seen)

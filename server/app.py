@@ -63,17 +63,26 @@ def build_engine(settings: Settings):
     if settings.max_model_len is not None and not 2 <= settings.max_model_len <= model.config.max_seq_len:
         raise ConfigError(f"--max-model-len {settings.max_model_len}: must be in 2..{model.config.max_seq_len} "
                           "(the model's max_seq_len)")
-    return Engine(model, max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
-                  max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk)
+    graphs = None if model.device.type == "cuda" and not settings.enforce_eager else False
+    engine = Engine(model, max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
+                    max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, cuda_graphs=graphs)
+    log.info("decode steps: %s", "CUDA graphs" if engine.uses_cuda_graphs else
+             "static shapes, eager" if engine.static is not None else "dynamic shapes, eager")
+    return engine
 
 
 def warm_up(engine) -> None:
-    """Run one short request through every step kind, so the first client does not pay for it."""
+    """Run short requests through every step kind (and, with CUDA graphs, every batch bucket, which
+    captures their graphs), so that the first clients do not pay for it."""
     if getattr(engine, "model", None) is None:
         return
-    engine.add_request("warm-up", b"Warm up.", SamplingParams(max_bytes=8, temperature=0.0, ignore_eos=True))
-    while engine.has_work():
-        engine.step()
+    sizes = engine.static.sizes if engine.uses_cuda_graphs else [1]
+    for size in sizes:  # one prompt is prefilled per step: each lives long enough for all to run together
+        params = SamplingParams(max_bytes=size + 8, temperature=0.0, ignore_eos=True)
+        for i in range(size):
+            engine.add_request(f"warm-up-{size}-{i}", b"Warm up.", params)
+        while engine.has_work():
+            engine.step()
 
 
 async def drain(state: AppState, timeout: float) -> None:

@@ -28,6 +28,7 @@ class Settings:
     max_model_len: int | None = None  # bytes, BOS included; default: the model's max_seq_len
     prefill_chunk: int = 512
     threads: int | None = None  # CPU intra-op threads; default: all cores but one
+    enforce_eager: bool = False  # no CUDA graphs (static steps run eagerly)
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -55,6 +56,7 @@ HELP = {
     "max_model_len": "bytes of context per sequence (prompt + completion + BOS)",
     "prefill_chunk": "prompt bytes prefilled per engine step",
     "threads": "CPU threads for the model (default: all cores but one, left to HTTP)",
+    "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",

@@ -40,7 +40,7 @@ class LocalEncoder(Stack):
         """(B, L, d) byte states -> (B, P, k*d): each patch's k slots after cross-attending its bytes."""
         B, _, d = byte_states.shape
         slots = self.init_slots(max_pool(byte_states, patch_ids, num_patches))
-        slot_patch = torch.arange(num_patches, device=byte_states.device).repeat_interleave(self.k)
+        slot_patch = torch.arange(num_patches * self.k, device=byte_states.device) // self.k  # 0,0,1,1,...
         mask = patch_ids[:, None, :] == slot_patch[None, :, None]  # (B, P*k, L)
         # An empty patch (the trailing "next byte" one, or right padding) has no bytes; let it see all
         # of them so its row stays finite. Its output is never read: the global model is causal and

@@ -1,0 +1,50 @@
+"""CUDA graphs for the static-shaped step pieces (see static.py): captured once per key, then replayed.
+
+A piece is a function of preallocated buffers that returns nothing: it reads its inputs and writes
+its results (caches, outputs) at fixed addresses, so replaying its recorded kernels is the same as
+running it again. The first time a key is seen, the piece runs eagerly on a side stream (that run is
+the step's real work, and it initialises cuBLAS, the caching allocator and every lazily built
+constant outside the capture), then it is recorded without being run. All graphs share one memory
+pool: pieces keep nothing alive between steps except in buffers allocated outside the capture, and
+they run one after another on one stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import torch
+
+
+class StepGraphs:
+    def __init__(self, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        self.device = device
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.captures = 0  # how many graphs were recorded (a capture per new key, and again after clear())
+
+    def run(self, key: Hashable, piece: Callable[[], None]) -> None:
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            piece()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            piece()
+        self.graphs[key] = graph
+        self.captures += 1
+
+    def clear(self) -> None:
+        """Forget every graph (a buffer they were captured on has been replaced)."""
+        self.graphs.clear()
+
+    def __len__(self) -> int:
+        return len(self.graphs)

@@ -1,0 +1,227 @@
+"""Static-shaped decode steps: the form CUDA graphs need, equal to the dynamic step in runner.py.
+
+The dynamic step sizes everything by the batch of the moment. Here every shape is fixed per bucket:
+- the batch is padded to a bucket (1, 2, 4, ..., max_batch_size) with rows that point at the runner's
+  scratch slot, whose contents nobody reads;
+- a ring-buffer cache is read at its full window, with a mask, whatever the lengths (a cache without
+  a window, such as the global one, is read at a power-of-two span that the bucket key names);
+- every per-step input is copied into preallocated buffers in one transfer per kind, and every result
+  lands in one preallocated output that the host reads once: the step's one sync.
+A decode step is three pieces, each a pure function of those buffers and the caches:
+- `encode`: the new bytes through the hash embeddings and the local encoder, into the open patch;
+- `patch`, only when some row's byte closes its patch: pool and cross-attend the patch's bytes, one
+  global step, the decoder slots of the new patch (bucketed by closing rows, patch bytes, global span);
+- `finish`: the local decoder, sampling, the entropy look-ahead of the sampled bytes.
+`StepGraphs` (graphs.py) captures each piece once per key and replays it; on CPU the pieces run as
+they are. Knows nothing about requests (engine.py) and builds no tensors outside its buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .graphs import StepGraphs
+from .runner import Runner, Sampled, positions_for
+from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
+from .tokenizer import BOS_ID, EOS_ID
+
+MAX_LOGPROBS = 20  # a step that returns logprobs returns this many; the host keeps what each row asked for
+INT_FIELDS = ("slots", "lengths", "ids", "open_lens", "top_k", "seeds", "allow_eos")
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
+PATCH_FIELDS = ("rows", "counts", "before")
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... below max_batch, then max_batch itself."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
+def bucket(n: int, sizes: list[int]) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+def span_bucket(needed: int, floor: int = 64) -> int:
+    """The power of two (at least `floor`) that holds `needed` cache entries."""
+    size = floor
+    while size < needed:
+        size *= 2
+    return size
+
+
+class Staged:
+    """Named (rows,) device tensors, views of one buffer, filled from the host in one copy."""
+
+    def __init__(self, names: tuple[str, ...], rows: int, dtype: torch.dtype, device: torch.device):
+        pinned = device.type == "cuda"
+        self.host = torch.zeros(len(names), rows, dtype=dtype, pin_memory=pinned)
+        self.device = torch.zeros(len(names), rows, dtype=dtype, device=device)
+        self.views = {name: self.device[i] for i, name in enumerate(names)}
+        self.index = {name: i for i, name in enumerate(names)}
+
+    def fill(self, columns: dict[str, list], padding: dict[str, float]) -> None:
+        n = len(next(iter(columns.values())))
+        for name, i in self.index.items():
+            row = self.host[i]
+            row[:n] = torch.tensor(columns[name], dtype=row.dtype)
+            row[n:] = padding.get(name, 0)
+        self.device.copy_(self.host, non_blocking=True)
+
+
+@dataclass
+class ByteBuffers:
+    """One bucket's inputs and outputs for the encode and finish pieces."""
+
+    ints: Staged
+    floats: Staged
+    states: torch.Tensor  # (Bb, 1, d_enc) encoder output, handed from encode to finish
+    out: torch.Tensor  # (Bb, 2 + 1 + 2 * MAX_LOGPROBS) float64: id, closes, [logprob, top values, top ids]
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        for staged in (self.ints, self.floats):
+            if name in staged.views:
+                return staged.views[name]
+        raise AttributeError(name)
+
+    def sampling(self, all_greedy: bool, any_penalty: bool) -> SamplingBatch:
+        return SamplingBatch(self.temperature, self.top_p, self.top_k, self.min_p, self.presence, self.frequency,
+                             self.repetition, self.seeds, self.allow_eos.bool(), all_greedy, any_penalty)
+
+
+class StaticDecoder:
+    """Decode steps of a Runner at fixed shapes, optionally replayed from CUDA graphs."""
+
+    def __init__(self, runner: Runner, graphs: bool = False):
+        self.r = runner
+        self.sizes = batch_buckets(runner.num_slots)
+        self.device = runner.model.device
+        self.graphs = StepGraphs(self.device) if graphs else None
+        self._bytes: dict[int, ByteBuffers] = {}
+        self._patches: dict[int, Staged] = {}
+        self.keys_seen: set[tuple] = set()  # every piece and shape run so far
+        self._capacity = None  # capacities of the open patch and the caches the captured graphs were built on
+
+    # ------------------------------------------------------------------ host side
+    def step(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
+             num_patches: list[int], open_lens: list[int], params: list[SamplingParams],
+             seeds: list[int]) -> Sampled:
+        """The dynamic `Runner.decode` + `Runner.sample_and_look_ahead` for B running sequences: byte
+        ids[b] at position lengths[b], then the byte for position lengths[b] + 1."""
+        r, B = self.r, len(slots)
+        Bb = bucket(B, self.sizes)
+        rows = [i for i, c in enumerate(closes) if c]
+        patch_bytes = span_bucket(max(open_lens[i] + 1 for i in rows), 16) if rows else 0
+        global_span = span_bucket(max(num_patches[i] for i in rows) + 1) if rows else 0
+        spans = self._local_spans(max(lengths))
+        r.open_patch.reserve(max(max(open_lens) + 1, patch_bytes))
+        for cache, span in zip((r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv), spans + (global_span,)):
+            cache.reserve(span)  # no-op for a ring buffer
+        self._check_capacity()
+
+        buf = self._byte_buffers(Bb)
+        buf.ints.fill({"slots": slots, "lengths": lengths, "ids": ids, "open_lens": open_lens,
+                       "top_k": [max(p.top_k, 0) for p in params], "seeds": seeds,
+                       "allow_eos": [not p.ignore_eos for p in params]},
+                      {"slots": r.scratch, "ids": BOS_ID})
+        buf.floats.fill({"temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
+                         "min_p": [p.min_p for p in params], "presence": [p.presence_penalty for p in params],
+                         "frequency": [p.frequency_penalty for p in params],
+                         "repetition": [p.repetition_penalty for p in params]},
+                        {"top_p": 1.0, "repetition": 1.0})
+        self._run(("encode", Bb, spans), lambda: self._encode(buf, spans))
+        if rows:
+            Rb = bucket(len(rows), self.sizes)
+            staged = self._patch_inputs(Rb)
+            staged.fill({"rows": [slots[i] for i in rows], "counts": [open_lens[i] + 1 for i in rows],
+                         "before": [num_patches[i] for i in rows]}, {"rows": r.scratch, "counts": 1})
+            self._run(("patch", Rb, patch_bytes, global_span),
+                      lambda: self._patch(staged, patch_bytes, global_span))
+        all_greedy = all(p.temperature == 0 for p in params)
+        any_penalty = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
+        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        mode = (all_greedy, any_penalty, n_top is not None)
+        self._run(("finish", Bb, spans, mode), lambda: self._finish(buf, spans, *mode))
+        host = buf.out[:B, :2 if n_top is None else buf.out.shape[1]].tolist()  # the step's one host sync
+        result = Sampled([int(row[0]) for row in host], [row[1] > 0 for row in host], None)
+        if n_top is not None:
+            k = MAX_LOGPROBS
+            result.logprobs = [(row[2], [(int(row[3 + k + j]), row[3 + j]) for j in range(params[b].logprobs or 0)])
+                               for b, row in enumerate(host)]
+        return result
+
+    def _run(self, key, piece) -> None:
+        self.keys_seen.add(key)
+        if self.graphs is None:
+            piece()
+        else:
+            self.graphs.run(key, piece)
+
+    def _check_capacity(self) -> None:
+        """A grown buffer is a new tensor: graphs captured on the old one must go."""
+        r = self.r
+        capacity = (r.open_patch.data.shape[1],) + tuple(c.k.shape[3] for c in (r.entropy_kv, r.encoder_kv,
+                                                                                 r.decoder_kv, r.global_kv))
+        if capacity != self._capacity and self.graphs is not None:
+            self.graphs.clear()
+        self._capacity = capacity
+
+    def _local_spans(self, max_length: int) -> tuple[int, int, int]:
+        """Entries read by the entropy, encoder and decoder caches (lengths up to max_length + 1)."""
+        r = self.r
+        return tuple(c.window if c.window is not None else span_bucket(max_length + 2)
+                     for c in (r.entropy_kv, r.encoder_kv, r.decoder_kv))
+
+    def _byte_buffers(self, Bb: int) -> ByteBuffers:
+        if Bb not in self._bytes:
+            d = self.r.cfg.encoder.hidden_size
+            self._bytes[Bb] = ByteBuffers(
+                Staged(INT_FIELDS, Bb, torch.long, self.device), Staged(FLOAT_FIELDS, Bb, torch.float32, self.device),
+                torch.zeros(Bb, 1, d, device=self.device, dtype=self.r.model.dtype),
+                torch.zeros(Bb, 3 + 2 * MAX_LOGPROBS, dtype=torch.float64, device=self.device))
+        return self._bytes[Bb]
+
+    def _patch_inputs(self, Rb: int) -> Staged:
+        if Rb not in self._patches:
+            self._patches[Rb] = Staged(PATCH_FIELDS, Rb, torch.long, self.device)
+        return self._patches[Rb]
+
+    # ------------------------------------------------------------------ the pieces (device side only)
+    def _encode(self, b: ByteBuffers, spans: tuple[int, int, int]) -> None:
+        r = self.r
+        states, _ = r.encode(b.ids[:, None], b.slots, b.lengths, spans[1] - 1)
+        r.open_patch.data[b.slots, b.open_lens] = states[:, 0]
+        b.states.copy_(states)
+
+    def _patch(self, p: Staged, patch_bytes: int, global_span: int) -> None:
+        r, v = self.r, p.views
+        states = r.open_patch.data[v["rows"], :patch_bytes]
+        padding = torch.arange(patch_bytes, device=states.device)[None, :] >= v["counts"][:, None]
+        vecs = r.model.local_encoder.patch_slots(states, padding.long(), 2)[:, :1]  # padding = patch 1
+        r.store_latest(v["rows"], r.global_step(vecs, v["rows"], v["before"], global_span - 1))
+
+    def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], all_greedy: bool, any_penalty: bool,
+                logprobs: bool) -> None:
+        r = self.r
+        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1)
+        h = r.decode_bytes(b.states, p, r.latest_tables(b.slots), None, spans[2] - 1)
+        logits = r.logits(h[:, 0])
+        position = b.lengths + 1
+        ids = sample(logits, b.sampling(all_greedy, any_penalty), position, r.output_counts[b.slots],
+                     r.seen[b.slots], EOS_ID)
+        r.output_counts[b.slots, ids] += 1
+        r.seen[b.slots, ids] = True
+        entropy = r.entropies(ids[:, None], b.slots, position, spans[0] - 1)
+        closes = r.boundary_flags(entropy[:, 0], position)
+        b.out[:, 0].copy_(ids)
+        b.out[:, 1].copy_(closes)
+        if logprobs:
+            chosen, values, top = top_logprobs(logits, ids, MAX_LOGPROBS)
+            k = MAX_LOGPROBS
+            b.out[:, 2].copy_(chosen)
+            b.out[:, 3:3 + k].copy_(values)
+            b.out[:, 3 + k:].copy_(top)

@@ -1,0 +1,56 @@
+"""Helpers shared by the engine tests: drive an engine, and check its bytes against full recompute."""
+
+from __future__ import annotations
+
+import torch
+
+from blt_runtime import encode
+from blt_runtime.engine import Engine
+from blt_runtime.sampling import SamplingBatch, SamplingParams, sample
+from blt_runtime.tokenizer import EOS_ID
+
+
+def run_engine(engine: Engine, requests: dict[str, tuple[bytes, SamplingParams]], join_at: dict[str, int] = None):
+    """Drive the engine; requests join at the given step numbers. -> {id: (bytes, final output)}."""
+    join_at = join_at or {}
+    out = {rid: bytearray() for rid in requests}
+    final, step = {}, 0
+    while len(final) < len(requests):
+        for rid, (prompt, params) in requests.items():
+            if join_at.get(rid, 0) == step:
+                engine.add_request(rid, prompt, params)
+        for o in engine.step():
+            out[o.request_id] += o.new_bytes
+            if o.finished:
+                final[o.request_id] = o
+        step += 1
+    return {rid: (bytes(out[rid]), final[rid]) for rid in requests}
+
+
+def replay_full_recompute(model, prompt: bytes, params: SamplingParams, seed: int, generated: bytes,
+                          ended_by_eos: bool = False, engine_logprobs: list | None = None) -> list[int]:
+    """Check engine output against what full-recompute generation computes at every step.
+
+    Full recompute runs the whole model over each prefix; the model is causal and the patches of a
+    prefix never change when bytes are appended (spec section 3), so its logits for the prefix that
+    ends at byte t are row t of one full forward over the final sequence. The sampler is a pure
+    function of (logits, seed, position, counts), so replaying it row by row gives exactly the bytes
+    full recompute would choose; they must be the engine's. Returns the final ids.
+    """
+    ids = encode(prompt + generated)
+    logits = model.logits(torch.tensor([ids]))[0]
+    first = len(ids) - len(generated)
+    batch = SamplingBatch.build([params], [seed], "cpu")
+    counts = torch.zeros(1, 260)
+    seen = torch.zeros(1, 260, dtype=torch.bool)
+    seen[0, ids[1:first]] = True
+    for t in range(first, len(ids) + ended_by_eos):
+        want = ids[t] if t < len(ids) else EOS_ID
+        chosen = int(sample(logits[t - 1:t], batch, torch.tensor([t]), counts, seen, EOS_ID)[0])
+        assert chosen == want, f"byte {t - first} differs"
+        counts[0, chosen] += 1
+        seen[0, chosen] = True
+    if engine_logprobs is not None:
+        want = torch.log_softmax(logits, -1)[first - 1:-1].gather(1, torch.tensor(ids[first:])[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor([lp[0] for lp in engine_logprobs]), want, atol=1e-4, rtol=0)
+    return ids

@@ -1,0 +1,151 @@
+"""Static-shaped decode steps (the form CUDA graphs replay) equal the dynamic step and full recompute.
+
+CPU, fp32, random tiny models. The CUDA graph replay of the same pieces is checked in tests/gpu.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from enginekit import replay_full_recompute, run_engine
+from factory import PARITY_TEXT
+
+from blt_runtime import load_model
+from blt_runtime.engine import Engine
+from blt_runtime.model.blt import BltModel
+from blt_runtime.sampling import SamplingParams
+from blt_runtime.static import StaticDecoder, batch_buckets, bucket, span_bucket
+
+
+def with_local_window(model: BltModel, window: int | None) -> BltModel:
+    """The same weights with another sliding window for the entropy model, encoder and decoder."""
+    cfg = model.config
+    cfg = replace(cfg, patcher=replace(cfg.patcher, window=window), encoder=replace(cfg.encoder, window=window),
+                  decoder=replace(cfg.decoder, window=window))
+    other = BltModel(cfg).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoint):
+    return {s: load_model(hf_checkpoint(s)[1]) for s in ("1b", "gqa", "mixed_heads")}
+
+
+@pytest.mark.parametrize("structure, window, prompt_len", [
+    ("gqa", 512, 700),  # ring buffers past the window, global cache grown past 64 patches
+    ("1b", 48, 100),  # a small ring that wraps many times
+    ("mixed_heads", None, 1),  # local caches without a window: read at power-of-two spans
+])
+def test_static_greedy_equals_full_recompute(models, structure, window, prompt_len):
+    model = models[structure] if window == 512 else with_local_window(models[structure], window)
+    prompt = PARITY_TEXT[:prompt_len - 1]
+    engine = Engine(model, static=True)
+    params = SamplingParams(max_bytes=600, temperature=0.0, ignore_eos=True, logprobs=1)
+    engine.add_request("g", prompt, params)
+    seq = engine.sequences["g"]
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    generated = b"".join(o.new_bytes for o in outputs)
+    assert len(generated) >= 600
+    replay_full_recompute(model, prompt, params, seq.seed, generated, engine_logprobs=[o.logprobs for o in outputs])
+    assert engine.runner.global_kv.k.shape[3] > 64, "the global cache should have grown during decoding"
+    assert outputs[-1].usage.global_steps == seq.num_patches
+
+
+def test_static_equals_dynamic_batched(models):
+    """Seven requests of every sampling kind joining at different steps, in buckets of 1 to 8 rows:
+    the same bytes, patches and logprobs as the dynamic step."""
+    model = models["1b"]
+    kinds = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_k=20),
+             dict(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5), dict(temperature=0.7, min_p=0.1),
+             dict(temperature=0.0, logprobs=3), dict(temperature=1.0, presence_penalty=1.0, logprobs=2)]
+    requests = {f"r{i}": (PARITY_TEXT[i * 37:i * 37 + 13 * i + 1],
+                          SamplingParams(max_bytes=150 + 15 * i, seed=i, ignore_eos=i % 2 == 0, **kind))
+                for i, kind in enumerate(kinds)}
+    joins = {f"r{i}": (i * 5) % 23 for i in range(7)}
+
+    def run(static: bool):
+        engine = Engine(model, max_batch_size=8, prefill_chunk=64, static=static)
+        logprobs = {rid: [] for rid in requests}
+        step = engine.step
+
+        def step_recording():
+            outputs = step()
+            for o in outputs:
+                if o.logprobs is not None:
+                    logprobs[o.request_id].append(o.logprobs)
+            return outputs
+
+        engine.step = step_recording
+        return run_engine(engine, requests, joins), logprobs
+
+    (dynamic, dynamic_lp), (static, static_lp) = run(False), run(True)
+    for rid in requests:
+        assert static[rid][0] == dynamic[rid][0], rid
+        assert static[rid][1].usage == dynamic[rid][1].usage
+        assert static[rid][1].finish_reason == dynamic[rid][1].finish_reason
+        for (chosen_s, top_s), (chosen_d, top_d) in zip(static_lp[rid], dynamic_lp[rid], strict=True):
+            assert abs(chosen_s - chosen_d) < 1e-4  # fp32: masked full-window reads sum in another order
+            assert [i for i, _ in top_s] == [i for i, _ in top_d]
+    assert any(static_lp.values())
+
+
+def test_pieces_never_wait_for_the_host(models, monkeypatch):
+    """A captured piece may not sync or copy from the host: inside the pieces, anything that reads a
+    device value on the host or builds a tensor from host data fails this test."""
+    engine = Engine(models["1b"], max_batch_size=4, static=True)
+    run = StaticDecoder._run
+    inside = []
+
+    def forbidden(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            if inside:
+                raise AssertionError(f"Tensor.{name} inside a static piece")
+            return original(self, *args, **kwargs)
+        return guarded
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    tensor = torch.tensor
+
+    def no_host_tensor(*args, **kwargs):
+        if inside:
+            raise AssertionError("torch.tensor inside a static piece")
+        return tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", no_host_tensor)
+
+    def guarded_run(self, key, piece):
+        inside.append(key)
+        try:
+            run(self, key, piece)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(StaticDecoder, "_run", guarded_run)
+    for i in range(3):
+        engine.add_request(str(i), PARITY_TEXT[:20 * i], SamplingParams(max_bytes=40, temperature=0.5 * i, logprobs=i))
+    pieces = set()
+    while engine.has_work():
+        engine.step()
+        pieces |= {key[0] for key in engine.static.keys_seen}
+    assert pieces == {"encode", "patch", "finish"}
+
+
+def test_graphs_need_cuda_and_static_steps(models):
+    with pytest.raises(ValueError, match="CUDA device"):
+        Engine(models["1b"], static=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="static=True"):
+        Engine(models["1b"], static=False, cuda_graphs=True)
+    assert Engine(models["1b"]).static is None  # on CPU the dynamic step is the default
+
+
+def test_buckets():
+    assert batch_buckets(16) == [1, 2, 4, 8, 16] and batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert batch_buckets(1) == [1]
+    assert [bucket(n, [1, 2, 4, 8, 12]) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+    assert span_bucket(1) == 64 and span_bucket(65) == 128 and span_bucket(3, 16) == 16
