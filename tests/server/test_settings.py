@@ -20,6 +20,9 @@ def test_flags_beat_env_and_env_beats_defaults():
     s = load_settings(["--port", "9100", "--api-key", "c", "--api-key", "d,e", "/models/x"], environ=env)
     assert s.port == 9100 and s.api_key == ("c", "d", "e") and s.max_queue == 7 and s.metrics_without_key
     assert s.model_dir == "/models/x" and s.model_name == "x" and s.max_model_len == 1024
+    assert not s.enforce_eager
+    assert load_settings(["--enforce-eager"], environ={}).enforce_eager
+    assert load_settings([], environ={"BLT_ENFORCE_EAGER": "1"}).enforce_eager
 
 
 @pytest.mark.parametrize("argv", [["--port", "eighty"], ["--max-batch-size", "0"], ["--log-level", "loud"],
