@@ -49,7 +49,7 @@ class KVCache:
         consecutive slots reads in place; a tensor of slots gathers a copy."""
         if isinstance(slots, slice):
             return self.k[layer, slots, :, :span], self.v[layer, slots, :, :span]
-        return self.k[layer].index_select(0, slots)[:, :, :span], self.v[layer].index_select(0, slots)[:, :, :span]
+        return self.k[layer, :, :, :span].index_select(0, slots), self.v[layer, :, :, :span].index_select(0, slots)
 
     def entry_positions(self, lengths: torch.Tensor, span: int) -> torch.Tensor:
         """(B, span) absolute position held by each entry given each row's length; -1 if empty."""

@@ -30,17 +30,24 @@ class StepGraphs:
         if graph is not None:
             graph.replay()
             return
+        self._run_eagerly(piece)
+        self.graphs[key] = self._record(piece)
+        self.captures += 1
+
+    def _run_eagerly(self, piece: Callable[[], None]) -> None:
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):
             piece()
         current.wait_stream(side)
+
+    def _record(self, piece: Callable[[], None]):
+        """The piece's kernels, recorded (not run); `.replay()` runs them."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             piece()
-        self.graphs[key] = graph
-        self.captures += 1
+        return graph
 
     def clear(self) -> None:
         """Forget every graph (a buffer they were captured on has been replaced)."""

@@ -12,6 +12,7 @@ from factory import PARITY_TEXT
 
 from blt_runtime import load_model
 from blt_runtime.engine import Engine
+from blt_runtime.graphs import StepGraphs
 from blt_runtime.model.blt import BltModel
 from blt_runtime.sampling import SamplingParams
 from blt_runtime.static import StaticDecoder, batch_buckets, bucket, span_bucket
@@ -149,3 +150,59 @@ def test_buckets():
     assert batch_buckets(1) == [1]
     assert [bucket(n, [1, 2, 4, 8, 12]) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
     assert span_bucket(1) == 64 and span_bucket(65) == 128 and span_bucket(3, 16) == 16
+
+
+class RecordedPiece:
+    """A CPU stand-in for a CUDA graph: replay runs the piece recorded at capture time, and fails if a
+    buffer that a real graph would read by address has been replaced since."""
+
+    def __init__(self, piece, runner):
+        self.piece, self.runner = piece, runner
+        self.addresses = self.buffers()
+
+    def buffers(self):
+        r = self.runner
+        tensors = [r.open_patch.data, r.history, r.latest_k, r.latest_v, r.output_counts, r.seen]
+        tensors += [t for c in (r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv) for t in (c.k, c.v)]
+        return [t.data_ptr() for t in tensors]
+
+    def replay(self):
+        assert self.buffers() == self.addresses, "replay on a buffer that was replaced after capture"
+        self.piece()
+
+
+class CpuStepGraphs(StepGraphs):
+    def __init__(self, runner):
+        self.runner, self.graphs, self.captures = runner, {}, 0
+
+    def _run_eagerly(self, piece):
+        piece()
+
+    def _record(self, piece):
+        return RecordedPiece(piece, self.runner)
+
+
+def test_graph_keys_name_every_shape(models):
+    """With graphs stood in by replays of the piece recorded at capture, a key that failed to name
+    something a piece depends on (bucket, spans, sampling mode, patch shape) or a graph kept across a
+    buffer's growth would give other bytes than the eager static steps."""
+    model = models["1b"]
+    kinds = [dict(temperature=0.0), dict(temperature=3.0, top_p=0.95, logprobs=2), dict(temperature=0.0,
+             repetition_penalty=1.2)]
+    # r0 (greedy) runs alone first and r4 (sampled) alone last, both in the bucket of one row
+    mixed = {f"r{i}": (PARITY_TEXT[i * 50:i * 50 + 40 * i],
+                       SamplingParams(max_bytes=200 + 30 * i, seed=i, ignore_eos=True, **kinds[i % 3]))
+             for i in range(5)}
+    # and, with no buffer growing in between, a greedy request alone, then a sampled one alone
+    one_by_one = {"greedy": (b"one", SamplingParams(max_bytes=40, temperature=0.0)),
+                  "sampled": (b"one", SamplingParams(max_bytes=40, temperature=3.0, seed=5, repetition_penalty=1.5))}
+    for requests, joins in ((mixed, {f"r{i}": 4 * i for i in range(5)}), (one_by_one, {"sampled": 60})):
+        eager = run_engine(Engine(model, max_batch_size=8, static=True), requests, joins)
+        engine = Engine(model, max_batch_size=8, static=True)
+        engine.static.graphs = graphs = CpuStepGraphs(engine.runner)
+        replayed = run_engine(engine, requests, joins)
+        for rid in requests:
+            assert replayed[rid][0] == eager[rid][0] and replayed[rid][1].usage == eager[rid][1].usage, rid
+        assert {key[0] for key in graphs.graphs} == {"encode", "patch", "finish"}
+        if requests is mixed:
+            assert graphs.captures > len(graphs.graphs), "buffers grew, so some graphs were captured again"
