@@ -55,7 +55,7 @@ class Positions:
     read_slots: slice | None  # the same rows as a slice when they are consecutive (read in place)
     lengths: torch.Tensor  # (B,) positions cached before the new ones
     span: int  # cache entries to read
-    rotation: torch.Tensor  # (B, 1, T, D/2) complex
+    rotation: torch.Tensor  # (B, T, 1, D/2) complex: RoPE is applied before heads are transposed
     mask: torch.Tensor | None  # (B, 1, T, keys); None when every row sees every entry read
     write_rows: torch.Tensor  # (B, kept) slot of each new entry
     write_index: torch.Tensor  # (B, kept) cache index of each new entry
@@ -74,16 +74,15 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
     # With one new position a ring buffer can take it first: it overwrites exactly the entry that
     # just left the window. Several new positions would overwrite keys that earlier ones still see.
     write_first = T == 1
-    if write_first:
-        span = cache.span(max_length + 1)
-        keys = cache.entry_positions(lengths + 1, span)
-    else:
-        span = cache.span(max_length)
-        keys = torch.cat([cache.entry_positions(lengths, span), new], dim=1)
-    keys, q = keys[:, None, :], new[:, :, None]
+    span = cache.span(max_length + 1 if write_first else max_length)
     if write_first and min_length is not None and min_length + 1 >= span:
         mask = None
     else:
+        if write_first:
+            keys = cache.entry_positions(lengths + 1, span)
+        else:
+            keys = torch.cat([cache.entry_positions(lengths, span), new], dim=1)
+        keys, q = keys[:, None, :], new[:, :, None]
         mask = (keys >= 0) & (keys <= q)
         if stack.cfg.window is not None:
             mask &= keys > q - stack.cfg.window
@@ -91,7 +90,7 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
     kept = T if cache.window is None else min(T, cache.window)
     index = cache.index_of(new[:, T - kept:])
     rows = slots[:, None].expand_as(index)
-    return Positions(slots, read_slots, lengths, span, rotation[:, None], mask, rows, index, kept, write_first,
+    return Positions(slots, read_slots, lengths, span, rotation[:, :, None], mask, rows, index, kept, write_first,
                      min_length)
 
 
@@ -102,14 +101,17 @@ def consecutive(slots: list[int]) -> slice | None:
     return None
 
 
-def fuse_projections(block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_projections(block: Block, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One weight for q, k and v and one for gate and up, so a step does 4 matmuls per block, not 7.
 
-    The block's own parameters become views into the fused tensors: no weight is stored twice."""
+    The block's own parameters become views into the fused tensors: no weight is stored twice. With
+    `transposed`, the fused (out, in) weights are views of (in, out) storage (see wide_layout)."""
     attn, mlp = block.self_attn, block.mlp
     fused = []
     for linears in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
         weight = torch.cat([lin.weight.detach() for lin in linears])
+        if transposed:
+            weight = weight.t().contiguous().t()
         offset = 0
         for lin in linears:
             rows = lin.weight.shape[0]
@@ -119,13 +121,27 @@ def fuse_projections(block: Block) -> tuple[torch.Tensor, torch.Tensor]:
     return fused[0], fused[1]
 
 
+def wide_layout(model: torch.nn.Module) -> None:
+    """Store every weight with at least as many outputs as inputs as (in, out), the parameter staying an
+    (out, in) view of it: same values and shapes, no copy kept. On the CPU, MKL's one-row product
+    x @ W.T reads W 2-3x faster that way for such shapes (bench/RESULTS.md); F.linear finds the
+    contiguous (in, out) matrix by itself. Fused weights are laid out by fuse_projections."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight.data
+            out_features, in_features = weight.shape
+            alone = weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()  # not fused
+            if alone and out_features >= in_features and weight.is_contiguous():
+                module.weight.data = weight.t().contiguous().t()
+
+
 def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Positions) -> torch.Tensor:
     """One pre-norm block over new positions, attending to the cache and storing the new keys."""
     attn, (qkv_weight, gate_up_weight) = block.self_attn, block.fused
     H, H_kv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
     qkv = F.linear(norm1.forward(h), qkv_weight)  # .forward: no module-call overhead on the hot path
-    qk = apply_rope(qkv[..., :(H + H_kv) * D].unflatten(-1, (H + H_kv, D)).transpose(1, 2), p.rotation)
+    qk = apply_rope(qkv[..., :(H + H_kv) * D].unflatten(-1, (H + H_kv, D)), p.rotation).transpose(1, 2)
     q, k = qk.split([H, H_kv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
     v = qkv[..., (H + H_kv) * D:].unflatten(-1, (H_kv, D)).transpose(1, 2)
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
@@ -151,10 +167,14 @@ class Runner:
         self.num_slots, self.scratch, self.max_len = slots, slots, max_len
         cfg, dev, dt = model.config, model.device, model.dtype
         slots += 1
+        cpu = dev.type == "cpu"
         for stack in (model.patcher, model.local_encoder, model.global_transformer, model.local_decoder):
             for block in stack.layers:
                 if not hasattr(block, "fused"):
-                    block.fused = fuse_projections(block)
+                    block.fused = fuse_projections(block, transposed=cpu)
+        if cpu and not getattr(model, "wide_layout", False):
+            wide_layout(model)
+            model.wide_layout = True
 
         def kv(stack_cfg, window):
             return KVCache(stack_cfg.num_layers, slots, stack_cfg.num_kv_heads, stack_cfg.head_dim, window,

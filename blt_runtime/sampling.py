@@ -92,15 +92,13 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], device) -> SamplingBatch:
-        def t(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
-
+        floats = torch.tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+                                p.repetition_penalty] for p in params], dtype=torch.float32, device=device).T
+        ints = torch.tensor([[max(p.top_k, 0), seed, not p.ignore_eos] for p, seed in zip(params, seeds)],
+                            dtype=torch.int64, device=device).T  # two transfers, not nine
         return cls(
-            temperature=t([p.temperature for p in params]), top_p=t([p.top_p for p in params]),
-            top_k=t([max(p.top_k, 0) for p in params], torch.long), min_p=t([p.min_p for p in params]),
-            presence=t([p.presence_penalty for p in params]), frequency=t([p.frequency_penalty for p in params]),
-            repetition=t([p.repetition_penalty for p in params]), seeds=t(seeds, torch.int64),
-            allow_eos=t([not p.ignore_eos for p in params], torch.bool),
+            temperature=floats[0], top_p=floats[1], top_k=ints[0], min_p=floats[2], presence=floats[3],
+            frequency=floats[4], repetition=floats[5], seeds=ints[1], allow_eos=ints[2].bool(),
             all_greedy=all(p.temperature == 0 for p in params),
             any_penalty=any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                             for p in params),

@@ -105,7 +105,7 @@ def save_model(model: BltModel, path: str | Path, dtype: torch.dtype | None = No
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory)
-    # clone(): parameters may be views into fused tensors (see runner.fuse_projections)
-    tensors = {checkpoint_key(k): (v.to(dtype) if dtype else v).detach().cpu().clone()
+    # contiguous copies: parameters may be views into fused or transposed tensors (see runner.py)
+    tensors = {checkpoint_key(k): (v.to(dtype) if dtype else v).detach().cpu().contiguous().clone()
                for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})

@@ -219,3 +219,21 @@ def test_penalties_change_the_distribution(models):
                                                             presence_penalty=2.0))
     assert penalised.bytes == bytes(want.generated) != plain
     assert torch.tensor(list(penalised.bytes)).unique().numel() > torch.tensor(list(plain)).unique().numel()
+
+
+def test_cpu_layout_keeps_every_weight(hf_checkpoint, tmp_path):
+    """The engine fuses projections and stores wide weights as (in, out) on the CPU: every parameter
+    keeps its values and shape, and save_model still writes the checkpoint that was loaded."""
+    from blt_runtime.weights import save_model
+
+    _, directory = hf_checkpoint("7b")
+    model = load_model(directory)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    Engine(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert after["lm_head.weight"].stride() == (1, after["lm_head.weight"].shape[0])  # stored (in, out)
+    assert after["local_decoder.layers.0.mlp.down_proj.weight"].is_contiguous()  # narrow: left as it was
+    save_model(model, tmp_path / "again")
+    again = load_model(tmp_path / "again").state_dict()
+    assert all(torch.equal(before[k], again[k]) for k in before)
