@@ -1,4 +1,5 @@
-"""Where the model runs: "auto" device and dtype, and the CPU's intra-op threads for serving."""
+"""Where the model runs: "auto" device and dtype, the CPU's intra-op threads for serving, and host
+values sent to the device without waiting for it."""
 
 from __future__ import annotations
 
@@ -44,3 +45,12 @@ def serving_threads(device: torch.device, threads: int | None = None) -> int:
         raise ConfigError(f"threads {threads}: must be >= 1")
     torch.set_num_threads(threads)
     return threads
+
+
+def host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of host values on `device`. On CUDA it goes through pinned memory with a non-blocking
+    copy: a plain copy from pageable memory waits for everything queued on the stream (a host sync);
+    the pinned block is not reused before its copy has run (PyTorch's caching host allocator)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)

@@ -1,24 +1,27 @@
 """The incremental generation engine: add_request / step / abort, joining scheduler and runner.
 
 Every engine step advances each running sequence by one byte (batched), prefills one chunk of at
-most one new prompt, and reports what happened as StepOutputs. Runs on one thread; knows nothing
+most one new prompt, samples the first byte of prompts prefilled in the step before, and reports
+what happened as StepOutputs; it waits for the device once (transfer.py). Runs on one thread; knows nothing
 about HTTP. Memory per sequence for the local models is bounded by their windows.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .cache import SlotAllocator
 from .model.blt import BltModel
-from .runner import Runner, Sampled
+from .runner import ChunkStart, Runner, Sampled
 from .sampling import SamplingParams
 from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
 from .static import StaticDecoder
 from .tokenizer import encode
+from .transfer import HostTransfer
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Engine:
         self.scheduler = Scheduler(max_batch_size, max_queue, prefill_chunk)
         self.sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
+        self._first_logits: dict[str, torch.Tensor] = {}  # prompt's last logits of PREFILLED sequences
         self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step
         self._rng = random.Random()
 
@@ -119,46 +123,60 @@ class Engine:
                 seq.finish_reason = "length"
                 outputs.append(self._finish(seq, b"", False))
         plan = self.scheduler.plan()
-        if plan.decode:
-            outputs += self._decode(plan)
+        # Queue all of the step's device work, bring what the host needs over in one transfer (the
+        # step's one wait for the device), then finish the prefill chunk on its patch boundaries.
+        transfer = HostTransfer()
+        chunk = None
         if plan.prefill is not None:
-            outputs += self._prefill(plan)
+            start, end = plan.chunk
+            chunk = self.runner.prefill_start(plan.prefill.slot, plan.prefill.ids[start:end], start, transfer)
+        decoded = self._decode(plan.decode, transfer) if plan.decode else None
+        firsts = self._sample(plan.first, [self._first_logits.pop(s.request_id) for s in plan.first], transfer)
+        transfer.fetch()
+        if decoded is not None:
+            outputs += self._report(plan.decode, decoded())
+        if firsts is not None:
+            for seq in plan.first:
+                seq.status = Status.RUNNING
+            outputs += self._report(plan.first, firsts())
+        if chunk is not None:
+            self._prefill_finish(plan, chunk, transfer)
         return outputs
 
     # ------------------------------------------------------------------ step kinds
-    def _decode(self, plan: Plan) -> list[StepOutput]:
-        seqs = plan.decode
+    def _decode(self, seqs: list[Sequence], transfer: HostTransfer) -> Callable[[], Sampled]:
         inputs = ([s.slot for s in seqs], [s.processed for s in seqs], [s.ids[-1] for s in seqs],
                   [s.closes_last for s in seqs], [s.num_patches for s in seqs], [s.open_len for s in seqs])
         if self.static is not None:
-            sampled = self.static.step(*inputs, [s.params for s in seqs], [s.seed for s in seqs])
+            sampled = self.static.step(*inputs, [s.params for s in seqs], [s.seed for s in seqs], transfer)
         else:
-            logits = self.runner.decode(*inputs)
+            sampled = self._sample(seqs, [self.runner.decode(*inputs)], transfer)
         for s in seqs:
             s.num_patches += s.closes_last
             s.open_len = 0 if s.closes_last else s.open_len + 1
             s.processed += 1
-        if self.static is not None:
-            return self._report(seqs, sampled)
-        return self._advance(seqs, logits)
+        return sampled
 
-    def _prefill(self, plan: Plan) -> list[StepOutput]:
+    def _prefill_finish(self, plan: Plan, chunk: ChunkStart, transfer: HostTransfer) -> None:
         seq, (start, end) = plan.prefill, plan.chunk
-        result = self.runner.prefill_chunk(seq.slot, seq.ids[start:end], start, seq.num_patches, seq.open_len)
+        if seq.status is not Status.PREFILLING:  # aborted during the step
+            return
+        result = self.runner.prefill_finish(chunk, transfer, seq.num_patches, seq.open_len)
         for i, closes in enumerate(result.closes):
             seq.record_close(start + i, closes)
         seq.processed, seq.num_patches, seq.open_len = end, seq.num_patches + result.completed, result.open_len
-        if end < seq.prompt_len:
-            return []
-        seq.status = Status.RUNNING
-        return self._advance([seq], result.last_logits)
+        if end == seq.prompt_len:  # its first byte is sampled with the next step's work
+            seq.status = Status.PREFILLED
+            self._first_logits[seq.request_id] = result.last_logits
 
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
-        """Sample each sequence's next byte from `logits`, apply stops, report."""
-        sampled = self.runner.sample_and_look_ahead(
-            logits, [s.slot for s in seqs], [len(s.ids) for s in seqs], [s.params for s in seqs],
-            [s.seed for s in seqs])
-        return self._report(seqs, sampled)
+    def _sample(self, seqs: list[Sequence], logits: list[torch.Tensor],
+                transfer: HostTransfer) -> Callable[[], Sampled] | None:
+        """Sample each sequence's next byte from its (1 or B, V) logits; results come with the transfer."""
+        if not seqs:
+            return None
+        return self.runner.sample_and_look_ahead(
+            torch.cat(logits), [s.slot for s in seqs], [len(s.ids) for s in seqs], [s.params for s in seqs],
+            [s.seed for s in seqs], transfer)
 
     def _report(self, seqs: list[Sequence], sampled: Sampled) -> list[StepOutput]:
         """Accept each sequence's sampled byte, apply stops, report."""
@@ -180,6 +198,7 @@ class Engine:
 
     # ------------------------------------------------------------------ bookkeeping
     def _release(self, seq: Sequence) -> None:
+        self._first_logits.pop(seq.request_id, None)
         if seq.slot is not None:
             self.slots.release(seq.slot)
             seq.slot = None

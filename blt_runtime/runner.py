@@ -6,19 +6,22 @@ Two step kinds, both built from the same cached pieces:
 Per position: an entropy-model step, a local-encoder step, and a local-decoder step; when a patch
 completes, its bytes are pooled and cross-attended, and the global model takes one step for that
 sequence alone. The entropy model runs one position ahead: right after a byte is sampled it is fed to
-the entropy model, so the next step already knows whether that byte closes a patch, and a decode step
-needs one host sync (the sampled bytes and their patch flags together).
+the entropy model, so the next step already knows whether that byte closes a patch. Values the host
+needs (sampled bytes, patch flags, logprobs, a prefill chunk's boundaries) are registered with the
+step's HostTransfer, which brings them over in one copy (transfer.py).
 Knows nothing about requests, stops or queues (see engine.py and scheduler.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .cache import KVCache, RowBuffer
+from .device import host_tensor
 from .model.blt import BltModel
 from .model.entropy import entropy_nats
 from .model.hashing import power_matrix
@@ -27,6 +30,7 @@ from .model.local_decoder import attend_gathered
 from .patcher import starts_next
 from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
 from .tokenizer import EOS_ID
+from .transfer import HostTransfer
 
 
 @dataclass
@@ -35,6 +39,19 @@ class ChunkResult:
     completed: int  # patches completed in the chunk (= global steps taken)
     open_len: int  # bytes of the still-open patch after the chunk
     last_logits: torch.Tensor  # (1, V) logits of the chunk's last position
+
+
+@dataclass
+class ChunkStart:
+    """A prefill chunk between its two halves (see Runner.prefill_start)."""
+
+    slot: int
+    slots: torch.Tensor
+    start: int
+    closes: torch.Tensor  # (T,) bool on the device
+    byte_states: torch.Tensor
+    positions: Positions
+    handle: int  # of `closes` in the step's transfer
 
 
 @dataclass
@@ -280,19 +297,27 @@ class Runner:
 
     # ------------------------------------------------------------------ step kinds
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.model.device)
+        return host_tensor(values, dtype, self.model.device)
 
-    def prefill_chunk(self, slot: int, ids: list[int], start: int, num_patches: int, open_len: int) -> ChunkResult:
-        """Positions start .. start+len(ids)-1 of one sequence, in parallel. Syncs once for the
-        patch boundaries inside the chunk."""
+    def prefill_start(self, slot: int, ids: list[int], start: int, transfer: HostTransfer) -> ChunkStart:
+        """Positions start .. start+len(ids)-1 of one sequence, in parallel: the entropy model and the
+        encoder. The chunk's patch boundaries come to the host with the step's transfer; then
+        `prefill_finish` runs the global steps and the decoder."""
         T, slots, lengths, x = len(ids), self._tensor([slot]), self._tensor([start]), self._tensor([ids])
         rs = slice(slot, slot + 1)  # one row: caches are read in place
         entropy = self.entropies(x, slots, lengths, start, rs)
         closes = self.boundary_flags(entropy[0], torch.arange(start, start + T, device=x.device))
-        flags = closes.tolist()
         byte_states, positions = self.encode(x, slots, lengths, start, rs)
+        return ChunkStart(slot, slots, start, closes, byte_states, positions, transfer.add(closes))
+
+    def prefill_finish(self, chunk: ChunkStart, transfer: HostTransfer, num_patches: int,
+                       open_len: int) -> ChunkResult:
+        """The chunk's completed patches through the global model, then the decoder over its bytes."""
+        slot, slots, closes, byte_states = chunk.slot, chunk.slots, chunk.closes, chunk.byte_states
+        T, rs = byte_states.shape[1], slice(slot, slot + 1)
+        flags = [v > 0 for v in transfer.get(chunk.handle)]
         ends = [i for i, f in enumerate(flags) if f]
-        tables, slot_patch = self.latest_tables(slots), torch.zeros(1, T, dtype=torch.long, device=x.device)
+        tables, slot_patch = self.latest_tables(slots), torch.zeros(1, T, dtype=torch.long, device=closes.device)
         self.open_patch.reserve(open_len + T)
         if ends:
             closed_before = closes.long().cumsum(0)
@@ -309,7 +334,7 @@ class Runner:
             tail = byte_states
         if tail.shape[1]:
             self.open_patch.write(slots, self._tensor([open_len]), tail)
-        h = self.decode_bytes(byte_states, positions, tables, slot_patch, start)
+        h = self.decode_bytes(byte_states, chunk.positions, tables, slot_patch, chunk.start)
         return ChunkResult(flags, len(ends), open_len + tail.shape[1], self.logits(h[:, -1]))
 
     def decode(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
@@ -344,9 +369,11 @@ class Runner:
         return self.boundary_flags(entropy[:, 0], pos)
 
     def sample_and_look_ahead(self, logits: torch.Tensor, slots: list[int], positions: list[int],
-                              params: list[SamplingParams], seeds: list[int]) -> Sampled:
-        """Choose each row's byte for `positions`, feed it to the entropy model, and bring the ids,
-        their patch flags and any logprobs to the host in one transfer."""
+                              params: list[SamplingParams], seeds: list[int],
+                              transfer: HostTransfer) -> Callable[[], Sampled]:
+        """Choose each row's byte for `positions`, feed it to the entropy model, and register the ids,
+        their patch flags and any logprobs with the step's transfer; the function returned reads them
+        after the transfer."""
         s = self._tensor(slots)
         batch = SamplingBatch.build(params, seeds, s.device)
         ids = sample(logits, batch, self._tensor(positions), self.output_counts[s], self.seen[s], EOS_ID)
@@ -358,13 +385,17 @@ class Runner:
         if n_top is not None:
             chosen, top_values, top_ids = top_logprobs(logits, ids, n_top)
             parts += [chosen.double(), top_values.double().flatten(), top_ids.double().flatten()]
-        host = torch.cat(parts).tolist()  # the step's one host sync
+        handle = transfer.add(torch.cat(parts))
         B = len(slots)
-        result = Sampled([int(x) for x in host[:B]], [x > 0 for x in host[B:2 * B]], None)
-        if n_top is not None:
-            k = max(n_top, 1)
-            values, top = host[3 * B:3 * B + B * k], host[3 * B + B * k:]
-            result.logprobs = [(host[2 * B + b], [(int(top[b * k + j]), values[b * k + j])
-                                                  for j in range(min(n_top, params[b].logprobs or 0))])
-                               for b in range(B)]
+
+        def result() -> Sampled:
+            host = transfer.get(handle)
+            sampled = Sampled([int(x) for x in host[:B]], [x > 0 for x in host[B:2 * B]], None)
+            if n_top is not None:
+                k = max(n_top, 1)
+                values, top = host[3 * B:3 * B + B * k], host[3 * B + B * k:]
+                sampled.logprobs = [(host[2 * B + b], [(int(top[b * k + j]), values[b * k + j])
+                                                       for j in range(min(n_top, params[b].logprobs or 0))])
+                                    for b in range(B)]
+            return sampled
         return result

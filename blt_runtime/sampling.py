@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .device import host_tensor
 from .tokenizer import NEVER_SAMPLED
 
 MASK_32 = 0xFFFFFFFF
@@ -92,10 +93,11 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], device) -> SamplingBatch:
-        floats = torch.tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
-                                p.repetition_penalty] for p in params], dtype=torch.float32, device=device).T
-        ints = torch.tensor([[max(p.top_k, 0), seed, not p.ignore_eos] for p, seed in zip(params, seeds)],
-                            dtype=torch.int64, device=device).T  # two transfers, not nine
+        device = torch.device(device)
+        floats = host_tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
+                               p.repetition_penalty] for p in params], torch.float32, device).T
+        ints = host_tensor([[max(p.top_k, 0), seed, not p.ignore_eos] for p, seed in zip(params, seeds)],
+                           torch.int64, device).T  # two transfers, not nine
         return cls(
             temperature=floats[0], top_p=floats[1], top_k=ints[0], min_p=floats[2], presence=floats[3],
             frequency=floats[4], repetition=floats[5], seeds=ints[1], allow_eos=ints[2].bool(),

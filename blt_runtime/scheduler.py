@@ -1,8 +1,9 @@
 """Requests as sequences, the waiting queue, admission and per-step plans. Pure Python, no torch.
 
 A sequence is WAITING until a slot is free, then PREFILLING (its prompt is processed in chunks, one
-chunk per engine step, while running sequences keep decoding), then RUNNING (one byte per step),
-then FINISHED. Stops are decided here on bytes: EOS, stop strings, the byte limit (with up to three
+chunk per engine step, while running sequences keep decoding), then PREFILLED for one step (its
+first byte is sampled with the next step's other work), then RUNNING (one byte per step), then
+FINISHED. Stops are decided here on bytes: EOS, stop strings, the byte limit (with up to three
 more bytes to finish a UTF-8 character) and the model's context.
 """
 
@@ -29,6 +30,7 @@ class PromptTooLong(BltError):
 class Status(Enum):
     WAITING = "waiting"
     PREFILLING = "prefilling"
+    PREFILLED = "prefilled"
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -102,6 +104,7 @@ class Plan:
     decode: list[Sequence]
     prefill: Sequence | None
     chunk: tuple[int, int] = (0, 0)  # positions [start, end) of the prefill's prompt
+    first: list[Sequence] = field(default_factory=list)  # PREFILLED: their first byte is sampled now
 
 
 class Scheduler:
@@ -133,11 +136,12 @@ class Scheduler:
 
     def plan(self) -> Plan:
         decode = [s for s in self.active if s.status is Status.RUNNING]
+        first = [s for s in self.active if s.status is Status.PREFILLED]
         prefill = next((s for s in self.active if s.status is Status.PREFILLING), None)
         if prefill is None:
-            return Plan(decode, None)
+            return Plan(decode, None, first=first)
         end = min(prefill.processed + self.prefill_chunk, prefill.prompt_len)
-        return Plan(decode, prefill, (prefill.processed, end))
+        return Plan(decode, prefill, (prefill.processed, end), first)
 
     def remove(self, seq: Sequence) -> None:
         if seq in self.active:

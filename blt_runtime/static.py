@@ -6,7 +6,7 @@ The dynamic step sizes everything by the batch of the moment. Here every shape i
 - a ring-buffer cache is read at its full window, with a mask, whatever the lengths (a cache without
   a window, such as the global one, is read at a power-of-two span that the bucket key names);
 - every per-step input is copied into preallocated buffers in one transfer per kind, and every result
-  lands in one preallocated output that the host reads once: the step's one sync.
+  lands in one preallocated output, read with the step's one device-to-host transfer.
 A decode step is three pieces, each a pure function of those buffers and the caches:
 - `encode`: the new bytes through the hash embeddings and the local encoder, into the open patch;
 - `patch`, only when some row's byte closes its patch: pool and cross-attend the patch's bytes, one
@@ -18,6 +18,7 @@ they are. Knows nothing about requests (engine.py) and builds no tensors outside
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from .graphs import StepGraphs
 from .runner import Runner, Sampled, positions_for
 from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
 from .tokenizer import BOS_ID, EOS_ID
+from .transfer import HostTransfer
 
 MAX_LOGPROBS = 20  # a step that returns logprobs returns this many; the host keeps what each row asked for
 INT_FIELDS = ("slots", "lengths", "ids", "open_lens", "top_k", "seeds", "allow_eos")
@@ -109,9 +111,10 @@ class StaticDecoder:
     # ------------------------------------------------------------------ host side
     def step(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
              num_patches: list[int], open_lens: list[int], params: list[SamplingParams],
-             seeds: list[int]) -> Sampled:
+             seeds: list[int], transfer: HostTransfer) -> Callable[[], Sampled]:
         """The dynamic `Runner.decode` + `Runner.sample_and_look_ahead` for B running sequences: byte
-        ids[b] at position lengths[b], then the byte for position lengths[b] + 1."""
+        ids[b] at position lengths[b], then the byte for position lengths[b] + 1. The results come
+        with the step's transfer; the function returned reads them."""
         r, B = self.r, len(slots)
         Bb = bucket(B, self.sizes)
         rows = [i for i, c in enumerate(closes) if c]
@@ -146,12 +149,19 @@ class StaticDecoder:
         n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         mode = (all_greedy, any_penalty, n_top is not None)
         self._run(("finish", Bb, spans, mode), lambda: self._finish(buf, spans, *mode))
-        host = buf.out[:B, :2 if n_top is None else buf.out.shape[1]].tolist()  # the step's one host sync
-        result = Sampled([int(row[0]) for row in host], [row[1] > 0 for row in host], None)
-        if n_top is not None:
-            k = MAX_LOGPROBS
-            result.logprobs = [(row[2], [(int(row[3 + k + j]), row[3 + j]) for j in range(params[b].logprobs or 0)])
-                               for b, row in enumerate(host)]
+        width = 2 if n_top is None else buf.out.shape[1]
+        handle = transfer.add(buf.out[:B, :width])
+
+        def result() -> Sampled:
+            flat = transfer.get(handle)
+            host = [flat[b * width:(b + 1) * width] for b in range(B)]
+            sampled = Sampled([int(row[0]) for row in host], [row[1] > 0 for row in host], None)
+            if n_top is not None:
+                k = MAX_LOGPROBS
+                sampled.logprobs = [(row[2], [(int(row[3 + k + j]), row[3 + j])
+                                              for j in range(params[b].logprobs or 0)])
+                                    for b, row in enumerate(host)]
+            return sampled
         return result
 
     def _run(self, key, piece) -> None:

@@ -206,3 +206,33 @@ def test_graph_keys_name_every_shape(models):
         assert {key[0] for key in graphs.graphs} == {"encode", "patch", "finish"}
         if requests is mixed:
             assert graphs.captures > len(graphs.graphs), "buffers grew, so some graphs were captured again"
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_one_wait_for_the_device_per_step(models, monkeypatch, static):
+    """Decoding, a prefill chunk, first bytes and logprobs in the same steps: each engine step reads
+    device values on the host once (HostTransfer.fetch), however much it does."""
+    engine = Engine(models["1b"], max_batch_size=4, prefill_chunk=48, static=static)
+    reads = []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    for i in range(4):
+        engine.add_request(str(i), PARITY_TEXT[:90 * i], SamplingParams(max_bytes=60, temperature=0.5 * (i % 2),
+                                                                        logprobs=i if i % 2 else None))
+    kinds = set()
+    while engine.has_work():
+        plan = engine.scheduler.plan()
+        kinds |= {k for k, v in (("decode", plan.decode), ("prefill", plan.prefill), ("first", plan.first)) if v}
+        reads.clear()
+        engine.step()
+        assert len(reads) <= 1, reads
+    assert kinds == {"decode", "prefill", "first"}
