@@ -175,8 +175,8 @@ class Engine:
         if not seqs:
             return None
         return self.runner.sample_and_look_ahead(
-            torch.cat(logits), [s.slot for s in seqs], [len(s.ids) for s in seqs], [s.params for s in seqs],
-            [s.seed for s in seqs], transfer)
+            logits[0] if len(logits) == 1 else torch.cat(logits), [s.slot for s in seqs],
+            [len(s.ids) for s in seqs], [s.params for s in seqs], [s.seed for s in seqs], transfer)
 
     def _report(self, seqs: list[Sequence], sampled: Sampled) -> list[StepOutput]:
         """Accept each sequence's sampled byte, apply stops, report."""

@@ -20,12 +20,12 @@ class HostTransfer:
         """Register a device tensor (any shape, values exact in float64); returns its handle."""
         if self._values is not None:
             raise RuntimeError("add() after fetch()")
-        self._parts.append(tensor.detach().double().flatten())
+        self._parts.append(tensor.detach().flatten().double())
         return len(self._parts) - 1
 
     def fetch(self) -> None:
         sizes = [p.numel() for p in self._parts]
-        flat = torch.cat(self._parts).tolist() if self._parts else []
+        flat = (self._parts[0] if len(self._parts) == 1 else torch.cat(self._parts)).tolist() if self._parts else []
         self._values, start = [], 0
         for size in sizes:
             self._values.append(flat[start:start + size])
