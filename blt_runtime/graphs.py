@@ -23,6 +23,7 @@ class StepGraphs:
         self.device = device
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.side = torch.cuda.Stream(device)  # where first runs go, outside the capture
         self.captures = 0  # how many graphs were recorded (a capture per new key, and again after clear())
 
     def run(self, key: Hashable, piece: Callable[[], None]) -> None:
@@ -36,11 +37,10 @@ class StepGraphs:
 
     def _run_eagerly(self, piece: Callable[[], None]) -> None:
         current = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        self.side.wait_stream(current)
+        with torch.cuda.stream(self.side):
             piece()
-        current.wait_stream(side)
+        current.wait_stream(self.side)
 
     def _record(self, piece: Callable[[], None]):
         """The piece's kernels, recorded (not run); `.replay()` runs them."""
