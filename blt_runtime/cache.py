@@ -68,8 +68,14 @@ class KVCache:
         """Cache index that holds each absolute position."""
         return positions if self.window is None else torch.remainder(positions, self.window)
 
-    def write(self, layer: int, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values (B, H_kv, T, D) at (rows, index), both (B, T) (see index_of)."""
+    def write(self, layer: int, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              at: tuple[int, int] | None = None) -> None:
+        """Store new keys/values (B, H_kv, T, D) at (rows, index), both (B, T) (see index_of). `at`:
+        the (slot, index) of a single new entry, when the host knows it (a plain copy, no gather)."""
+        if at is not None:
+            self.k[layer, at[0], :, at[1]].copy_(k[0, :, 0])
+            self.v[layer, at[0], :, at[1]].copy_(v[0, :, 0])
+            return
         self.k[layer][rows, :, index] = k.transpose(1, 2)
         self.v[layer][rows, :, index] = v.transpose(1, 2)
 

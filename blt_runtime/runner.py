@@ -78,6 +78,7 @@ class Positions:
     write_index: torch.Tensor  # (B, kept) cache index of each new entry
     kept: int  # new entries stored (the last `window` of them at most)
     write_first: bool  # one new position: store it, then read the cache (no concatenation)
+    write_at: tuple[int, int] | None  # (slot, cache index) of a single row's one new entry, known on the host
     min_length: int | None  # the shortest row's cached positions, when the host knows it
 
 
@@ -107,8 +108,11 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
     kept = T if cache.window is None else min(T, cache.window)
     index = cache.index_of(new[:, T - kept:])
     rows = slots[:, None].expand_as(index)
+    write_at = None
+    if write_first and read_slots is not None and read_slots.stop - read_slots.start == 1 and min_length == max_length:
+        write_at = (read_slots.start, max_length if cache.window is None else max_length % cache.window)
     return Positions(slots, read_slots, lengths, span, rotation[:, :, None], mask, rows, index, kept, write_first,
-                     min_length)
+                     write_at, min_length)
 
 
 def consecutive(slots: list[int]) -> slice | None:
@@ -152,18 +156,41 @@ def wide_layout(model: torch.nn.Module) -> None:
                 module.weight.data = weight.t().contiguous().t()
 
 
+@dataclass(frozen=True)
+class BlockStep:
+    """What one block's decode step reads, gathered once: module attribute lookups cost more than
+    the small kernels they feed."""
+
+    norm1: Callable[[torch.Tensor], torch.Tensor]
+    qkv: torch.Tensor  # fused (see fuse_projections)
+    o: torch.Tensor
+    norm2: Callable[[torch.Tensor], torch.Tensor]
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, block: Block, device: torch.device, transposed: bool) -> BlockStep:
+        attn = block.self_attn
+        qkv, gate_up = fuse_projections(block, transposed)
+        return cls(block.input_layernorm.bound(device), qkv, attn.o_proj.weight,
+                   block.post_attention_layernorm.bound(device), gate_up, block.mlp.down_proj.weight,
+                   attn.num_heads, attn.num_kv_heads, attn.head_dim)
+
+
 def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Positions) -> torch.Tensor:
     """One pre-norm block over new positions, attending to the cache and storing the new keys."""
-    attn, (qkv_weight, gate_up_weight) = block.self_attn, block.fused
-    H, H_kv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    norm1, norm2 = block.input_layernorm, block.post_attention_layernorm
-    qkv = F.linear(norm1.forward(h), qkv_weight)  # .forward: no module-call overhead on the hot path
+    b: BlockStep = block.decode_step
+    H, H_kv, D = b.heads, b.kv_heads, b.head_dim
+    qkv = F.linear(b.norm1(h), b.qkv)
     qk = apply_rope(qkv[..., :(H + H_kv) * D].unflatten(-1, (H + H_kv, D)), p.rotation).transpose(1, 2)
     q, k = qk.split([H, H_kv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
     v = qkv[..., (H + H_kv) * D:].unflatten(-1, (H_kv, D)).transpose(1, 2)
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
     if p.write_first:
-        cache.write(layer, p.write_rows, p.write_index, new_k, new_v)
+        cache.write(layer, p.write_rows, p.write_index, new_k, new_v, p.write_at)
         keys, values = cache.read(layer, p.read_slots or p.slots, p.span)
     else:
         cached_k, cached_v = cache.read(layer, p.read_slots or p.slots, p.span)
@@ -171,9 +198,9 @@ def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Pos
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v)
     groups = H // H_kv
     o = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=p.mask)
-    h = h + F.linear(o.transpose(1, 2).flatten(2), attn.o_proj.weight)
-    gate, up = F.linear(norm2.forward(h), gate_up_weight).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, block.mlp.down_proj.weight)
+    h = h + F.linear(o.transpose(1, 2).flatten(2), b.o)
+    gate, up = F.linear(b.norm2(h), b.gate_up).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, b.down)
 
 
 class Runner:
@@ -187,8 +214,8 @@ class Runner:
         cpu = dev.type == "cpu"
         for stack in (model.patcher, model.local_encoder, model.global_transformer, model.local_decoder):
             for block in stack.layers:
-                if not hasattr(block, "fused"):
-                    block.fused = fuse_projections(block, transposed=cpu)
+                if not hasattr(block, "decode_step"):
+                    block.decode_step = BlockStep.of(block, dev, transposed=cpu)
         if cpu and not getattr(model, "wide_layout", False):
             wide_layout(model)
             model.wide_layout = True

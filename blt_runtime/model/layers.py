@@ -9,12 +9,24 @@ checkpoint's keys below its prefix. Nothing here knows about bytes or patches.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import StackConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, eps_t: torch.Tensor,
+             inv_dim: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, statistics in fp32. In fp32 it is F.rms_norm's arithmetic in
+    5 kernels instead of 8 (a decode step's norms are vectors of 128-2048 floats, where each kernel
+    call is the cost), with eps and 1/d as tensors (`eps_t`, `inv_dim`) on x's device."""
+    if x.dtype == torch.float32:
+        return x * torch.addcmul(eps_t, (x * x).sum(-1, keepdim=True), inv_dim).rsqrt_() * weight
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * normed.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -25,19 +37,19 @@ class RMSNorm(nn.Module):
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            # x * rsqrt(sum(x^2) / d + eps) * w, F.rms_norm's arithmetic in 5 kernels instead of its 8 (a
-            # decode step's norms are vectors of 128-2048 floats, where each kernel call is the cost)
-            eps, inv_dim = self._constants_on(x.device, x.shape[-1])
-            return x * torch.addcmul(eps, (x * x).sum(-1, keepdim=True), inv_dim).rsqrt_() * self.weight
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / sqrt(mean(x^2) + eps) in fp32
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, *self._constants_on(x.device))
 
-    def _constants_on(self, device: torch.device, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def bound(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This norm as a plain function of x, its weight and constants bound: no module attribute
+        lookups per call (the engine's hot path)."""
+        weight, eps, (eps_t, inv_dim) = self.weight, self.eps, self._constants_on(device)
+        return lambda x: rms_norm(x, weight, eps, eps_t, inv_dim)
+
+    def _constants_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._constants:
             with torch.inference_mode(False):
                 self._constants[device] = (torch.tensor(self.eps, device=device),
-                                           torch.tensor(1.0 / dim, device=device))
+                                           torch.tensor(1.0 / self.weight.shape[0], device=device))
         return self._constants[device]
 
 
