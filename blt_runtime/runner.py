@@ -25,7 +25,7 @@ from .device import host_tensor
 from .model.blt import BltModel
 from .model.entropy import entropy_nats
 from .model.hashing import power_matrix
-from .model.layers import Block, Stack, apply_rope, double_residual, repeat_kv, rope_rotation
+from .model.layers import Block, CrossAttention, Stack, apply_rope, double_residual, repeat_kv, rope_rotation
 from .model.local_decoder import attend_gathered
 from .patcher import starts_next
 from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
@@ -180,6 +180,27 @@ class BlockStep:
                    attn.num_heads, attn.num_kv_heads, attn.head_dim)
 
 
+@dataclass(frozen=True)
+class CrossStep:
+    """A decoder cross-attention whose bytes all read the same k slots (a decode step), from weights
+    gathered once: CrossAttention.merge(SDPA(CrossAttention.queries(h), keys, values))."""
+
+    q_norm: Callable[[torch.Tensor], torch.Tensor]
+    q: torch.Tensor
+    o: torch.Tensor
+    heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, ca: CrossAttention, device: torch.device) -> CrossStep:
+        return cls(ca.q_norm.bound(device), ca.q_proj.weight, ca.o_proj.weight, ca.num_heads, ca.head_dim)
+
+    def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        q = F.linear(self.q_norm(h), self.q).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, keys, values)
+        return F.linear(o.transpose(1, 2).flatten(2), self.o)
+
+
 def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Positions) -> torch.Tensor:
     """One pre-norm block over new positions, attending to the cache and storing the new keys."""
     b: BlockStep = block.decode_step
@@ -219,6 +240,12 @@ class Runner:
         if cpu and not getattr(model, "wide_layout", False):
             wide_layout(model)
             model.wide_layout = True
+        # the per-byte pieces outside the blocks, gathered once (no module calls on the hot path)
+        self.cross_steps = [CrossStep.of(ca, dev) for ca in model.local_decoder.cross_attn_layers]
+        self.decoder_norm = model.local_decoder.norm.bound(dev)
+        self.entropy_norm = model.patcher.norm.bound(dev)
+        self.entropy_embed, self.entropy_head = model.patcher.embed_tokens.weight, model.patcher.lm_head.weight
+        self.lm_head = model.lm_head.weight
 
         def kv(stack_cfg, window):
             return KVCache(stack_cfg.num_layers, slots, stack_cfg.num_kv_heads, stack_cfg.head_dim, window,
@@ -259,10 +286,10 @@ class Runner:
     def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None,
                   min_length=None) -> torch.Tensor:
         """(B, T) ids at positions lengths.. -> (B, T) fp32 entropies; extends the entropy cache."""
-        patcher = self.model.patcher
-        h, _ = self._run_stack(patcher, self.entropy_kv, patcher.embed_tokens(ids), slots, lengths, max_length,
-                               read_slots, min_length)
-        return entropy_nats(patcher.head(h))
+        h, _ = self._run_stack(self.model.patcher, self.entropy_kv, F.embedding(ids, self.entropy_embed), slots,
+                               lengths, max_length, read_slots, min_length)
+        # EntropyModel.head: the output head in fp32, so that entropies are fp32 end to end
+        return entropy_nats(F.linear(self.entropy_norm(h).float(), self.entropy_head.float()))
 
     def encode(self, ids: torch.Tensor, slots, lengths, max_length: int,
                read_slots=None, min_length=None) -> tuple[torch.Tensor, Positions]:
@@ -299,15 +326,15 @@ class Runner:
             if i < len(dec.cross_attn_layers):
                 ca, (keys, values) = dec.cross_attn_layers[i], tables[i]
                 if slot_patch is None:  # every byte reads the k slots given: plain attention over them
-                    attended = ca.merge(F.scaled_dot_product_attention(ca.queries(h), keys, values))
+                    attended = self.cross_steps[i](h, keys, values)
                 else:
                     attended = attend_gathered(ca, h, keys, values, slot_patch, dec.k)
                 h = double_residual(h, attended)
             h = block_step(block, h, self.decoder_kv, i, p)
-        return dec.norm(h)
+        return self.decoder_norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(h).float()
+        return F.linear(h, self.lm_head).float()
 
     def store_latest(self, slots: torch.Tensor, kv_per_layer) -> None:
         """Keep the k decoder slots of each row's newest completed patch."""
