@@ -6,6 +6,7 @@ Prints a table, then one JSON line with: reference_ms_per_byte, engine_ms_per_by
 each context length; aggregate_bytes_per_s at each concurrency; global_steps_per_byte;
 bytes_per_patch; peak_rss_mb. The reference is greedy generation by full recompute (the whole
 model over the whole text for every byte), as Meta's code and transformers do without a cache.
+Contexts and concurrencies are each measured in `--repeats` interleaved rounds; medians reported.
 Needs only torch (no web stack), so it runs on a bare GPU machine too.
 """
 
@@ -118,12 +119,17 @@ def main() -> None:
         print(f"context {c:>5}: full recompute {ref:8.2f} ms/byte, engine {eng:6.2f} ms/byte, {ref / eng:6.1f}x "
               f"(medians of {args.repeats}; engine runs {', '.join(f'{x:.2f}' for x in samples[c]['eng'])})",
               flush=True)
-    for n in [int(x) for x in args.concurrency.split(",")]:
-        prompts = [prompt_text(128 + 17 * i)[17 * i:] for i in range(n)]
-        run = engine_run(model, prompts, args.engine_bytes, args.device, max_len)
-        result["aggregate_bytes_per_s"][n] = round(run["bytes_per_s"], 1)
-        print(f"{n:>3} sequences: {run['bytes_per_s']:9.1f} bytes/s aggregate, {run['ms_per_step']:.2f} ms/step",
-              flush=True)
+    counts = [int(x) for x in args.concurrency.split(",")]
+    rates: dict[int, list[float]] = {n: [] for n in counts}
+    for _ in range(args.repeats):  # interleaved rounds here too: the ratios compare like with like
+        for n in counts:
+            prompts = [prompt_text(128 + 17 * i)[17 * i:] for i in range(n)]
+            rates[n].append(engine_run(model, prompts, args.engine_bytes, args.device, max_len)["bytes_per_s"])
+    for n in counts:
+        rate = statistics.median(rates[n])
+        result["aggregate_bytes_per_s"][n] = round(rate, 1)
+        print(f"{n:>3} sequences: {rate:9.1f} bytes/s aggregate (median of {args.repeats}: "
+              f"{', '.join(f'{x:.1f}' for x in rates[n])})", flush=True)
     result["global_steps_per_byte"] = round(total_global / total_bytes, 4)
     result["bytes_per_patch"] = round(total_bytes / total_global, 3)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
