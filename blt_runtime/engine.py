@@ -171,12 +171,12 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: list[torch.Tensor],
                 transfer: HostTransfer) -> Callable[[], Sampled] | None:
-        """Sample each sequence's next byte from its (1 or B, V) logits; results come with the transfer."""
+        """Sample each sequence's next byte from `logits`, (B, V) blocks that stack to one row per
+        sequence; the results come with the transfer."""
         if not seqs:
             return None
-        return self.runner.sample_and_look_ahead(
-            logits[0] if len(logits) == 1 else torch.cat(logits), [s.slot for s in seqs],
-            [len(s.ids) for s in seqs], [s.params for s in seqs], [s.seed for s in seqs], transfer)
+        return self.runner.sample_and_look_ahead(logits, [s.slot for s in seqs], [len(s.ids) for s in seqs],
+                                                 [s.params for s in seqs], [s.seed for s in seqs], transfer)
 
     def _report(self, seqs: list[Sequence], sampled: Sampled) -> list[StepOutput]:
         """Accept each sequence's sampled byte, apply stops, report."""

@@ -422,12 +422,13 @@ class Runner:
                                  min(positions))
         return self.boundary_flags(entropy[:, 0], pos)
 
-    def sample_and_look_ahead(self, logits: torch.Tensor, slots: list[int], positions: list[int],
+    def sample_and_look_ahead(self, logits: list[torch.Tensor], slots: list[int], positions: list[int],
                               params: list[SamplingParams], seeds: list[int],
                               transfer: HostTransfer) -> Callable[[], Sampled]:
-        """Choose each row's byte for `positions`, feed it to the entropy model, and register the ids,
-        their patch flags and any logprobs with the step's transfer; the function returned reads them
-        after the transfer."""
+        """Choose each row's byte for `positions` from the rows of `logits` (blocks of (B, V)), feed it
+        to the entropy model, and register the ids, their patch flags and any logprobs with the step's
+        transfer; the function returned reads them after the transfer."""
+        logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         s = self._tensor(slots)
         batch = SamplingBatch.build(params, seeds, s.device)
         ids = sample(logits, batch, self._tensor(positions), self.output_counts[s], self.seen[s], EOS_ID)
