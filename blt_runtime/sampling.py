@@ -75,6 +75,14 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> t
     return (bits.double() + 0.5) / 2.0**32
 
 
+def all_greedy(params: list[SamplingParams]) -> bool:
+    return all(p.temperature == 0 for p in params)
+
+
+def any_penalty(params: list[SamplingParams]) -> bool:
+    return any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row parameters of a batch as tensors (built on the host once per step)."""
@@ -101,9 +109,7 @@ class SamplingBatch:
         return cls(
             temperature=floats[0], top_p=floats[1], top_k=ints[0], min_p=floats[2], presence=floats[3],
             frequency=floats[4], repetition=floats[5], seeds=ints[1], allow_eos=ints[2].bool(),
-            all_greedy=all(p.temperature == 0 for p in params),
-            any_penalty=any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
-                            for p in params),
+            all_greedy=all_greedy(params), any_penalty=any_penalty(params),
         )
 
 

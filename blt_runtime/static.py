@@ -25,7 +25,7 @@ import torch
 
 from .graphs import StepGraphs
 from .runner import Runner, Sampled, positions_for
-from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
+from .sampling import SamplingBatch, SamplingParams, all_greedy, any_penalty, sample, top_logprobs
 from .tokenizer import BOS_ID, EOS_ID
 from .transfer import HostTransfer
 
@@ -90,9 +90,9 @@ class ByteBuffers:
                 return staged.views[name]
         raise AttributeError(name)
 
-    def sampling(self, all_greedy: bool, any_penalty: bool) -> SamplingBatch:
+    def sampling(self, greedy: bool, penalty: bool) -> SamplingBatch:
         return SamplingBatch(self.temperature, self.top_p, self.top_k, self.min_p, self.presence, self.frequency,
-                             self.repetition, self.seeds, self.allow_eos.bool(), all_greedy, any_penalty)
+                             self.repetition, self.seeds, self.allow_eos.bool(), greedy, penalty)
 
 
 class StaticDecoder:
@@ -144,10 +144,8 @@ class StaticDecoder:
                          "before": [num_patches[i] for i in rows]}, {"rows": r.scratch, "counts": 1})
             self._run(("patch", Rb, patch_bytes, global_span),
                       lambda: self._patch(staged, patch_bytes, global_span))
-        all_greedy = all(p.temperature == 0 for p in params)
-        any_penalty = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 for p in params)
         n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        mode = (all_greedy, any_penalty, n_top is not None)
+        mode = (all_greedy(params), any_penalty(params), n_top is not None)
         self._run(("finish", Bb, spans, mode), lambda: self._finish(buf, spans, *mode))
         width = 2 if n_top is None else buf.out.shape[1]
         handle = transfer.add(buf.out[:B, :width])
@@ -214,14 +212,14 @@ class StaticDecoder:
         vecs = r.model.local_encoder.patch_slots(states, padding.long(), 2)[:, :1]  # padding = patch 1
         r.store_latest(v["rows"], r.global_step(vecs, v["rows"], v["before"], global_span - 1))
 
-    def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], all_greedy: bool, any_penalty: bool,
+    def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], greedy: bool, penalty: bool,
                 logprobs: bool) -> None:
         r = self.r
         p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1)
         h = r.decode_bytes(b.states, p, r.latest_tables(b.slots), None, spans[2] - 1)
         logits = r.logits(h[:, 0])
         position = b.lengths + 1
-        ids = sample(logits, b.sampling(all_greedy, any_penalty), position, r.output_counts[b.slots],
+        ids = sample(logits, b.sampling(greedy, penalty), position, r.output_counts[b.slots],
                      r.seen[b.slots], EOS_ID)
         r.output_counts[b.slots, ids] += 1
         r.seen[b.slots, ids] = True
