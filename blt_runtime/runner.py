@@ -73,7 +73,7 @@ class Positions:
     lengths: torch.Tensor  # (B,) positions cached before the new ones
     span: int  # cache entries to read
     rotation: torch.Tensor  # (B, T, 1, D/2) complex: RoPE is applied before heads are transposed
-    mask: torch.Tensor | None  # (B, 1, T, keys); None when every row sees every entry read
+    mask: torch.Tensor | None  # (B, 1, T, keys) additive; None when every row sees every entry read
     write_rows: torch.Tensor  # (B, kept) slot of each new entry
     write_index: torch.Tensor  # (B, kept) cache index of each new entry
     kept: int  # new entries stored (the last `window` of them at most)
@@ -104,6 +104,9 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
         mask = (keys >= 0) & (keys <= q)
         if stack.cfg.window is not None:
             mask &= keys > q - stack.cfg.window
+        # additive (0 / -inf) in the cache's dtype, built once for every layer of the stack: SDPA
+        # would otherwise convert a boolean mask in each layer (same result, a kernel or two each)
+        mask = torch.zeros(mask.shape, dtype=cache.k.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
         mask = mask[:, None]
     kept = T if cache.window is None else min(T, cache.window)
     index = cache.index_of(new[:, T - kept:])
