@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--engine-bytes", type=int, default=128)
     p.add_argument("--reference-bytes", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3, help="rounds over all contexts; medians are reported")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds over contexts and concurrencies; medians")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = p.parse_args()
     if args.threads:
