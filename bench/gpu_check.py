@@ -165,12 +165,14 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     result["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
     result["bytes_per_patch"] = round(one["bytes"] / max(one["completion_patches"], 1), 2)
     result["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
-    for n in (int(s) for s in args.streams.split(",")):
+    for k, n in enumerate(int(s) for s in args.streams.split(",")):
         prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
         _, outputs = run_engine(primary, prompts, args.bytes)  # captures this bucket's graphs
         stats, again = run_engine(primary, prompts, args.bytes)
         result[f"aggregate_bytes_per_s_{n}"] = round(stats["bytes_per_s"], 1)
         result["deterministic"] &= outputs == again
+        if k == 0:  # the comparison once more with several rows, patch steps of several sizes among them
+            result[f"{names[0]}_equal_{names[1]}_{n}_streams"] = run_engine(other, prompts, args.bytes)[1] == outputs
     if primary.static is not None:
         result["step_shapes_run"] = len(primary.static.keys_seen)
     if primary.uses_cuda_graphs:

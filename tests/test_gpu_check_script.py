@@ -13,7 +13,7 @@ def test_gpu_check_small_on_cpu():
                           "--dtype", "float32", "--bytes", "96", "--streams", "2", "--hf-bytes", "2"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["deterministic"] and result["static_equal_dynamic"]
+    assert result["deterministic"] and result["static_equal_dynamic"] and result["static_equal_dynamic_2_streams"]
     assert result["top1_agreement_full_recompute"] >= 0.99
     assert 3.0 <= result["bytes_per_patch"] <= 6.5  # threshold set for about 4.5 on English text
     for key in ("batch1_bytes_per_s", "ttfb_1kb_prompt_ms", "aggregate_bytes_per_s_2"):
