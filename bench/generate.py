@@ -61,9 +61,11 @@ def reference_ms_per_byte(model, context: int, n_bytes: int, device: str) -> flo
     return (time.perf_counter() - start) * 1000 / n_bytes
 
 
-def engine_run(model, prompts: list[bytes], n_bytes: int, device: str, max_len: int) -> dict:
-    """Prefill all prompts, then time the decode steps alone. -> bytes/s, ms/step and patch figures."""
-    engine = Engine(model, max_batch_size=len(prompts), max_model_len=max_len)
+def engine_run(model, prompts: list[bytes], n_bytes: int, device: str, max_len: int,
+               static: bool | None = None) -> dict:
+    """Prefill all prompts, then time the decode steps alone. -> bytes/s, ms/step and patch figures.
+    `static`: the engine's decode steps at static shapes (None: the device's default)."""
+    engine = Engine(model, max_batch_size=len(prompts), max_model_len=max_len, static=static)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(max_bytes=n_bytes, temperature=0.0, ignore_eos=True))
     seqs = list(engine.sequences.values())
@@ -94,6 +96,8 @@ def main() -> None:
     p.add_argument("--reference-bytes", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds over contexts and concurrencies; medians")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--compare-static", action="store_true",
+                   help="also time the other decode-step form (static shapes on CPU, dynamic on CUDA)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,11 +115,20 @@ def main() -> None:
             samples[c]["ref"].append(reference_ms_per_byte(model, c, args.reference_bytes, args.device))
             run = engine_run(model, [prompt_text(c)], args.engine_bytes, args.device, max_len)
             samples[c]["eng"].append(1000 / run["bytes_per_s"])
+            if args.compare_static:  # the other decode-step form, in the same rounds
+                other = engine_run(model, [prompt_text(c)], args.engine_bytes, args.device, max_len,
+                                   static=model.device.type != "cuda")
+                samples[c].setdefault("other", []).append(1000 / other["bytes_per_s"])
             total_bytes, total_global = total_bytes + run["bytes"], total_global + run["global_steps"]
     for c in contexts:
         ref, eng = statistics.median(samples[c]["ref"]), statistics.median(samples[c]["eng"])
         result["reference_ms_per_byte"][c], result["engine_ms_per_byte"][c] = round(ref, 3), round(eng, 3)
         result["speedup"][c] = round(ref / eng, 1)
+        if args.compare_static:
+            other = statistics.median(samples[c]["other"])
+            result.setdefault("other_step_form_ms_per_byte", {})[c] = round(other, 3)
+            form = "dynamic" if model.device.type == "cuda" else "static"
+            print(f"context {c:>5}: engine with {form} decode steps {other:6.2f} ms/byte", flush=True)
         print(f"context {c:>5}: full recompute {ref:8.2f} ms/byte, engine {eng:6.2f} ms/byte, {ref / eng:6.1f}x "
               f"(medians of {args.repeats}; engine runs {', '.join(f'{x:.2f}' for x in samples[c]['eng'])})",
               flush=True)

@@ -232,7 +232,7 @@ class Runner:
         """Per-sequence state for `slots` sequences, plus one scratch row (index `slots`) that the padding
         rows of a static-shaped step read and write (see static.py)."""
         self.model, self.cfg = model, model.config
-        self.num_slots, self.scratch, self.max_len = slots, slots, max_len
+        self.num_slots, self.scratch = slots, slots
         cfg, dev, dt = model.config, model.device, model.dtype
         slots += 1
         cpu = dev.type == "cpu"
@@ -240,9 +240,8 @@ class Runner:
             for block in stack.layers:
                 if not hasattr(block, "decode_step"):
                     block.decode_step = BlockStep.of(block, dev, transposed=cpu)
-        if cpu and not getattr(model, "wide_layout", False):
-            wide_layout(model)
-            model.wide_layout = True
+        if cpu:
+            wide_layout(model)  # idempotent: a weight already laid out is no longer contiguous
         # the per-byte pieces outside the blocks, gathered once (no module calls on the hot path)
         self.cross_steps = [CrossStep.of(ca, dev) for ca in model.local_decoder.cross_attn_layers]
         self.decoder_norm = model.local_decoder.norm.bound(dev)
