@@ -106,6 +106,6 @@ def save_model(model: BltModel, path: str | Path, dtype: torch.dtype | None = No
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save(directory)
     # contiguous copies: parameters may be views into fused or transposed tensors (see runner.py)
-    tensors = {checkpoint_key(k): (v.to(dtype) if dtype else v).detach().cpu().contiguous().clone()
-               for k, v in model.state_dict().items()}
+    tensors = {checkpoint_key(k): (v.to(dtype) if dtype else v).detach().cpu()
+               .clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
