@@ -63,9 +63,9 @@ def build_engine(settings: Settings):
     if settings.max_model_len is not None and not 2 <= settings.max_model_len <= model.config.max_seq_len:
         raise ConfigError(f"--max-model-len {settings.max_model_len}: must be in 2..{model.config.max_seq_len} "
                           "(the model's max_seq_len)")
-    graphs = None if model.device.type == "cuda" and not settings.enforce_eager else False
     engine = Engine(model, max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
-                    max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk, cuda_graphs=graphs)
+                    max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
+                    cuda_graphs=False if settings.enforce_eager else None)  # None: graphs where CUDA is
     log.info("decode steps: %s", "CUDA graphs" if engine.uses_cuda_graphs else
              "static shapes, eager" if engine.static is not None else "dynamic shapes, eager")
     return engine
