@@ -11,6 +11,12 @@ and timed in one run. Prints a table and, last, one JSON line.
    at 8, 32 and 64 streams, and peak memory. Each timed run follows an identical untimed one, so
    graph captures (one per new step shape) are not in the figures.
 4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run.
+5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
+   time per step, the costliest kernels.
+6. Runs the engine again with its element-wise stretches compiled (fused.py, `compiled` in the
+   JSON): compile time, graphs against eager, determinism, top-1 agreement, batch 1, the largest
+   stream count, its profile. A JSON line with everything before this part is printed first, so
+   a run that times out here still reports the rest.
 
 Needs torch (and transformers for step 4), never the web stack. `--small` runs tiny shapes, which
 is how the script itself is tested on a CPU:
@@ -83,8 +89,8 @@ def set_threshold(model: BltModel, bytes_per_patch: float = 4.5) -> float:
     return threshold
 
 
-def make_engine(model: BltModel, graphs: bool, static: bool = True) -> Engine:
-    return Engine(model, max_batch_size=64, max_model_len=4096, static=static, cuda_graphs=graphs)
+def make_engine(model: BltModel, graphs: bool, static: bool = True, compile: bool = False) -> Engine:
+    return Engine(model, max_batch_size=64, max_model_len=4096, static=static, cuda_graphs=graphs, compile=compile)
 
 
 def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple[dict, list[bytes]]:
@@ -113,6 +119,66 @@ def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple[dict
 
 
 RUNS = list(range(10_000, 0, -1))  # unique request ids across runs
+
+
+def profile_steps(engine: Engine, prompt: bytes, steps: int = 32) -> dict:
+    """What the device does in a batch-1 decode step: kernels (and copies) launched per step, their
+    summed duration, and the wall time per step, from torch.profiler (CUDA only). Kernel time far
+    below wall time means the step waits on launches, not on the kernels themselves."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rid = f"profile-{RUNS.pop()}"
+    engine.add_request(rid, prompt, SamplingParams(max_bytes=steps + 16, temperature=0.0, ignore_eos=True))
+    for _ in range(8):  # prefill, first byte, a few decode steps: everything captured before the profile
+        engine.step()
+    device = engine.model.device
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+        wall = time.perf_counter() - start
+    while engine.has_work():
+        engine.step()
+    on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = {}
+    for e in on_device:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    return {"device_ops_per_step": round(len(on_device) / steps, 1),
+            "device_us_per_step": round(sum(by_name.values()) / steps, 1),
+            "wall_us_per_step_profiled": round(wall / steps * 1e6, 1),
+            "top_device_ops_us_per_step": {name[:60]: round(us / steps, 1) for name, us in top}}
+
+
+def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The engine with its element-wise stretches compiled (fused.py): exactness against the same
+    compiled steps run eagerly, agreement with full recompute, batch 1 and the largest stream count."""
+    cuda = model.device.type == "cuda"
+    out: dict = {}
+    start = time.perf_counter()
+    primary = make_engine(model, graphs=cuda, compile=True)
+    run_engine(primary, [prompt[:64]], 8)  # compiles the batch-1 variants
+    first_run, (greedy,) = run_engine(primary, [prompt], args.bytes)
+    out["compile_and_first_run_s"] = round(time.perf_counter() - start, 1)
+    one, (again,) = run_engine(primary, [prompt], args.bytes)
+    out["deterministic"] = greedy == again
+    eager = make_engine(model, graphs=False, static=True, compile=True)
+    same = run_engine(eager, [prompt], args.bytes)[1][0] == greedy
+    out["graphs_equal_eager" if cuda else "static_equal_eager"] = same
+    out["batch1_bytes_per_s"] = round(one["bytes_per_s"], 1)
+    out["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
+    out["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
+    n = max(int(s) for s in args.streams.split(","))
+    prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
+    _, outputs = run_engine(primary, prompts, args.bytes)
+    stats, again = run_engine(primary, prompts, args.bytes)
+    out[f"aggregate_bytes_per_s_{n}"] = round(stats["bytes_per_s"], 1)
+    out["deterministic"] &= outputs == again
+    if cuda:
+        out["profile_batch1"] = profile_steps(primary, prompt)
+    result["compiled"] = out
 
 
 def top1_agreement(model: BltModel, prompt: bytes, generated: bytes) -> float:
@@ -177,6 +243,9 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
         result["step_shapes_run"] = len(primary.static.keys_seen)
     if primary.uses_cuda_graphs:
         result["graph_captures"] = primary.static.graphs.captures
+    if model.device.type == "cuda":
+        result[f"profile_batch1_{names[0]}"] = profile_steps(primary, prompt)
+        result[f"profile_batch1_{names[1]}"] = profile_steps(other, prompt)
 
 
 def main() -> None:
@@ -187,6 +256,8 @@ def main() -> None:
     p.add_argument("--bytes", type=int, default=256, help="greedy bytes for the checks and batch-1 timing")
     p.add_argument("--streams", default="8,32,64")
     p.add_argument("--hf-bytes", type=int, default=8, help="bytes transformers generates (it recomputes all)")
+    p.add_argument("--no-compiled", dest="compiled", action="store_false",
+                   help="skip the engine with compiled element-wise stretches (fused.py)")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -216,6 +287,15 @@ def main() -> None:
     result["transformers"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in hf.items()}
     if "bytes_per_s" in hf:
         result["speedup_vs_transformers_batch1"] = round(result["batch1_bytes_per_s"] / hf["bytes_per_s"], 1)
+    print(json.dumps(result), flush=True)  # what is known so far, should the compiled part run out of time
+    if args.compiled:
+        try:
+            measure_compiled(model, prompt, args, result)
+        except Exception as e:  # noqa: BLE001 - report it; the figures above stand
+            if not cuda:
+                raise
+            traceback.print_exc()
+            result["compiled_error"] = f"{type(e).__name__}: {e}"[:800]
     result["total_s"] = round(time.perf_counter() - t0, 1)
     for key, value in result.items():
         print(f"{key:>34}: {value}")

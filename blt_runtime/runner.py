@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from .cache import KVCache, RowBuffer
 from .device import host_tensor
+from .fused import StepOps
 from .model.blt import BltModel
 from .model.entropy import entropy_nats
 from .model.hashing import power_matrix
-from .model.layers import Block, CrossAttention, Stack, apply_rope, double_residual, repeat_kv, rope_rotation
+from .model.layers import Block, BoundNorm, CrossAttention, Stack, repeat_kv, rope_rotation
 from .model.local_decoder import attend_gathered
 from .patcher import starts_next
 from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
@@ -164,10 +165,10 @@ class BlockStep:
     """What one block's decode step reads, gathered once: module attribute lookups cost more than
     the small kernels they feed."""
 
-    norm1: Callable[[torch.Tensor], torch.Tensor]
+    norm1: BoundNorm
     qkv: torch.Tensor  # fused (see fuse_projections)
     o: torch.Tensor
-    norm2: Callable[[torch.Tensor], torch.Tensor]
+    norm2: BoundNorm
     gate_up: torch.Tensor
     down: torch.Tensor
     heads: int
@@ -188,7 +189,7 @@ class CrossStep:
     """A decoder cross-attention whose bytes all read the same k slots (a decode step), from weights
     gathered once: CrossAttention.merge(SDPA(CrossAttention.queries(h), keys, values))."""
 
-    q_norm: Callable[[torch.Tensor], torch.Tensor]
+    q_norm: BoundNorm
     q: torch.Tensor
     o: torch.Tensor
     heads: int
@@ -198,18 +199,23 @@ class CrossStep:
     def of(cls, ca: CrossAttention, device: torch.device) -> CrossStep:
         return cls(ca.q_norm.bound(device), ca.q_proj.weight, ca.o_proj.weight, ca.num_heads, ca.head_dim)
 
-    def __call__(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        q = F.linear(self.q_norm(h), self.q).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+    def __call__(self, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`normed`: q_norm of the bytes' states."""
+        q = F.linear(normed, self.q).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, keys, values)
         return F.linear(o.transpose(1, 2).flatten(2), self.o)
 
 
-def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Positions) -> torch.Tensor:
-    """One pre-norm block over new positions, attending to the cache and storing the new keys."""
+def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache: KVCache, layer: int,
+               p: Positions, ops: StepOps) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm block over new positions, attending to the cache and storing the new keys. Its
+    input is h + delta (delta None: h) and so is its output: the last residual add is left to the
+    next norm, with which `ops` can fuse it (fused.py)."""
     b: BlockStep = block.decode_step
     H, H_kv, D = b.heads, b.kv_heads, b.head_dim
-    qkv = F.linear(b.norm1(h), b.qkv)
-    qk = apply_rope(qkv[..., :(H + H_kv) * D].unflatten(-1, (H + H_kv, D)), p.rotation).transpose(1, 2)
+    h, x = ops.add_norm(h, delta, b.norm1)
+    qkv = F.linear(x, b.qkv)
+    qk = ops.rope(qkv, p.rotation, H + H_kv, D).transpose(1, 2)
     q, k = qk.split([H, H_kv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
     v = qkv[..., (H + H_kv) * D:].unflatten(-1, (H_kv, D)).transpose(1, 2)
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
@@ -222,16 +228,17 @@ def block_step(block: Block, h: torch.Tensor, cache: KVCache, layer: int, p: Pos
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v)
     groups = H // H_kv
     o = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=p.mask)
-    h = h + F.linear(o.transpose(1, 2).flatten(2), b.o)
-    gate, up = F.linear(b.norm2(h), b.gate_up).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, b.down)
+    h, x = ops.add_norm(h, F.linear(o.transpose(1, 2).flatten(2), b.o), b.norm2)
+    return h, F.linear(ops.silu_mul(F.linear(x, b.gate_up)), b.down)
 
 
 class Runner:
-    def __init__(self, model: BltModel, slots: int, max_len: int):
+    def __init__(self, model: BltModel, slots: int, max_len: int, ops: StepOps | None = None):
         """Per-sequence state for `slots` sequences, plus one scratch row (index `slots`) that the padding
-        rows of a static-shaped step read and write (see static.py)."""
+        rows of a static-shaped step read and write (see static.py). `ops`: how the element-wise
+        stretches of a step run (fused.py; eager by default)."""
         self.model, self.cfg = model, model.config
+        self.ops = ops or StepOps()
         self.num_slots, self.scratch = slots, slots
         cfg, dev, dt = model.config, model.device, model.dtype
         slots += 1
@@ -246,7 +253,8 @@ class Runner:
         self.cross_steps = [CrossStep.of(ca, dev) for ca in model.local_decoder.cross_attn_layers]
         self.decoder_norm = model.local_decoder.norm.bound(dev)
         self.entropy_norm = model.patcher.norm.bound(dev)
-        self.entropy_embed, self.entropy_head = model.patcher.embed_tokens.weight, model.patcher.lm_head.weight
+        self.entropy_embed = model.patcher.embed_tokens.weight
+        self.entropy_head = model.patcher.lm_head.weight.float()  # fp32 entropies; converted once, not per step
         self.lm_head = model.lm_head.weight
 
         def kv(stack_cfg, window):
@@ -264,8 +272,10 @@ class Runner:
         self.decoder_shares_positions = geometry[0] == geometry[1]
         n_cross = len(model.local_decoder.cross_attn_layers)
         d = cfg.decoder
-        self.latest_k = torch.zeros(n_cross, slots, d.num_heads, cfg.cross_attn_k, d.head_dim, device=dev, dtype=dt)
-        self.latest_v = torch.zeros_like(self.latest_k)
+        # keys and values of the newest patch's decoder slots, for every cross-attention layer, in one
+        # tensor: a step gathers (or stores) its rows of all of them with one kernel
+        self.latest = torch.zeros(2, n_cross, slots, d.num_heads, cfg.cross_attn_k, d.head_dim, device=dev, dtype=dt)
+        self.latest_k, self.latest_v = self.latest[0], self.latest[1]
         self.output_counts = torch.zeros(slots, cfg.vocab_size, device=dev)  # generated bytes per id
         self.seen = torch.zeros(slots, cfg.vocab_size, dtype=torch.bool, device=dev)  # prompt or output
 
@@ -277,21 +287,25 @@ class Runner:
         self.seen[slot, self._tensor(prompt_ids[1:])] = True
 
     # ------------------------------------------------------------------ per-stack pieces
-    def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length,
-                   read_slots=None, min_length=None) -> tuple[torch.Tensor, Positions]:
+    def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length, read_slots=None,
+                   min_length=None, final_norm: BoundNorm | None = None) -> tuple[torch.Tensor, Positions]:
+        """The stack's blocks over new positions -> (output states, or their `final_norm`; positions)."""
         cache.reserve(max_length + h.shape[1])
         p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots, min_length)
+        delta = None
         for i, block in enumerate(stack.layers):
-            h = block_step(block, h, cache, i, p)
-        return h, p
+            h, delta = block_step(block, h, delta, cache, i, p, self.ops)
+        if final_norm is not None:
+            return self.ops.add_norm(h, delta, final_norm)[1], p
+        return (h if delta is None else h + delta), p
 
     def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None,
                   min_length=None) -> torch.Tensor:
         """(B, T) ids at positions lengths.. -> (B, T) fp32 entropies; extends the entropy cache."""
-        h, _ = self._run_stack(self.model.patcher, self.entropy_kv, F.embedding(ids, self.entropy_embed), slots,
-                               lengths, max_length, read_slots, min_length)
+        normed, _ = self._run_stack(self.model.patcher, self.entropy_kv, F.embedding(ids, self.entropy_embed),
+                                    slots, lengths, max_length, read_slots, min_length, self.entropy_norm)
         # EntropyModel.head: the output head in fp32, so that entropies are fp32 end to end
-        return entropy_nats(F.linear(self.entropy_norm(h).float(), self.entropy_head.float()))
+        return entropy_nats(F.linear(normed.float(), self.entropy_head))
 
     def encode(self, ids: torch.Tensor, slots, lengths, max_length: int,
                read_slots=None, min_length=None) -> tuple[torch.Tensor, Positions]:
@@ -323,17 +337,19 @@ class Runner:
         if not self.decoder_shares_positions:
             p = positions_for(dec, self.decoder_kv, p.slots, p.lengths, byte_states.shape[1], max_length,
                               p.read_slots, p.min_length)
-        h = byte_states
+        h, delta = byte_states, None  # the states are h + delta (see block_step)
         for i, block in enumerate(dec.layers):
             if i < len(dec.cross_attn_layers):
                 ca, (keys, values) = dec.cross_attn_layers[i], tables[i]
                 if slot_patch is None:  # every byte reads the k slots given: plain attention over them
-                    attended = self.cross_steps[i](h, keys, values)
+                    h, normed = self.ops.add_norm(h, delta, self.cross_steps[i].q_norm)
+                    attended = self.cross_steps[i](normed, keys, values)
                 else:
+                    h = h if delta is None else h + delta
                     attended = attend_gathered(ca, h, keys, values, slot_patch, dec.k)
-                h = double_residual(h, attended)
-            h = block_step(block, h, self.decoder_kv, i, p)
-        return self.decoder_norm(h)
+                h, delta = self.ops.double_residual(h, attended), None
+            h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops)
+        return self.ops.add_norm(h, delta, self.decoder_norm)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.lm_head).float()
@@ -341,12 +357,13 @@ class Runner:
     def store_latest(self, slots: torch.Tensor, kv_per_layer) -> None:
         """Keep the k decoder slots of each row's newest completed patch."""
         k = self.cfg.cross_attn_k
-        for i, (keys, values) in enumerate(kv_per_layer):
-            self.latest_k[i, slots] = keys[:, :, -k:]
-            self.latest_v[i, slots] = values[:, :, -k:]
+        newest = [keys[:, :, -k:] for keys, _ in kv_per_layer] + [values[:, :, -k:] for _, values in kv_per_layer]
+        self.latest[:, :, slots] = torch.stack(newest).unflatten(0, (2, -1))
 
     def latest_tables(self, slots: torch.Tensor | slice):
-        return [(self.latest_k[i, slots], self.latest_v[i, slots]) for i in range(self.latest_k.shape[0])]
+        """[(keys, values)] per cross-attention layer, each (B, H, k, D), of the rows `slots`."""
+        both = self.latest[:, :, slots]
+        return list(zip(both[0], both[1]))
 
     def boundary_flags(self, entropy: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return starts_next(entropy, positions, self.cfg.patching_threshold)

@@ -29,6 +29,7 @@ class Settings:
     prefill_chunk: int = 512
     threads: int | None = None  # CPU intra-op threads; default: all cores but one
     enforce_eager: bool = False  # no CUDA graphs (static steps run eagerly)
+    compile: bool = False  # element-wise stretches of each step compiled (torch.compile)
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -57,6 +58,8 @@ HELP = {
     "prefill_chunk": "prompt bytes prefilled per engine step",
     "threads": "CPU threads for the model (default: all cores but one, left to HTTP)",
     "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs",
+    "compile": "compile the element-wise stretches of each step into one kernel each (torch.compile; "
+               "fewer kernel launches on a GPU, slower start-up; not faster on a CPU)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",

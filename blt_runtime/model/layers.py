@@ -9,7 +9,7 @@ checkpoint's keys below its prefix. Nothing here knows about bytes or patches.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, eps_t: torch.Ten
     return weight * normed.to(x.dtype)
 
 
+@dataclass(frozen=True)
+class BoundNorm:
+    """An RMSNorm as a plain function of x: its weight and constants bound, no module attribute lookups
+    per call (the engine's hot path); the fields are what a compiled step reads (fused.py)."""
+
+    weight: torch.Tensor
+    eps: float
+    eps_t: torch.Tensor
+    inv_dim: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.eps_t, self.inv_dim)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -39,11 +53,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, *self._constants_on(x.device))
 
-    def bound(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-        """This norm as a plain function of x, its weight and constants bound: no module attribute
-        lookups per call (the engine's hot path)."""
-        weight, eps, (eps_t, inv_dim) = self.weight, self.eps, self._constants_on(device)
-        return lambda x: rms_norm(x, weight, eps, eps_t, inv_dim)
+    def bound(self, device: torch.device) -> BoundNorm:
+        return BoundNorm(self.weight, self.eps, *self._constants_on(device))
 
     def _constants_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._constants:
@@ -70,7 +81,7 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     (broadcast to (..., T, head_dim/2)): (x0 + i x1)(cos + i sin), in fp32."""
     pairs = x.float().unflatten(-1, (-1, 2))
     if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()  # view_as_complex needs pairs at even offsets; head views have them
+        pairs = pairs.clone()  # view_as_complex needs pairs at even offsets (a copy starts at 0); head views have them
     return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(x.dtype)
 
 

@@ -20,10 +20,11 @@ def test_cuda_matches_cpu(hf_checkpoint):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=0)
 
 
-def test_graph_replay_equals_eager(hf_checkpoint):
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_replay_equals_eager(hf_checkpoint, compile):
     """256 greedy bytes for three requests joining at different steps: CUDA graph replay gives the
     bytes and patches of the same static steps run eagerly (greedy, and seeded sampling with logprobs),
-    and every piece was captured."""
+    and every piece was captured; with the element-wise stretches compiled too."""
     from enginekit import run_engine
 
     from blt_runtime.engine import Engine
@@ -35,9 +36,10 @@ def test_graph_replay_equals_eager(hf_checkpoint):
                 for i in range(3)} | {"s": (b"seeded", SamplingParams(max_bytes=256, temperature=0.8, seed=7,
                                                                        logprobs=2))}
     joins = {"r0": 0, "r1": 3, "r2": 9, "s": 5}
-    graphs = Engine(model, max_batch_size=4, static=True, cuda_graphs=True)
+    graphs = Engine(model, max_batch_size=4, static=True, cuda_graphs=True, compile=compile)
     replayed = run_engine(graphs, requests, joins)
-    eager = run_engine(Engine(model, max_batch_size=4, static=True, cuda_graphs=False), requests, joins)
+    eager = run_engine(Engine(model, max_batch_size=4, static=True, cuda_graphs=False, compile=compile), requests,
+                       joins)
     for rid in requests:
         assert replayed[rid][0] == eager[rid][0], rid
         assert replayed[rid][1].usage == eager[rid][1].usage, rid

@@ -1,0 +1,78 @@
+"""The compiled element-wise stretches (fused.py) compute what the eager step computes.
+
+Inductor's CPU code here; on a GPU the same functions become Triton kernels, and tests/gpu and
+bench/gpu_check.py check that engine against its eager steps there. Compiling takes tens of seconds
+on two cores, once per process and shape class.
+"""
+
+import pytest
+import torch
+from enginekit import replay_full_recompute
+from factory import PARITY_TEXT
+
+from blt_runtime import load_model
+from blt_runtime.engine import Engine
+from blt_runtime.fused import CompiledOps, StepOps
+from blt_runtime.model.layers import RMSNorm, rope_rotation
+from blt_runtime.sampling import SamplingParams
+
+
+def stretches(ops, dtype, B, T):
+    """Every stretch of `ops` on fixed random inputs of shape (B, T, ...)."""
+    g = torch.Generator().manual_seed(B * 10 + T)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = torch.randn(64, generator=g)
+    norm = norm.to(dtype).bound(torch.device("cpu"))
+    h, delta = (torch.randn(B, T, 64, generator=g) * 3).to(dtype), torch.randn(B, T, 64, generator=g).to(dtype)
+    qkv = torch.randn(B, T, 4 * 64, generator=g).to(dtype)[..., :3 * 64]  # rows strided wider, as in a step
+    rotation = rope_rotation(torch.randint(0, 4000, (B, T), generator=g), 16, 10000.0)[:, :, None]
+    gate_up = torch.randn(B, T, 128, generator=g).to(dtype)
+    return {"add_norm": ops.add_norm(h, delta, norm), "norm": ops.add_norm(h, None, norm),
+            "double_residual": ops.double_residual(h, delta), "rope": ops.rope(qkv, rotation, 6, 16),
+            "silu_mul": ops.silu_mul(gate_up)}
+
+
+@pytest.mark.parametrize("B, T", [(1, 1), (3, 1), (1, 7), (3, 7)])
+def test_compiled_stretches_equal_eager(B, T):
+    """bf16: bit for bit (casts land where the eager code has them). fp32: the eager norm's 5-kernel
+    arithmetic rounds differently from F.rms_norm, by an ulp or two."""
+    compiled, eager = CompiledOps(), StepOps()
+    for dtype in (torch.bfloat16, torch.float32):
+        got, want = stretches(compiled, dtype, B, T), stretches(eager, dtype, B, T)
+        for name in want:
+            for a, b in zip(torch.utils._pytree.tree_leaves(got[name]), torch.utils._pytree.tree_leaves(want[name])):
+                if dtype == torch.bfloat16:
+                    assert torch.equal(a, b), name
+                else:
+                    torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, msg=name)
+
+
+def generate(engine: Engine, prompt: bytes, n: int):
+    params = SamplingParams(max_bytes=n, temperature=0.0, ignore_eos=True, logprobs=1)
+    engine.add_request("g", prompt, params)
+    seq = engine.sequences["g"]
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    return b"".join(o.new_bytes for o in outputs), [o.logprobs for o in outputs], params, seq.seed
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_compiled_engine_equals_full_recompute(hf_checkpoint, static):
+    """Prefill chunks, dynamic and static decode steps, patch steps: all through the compiled stretches."""
+    model = load_model(hf_checkpoint("1b")[1])
+    engine = Engine(model, prefill_chunk=64, static=static, compile=True)
+    assert engine.runner.ops.compiled
+    prompt = PARITY_TEXT[:300]
+    generated, logprobs, params, seed = generate(engine, prompt, 200)
+    replay_full_recompute(model, prompt, params, seed, generated, engine_logprobs=logprobs)
+
+
+def test_compiled_engine_equals_eager_in_bf16(hf_checkpoint):
+    model = load_model(hf_checkpoint("1b")[1], dtype="bfloat16")
+    prompt = PARITY_TEXT[:300]
+    compiled = generate(Engine(model, static=True, compile=True), prompt, 200)
+    eager = generate(Engine(model, static=True), prompt, 200)
+    assert compiled[0] == eager[0]
+    torch.testing.assert_close(torch.tensor([lp[0] for lp in compiled[1]]), torch.tensor([lp[0] for lp in eager[1]]),
+                               atol=1e-3, rtol=0)
