@@ -35,21 +35,31 @@ class KVCache:
         self.window = window
         self.max_len = max_len
         capacity = window if window is not None else min(max_len, 64)
-        shape = (layers, slots, kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # keys and values in one tensor, (2, layers, slots, kv_heads, capacity, head_dim): a step that
+        # gathers its rows reads both with one kernel
+        self.kv = torch.zeros((2, layers, slots, kv_heads, capacity, head_dim), device=device, dtype=dtype)
+
+    @property
+    def k(self) -> torch.Tensor:
+        """(layers, slots, kv_heads, capacity, head_dim) keys (a view)."""
+        return self.kv[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[1]
 
     def reserve(self, length: int) -> None:
         """Make room for positions < length (no-op for a ring buffer)."""
         if self.window is None:
-            self.k, self.v = _grown(self.k, 3, length), _grown(self.v, 3, length)
+            self.kv = _grown(self.kv, 4, length)
 
     def read(self, layer: int, slots: torch.Tensor | slice, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `span` entries of each row: (B, H_kv, span, D) keys and values. A slice of
-        consecutive slots reads in place; a tensor of slots gathers a copy."""
+        consecutive slots reads in place; a tensor of slots gathers a copy of both."""
         if isinstance(slots, slice):
-            return self.k[layer, slots, :, :span], self.v[layer, slots, :, :span]
-        return self.k[layer, :, :, :span].index_select(0, slots), self.v[layer, :, :, :span].index_select(0, slots)
+            return self.kv[0, layer, slots, :, :span], self.kv[1, layer, slots, :, :span]
+        both = self.kv[:, layer, :, :, :span].index_select(1, slots)
+        return both[0], both[1]
 
     def entry_positions(self, lengths: torch.Tensor, span: int) -> torch.Tensor:
         """(B, span) absolute position held by each entry given each row's length; -1 if empty."""

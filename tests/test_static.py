@@ -160,8 +160,8 @@ class RecordedPiece:
 
     def buffers(self):
         r = self.runner
-        tensors = [r.open_patch.data, r.history, r.latest_k, r.latest_v, r.output_counts, r.seen]
-        tensors += [t for c in (r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv) for t in (c.k, c.v)]
+        tensors = [r.open_patch.data, r.history, r.latest, r.output_counts, r.seen]
+        tensors += [c.kv for c in (r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv)]
         return [t.data_ptr() for t in tensors]
 
     def replay(self):

@@ -1,0 +1,23 @@
+"""bench/step_kernels.py runs, and the compiled stretches keep a decode step's kernel count down.
+
+The count is exact (operators that write memory), not a timing: it guards the launch count that a
+GPU step's latency scales with, on a machine without a GPU.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compiled_stretches_launch_fewer_kernels():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "step_kernels.py"), "--steps", "12"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    eager, compiled = result["eager"], result["compiled"]
+    assert set(eager["per_piece"]) == {"encode", "patch", "finish"} == set(compiled["per_piece"])
+    # 24 blocks run per byte (14 entropy, 1 encoder, 9 decoder): each saves at least 10 launches
+    assert eager["byte_step"] - compiled["byte_step"] >= 24 * 10, result
+    assert result["byte_step_ratio"] >= 1.5
