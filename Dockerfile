@@ -7,6 +7,8 @@
 #   BLT_SHUTDOWN_TIMEOUT (30)   BLT_KEEPALIVE_INTERVAL   BLT_LOG_LEVEL (info)   BLT_SERVED_MODEL_NAME
 #   BLT_LOG_INTERVAL (5)        BLT_PREFILL_CHUNK (512)  BLT_MODEL_DIR (the shipped model)
 #   BLT_THREADS (CPU threads; default all cores but one)   BLT_ENFORCE_EAGER (no CUDA graphs)
+#   BLT_COMPILE (torch.compile the step's element-wise stretches; Triton needs a C compiler, which
+#   this runtime base lacks: use the -devel base or install gcc)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve
