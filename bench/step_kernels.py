@@ -6,8 +6,9 @@ so the count is what the step's latency scales with. This script runs static-sha
 (encode; patch, when a patch closes; finish) the operators that launch a kernel: those that write
 memory (a new tensor, or in place), not views and not same-dtype casts. It counts twice:
 - eager: the element-wise stretches as the eager step runs them;
-- compiled: each stretch of fused.py counted as the one kernel torch.compile makes of it (one kernel
-  each in inductor's output for these functions; the GPU check's profile confirms it there).
+- compiled: each stretch of fused.py counted as the kernels torch.compile makes of it: one, or for
+  `positions` three (its outputs have three shapes; inductor's CPU output is one function for each
+  stretch, Triton may need a kernel per shape). The GPU check's profile confirms it there.
 Widths are scaled down by default (the count does not depend on them) so that it runs in seconds;
 the threshold is set as in the GPU check, for about 4.5 bytes per patch on English text.
 
@@ -63,18 +64,18 @@ class KernelCount(TorchDispatchMode):
 
 
 class CountedOps(StepOps):
-    """The eager stretches, each counted as one kernel (what CompiledOps launches for it)."""
+    """The eager stretches, each counted as the kernels CompiledOps launches for it."""
 
     def __init__(self, counter: KernelCount):
         self.counter = counter
 
-    def _one(self, method, *args):
+    def _one(self, method, *args, kernels: int = 1):
         self.counter.paused = True
         try:
             return method(self, *args)
         finally:
             self.counter.paused = False
-            self.counter.kernels["compiled stretch"] += 1
+            self.counter.kernels["compiled stretch"] += kernels
 
     def add_norm(self, *args):
         return self._one(StepOps.add_norm, *args)
@@ -82,11 +83,18 @@ class CountedOps(StepOps):
     def double_residual(self, *args):
         return self._one(StepOps.double_residual, *args)
 
-    def rope(self, *args):
-        return self._one(StepOps.rope, *args)
+    def heads(self, *args):
+        q, k, v, _ = self._one(StepOps.heads, *args)
+        self.counter.paused = True  # what CompiledOps returns: keys and values side by side (a view of its output)
+        kv = torch.stack((k, v), dim=1).permute(0, 3, 1, 2, 4)
+        self.counter.paused = False
+        return q, k, v, kv
 
     def silu_mul(self, *args):
         return self._one(StepOps.silu_mul, *args)
+
+    def positions(self, *args):
+        return self._one(StepOps.positions, *args, kernels=3)
 
 
 def count(model: BltModel, batch: int, compiled: bool, steps: int) -> dict:

@@ -61,33 +61,43 @@ class KVCache:
         both = self.kv[:, layer, :, :, :span].index_select(1, slots)
         return both[0], both[1]
 
-    def entry_positions(self, lengths: torch.Tensor, span: int) -> torch.Tensor:
-        """(B, span) absolute position held by each entry given each row's length; -1 if empty."""
-        i = torch.arange(span, device=lengths.device)[None, :]
-        n = lengths[:, None]
-        if self.window is None:
-            return torch.where(i < n, i, -1)
-        pos = n - 1 - torch.remainder(n - 1 - i, self.window)
-        return torch.where(pos >= 0, pos, -1)
-
     def span(self, max_length: int) -> int:
         """How many entries a batch whose longest row holds `max_length` positions must read."""
         return min(max_length, self.window) if self.window is not None else max_length
 
-    def index_of(self, positions: torch.Tensor) -> torch.Tensor:
-        """Cache index that holds each absolute position."""
-        return positions if self.window is None else torch.remainder(positions, self.window)
-
     def write(self, layer: int, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              at: tuple[int, int] | None = None) -> None:
+              at: tuple[int, int] | None = None, kv: torch.Tensor | None = None) -> None:
         """Store new keys/values (B, H_kv, T, D) at (rows, index), both (B, T) (see index_of). `at`:
-        the (slot, index) of a single new entry, when the host knows it (a plain copy, no gather)."""
+        the (slot, index) of a single new entry, when the host knows it (a plain copy, no gather).
+        `kv`: the same keys and values side by side, (B, T, 2, H_kv, D), stored with one copy."""
+        if kv is not None:
+            if at is not None:
+                self.kv[:, layer, at[0], :, at[1]].copy_(kv[0, 0])
+            else:
+                self.kv[:, layer][:, rows, :, index] = kv
+            return
         if at is not None:
             self.k[layer, at[0], :, at[1]].copy_(k[0, :, 0])
             self.v[layer, at[0], :, at[1]].copy_(v[0, :, 0])
             return
         self.k[layer][rows, :, index] = k.transpose(1, 2)
         self.v[layer][rows, :, index] = v.transpose(1, 2)
+
+
+def entry_positions(lengths: torch.Tensor, span: int, window: int | None) -> torch.Tensor:
+    """(B, span) absolute position held by each of a cache's first `span` entries, given each row's
+    length and the cache's window (None: position p at entry p); -1 if empty."""
+    i = torch.arange(span, device=lengths.device)[None, :]
+    n = lengths[:, None]
+    if window is None:
+        return torch.where(i < n, i, -1)
+    pos = n - 1 - torch.remainder(n - 1 - i, window)
+    return torch.where(pos >= 0, pos, -1)
+
+
+def index_of(positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Cache entry that holds each absolute position."""
+    return positions if window is None else torch.remainder(positions, window)
 
 
 class RowBuffer:

@@ -6,7 +6,10 @@ kernels per byte). In eager PyTorch a bf16 RMSNorm is four kernels (up-cast, nor
 RoPE three, SwiGLU's gate two, BLT's double residual two; compiled, each stretch is one:
 - `add_norm`: a residual add (each block leaves its last one to the next norm) and that norm;
 - `double_residual`: the decoder's cross-attention residual x + (a + x);
-- `rope`: RoPE of the q and k heads of a fused qkv projection; `silu_mul`: SwiGLU's silu(gate) * up.
+- `heads`: the heads of a fused qkv projection, q and k rotated (compiled: with the new keys and
+  values side by side, so the cache takes them in one copy); `silu_mul`: SwiGLU's silu(gate) * up;
+- `positions`: what every layer of a stack shares in a step: the new positions' RoPE rotation, the
+  additive attention mask over the cache entries read, and the cache entries the new keys go to.
 `StepOps` runs them as the eager step always has (the engine's default, and the arithmetic the tests
 hold equal to full recompute). `CompiledOps` compiles the same arithmetic, written without complex
 numbers (which inductor does not generate code for), with `emulate_precision_casts`, so bf16 values
@@ -19,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model.layers import BoundNorm, apply_rope
+from .cache import entry_positions, index_of
+from .model.layers import BoundNorm, _inv_freq, apply_rope, rope_rotation
 
 
 class StepOps:
@@ -38,14 +42,53 @@ class StepOps:
         """BLT's cross-attention residual (layers.double_residual)."""
         return x + (attended + x)
 
-    def rope(self, qkv: torch.Tensor, rotation: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-        """The first `heads` heads of qkv (B, T, *) rotated: (B, T, heads, head_dim). `rotation` is
-        (B, T, 1, head_dim / 2) complex (layers.rope_rotation)."""
-        return apply_rope(qkv[..., :heads * head_dim].unflatten(-1, (heads, head_dim)), rotation)
+    def heads(self, qkv: torch.Tensor, rotation: torch.Tensor, heads: int, kv_heads: int,
+              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """qkv (B, T, (heads + 2 kv_heads) * head_dim) -> q (B, heads, T, D) and k (B, kv_heads, T, D),
+        rotated by `rotation` (B, T, 1, head_dim / 2) complex (layers.rope_rotation), v, and k and v
+        side by side as (B, T, 2, kv_heads, D) when they are (None here)."""
+        qk = apply_rope(qkv[..., :(heads + kv_heads) * head_dim].unflatten(-1, (heads + kv_heads, head_dim)),
+                        rotation).transpose(1, 2)
+        q, k = qk.split([heads, kv_heads], dim=1)
+        v = qkv[..., (heads + kv_heads) * head_dim:].unflatten(-1, (kv_heads, head_dim)).transpose(1, 2)
+        return q, k, v, None
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def positions(self, lengths: torch.Tensor, T: int, span: int, kept: int, masked: bool,
+                  cache_window: int | None, stack_window: int | None, head_dim: int, theta: float,
+                  mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """T new positions after `lengths` (B,) cached ones, in a cache of window `cache_window` read
+        at `span` entries (with T == 1, the new entry is written before the read) ->
+        - rotation (B, T, 1, head_dim / 2) complex;
+        - mask (B, 1, T, keys) additive (0 / -inf) in `mask_dtype`, or None when not `masked`;
+        - index (B, kept): the cache entry of each of the last `kept` new positions."""
+        new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]  # (B, T)
+        rotation = rope_rotation(new, head_dim, theta)[:, :, None]
+        return rotation, _mask(lengths, new, T, span, masked, cache_window, stack_window, mask_dtype), \
+            index_of(new[:, T - kept:], cache_window)
+
+
+def _mask(lengths: torch.Tensor, new: torch.Tensor, T: int, span: int, masked: bool, cache_window: int | None,
+          stack_window: int | None, mask_dtype: torch.dtype) -> torch.Tensor | None:
+    if not masked:
+        return None
+    if T == 1:
+        keys = entry_positions(lengths + 1, span, cache_window)
+    else:
+        keys = torch.cat([entry_positions(lengths, span, cache_window), new], dim=1)
+    keys, q = keys[:, None, :], new[:, :, None]
+    mask = (keys >= 0) & (keys <= q)
+    if stack_window is not None:
+        mask &= keys > q - stack_window
+    # additive, in the cache's dtype, built once for every layer of the stack: SDPA would otherwise
+    # convert a boolean mask in each layer (same result, a kernel or two each)
+    return torch.zeros(mask.shape, dtype=mask_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None]
+
+
+EAGER = StepOps()
 
 
 def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -63,18 +106,34 @@ def _double_residual(x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     return x + (attended + x)
 
 
-def _rope(qkv: torch.Tensor, rotation: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """layers.apply_rope with the complex product written out: rotation is (B, T, 1, head_dim / 2, 2),
-    cos and sin (torch.view_as_real of the complex rotation, a view)."""
-    pairs = qkv[..., :heads * head_dim].unflatten(-1, (heads, head_dim // 2, 2)).float()
+def _heads(qkv: torch.Tensor, rotation: torch.Tensor, rotated: int, head_dim: int) -> torch.Tensor:
+    """qkv (B, T, n * head_dim) -> (B, T, n, head_dim) with the first `rotated` heads (q and k) rotated
+    as layers.apply_rope does, its complex product written out, and the rest (v) as they are: one
+    output, one kernel. rotation is (B, T, 1, head_dim / 2, 2) cos and sin (torch.view_as_real of the
+    complex rotation, a view). v is multiplied by cos 1 and sin 0, which gives it back exactly."""
+    pairs = qkv.unflatten(-1, (-1, head_dim // 2, 2)).float()
     x0, x1 = pairs.unbind(-1)
+    turn = (torch.arange(pairs.shape[2], device=qkv.device) < rotated)[:, None]
     cos, sin = rotation.unbind(-1)
+    cos, sin = torch.where(turn, cos, 1.0), torch.where(turn, sin, 0.0)
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(qkv.dtype)
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _positions(lengths: torch.Tensor, inv_freq: torch.Tensor, T: int, span: int, kept: int, masked: bool,
+               cache_window: int | None, stack_window: int | None,
+               mask_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """StepOps.positions with the rotation as (B, T, head_dim / 2, 2) cos and sin (layers.rope_rotation's
+    angles, from the same inverse frequencies)."""
+    new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]
+    angles = new.float()[..., None] * inv_freq
+    rotation = torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
+    return rotation, _mask(lengths, new, T, span, masked, cache_window, stack_window, mask_dtype), \
+        index_of(new[:, T - kept:], cache_window)
 
 
 class CompiledOps(StepOps):
@@ -94,7 +153,7 @@ class CompiledOps(StepOps):
             return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
         self._norm, self._add_norm, self._double_residual = compiled(_norm), compiled(_add_norm), \
             compiled(_double_residual)
-        self._rope, self._silu_mul = compiled(_rope), compiled(_silu_mul)
+        self._heads, self._silu_mul, self._positions = compiled(_heads), compiled(_silu_mul), compiled(_positions)
 
     def add_norm(self, h, delta, n):
         # weights go in detached: a parameter's shape would be compiled in, one compilation per width
@@ -105,8 +164,15 @@ class CompiledOps(StepOps):
     def double_residual(self, x, attended):
         return self._double_residual(x, attended)
 
-    def rope(self, qkv, rotation, heads, head_dim):
-        return self._rope(qkv, torch.view_as_real(rotation), heads, head_dim)
+    def heads(self, qkv, rotation, heads, kv_heads, head_dim):
+        out = self._heads(qkv, torch.view_as_real(rotation), heads + kv_heads, head_dim)
+        kv = out[:, :, heads:].unflatten(2, (2, kv_heads))
+        return out[:, :, :heads].transpose(1, 2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), kv
 
     def silu_mul(self, gate_up):
         return self._silu_mul(gate_up)
+
+    def positions(self, lengths, T, span, kept, masked, cache_window, stack_window, head_dim, theta, mask_dtype):
+        rotation, mask, index = self._positions(lengths, _inv_freq(head_dim, theta, lengths.device), T, span, kept,
+                                                masked, cache_window, stack_window, mask_dtype)
+        return torch.view_as_complex(rotation)[:, :, None], mask, index

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 
 from .cache import KVCache, RowBuffer
 from .device import host_tensor
-from .fused import StepOps
+from .fused import EAGER, StepOps
 from .model.blt import BltModel
 from .model.entropy import entropy_nats
 from .model.hashing import power_matrix
-from .model.layers import Block, BoundNorm, CrossAttention, Stack, repeat_kv, rope_rotation
+from .model.layers import Block, BoundNorm, CrossAttention, Stack, repeat_kv
 from .model.local_decoder import attend_gathered
 from .patcher import starts_next
 from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
@@ -84,38 +84,25 @@ class Positions:
 
 
 def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: torch.Tensor, T: int,
-                  max_length: int, read_slots: slice | None = None, min_length: int | None = None) -> Positions:
+                  max_length: int, read_slots: slice | None = None, min_length: int | None = None,
+                  ops: StepOps | None = None) -> Positions:
     """`max_length` (and `min_length`, if given) bound `lengths` on the host. With one new position
     and min_length + 1 >= the entries read, every entry read is valid and inside every row's window
-    (a full ring, or rows of equal length), so no mask is built."""
-    new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]  # (B, T)
-    rotation = rope_rotation(new, stack.cfg.head_dim, stack.cfg.rope_theta)
+    (a full ring, or rows of equal length), so no mask is built. The tensors come from `ops`."""
     # With one new position a ring buffer can take it first: it overwrites exactly the entry that
     # just left the window. Several new positions would overwrite keys that earlier ones still see.
     write_first = T == 1
     span = cache.span(max_length + 1 if write_first else max_length)
-    if write_first and min_length is not None and min_length + 1 >= span:
-        mask = None
-    else:
-        if write_first:
-            keys = cache.entry_positions(lengths + 1, span)
-        else:
-            keys = torch.cat([cache.entry_positions(lengths, span), new], dim=1)
-        keys, q = keys[:, None, :], new[:, :, None]
-        mask = (keys >= 0) & (keys <= q)
-        if stack.cfg.window is not None:
-            mask &= keys > q - stack.cfg.window
-        # additive (0 / -inf) in the cache's dtype, built once for every layer of the stack: SDPA
-        # would otherwise convert a boolean mask in each layer (same result, a kernel or two each)
-        mask = torch.zeros(mask.shape, dtype=cache.k.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        mask = mask[:, None]
+    masked = not (write_first and min_length is not None and min_length + 1 >= span)
     kept = T if cache.window is None else min(T, cache.window)
-    index = cache.index_of(new[:, T - kept:])
+    rotation, mask, index = (ops or EAGER).positions(
+        lengths, T, span, kept, masked, cache.window, stack.cfg.window, stack.cfg.head_dim, stack.cfg.rope_theta,
+        cache.kv.dtype)
     rows = slots[:, None].expand_as(index)
     write_at = None
     if write_first and read_slots is not None and read_slots.stop - read_slots.start == 1 and min_length == max_length:
         write_at = (read_slots.start, max_length if cache.window is None else max_length % cache.window)
-    return Positions(slots, read_slots, lengths, span, rotation[:, :, None], mask, rows, index, kept, write_first,
+    return Positions(slots, read_slots, lengths, span, rotation, mask, rows, index, kept, write_first,
                      write_at, min_length)
 
 
@@ -215,17 +202,16 @@ def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache:
     H, H_kv, D = b.heads, b.kv_heads, b.head_dim
     h, x = ops.add_norm(h, delta, b.norm1)
     qkv = F.linear(x, b.qkv)
-    qk = ops.rope(qkv, p.rotation, H + H_kv, D).transpose(1, 2)
-    q, k = qk.split([H, H_kv], dim=1)  # (B, H, T, D), (B, H_kv, T, D)
-    v = qkv[..., (H + H_kv) * D:].unflatten(-1, (H_kv, D)).transpose(1, 2)
+    q, k, v, kv = ops.heads(qkv, p.rotation, H, H_kv, D)  # (B, H, T, D), (B, H_kv, T, D) x 2
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
+    new_kv = None if kv is None else kv[:, kv.shape[1] - p.kept:]
     if p.write_first:
-        cache.write(layer, p.write_rows, p.write_index, new_k, new_v, p.write_at)
+        cache.write(layer, p.write_rows, p.write_index, new_k, new_v, p.write_at, new_kv)
         keys, values = cache.read(layer, p.read_slots or p.slots, p.span)
     else:
         cached_k, cached_v = cache.read(layer, p.read_slots or p.slots, p.span)
         keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
-        cache.write(layer, p.write_rows, p.write_index, new_k, new_v)
+        cache.write(layer, p.write_rows, p.write_index, new_k, new_v, None, new_kv)
     groups = H // H_kv
     o = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=p.mask)
     h, x = ops.add_norm(h, F.linear(o.transpose(1, 2).flatten(2), b.o), b.norm2)
@@ -291,7 +277,7 @@ class Runner:
                    min_length=None, final_norm: BoundNorm | None = None) -> tuple[torch.Tensor, Positions]:
         """The stack's blocks over new positions -> (output states, or their `final_norm`; positions)."""
         cache.reserve(max_length + h.shape[1])
-        p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots, min_length)
+        p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots, min_length, self.ops)
         delta = None
         for i, block in enumerate(stack.layers):
             h, delta = block_step(block, h, delta, cache, i, p, self.ops)
@@ -336,7 +322,7 @@ class Runner:
         p = encoder_positions  # same rows and positions; rebuilt below if the geometry differs
         if not self.decoder_shares_positions:
             p = positions_for(dec, self.decoder_kv, p.slots, p.lengths, byte_states.shape[1], max_length,
-                              p.read_slots, p.min_length)
+                              p.read_slots, p.min_length, self.ops)
         h, delta = byte_states, None  # the states are h + delta (see block_step)
         for i, block in enumerate(dec.layers):
             if i < len(dec.cross_attn_layers):

@@ -215,7 +215,7 @@ class StaticDecoder:
     def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], greedy: bool, penalty: bool,
                 logprobs: bool) -> None:
         r = self.r
-        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1)
+        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, ops=r.ops)
         h = r.decode_bytes(b.states, p, r.latest_tables(b.slots), None, spans[2] - 1)
         logits = r.logits(h[:, 0])
         position = b.lengths + 1

@@ -28,7 +28,7 @@ def stretches(ops, dtype, B, T):
     rotation = rope_rotation(torch.randint(0, 4000, (B, T), generator=g), 16, 10000.0)[:, :, None]
     gate_up = torch.randn(B, T, 128, generator=g).to(dtype)
     return {"add_norm": ops.add_norm(h, delta, norm), "norm": ops.add_norm(h, None, norm),
-            "double_residual": ops.double_residual(h, delta), "rope": ops.rope(qkv, rotation, 6, 16),
+            "double_residual": ops.double_residual(h, delta), "heads": ops.heads(qkv, rotation, 4, 4, 16)[:3],
             "silu_mul": ops.silu_mul(gate_up)}
 
 
