@@ -46,12 +46,19 @@ class KernelCount(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.kernels = Counter()
+        self.bytes_written = 0  # by the operators counted: new tensors, and the targets of in-place ones
         self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not self.paused and self._writes(func, args, out):
             self.kernels[func.__name__.split(".")[0]] += 1
+            if func.__name__.split(".")[0].endswith("_"):
+                values = [a for a in args[1:] if isinstance(a, torch.Tensor)]  # what an in-place op stores
+                self.bytes_written += max((v.numel() * v.element_size() for v in values), default=0)
+            else:
+                outputs = out if isinstance(out, (tuple, list)) else (out,)
+                self.bytes_written += sum(o.numel() * o.element_size() for o in outputs if isinstance(o, torch.Tensor))
         return out
 
     @staticmethod
@@ -111,13 +118,15 @@ def count(model: BltModel, batch: int, compiled: bool, steps: int) -> dict:
         engine.step()
     pieces: dict[str, list[int]] = {}
     details: dict[str, Counter] = {}
+    written: dict[str, list[int]] = {}
     run = engine.static._run
 
     def counted(key, piece):
-        counter.kernels = Counter()
+        counter.kernels, counter.bytes_written = Counter(), 0
         with counter:
             run(key, piece)
         pieces.setdefault(key[0], []).append(sum(counter.kernels.values()))
+        written.setdefault(key[0], []).append(counter.bytes_written)
         details.setdefault(key[0], counter.kernels)
 
     engine.static._run = counted
@@ -125,7 +134,9 @@ def count(model: BltModel, batch: int, compiled: bool, steps: int) -> dict:
         engine.step()
     per_piece = {name: max(set(n), key=n.count) for name, n in pieces.items()}  # the usual count
     patches = len(pieces.get("patch", []))
+    mb = {name: round(max(set(w), key=w.count) / 2**20, 3) for name, w in written.items()}
     return {"per_piece": per_piece, "byte_step": per_piece["encode"] + per_piece["finish"],
+            "mb_written_byte_step": round(mb["encode"] + mb["finish"], 3),
             "per_byte_with_patches": round((sum(sum(n) for n in pieces.values())) / steps, 1),
             "patch_steps": patches, "top_ops": dict(details["finish"].most_common(12))}
 
@@ -148,7 +159,8 @@ def main() -> None:
             result[mode] = count(model, args.batch, mode == "compiled", args.steps)
             c = result[mode]
             print(f"{mode:9s} kernels per byte step {c['byte_step']:4d}  pieces {c['per_piece']}  "
-                  f"per byte with patch steps {c['per_byte_with_patches']}")
+                  f"per byte with patch steps {c['per_byte_with_patches']}  "
+                  f"MB written per byte step {c['mb_written_byte_step']}")
     result["byte_step_ratio"] = round(result["eager"]["byte_step"] / result["compiled"]["byte_step"], 2)
     print(json.dumps(result))
 

@@ -1,8 +1,11 @@
 """Static-shaped decode steps: the form CUDA graphs need, equal to the dynamic step in runner.py.
 
 The dynamic step sizes everything by the batch of the moment. Here every shape is fixed per bucket:
-- the batch is padded to a bucket (1, 2, 4, ..., max_batch_size) with rows that point at the runner's
-  scratch slot, whose contents nobody reads;
+- row b of a step is slot b, so every cache is read in place (no gathered copy of the windows: at 64
+  streams that copy would move gigabytes per step on a GPU). The rows run to the bucket (1, 2, 4,
+  ..., max_batch_size) above the highest slot decoding; a row whose slot is not decoding (free,
+  prefilling, or above the batch) is padding: it reads its slot's entries and writes to the runner's
+  scratch slot, whose contents nobody reads, and its results are dropped;
 - a ring-buffer cache is read at its full window, with a mask, whatever the lengths (a cache without
   a window, such as the global one, is read at a power-of-two span that the bucket key names);
 - every per-step input is copied into preallocated buffers in one transfer per kind, and every result
@@ -84,6 +87,11 @@ class ByteBuffers:
     states: torch.Tensor  # (Bb, 1, d_enc) encoder output, handed from encode to finish
     out: torch.Tensor  # (Bb, 2 + 1 + 2 * MAX_LOGPROBS) float64: id, closes, [logprob, top values, top ids]
 
+    @property
+    def rows(self) -> slice:
+        """The slots the rows read in place: row b is slot b (`slots` says where each row writes)."""
+        return slice(0, self.out.shape[0])
+
     def __getattr__(self, name: str) -> torch.Tensor:
         for staged in (self.ints, self.floats):
             if name in staged.views:
@@ -115,8 +123,8 @@ class StaticDecoder:
         """The dynamic `Runner.decode` + `Runner.sample_and_look_ahead` for B running sequences: byte
         ids[b] at position lengths[b], then the byte for position lengths[b] + 1. The results come
         with the step's transfer; the function returned reads them."""
-        r, B = self.r, len(slots)
-        Bb = bucket(B, self.sizes)
+        r, n = self.r, max(slots) + 1
+        Bb = bucket(n, self.sizes)
         rows = [i for i, c in enumerate(closes) if c]
         patch_bytes = span_bucket(max(open_lens[i] + 1 for i in rows), 16) if rows else 0
         global_span = span_bucket(max(num_patches[i] for i in rows) + 1) if rows else 0
@@ -127,15 +135,24 @@ class StaticDecoder:
         self._check_capacity()
 
         buf = self._byte_buffers(Bb)
-        buf.ints.fill({"slots": slots, "lengths": lengths, "ids": ids, "open_lens": open_lens,
-                       "top_k": [max(p.top_k, 0) for p in params], "seeds": seeds,
-                       "allow_eos": [not p.ignore_eos for p in params]},
-                      {"slots": r.scratch, "ids": BOS_ID})
-        buf.floats.fill({"temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
-                         "min_p": [p.min_p for p in params], "presence": [p.presence_penalty for p in params],
-                         "frequency": [p.frequency_penalty for p in params],
-                         "repetition": [p.repetition_penalty for p in params]},
-                        {"top_p": 1.0, "repetition": 1.0})
+        int_padding, float_padding = {"slots": r.scratch, "ids": BOS_ID}, {"top_p": 1.0, "repetition": 1.0}
+
+        def by_slot(columns: dict[str, list], padding: dict[str, float]) -> dict[str, list]:
+            """Each column's values at their slots' rows, padding between them."""
+            out = {}
+            for name, values in columns.items():
+                out[name] = [padding.get(name, 0)] * n
+                for slot, value in zip(slots, values):
+                    out[name][slot] = value
+            return out
+
+        buf.ints.fill(by_slot({"slots": slots, "lengths": lengths, "ids": ids, "open_lens": open_lens,
+                               "top_k": [max(p.top_k, 0) for p in params], "seeds": seeds,
+                               "allow_eos": [not p.ignore_eos for p in params]}, int_padding), int_padding)
+        buf.floats.fill(by_slot({"temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
+                                 "min_p": [p.min_p for p in params], "presence": [p.presence_penalty for p in params],
+                                 "frequency": [p.frequency_penalty for p in params],
+                                 "repetition": [p.repetition_penalty for p in params]}, float_padding), float_padding)
         self._run(("encode", Bb, spans), lambda: self._encode(buf, spans))
         if rows:
             Rb = bucket(len(rows), self.sizes)
@@ -148,11 +165,11 @@ class StaticDecoder:
         mode = (all_greedy(params), any_penalty(params), n_top is not None)
         self._run(("finish", Bb, spans, mode), lambda: self._finish(buf, spans, *mode))
         width = 2 if n_top is None else buf.out.shape[1]
-        handle = transfer.add(buf.out[:B, :width])
+        handle = transfer.add(buf.out[:n, :width])
 
         def result() -> Sampled:
             flat = transfer.get(handle)
-            host = [flat[b * width:(b + 1) * width] for b in range(B)]
+            host = [flat[s * width:(s + 1) * width] for s in slots]
             sampled = Sampled([int(row[0]) for row in host], [row[1] > 0 for row in host], None)
             if n_top is not None:
                 k = MAX_LOGPROBS
@@ -201,7 +218,7 @@ class StaticDecoder:
     # ------------------------------------------------------------------ the pieces (device side only)
     def _encode(self, b: ByteBuffers, spans: tuple[int, int, int]) -> None:
         r = self.r
-        states, _ = r.encode(b.ids[:, None], b.slots, b.lengths, spans[1] - 1)
+        states, _ = r.encode(b.ids[:, None], b.slots, b.lengths, spans[1] - 1, b.rows)
         r.open_patch.data[b.slots, b.open_lens] = states[:, 0]
         b.states.copy_(states)
 
@@ -215,15 +232,14 @@ class StaticDecoder:
     def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], greedy: bool, penalty: bool,
                 logprobs: bool) -> None:
         r = self.r
-        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, ops=r.ops)
-        h = r.decode_bytes(b.states, p, r.latest_tables(b.slots), None, spans[2] - 1)
+        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, b.rows, ops=r.ops)
+        h = r.decode_bytes(b.states, p, r.latest_tables(b.rows), None, spans[2] - 1)
         logits = r.logits(h[:, 0])
         position = b.lengths + 1
-        ids = sample(logits, b.sampling(greedy, penalty), position, r.output_counts[b.slots],
-                     r.seen[b.slots], EOS_ID)
+        ids = sample(logits, b.sampling(greedy, penalty), position, r.output_counts[b.rows], r.seen[b.rows], EOS_ID)
         r.output_counts[b.slots, ids] += 1
         r.seen[b.slots, ids] = True
-        entropy = r.entropies(ids[:, None], b.slots, position, spans[0] - 1)
+        entropy = r.entropies(ids[:, None], b.slots, position, spans[0] - 1, b.rows)
         closes = r.boundary_flags(entropy[:, 0], position)
         b.out[:, 0].copy_(ids)
         b.out[:, 1].copy_(closes)

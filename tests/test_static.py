@@ -11,6 +11,7 @@ from enginekit import replay_full_recompute, run_engine
 from factory import PARITY_TEXT
 
 from blt_runtime import load_model
+from blt_runtime.cache import KVCache
 from blt_runtime.engine import Engine
 from blt_runtime.graphs import StepGraphs
 from blt_runtime.model.blt import BltModel
@@ -133,6 +134,37 @@ def test_pieces_never_wait_for_the_host(models, monkeypatch):
         engine.step()
         pieces |= {key[0] for key in engine.static.keys_seen}
     assert pieces == {"encode", "patch", "finish"}
+
+
+def test_byte_pieces_read_caches_in_place(models, monkeypatch):
+    """Row b of a static step is slot b, so the encode and finish pieces read every cache in place: a
+    gathered copy of each layer's window would move gigabytes per step at 64 streams on a GPU. The
+    batch has holes (a finished request's slot, a prompt still prefilling), and every step's output
+    is checked against the dynamic step by test_static_equals_dynamic_batched."""
+    engine = Engine(models["1b"], max_batch_size=4, static=True)
+    reads: list[tuple[str, object]] = []
+    read, run = KVCache.read, StaticDecoder._run
+    piece = []
+
+    def watched_read(self, layer, slots, span):
+        reads.append((piece[-1] if piece else "outside", slots))
+        return read(self, layer, slots, span)
+
+    def watched_run(self, key, fn):
+        piece.append(key[0])
+        try:
+            run(self, key, fn)
+        finally:
+            piece.pop()
+
+    monkeypatch.setattr(KVCache, "read", watched_read)
+    monkeypatch.setattr(StaticDecoder, "_run", watched_run)
+    requests = {str(i): (PARITY_TEXT[:30 + 40 * i], SamplingParams(max_bytes=12 + 30 * (i % 2), temperature=0.0))
+                for i in range(4)}
+    run_engine(engine, requests, {"0": 0, "1": 0, "2": 2, "3": 20})
+    byte_reads = [slots for name, slots in reads if name in ("encode", "finish")]
+    assert byte_reads and all(isinstance(s, slice) and s.start == 0 for s in byte_reads)
+    assert any(name == "patch" for name, _ in reads)  # patch steps gather their few closing rows
 
 
 def test_graphs_need_cuda_and_static_steps(models):
