@@ -87,8 +87,8 @@ class CountedOps(StepOps):
     def add_norm(self, *args):
         return self._one(StepOps.add_norm, *args)
 
-    def double_residual(self, *args):
-        return self._one(StepOps.double_residual, *args)
+    def double_residual_norm(self, *args):
+        return self._one(StepOps.double_residual_norm, *args)
 
     def heads(self, *args):
         q, k, v, _ = self._one(StepOps.heads, *args)
@@ -99,6 +99,9 @@ class CountedOps(StepOps):
 
     def silu_mul(self, *args):
         return self._one(StepOps.silu_mul, *args)
+
+    def entropy(self, *args):
+        return self._one(StepOps.entropy, *args)
 
     def positions(self, *args):
         return self._one(StepOps.positions, *args, kernels=3)

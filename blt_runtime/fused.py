@@ -5,9 +5,10 @@ On a GPU a decode step is bound by kernel launches, not by memory (issue 8: abou
 kernels per byte). In eager PyTorch a bf16 RMSNorm is four kernels (up-cast, norm, down-cast, weight),
 RoPE three, SwiGLU's gate two, BLT's double residual two; compiled, each stretch is one:
 - `add_norm`: a residual add (each block leaves its last one to the next norm) and that norm;
-- `double_residual`: the decoder's cross-attention residual x + (a + x);
+- `double_residual_norm`: the decoder's cross-attention residual x + (a + x) and the next norm;
 - `heads`: the heads of a fused qkv projection, q and k rotated (compiled: with the new keys and
   values side by side, so the cache takes them in one copy); `silu_mul`: SwiGLU's silu(gate) * up;
+- `entropy`: the entropy model's next-byte entropy from its logits (a softmax and two sums);
 - `positions`: what every layer of a stack shares in a step: the new positions' RoPE rotation, the
   additive attention mask over the cache entries read, and the cache entries the new keys go to.
 `StepOps` runs them as the eager step always has (the engine's default, and the arithmetic the tests
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import entry_positions, index_of
+from .model.entropy import entropy_nats
 from .model.layers import BoundNorm, _inv_freq, apply_rope, rope_rotation
 
 
@@ -38,9 +40,11 @@ class StepOps:
             h = h + delta
         return h, n(h)
 
-    def double_residual(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """BLT's cross-attention residual (layers.double_residual)."""
-        return x + (attended + x)
+    def double_residual_norm(self, x: torch.Tensor, attended: torch.Tensor,
+                             n: BoundNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """BLT's cross-attention residual h = x + (attended + x) (layers.double_residual), and n(h)."""
+        h = x + (attended + x)
+        return h, n(h)
 
     def heads(self, qkv: torch.Tensor, rotation: torch.Tensor, heads: int, kv_heads: int,
               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -56,6 +60,10 @@ class StepOps:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits -> (...) fp32 entropies in nats (model.entropy.entropy_nats)."""
+        return entropy_nats(logits)
 
     def positions(self, lengths: torch.Tensor, T: int, span: int, kept: int, masked: bool,
                   cache_window: int | None, stack_window: int | None, head_dim: int, theta: float,
@@ -102,8 +110,10 @@ def _add_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     return h, _norm(h, weight, eps)
 
 
-def _double_residual(x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    return x + (attended + x)
+def _double_residual_norm(x: torch.Tensor, attended: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x + (attended + x)
+    return h, _norm(h, weight, eps)
 
 
 def _heads(qkv: torch.Tensor, rotation: torch.Tensor, rotated: int, head_dim: int) -> torch.Tensor:
@@ -151,9 +161,10 @@ class CompiledOps(StepOps):
 
         def compiled(fn):
             return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
-        self._norm, self._add_norm, self._double_residual = compiled(_norm), compiled(_add_norm), \
-            compiled(_double_residual)
+        self._norm, self._add_norm, self._double_residual_norm = compiled(_norm), compiled(_add_norm), \
+            compiled(_double_residual_norm)
         self._heads, self._silu_mul, self._positions = compiled(_heads), compiled(_silu_mul), compiled(_positions)
+        self._entropy = compiled(entropy_nats)
 
     def add_norm(self, h, delta, n):
         # weights go in detached: a parameter's shape would be compiled in, one compilation per width
@@ -161,8 +172,8 @@ class CompiledOps(StepOps):
             return h, self._norm(h, n.weight.detach(), n.eps)
         return self._add_norm(h, delta, n.weight.detach(), n.eps)
 
-    def double_residual(self, x, attended):
-        return self._double_residual(x, attended)
+    def double_residual_norm(self, x, attended, n):
+        return self._double_residual_norm(x, attended, n.weight.detach(), n.eps)
 
     def heads(self, qkv, rotation, heads, kv_heads, head_dim):
         out = self._heads(qkv, torch.view_as_real(rotation), heads + kv_heads, head_dim)
@@ -171,6 +182,9 @@ class CompiledOps(StepOps):
 
     def silu_mul(self, gate_up):
         return self._silu_mul(gate_up)
+
+    def entropy(self, logits):
+        return self._entropy(logits)
 
     def positions(self, lengths, T, span, kept, masked, cache_window, stack_window, head_dim, theta, mask_dtype):
         rotation, mask, index = self._positions(lengths, _inv_freq(head_dim, theta, lengths.device), T, span, kept,

@@ -24,7 +24,6 @@ from .cache import KVCache, RowBuffer
 from .device import host_tensor
 from .fused import EAGER, StepOps
 from .model.blt import BltModel
-from .model.entropy import entropy_nats
 from .model.hashing import power_matrix
 from .model.layers import Block, BoundNorm, CrossAttention, Stack, repeat_kv
 from .model.local_decoder import attend_gathered
@@ -194,13 +193,14 @@ class CrossStep:
 
 
 def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache: KVCache, layer: int,
-               p: Positions, ops: StepOps) -> tuple[torch.Tensor, torch.Tensor]:
+               p: Positions, ops: StepOps, normed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm block over new positions, attending to the cache and storing the new keys. Its
     input is h + delta (delta None: h) and so is its output: the last residual add is left to the
-    next norm, with which `ops` can fuse it (fused.py)."""
+    next norm, with which `ops` can fuse it (fused.py). `normed`: the block's first norm of h, when
+    the caller computed it with what came before."""
     b: BlockStep = block.decode_step
     H, H_kv, D = b.heads, b.kv_heads, b.head_dim
-    h, x = ops.add_norm(h, delta, b.norm1)
+    h, x = (h, normed) if normed is not None else ops.add_norm(h, delta, b.norm1)
     qkv = F.linear(x, b.qkv)
     q, k, v, kv = ops.heads(qkv, p.rotation, H, H_kv, D)  # (B, H, T, D), (B, H_kv, T, D) x 2
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
@@ -291,7 +291,7 @@ class Runner:
         normed, _ = self._run_stack(self.model.patcher, self.entropy_kv, F.embedding(ids, self.entropy_embed),
                                     slots, lengths, max_length, read_slots, min_length, self.entropy_norm)
         # EntropyModel.head: the output head in fp32, so that entropies are fp32 end to end
-        return entropy_nats(F.linear(normed.float(), self.entropy_head))
+        return self.ops.entropy(F.linear(normed.float(), self.entropy_head))
 
     def encode(self, ids: torch.Tensor, slots, lengths, max_length: int,
                read_slots=None, min_length=None) -> tuple[torch.Tensor, Positions]:
@@ -333,8 +333,10 @@ class Runner:
                 else:
                     h = h if delta is None else h + delta
                     attended = attend_gathered(ca, h, keys, values, slot_patch, dec.k)
-                h, delta = self.ops.double_residual(h, attended), None
-            h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops)
+                h, normed = self.ops.double_residual_norm(h, attended, block.decode_step.norm1)
+                h, delta = block_step(block, h, None, self.decoder_kv, i, p, self.ops, normed)
+            else:
+                h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops)
         return self.ops.add_norm(h, delta, self.decoder_norm)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
