@@ -122,6 +122,14 @@ RUNS = list(range(10_000, 0, -1))  # unique request ids across runs
 
 
 def profile_steps(engine: Engine, prompt: bytes, steps: int = 32) -> dict:
+    try:
+        return _profile_steps(engine, prompt, steps)
+    except Exception as e:  # noqa: BLE001 - a profiler failure must not hide the figures around it
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"[:400]}
+
+
+def _profile_steps(engine: Engine, prompt: bytes, steps: int) -> dict:
     """What the device does in a batch-1 decode step: kernels (and copies) launched per step, their
     summed duration, and the wall time per step, from torch.profiler (CUDA only). Kernel time far
     below wall time means the step waits on launches, not on the kernels themselves."""
