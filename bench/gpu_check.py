@@ -126,6 +126,10 @@ def profile_steps(engine: Engine, prompt: bytes, steps: int = 32) -> dict:
         return _profile_steps(engine, prompt, steps)
     except Exception as e:  # noqa: BLE001 - a profiler failure must not hide the figures around it
         traceback.print_exc()
+        for rid in [rid for rid in engine.sequences if rid.startswith("profile-")]:
+            engine.abort(rid)  # the engine goes on to other runs
+        while engine.has_work():
+            engine.step()
         return {"error": f"{type(e).__name__}: {e}"[:400]}
 
 
