@@ -15,7 +15,8 @@ RoPE three, SwiGLU's gate two, BLT's double residual two; compiled, each stretch
 hold equal to full recompute). `CompiledOps` compiles the same arithmetic, written without complex
 numbers (which inductor does not generate code for), with `emulate_precision_casts`, so bf16 values
 are rounded where the eager code rounds them. Matrix products, attention and cache copies stay
-outside: they are single kernels already. Used by runner.py; knows nothing about caches or requests.
+outside: they are single kernels already. Used by runner.py; knows nothing about requests, and takes
+the ring-buffer arithmetic of positions from cache.py.
 """
 
 from __future__ import annotations
