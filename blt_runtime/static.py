@@ -1,11 +1,14 @@
 """Static-shaped decode steps: the form CUDA graphs need, equal to the dynamic step in runner.py.
 
 The dynamic step sizes everything by the batch of the moment. Here every shape is fixed per bucket:
-- row b of a step is slot b, so every cache is read in place (no gathered copy of the windows: at 64
-  streams that copy would move gigabytes per step on a GPU). The rows run to the bucket (1, 2, 4,
-  ..., max_batch_size) above the highest slot decoding; a row whose slot is not decoding (free,
-  prefilling, or above the batch) is padding: it reads its slot's entries and writes to the runner's
-  scratch slot, whose contents nobody reads, and its results are dropped;
+- the batch is padded to a bucket (1, 2, 4, ..., max_batch_size). Where the bucket above the highest
+  decoding slot is the batch's own bucket (the usual case: slots are handed out lowest first), row b
+  is slot b and every cache is read in place: a gathered copy of each layer's window would move
+  gigabytes per step at 64 streams on a GPU. A row whose slot is not decoding (free, prefilling) is
+  then padding. Otherwise (a few sequences left on high slots) the rows are the sequences in order,
+  and their cache rows are gathered, which reads less than every slot below the highest would.
+  Padding rows write to the runner's scratch slot, whose contents nobody reads, and their results
+  are dropped;
 - a ring-buffer cache is read at its full window, with a mask, whatever the lengths (a cache without
   a window, such as the global one, is read at a power-of-two span that the bucket key names);
 - every per-step input is copied into preallocated buffers in one transfer per kind, and every result
@@ -89,7 +92,7 @@ class ByteBuffers:
 
     @property
     def rows(self) -> slice:
-        """The slots the rows read in place: row b is slot b (`slots` says where each row writes)."""
+        """The slots rows read when they read in place: row b is slot b (`slots`: where each writes)."""
         return slice(0, self.out.shape[0])
 
     def __getattr__(self, name: str) -> torch.Tensor:
@@ -123,8 +126,11 @@ class StaticDecoder:
         """The dynamic `Runner.decode` + `Runner.sample_and_look_ahead` for B running sequences: byte
         ids[b] at position lengths[b], then the byte for position lengths[b] + 1. The results come
         with the step's transfer; the function returned reads them."""
-        r, n = self.r, max(slots) + 1
-        Bb = bucket(n, self.sizes)
+        r, B = self.r, len(slots)
+        Bb = bucket(B, self.sizes)
+        in_place = bucket(max(slots) + 1, self.sizes) == Bb
+        order = slots if in_place else list(range(B))  # the row of each sequence
+        n = max(order) + 1
         rows = [i for i, c in enumerate(closes) if c]
         patch_bytes = span_bucket(max(open_lens[i] + 1 for i in rows), 16) if rows else 0
         global_span = span_bucket(max(num_patches[i] for i in rows) + 1) if rows else 0
@@ -138,12 +144,12 @@ class StaticDecoder:
         int_padding, float_padding = {"slots": r.scratch, "ids": BOS_ID}, {"top_p": 1.0, "repetition": 1.0}
 
         def by_slot(columns: dict[str, list], padding: dict[str, float]) -> dict[str, list]:
-            """Each column's values at their slots' rows, padding between them."""
+            """Each column's values at their sequences' rows, padding between them."""
             out = {}
             for name, values in columns.items():
                 out[name] = [padding.get(name, 0)] * n
-                for slot, value in zip(slots, values):
-                    out[name][slot] = value
+                for row, value in zip(order, values):
+                    out[name][row] = value
             return out
 
         buf.ints.fill(by_slot({"slots": slots, "lengths": lengths, "ids": ids, "open_lens": open_lens,
@@ -153,7 +159,7 @@ class StaticDecoder:
                                  "min_p": [p.min_p for p in params], "presence": [p.presence_penalty for p in params],
                                  "frequency": [p.frequency_penalty for p in params],
                                  "repetition": [p.repetition_penalty for p in params]}, float_padding), float_padding)
-        self._run(("encode", Bb, spans), lambda: self._encode(buf, spans))
+        self._run(("encode", Bb, spans, in_place), lambda: self._encode(buf, spans, in_place))
         if rows:
             Rb = bucket(len(rows), self.sizes)
             staged = self._patch_inputs(Rb)
@@ -163,13 +169,13 @@ class StaticDecoder:
                       lambda: self._patch(staged, patch_bytes, global_span))
         n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         mode = (all_greedy(params), any_penalty(params), n_top is not None)
-        self._run(("finish", Bb, spans, mode), lambda: self._finish(buf, spans, *mode))
+        self._run(("finish", Bb, spans, mode, in_place), lambda: self._finish(buf, spans, in_place, *mode))
         width = 2 if n_top is None else buf.out.shape[1]
         handle = transfer.add(buf.out[:n, :width])
 
         def result() -> Sampled:
             flat = transfer.get(handle)
-            host = [flat[s * width:(s + 1) * width] for s in slots]
+            host = [flat[row * width:(row + 1) * width] for row in order]
             sampled = Sampled([int(row[0]) for row in host], [row[1] > 0 for row in host], None)
             if n_top is not None:
                 k = MAX_LOGPROBS
@@ -216,9 +222,9 @@ class StaticDecoder:
         return self._patches[Rb]
 
     # ------------------------------------------------------------------ the pieces (device side only)
-    def _encode(self, b: ByteBuffers, spans: tuple[int, int, int]) -> None:
+    def _encode(self, b: ByteBuffers, spans: tuple[int, int, int], in_place: bool) -> None:
         r = self.r
-        states, _ = r.encode(b.ids[:, None], b.slots, b.lengths, spans[1] - 1, b.rows)
+        states, _ = r.encode(b.ids[:, None], b.slots, b.lengths, spans[1] - 1, b.rows if in_place else None)
         r.open_patch.data[b.slots, b.open_lens] = states[:, 0]
         b.states.copy_(states)
 
@@ -229,17 +235,19 @@ class StaticDecoder:
         vecs = r.model.local_encoder.patch_slots(states, padding.long(), 2)[:, :1]  # padding = patch 1
         r.store_latest(v["rows"], r.global_step(vecs, v["rows"], v["before"], global_span - 1))
 
-    def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], greedy: bool, penalty: bool,
+    def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], in_place: bool, greedy: bool, penalty: bool,
                 logprobs: bool) -> None:
         r = self.r
-        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, b.rows, ops=r.ops)
-        h = r.decode_bytes(b.states, p, r.latest_tables(b.rows), None, spans[2] - 1)
+        reads = b.rows if in_place else None  # None: gather each row's slot
+        own = b.rows if in_place else b.slots
+        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, reads, ops=r.ops)
+        h = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1)
         logits = r.logits(h[:, 0])
         position = b.lengths + 1
-        ids = sample(logits, b.sampling(greedy, penalty), position, r.output_counts[b.rows], r.seen[b.rows], EOS_ID)
+        ids = sample(logits, b.sampling(greedy, penalty), position, r.output_counts[own], r.seen[own], EOS_ID)
         r.output_counts[b.slots, ids] += 1
         r.seen[b.slots, ids] = True
-        entropy = r.entropies(ids[:, None], b.slots, position, spans[0] - 1, b.rows)
+        entropy = r.entropies(ids[:, None], b.slots, position, spans[0] - 1, reads)
         closes = r.boundary_flags(entropy[:, 0], position)
         b.out[:, 0].copy_(ids)
         b.out[:, 1].copy_(closes)

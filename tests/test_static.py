@@ -137,34 +137,47 @@ def test_pieces_never_wait_for_the_host(models, monkeypatch):
 
 
 def test_byte_pieces_read_caches_in_place(models, monkeypatch):
-    """Row b of a static step is slot b, so the encode and finish pieces read every cache in place: a
-    gathered copy of each layer's window would move gigabytes per step at 64 streams on a GPU. The
-    batch has holes (a finished request's slot, a prompt still prefilling), and every step's output
-    is checked against the dynamic step by test_static_equals_dynamic_batched."""
+    """Row b of a static step is slot b whenever that needs no larger bucket than the batch's own, and
+    then the encode and finish pieces read every cache in place (a gathered copy of each layer's window
+    would move gigabytes per step at 64 streams on a GPU); otherwise they gather the rows. The batch
+    here has holes (a finished request's slot, a prompt still prefilling) and a tail with one request
+    on a high slot; test_static_equals_dynamic_batched checks the outputs of such steps."""
     engine = Engine(models["1b"], max_batch_size=4, static=True)
-    reads: list[tuple[str, object]] = []
-    read, run = KVCache.read, StaticDecoder._run
+    reads: list[tuple[tuple, object]] = []
+    expected: list[bool] = []  # per decode step: does the bucket above the highest slot equal the batch's
+    chosen: list[bool] = []  # per decode step: did it read in place
+    read, run, step = KVCache.read, StaticDecoder._run, StaticDecoder.step
     piece = []
 
     def watched_read(self, layer, slots, span):
-        reads.append((piece[-1] if piece else "outside", slots))
+        reads.append((piece[-1] if piece else ("outside",), slots))
         return read(self, layer, slots, span)
 
     def watched_run(self, key, fn):
-        piece.append(key[0])
+        piece.append(key)
+        if key[0] == "encode":
+            chosen.append(key[-1])
         try:
             run(self, key, fn)
         finally:
             piece.pop()
 
+    def watched_step(self, slots, *args):
+        expected.append(bucket(max(slots) + 1, self.sizes) == bucket(len(slots), self.sizes))
+        return step(self, slots, *args)
+
     monkeypatch.setattr(KVCache, "read", watched_read)
     monkeypatch.setattr(StaticDecoder, "_run", watched_run)
+    monkeypatch.setattr(StaticDecoder, "step", watched_step)
     requests = {str(i): (PARITY_TEXT[:30 + 40 * i], SamplingParams(max_bytes=12 + 30 * (i % 2), temperature=0.0))
                 for i in range(4)}
     run_engine(engine, requests, {"0": 0, "1": 0, "2": 2, "3": 20})
-    byte_reads = [slots for name, slots in reads if name in ("encode", "finish")]
-    assert byte_reads and all(isinstance(s, slice) and s.start == 0 for s in byte_reads)
-    assert any(name == "patch" for name, _ in reads)  # patch steps gather their few closing rows
+    byte_reads = [(key, slots) for key, slots in reads if key[0] in ("encode", "finish")]
+    for key, slots in byte_reads:
+        assert isinstance(slots, slice) == key[-1], (key, slots)  # the key's last field: in place
+        assert not isinstance(slots, slice) or slots.start == 0
+    assert chosen == expected and set(expected) == {True, False}  # both kinds of step happened
+    assert any(key[0] == "patch" for key, _ in reads)  # patch steps gather their few closing rows
 
 
 def test_graphs_need_cuda_and_static_steps(models):
