@@ -145,6 +145,8 @@ class StaticDecoder:
 
         def by_slot(columns: dict[str, list], padding: dict[str, float]) -> dict[str, list]:
             """Each column's values at their sequences' rows, padding between them."""
+            if order == list(range(B)):  # rows already in order, none between them (the usual case)
+                return columns
             out = {}
             for name, values in columns.items():
                 out[name] = [padding.get(name, 0)] * n
