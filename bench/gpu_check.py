@@ -165,31 +165,17 @@ def _profile_steps(engine: Engine, prompt: bytes, steps: int) -> dict:
 
 
 def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None:
-    """The engine with its element-wise stretches compiled (fused.py): exactness against the same
-    compiled steps run eagerly, agreement with full recompute, batch 1 and the largest stream count."""
+    """The engine with its element-wise stretches compiled (fused.py), measured as the plain one is
+    (against the same compiled steps run eagerly), at the largest stream count only."""
     cuda = model.device.type == "cuda"
     out: dict = {}
     start = time.perf_counter()
     primary = make_engine(model, graphs=cuda, compile=True)
-    run_engine(primary, [prompt[:64]], 8)  # compiles the batch-1 variants
-    first_run, (greedy,) = run_engine(primary, [prompt], args.bytes)
-    out["compile_and_first_run_s"] = round(time.perf_counter() - start, 1)
-    one, (again,) = run_engine(primary, [prompt], args.bytes)
-    out["deterministic"] = greedy == again
-    eager = make_engine(model, graphs=False, static=True, compile=True)
-    same = run_engine(eager, [prompt], args.bytes)[1][0] == greedy
-    out["graphs_equal_eager" if cuda else "static_equal_eager"] = same
-    out["batch1_bytes_per_s"] = round(one["bytes_per_s"], 1)
-    out["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
-    out["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
-    n = max(int(s) for s in args.streams.split(","))
-    prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
-    _, outputs = run_engine(primary, prompts, args.bytes)
-    stats, again = run_engine(primary, prompts, args.bytes)
-    out[f"aggregate_bytes_per_s_{n}"] = round(stats["bytes_per_s"], 1)
-    out["deterministic"] &= outputs == again
-    if cuda:
-        out["profile_batch1"] = profile_steps(primary, prompt)
+    run_engine(primary, [prompt], 8)  # compiles the batch-1 variants (prefill chunks, decode steps)
+    out["compile_s"] = round(time.perf_counter() - start, 1)
+    measure(model, primary, make_engine(model, graphs=False, static=cuda, compile=True),
+            ("graphs", "eager") if cuda else ("static", "dynamic"), prompt, args, out,
+            streams=[max(int(s) for s in args.streams.split(","))])
     result["compiled"] = out
 
 
@@ -227,8 +213,9 @@ def time_transformers(model: BltModel, prompt: bytes, new_bytes: int) -> dict:
 
 
 def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, str], prompt: bytes, args,
-            result: dict) -> None:
-    """Checks and timings of `primary`, with `other` as the comparison for exactness and batch 1."""
+            result: dict, streams: list[int] | None = None) -> None:
+    """Checks and timings of `primary`, with `other` as the comparison for exactness and batch 1, at
+    `streams` concurrent streams (default: --streams)."""
     result["graphs"] = "captured per step shape" if primary.uses_cuda_graphs else "off"
     for engine in (primary, other):
         run_engine(engine, [prompt[:64]], 8)  # warm-up
@@ -243,7 +230,7 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     result["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
     result["bytes_per_patch"] = round(one["bytes"] / max(one["completion_patches"], 1), 2)
     result["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
-    for k, n in enumerate(int(s) for s in args.streams.split(",")):
+    for k, n in enumerate(streams or [int(s) for s in args.streams.split(",")]):
         prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
         _, outputs = run_engine(primary, prompts, args.bytes)  # captures this bucket's graphs
         stats, again = run_engine(primary, prompts, args.bytes)

@@ -143,7 +143,7 @@ class StaticDecoder:
         buf = self._byte_buffers(Bb)
         int_padding, float_padding = {"slots": r.scratch, "ids": BOS_ID}, {"top_p": 1.0, "repetition": 1.0}
 
-        def by_slot(columns: dict[str, list], padding: dict[str, float]) -> dict[str, list]:
+        def by_row(columns: dict[str, list], padding: dict[str, float]) -> dict[str, list]:
             """Each column's values at their sequences' rows, padding between them."""
             if order == list(range(B)):  # rows already in order, none between them (the usual case)
                 return columns
@@ -154,10 +154,10 @@ class StaticDecoder:
                     out[name][row] = value
             return out
 
-        buf.ints.fill(by_slot({"slots": slots, "lengths": lengths, "ids": ids, "open_lens": open_lens,
+        buf.ints.fill(by_row({"slots": slots, "lengths": lengths, "ids": ids, "open_lens": open_lens,
                                "top_k": [max(p.top_k, 0) for p in params], "seeds": seeds,
                                "allow_eos": [not p.ignore_eos for p in params]}, int_padding), int_padding)
-        buf.floats.fill(by_slot({"temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
+        buf.floats.fill(by_row({"temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
                                  "min_p": [p.min_p for p in params], "presence": [p.presence_penalty for p in params],
                                  "frequency": [p.frequency_penalty for p in params],
                                  "repetition": [p.repetition_penalty for p in params]}, float_padding), float_padding)
