@@ -16,6 +16,12 @@ from blt_runtime.fused import CompiledOps, StepOps
 from blt_runtime.model.layers import RMSNorm, rope_rotation
 from blt_runtime.sampling import SamplingParams
 
+# Bit-equality in bf16 needs inductor to round every bf16 intermediate where eager PyTorch does
+# (emulate_precision_casts). Its CPU code does in torch 2.13, the CI's; in 2.11 (measured) it keeps
+# some intermediates in fp32 (the double residual's inner sum, SwiGLU's silu), and eager rms_norm
+# reduces in another order: values 1-4 bf16 steps apart, so greedy bytes may part ways.
+EXACT_BF16 = torch.torch_version.TorchVersion(torch.__version__) >= "2.13"
+
 
 def stretches(ops, dtype, B, T):
     """Every stretch of `ops` on fixed random inputs of shape (B, T, ...)."""
@@ -44,7 +50,10 @@ def test_compiled_stretches_equal_eager(B, T):
         for name in want:
             for a, b in zip(torch.utils._pytree.tree_leaves(got[name]), torch.utils._pytree.tree_leaves(want[name])):
                 if dtype == torch.bfloat16 and name != "entropy":
-                    assert torch.equal(a, b), name
+                    if EXACT_BF16:
+                        assert torch.equal(a, b), name
+                    else:
+                        torch.testing.assert_close(a, b, rtol=0.04, atol=0.02, msg=name)
                 else:
                     torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, msg=name)
 
@@ -70,6 +79,8 @@ def test_compiled_engine_equals_full_recompute(hf_checkpoint, static):
     replay_full_recompute(model, prompt, params, seed, generated, engine_logprobs=logprobs)
 
 
+@pytest.mark.skipif(not EXACT_BF16, reason=f"torch {torch.__version__}: compiled bf16 stretches are not bit-equal "
+                    "to eager here (see EXACT_BF16); the fp32 tests above hold")
 def test_compiled_engine_equals_eager_in_bf16(hf_checkpoint):
     model = load_model(hf_checkpoint("1b")[1], dtype="bfloat16")
     prompt = PARITY_TEXT[:300]
