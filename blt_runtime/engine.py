@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import resolve
 from .cache import SlotAllocator
 from .fused import CompiledOps
 from .model.blt import BltModel
@@ -49,16 +50,18 @@ class StepOutput:
 class Engine:
     def __init__(self, model: BltModel, max_batch_size: int = 16, max_model_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 512, static: bool | None = None,
-                 cuda_graphs: bool | None = None, compile: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, attention: str = "auto"):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
-        off by default: compiling takes a while, and on a CPU it is slower)."""
+        off by default: compiling takes a while, and on a CPU it is slower). `attention`: how a decode
+        step attends to the caches, "auto", "sdpa" or "triton" (attention.py: auto is the Triton kernel
+        on CUDA when it passes its start-up check)."""
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
         self.runner = Runner(model, max_batch_size, self.max_model_len + 4,  # +3 bytes to finish a character
-                             CompiledOps() if compile else None)
+                             CompiledOps() if compile else None, resolve(attention, model.device, model.dtype))
         on_cuda = model.device.type == "cuda"
         static = on_cuda if static is None else static
         cuda_graphs = static and on_cuda if cuda_graphs is None else cuda_graphs
@@ -102,6 +105,11 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.scheduler.num_waiting or self.scheduler.num_running or self._aborted)
+
+    @property
+    def attention(self) -> str:
+        """"sdpa" or "triton": how decode steps attend to the caches (attention.py)."""
+        return self.runner.attention
 
     @property
     def uses_cuda_graphs(self) -> bool:

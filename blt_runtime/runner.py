@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .attention import decode_attention, sdpa_attention
 from .cache import KVCache, RowBuffer
 from .device import host_tensor
 from .fused import EAGER, StepOps
 from .model.blt import BltModel
 from .model.hashing import power_matrix
-from .model.layers import Block, BoundNorm, CrossAttention, Stack, repeat_kv
+from .model.layers import Block, BoundNorm, CrossAttention, Stack
 from .model.local_decoder import attend_gathered
 from .patcher import starts_next
 from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
@@ -193,38 +194,44 @@ class CrossStep:
 
 
 def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache: KVCache, layer: int,
-               p: Positions, ops: StepOps, normed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               p: Positions, ops: StepOps, normed: torch.Tensor | None = None,
+               attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm block over new positions, attending to the cache and storing the new keys. Its
     input is h + delta (delta None: h) and so is its output: the last residual add is left to the
     next norm, with which `ops` can fuse it (fused.py). `normed`: the block's first norm of h, when
-    the caller computed it with what came before."""
+    the caller computed it with what came before. `attention`: how one new position attends to the
+    cache (attention.py)."""
     b: BlockStep = block.decode_step
-    H, H_kv, D = b.heads, b.kv_heads, b.head_dim
     h, x = (h, normed) if normed is not None else ops.add_norm(h, delta, b.norm1)
     qkv = F.linear(x, b.qkv)
-    q, k, v, kv = ops.heads(qkv, p.rotation, H, H_kv, D)  # (B, H, T, D), (B, H_kv, T, D) x 2
+    q, k, v, kv = ops.heads(qkv, p.rotation, b.heads, b.kv_heads, b.head_dim)  # (B, H, T, D), (B, H_kv, T, D) x 2
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
     new_kv = None if kv is None else kv[:, kv.shape[1] - p.kept:]
     if p.write_first:
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v, p.write_at, new_kv)
-        keys, values = cache.read(layer, p.read_slots or p.slots, p.span)
+        if attention == "triton":  # the rows' entries read where they are, in one kernel
+            o = decode_attention(q, cache.kv, layer, p.read_slots or p.slots, p.span, p.mask)
+        else:
+            o = sdpa_attention(q, *cache.read(layer, p.read_slots or p.slots, p.span), p.mask)
     else:
         cached_k, cached_v = cache.read(layer, p.read_slots or p.slots, p.span)
         keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v, None, new_kv)
-    groups = H // H_kv
-    o = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=p.mask)
-    h, x = ops.add_norm(h, F.linear(o.transpose(1, 2).flatten(2), b.o), b.norm2)
+        o = sdpa_attention(q, keys, values, p.mask)
+    h, x = ops.add_norm(h, F.linear(o, b.o), b.norm2)
     return h, F.linear(ops.silu_mul(F.linear(x, b.gate_up)), b.down)
 
 
 class Runner:
-    def __init__(self, model: BltModel, slots: int, max_len: int, ops: StepOps | None = None):
+    def __init__(self, model: BltModel, slots: int, max_len: int, ops: StepOps | None = None,
+                 attention: str = "sdpa"):
         """Per-sequence state for `slots` sequences, plus one scratch row (index `slots`) that the padding
         rows of a static-shaped step read and write (see static.py). `ops`: how the element-wise
-        stretches of a step run (fused.py; eager by default)."""
+        stretches of a step run (fused.py; eager by default); `attention`: how one new position
+        attends to a cache, "sdpa" or "triton" (attention.py)."""
         self.model, self.cfg = model, model.config
         self.ops = ops or StepOps()
+        self.attention = attention
         self.num_slots, self.scratch = slots, slots
         cfg, dev, dt = model.config, model.device, model.dtype
         slots += 1
@@ -279,7 +286,7 @@ class Runner:
         p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots, min_length, self.ops)
         delta = None
         for i, block in enumerate(stack.layers):
-            h, delta = block_step(block, h, delta, cache, i, p, self.ops)
+            h, delta = block_step(block, h, delta, cache, i, p, self.ops, attention=self.attention)
         if final_norm is not None:
             return self.ops.add_norm(h, delta, final_norm)[1], p
         return (h if delta is None else h + delta), p
@@ -333,9 +340,9 @@ class Runner:
                     h = h if delta is None else h + delta
                     attended = attend_gathered(ca, h, keys, values, slot_patch, dec.k)
                 h, normed = self.ops.double_residual_norm(h, attended, block.decode_step.norm1)
-                h, delta = block_step(block, h, None, self.decoder_kv, i, p, self.ops, normed)
+                h, delta = block_step(block, h, None, self.decoder_kv, i, p, self.ops, normed, self.attention)
             else:
-                h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops)
+                h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops, attention=self.attention)
         return self.ops.add_norm(h, delta, self.decoder_norm)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

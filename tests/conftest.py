@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 from factory import PARITY_TEXT, make_hf_checkpoint
 
 torch.set_num_threads(2)
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter here (tests/test_attention.py); it must be chosen
+    # before Triton is first imported, which is why it is set for the whole session.
+    assert "triton" not in sys.modules, "Triton was imported before the tests could choose its interpreter"
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -20,11 +20,21 @@ def test_cuda_matches_cpu(hf_checkpoint):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_graph_replay_equals_eager(hf_checkpoint, compile):
+def test_attention_kernel_on_cuda():
+    """The compiled Triton kernel agrees with SDPA (attention.self_check), so "auto" picks it."""
+    from blt_runtime.attention import resolve, self_check
+
+    device = torch.device("cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert self_check(device, dtype) is None
+        assert resolve("auto", device, dtype) == "triton"
+
+
+@pytest.mark.parametrize("compile, attention", [(False, "sdpa"), (False, "triton"), (True, "triton")])
+def test_graph_replay_equals_eager(hf_checkpoint, compile, attention):
     """256 greedy bytes for three requests joining at different steps: CUDA graph replay gives the
     bytes and patches of the same static steps run eagerly (greedy, and seeded sampling with logprobs),
-    and every piece was captured; with the element-wise stretches compiled too."""
+    and every piece was captured; with either attention, and the element-wise stretches compiled."""
     from enginekit import run_engine
 
     from blt_runtime.engine import Engine
@@ -36,10 +46,11 @@ def test_graph_replay_equals_eager(hf_checkpoint, compile):
                 for i in range(3)} | {"s": (b"seeded", SamplingParams(max_bytes=256, temperature=0.8, seed=7,
                                                                        logprobs=2))}
     joins = {"r0": 0, "r1": 3, "r2": 9, "s": 5}
-    graphs = Engine(model, max_batch_size=4, static=True, cuda_graphs=True, compile=compile)
+    graphs = Engine(model, max_batch_size=4, static=True, cuda_graphs=True, compile=compile, attention=attention)
+    assert graphs.attention == attention
     replayed = run_engine(graphs, requests, joins)
-    eager = run_engine(Engine(model, max_batch_size=4, static=True, cuda_graphs=False, compile=compile), requests,
-                       joins)
+    eager = run_engine(Engine(model, max_batch_size=4, static=True, cuda_graphs=False, compile=compile,
+                              attention=attention), requests, joins)
     for rid in requests:
         assert replayed[rid][0] == eager[rid][0], rid
         assert replayed[rid][1].usage == eager[rid][1].usage, rid
