@@ -9,6 +9,8 @@
 #   BLT_THREADS (CPU threads; default all cores but one)   BLT_ENFORCE_EAGER (no CUDA graphs)
 #   BLT_COMPILE (torch.compile the step's element-wise stretches; Triton needs a C compiler, which
 #   this runtime base lacks: use the -devel base or install gcc)
+#   BLT_ATTENTION (auto: the Triton decode-attention kernel where it compiles and checks out, else
+#   SDPA; sdpa; triton)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve
