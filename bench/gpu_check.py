@@ -13,10 +13,14 @@ and timed in one run. Prints a table and, last, one JSON line.
 4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run.
 5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
    time per step, the costliest kernels.
-6. Runs the engine again with its element-wise stretches compiled (fused.py, `compiled` in the
+6. Attention (attention.py): the engine attends with the Triton kernel where it passes its check
+   on the device ("auto"). On CUDA, times the kernel against SDPA on rows read from a cache at the
+   step's shapes (`attention_us`), and measures the engine with SDPA as in 2-3 at the largest
+   stream count (`sdpa` in the JSON).
+7. Runs the engine again with its element-wise stretches compiled (fused.py, `compiled` in the
    JSON): compile time, graphs against eager, determinism, top-1 agreement, batch 1, the largest
-   stream count, its profile. A JSON line with everything before this part is printed first, so
-   a run that times out here still reports the rest.
+   stream count, its profile. A JSON line is printed before 6 and before 7, so a run that times
+   out in either still reports what came before.
 
 Needs torch (and transformers for step 4), never the web stack. `--small` runs tiny shapes, which
 is how the script itself is tested on a CPU:
@@ -40,6 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
+from blt_runtime.attention import decode_attention, sdpa_attention, self_check  # noqa: E402
+from blt_runtime.cache import KVCache  # noqa: E402
 from blt_runtime.model.blt import checkpoint_key  # noqa: E402
 from blt_runtime.model.entropy import entropy_nats  # noqa: E402
 
@@ -89,8 +95,10 @@ def set_threshold(model: BltModel, bytes_per_patch: float = 4.5) -> float:
     return threshold
 
 
-def make_engine(model: BltModel, graphs: bool, static: bool = True, compile: bool = False) -> Engine:
-    return Engine(model, max_batch_size=64, max_model_len=4096, static=static, cuda_graphs=graphs, compile=compile)
+def make_engine(model: BltModel, graphs: bool, static: bool = True, compile: bool = False,
+                attention: str = "auto") -> Engine:
+    return Engine(model, max_batch_size=64, max_model_len=4096, static=static, cuda_graphs=graphs, compile=compile,
+                  attention=attention)
 
 
 def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple[dict, list[bytes]]:
@@ -164,6 +172,71 @@ def _profile_steps(engine: Engine, prompt: bytes, steps: int) -> dict:
             "top_device_ops_us_per_step": {name[:60]: round(us / steps, 1) for name, us in top}}
 
 
+def time_in_graph(fn, calls: int = 20, replays: int = 10) -> float:
+    """Microseconds per call of `fn` on the device, `calls` of it recorded in one CUDA graph (so
+    launches from Python are not in the figure), replayed `replays` times."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        fn()  # compiles and initialises outside the capture
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (calls * replays)
+
+
+def attention_us(model: BltModel) -> dict:
+    """The Triton kernel against SDPA on rows read from a cache (in place, or gathered: a patch step's
+    closing rows), one layer's attention at the step's shapes: the local models' 512-entry ring at 1
+    and 64 streams, the global model's cache for 16 closing rows of 64 and for 1."""
+    cfg, device, dtype = model.config, model.device, model.dtype
+    local, glob = cfg.decoder, cfg.global_model
+    cases = {"local_b1_in_place": (local, 512, 1, False), "local_b64_in_place": (local, 512, 64, False),
+             "global_b16_of_64_gathered_span128": (glob, 128, 16, True),
+             "global_b16_of_64_gathered_span1024": (glob, 1024, 16, True),
+             "global_b1_gathered_span1024": (glob, 1024, 1, True)}
+    out = {}
+    for name, (stack, span, B, gathered) in cases.items():
+        try:
+            out[name] = _attention_case(stack, span, B, gathered, device, dtype)
+        except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+            traceback.print_exc()
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
+def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.device, dtype: torch.dtype) -> dict:
+    cache = KVCache(1, 65, stack.num_kv_heads, stack.head_dim, stack.window, 4096, device, dtype)
+    cache.reserve(span)
+    cache.kv.normal_()
+    q = torch.randn(B, stack.num_heads, 1, stack.head_dim, device=device, dtype=dtype)
+    mask = torch.zeros(B, 1, 1, span, device=device, dtype=dtype)
+    mask[..., span * 3 // 4:] = float("-inf")  # rows that have not filled their span
+    rows = torch.arange(B, device=device) * 4 if gathered else slice(0, B)
+    return {"triton": round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask)), 2),
+            "sdpa": round(time_in_graph(lambda: sdpa_attention(q, *cache.read(0, rows, span), mask)), 2)}
+
+
+def measure_sdpa(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The engine attending with SDPA (the primary one uses the Triton kernel), measured as the
+    primary one is, at the largest stream count only."""
+    out: dict = {}
+    measure(model, make_engine(model, graphs=True, attention="sdpa"),
+            make_engine(model, graphs=False, attention="sdpa"), ("graphs", "eager"), prompt, args, out,
+            streams=[max(int(s) for s in args.streams.split(","))])
+    result["sdpa"] = out
+
+
 def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None:
     """The engine with its element-wise stretches compiled (fused.py), measured as the plain one is
     (against the same compiled steps run eagerly), at the largest stream count only."""
@@ -217,6 +290,7 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     """Checks and timings of `primary`, with `other` as the comparison for exactness and batch 1, at
     `streams` concurrent streams (default: --streams)."""
     result["graphs"] = "captured per step shape" if primary.uses_cuda_graphs else "off"
+    result["attention"] = primary.attention
     for engine in (primary, other):
         run_engine(engine, [prompt[:64]], 8)  # warm-up
     first_run, (greedy,) = run_engine(primary, [prompt], args.bytes)  # captures what batch 1 needs
@@ -267,26 +341,43 @@ def main() -> None:
               "parameters": sum(p.numel() for p in model.parameters()), "build_s": round(time.perf_counter() - t0, 1)}
     result["threshold"] = set_threshold(model)
     prompt = english(1024)
+    cuda = device.type == "cuda"
+    if cuda:
+        result["attention_self_check"] = self_check(device, dtype) or "passed"
     # The primary engine replays CUDA graphs where there is a GPU; on a CPU it runs the static steps
     # eagerly and the dynamic step is its comparison (the CPU test of this script).
-    cuda = device.type == "cuda"
     try:
         measure(model, make_engine(model, graphs=cuda), make_engine(model, graphs=False, static=cuda),
                 ("graphs", "eager") if cuda else ("static", "dynamic"), prompt, args, result)
-    except Exception as e:  # noqa: BLE001 - one GPU run must still report what the eager steps do
+    except Exception as e:  # noqa: BLE001 - one GPU run must still report what the rest does
         if not cuda:
             raise
         traceback.print_exc()
-        result["graphs_error"] = f"{type(e).__name__}: {e}"[:800]
-        measure(model, make_engine(model, graphs=False), make_engine(model, graphs=False, static=False),
-                ("eager", "dynamic"), prompt, args, result)
+        result["primary_error"] = f"{type(e).__name__}: {e}"[:800]
+        try:  # without the attention kernel, then without graphs too
+            measure(model, make_engine(model, graphs=True, attention="sdpa"),
+                    make_engine(model, graphs=False, attention="sdpa"), ("graphs", "eager"), prompt, args, result)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            result["sdpa_graphs_error"] = f"{type(e).__name__}: {e}"[:800]
+            measure(model, make_engine(model, graphs=False, attention="sdpa"),
+                    make_engine(model, graphs=False, static=False, attention="sdpa"), ("eager", "dynamic"), prompt,
+                    args, result)
     if device.type == "cuda":
         result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     hf = time_transformers(model, prompt[:256], args.hf_bytes)
     result["transformers"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in hf.items()}
     if "bytes_per_s" in hf:
         result["speedup_vs_transformers_batch1"] = round(result["batch1_bytes_per_s"] / hf["bytes_per_s"], 1)
-    print(json.dumps(result), flush=True)  # what is known so far, should the compiled part run out of time
+    print(json.dumps(result), flush=True)  # what is known so far, should a later part run out of time
+    if cuda and result.get("attention") == "triton":
+        result["attention_us"] = attention_us(model)
+        try:
+            measure_sdpa(model, prompt, args, result)
+        except Exception as e:  # noqa: BLE001 - report it; the figures above stand
+            traceback.print_exc()
+            result["sdpa_error"] = f"{type(e).__name__}: {e}"[:800]
+        print(json.dumps(result), flush=True)
     if args.compiled:
         try:
             measure_compiled(model, prompt, args, result)

@@ -9,6 +9,8 @@ memory (a new tensor, or in place), not views and not same-dtype casts. It count
 - compiled: each stretch of fused.py counted as the kernels torch.compile makes of it: one, or for
   `positions` three (its outputs have three shapes; inductor's CPU output is one function for each
   stretch, Triton may need a kernel per shape). The GPU check's profile confirms it there.
+- compiled_triton: compiled, and the self-attention of one new position through attention.py's Triton
+  kernel (counted as the one kernel it is, computed here with SDPA): no gathered cache rows.
 Widths are scaled down by default (the count does not depend on them) so that it runs in seconds;
 the threshold is set as in the GPU check, for about 4.5 bytes per patch on English text.
 
@@ -30,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_check import set_threshold  # noqa: E402
-from blt_runtime import BltConfig, BltModel, Engine, SamplingParams  # noqa: E402
+from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, runner  # noqa: E402
+from blt_runtime.attention import sdpa_attention  # noqa: E402
 from blt_runtime.fused import StepOps  # noqa: E402
 
 NARROW = {"patcher_config": dict(hidden_size=96, intermediate_size=192),
@@ -107,12 +110,31 @@ class CountedOps(StepOps):
         return self._one(StepOps.positions, *args, kernels=3)
 
 
-def count(model: BltModel, batch: int, compiled: bool, steps: int) -> dict:
+def counted_attention(counter: KernelCount):
+    """attention.decode_attention, counted as its one kernel and the output it writes."""
+
+    def attend(q, kv, layer, rows, span, mask, block=None):
+        counter.paused = True
+        try:
+            both = kv[:, layer, rows, :, :span] if isinstance(rows, slice) else kv[:, layer, :, :, :span][:, rows]
+            out = sdpa_attention(q, both[0], both[1], mask)
+        finally:
+            counter.paused = False
+        counter.kernels["attention kernel"] += 1
+        counter.bytes_written += out.numel() * out.element_size()
+        return out
+    return attend
+
+
+def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
     """Kernels per piece of a decode step, over `steps` steps of `batch` greedy sequences."""
     counter = KernelCount()
-    engine = Engine(model, max_batch_size=batch, static=True, cuda_graphs=False)
-    if compiled:
+    engine = Engine(model, max_batch_size=batch, static=True, cuda_graphs=False, attention="sdpa")
+    if mode != "eager":
         engine.runner.ops = CountedOps(counter)
+    if mode == "compiled_triton":
+        engine.runner.attention = "triton"
+        runner.decode_attention = counted_attention(counter)  # for this script's process only
     text = (ROOT / "README.md").read_bytes()
     for i in range(batch):
         engine.add_request(str(i), text[100 * i:100 * i + 200], SamplingParams(max_bytes=steps + 50, temperature=0.0,
@@ -141,6 +163,7 @@ def count(model: BltModel, batch: int, compiled: bool, steps: int) -> dict:
     return {"per_piece": per_piece, "byte_step": per_piece["encode"] + per_piece["finish"],
             "mb_written_byte_step": round(mb["encode"] + mb["finish"], 3),
             "per_byte_with_patches": round((sum(sum(n) for n in pieces.values())) / steps, 1),
+            "mb_written_per_byte_with_patches": round(sum(sum(w) for w in written.values()) / steps / 2**20, 3),
             "patch_steps": patches, "top_ops": dict(details["finish"].most_common(12))}
 
 
@@ -158,13 +181,18 @@ def main() -> None:
     layers = {name: getattr(cfg, name).num_layers for name in ("patcher", "encoder", "global_model", "decoder")}
     result = {"layers": layers, "dtype": args.dtype, "batch": args.batch}
     with torch.inference_mode():
-        for mode in ("eager", "compiled"):
-            result[mode] = count(model, args.batch, mode == "compiled", args.steps)
+        for mode in ("eager", "compiled", "compiled_triton"):
+            result[mode] = count(model, args.batch, mode, args.steps)
             c = result[mode]
-            print(f"{mode:9s} kernels per byte step {c['byte_step']:4d}  pieces {c['per_piece']}  "
+            print(f"{mode:15s} kernels per byte step {c['byte_step']:4d}  pieces {c['per_piece']}  "
                   f"per byte with patch steps {c['per_byte_with_patches']}  "
-                  f"MB written per byte step {c['mb_written_byte_step']}")
+                  f"MB written per byte step {c['mb_written_byte_step']}, with patch steps "
+                  f"{c['mb_written_per_byte_with_patches']}")
     result["byte_step_ratio"] = round(result["eager"]["byte_step"] / result["compiled"]["byte_step"], 2)
+    result["triton_saves_per_byte"] = {
+        "kernels": round(result["compiled"]["per_byte_with_patches"] - result["compiled_triton"]["per_byte_with_patches"], 1),
+        "mb_written": round(result["compiled"]["mb_written_per_byte_with_patches"]
+                            - result["compiled_triton"]["mb_written_per_byte_with_patches"], 3)}
     print(json.dumps(result))
 
 
