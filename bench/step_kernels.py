@@ -9,8 +9,9 @@ memory (a new tensor, or in place), not views and not same-dtype casts. It count
 - compiled: each stretch of fused.py counted as the kernels torch.compile makes of it: one, or for
   `positions` three (its outputs have three shapes; inductor's CPU output is one function for each
   stretch, Triton may need a kernel per shape). The GPU check's profile confirms it there.
-- compiled_triton: compiled, and the self-attention of one new position through attention.py's Triton
-  kernel (counted as the one kernel it is, computed here with SDPA): no gathered cache rows.
+- eager_triton, compiled_triton: the same, with the self-attention of one new position through
+  attention.py's Triton kernel (counted as the one kernel it is, computed here with SDPA): it stores
+  the new keys and values too, and gathers no cache rows. eager_triton is the CUDA default.
 Widths are scaled down by default (the count does not depend on them) so that it runs in seconds;
 the threshold is set as in the GPU check, for about 4.5 bytes per patch on English text.
 
@@ -111,11 +112,16 @@ class CountedOps(StepOps):
 
 
 def counted_attention(counter: KernelCount):
-    """attention.decode_attention, counted as its one kernel and the output it writes."""
+    """attention.decode_attention, counted as its one kernel and what it writes (the output; the new
+    keys and values it stores)."""
 
-    def attend(q, kv, layer, rows, span, mask, block=None):
+    def attend(q, kv, layer, rows, span, mask, block=None, store=None):
         counter.paused = True
         try:
+            if store is not None:
+                k, v, write_rows, write_index = store
+                kv[:, layer][:, write_rows, :, write_index] = torch.stack((k, v), dim=1).permute(0, 3, 1, 2, 4)
+                counter.bytes_written += 2 * k.numel() * k.element_size()
             both = kv[:, layer, rows, :, :span] if isinstance(rows, slice) else kv[:, layer, :, :, :span][:, rows]
             out = sdpa_attention(q, both[0], both[1], mask)
         finally:
@@ -130,9 +136,9 @@ def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
     """Kernels per piece of a decode step, over `steps` steps of `batch` greedy sequences."""
     counter = KernelCount()
     engine = Engine(model, max_batch_size=batch, static=True, cuda_graphs=False, attention="sdpa")
-    if mode != "eager":
+    if mode.startswith("compiled"):
         engine.runner.ops = CountedOps(counter)
-    if mode == "compiled_triton":
+    if mode.endswith("_triton"):
         engine.runner.attention = "triton"
         runner.decode_attention = counted_attention(counter)  # for this script's process only
     text = (ROOT / "README.md").read_bytes()
@@ -181,7 +187,7 @@ def main() -> None:
     layers = {name: getattr(cfg, name).num_layers for name in ("patcher", "encoder", "global_model", "decoder")}
     result = {"layers": layers, "dtype": args.dtype, "batch": args.batch}
     with torch.inference_mode():
-        for mode in ("eager", "compiled", "compiled_triton"):
+        for mode in ("eager", "eager_triton", "compiled", "compiled_triton"):
             result[mode] = count(model, args.batch, mode, args.steps)
             c = result[mode]
             print(f"{mode:15s} kernels per byte step {c['byte_step']:4d}  pieces {c['per_piece']}  "
@@ -189,10 +195,10 @@ def main() -> None:
                   f"MB written per byte step {c['mb_written_byte_step']}, with patch steps "
                   f"{c['mb_written_per_byte_with_patches']}")
     result["byte_step_ratio"] = round(result["eager"]["byte_step"] / result["compiled"]["byte_step"], 2)
+    sdpa, triton = result["compiled"], result["compiled_triton"]
     result["triton_saves_per_byte"] = {
-        "kernels": round(result["compiled"]["per_byte_with_patches"] - result["compiled_triton"]["per_byte_with_patches"], 1),
-        "mb_written": round(result["compiled"]["mb_written_per_byte_with_patches"]
-                            - result["compiled_triton"]["mb_written_per_byte_with_patches"], 3)}
+        "kernels": round(sdpa["per_byte_with_patches"] - triton["per_byte_with_patches"], 1),
+        "mb_written": round(sdpa["mb_written_per_byte_with_patches"] - triton["mb_written_per_byte_with_patches"], 3)}
     print(json.dumps(result))
 
 

@@ -5,8 +5,9 @@ ring for the local models, the patches so far for the global one). Two ways to r
 - "sdpa": the rows are read from the cache (in place when they are consecutive slots, otherwise as a
   gathered copy of every row's keys and values) and handed to F.scaled_dot_product_attention;
 - "triton": one Triton kernel per layer (`decode_attention`), one program per row and query head,
-  reads each row's entries where they lie in the cache (a slot index per row, or consecutive slots),
-  adds the step's additive mask, and keeps a running softmax in fp32. Nothing is gathered or copied:
+  stores the row's new key and value, reads the row's entries where they lie in the cache (a slot
+  index per row, or consecutive slots), adds the step's additive mask, and keeps a running softmax
+  in fp32. Nothing is gathered or copied:
   a patch step's closing rows are scattered over the slots, and SDPA's gathered copy of their global
   cache is 8 MB per row and layer at the 1B widths and 1,024 patches of context (3.4 GB written per
   patch step for 16 closing rows of 64 streams).
@@ -36,18 +37,22 @@ except ImportError:
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "sdpa", "triton")
+Store = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # see decode_attention
 
 
 def triton_importable() -> bool:
     return triton is not None
 
 
-def _attention_program(Q, KV, Rows, Mask, Out, row_offset, span, scale,
+def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, row_offset, span, scale,
                        sq_b, sq_h, skv_kv, skv_row, skv_head, skv_entry, sm_b, so_b, so_h,
+                       skn_b, skn_h, svn_b, svn_h, swr_b, swi_b,
                        GROUPS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                       GATHER: tl.constexpr, HAS_MASK: tl.constexpr):
+                       GATHER: tl.constexpr, HAS_MASK: tl.constexpr, STORE: tl.constexpr):
     """One (row, query head): a running softmax over the row's first `span` cache entries, BLOCK at a
-    time, in fp32 (decode_attention)."""
+    time, in fp32 (decode_attention). With STORE, the row's new key and value are first stored (by
+    the first query head of their kv head) and, where the row reads that entry, taken from registers:
+    what other programs of the kv head store there meanwhile is never read."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     if GATHER:
@@ -56,9 +61,20 @@ def _attention_program(Q, KV, Rows, Mask, Out, row_offset, span, scale,
         row = (b + row_offset).to(tl.int64)
     d = tl.arange(0, D_PAD)
     in_head = d < D
+    kvh = h // GROUPS
     q = tl.load(Q + b * sq_b + h * sq_h + d, mask=in_head, other=0.0).to(tl.float32) * scale
-    k_base = KV + row * skv_row + (h // GROUPS) * skv_head
+    k_base = KV + row * skv_row + kvh * skv_head
     v_base = k_base + skv_kv
+    if STORE:
+        w_row = tl.load(WRows + b * swr_b).to(tl.int64)
+        w_index = tl.load(WIndex + b * swi_b).to(tl.int64)
+        k_new = tl.load(KNew + b * skn_b + kvh * skn_h + d, mask=in_head, other=0.0)
+        v_new = tl.load(VNew + b * svn_b + kvh * svn_h + d, mask=in_head, other=0.0)
+        first = d < tl.where(h % GROUPS == 0, D, 0)  # the kv head's first query head stores it
+        at = KV + w_row * skv_row + kvh * skv_head + w_index * skv_entry + d
+        tl.store(at, k_new, mask=first)
+        tl.store(at + skv_kv, v_new, mask=first)
+        new_at = tl.where(w_row == row, w_index, -1)  # the entry this row reads from registers, if any
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([D_PAD], dtype=tl.float32)
@@ -67,8 +83,10 @@ def _attention_program(Q, KV, Rows, Mask, Out, row_offset, span, scale,
         inside = n < span
         where = n[:, None] * skv_entry + d[None, :]
         both = inside[:, None] & in_head[None, :]
-        k = tl.load(k_base + where, mask=both, other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], 1)
+        k = tl.load(k_base + where, mask=both, other=0.0)
+        if STORE:
+            k = tl.where((n == new_at)[:, None], k_new[None, :], k)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1)
         if HAS_MASK:
             s += tl.load(Mask + b * sm_b + n, mask=inside, other=0.0).to(tl.float32)
         s = tl.where(inside, s, float("-inf"))
@@ -76,8 +94,10 @@ def _attention_program(Q, KV, Rows, Mask, Out, row_offset, span, scale,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: sums stay 0
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe)
-        v = tl.load(v_base + where, mask=both, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        v = tl.load(v_base + where, mask=both, other=0.0)
+        if STORE:
+            v = tl.where((n == new_at)[:, None], v_new[None, :], v)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
     tl.store(Out + b * so_b + h * so_h + d, (acc / l_i).to(Out.dtype.element_ty), mask=in_head)
@@ -87,13 +107,16 @@ _kernel = triton.jit(_attention_program) if triton is not None else None
 
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.Tensor | slice, span: int,
-                     mask: torch.Tensor | None, block: int | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None, block: int | None = None, store: Store | None = None) -> torch.Tensor:
     """q (B, H, 1, D); kv a cache's (2, layers, slots, H_kv, capacity, D) keys and values; `rows` the
     cache row of each query (a tensor of slots, or consecutive slots as a slice); the first `span`
     entries are read; mask (B, 1, 1, span) additive or None -> (B, 1, H * D), SDPA's result (scale
     1/sqrt(D); query head h reads kv head h // (H / H_kv)) with its heads side by side. `block`:
     entries per loop iteration (a power of two); by default 8192 values of K at a time on a GPU, and
-    the whole span at once in the interpreter, whose cost is per operation, not per value."""
+    the whole span at once in the interpreter, whose cost is per operation, not per value.
+    `store`: (k, v, write_rows, write_index), each row's new key and value (B, H_kv, 1, D) and where
+    they go (B, 1), stored by the same kernel, with the result of storing them first and then
+    attending (KVCache.write, then the read): one kernel less per layer."""
     B, H, T, D = q.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query position per row, not {T}")
@@ -107,13 +130,17 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     d_pad = next_power_of_2(D)
     if block is None:
         block = max(16, min(128, 8192 // d_pad)) if q.device.type == "cuda" else next_power_of_2(max(span, 16))
+    k_new, v_new, w_rows, w_index = store if store is not None else (q, q, q, q)
+    if store is not None and (k_new.stride(3) != 1 or v_new.stride(3) != 1 or k_new.shape[2] != 1):
+        raise ValueError("new keys and values must be one position with a contiguous head dimension")
     _kernel[(B, H)](
-        q, cache, rows if gather else q, mask if mask is not None else q, out,
+        q, cache, rows if gather else q, mask if mask is not None else q, out, k_new, v_new, w_rows, w_index,
         0 if gather else rows.start, span, D ** -0.5,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         mask.stride(0) if mask is not None else 0, out.stride(0), D,
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), w_rows.stride(0), w_index.stride(0),
         GROUPS=H // cache.shape[2], D=D, D_PAD=d_pad, BLOCK=block, GATHER=gather,
-        HAS_MASK=mask is not None)
+        HAS_MASK=mask is not None, STORE=store is not None)
     return out
 
 

@@ -207,12 +207,12 @@ def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache:
     q, k, v, kv = ops.heads(qkv, p.rotation, b.heads, b.kv_heads, b.head_dim)  # (B, H, T, D), (B, H_kv, T, D) x 2
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
     new_kv = None if kv is None else kv[:, kv.shape[1] - p.kept:]
-    if p.write_first:
+    if p.write_first and attention == "triton":  # store, then read the rows' entries where they are: one kernel
+        o = decode_attention(q, cache.kv, layer, p.read_slots or p.slots, p.span, p.mask,
+                             store=(new_k, new_v, p.write_rows, p.write_index))
+    elif p.write_first:
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v, p.write_at, new_kv)
-        if attention == "triton":  # the rows' entries read where they are, in one kernel
-            o = decode_attention(q, cache.kv, layer, p.read_slots or p.slots, p.span, p.mask)
-        else:
-            o = sdpa_attention(q, *cache.read(layer, p.read_slots or p.slots, p.span), p.mask)
+        o = sdpa_attention(q, *cache.read(layer, p.read_slots or p.slots, p.span), p.mask)
     else:
         cached_k, cached_v = cache.read(layer, p.read_slots or p.slots, p.span)
         keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)

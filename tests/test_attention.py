@@ -70,6 +70,33 @@ def test_kernel_equals_sdpa(dtype, H, H_kv, D, span, rows, masked, block):
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, H_kv", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("rows", ["gathered", "consecutive"])
+def test_kernel_stores_then_attends(dtype, H, H_kv, rows):
+    """With `store`, the kernel leaves the cache and the output as KVCache.write followed by SDPA over
+    the rows read: new entries at ring indices inside and outside the first block, a padding row
+    that writes to the scratch slot (5) while it reads another row, grouped heads (stored once)."""
+    B, D, span = 3, 32, 100
+    kv, q = cache_and_query(B, H, H_kv, D, 6, 128, dtype, seed=H + H_kv)
+    g = torch.Generator().manual_seed(1)
+    k_new = torch.randn(B, H_kv, 1, D, generator=g).to(dtype)
+    v_new = torch.randn(B, H_kv, 1, D, generator=g).to(dtype)
+    picked = torch.tensor([3, 0, 1]) if rows == "gathered" else slice(1, 4)
+    write_rows = torch.tensor([3, 0, 5] if rows == "gathered" else [1, 2, 5])[:, None]
+    write_index = torch.tensor([[2], [70], [99]])
+    mask = torch.zeros(B, 1, 1, span, dtype=dtype)
+    mask[0, ..., 50:] = float("-inf")
+    want_kv = kv.clone()
+    want_kv[:, 1][:, write_rows, :, write_index] = torch.stack((k_new, v_new), dim=1).permute(0, 3, 1, 2, 4)
+    read = want_kv[:, 1, picked, :, :span]
+    want = sdpa_attention(q, read[0], read[1], mask)
+    got = decode_attention(q, kv, 1, picked, span, mask, 32, store=(k_new, v_new, write_rows, write_index))
+    assert torch.equal(kv, want_kv)
+    tolerance = 2e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
 def test_kernel_reads_strided_queries():
     """q as a step makes it: a transposed view of the qkv projection, not contiguous."""
     kv, _ = cache_and_query(2, 4, 4, 32, 3, 64, torch.float32)

@@ -1,4 +1,5 @@
-"""bench/step_kernels.py runs, and the compiled stretches keep a decode step's kernel count down.
+"""bench/step_kernels.py runs, and the compiled stretches and the attention kernel keep a decode
+step's kernel count (and the memory it writes) down.
 
 The count is exact (operators that write memory), not a timing: it guards the launch count that a
 GPU step's latency scales with, on a machine without a GPU.
@@ -21,3 +22,10 @@ def test_compiled_stretches_launch_fewer_kernels():
     # 24 blocks run per byte (14 entropy, 1 encoder, 9 decoder): each saves at least 10 launches
     assert eager["byte_step"] - compiled["byte_step"] >= 24 * 10, result
     assert result["byte_step_ratio"] >= 1.5
+    # the attention kernel stores each layer's new keys and values itself (24 blocks per byte), and
+    # reads a patch step's closing rows of the global cache where they lie (25 layers, each of which
+    # also stores): no cache write, no gathered copy
+    triton = result["compiled_triton"]
+    assert triton["byte_step"] <= compiled["byte_step"] - 24, result
+    assert triton["per_piece"]["patch"] <= compiled["per_piece"]["patch"] - 2 * 25, result
+    assert triton["mb_written_per_byte_with_patches"] < compiled["mb_written_per_byte_with_patches"], result
