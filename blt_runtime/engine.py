@@ -35,7 +35,9 @@ class Usage:
     global_steps: int
 
 
-@dataclass(frozen=True)
+# Not frozen: one is made per running sequence per step, and a frozen dataclass's __init__ took 2.4 us
+# against 0.5 with slots (timeit, this machine). Nothing changes one after the step makes it.
+@dataclass(slots=True)
 class StepOutput:
     request_id: str
     new_bytes: bytes  # zero or one byte
@@ -45,6 +47,9 @@ class StepOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: bytes | None = None  # the stop string matched, if any
     usage: Usage | None = None  # on the last output of a request
+
+
+ONE_BYTE = [bytes([b]) for b in range(256)]
 
 
 class Engine:
@@ -197,7 +202,7 @@ class Engine:
             position = len(seq.ids)
             patch_start = seq.patch_starts[-1] == position
             seq.accept(sampled.ids[b], self.max_model_len)
-            new = bytes(seq.generated[-1:]) if len(seq.ids) > position else b""
+            new = ONE_BYTE[seq.generated[-1]] if len(seq.ids) > position else b""
             if new:
                 seq.closes_last = sampled.closes[b]
                 seq.record_close(position, sampled.closes[b])

@@ -36,7 +36,7 @@ def _interpreter_works() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_interpreter_works() is not None, reason=str(_interpreter_works()))
+interpreted = pytest.mark.skipif(_interpreter_works() is not None, reason=str(_interpreter_works()))
 
 
 def cache_and_query(B, H, H_kv, D, slots, capacity, dtype, seed=0):
@@ -46,6 +46,7 @@ def cache_and_query(B, H, H_kv, D, slots, capacity, dtype, seed=0):
     return kv, q
 
 
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, H_kv, D, span", [(4, 4, 64, 512), (4, 2, 48, 70), (2, 1, 128, 1), (3, 3, 16, 129)])
 @pytest.mark.parametrize("rows", ["gathered", "consecutive"])
@@ -73,6 +74,7 @@ def test_kernel_equals_sdpa(dtype, H, H_kv, D, span, rows, masked, block):
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
 
 
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, H_kv", [(4, 4), (4, 2)])
 @pytest.mark.parametrize("rows", ["gathered", "consecutive"])
@@ -100,6 +102,7 @@ def test_kernel_stores_then_attends(dtype, H, H_kv, rows):
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
 
 
+@interpreted
 def test_kernel_reads_strided_queries():
     """q as a step makes it: a transposed view of the qkv projection, not contiguous."""
     kv, _ = cache_and_query(2, 4, 4, 32, 3, 64, torch.float32)
@@ -146,6 +149,7 @@ def test_kernel_compiles_for_hopper():
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
 
 
+@interpreted
 def test_self_check_and_resolve():
     cpu = torch.device("cpu")
     assert self_check(cpu, torch.float32) is None and self_check(cpu, torch.bfloat16) is None
@@ -156,6 +160,7 @@ def test_self_check_and_resolve():
         resolve("flash", cpu, torch.float32)
 
 
+@interpreted
 def test_engine_with_kernel_equals_sdpa_engine(hf_checkpoint):
     """Static steps with every self-attention (entropy model, encoder, global model, decoder) through
     the kernel, on grouped-query heads: three requests sharing steps, the first finishing early so
@@ -178,6 +183,7 @@ def test_engine_with_kernel_equals_sdpa_engine(hf_checkpoint):
     assert sum(o.usage.global_steps for _, o in got.values()) > 0
 
 
+@interpreted
 def test_dynamic_engine_with_kernel_equals_full_recompute(hf_checkpoint):
     """Dynamic steps through the kernel: greedy bytes and logprobs as full recompute computes them."""
     model = load_model(hf_checkpoint("gqa")[1])
