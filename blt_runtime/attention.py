@@ -158,21 +158,32 @@ def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 @functools.cache
 def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Run the kernel against SDPA on random inputs with every feature a step uses (masks, gathered
-    and consecutive rows, grouped heads, a head size that is not a power of two, a span that is not
-    a multiple of the block); None if they agree, else what went wrong."""
+    """Run the kernel against KVCache.write and SDPA on random inputs with every feature a step uses
+    (masks, gathered and consecutive rows, grouped heads, a head size that is not a power of two, a
+    span that is not a multiple of the block, storing the new entries or not); None if they agree,
+    else what went wrong."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
         for H, H_kv, D, span in ((4, 4, 64, 300), (4, 2, 48, 70)):
             kv = torch.randn(2, 2, 5, H_kv, 320, D, generator=g).to(device, dtype)
             q = torch.randn(3, H, 1, D, generator=g).to(device, dtype)
+            k_new, v_new = (torch.randn(3, H_kv, 1, D, generator=g).to(device, dtype) for _ in range(2))
+            where = torch.tensor([[0], [span - 1], [7]], device=device)
             mask = torch.zeros(3, 1, 1, span, device=device, dtype=dtype)
             mask[1, ..., span // 2:] = float("-inf")
-            for rows, m in ((torch.tensor([4, 0, 2], device=device), mask), (slice(1, 4), None)):
-                got = decode_attention(q, kv, 1, rows, span, m)
-                picked = kv[:, 1, rows, :, :span]
+            gathered, consecutive = torch.tensor([4, 0, 2], device=device), torch.arange(1, 4, device=device)
+            for rows, m, store in ((gathered, mask, None), (slice(1, 4), None, None),
+                                   (gathered, mask, (k_new, v_new, gathered[:, None], where)),
+                                   (slice(1, 4), None, (k_new, v_new, consecutive[:, None], where))):
+                expected = kv.clone()
+                if store is not None:
+                    expected[:, 1][:, store[2], :, store[3]] = torch.stack(store[:2], dim=1).permute(0, 3, 1, 2, 4)
+                got = decode_attention(q, kv, 1, rows, span, m, store=store)
+                picked = expected[:, 1, rows, :, :span]
                 want = sdpa_attention(q, picked[0], picked[1], m)
                 tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+                if not torch.equal(kv, expected):
+                    return "the new keys and values were not stored where asked"
                 if not torch.allclose(got.float(), want.float(), atol=tolerance, rtol=tolerance):
                     return f"differs from SDPA by {float((got.float() - want.float()).abs().max()):.3g}"
     except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernel
