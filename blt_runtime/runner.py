@@ -26,7 +26,7 @@ from .device import host_tensor
 from .fused import EAGER, StepOps
 from .model.blt import BltModel
 from .model.hashing import power_matrix
-from .model.layers import Block, BoundNorm, CrossAttention, Stack
+from .model.layers import Block, BoundNorm, CrossAttention, RMSNorm, Stack
 from .model.local_decoder import attend_gathered
 from .patcher import starts_next
 from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
@@ -193,6 +193,43 @@ class CrossStep:
         return F.linear(o.transpose(1, 2).flatten(2), self.o)
 
 
+@dataclass(frozen=True)
+class SlotKeysValues:
+    """The decoder slots' keys and values for every cross-attention layer at once. The layers' k_norms
+    differ only by their weights, applied last, so the slots are normed once (weight 1) and each
+    layer's weight multiplies that, as RMSNorm itself does; then one batched product with the
+    layers' k and v weights side by side. The modules' weights become views of the stacked ones
+    (no weight stored twice). About 6 kernels per layer and 2 to keep the newest slots become about
+    7 in all (bench/step_kernels.py: 49 fewer per patch step at the 1B layer counts)."""
+
+    unit_norm: BoundNorm  # RMSNorm with weight 1
+    norm_weights: torch.Tensor  # (n_cross, 1, 1, d)
+    kv: torch.Tensor  # (n_cross, d, 2 * H_kv * D): a transposed view of (n_cross, 2 * H_kv * D, d)
+    kv_heads: int
+    groups: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, layers: list[CrossAttention], device: torch.device) -> SlotKeysValues:
+        norms = torch.stack([ca.k_norm.weight.detach() for ca in layers])
+        stacked = torch.stack([torch.cat([ca.k_proj.weight.detach(), ca.v_proj.weight.detach()]) for ca in layers])
+        n_kv = layers[0].k_proj.weight.shape[0]
+        for i, ca in enumerate(layers):
+            ca.k_norm.weight.data = norms[i]
+            ca.k_proj.weight.data, ca.v_proj.weight.data = stacked[i, :n_kv], stacked[i, n_kv:]
+        unit = RMSNorm(norms.shape[1], layers[0].k_norm.eps).to(device=device, dtype=norms.dtype)
+        first = layers[0]
+        return cls(unit.bound(device), norms[:, None, None, :], stacked.transpose(1, 2), first.num_kv_heads,
+                   first.num_heads // first.num_kv_heads, first.head_dim)
+
+    def __call__(self, slots: torch.Tensor, ops: StepOps) -> torch.Tensor:
+        """(B, S, d) decoder slots -> (2, n_cross, B, H, S, D) keys and values (kv heads repeated)."""
+        normed = self.norm_weights * ops.add_norm(slots, None, self.unit_norm)[1]  # (n_cross, B, S, d): k_norm's
+        kv = torch.matmul(normed.flatten(1, 2), self.kv).unflatten(1, slots.shape[:2])  # (n_cross, B, S, 2*H_kv*D)
+        kv = kv.unflatten(-1, (2, self.kv_heads, self.head_dim)).permute(3, 0, 1, 4, 2, 5)  # (2, n, B, H_kv, S, D)
+        return kv if self.groups == 1 else kv.repeat_interleave(self.groups, dim=3)
+
+
 def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache: KVCache, layer: int,
                p: Positions, ops: StepOps, normed: torch.Tensor | None = None,
                attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +277,10 @@ class Runner:
             for block in stack.layers:
                 if not hasattr(block, "decode_step"):
                     block.decode_step = BlockStep.of(block, dev, transposed=cpu)
+        dec = model.local_decoder
+        if not hasattr(dec, "slot_keys_values"):  # a decoder has one cross-attention layer at least
+            dec.slot_keys_values = SlotKeysValues.of(list(dec.cross_attn_layers), dev)
+        self.slot_keys_values = dec.slot_keys_values
         if cpu:
             wide_layout(model)  # idempotent: a weight already laid out is no longer contiguous
         # the per-byte pieces outside the blocks, gathered once (no module calls on the hot path)
@@ -312,14 +353,13 @@ class Runner:
 
     def global_step(self, patches: torch.Tensor, slots, num_patches, max_patches: int, min_patches=None,
                     read_slots=None):
-        """(B, T, k*d_enc) completed patches after `num_patches` earlier ones -> decoder slot keys and
-        values per cross-attention layer, each (B, H, T*k, D); extends the global cache."""
+        """(B, T, k*d_enc) completed patches after `num_patches` earlier ones -> the decoder slots' keys
+        and values for every cross-attention layer, (2, n_cross, B, H, T*k, D); extends the global cache."""
         m = self.model
         x = m.global_transformer.project_input(patches)
         g, _ = self._run_stack(m.global_transformer, self.global_kv, x, slots, num_patches, max_patches,
                                read_slots, min_patches)
-        dec_slots = m.local_decoder.slots(g)
-        return [ca.keys_values(dec_slots) for ca in m.local_decoder.cross_attn_layers]
+        return self.slot_keys_values(m.local_decoder.slots(g), self.ops)
 
     def decode_bytes(self, byte_states, encoder_positions: Positions, tables, slot_patch, max_length: int):
         """Decoder over new positions; byte t reads the k slots at table entry slot_patch[t] (None: each
@@ -348,11 +388,9 @@ class Runner:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.lm_head).float()
 
-    def store_latest(self, slots: torch.Tensor, kv_per_layer) -> None:
-        """Keep the k decoder slots of each row's newest completed patch."""
-        k = self.cfg.cross_attn_k
-        newest = [keys[:, :, -k:] for keys, _ in kv_per_layer] + [values[:, :, -k:] for _, values in kv_per_layer]
-        self.latest[:, :, slots] = torch.stack(newest).unflatten(0, (2, -1))
+    def store_latest(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Keep the k decoder slots of each row's newest completed patch (kv from global_step)."""
+        self.latest[:, :, slots] = kv[:, :, :, :, -self.cfg.cross_attn_k:]
 
     def latest_tables(self, slots: torch.Tensor | slice):
         """[(keys, values)] per cross-attention layer, each (B, H, k, D), of the rows `slots`."""
@@ -392,7 +430,7 @@ class Runner:
             pids = torch.cat([closes.new_zeros(open_len, dtype=torch.long), closed_before - closes.long()])
             vecs = self.model.local_encoder.patch_slots(states[None], pids[None], len(ends) + 1)[:, :len(ends)]
             new = self.global_step(vecs, slots, self._tensor([num_patches]), num_patches, read_slots=rs)
-            tables = [(torch.cat([lk, k], 2), torch.cat([lv, v], 2)) for (lk, lv), (k, v) in zip(tables, new)]
+            tables = [(torch.cat([lk, k], 2), torch.cat([lv, v], 2)) for (lk, lv), k, v in zip(tables, new[0], new[1])]
             slot_patch = closed_before[None]  # byte i reads the newest patch closed at or before i
             self.store_latest(slots, new)
             tail = byte_states[:, ends[-1] + 1:]
