@@ -227,13 +227,17 @@ def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.devi
             "sdpa": round(time_in_graph(lambda: sdpa_attention(q, *cache.read(0, rows, span), mask)), 2)}
 
 
+def largest_streams(args) -> int:
+    return max(int(s) for s in args.streams.split(","))
+
+
 def measure_sdpa(model: BltModel, prompt: bytes, args, result: dict) -> None:
     """The engine attending with SDPA (the primary one uses the Triton kernel), measured as the
     primary one is, at the largest stream count only."""
     out: dict = {}
     measure(model, make_engine(model, graphs=True, attention="sdpa"),
             make_engine(model, graphs=False, attention="sdpa"), ("graphs", "eager"), prompt, args, out,
-            streams=[max(int(s) for s in args.streams.split(","))])
+            streams=[largest_streams(args)])
     result["sdpa"] = out
 
 
@@ -248,7 +252,7 @@ def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None
     out["compile_s"] = round(time.perf_counter() - start, 1)
     measure(model, primary, make_engine(model, graphs=False, static=cuda, compile=True),
             ("graphs", "eager") if cuda else ("static", "dynamic"), prompt, args, out,
-            streams=[max(int(s) for s in args.streams.split(","))])
+            streams=[largest_streams(args)])
     result["compiled"] = out
 
 

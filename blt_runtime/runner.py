@@ -243,11 +243,12 @@ def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache:
     qkv = F.linear(x, b.qkv)
     q, k, v, kv = ops.heads(qkv, p.rotation, b.heads, b.kv_heads, b.head_dim)  # (B, H, T, D), (B, H_kv, T, D) x 2
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
-    new_kv = None if kv is None else kv[:, kv.shape[1] - p.kept:]
     if p.write_first and attention == "triton":  # store, then read the rows' entries where they are: one kernel
         o = decode_attention(q, cache.kv, layer, p.read_slots or p.slots, p.span, p.mask,
                              store=(new_k, new_v, p.write_rows, p.write_index))
-    elif p.write_first:
+        return _block_rest(b, h, o, ops)
+    new_kv = None if kv is None else kv[:, kv.shape[1] - p.kept:]  # for one cache copy, not two
+    if p.write_first:
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v, p.write_at, new_kv)
         o = sdpa_attention(q, *cache.read(layer, p.read_slots or p.slots, p.span), p.mask)
     else:
@@ -255,6 +256,11 @@ def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache:
         keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v, None, new_kv)
         o = sdpa_attention(q, keys, values, p.mask)
+    return _block_rest(b, h, o, ops)
+
+
+def _block_rest(b: BlockStep, h: torch.Tensor, o: torch.Tensor, ops: StepOps) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block after its attention o (B, T, H * D): output projection, residual, MLP (block_step)."""
     h, x = ops.add_norm(h, F.linear(o, b.o), b.norm2)
     return h, F.linear(ops.silu_mul(F.linear(x, b.gate_up)), b.down)
 
