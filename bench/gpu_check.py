@@ -13,10 +13,11 @@ and timed in one run. Prints a table and, last, one JSON line.
 4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run.
 5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
    time per step, the costliest kernels.
-6. Attention (attention.py): the engine attends with the Triton kernel where it passes its check
-   on the device ("auto"). On CUDA, times the kernel against SDPA on rows read from a cache at the
-   step's shapes (`attention_us`), and measures the engine with SDPA as in 2-3 at the largest
-   stream count (`sdpa` in the JSON).
+6. Kernels (kernels.py): the engine runs the repository's Triton kernels (attention with RoPE,
+   norms, SwiGLU's gate) where they pass their check on the device ("auto"). On CUDA, times the
+   attention kernel against SDPA on rows read from a cache at the step's shapes (`attention_us`),
+   the norm and gate kernels against the eager stretches (`stretch_us`), and measures the engine
+   with PyTorch's kernels as in 2-3 at the largest stream count (`torch` in the JSON).
 7. Runs the engine again with its element-wise stretches compiled (fused.py, `compiled` in the
    JSON): compile time, graphs against eager, determinism, top-1 agreement, batch 1, the largest
    stream count, its profile. A JSON line is printed before 6 and before 7, so a run that times
@@ -44,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
-from blt_runtime.attention import decode_attention, sdpa_attention, self_check  # noqa: E402
+from blt_runtime.attention import decode_attention, sdpa_attention  # noqa: E402
 from blt_runtime.cache import KVCache  # noqa: E402
+from blt_runtime.kernels import self_check  # noqa: E402
 from blt_runtime.model.blt import checkpoint_key  # noqa: E402
 from blt_runtime.model.entropy import entropy_nats  # noqa: E402
 
@@ -96,9 +98,9 @@ def set_threshold(model: BltModel, bytes_per_patch: float = 4.5) -> float:
 
 
 def make_engine(model: BltModel, graphs: bool, static: bool = True, compile: bool = False,
-                attention: str = "auto") -> Engine:
+                kernels: str = "auto") -> Engine:
     return Engine(model, max_batch_size=64, max_model_len=4096, static=static, cuda_graphs=graphs, compile=compile,
-                  attention=attention)
+                  kernels=kernels)
 
 
 def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple[dict, list[bytes]]:
@@ -227,18 +229,47 @@ def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.devi
             "sdpa": round(time_in_graph(lambda: sdpa_attention(q, *cache.read(0, rows, span), mask)), 2)}
 
 
+def stretch_us(model: BltModel) -> dict:
+    """The Triton norm and gate kernels (triton_ops.py) against the eager stretches they replace, per
+    call at the decoder's and the global model's widths, 1 and 64 rows."""
+    out = {}
+    for name, stack in (("decoder", model.local_decoder), ("global", model.global_transformer)):
+        for B in (1, 64):
+            try:
+                out[f"{name}_b{B}"] = _stretch_case(stack.layers[0], B, model.device, model.dtype)
+            except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+                traceback.print_exc()
+                out[f"{name}_b{B}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
+def _stretch_case(block, B: int, device: torch.device, dtype: torch.dtype) -> dict:
+    from blt_runtime.fused import EAGER
+    from blt_runtime.triton_ops import TritonOps
+
+    norm = block.post_attention_layernorm.bound(device)
+    d, f = norm.weight.shape[0], block.mlp.gate_proj.weight.shape[0]
+    h, delta = (torch.randn(B, 1, d, device=device, dtype=dtype) for _ in range(2))
+    gate_up = torch.randn(B, 1, 2 * f, device=device, dtype=dtype)
+    out = {}
+    for name, ops in (("triton", TritonOps()), ("eager", EAGER)):
+        out[f"add_norm_{name}"] = round(time_in_graph(lambda: ops.add_norm(h, delta, norm)), 2)  # noqa: B023
+        out[f"silu_mul_{name}"] = round(time_in_graph(lambda: ops.silu_mul(gate_up)), 2)  # noqa: B023
+    return out
+
+
 def largest_streams(args) -> int:
     return max(int(s) for s in args.streams.split(","))
 
 
-def measure_sdpa(model: BltModel, prompt: bytes, args, result: dict) -> None:
-    """The engine attending with SDPA (the primary one uses the Triton kernel), measured as the
+def measure_torch(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The engine with PyTorch's kernels (the primary one runs the Triton kernels), measured as the
     primary one is, at the largest stream count only."""
     out: dict = {}
-    measure(model, make_engine(model, graphs=True, attention="sdpa"),
-            make_engine(model, graphs=False, attention="sdpa"), ("graphs", "eager"), prompt, args, out,
+    measure(model, make_engine(model, graphs=True, kernels="torch"),
+            make_engine(model, graphs=False, kernels="torch"), ("graphs", "eager"), prompt, args, out,
             streams=[largest_streams(args)])
-    result["sdpa"] = out
+    result["torch"] = out
 
 
 def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None:
@@ -294,7 +325,7 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     """Checks and timings of `primary`, with `other` as the comparison for exactness and batch 1, at
     `streams` concurrent streams (default: --streams)."""
     result["graphs"] = "captured per step shape" if primary.uses_cuda_graphs else "off"
-    result["attention"] = primary.attention
+    result["kernels"] = primary.kernels
     for engine in (primary, other):
         run_engine(engine, [prompt[:64]], 8)  # warm-up
     first_run, (greedy,) = run_engine(primary, [prompt], args.bytes)  # captures what batch 1 needs
@@ -347,7 +378,7 @@ def main() -> None:
     prompt = english(1024)
     cuda = device.type == "cuda"
     if cuda:
-        result["attention_self_check"] = self_check(device, dtype) or "passed"
+        result["triton_self_check"] = self_check(device, dtype) or "passed"
     # The primary engine replays CUDA graphs where there is a GPU; on a CPU it runs the static steps
     # eagerly and the dynamic step is its comparison (the CPU test of this script).
     try:
@@ -358,14 +389,14 @@ def main() -> None:
             raise
         traceback.print_exc()
         result["primary_error"] = f"{type(e).__name__}: {e}"[:800]
-        try:  # without the attention kernel, then without graphs too
-            measure(model, make_engine(model, graphs=True, attention="sdpa"),
-                    make_engine(model, graphs=False, attention="sdpa"), ("graphs", "eager"), prompt, args, result)
+        try:  # without the Triton kernels, then without graphs too
+            measure(model, make_engine(model, graphs=True, kernels="torch"),
+                    make_engine(model, graphs=False, kernels="torch"), ("graphs", "eager"), prompt, args, result)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            result["sdpa_graphs_error"] = f"{type(e).__name__}: {e}"[:800]
-            measure(model, make_engine(model, graphs=False, attention="sdpa"),
-                    make_engine(model, graphs=False, static=False, attention="sdpa"), ("eager", "dynamic"), prompt,
+            result["torch_graphs_error"] = f"{type(e).__name__}: {e}"[:800]
+            measure(model, make_engine(model, graphs=False, kernels="torch"),
+                    make_engine(model, graphs=False, static=False, kernels="torch"), ("eager", "dynamic"), prompt,
                     args, result)
     if device.type == "cuda":
         result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -374,13 +405,14 @@ def main() -> None:
     if "bytes_per_s" in hf:
         result["speedup_vs_transformers_batch1"] = round(result["batch1_bytes_per_s"] / hf["bytes_per_s"], 1)
     print(json.dumps(result), flush=True)  # what is known so far, should a later part run out of time
-    if cuda and result.get("attention") == "triton":
+    if cuda and result.get("kernels") == "triton":
         result["attention_us"] = attention_us(model)
+        result["stretch_us"] = stretch_us(model)
         try:
-            measure_sdpa(model, prompt, args, result)
+            measure_torch(model, prompt, args, result)
         except Exception as e:  # noqa: BLE001 - report it; the figures above stand
             traceback.print_exc()
-            result["sdpa_error"] = f"{type(e).__name__}: {e}"[:800]
+            result["torch_error"] = f"{type(e).__name__}: {e}"[:800]
         print(json.dumps(result), flush=True)
     if args.compiled:
         try:

@@ -4,14 +4,17 @@ At batch 1 a GPU decode step is bound by kernel launches (each a few microsecond
 so the count is what the step's latency scales with. This script runs static-shaped decode steps
 (static.py) of a model with the released 1B layer counts and head counts, and counts for each piece
 (encode; patch, when a patch closes; finish) the operators that launch a kernel: those that write
-memory (a new tensor, or in place), not views and not same-dtype casts. It counts twice:
-- eager: the element-wise stretches as the eager step runs them;
-- compiled: each stretch of fused.py counted as the kernels torch.compile makes of it: one, or for
-  `positions` three (its outputs have three shapes; inductor's CPU output is one function for each
-  stretch, Triton may need a kernel per shape). The GPU check's profile confirms it there.
-- eager_triton, compiled_triton: the same, with the self-attention of one new position through
-  attention.py's Triton kernel (counted as the one kernel it is, computed here with SDPA): it stores
-  the new keys and values too, and gathers no cache rows. eager_triton is the CUDA default.
+memory (a new tensor, or in place), not views and not same-dtype casts. It counts four ways:
+- eager: `--kernels torch`, the element-wise stretches as the eager step runs them, SDPA;
+- triton: `--kernels triton`, the CUDA default: the self-attention of one new position through
+  attention.py's Triton kernel (counted as the one kernel it is, computed here with RoPE and SDPA:
+  it rotates, stores the new keys and values, and gathers no cache rows), and the norms and
+  SwiGLU's gate through triton_ops.py's kernels (one each);
+- compiled: `--compile --kernels torch`, each stretch of fused.py counted as the kernels
+  torch.compile makes of it: one, or for `positions` three (its outputs have three shapes;
+  inductor's CPU output is one function for each stretch, Triton may need a kernel per shape). The
+  GPU check's profile confirms it there;
+- compiled_triton: `--compile`, the stretches compiled and the attention kernel.
 Widths are scaled down by default (the count does not depend on them) so that it runs in seconds;
 the threshold is set as in the GPU check, for about 4.5 bytes per patch on English text.
 
@@ -34,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gpu_check import set_threshold  # noqa: E402
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, runner  # noqa: E402
-from blt_runtime.attention import sdpa_attention  # noqa: E402
+from blt_runtime.attention import Visible, sdpa_attention  # noqa: E402
 from blt_runtime.fused import StepOps  # noqa: E402
+from blt_runtime.model.layers import apply_rope  # noqa: E402
 
 NARROW = {"patcher_config": dict(hidden_size=96, intermediate_size=192),
           "encoder_config": dict(hidden_size=128),
@@ -75,53 +79,69 @@ class KernelCount(TorchDispatchMode):
 
 
 class CountedOps(StepOps):
-    """The eager stretches, each counted as the kernels CompiledOps launches for it."""
+    """The eager stretches, those named in `fused` each counted as the kernels it launches when
+    compiled (CompiledOps: all of them) or written in Triton (TritonOps: the norms and the gate)."""
 
-    def __init__(self, counter: KernelCount):
-        self.counter = counter
+    COMPILED = {"add_norm": 1, "double_residual_norm": 1, "heads": 1, "silu_mul": 1, "entropy": 1, "positions": 3}
+    TRITON = {"add_norm": 1, "double_residual_norm": 1, "silu_mul": 1}
 
-    def _one(self, method, *args, kernels: int = 1):
+    def __init__(self, counter: KernelCount, fused: dict[str, int]):
+        self.counter, self.fused = counter, fused
+
+    def _run(self, name: str, *args):
+        method = getattr(StepOps, name)
+        if name not in self.fused:
+            return method(self, *args)
         self.counter.paused = True
         try:
             return method(self, *args)
         finally:
             self.counter.paused = False
-            self.counter.kernels["compiled stretch"] += kernels
+            self.counter.kernels["compiled stretch" if self.fused is self.COMPILED else "triton stretch"] += \
+                self.fused[name]
 
     def add_norm(self, *args):
-        return self._one(StepOps.add_norm, *args)
+        return self._run("add_norm", *args)
 
     def double_residual_norm(self, *args):
-        return self._one(StepOps.double_residual_norm, *args)
+        return self._run("double_residual_norm", *args)
 
     def heads(self, *args):
-        q, k, v, _ = self._one(StepOps.heads, *args)
+        q, k, v, _ = self._run("heads", *args)
+        if "heads" not in self.fused:
+            return q, k, v, None
         self.counter.paused = True  # what CompiledOps returns: keys and values side by side (a view of its output)
         kv = torch.stack((k, v), dim=1).permute(0, 3, 1, 2, 4)
         self.counter.paused = False
         return q, k, v, kv
 
     def silu_mul(self, *args):
-        return self._one(StepOps.silu_mul, *args)
+        return self._run("silu_mul", *args)
 
     def entropy(self, *args):
-        return self._one(StepOps.entropy, *args)
+        return self._run("entropy", *args)
 
     def positions(self, *args):
-        return self._one(StepOps.positions, *args, kernels=3)
+        return self._run("positions", *args)
 
 
 def counted_attention(counter: KernelCount):
     """attention.decode_attention, counted as its one kernel and what it writes (the output; the new
     keys and values it stores)."""
 
-    def attend(q, kv, layer, rows, span, mask, block=None, store=None):
+    def attend(q, kv, layer, rows, span, mask, block=None, store=None, rotation=None):
         counter.paused = True
         try:
+            if rotation is not None:  # q and the new key come unrotated
+                q = apply_rope(q.transpose(1, 2), rotation).transpose(1, 2)
+                if store is not None:
+                    store = (apply_rope(store[0].transpose(1, 2), rotation).transpose(1, 2),) + tuple(store[1:])
             if store is not None:
                 k, v, write_rows, write_index = store
                 kv[:, layer][:, write_rows, :, write_index] = torch.stack((k, v), dim=1).permute(0, 3, 1, 2, 4)
                 counter.bytes_written += 2 * k.numel() * k.element_size()
+            if isinstance(mask, Visible):  # the kernel works it out: no kernel of its own
+                mask = mask.additive(span, kv.dtype)
             both = kv[:, layer, rows, :, :span] if isinstance(rows, slice) else kv[:, layer, :, :, :span][:, rows]
             out = sdpa_attention(q, both[0], both[1], mask)
         finally:
@@ -135,11 +155,13 @@ def counted_attention(counter: KernelCount):
 def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
     """Kernels per piece of a decode step, over `steps` steps of `batch` greedy sequences."""
     counter = KernelCount()
-    engine = Engine(model, max_batch_size=batch, static=True, cuda_graphs=False, attention="sdpa")
+    engine = Engine(model, max_batch_size=batch, static=True, cuda_graphs=False, kernels="torch")
     if mode.startswith("compiled"):
-        engine.runner.ops = CountedOps(counter)
-    if mode.endswith("_triton"):
-        engine.runner.attention = "triton"
+        engine.runner.ops = CountedOps(counter, CountedOps.COMPILED)
+    elif mode == "triton":
+        engine.runner.ops = CountedOps(counter, CountedOps.TRITON)
+    if mode.endswith("triton"):
+        engine.runner.kernels = "triton"
         runner.decode_attention = counted_attention(counter)  # for this script's process only
     text = (ROOT / "README.md").read_bytes()
     for i in range(batch):
@@ -187,7 +209,7 @@ def main() -> None:
     layers = {name: getattr(cfg, name).num_layers for name in ("patcher", "encoder", "global_model", "decoder")}
     result = {"layers": layers, "dtype": args.dtype, "batch": args.batch}
     with torch.inference_mode():
-        for mode in ("eager", "eager_triton", "compiled", "compiled_triton"):
+        for mode in ("eager", "triton", "compiled", "compiled_triton"):
             result[mode] = count(model, args.batch, mode, args.steps)
             c = result[mode]
             print(f"{mode:15s} kernels per byte step {c['byte_step']:4d}  pieces {c['per_piece']}  "
@@ -195,6 +217,7 @@ def main() -> None:
                   f"MB written per byte step {c['mb_written_byte_step']}, with patch steps "
                   f"{c['mb_written_per_byte_with_patches']}")
     result["byte_step_ratio"] = round(result["eager"]["byte_step"] / result["compiled"]["byte_step"], 2)
+    result["triton_byte_step_ratio"] = round(result["eager"]["byte_step"] / result["triton"]["byte_step"], 2)
     sdpa, triton = result["compiled"], result["compiled_triton"]
     result["triton_saves_per_byte"] = {
         "kernels": round(sdpa["per_byte_with_patches"] - triton["per_byte_with_patches"], 1),

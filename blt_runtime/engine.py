@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import resolve
 from .cache import SlotAllocator
 from .fused import CompiledOps
+from .kernels import resolve
 from .model.blt import BltModel
 from .runner import ChunkStart, Runner, Sampled
 from .sampling import SamplingParams
@@ -24,6 +24,7 @@ from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
 from .static import StaticDecoder
 from .tokenizer import encode
 from .transfer import HostTransfer
+from .triton_ops import TritonOps
 
 
 @dataclass(frozen=True)
@@ -55,18 +56,19 @@ ONE_BYTE = [bytes([b]) for b in range(256)]
 class Engine:
     def __init__(self, model: BltModel, max_batch_size: int = 16, max_model_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 512, static: bool | None = None,
-                 cuda_graphs: bool | None = None, compile: bool = False, attention: str = "auto"):
+                 cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto"):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
-        off by default: compiling takes a while, and on a CPU it is slower). `attention`: how a decode
-        step attends to the caches, "auto", "sdpa" or "triton" (attention.py: auto is the Triton kernel
-        on CUDA when it passes its start-up check)."""
+        off by default: compiling takes a while, and on a CPU it is slower). `kernels`: "torch",
+        "triton" (the repository's Triton kernels for attention, RoPE, norms and SwiGLU's gate) or
+        "auto" (kernels.py: Triton on CUDA when its kernels pass their start-up check)."""
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
-        self.runner = Runner(model, max_batch_size, self.max_model_len + 4,  # +3 bytes to finish a character
-                             CompiledOps() if compile else None, resolve(attention, model.device, model.dtype))
+        kernels = resolve(kernels, model.device, model.dtype)
+        ops = CompiledOps() if compile else TritonOps() if kernels == "triton" else None
+        self.runner = Runner(model, max_batch_size, self.max_model_len + 4, ops, kernels)  # +3: finish a character
         on_cuda = model.device.type == "cuda"
         static = on_cuda if static is None else static
         cuda_graphs = static and on_cuda if cuda_graphs is None else cuda_graphs
@@ -112,9 +114,9 @@ class Engine:
         return bool(self.scheduler.num_waiting or self.scheduler.num_running or self._aborted)
 
     @property
-    def attention(self) -> str:
-        """"sdpa" or "triton": how decode steps attend to the caches (attention.py)."""
-        return self.runner.attention
+    def kernels(self) -> str:
+        """"torch" or "triton": whose kernels decode steps run (kernels.py)."""
+        return self.runner.kernels
 
     @property
     def uses_cuda_graphs(self) -> bool:

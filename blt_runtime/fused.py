@@ -76,12 +76,14 @@ class StepOps:
         - index (B, kept): the cache entry of each of the last `kept` new positions."""
         new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]  # (B, T)
         rotation = rope_rotation(new, head_dim, theta)[:, :, None]
-        return rotation, _mask(lengths, new, T, span, masked, cache_window, stack_window, mask_dtype), \
+        return rotation, additive_mask(lengths, new, T, span, masked, cache_window, stack_window, mask_dtype), \
             index_of(new[:, T - kept:], cache_window)
 
 
-def _mask(lengths: torch.Tensor, new: torch.Tensor, T: int, span: int, masked: bool, cache_window: int | None,
-          stack_window: int | None, mask_dtype: torch.dtype) -> torch.Tensor | None:
+def additive_mask(lengths: torch.Tensor, new: torch.Tensor, T: int, span: int, masked: bool,
+                  cache_window: int | None, stack_window: int | None, mask_dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, 1, T, keys) 0 / -inf: the cache entries read (and with T > 1 the new positions, after them)
+    that each new position `new` (B, T) sees; None when not `masked`."""
     if not masked:
         return None
     if T == 1:
@@ -143,7 +145,7 @@ def _positions(lengths: torch.Tensor, inv_freq: torch.Tensor, T: int, span: int,
     new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]
     angles = new.float()[..., None] * inv_freq
     rotation = torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
-    return rotation, _mask(lengths, new, T, span, masked, cache_window, stack_window, mask_dtype), \
+    return rotation, additive_mask(lengths, new, T, span, masked, cache_window, stack_window, mask_dtype), \
         index_of(new[:, T - kept:], cache_window)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import decode_attention, sdpa_attention
+from .attention import Visible, decode_attention, sdpa_attention
 from .cache import KVCache, RowBuffer
 from .device import host_tensor
 from .fused import EAGER, StepOps
@@ -74,7 +74,8 @@ class Positions:
     lengths: torch.Tensor  # (B,) positions cached before the new ones
     span: int  # cache entries to read
     rotation: torch.Tensor  # (B, T, 1, D/2) complex: RoPE is applied before heads are transposed
-    mask: torch.Tensor | None  # (B, 1, T, keys) additive; None when every row sees every entry read
+    mask: torch.Tensor | Visible | None  # (B, 1, T, keys) additive, or for the attention kernel to work
+    # out (attention.Visible); None when every row sees every entry read
     write_rows: torch.Tensor  # (B, kept) slot of each new entry
     write_index: torch.Tensor  # (B, kept) cache index of each new entry
     kept: int  # new entries stored (the last `window` of them at most)
@@ -85,19 +86,24 @@ class Positions:
 
 def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: torch.Tensor, T: int,
                   max_length: int, read_slots: slice | None = None, min_length: int | None = None,
-                  ops: StepOps | None = None) -> Positions:
+                  ops: StepOps | None = None, kernels: str = "torch") -> Positions:
     """`max_length` (and `min_length`, if given) bound `lengths` on the host. With one new position
     and min_length + 1 >= the entries read, every entry read is valid and inside every row's window
-    (a full ring, or rows of equal length), so no mask is built. The tensors come from `ops`."""
+    (a full ring, or rows of equal length), so no mask is built. The tensors come from `ops`. With
+    one new position and the Triton `kernels`, the attention kernel works the mask out itself
+    (attention.Visible): none is built."""
     # With one new position a ring buffer can take it first: it overwrites exactly the entry that
     # just left the window. Several new positions would overwrite keys that earlier ones still see.
     write_first = T == 1
     span = cache.span(max_length + 1 if write_first else max_length)
     masked = not (write_first and min_length is not None and min_length + 1 >= span)
+    in_kernel = masked and write_first and kernels == "triton"
     kept = T if cache.window is None else min(T, cache.window)
     rotation, mask, index = (ops or EAGER).positions(
-        lengths, T, span, kept, masked, cache.window, stack.cfg.window, stack.cfg.head_dim, stack.cfg.rope_theta,
-        cache.kv.dtype)
+        lengths, T, span, kept, masked and not in_kernel, cache.window, stack.cfg.window, stack.cfg.head_dim,
+        stack.cfg.rope_theta, cache.kv.dtype)
+    if in_kernel:
+        mask = Visible(lengths, cache.window, stack.cfg.window)
     rows = slots[:, None].expand_as(index)
     write_at = None
     if write_first and read_slots is not None and read_slots.stop - read_slots.start == 1 and min_length == max_length:
@@ -232,21 +238,23 @@ class SlotKeysValues:
 
 def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache: KVCache, layer: int,
                p: Positions, ops: StepOps, normed: torch.Tensor | None = None,
-               attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+               kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm block over new positions, attending to the cache and storing the new keys. Its
     input is h + delta (delta None: h) and so is its output: the last residual add is left to the
     next norm, with which `ops` can fuse it (fused.py). `normed`: the block's first norm of h, when
-    the caller computed it with what came before. `attention`: how one new position attends to the
-    cache (attention.py)."""
+    the caller computed it with what came before. `kernels`: "triton" attends one new position to the
+    cache with attention.py's kernel, which also rotates and stores (kernels.py)."""
     b: BlockStep = block.decode_step
     h, x = (h, normed) if normed is not None else ops.add_norm(h, delta, b.norm1)
     qkv = F.linear(x, b.qkv)
+    if p.write_first and kernels == "triton":
+        # rotate, store, then read the rows' entries where they are: one kernel, fed views of qkv
+        q, k, v = qkv.unflatten(-1, (-1, b.head_dim)).transpose(1, 2).split([b.heads, b.kv_heads, b.kv_heads], 1)
+        o = decode_attention(q, cache.kv, layer, p.read_slots or p.slots, p.span, p.mask,
+                             store=(k, v, p.write_rows, p.write_index), rotation=p.rotation)
+        return _block_rest(b, h, o, ops)
     q, k, v, kv = ops.heads(qkv, p.rotation, b.heads, b.kv_heads, b.head_dim)  # (B, H, T, D), (B, H_kv, T, D) x 2
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
-    if p.write_first and attention == "triton":  # store, then read the rows' entries where they are: one kernel
-        o = decode_attention(q, cache.kv, layer, p.read_slots or p.slots, p.span, p.mask,
-                             store=(new_k, new_v, p.write_rows, p.write_index))
-        return _block_rest(b, h, o, ops)
     new_kv = None if kv is None else kv[:, kv.shape[1] - p.kept:]  # for one cache copy, not two
     if p.write_first:
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v, p.write_at, new_kv)
@@ -267,14 +275,14 @@ def _block_rest(b: BlockStep, h: torch.Tensor, o: torch.Tensor, ops: StepOps) ->
 
 class Runner:
     def __init__(self, model: BltModel, slots: int, max_len: int, ops: StepOps | None = None,
-                 attention: str = "sdpa"):
+                 kernels: str = "torch"):
         """Per-sequence state for `slots` sequences, plus one scratch row (index `slots`) that the padding
         rows of a static-shaped step read and write (see static.py). `ops`: how the element-wise
-        stretches of a step run (fused.py; eager by default); `attention`: how one new position
-        attends to a cache, "sdpa" or "triton" (attention.py)."""
+        stretches of a step run (fused.py; eager by default); `kernels`: "triton" attends one new
+        position to a cache with attention.py's kernel, "torch" with SDPA (kernels.py)."""
         self.model, self.cfg = model, model.config
         self.ops = ops or StepOps()
-        self.attention = attention
+        self.kernels = kernels
         self.num_slots, self.scratch = slots, slots
         cfg, dev, dt = model.config, model.device, model.dtype
         slots += 1
@@ -330,10 +338,11 @@ class Runner:
                    min_length=None, final_norm: BoundNorm | None = None) -> tuple[torch.Tensor, Positions]:
         """The stack's blocks over new positions -> (output states, or their `final_norm`; positions)."""
         cache.reserve(max_length + h.shape[1])
-        p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots, min_length, self.ops)
+        p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots, min_length, self.ops,
+                          self.kernels)
         delta = None
         for i, block in enumerate(stack.layers):
-            h, delta = block_step(block, h, delta, cache, i, p, self.ops, attention=self.attention)
+            h, delta = block_step(block, h, delta, cache, i, p, self.ops, kernels=self.kernels)
         if final_norm is not None:
             return self.ops.add_norm(h, delta, final_norm)[1], p
         return (h if delta is None else h + delta), p
@@ -374,7 +383,7 @@ class Runner:
         p = encoder_positions  # same rows and positions; rebuilt below if the geometry differs
         if not self.decoder_shares_positions:
             p = positions_for(dec, self.decoder_kv, p.slots, p.lengths, byte_states.shape[1], max_length,
-                              p.read_slots, p.min_length, self.ops)
+                              p.read_slots, p.min_length, self.ops, self.kernels)
         h, delta = byte_states, None  # the states are h + delta (see block_step)
         for i, block in enumerate(dec.layers):
             if i < len(dec.cross_attn_layers):
@@ -386,9 +395,9 @@ class Runner:
                     h = h if delta is None else h + delta
                     attended = attend_gathered(ca, h, keys, values, slot_patch, dec.k)
                 h, normed = self.ops.double_residual_norm(h, attended, block.decode_step.norm1)
-                h, delta = block_step(block, h, None, self.decoder_kv, i, p, self.ops, normed, self.attention)
+                h, delta = block_step(block, h, None, self.decoder_kv, i, p, self.ops, normed, self.kernels)
             else:
-                h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops, attention=self.attention)
+                h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops, kernels=self.kernels)
         return self.ops.add_norm(h, delta, self.decoder_norm)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

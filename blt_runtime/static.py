@@ -248,7 +248,8 @@ class StaticDecoder:
         r = self.r
         reads = b.rows if in_place else None  # None: gather each row's slot
         own = b.rows if in_place else b.slots
-        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, reads, ops=r.ops)
+        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, reads, ops=r.ops,
+                          kernels=r.kernels)
         h = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1)
         logits = r.logits(h[:, 0])
         position = b.lengths + 1

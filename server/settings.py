@@ -30,7 +30,7 @@ class Settings:
     threads: int | None = None  # CPU intra-op threads; default: all cores but one
     enforce_eager: bool = False  # no CUDA graphs (static steps run eagerly)
     compile: bool = False  # element-wise stretches of each step compiled (torch.compile)
-    attention: str = "auto"  # decode attention: auto, sdpa or triton (blt_runtime/attention.py)
+    kernels: str = "auto"  # auto, torch or triton (blt_runtime/kernels.py)
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -61,8 +61,9 @@ HELP = {
     "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs",
     "compile": "compile the element-wise stretches of each step into one kernel each (torch.compile; "
                "fewer kernel launches on a GPU, slower start-up; not faster on a CPU)",
-    "attention": "how decode steps attend to the caches: auto (the Triton kernel on CUDA when it passes its "
-                 "start-up check, else SDPA), sdpa, or triton",
+    "kernels": "whose kernels decode steps run: triton (the project's Triton kernels for attention over "
+               "the caches, RoPE, norms and SwiGLU), torch (PyTorch's), or auto (triton on CUDA when "
+               "they pass a start-up check)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",

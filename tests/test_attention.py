@@ -1,42 +1,17 @@
 """The Triton decode-attention kernel (attention.py) computes SDPA's single-query attention.
 
-Here it runs in Triton's interpreter on the CPU (conftest.py sets TRITON_INTERPRET); on a GPU,
-tests/gpu and bench/gpu_check.py run the compiled kernel. Kernel against SDPA on random inputs with
-every feature a step uses, then whole engines using it against full recompute.
+Here it runs in Triton's interpreter on the CPU (tests/interpreter.py); on a GPU, tests/gpu and
+bench/gpu_check.py run the compiled kernel. Kernel against SDPA on random inputs with every feature
+a step uses. Compiled for a Hopper GPU, and whole engines: tests/test_kernels.py.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from enginekit import replay_full_recompute, run_engine
-from factory import PARITY_TEXT
+from interpreter import interpreted
 
-from blt_runtime import load_model
-from blt_runtime.attention import decode_attention, resolve, sdpa_attention, self_check, triton_importable
-from blt_runtime.engine import Engine
-from blt_runtime.errors import ConfigError
-from blt_runtime.sampling import SamplingParams
-
-
-def _interpreter_works() -> str | None:
-    """Why the kernel cannot run here, or None."""
-    if not triton_importable():
-        return "Triton is not installed (the test extra installs it)"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return "a GPU is present: tests/gpu runs the compiled kernel"
-    import triton
-    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    if (major, minor) < (3, 7) and int(np.__version__.split(".")[0]) >= 2:
-        return f"Triton {triton.__version__}'s interpreter cannot take a loop bound from an argument under NumPy 2"
-    return None
-
-
-interpreted = pytest.mark.skipif(_interpreter_works() is not None, reason=str(_interpreter_works()))
+from blt_runtime.attention import Visible, decode_attention, sdpa_attention
+from blt_runtime.fused import EAGER
+from blt_runtime.model.layers import rope_rotation
 
 
 def cache_and_query(B, H, H_kv, D, slots, capacity, dtype, seed=0):
@@ -103,6 +78,59 @@ def test_kernel_stores_then_attends(dtype, H, H_kv, rows):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, H_kv, D", [(4, 4, 32), (4, 2, 48)])
+def test_kernel_rotates_queries_and_keys(dtype, H, H_kv, D):
+    """With `rotation`, q and the new key come unrotated, as views of the qkv projection, and the
+    kernel gives what the eager step does: StepOps.heads (RoPE in fp32, rounded back), the store,
+    SDPA. Positions differ per row; the rotated key lands in the cache."""
+    B, span = 3, 80
+    kv, _ = cache_and_query(B, H, H_kv, D, 5, 96, dtype, seed=D)
+    qkv = torch.randn(B, 1, (H + 2 * H_kv) * D, generator=torch.Generator().manual_seed(2)).to(dtype)
+    lengths = torch.tensor([3, 40, 79])
+    rotation = rope_rotation(lengths[:, None], D, 10000.0)[:, :, None]  # as StepOps.positions makes it
+    write_rows, write_index = torch.tensor([[4], [0], [2]]), lengths[:, None]
+    q, k, v, _ = EAGER.heads(qkv, rotation, H, H_kv, D)
+    want_kv = kv.clone()
+    want_kv[:, 1][:, write_rows, :, write_index] = torch.stack((k, v), dim=1).permute(0, 3, 1, 2, 4)
+    read = want_kv[:, 1, [4, 0, 2], :, :span]
+    mask = torch.zeros(B, 1, 1, span, dtype=dtype)
+    mask[0, ..., 4:] = float("-inf")
+    want = sdpa_attention(q, read[0], read[1], mask)
+    q_raw, k_raw, v_raw = qkv.unflatten(-1, (-1, D)).transpose(1, 2).split([H, H_kv, H_kv], 1)
+    got = decode_attention(q_raw, kv, 1, torch.tensor([4, 0, 2]), span, mask, 32,
+                           store=(k_raw, v_raw, write_rows, write_index), rotation=rotation)
+    assert torch.equal(kv, want_kv)
+    tolerance = 2e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    with pytest.raises(ValueError, match="rotation must be"):
+        decode_attention(q_raw, kv, 1, torch.tensor([4, 0, 2]), span, mask, rotation=rotation[:, :, :, :4])
+
+
+@interpreted
+@pytest.mark.parametrize("cache_window, stack_window, span", [(None, None, 40), (None, 8, 40), (16, None, 16),
+                                                                (16, 6, 16), (16, None, 9)])
+def test_kernel_works_out_the_mask(cache_window, stack_window, span):
+    """attention.Visible: the kernel decides from each row's length which entries it sees, as the
+    additive mask of fused.StepOps.positions does: rows of length 0, shorter than the span, and
+    rings that have wrapped (entries holding positions before the stack's window); the new entry
+    stored first."""
+    B, H, D = 5, 2, 16
+    kv, q = cache_and_query(B, H, H, D, 6, 48, torch.float32, seed=span)
+    lengths = torch.tensor([0, 3, span - 1, 37, 20 if cache_window else 39])
+    index = lengths[:, None] if cache_window is None else lengths[:, None] % cache_window
+    new = torch.randn(2, B, H, 1, D, generator=torch.Generator().manual_seed(3))
+    visible = Visible(lengths, cache_window, stack_window)
+    want_kv = kv.clone()
+    want_kv[:, 1][:, torch.arange(B)[:, None], :, index] = new.permute(1, 3, 0, 2, 4)
+    read = want_kv[:, 1, 0:B, :, :span]
+    want = sdpa_attention(q, read[0], read[1], visible.additive(span, torch.float32))
+    got = decode_attention(q, kv, 1, slice(0, B), span, visible, 8, store=(new[0], new[1], torch.arange(B)[:, None],
+                                                                             index))
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+@interpreted
 def test_kernel_reads_strided_queries():
     """q as a step makes it: a transposed view of the qkv projection, not contiguous."""
     kv, _ = cache_and_query(2, 4, 4, 32, 3, 64, torch.float32)
@@ -112,88 +140,3 @@ def test_kernel_reads_strided_queries():
     got = decode_attention(q, kv, 0, slice(0, 2), 64, None)
     read = kv[:, 0, 0:2, :, :64]
     torch.testing.assert_close(got, sdpa_attention(q, read[0], read[1], None), atol=2e-6, rtol=2e-6)
-
-
-COMPILE_FOR_HOPPER = """
-import inspect, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from blt_runtime.attention import _attention_program, _kernel
-params = inspect.signature(_attention_program).parameters
-pointers = {"Rows": "*i64", "WRows": "*i64", "WIndex": "*i64"}
-for gather, mask, store, D, groups in [(True, True, True, 64, 1), (False, False, True, 128, 2),
-                                       (True, True, False, 48, 1), (False, True, False, 64, 4)]:
-    constexprs = dict(GROUPS=groups, D=D, D_PAD=1 << (D - 1).bit_length(), BLOCK=64, GATHER=gather, HAS_MASK=mask,
-                      STORE=store)
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "*bf16") if name[0].isupper()
-                 else "fp32" if name == "scale" else "i64" if name == "skv_kv" else "i32" for name in params}
-    kernel = triton.compile(ASTSource(fn=_kernel, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", 90, 32))
-    assert kernel.asm["cubin"], "no cubin"
-print("compiled")
-"""
-
-
-def test_kernel_compiles_for_hopper():
-    """The kernel as the GPU machine's Triton builds it (not the interpreter): compiled ahead of time
-    for sm_90 (an H100/H200) down to a cubin with Triton's ptxas, for the variants a step launches."""
-    try:
-        from triton.backends.nvidia import compiler  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
-
-
-@interpreted
-def test_self_check_and_resolve():
-    cpu = torch.device("cpu")
-    assert self_check(cpu, torch.float32) is None and self_check(cpu, torch.bfloat16) is None
-    assert resolve("auto", cpu, torch.float32) == "sdpa"  # the kernel is for GPUs
-    assert resolve("triton", cpu, torch.float32) == "triton"  # the interpreter, as here
-    assert resolve("sdpa", cpu, torch.float32) == "sdpa"
-    with pytest.raises(ConfigError, match="expected one of"):
-        resolve("flash", cpu, torch.float32)
-
-
-@interpreted
-def test_engine_with_kernel_equals_sdpa_engine(hf_checkpoint):
-    """Static steps with every self-attention (entropy model, encoder, global model, decoder) through
-    the kernel, on grouped-query heads: three requests sharing steps, the first finishing early so
-    that the rest are gathered from high slots, and patch steps reading gathered global rows. Bytes
-    and patches as the SDPA engine's. (Triton's interpreter is slow: few bytes.)"""
-    model = load_model(hf_checkpoint("gqa")[1])
-    requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 30 + 20 * i],
-                          SamplingParams(max_bytes=8 + 10 * i, temperature=0.0, ignore_eos=True))
-                for i in range(3)}
-    joins = {"r0": 0, "r1": 0, "r2": 2}
-    kernel = Engine(model, max_batch_size=4, prefill_chunk=64, static=True, attention="triton")
-    assert kernel.attention == "triton"
-    got = run_engine(kernel, requests, joins)
-    want = run_engine(Engine(model, max_batch_size=4, prefill_chunk=64, static=True, attention="sdpa"),
-                      requests, joins)
-    for rid in requests:
-        assert got[rid][0] == want[rid][0], rid
-        assert got[rid][1].usage == want[rid][1].usage, rid
-    assert any(not key[-1] for key in kernel.static.keys_seen if key[0] == "encode"), "no step gathered its rows"
-    assert sum(o.usage.global_steps for _, o in got.values()) > 0
-
-
-@interpreted
-def test_dynamic_engine_with_kernel_equals_full_recompute(hf_checkpoint):
-    """Dynamic steps through the kernel: greedy bytes and logprobs as full recompute computes them."""
-    model = load_model(hf_checkpoint("gqa")[1])
-    prompt = PARITY_TEXT[:90]
-    params = SamplingParams(max_bytes=24, temperature=0.0, ignore_eos=True, logprobs=1)
-    engine = Engine(model, static=False, attention="triton")
-    engine.add_request("g", prompt, params)
-    seed, outputs = engine.sequences["g"].seed, []
-    while engine.has_work():
-        outputs += engine.step()
-    generated = b"".join(o.new_bytes for o in outputs)
-    replay_full_recompute(model, prompt, params, seed, generated, engine_logprobs=[o.logprobs for o in outputs])
-    assert outputs[-1].usage.completion_patches > 0

@@ -1,5 +1,5 @@
-"""bench/step_kernels.py runs, and the compiled stretches and the attention kernel keep a decode
-step's kernel count (and the memory it writes) down.
+"""bench/step_kernels.py runs, and the compiled stretches, the Triton kernels and the attention kernel
+keep a decode step's kernel count (and the memory it writes) down.
 
 The count is exact (operators that write memory), not a timing: it guards the launch count that a
 GPU step's latency scales with, on a machine without a GPU.
@@ -29,3 +29,9 @@ def test_compiled_stretches_launch_fewer_kernels():
     assert triton["byte_step"] <= compiled["byte_step"] - 24, result
     assert triton["per_piece"]["patch"] <= compiled["per_piece"]["patch"] - 2 * 25, result
     assert triton["mb_written_per_byte_with_patches"] < compiled["mb_written_per_byte_with_patches"], result
+    # the CUDA default, nothing compiled: RoPE and the mask inside the attention kernel, one kernel per
+    # norm and gate; each of the 24 blocks of a byte step saves at least 12 launches over eager
+    # PyTorch, and the step launches no more than with torch.compile's stretches and SDPA
+    default = result["triton"]
+    assert eager["byte_step"] - default["byte_step"] >= 24 * 12, result
+    assert default["byte_step"] <= compiled["byte_step"], result

@@ -20,9 +20,9 @@ def test_cuda_matches_cpu(hf_checkpoint):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=0)
 
 
-def test_attention_kernel_on_cuda():
-    """The compiled Triton kernel agrees with SDPA (attention.self_check), so "auto" picks it."""
-    from blt_runtime.attention import resolve, self_check
+def test_triton_kernels_on_cuda():
+    """The compiled Triton kernels agree with PyTorch's (kernels.self_check), so "auto" picks them."""
+    from blt_runtime.kernels import resolve, self_check
 
     device = torch.device("cuda")
     for dtype in (torch.float32, torch.bfloat16):
@@ -30,11 +30,11 @@ def test_attention_kernel_on_cuda():
         assert resolve("auto", device, dtype) == "triton"
 
 
-@pytest.mark.parametrize("compile, attention", [(False, "sdpa"), (False, "triton"), (True, "triton")])
-def test_graph_replay_equals_eager(hf_checkpoint, compile, attention):
+@pytest.mark.parametrize("compile, kernels", [(False, "torch"), (False, "triton"), (True, "triton")])
+def test_graph_replay_equals_eager(hf_checkpoint, compile, kernels):
     """256 greedy bytes for three requests joining at different steps: CUDA graph replay gives the
     bytes and patches of the same static steps run eagerly (greedy, and seeded sampling with logprobs),
-    and every piece was captured; with either attention, and the element-wise stretches compiled."""
+    and every piece was captured; with either kernels, and the element-wise stretches compiled."""
     from enginekit import run_engine
 
     from blt_runtime.engine import Engine
@@ -46,11 +46,11 @@ def test_graph_replay_equals_eager(hf_checkpoint, compile, attention):
                 for i in range(3)} | {"s": (b"seeded", SamplingParams(max_bytes=256, temperature=0.8, seed=7,
                                                                        logprobs=2))}
     joins = {"r0": 0, "r1": 3, "r2": 9, "s": 5}
-    graphs = Engine(model, max_batch_size=4, static=True, cuda_graphs=True, compile=compile, attention=attention)
-    assert graphs.attention == attention
+    graphs = Engine(model, max_batch_size=4, static=True, cuda_graphs=True, compile=compile, kernels=kernels)
+    assert graphs.kernels == kernels
     replayed = run_engine(graphs, requests, joins)
     eager = run_engine(Engine(model, max_batch_size=4, static=True, cuda_graphs=False, compile=compile,
-                              attention=attention), requests, joins)
+                              kernels=kernels), requests, joins)
     for rid in requests:
         assert replayed[rid][0] == eager[rid][0], rid
         assert replayed[rid][1].usage == eager[rid][1].usage, rid

@@ -1,0 +1,124 @@
+"""Which kernels a decode step runs, "torch" or "triton", and the start-up check that decides "auto".
+
+- "torch": PyTorch operators: SDPA over cache rows read in place or gathered (attention.py), the
+  element-wise stretches as eager operators (fused.StepOps; compiled with `--compile`).
+- "triton": the repository's Triton kernels: single-query attention that rotates (RoPE), stores and
+  attends in one launch (attention.py), and the norms and SwiGLU's gate as one launch each
+  (triton_ops.py; `--compile` compiles the stretches instead).
+"auto" is "triton" on CUDA where Triton imports and every kernel agrees with the PyTorch path on
+this device at start-up (`self_check`), else "torch", with a warning that says why. On a CPU,
+"triton" runs Triton's interpreter (TRITON_INTERPRET=1 set before Triton is imported): slow, for
+tests only. Used by engine.py; knows nothing about requests.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from .attention import Visible, decode_attention, sdpa_attention, triton_importable
+from .errors import ConfigError
+from .fused import EAGER
+from .model.layers import RMSNorm, rope_rotation
+from .triton_ops import TritonOps
+
+log = logging.getLogger(__name__)
+CHOICES = ("auto", "torch", "triton")
+
+
+def _check_attention(device: torch.device, dtype: torch.dtype, g: torch.Generator) -> str | None:
+    """The attention kernel against KVCache.write + SDPA with every feature a step uses: masks,
+    gathered and consecutive rows, grouped heads, a head size that is not a power of two, a span that
+    is not a multiple of the block, storing the new entries or not, rotating or not, a mask worked
+    out in the kernel."""
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for H, H_kv, D, span in ((4, 4, 64, 300), (4, 2, 48, 70)):
+        kv = torch.randn(2, 2, 5, H_kv, 320, D, generator=g).to(device, dtype)
+        qkv = torch.randn(3, 1, (H + 2 * H_kv) * D, generator=g).to(device, dtype)
+        raw = qkv.unflatten(-1, (-1, D)).transpose(1, 2).split([H, H_kv, H_kv], 1)
+        where = torch.tensor([[0], [span - 1], [7]], device=device)
+        rotation = rope_rotation(where * 3, D, 10000.0)[:, :, None]
+        rotated = EAGER.heads(qkv, rotation, H, H_kv, D)[:3]
+        mask = torch.zeros(3, 1, 1, span, device=device, dtype=dtype)
+        mask[1, ..., span // 2:] = float("-inf")
+        gathered, consecutive = torch.tensor([4, 0, 2], device=device), torch.arange(1, 4, device=device)
+        visible = Visible(where[:, 0] + torch.tensor([0, 0, 20], device=device), None, span // 3)  # all within span
+        for rows, m, written, rope in ((gathered, mask, None, False), (slice(1, 4), None, None, False),
+                                       (gathered, mask, gathered, False), (slice(1, 4), None, consecutive, False),
+                                       (gathered, mask, gathered, True), (slice(1, 4), mask, consecutive, True),
+                                       (gathered, visible, gathered, True)):
+            q, k, v = rotated if rope else raw
+            expected = kv.clone()
+            store = None
+            if written is not None:
+                expected[:, 1][:, written[:, None], :, where] = torch.stack((k, v), dim=1).permute(0, 3, 1, 2, 4)
+                store = (raw[1] if rope else k, v, written[:, None], where)
+            got = decode_attention(raw[0] if rope else q, kv, 1, rows, span, m, store=store,
+                                   rotation=rotation if rope else None)
+            picked = expected[:, 1, rows, :, :span]
+            want = sdpa_attention(q, picked[0], picked[1], m.additive(span, dtype) if isinstance(m, Visible) else m)
+            # stored as given, or rotated as the eager step rotates them (up to the rounding of a fused
+            # multiply-add where the compiler makes one)
+            stored = torch.allclose(kv.float(), expected.float(), atol=tolerance, rtol=tolerance) if rope \
+                else torch.equal(kv, expected)
+            if not stored:
+                return "attention: the new keys and values were not stored where asked"
+            if not torch.allclose(got.float(), want.float(), atol=tolerance, rtol=tolerance):
+                return f"attention differs from SDPA by {float((got.float() - want.float()).abs().max()):.3g}"
+    return None
+
+
+def _check_stretches(device: torch.device, dtype: torch.dtype, g: torch.Generator) -> str | None:
+    """The norm and SwiGLU kernels against the eager stretches, at widths a step uses."""
+    ops, tolerance = TritonOps(), (1e-5 if dtype == torch.float32 else 1e-2)
+    for d in (128, 100, 2048):
+        norm = RMSNorm(d, 1e-5).requires_grad_(False)
+        norm.weight.data = torch.randn(d, generator=g) * 0.5 + 1
+        n = norm.to(device, dtype).bound(device)
+        x, delta = ((torch.randn(3, 2, d, generator=g) * 3).to(device, dtype) for _ in range(2))
+        gate_up = (torch.randn(3, 1, 2 * d, generator=g) * 3).to(device, dtype)
+        for name, got, want in (("norm", ops.add_norm(x, None, n), EAGER.add_norm(x, None, n)),
+                                ("add and norm", ops.add_norm(x, delta, n), EAGER.add_norm(x, delta, n)),
+                                ("double residual and norm", ops.double_residual_norm(x, delta, n),
+                                 EAGER.double_residual_norm(x, delta, n)),
+                                ("silu_mul", (ops.silu_mul(gate_up),), (EAGER.silu_mul(gate_up),))):
+            for a, b in zip(got, want):
+                error = float((a.float() - b.float()).abs().max())
+                if not torch.allclose(a.float(), b.float(), atol=tolerance, rtol=tolerance):
+                    return f"{name} at width {d} differs from PyTorch by {error:.3g}"
+    return None
+
+
+@functools.cache
+def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Every Triton kernel a step launches against the PyTorch path, on random inputs on `device`: None
+    if they agree, else what went wrong."""
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        return _check_attention(device, dtype, g) or _check_stretches(device, dtype, g)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels
+        return f"{type(e).__name__}: {e}"
+
+
+def resolve(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"torch" or "triton" for `choice` on this device (see the module docstring)."""
+    if choice not in CHOICES:
+        raise ConfigError(f"kernels {choice!r}: expected one of {', '.join(CHOICES)}")
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return "torch"
+    if not triton_importable():
+        if choice == "triton":
+            raise ConfigError("kernels 'triton': Triton is not installed (pip install triton)")
+        return "torch"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("kernels 'triton' on a CPU run in Triton's interpreter, for tests: set "
+                          "TRITON_INTERPRET=1 before Triton is imported")
+    if choice == "auto":
+        problem = self_check(device, dtype)
+        if problem is not None:
+            log.warning("Triton kernels disabled, using PyTorch's: %s", problem)
+            return "torch"
+    return choice

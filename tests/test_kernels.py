@@ -1,0 +1,180 @@
+"""The Triton kernels of a step (triton_ops.py, attention.py) against the PyTorch path, and the choice
+between them (kernels.py).
+
+In Triton's interpreter on the CPU (tests/interpreter.py): the norms and SwiGLU's gate give the
+eager stretches' values, in bf16 bit for bit (the kernels round as PyTorch does); whole engines
+running every Triton kernel give the PyTorch engine's bytes, and full recompute's.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from enginekit import replay_full_recompute, run_engine
+from factory import PARITY_TEXT
+from interpreter import interpreted
+
+from blt_runtime import load_model
+from blt_runtime.engine import Engine
+from blt_runtime.errors import ConfigError
+from blt_runtime.fused import EAGER
+from blt_runtime.kernels import resolve, self_check
+from blt_runtime.model.layers import RMSNorm
+from blt_runtime.sampling import SamplingParams
+from blt_runtime.triton_ops import TritonOps
+
+
+def bound_norm(d: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(d, 1e-5)
+    norm.weight.data = torch.randn(d, generator=g) * 0.5 + 1
+    return norm.to(dtype).bound(torch.device("cpu")), g
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [48, 100, 2048])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5)])
+def test_norms_equal_eager(dtype, d, shape):
+    """add_norm (with and without the residual) and double_residual_norm: the residual sums exactly,
+    the normed values within fp32 rounding, and exactly in bf16."""
+    n, g = bound_norm(d, dtype, d)
+    x, delta = ((torch.randn(*shape, d, generator=g) * 3).to(dtype) for _ in range(2))
+    ops = TritonOps()
+    for got, want in ((ops.add_norm(x, None, n), EAGER.add_norm(x, None, n)),
+                      (ops.add_norm(x, delta, n), EAGER.add_norm(x, delta, n)),
+                      (ops.double_residual_norm(x, delta, n), EAGER.double_residual_norm(x, delta, n))):
+        assert torch.equal(got[0], want[0])
+        assert got[1].shape == want[1].shape and got[1].dtype == dtype
+        if dtype == torch.bfloat16:
+            assert torch.equal(got[1], want[1])
+        else:
+            torch.testing.assert_close(got[1], want[1], atol=2e-6, rtol=2e-6)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("f", [96, 1500])
+def test_silu_mul_equals_eager(dtype, f):
+    g = torch.Generator().manual_seed(f)
+    gate_up = (torch.randn(4, 2, 2 * f, generator=g) * 4).to(dtype)
+    got, want = TritonOps().silu_mul(gate_up), EAGER.silu_mul(gate_up)
+    assert got.shape == want.shape == (4, 2, f)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+def test_stretches_take_views_and_refuse_mixed_dtypes():
+    """Strided inputs as a step makes them (a slice of a wider tensor); a weight in another dtype than x
+    is refused with the dtypes named, not computed in the wrong one."""
+    n, g = bound_norm(64, torch.float32, 0)
+    wide = torch.randn(3, 1, 96, generator=g)
+    x = wide[..., :64]
+    torch.testing.assert_close(TritonOps().add_norm(x, None, n)[1], EAGER.add_norm(x, None, n)[1],
+                               atol=2e-6, rtol=2e-6)
+    with pytest.raises(ValueError, match="bfloat16"):
+        TritonOps().add_norm(x.bfloat16(), None, n)
+
+
+COMPILE_FOR_HOPPER = """
+import inspect
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from blt_runtime import attention, triton_ops
+
+def compile(kernel, program, types, constexprs, default="*bf16"):
+    # pointers (capitalised parameters) are bf16 unless `types` says otherwise, scalars i32
+    signature = {name: "constexpr" if name in constexprs else types.get(name, default if name[0].isupper() else "i32")
+                 for name in inspect.signature(program).parameters}
+    built = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                           target=GPUTarget("cuda", 90, 32))
+    assert built.asm["cubin"], "no cubin"
+
+types = {"Rows": "*i64", "WRows": "*i64", "WIndex": "*i64", "Rot": "*fp32", "scale": "fp32", "skv_kv": "i64"}
+for gather, mask, store, rope, D, groups, windows in [
+        (True, 2, True, True, 64, 1, (0, 0)), (False, 2, True, True, 128, 2, (512, 512)),
+        (False, 0, True, True, 128, 2, (512, 0)), (True, 1, False, False, 48, 1, (0, 0)),
+        (False, 1, False, False, 64, 4, (0, 0))]:
+    compile(attention._kernel, attention._attention_program, types | ({"Mask": "*i64"} if mask == 2 else {}),
+            dict(GROUPS=groups, D=D, D_PAD=1 << (D - 1).bit_length(), BLOCK=64, GATHER=gather, MASK=mask,
+                 STORE=store, ROPE=rope, CACHE_WINDOW=windows[0], STACK_WINDOW=windows[1]))
+for dtype in ("*bf16", "*fp32"):
+    for before in (0, 1, 2):
+        compile(triton_ops._norm_kernel, triton_ops._norm_program, {"eps": "fp32", "inv_n": "fp32"},
+                dict(D_PAD=2048, BEFORE=before), dtype)
+    compile(triton_ops._silu_mul_kernel, triton_ops._silu_mul_program, {}, dict(BLOCK=1024), dtype)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The kernels as the GPU machine's Triton builds them (not the interpreter): compiled ahead of time
+    for sm_90 (an H100/H200) down to a cubin with Triton's ptxas, for the variants a step launches."""
+    try:
+        from triton.backends.nvidia import compiler  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+@interpreted
+def test_self_check_and_resolve():
+    cpu = torch.device("cpu")
+    assert self_check(cpu, torch.float32) is None and self_check(cpu, torch.bfloat16) is None
+    assert resolve("auto", cpu, torch.float32) == "torch"  # the kernels are for GPUs
+    assert resolve("triton", cpu, torch.float32) == "triton"  # the interpreter, as here
+    assert resolve("torch", cpu, torch.float32) == "torch"
+    with pytest.raises(ConfigError, match="expected one of"):
+        resolve("sdpa", cpu, torch.float32)
+
+
+@interpreted
+def test_triton_engine_equals_torch_engine(hf_checkpoint):
+    """Static steps with every self-attention (entropy model, encoder, global model, decoder) through
+    the attention kernel, and every norm and gate through theirs, on grouped-query heads: three
+    requests sharing steps, the first finishing early so that the rest are gathered from high slots,
+    and patch steps reading gathered global rows. Bytes and patches as the PyTorch engine's.
+    (Triton's interpreter is slow: few bytes.)"""
+    model = load_model(hf_checkpoint("gqa")[1])
+    requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 30 + 20 * i],
+                          SamplingParams(max_bytes=8 + 10 * i, temperature=0.0, ignore_eos=True))
+                for i in range(3)}
+    joins = {"r0": 0, "r1": 0, "r2": 2}
+    triton = Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels="triton")
+    assert triton.kernels == "triton" and isinstance(triton.runner.ops, TritonOps)
+    got = run_engine(triton, requests, joins)
+    want = run_engine(Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels="torch"),
+                      requests, joins)
+    for rid in requests:
+        assert got[rid][0] == want[rid][0], rid
+        assert got[rid][1].usage == want[rid][1].usage, rid
+    assert any(not key[-1] for key in triton.static.keys_seen if key[0] == "encode"), "no step gathered its rows"
+    assert sum(o.usage.global_steps for _, o in got.values()) > 0
+
+
+@interpreted
+def test_dynamic_triton_engine_equals_full_recompute(hf_checkpoint):
+    """Dynamic steps through the Triton kernels (prefill chunks through the norm and gate kernels
+    too): greedy bytes and logprobs as full recompute computes them."""
+    model = load_model(hf_checkpoint("gqa")[1])
+    prompt = PARITY_TEXT[:90]
+    params = SamplingParams(max_bytes=24, temperature=0.0, ignore_eos=True, logprobs=1)
+    engine = Engine(model, static=False, kernels="triton")
+    engine.add_request("g", prompt, params)
+    seed, outputs = engine.sequences["g"].seed, []
+    while engine.has_work():
+        outputs += engine.step()
+    generated = b"".join(o.new_bytes for o in outputs)
+    replay_full_recompute(model, prompt, params, seed, generated, engine_logprobs=[o.logprobs for o in outputs])
+    assert outputs[-1].usage.completion_patches > 0
