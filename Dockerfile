@@ -7,10 +7,9 @@
 #   BLT_SHUTDOWN_TIMEOUT (30)   BLT_KEEPALIVE_INTERVAL   BLT_LOG_LEVEL (info)   BLT_SERVED_MODEL_NAME
 #   BLT_LOG_INTERVAL (5)        BLT_PREFILL_CHUNK (512)  BLT_MODEL_DIR (the shipped model)
 #   BLT_THREADS (CPU threads; default all cores but one)   BLT_ENFORCE_EAGER (no CUDA graphs)
-#   BLT_COMPILE (torch.compile the step's element-wise stretches; Triton needs a C compiler, which
-#   this runtime base lacks: use the -devel base or install gcc)
-#   BLT_ATTENTION (auto: the Triton decode-attention kernel where it compiles and checks out, else
-#   SDPA; sdpa; triton)
+#   BLT_COMPILE (torch.compile the step's element-wise stretches)
+#   BLT_KERNELS (auto: the project's Triton kernels for attention, RoPE, norms and SwiGLU where they
+#   compile and check out at start-up, else PyTorch's; torch; triton)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve
@@ -19,6 +18,9 @@ FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     BLT_HOST=0.0.0.0 BLT_PORT=8000 BLT_MODEL_DIR=/app/weights/blt-shakespeare
 
+# Triton builds each kernel's launcher with a C compiler, which the runtime base lacks; without one
+# the Triton kernels fail their start-up check and the server runs PyTorch's (with a warning).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 blt
 WORKDIR /app
 # Dependencies first (a layer that survives code changes); the base's torch satisfies torch>=2.5.
