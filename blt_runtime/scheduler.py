@@ -135,9 +135,14 @@ class Scheduler:
         return admitted
 
     def plan(self) -> Plan:
-        decode = [s for s in self.active if s.status is Status.RUNNING]
-        first = [s for s in self.active if s.status is Status.PREFILLED]
-        prefill = next((s for s in self.active if s.status is Status.PREFILLING), None)
+        decode, first, prefill = [], [], None  # one pass: this runs at every step, over every sequence
+        for s in self.active:
+            if s.status is Status.RUNNING:
+                decode.append(s)
+            elif s.status is Status.PREFILLED:
+                first.append(s)
+            elif prefill is None and s.status is Status.PREFILLING:
+                prefill = s
         if prefill is None:
             return Plan(decode, None, first=first)
         end = min(prefill.processed + self.prefill_chunk, prefill.prompt_len)

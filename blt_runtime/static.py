@@ -112,6 +112,16 @@ class ByteBuffers:
                              self.repetition, self.seeds, self.allow_eos.bool(), greedy, penalty)
 
 
+@dataclass
+class RequestColumns:
+    """A step's per-request inputs by row (StaticDecoder._request_columns)."""
+
+    key: tuple
+    ints: dict[str, list]  # top_k, seeds, allow_eos (the floats went to the device when these were made)
+    n_top: int | None  # logprobs asked for, at most
+    mode: tuple[bool, bool, bool]  # all greedy, any penalty, any logprobs
+
+
 class StaticDecoder:
     """Decode steps of a Runner at fixed shapes, optionally replayed from CUDA graphs."""
 
@@ -124,6 +134,7 @@ class StaticDecoder:
         self._patches: dict[int, Staged] = {}
         self.keys_seen: set[tuple] = set()  # every piece and shape run so far
         self._capacity = None  # capacities of the open patch and the caches the captured graphs were built on
+        self._requests: RequestColumns | None = None  # the last step's
 
     # ------------------------------------------------------------------ host side
     def step(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
@@ -147,11 +158,12 @@ class StaticDecoder:
         self._check_capacity()
 
         buf = self._byte_buffers(Bb)
-        int_padding, float_padding = {"slots": r.scratch, "ids": BOS_ID}, {"top_p": 1.0, "repetition": 1.0}
+        int_padding = {"slots": r.scratch, "ids": BOS_ID}
+        in_order = order == list(range(B))  # rows already in order, none between them (the usual case)
 
         def by_row(columns: dict[str, list], padding: dict[str, float]) -> dict[str, list]:
             """Each column's values at their sequences' rows, padding between them."""
-            if order == list(range(B)):  # rows already in order, none between them (the usual case)
+            if in_order:
                 return columns
             out = {}
             for name, values in columns.items():
@@ -160,13 +172,9 @@ class StaticDecoder:
                     out[name][row] = value
             return out
 
-        buf.ints.fill(by_row({"slots": slots, "lengths": lengths, "ids": ids, "open_lens": open_lens,
-                               "top_k": [max(p.top_k, 0) for p in params], "seeds": seeds,
-                               "allow_eos": [not p.ignore_eos for p in params]}, int_padding), int_padding)
-        buf.floats.fill(by_row({"temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
-                                 "min_p": [p.min_p for p in params], "presence": [p.presence_penalty for p in params],
-                                 "frequency": [p.frequency_penalty for p in params],
-                                 "repetition": [p.repetition_penalty for p in params]}, float_padding), float_padding)
+        requests = self._request_columns((Bb, tuple(order), tuple(params), tuple(seeds)), params, seeds, by_row, buf)
+        buf.ints.fill(by_row({"slots": slots, "lengths": lengths, "ids": ids, "open_lens": open_lens}, int_padding)
+                      | requests.ints, int_padding)
         self._run(("encode", Bb, spans, in_place), lambda: self._encode(buf, spans, in_place))
         if rows:
             Rb = bucket(len(rows), self.sizes)
@@ -175,23 +183,40 @@ class StaticDecoder:
                          "before": [num_patches[i] for i in rows]}, {"rows": r.scratch, "counts": 1})
             self._run(("patch", Rb, patch_bytes, global_span),
                       lambda: self._patch(staged, patch_bytes, global_span))
-        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        mode = (all_greedy(params), any_penalty(params), n_top is not None)
+        n_top, mode = requests.n_top, requests.mode
         self._run(("finish", Bb, spans, mode, in_place), lambda: self._finish(buf, spans, in_place, *mode))
         width = 2 if n_top is None else buf.out.shape[1]
         handle = transfer.add(buf.out[:n, :width])
 
         def result() -> Sampled:
             flat = transfer.get(handle)
-            host = [flat[row * width:(row + 1) * width] for row in order]
-            sampled = Sampled([int(row[0]) for row in host], [row[1] > 0 for row in host], None)
+            starts = [row * width for row in order]
+            sampled = Sampled([int(flat[i]) for i in starts], [flat[i + 1] > 0 for i in starts], None)
             if n_top is not None:
                 k = MAX_LOGPROBS
-                sampled.logprobs = [(row[2], [(int(row[3 + k + j]), row[3 + j])
-                                              for j in range(params[b].logprobs or 0)])
-                                    for b, row in enumerate(host)]
+                sampled.logprobs = [(flat[i + 2], [(int(flat[i + 3 + k + j]), flat[i + 3 + j])
+                                                   for j in range(params[b].logprobs or 0)])
+                                    for b, i in enumerate(starts)]
             return sampled
         return result
+
+    def _request_columns(self, key: tuple, params: list[SamplingParams], seeds: list[int], by_row,
+                         buf: ByteBuffers) -> RequestColumns:
+        """The step's per-request columns by row, and its sampling mode; when `key` (bucket, rows, the
+        requests' parameters and seeds) is the last step's, the last step's, whose floats are still on
+        the device: a batch of long generations builds them once, not at every byte."""
+        if self._requests is not None and self._requests.key == key:
+            return self._requests
+        float_padding = {"top_p": 1.0, "repetition": 1.0}
+        buf.floats.fill(by_row({"temperature": [p.temperature for p in params], "top_p": [p.top_p for p in params],
+                                "min_p": [p.min_p for p in params], "presence": [p.presence_penalty for p in params],
+                                "frequency": [p.frequency_penalty for p in params],
+                                "repetition": [p.repetition_penalty for p in params]}, float_padding), float_padding)
+        ints = by_row({"top_k": [max(p.top_k, 0) for p in params], "seeds": seeds,
+                       "allow_eos": [not p.ignore_eos for p in params]}, {})
+        n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        self._requests = RequestColumns(key, ints, n_top, (all_greedy(params), any_penalty(params), n_top is not None))
+        return self._requests
 
     def _run(self, key, piece) -> None:
         self.keys_seen.add(key)
@@ -203,8 +228,8 @@ class StaticDecoder:
     def _check_capacity(self) -> None:
         """A grown buffer is a new tensor: graphs captured on the old one must go."""
         r = self.r
-        capacity = (r.open_patch.data.shape[1],) + tuple(c.k.shape[3] for c in (r.entropy_kv, r.encoder_kv,
-                                                                                 r.decoder_kv, r.global_kv))
+        capacity = (r.open_patch.data.shape[1],) + tuple(c.kv.shape[4] for c in (r.entropy_kv, r.encoder_kv,
+                                                                                  r.decoder_kv, r.global_kv))
         if capacity != self._capacity and self.graphs is not None:
             self.graphs.clear()
         self._capacity = capacity
