@@ -13,6 +13,7 @@ from pathlib import Path
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "blt-shakespeare"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+KERNELS = ("auto", "torch", "triton")  # blt_runtime.kernels.CHOICES (this module imports no torch)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
     settings = Settings(**values)
     if settings.log_level not in LOG_LEVELS:
         p.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+    if settings.kernels not in KERNELS:
+        p.error(f"--kernels must be one of {', '.join(KERNELS)}")
     for name in ("max_batch_size", "max_body_bytes", "prefill_chunk"):
         if getattr(settings, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

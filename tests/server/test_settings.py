@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.settings import SHIPPED_MODEL, load_settings
+from server.settings import KERNELS, SHIPPED_MODEL, load_settings
 
 
 def test_defaults_serve_the_shipped_model():
@@ -26,8 +26,17 @@ def test_flags_beat_env_and_env_beats_defaults():
 
 
 @pytest.mark.parametrize("argv", [["--port", "eighty"], ["--max-batch-size", "0"], ["--log-level", "loud"],
-                                  ["--max-queue", "-1"]])
+                                  ["--max-queue", "-1"], ["--kernels", "sdpa"]])
 def test_bad_values_exit_with_a_message(argv, capsys):
     with pytest.raises(SystemExit) as e:
         load_settings(argv, environ={})
     assert e.value.code == 2 and "blt-serve: error:" in capsys.readouterr().err
+
+
+def test_kernel_choices_are_the_runtimes():
+    """The server checks --kernels without importing torch; its list is the runtime's."""
+    from blt_runtime.kernels import CHOICES
+
+    assert KERNELS == CHOICES
+    assert load_settings(["--kernels", "torch"], environ={}).kernels == "torch"
+    assert load_settings([], environ={"BLT_KERNELS": "triton"}).kernels == "triton"
