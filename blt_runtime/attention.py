@@ -217,10 +217,9 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
         raise ValueError("new keys and values must be one position with a contiguous head dimension")
     rot = q
     if rotation is not None:
-        rot = torch.view_as_real(rotation)
-        if rotation.shape != (B, 1, 1, D // 2) or rot.stride(3) != 2 or rot.stride(4) != 1:
-            raise ValueError(f"rotation must be (B, 1, 1, D / 2) = {(B, 1, 1, D // 2)} with its last dimension "
-                             f"contiguous, not {tuple(rotation.shape)}")
+        if rotation.shape != (B, 1, 1, D // 2):
+            raise ValueError(f"rotation must be (B, 1, 1, D / 2) = {(B, 1, 1, D // 2)}, not {tuple(rotation.shape)}")
+        rot = torch.view_as_real(rotation if rotation.stride(3) == 1 else rotation.contiguous())
     _kernel[(B, H)](
         q, cache, rows if gather else q, mask if mask is not None else q, out, k_new, v_new, w_rows, w_index, rot,
         0 if gather else rows.start, span, D ** -0.5,
