@@ -94,7 +94,8 @@ class ByteBuffers:
     ints: Staged
     floats: Staged
     states: torch.Tensor  # (Bb, 1, d_enc) encoder output, handed from encode to finish
-    out: torch.Tensor  # (Bb, 2 + 1 + 2 * MAX_LOGPROBS) float64: id, closes, [logprob, top values, top ids]
+    out: torch.Tensor  # (Bb, 2) float64: id, closes (rows contiguous: the step's transfer copies no slice)
+    logprobs: torch.Tensor  # (Bb, 1 + 2 * MAX_LOGPROBS) float64: logprob, top values, top ids
 
     @property
     def rows(self) -> slice:
@@ -185,18 +186,18 @@ class StaticDecoder:
                       lambda: self._patch(staged, patch_bytes, global_span))
         n_top, mode = requests.n_top, requests.mode
         self._run(("finish", Bb, spans, mode, in_place), lambda: self._finish(buf, spans, in_place, *mode))
-        width = 2 if n_top is None else buf.out.shape[1]
-        handle = transfer.add(buf.out[:n, :width])
+        handle = transfer.add(buf.out[:n])
+        logprobs = transfer.add(buf.logprobs[:n]) if n_top is not None else None
 
         def result() -> Sampled:
             flat = transfer.get(handle)
-            starts = [row * width for row in order]
-            sampled = Sampled([int(flat[i]) for i in starts], [flat[i + 1] > 0 for i in starts], None)
-            if n_top is not None:
-                k = MAX_LOGPROBS
-                sampled.logprobs = [(flat[i + 2], [(int(flat[i + 3 + k + j]), flat[i + 3 + j])
-                                                   for j in range(params[b].logprobs or 0)])
-                                    for b, i in enumerate(starts)]
+            sampled = Sampled([int(flat[2 * row]) for row in order], [flat[2 * row + 1] > 0 for row in order], None)
+            if logprobs is not None:
+                lp, k = transfer.get(logprobs), MAX_LOGPROBS
+                width = 1 + 2 * k
+                sampled.logprobs = [(lp[i], [(int(lp[i + 1 + k + j]), lp[i + 1 + j])
+                                             for j in range(params[b].logprobs or 0)])
+                                    for b, i in enumerate(row * width for row in order)]
             return sampled
         return result
 
@@ -246,7 +247,8 @@ class StaticDecoder:
             self._bytes[Bb] = ByteBuffers(
                 Staged(INT_FIELDS, Bb, torch.long, self.device), Staged(FLOAT_FIELDS, Bb, torch.float32, self.device),
                 torch.zeros(Bb, 1, d, device=self.device, dtype=self.r.model.dtype),
-                torch.zeros(Bb, 3 + 2 * MAX_LOGPROBS, dtype=torch.float64, device=self.device))
+                torch.zeros(Bb, 2, dtype=torch.float64, device=self.device),
+                torch.zeros(Bb, 1 + 2 * MAX_LOGPROBS, dtype=torch.float64, device=self.device))
         return self._bytes[Bb]
 
     def _patch_inputs(self, Rb: int) -> Staged:
@@ -288,6 +290,6 @@ class StaticDecoder:
         if logprobs:
             chosen, values, top = top_logprobs(logits, ids, MAX_LOGPROBS)
             k = MAX_LOGPROBS
-            b.out[:, 2].copy_(chosen)
-            b.out[:, 3:3 + k].copy_(values)
-            b.out[:, 3 + k:].copy_(top)
+            b.logprobs[:, 0].copy_(chosen)
+            b.logprobs[:, 1:1 + k].copy_(values)
+            b.logprobs[:, 1 + k:].copy_(top)
