@@ -10,7 +10,8 @@ difference left is the order of the norm's sum of squares, a last-bit matter in 
 alternative is `CompiledOps` (torch.compile, `--compile`), which needs compilation at start-up.
 With the attention kernel (attention.py), which rotates, stores and attends in one launch, a
 block's step is 8 kernels: norm, qkv, attention, o, add and norm, gate/up, gate, down.
-RoPE, the positions stretch and the entropy stay eager (the entropy decides patch boundaries by a
+The positions stretch (rotation, cache indices), RoPE where the attention kernel does not apply
+it (prefill chunks) and the entropy stay eager (the entropy decides patch boundaries by a
 threshold: it keeps the reference's arithmetic). Used by the engine when its kernels are "triton".
 """
 
