@@ -20,6 +20,7 @@ Used by runner.py's block_step; knows nothing about requests or patches.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ try:  # on CUDA machines it comes with torch; the kernel's body reads `tl` as a 
     import triton.language as tl
 except ImportError:
     triton = tl = None
+# whether the kernels run in Triton's interpreter (read by `rounded` when it is compiled)
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1") if tl is not None else None
 
 Store = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # see decode_attention
 
@@ -58,10 +61,11 @@ def triton_importable() -> bool:
 
 
 def rounded(x, dtype: tl.constexpr):
-    """fp32 x as `dtype`, rounded to nearest even as PyTorch rounds. For bf16 by integer arithmetic on the
-    bits, then an exact conversion: Triton's interpreter truncates a plain .to(bfloat16), the GPU
-    rounds, and the tests must see on the CPU what the GPU computes. (NaN payloads may change.)"""
-    if dtype == tl.bfloat16:
+    """fp32 x as `dtype`, rounded to nearest even as PyTorch rounds. Compiled, the GPU's conversion does
+    that. Triton's interpreter truncates a plain .to(bfloat16), and the tests must see on the CPU what
+    the GPU computes, so there a bf16 is rounded by integer arithmetic on the bits, then converted
+    exactly. (NaN payloads may differ.)"""
+    if dtype == tl.bfloat16 and INTERPRETED:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
