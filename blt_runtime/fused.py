@@ -11,12 +11,15 @@ RoPE three, SwiGLU's gate two, BLT's double residual two; compiled, each stretch
 - `entropy`: the entropy model's next-byte entropy from its logits (a softmax and two sums);
 - `positions`: what every layer of a stack shares in a step: the new positions' RoPE rotation, the
   additive attention mask over the cache entries read, and the cache entries the new keys go to.
-`StepOps` runs them as the eager step always has (the engine's default, and the arithmetic the tests
-hold equal to full recompute). `CompiledOps` compiles the same arithmetic, written without complex
-numbers (which inductor does not generate code for), with `emulate_precision_casts`, so bf16 values
-are rounded where the eager code rounds them. Matrix products, attention and cache copies stay
-outside: they are single kernels already. Used by runner.py; knows nothing about requests, and takes
-the ring-buffer arithmetic of positions from cache.py.
+Each norm is followed by a projection: `add_norm_linear`, `add_norm_swiglu` (the MLP's gate/up and
+SwiGLU's gate) and `double_residual_norm_linear` are that pair, as separate kernels here and inside
+one in gemv.GemvOps. `StepOps` runs them as the eager step always has (the engine's default, and
+the arithmetic the tests hold equal to full recompute). `CompiledOps` compiles the same arithmetic,
+written without complex numbers (which inductor does not generate code for), with
+`emulate_precision_casts`, so bf16 values are rounded where the eager code rounds them. Matrix
+products, attention and cache copies stay outside: they are single kernels already. Used by
+runner.py; knows nothing about requests, and takes the ring-buffer arithmetic of positions from
+cache.py.
 """
 
 from __future__ import annotations
@@ -46,6 +49,25 @@ class StepOps:
         """BLT's cross-attention residual h = x + (attended + x) (layers.double_residual), and n(h)."""
         h = x + (attended + x)
         return h, n(h)
+
+    def add_norm_linear(self, h: torch.Tensor, delta: torch.Tensor | None, n: BoundNorm,
+                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """add_norm, then the projection that reads the norm: (h + delta, F.linear(n(h + delta), weight)).
+        (The norm and the product are separate kernels here; gemv.GemvOps fuses them.)"""
+        h, x = self.add_norm(h, delta, n)
+        return h, F.linear(x, weight)
+
+    def add_norm_swiglu(self, h: torch.Tensor, delta: torch.Tensor | None, n: BoundNorm,
+                        gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """add_norm, then the MLP's gate/up projection and SwiGLU's gate: (h + delta, silu(gate) * up)."""
+        h, x = self.add_norm(h, delta, n)
+        return h, self.silu_mul(F.linear(x, gate_up))
+
+    def double_residual_norm_linear(self, x: torch.Tensor, attended: torch.Tensor, n: BoundNorm,
+                                    weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """double_residual_norm, then the projection that reads the norm."""
+        h, normed = self.double_residual_norm(x, attended, n)
+        return h, F.linear(normed, weight)
 
     def heads(self, qkv: torch.Tensor, rotation: torch.Tensor, heads: int, kv_heads: int,
               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -90,14 +90,14 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
     """`max_length` (and `min_length`, if given) bound `lengths` on the host. With one new position
     and min_length + 1 >= the entries read, every entry read is valid and inside every row's window
     (a full ring, or rows of equal length), so no mask is built. The tensors come from `ops`. With
-    one new position and the Triton `kernels`, the attention kernel works the mask out itself
+    one new position and Triton `kernels`, the attention kernel works the mask out itself
     (attention.Visible): none is built."""
     # With one new position a ring buffer can take it first: it overwrites exactly the entry that
     # just left the window. Several new positions would overwrite keys that earlier ones still see.
     write_first = T == 1
     span = cache.span(max_length + 1 if write_first else max_length)
     masked = not (write_first and min_length is not None and min_length + 1 >= span)
-    in_kernel = masked and write_first and kernels == "triton"
+    in_kernel = masked and write_first and kernels != "torch"
     kept = T if cache.window is None else min(T, cache.window)
     rotation, mask, index = (ops or EAGER).positions(
         lengths, T, span, kept, masked and not in_kernel, cache.window, stack.cfg.window, stack.cfg.head_dim,
@@ -192,9 +192,9 @@ class CrossStep:
     def of(cls, ca: CrossAttention, device: torch.device) -> CrossStep:
         return cls(ca.q_norm.bound(device), ca.q_proj.weight, ca.o_proj.weight, ca.num_heads, ca.head_dim)
 
-    def __call__(self, normed: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """`normed`: q_norm of the bytes' states."""
-        q = F.linear(normed, self.q).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """`q`: the queries of the bytes' states (their q_norm times the q weight), (B, T, H * D)."""
+        q = q.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, keys, values)
         return F.linear(o.transpose(1, 2).flatten(2), self.o)
 
@@ -237,17 +237,20 @@ class SlotKeysValues:
 
 
 def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache: KVCache, layer: int,
-               p: Positions, ops: StepOps, normed: torch.Tensor | None = None,
-               kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+               p: Positions, ops: StepOps, kernels: str = "torch",
+               double: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm block over new positions, attending to the cache and storing the new keys. Its
-    input is h + delta (delta None: h) and so is its output: the last residual add is left to the
-    next norm, with which `ops` can fuse it (fused.py). `normed`: the block's first norm of h, when
-    the caller computed it with what came before. `kernels`: "triton" attends one new position to the
-    cache with attention.py's kernel, which also rotates and stores (kernels.py)."""
+    input is h + delta (delta None: h), or with `double` BLT's cross-attention residual
+    h + (delta + h), and its output is h + delta: the last residual add is left to the next norm,
+    with which `ops` can fuse it (fused.py), and each norm to the projection after it (gemv.py).
+    `kernels`: "triton" or "triton-gemv" attends one new position to the cache with attention.py's
+    kernel, which also rotates and stores (kernels.py)."""
     b: BlockStep = block.decode_step
-    h, x = (h, normed) if normed is not None else ops.add_norm(h, delta, b.norm1)
-    qkv = F.linear(x, b.qkv)
-    if p.write_first and kernels == "triton":
+    if double:
+        h, qkv = ops.double_residual_norm_linear(h, delta, b.norm1, b.qkv)
+    else:
+        h, qkv = ops.add_norm_linear(h, delta, b.norm1, b.qkv)
+    if p.write_first and kernels != "torch":
         # rotate, store, then read the rows' entries where they are: one kernel, fed views of qkv
         q, k, v = qkv.unflatten(-1, (-1, b.head_dim)).transpose(1, 2).split([b.heads, b.kv_heads, b.kv_heads], 1)
         o = decode_attention(q, cache.kv, layer, p.read_slots or p.slots, p.span, p.mask,
@@ -269,8 +272,8 @@ def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache:
 
 def _block_rest(b: BlockStep, h: torch.Tensor, o: torch.Tensor, ops: StepOps) -> tuple[torch.Tensor, torch.Tensor]:
     """A block after its attention o (B, T, H * D): output projection, residual, MLP (block_step)."""
-    h, x = ops.add_norm(h, F.linear(o, b.o), b.norm2)
-    return h, F.linear(ops.silu_mul(F.linear(x, b.gate_up)), b.down)
+    h, gated = ops.add_norm_swiglu(h, F.linear(o, b.o), b.norm2, b.gate_up)
+    return h, F.linear(gated, b.down)
 
 
 class Runner:
@@ -342,7 +345,7 @@ class Runner:
                           self.kernels)
         delta = None
         for i, block in enumerate(stack.layers):
-            h, delta = block_step(block, h, delta, cache, i, p, self.ops, kernels=self.kernels)
+            h, delta = block_step(block, h, delta, cache, i, p, self.ops, self.kernels)
         if final_norm is not None:
             return self.ops.add_norm(h, delta, final_norm)[1], p
         return (h if delta is None else h + delta), p
@@ -389,15 +392,15 @@ class Runner:
             if i < len(dec.cross_attn_layers):
                 ca, (keys, values) = dec.cross_attn_layers[i], tables[i]
                 if slot_patch is None:  # every byte reads the k slots given: plain attention over them
-                    h, normed = self.ops.add_norm(h, delta, self.cross_steps[i].q_norm)
-                    attended = self.cross_steps[i](normed, keys, values)
+                    cross = self.cross_steps[i]
+                    h, q = self.ops.add_norm_linear(h, delta, cross.q_norm, cross.q)
+                    attended = cross(q, keys, values)
                 else:
                     h = h if delta is None else h + delta
                     attended = attend_gathered(ca, h, keys, values, slot_patch, dec.k)
-                h, normed = self.ops.double_residual_norm(h, attended, block.decode_step.norm1)
-                h, delta = block_step(block, h, None, self.decoder_kv, i, p, self.ops, normed, self.kernels)
+                h, delta = block_step(block, h, attended, self.decoder_kv, i, p, self.ops, self.kernels, double=True)
             else:
-                h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops, kernels=self.kernels)
+                h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops, self.kernels)
         return self.ops.add_norm(h, delta, self.decoder_norm)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
