@@ -9,7 +9,7 @@
 #   BLT_THREADS (CPU threads; default all cores but one)   BLT_ENFORCE_EAGER (no CUDA graphs)
 #   BLT_COMPILE (torch.compile the step's element-wise stretches)
 #   BLT_KERNELS (auto: the project's Triton kernels for attention, RoPE, norms and SwiGLU where they
-#   compile and check out at start-up, else PyTorch's; torch; triton)
+#   compile and check out at start-up, else PyTorch's; torch; triton; triton-gemv)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve

@@ -16,6 +16,7 @@ import torch
 
 from .cache import SlotAllocator
 from .fused import CompiledOps
+from .gemv import GemvOps
 from .kernels import resolve
 from .model.blt import BltModel
 from .runner import ChunkStart, Runner, Sampled
@@ -61,13 +62,15 @@ class Engine:
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
         off by default: compiling takes a while, and on a CPU it is slower). `kernels`: "torch",
-        "triton" (the repository's Triton kernels for attention, RoPE, norms and SwiGLU's gate) or
-        "auto" (kernels.py: Triton on CUDA when its kernels pass their start-up check)."""
+        "triton" (the repository's Triton kernels for attention, RoPE, norms and SwiGLU's gate),
+        "triton-gemv" (those, with the norms and the gate inside the projections' kernels) or "auto"
+        (kernels.py: "triton" on CUDA when its kernels pass their start-up check)."""
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
         kernels = resolve(kernels, model.device, model.dtype)
-        ops = CompiledOps() if compile else TritonOps() if kernels == "triton" else None
+        ops = CompiledOps() if compile else GemvOps() if kernels == "triton-gemv" else \
+            TritonOps() if kernels == "triton" else None
         self.runner = Runner(model, max_batch_size, self.max_model_len + 4, ops, kernels)  # +3: finish a character
         on_cuda = model.device.type == "cuda"
         static = on_cuda if static is None else static
@@ -115,7 +118,7 @@ class Engine:
 
     @property
     def kernels(self) -> str:
-        """"torch" or "triton": whose kernels decode steps run (kernels.py)."""
+        """"torch", "triton" or "triton-gemv": whose kernels decode steps run (kernels.py)."""
         return self.runner.kernels
 
     @property

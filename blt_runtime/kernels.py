@@ -1,10 +1,14 @@
-"""Which kernels a decode step runs, "torch" or "triton", and the start-up check that decides "auto".
+"""Which kernels a decode step runs, "torch", "triton" or "triton-gemv", and the start-up check that
+decides "auto".
 
 - "torch": PyTorch operators: SDPA over cache rows read in place or gathered (attention.py), the
   element-wise stretches as eager operators (fused.StepOps; compiled with `--compile`).
 - "triton": the repository's Triton kernels: single-query attention that rotates (RoPE), stores and
   attends in one launch (attention.py), and the norms and SwiGLU's gate as one launch each
   (triton_ops.py; `--compile` compiles the stretches instead).
+- "triton-gemv": "triton", with each norm computed by the projection after it and SwiGLU's gate by
+  the gate/up projection, in decode steps: matrix-vector products in Triton (gemv.py), 5 launches
+  per block instead of 8. Their sums run in another order than cuBLAS's: the last bit differs.
 "auto" is "triton" on CUDA where Triton imports and every kernel agrees with the PyTorch path on
 this device at start-up (`self_check`), else "torch", with a warning that says why. On a CPU,
 "triton" runs Triton's interpreter (TRITON_INTERPRET=1 set before Triton is imported): slow, for
@@ -22,11 +26,12 @@ import torch
 from .attention import Visible, decode_attention, sdpa_attention, triton_importable
 from .errors import ConfigError
 from .fused import EAGER
+from .gemv import GemvOps
 from .model.layers import RMSNorm, rope_rotation
 from .triton_ops import TritonOps
 
 log = logging.getLogger(__name__)
-CHOICES = ("auto", "torch", "triton")
+CHOICES = ("auto", "torch", "triton", "triton-gemv")
 
 
 def _check_attention(device: torch.device, dtype: torch.dtype, g: torch.Generator) -> str | None:
@@ -92,6 +97,43 @@ def _check_stretches(device: torch.device, dtype: torch.dtype, g: torch.Generato
     return None
 
 
+def _check_gemv(device: torch.device, dtype: torch.dtype, g: torch.Generator) -> str | None:
+    """norm_linear against the eager stretches and F.linear: every residual kind, plain and gated, at
+    1, 5 and 64 rows, widths that are not multiples of the blocks; on a GPU also at the global model's
+    widths (wider column blocks)."""
+    ops, tolerance = GemvOps(), (1e-4 if dtype == torch.float32 else 2e-2)
+    shapes = [(1, 100, 200), (5, 700, 320), (64, 256, 130)]
+    for rows, d, f in shapes + ([(16, 2048, 5632)] if device.type == "cuda" else []):
+        norm = RMSNorm(d, 1e-5).requires_grad_(False)
+        norm.weight.data = torch.randn(d, generator=g) * 0.5 + 1
+        n = norm.to(device, dtype).bound(device)
+        x, delta = ((torch.randn(rows, 1, d, generator=g) * 3).to(device, dtype) for _ in range(2))
+        weight = (torch.randn(2 * f, d, generator=g) / d ** 0.5).to(device, dtype)
+        for name, method, args in (("norm and product", "add_norm_linear", (x, None, n, weight[:f])),
+                                   ("add, norm and product", "add_norm_linear", (x, delta, n, weight[:f])),
+                                   ("add, norm, gate/up and gate", "add_norm_swiglu", (x, delta, n, weight)),
+                                   ("double residual, norm and product", "double_residual_norm_linear",
+                                    (x, delta, n, weight[:f]))):
+            got, want = getattr(ops, method)(*args), getattr(EAGER, method)(*args)
+            if not torch.equal(got[0], want[0]):
+                return f"gemv {name}: the residual differs from PyTorch's"
+            error = float((got[1].float() - want[1].float()).abs().max())
+            if not torch.allclose(got[1].float(), want[1].float(), atol=tolerance, rtol=tolerance):
+                return f"gemv {name} at {rows} rows of width {d} differs from PyTorch by {error:.3g}"
+    return None
+
+
+@functools.cache
+def gemv_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The "triton-gemv" projections (gemv.py) against the PyTorch path on `device`: None if they
+    agree, else what went wrong. (An explicit kernels choice is taken as asked; this is for the
+    checks and benchmarks that report whether they hold on a device.)"""
+    try:
+        return _check_gemv(device, dtype, torch.Generator(device="cpu").manual_seed(0))
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels
+        return f"{type(e).__name__}: {e}"
+
+
 @functools.cache
 def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     """Every Triton kernel a step launches against the PyTorch path, on random inputs on `device`: None
@@ -104,17 +146,17 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def resolve(choice: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"torch" or "triton" for `choice` on this device (see the module docstring)."""
+    """"torch", "triton" or "triton-gemv" for `choice` on this device (see the module docstring)."""
     if choice not in CHOICES:
         raise ConfigError(f"kernels {choice!r}: expected one of {', '.join(CHOICES)}")
     if choice == "torch" or (choice == "auto" and device.type != "cuda"):
         return "torch"
     if not triton_importable():
-        if choice == "triton":
-            raise ConfigError("kernels 'triton': Triton is not installed (pip install triton)")
+        if choice != "auto":
+            raise ConfigError(f"kernels {choice!r}: Triton is not installed (pip install triton)")
         return "torch"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ConfigError("kernels 'triton' on a CPU run in Triton's interpreter, for tests: set "
+        raise ConfigError(f"kernels {choice!r} on a CPU run in Triton's interpreter, for tests: set "
                           "TRITON_INTERPRET=1 before Triton is imported")
     if choice == "auto":
         problem = self_check(device, dtype)

@@ -9,7 +9,8 @@ attention.rounded, so that Triton's interpreter gives on a CPU what a GPU gives)
 difference left is the order of the norm's sum of squares, a last-bit matter in fp32. The
 alternative is `CompiledOps` (torch.compile, `--compile`), which needs compilation at start-up.
 With the attention kernel (attention.py), which rotates, stores and attends in one launch, a
-block's step is 8 kernels: norm, qkv, attention, o, add and norm, gate/up, gate, down.
+block's step is 8 kernels: norm, qkv, attention, o, add and norm, gate/up, gate, down (5 with
+gemv.py, which puts each norm and the gate inside a projection's kernel).
 The positions stretch (rotation, cache indices), RoPE where the attention kernel does not apply
 it (prefill chunks) and the entropy stay eager (the entropy decides patch boundaries by a
 threshold: it keeps the reference's arithmetic). Used by the engine when its kernels are "triton".

@@ -13,7 +13,7 @@ from pathlib import Path
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "blt-shakespeare"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-KERNELS = ("auto", "torch", "triton")  # blt_runtime.kernels.CHOICES (this module imports no torch)
+KERNELS = ("auto", "torch", "triton", "triton-gemv")  # blt_runtime.kernels.CHOICES (this module imports no torch)
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Settings:
     threads: int | None = None  # CPU intra-op threads; default: all cores but one
     enforce_eager: bool = False  # no CUDA graphs (static steps run eagerly)
     compile: bool = False  # element-wise stretches of each step compiled (torch.compile)
-    kernels: str = "auto"  # auto, torch or triton (blt_runtime/kernels.py)
+    kernels: str = "auto"  # auto, torch, triton or triton-gemv (blt_runtime/kernels.py)
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -63,8 +63,9 @@ HELP = {
     "compile": "compile the element-wise stretches of each step into one kernel each (torch.compile; "
                "fewer kernel launches on a GPU, slower start-up; not faster on a CPU)",
     "kernels": "whose kernels decode steps run: triton (the project's Triton kernels for attention over "
-               "the caches, RoPE, norms and SwiGLU), torch (PyTorch's), or auto (triton on CUDA when "
-               "they pass a start-up check)",
+               "the caches, RoPE, norms and SwiGLU), triton-gemv (those, with each norm and SwiGLU's gate "
+               "inside the projection's kernel), torch (PyTorch's), or auto (triton on CUDA when they "
+               "pass a start-up check)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",

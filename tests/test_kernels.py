@@ -21,7 +21,8 @@ from blt_runtime import load_model
 from blt_runtime.engine import Engine
 from blt_runtime.errors import ConfigError
 from blt_runtime.fused import EAGER
-from blt_runtime.kernels import resolve, self_check
+from blt_runtime.gemv import GemvOps
+from blt_runtime.kernels import gemv_check, resolve, self_check
 from blt_runtime.model.layers import RMSNorm
 from blt_runtime.sampling import SamplingParams
 from blt_runtime.triton_ops import TritonOps
@@ -87,7 +88,8 @@ import inspect
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from blt_runtime import attention, triton_ops
+import torch
+from blt_runtime import attention, gemv, triton_ops
 
 def compile(kernel, program, types, constexprs, default="*bf16"):
     # pointers (capitalised parameters) are bf16 unless `types` says otherwise, scalars i32
@@ -96,6 +98,8 @@ def compile(kernel, program, types, constexprs, default="*bf16"):
     built = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                            target=GPUTarget("cuda", 90, 32))
     assert built.asm["cubin"], "no cubin"
+    # an H100/H200 gives a block at most 227 KiB of shared memory; more fails at launch, not here
+    assert built.metadata.shared <= 232448, (kernel, constexprs, built.metadata.shared)
 
 types = {"Rows": "*i64", "WRows": "*i64", "WIndex": "*i64", "Rot": "*fp32", "scale": "fp32", "skv_kv": "i64"}
 for gather, mask, store, rope, D, groups, windows in [
@@ -105,11 +109,17 @@ for gather, mask, store, rope, D, groups, windows in [
     compile(attention._kernel, attention._attention_program, types | ({"Mask": "*i64"} if mask == 2 else {}),
             dict(GROUPS=groups, D=D, D_PAD=1 << (D - 1).bit_length(), BLOCK=64, GATHER=gather, MASK=mask,
                  STORE=store, ROPE=rope, CACHE_WINDOW=windows[0], STACK_WINDOW=windows[1]))
-for dtype in ("*bf16", "*fp32"):
+for dtype, torch_dtype in (("*bf16", torch.bfloat16), ("*fp32", torch.float32)):
     for before in (0, 1, 2):
         compile(triton_ops._norm_kernel, triton_ops._norm_program, {"eps": "fp32", "inv_n": "fp32"},
                 dict(D_PAD=2048, BEFORE=before), dtype)
     compile(triton_ops._silu_mul_kernel, triton_ops._silu_mul_program, {}, dict(BLOCK=1024), dtype)
+    for before, gated, rows, cols in ((0, False, 1, 2304), (1, True, 64, 5632), (2, False, 16, 3072),
+                                      (1, True, 5, 2816), (1, False, 2, 6144)):
+        block_m, block_n, block_k = gemv.blocks(rows, cols, torch.device("cuda"), torch_dtype)
+        compile(gemv._gemv_kernel, gemv._gemv_program, {"eps": "fp32", "inv_width": "fp32"},
+                dict(BEFORE=before, GATED=gated, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+                dtype)
 print("compiled")
 """
 
@@ -132,27 +142,30 @@ def test_kernels_compile_for_hopper():
 def test_self_check_and_resolve():
     cpu = torch.device("cpu")
     assert self_check(cpu, torch.float32) is None and self_check(cpu, torch.bfloat16) is None
+    assert gemv_check(cpu, torch.float32) is None and gemv_check(cpu, torch.bfloat16) is None
     assert resolve("auto", cpu, torch.float32) == "torch"  # the kernels are for GPUs
     assert resolve("triton", cpu, torch.float32) == "triton"  # the interpreter, as here
+    assert resolve("triton-gemv", cpu, torch.float32) == "triton-gemv"
     assert resolve("torch", cpu, torch.float32) == "torch"
     with pytest.raises(ConfigError, match="expected one of"):
         resolve("sdpa", cpu, torch.float32)
 
 
 @interpreted
-def test_triton_engine_equals_torch_engine(hf_checkpoint):
+@pytest.mark.parametrize("kernels, ops", [("triton", TritonOps), ("triton-gemv", GemvOps)])
+def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops):
     """Static steps with every self-attention (entropy model, encoder, global model, decoder) through
-    the attention kernel, and every norm and gate through theirs, on grouped-query heads: three
-    requests sharing steps, the first finishing early so that the rest are gathered from high slots,
-    and patch steps reading gathered global rows. Bytes and patches as the PyTorch engine's.
-    (Triton's interpreter is slow: few bytes.)"""
+    the attention kernel, and every norm and gate through theirs (triton-gemv: inside the
+    projections), on grouped-query heads: three requests sharing steps, the first finishing early so
+    that the rest are gathered from high slots, and patch steps reading gathered global rows. Bytes
+    and patches as the PyTorch engine's. (Triton's interpreter is slow: few bytes.)"""
     model = load_model(hf_checkpoint("gqa")[1])
     requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 30 + 20 * i],
                           SamplingParams(max_bytes=8 + 10 * i, temperature=0.0, ignore_eos=True))
                 for i in range(3)}
     joins = {"r0": 0, "r1": 0, "r2": 2}
-    triton = Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels="triton")
-    assert triton.kernels == "triton" and isinstance(triton.runner.ops, TritonOps)
+    triton = Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels=kernels)
+    assert triton.kernels == kernels and type(triton.runner.ops) is ops
     got = run_engine(triton, requests, joins)
     want = run_engine(Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels="torch"),
                       requests, joins)
@@ -164,13 +177,14 @@ def test_triton_engine_equals_torch_engine(hf_checkpoint):
 
 
 @interpreted
-def test_dynamic_triton_engine_equals_full_recompute(hf_checkpoint):
+@pytest.mark.parametrize("kernels", ["triton", "triton-gemv"])
+def test_dynamic_triton_engine_equals_full_recompute(hf_checkpoint, kernels):
     """Dynamic steps through the Triton kernels (prefill chunks through the norm and gate kernels
     too): greedy bytes and logprobs as full recompute computes them."""
     model = load_model(hf_checkpoint("gqa")[1])
     prompt = PARITY_TEXT[:90]
     params = SamplingParams(max_bytes=24, temperature=0.0, ignore_eos=True, logprobs=1)
-    engine = Engine(model, static=False, kernels="triton")
+    engine = Engine(model, static=False, kernels=kernels)
     engine.add_request("g", prompt, params)
     seed, outputs = engine.sequences["g"].seed, []
     while engine.has_work():

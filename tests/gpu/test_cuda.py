@@ -21,16 +21,19 @@ def test_cuda_matches_cpu(hf_checkpoint):
 
 
 def test_triton_kernels_on_cuda():
-    """The compiled Triton kernels agree with PyTorch's (kernels.self_check), so "auto" picks them."""
-    from blt_runtime.kernels import resolve, self_check
+    """The compiled Triton kernels agree with PyTorch's (kernels.self_check), so "auto" picks them; and
+    so do the projections of "triton-gemv" (kernels.gemv_check)."""
+    from blt_runtime.kernels import gemv_check, resolve, self_check
 
     device = torch.device("cuda")
     for dtype in (torch.float32, torch.bfloat16):
         assert self_check(device, dtype) is None
+        assert gemv_check(device, dtype) is None
         assert resolve("auto", device, dtype) == "triton"
 
 
-@pytest.mark.parametrize("compile, kernels", [(False, "torch"), (False, "triton"), (True, "triton")])
+@pytest.mark.parametrize("compile, kernels", [(False, "torch"), (False, "triton"), (False, "triton-gemv"),
+                                             (True, "triton")])
 def test_graph_replay_equals_eager(hf_checkpoint, compile, kernels):
     """256 greedy bytes for three requests joining at different steps: CUDA graph replay gives the
     bytes and patches of the same static steps run eagerly (greedy, and seeded sampling with logprobs),

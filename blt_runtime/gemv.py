@@ -1,0 +1,185 @@
+"""A decode step's projections with the norm before them and SwiGLU's gate after them, one Triton
+kernel each: the `--kernels triton-gemv` path.
+
+With triton_ops.py's kernels a block's step is 8 launches: norm, qkv, attention, o, add and norm,
+gate/up, gate, down. At batch 1 each launch costs a few microseconds whatever its size, and the
+weights a byte step reads take about 0.13 ms at an H200's bandwidth, so the launches are the step's
+cost. Here a norm (after its residual add, or BLT's double residual) is computed by the program of
+the product that reads it, and SwiGLU's gate by the program that has both halves of a gate/up
+column block, so a block is 5 launches: norm + qkv, attention, o, add + norm + gate/up + gate,
+down (and the decoder's cross-attention query gets its norm the same way).
+
+Each program of `norm_linear` takes BLOCK_N output columns of its rows: it sums the rows' squares
+over the full width, then multiplies the normed rows by its columns of the weight, BLOCK_K at a
+time, accumulating in fp32 (on tensor cores from 16 rows). The norm is the eager step's arithmetic
+(triton_ops._norm_program: rounded to the dtype where it rounds); the product rounds once, as
+cuBLAS does, but sums in another order, so values differ from F.linear in the last bit and greedy
+bytes may differ from "triton"'s where two bytes are nearly tied. No atomics: the result is the
+same at every run, in a CUDA graph or not. `GemvOps`, the engine's ops when its kernels are
+"triton-gemv", fuses for up to FUSED_ROWS rows (batch 1 to 16, and the closing rows of a patch
+step); more rows (64 streams, prefill chunks) run as TritonOps runs them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import next_power_of_2, rounded, tl, triton
+from .model.layers import BoundNorm
+from .triton_ops import ADD, DOUBLE, PLAIN, TritonOps
+
+# Rows up to which GemvOps fuses. Every program norms all the rows it multiplies, so the norm's work
+# grows with rows x programs: at 64 rows (64 streams) it outweighs the launch it saves, and the
+# step runs triton_ops' norm kernel once and cuBLAS instead.
+FUSED_ROWS = 16
+
+
+def _residual(X, Delta, rows, c, inside, sx, sd, dtype, BEFORE: tl.constexpr):
+    """(rows, columns c) of h: X, X + Delta (BEFORE 1) or X + (Delta + X) (BEFORE 2), rounded as the
+    eager step rounds each sum."""
+    h = tl.load(X + rows[:, None] * sx + c[None, :], mask=inside, other=0.0)
+    if BEFORE == 1:
+        d = tl.load(Delta + rows[:, None] * sd + c[None, :], mask=inside, other=0.0)
+        h = rounded(h.to(tl.float32) + d.to(tl.float32), dtype)
+    if BEFORE == 2:
+        x = h.to(tl.float32)
+        d = tl.load(Delta + rows[:, None] * sd + c[None, :], mask=inside, other=0.0)
+        h = rounded(x + rounded(d.to(tl.float32) + x, dtype).to(tl.float32), dtype)
+    return h
+
+
+def _product(x, w, acc, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc + x @ w in fp32: on tensor cores for 16 rows or more (tl.dot's least), else as products
+    summed over the tile's depth (a one-row product would waste 15 of the 16 rows of a tensor-core
+    tile, in the norm before it as well). UPCAST: from fp32 operands (the interpreter's bf16 tl.dot
+    multiplies the bits as integers; a bf16 product is exact in fp32)."""
+    if BLOCK_M >= 16:
+        if UPCAST:
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        return tl.dot(x, w, acc, input_precision="ieee")
+    return acc + tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1)
+
+
+def _gemv_program(X, Delta, NormW, H, W, Out, n_rows, width, n_out, eps, inv_width, sx, sd, sh, swn, swk, so, up_offset,
+                  BEFORE: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns [BLOCK_N * pid(0), ...) of rows [BLOCK_M * pid(1), ...): norm(h) @ W.T, h as BEFORE says
+    (stored to H by the first column block); GATED: silu(norm(h) @ gate.T) * (norm(h) @ up.T), the up
+    rows of W `up_offset` rows after the gate rows. UPCAST: see _product."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_rows, in_cols = rows < n_rows, cols < n_out
+    rows64 = rows.to(tl.int64)
+    dtype = X.dtype.element_ty
+    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        inside = in_rows[:, None] & (c < width)[None, :]
+        h = _residual(X, Delta, rows64, c, inside, sx, sd, dtype, BEFORE)
+        if BEFORE != 0:  # noqa: SIM102 - BEFORE is known when compiling, the program at run time
+            if tl.program_id(0) == 0:
+                tl.store(H + rows64[:, None] * sh + c[None, :], h, mask=inside)
+        hf = h.to(tl.float32)
+        squares += tl.sum(hf * hf, 1)
+    if dtype == tl.float32:  # layers.rms_norm in fp32 (see triton_ops._norm_program)
+        scale = tl.math.rsqrt(squares * inv_width + eps)
+    else:
+        scale = tl.math.rsqrt(squares / width + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, width, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        in_k = c < width
+        inside = in_rows[:, None] & in_k[None, :]
+        hf = _residual(X, Delta, rows64, c, inside, sx, sd, dtype, BEFORE).to(tl.float32)
+        w = tl.load(NormW + c, mask=in_k, other=0.0).to(tl.float32)[None, :]
+        if dtype == tl.float32:
+            x = hf * scale[:, None] * w
+        else:
+            x = rounded(w * rounded(hf * scale[:, None], dtype).to(tl.float32), dtype)
+        tile = W + cols[None, :].to(tl.int64) * swn + c[:, None] * swk  # (BLOCK_K, BLOCK_N) of W.T
+        both = in_k[:, None] & in_cols[None, :]
+        acc = _product(x, tl.load(tile, mask=both, other=0.0), acc, UPCAST, BLOCK_M)
+        if GATED:
+            acc_up = _product(x, tl.load(tile + up_offset * swn, mask=both, other=0.0), acc_up, UPCAST, BLOCK_M)
+    out = rounded(acc, dtype)
+    if GATED:  # F.silu rounds, then the product rounds (triton_ops._silu_mul_program)
+        gate = out.to(tl.float32)
+        silu = rounded(gate / (1.0 + tl.exp(-gate)), dtype)
+        out = rounded(silu.to(tl.float32) * rounded(acc_up, dtype).to(tl.float32), dtype)
+    tl.store(Out + rows64[:, None] * so + cols[None, :], out, mask=in_rows[:, None] & in_cols[None, :])
+
+
+if triton is not None:
+    _residual = triton.jit(_residual)
+    _product = triton.jit(_product)
+    _gemv_kernel = triton.jit(_gemv_program)
+
+
+def blocks(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_K for `rows` rows and `cols` output columns. BLOCK_M: the rows, up to 64
+    (more: several row blocks). BLOCK_N: narrow, so that the programs cover the GPU's 132 SMs even for a
+    768-column product; wider for the wide products (fewer programs that each norm the same rows).
+    BLOCK_K: as deep as the registers allow without spilling (ptxas -v for sm_90, Triton 3.9, 4 warps):
+    64 for a 16-row tensor-core tile, 32 for more rows; below 16 rows (products summed on the CUDA
+    cores, rows x depth x columns of them in registers) 2,048 products per program; fp32 tiles half
+    as deep. The interpreter (on a CPU) takes the widest blocks: fewer programs run faster there."""
+    block_m = min(next_power_of_2(rows), 64)
+    if device.type != "cuda":
+        return block_m, min(next_power_of_2(cols), 128), 128
+    block_n = 16 if cols <= 4096 else 32
+    if block_m >= 16:
+        block_k = 64 if block_m == 16 else 32
+    else:
+        block_k = min(128, max(16, 2048 // (block_m * block_n)))
+    return block_m, block_n, max(16, block_k // 2) if dtype == torch.float32 else block_k
+
+
+def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, n: BoundNorm, weight: torch.Tensor,
+                before: int = PLAIN, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = x, x + delta (ADD) or x + (delta + x) (DOUBLE), as triton_ops.norm computes it, and
+    y = F.linear(n(h), weight), or with `gated` (weight the gate rows, then the up rows)
+    silu(gate) * up. One kernel, for any number of rows (GemvOps uses it for at most FUSED_ROWS)."""
+    if len({x.dtype, n.weight.dtype, weight.dtype} | ({delta.dtype} if delta is not None else set())) != 1:
+        raise ValueError(f"norm_linear: x, delta, the norm and the weight must share a dtype, not {x.dtype}, "
+                         f"{None if delta is None else delta.dtype}, {n.weight.dtype} and {weight.dtype}")
+    K = x.shape[-1]
+    if weight.shape[1] != K or (gated and weight.shape[0] % 2):
+        raise ValueError(f"norm_linear: weight {tuple(weight.shape)} for rows of width {K}"
+                         + (" (gated: an even number of rows)" if gated else ""))
+    xs = x.reshape(-1, K)
+    M = xs.shape[0]
+    xs = xs if xs.stride(-1) == 1 else xs.contiguous()
+    ds = xs if delta is None else delta.reshape(-1, K)
+    ds = ds if ds.stride(-1) == 1 else ds.contiguous()
+    N = weight.shape[0] // 2 if gated else weight.shape[0]
+    out = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype, device=x.device)
+    h = x if before == PLAIN else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    hs = xs if before == PLAIN else h.view(-1, K)
+    if M:
+        bm, bn, bk = blocks(M, N, x.device, x.dtype)
+        _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+            xs, ds, n.weight, hs, weight, out.view(-1, N), M, K, N, n.eps, 1.0 / K, xs.stride(0), ds.stride(0),
+            hs.stride(0), weight.stride(0), weight.stride(1), N, N, BEFORE=before, GATED=gated,
+            UPCAST=x.device.type != "cuda", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3)
+    return h, out
+
+
+class GemvOps(TritonOps):
+    """TritonOps, and the norms with the projection after them (and SwiGLU's gate) as one kernel each
+    for decode steps (norm_linear); prefill chunks as TritonOps runs them."""
+
+    def add_norm_linear(self, h, delta, n, weight):
+        if h.numel() // h.shape[-1] > FUSED_ROWS:
+            return super().add_norm_linear(h, delta, n, weight)
+        return norm_linear(h, delta, n, weight, PLAIN if delta is None else ADD)
+
+    def add_norm_swiglu(self, h, delta, n, gate_up):
+        if h.numel() // h.shape[-1] > FUSED_ROWS:
+            return super().add_norm_swiglu(h, delta, n, gate_up)
+        return norm_linear(h, delta, n, gate_up, PLAIN if delta is None else ADD, gated=True)
+
+    def double_residual_norm_linear(self, x, attended, n, weight):
+        if x.numel() // x.shape[-1] > FUSED_ROWS:
+            return super().double_residual_norm_linear(x, attended, n, weight)
+        return norm_linear(x, attended, n, weight, DOUBLE)
