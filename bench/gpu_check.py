@@ -17,11 +17,14 @@ and timed in one run. Prints a table and, last, one JSON line.
    norms, SwiGLU's gate) where they pass their check on the device ("auto"). On CUDA, times the
    attention kernel against SDPA on rows read from a cache at the step's shapes (`attention_us`),
    the norm and gate kernels against the eager stretches (`stretch_us`), and measures the engine
-   with PyTorch's kernels as in 2-3 at the largest stream count (`torch` in the JSON).
+   with PyTorch's kernels as in 2-3 at the largest stream count (`torch` in the JSON). Then, where
+   they pass their check ("gemv_self_check"), the projections with their norms and gate inside
+   (gemv.py): per call against what the default runs in their place (`gemv_us`), and the engine
+   with `--kernels triton-gemv` as with `torch` (`triton_gemv` in the JSON).
 7. Runs the engine again with its element-wise stretches compiled (fused.py, `compiled` in the
    JSON): compile time, graphs against eager, determinism, top-1 agreement, batch 1, the largest
-   stream count, its profile. A JSON line is printed before 6 and before 7, so a run that times
-   out in either still reports what came before.
+   stream count, its profile. A JSON line is printed before 6, within 6 and before 7, so a run
+   that times out still reports what came before.
 
 Needs torch (and transformers for step 4), never the web stack. `--small` runs tiny shapes, which
 is how the script itself is tested on a CPU:
@@ -47,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
 from blt_runtime.attention import decode_attention, sdpa_attention  # noqa: E402
 from blt_runtime.cache import KVCache  # noqa: E402
-from blt_runtime.kernels import self_check  # noqa: E402
+from blt_runtime.kernels import gemv_check, self_check  # noqa: E402
 from blt_runtime.model.blt import checkpoint_key  # noqa: E402
 from blt_runtime.model.entropy import entropy_nats  # noqa: E402
 
@@ -258,6 +261,39 @@ def _stretch_case(block, B: int, device: torch.device, dtype: torch.dtype) -> di
     return out
 
 
+def gemv_us(model: BltModel) -> dict:
+    """gemv.norm_linear (the projections of "triton-gemv", the norm and the gate inside) against what
+    "triton" runs in its place (the norm kernel and cuBLAS, and for the gate/up product the gate
+    kernel), per call, for each stack's first block at 1, 16 and 64 rows (the global model: 1 and 16,
+    the closing rows of 64 streams). GemvOps fuses up to gemv.FUSED_ROWS rows: this says where."""
+    out = {}
+    stacks = (("entropy", model.patcher, (1, 16, 64)), ("decoder", model.local_decoder, (1, 16, 64)),
+              ("global", model.global_transformer, (1, 16)))
+    for name, stack, batches in stacks:
+        for B in batches:
+            try:
+                out[f"{name}_b{B}"] = _gemv_case(stack.layers[0], B, model.device, model.dtype)
+            except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+                traceback.print_exc()
+                out[f"{name}_b{B}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
+def _gemv_case(block, B: int, device: torch.device, dtype: torch.dtype) -> dict:
+    from blt_runtime.gemv import norm_linear
+    from blt_runtime.runner import BlockStep
+    from blt_runtime.triton_ops import ADD, TritonOps
+
+    b = BlockStep.of(block, device, transposed=False)
+    d = b.norm1.weight.shape[0]
+    h, delta = (torch.randn(B, 1, d, device=device, dtype=dtype) for _ in range(2))
+    ops = TritonOps()
+    return {"qkv_gemv": round(time_in_graph(lambda: norm_linear(h, delta, b.norm1, b.qkv, ADD)), 2),
+            "qkv_triton": round(time_in_graph(lambda: ops.add_norm_linear(h, delta, b.norm1, b.qkv)), 2),
+            "gate_up_gemv": round(time_in_graph(lambda: norm_linear(h, delta, b.norm2, b.gate_up, ADD, gated=True)), 2),
+            "gate_up_triton": round(time_in_graph(lambda: ops.add_norm_swiglu(h, delta, b.norm2, b.gate_up)), 2)}
+
+
 def largest_streams(args) -> int:
     return max(int(s) for s in args.streams.split(","))
 
@@ -270,6 +306,16 @@ def measure_torch(model: BltModel, prompt: bytes, args, result: dict) -> None:
             make_engine(model, graphs=False, kernels="torch"), ("graphs", "eager"), prompt, args, out,
             streams=[largest_streams(args)])
     result["torch"] = out
+
+
+def measure_gemv(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The engine with `--kernels triton-gemv` (gemv.py), measured as the primary one is, at the largest
+    stream count only."""
+    out: dict = {}
+    measure(model, make_engine(model, graphs=True, kernels="triton-gemv"),
+            make_engine(model, graphs=False, kernels="triton-gemv"), ("graphs", "eager"), prompt, args, out,
+            streams=[largest_streams(args)])
+    result["triton_gemv"] = out
 
 
 def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None:
@@ -413,6 +459,15 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - report it; the figures above stand
             traceback.print_exc()
             result["torch_error"] = f"{type(e).__name__}: {e}"[:800]
+        print(json.dumps(result), flush=True)
+        result["gemv_self_check"] = gemv_check(device, dtype) or "passed"
+        if result["gemv_self_check"] == "passed":
+            result["gemv_us"] = gemv_us(model)
+            try:
+                measure_gemv(model, prompt, args, result)
+            except Exception as e:  # noqa: BLE001 - report it; the figures above stand
+                traceback.print_exc()
+                result["triton_gemv_error"] = f"{type(e).__name__}: {e}"[:800]
         print(json.dumps(result), flush=True)
     if args.compiled:
         try:

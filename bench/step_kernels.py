@@ -4,12 +4,15 @@ At batch 1 a GPU decode step is bound by kernel launches (each a few microsecond
 so the count is what the step's latency scales with. This script runs static-shaped decode steps
 (static.py) of a model with the released 1B layer counts and head counts, and counts for each piece
 (encode; patch, when a patch closes; finish) the operators that launch a kernel: those that write
-memory (a new tensor, or in place), not views and not same-dtype casts. It counts four ways:
+memory (a new tensor, or in place), not views and not same-dtype casts, and the megabytes they write
+(a stretch counted as one kernel writes what it returns). It counts five ways:
 - eager: `--kernels torch`, the element-wise stretches as the eager step runs them, SDPA;
 - triton: `--kernels triton`, the CUDA default: the self-attention of one new position through
   attention.py's Triton kernel (counted as the one kernel it is, computed here with RoPE and SDPA:
   it rotates, stores the new keys and values, and gathers no cache rows), and the norms and
   SwiGLU's gate through triton_ops.py's kernels (one each);
+- triton_gemv: `--kernels triton-gemv`, as triton, with each norm and the projection after it one
+  kernel, and the gate/up projection with SwiGLU's gate (gemv.py; counted as "gemv");
 - compiled: `--compile --kernels torch`, each stretch of fused.py counted as the kernels
   torch.compile makes of it: one, or for `positions` three (its outputs have three shapes;
   inductor's CPU output is one function for each stretch, Triton may need a kernel per shape). The
@@ -39,6 +42,7 @@ from bench.gpu_check import set_threshold  # noqa: E402
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, runner  # noqa: E402
 from blt_runtime.attention import Visible, sdpa_attention  # noqa: E402
 from blt_runtime.fused import StepOps  # noqa: E402
+from blt_runtime.gemv import FUSED_ROWS  # noqa: E402
 from blt_runtime.model.layers import apply_rope  # noqa: E402
 
 NARROW = {"patcher_config": dict(hidden_size=96, intermediate_size=192),
@@ -80,25 +84,45 @@ class KernelCount(TorchDispatchMode):
 
 class CountedOps(StepOps):
     """The eager stretches, those named in `fused` each counted as the kernels it launches when
-    compiled (CompiledOps: all of them) or written in Triton (TritonOps: the norms and the gate)."""
+    compiled (CompiledOps: all of them), written in Triton (TritonOps: the norms and the gate) or
+    fused into the projection after them (GemvOps: for a decode step's rows, at most gemv.FUSED_ROWS),
+    and as what it writes: the tensors it returns that are not its inputs."""
 
     COMPILED = {"add_norm": 1, "double_residual_norm": 1, "heads": 1, "silu_mul": 1, "entropy": 1, "positions": 3}
     TRITON = {"add_norm": 1, "double_residual_norm": 1, "silu_mul": 1}
+    GEMV = TRITON | {"add_norm_linear": 1, "add_norm_swiglu": 1, "double_residual_norm_linear": 1}
+    NAMES = {id(COMPILED): "compiled stretch", id(TRITON): "triton stretch", id(GEMV): "triton stretch"}
 
     def __init__(self, counter: KernelCount, fused: dict[str, int]):
         self.counter, self.fused = counter, fused
 
     def _run(self, name: str, *args):
         method = getattr(StepOps, name)
-        if name not in self.fused:
+        projection = name.endswith(("linear", "swiglu"))
+        if name not in self.fused or (projection and args[0].numel() > FUSED_ROWS * args[0].shape[-1]):
             return method(self, *args)
+        outer = self.counter.paused  # a stretch inside one counted whole
         self.counter.paused = True
         try:
-            return method(self, *args)
+            out = method(self, *args)
         finally:
-            self.counter.paused = False
-            self.counter.kernels["compiled stretch" if self.fused is self.COMPILED else "triton stretch"] += \
-                self.fused[name]
+            self.counter.paused = outer
+        if not outer:
+            self.counter.kernels["gemv" if projection else self.NAMES[id(self.fused)]] += self.fused[name]
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            self.counter.bytes_written += sum(o.numel() * o.element_size() for o in (out if isinstance(out, tuple)
+                                              else (out,)) if isinstance(o, torch.Tensor)
+                                              and o.untyped_storage().data_ptr() not in inputs)
+        return out
+
+    def add_norm_linear(self, *args):
+        return self._run("add_norm_linear", *args)
+
+    def add_norm_swiglu(self, *args):
+        return self._run("add_norm_swiglu", *args)
+
+    def double_residual_norm_linear(self, *args):
+        return self._run("double_residual_norm_linear", *args)
 
     def add_norm(self, *args):
         return self._run("add_norm", *args)
@@ -160,7 +184,9 @@ def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
         engine.runner.ops = CountedOps(counter, CountedOps.COMPILED)
     elif mode == "triton":
         engine.runner.ops = CountedOps(counter, CountedOps.TRITON)
-    if mode.endswith("triton"):
+    elif mode == "triton_gemv":
+        engine.runner.ops = CountedOps(counter, CountedOps.GEMV)
+    if mode.endswith(("triton", "gemv")):
         engine.runner.kernels = "triton"
         runner.decode_attention = counted_attention(counter)  # for this script's process only
     text = (ROOT / "README.md").read_bytes()
@@ -209,7 +235,7 @@ def main() -> None:
     layers = {name: getattr(cfg, name).num_layers for name in ("patcher", "encoder", "global_model", "decoder")}
     result = {"layers": layers, "dtype": args.dtype, "batch": args.batch}
     with torch.inference_mode():
-        for mode in ("eager", "triton", "compiled", "compiled_triton"):
+        for mode in ("eager", "triton", "triton_gemv", "compiled", "compiled_triton"):
             result[mode] = count(model, args.batch, mode, args.steps)
             c = result[mode]
             print(f"{mode:15s} kernels per byte step {c['byte_step']:4d}  pieces {c['per_piece']}  "

@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from interpreter import interpreted
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,3 +26,25 @@ def test_gpu_check_small_on_cpu():
     assert compiled["deterministic"] and compiled["static_equal_dynamic"] and compiled["static_equal_dynamic_2_streams"]
     assert compiled["top1_agreement_full_recompute"] >= 0.99
     assert compiled["batch1_bytes_per_s"] > 0 and compiled["aggregate_bytes_per_s_2"] > 0
+
+
+@interpreted
+def test_gpu_only_timings_run_their_cases(monkeypatch):
+    """The per-call timings the GPU check runs only on CUDA (attention_us, stretch_us, gemv_us) build and
+    call every case on the CPU, in Triton's interpreter, with time_in_graph (CUDA graphs) replaced by
+    one call: none reports an error, so the GPU run's minutes do not find one first."""
+    from bench import gpu_check
+
+    calls = []
+
+    def once(fn) -> float:
+        fn()
+        calls.append(fn)
+        return 1.0
+
+    monkeypatch.setattr(gpu_check, "time_in_graph", once)
+    model = gpu_check.build(True, torch.device("cpu"), torch.float32)
+    for helper in (gpu_check.attention_us, gpu_check.stretch_us, gpu_check.gemv_us):
+        for case, figures in helper(model).items():
+            assert "error" not in figures and figures, (helper.__name__, case, figures)
+    assert len(calls) == 2 * 5 + 4 * 4 + 4 * 8  # two ways per case, two stretches or products per way

@@ -1,5 +1,6 @@
-"""bench/step_kernels.py runs, and the compiled stretches, the Triton kernels and the attention kernel
-keep a decode step's kernel count (and the memory it writes) down.
+"""bench/step_kernels.py runs, and the compiled stretches, the Triton kernels, the attention kernel and
+the projections with their norms and gate (gemv.py) keep a decode step's kernel count (and the
+memory it writes) down.
 
 The count is exact (operators that write memory), not a timing: it guards the launch count that a
 GPU step's latency scales with, on a machine without a GPU.
@@ -35,3 +36,10 @@ def test_compiled_stretches_launch_fewer_kernels():
     default = result["triton"]
     assert eager["byte_step"] - default["byte_step"] >= 24 * 12, result
     assert default["byte_step"] <= compiled["byte_step"], result
+    # triton-gemv: each norm inside the projection after it and SwiGLU's gate inside the gate/up
+    # product, 3 launches fewer per block (24 per byte step, 25 per patch step; a decoder block's first
+    # norm is the double residual's), and the cross-attention query norm inside the query product (9)
+    gemv = result["triton_gemv"]
+    assert gemv["byte_step"] <= default["byte_step"] - 24 * 3 - 9, result
+    assert gemv["per_piece"]["patch"] <= default["per_piece"]["patch"] - 25 * 3, result
+    assert gemv["mb_written_per_byte_with_patches"] < default["mb_written_per_byte_with_patches"], result
