@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.gpu_check import set_threshold  # noqa: E402
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, runner  # noqa: E402
-from blt_runtime.attention import Visible, sdpa_attention  # noqa: E402
+from blt_runtime.attention import RotationTable, Visible, sdpa_attention  # noqa: E402
 from blt_runtime.fused import StepOps  # noqa: E402
 from blt_runtime.gemv import FUSED_ROWS  # noqa: E402
 from blt_runtime.model.layers import apply_rope  # noqa: E402
@@ -156,6 +156,11 @@ def counted_attention(counter: KernelCount):
     def attend(q, kv, layer, rows, span, mask, block=None, store=None, rotation=None):
         counter.paused = True
         try:
+            if isinstance(rotation, RotationTable):  # the kernel reads the rows' lengths' rows of the table
+                rotation = torch.view_as_complex(rotation.table[mask.lengths])[:, None, None]
+            if store is not None and store[3] is None:  # and stores at their new positions' entries
+                window = mask.cache_window
+                store = store[:3] + ((mask.lengths if window is None else mask.lengths % window)[:, None],)
             if rotation is not None:  # q and the new key come unrotated
                 q = apply_rope(q.transpose(1, 2), rotation).transpose(1, 2)
                 if store is not None:
@@ -188,6 +193,7 @@ def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
         engine.runner.ops = CountedOps(counter, CountedOps.GEMV)
     if mode.endswith(("triton", "gemv")):
         engine.runner.kernels = "triton"
+        engine.runner.make_rotation_tables()
         runner.decode_attention = counted_attention(counter)  # for this script's process only
     text = (ROOT / "README.md").read_bytes()
     for i in range(batch):

@@ -11,11 +11,13 @@ ring for the local models, the patches so far for the global one). Two ways to r
   a patch step's closing rows are scattered over the slots, and SDPA's gathered copy of their global
   cache is 8 MB per row and layer at the 1B widths and 1,024 patches of context (3.4 GB written per
   patch step for 16 closing rows of 64 streams).
-The kernel can also rotate the query and the new key first (RoPE), so a step feeds it views of its
-qkv projection. Which way a step takes is the engine's kernels setting (kernels.py). On a CPU the
-kernel runs in Triton's interpreter (TRITON_INTERPRET=1 set before Triton is imported): slow, for
-tests only. `rounded` is the bf16 rounding the repository's Triton kernels share.
-Used by runner.py's block_step; knows nothing about requests or patches.
+The kernel can also rotate the query and the new key first (RoPE, by each row's rotation or by a
+RotationTable's row at each row's length), so a step feeds it views of its qkv projection, and
+store at each row's new position's entry, worked out from its length. Which way a step takes is
+the engine's kernels setting (kernels.py). On a CPU the kernel runs in Triton's interpreter
+(TRITON_INTERPRET=1 set before Triton is imported): slow, for tests only. `rounded` is the bf16
+rounding the repository's Triton kernels share. Used by runner.py's block_step; knows nothing
+about requests or patches.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .fused import additive_mask
-from .model.layers import repeat_kv
+from .model.layers import repeat_kv, rope_rotation
 
 try:  # on CUDA machines it comes with torch; the kernel's body reads `tl` as a module global
     import triton
@@ -54,6 +56,23 @@ class Visible:
         """The (B, 1, 1, span) additive mask it stands for."""
         return additive_mask(self.lengths, self.lengths[:, None], 1, span, True, self.cache_window,
                              self.stack_window, dtype)
+
+
+@dataclass(frozen=True)
+class RotationTable:
+    """The RoPE rotation of every position a stack's cache can hold, (positions, D / 2, 2) fp32 cos and
+    sin (torch.view_as_real of layers.rope_rotation over 0, 1, ...: the values a step would compute
+    for its new positions, element for element). With a Visible mask the attention kernel reads row
+    `length` of it for each row's new position: the step computes no rotation."""
+
+    table: torch.Tensor
+
+    @classmethod
+    def of(cls, positions: int, head_dim: int, theta: float, device: torch.device) -> RotationTable:
+        return cls(torch.view_as_real(rope_rotation(torch.arange(positions, device=device), head_dim, theta)))
+
+    def covers(self, positions: int, device: torch.device) -> bool:
+        return self.table.shape[0] >= positions and self.table.device == device
 
 
 def triton_importable() -> bool:
@@ -107,10 +126,12 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, r
                        CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr):
     """One (row, query head): a running softmax over the row's first `span` cache entries, BLOCK at a
     time, in fp32 (decode_attention). MASK: 0 every entry read is visible, 1 an additive mask at Mask,
-    2 the visible entries worked out from the row's length at Mask (Visible). With ROPE, the query
-    and the new key are rotated first. With STORE, the row's new key and value are first stored (by
-    the first query head of their kv head) and, where the row reads that entry, taken from
-    registers: what other programs of the kv head store there meanwhile is never read."""
+    2 the visible entries worked out from the row's length at Mask (Visible). ROPE: the query and the
+    new key are rotated first, by the row's cos and sin at Rot (1) or by row `length` of a
+    RotationTable (2). STORE: the row's new key and value are first stored (by the first query head
+    of their kv head), at the entry WIndex gives (1) or at the row's new position (2), and, where the
+    row reads that entry, taken from registers: what other programs of the kv head store there
+    meanwhile is never read. ROPE 2 and STORE 2 need MASK 2, which gives the length."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     if GATHER:
@@ -125,15 +146,21 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, r
     length = 0
     if MASK == 2:
         length = tl.load(Mask + b * sm_b).to(tl.int64)
-    if ROPE:  # (B, 1, 1, D / 2, 2) cos and sin, the last two dimensions contiguous
-        cos = tl.load(Rot + b * srot_b + (d // 2) * 2, mask=in_head, other=1.0)
-        sin = tl.load(Rot + b * srot_b + (d // 2) * 2 + 1, mask=in_head, other=0.0)
+    if ROPE != 0:  # (B or positions, ..., D / 2, 2) cos and sin, the last two dimensions contiguous
+        at_rot = Rot + (b if ROPE == 1 else length) * srot_b + (d // 2) * 2
+        cos = tl.load(at_rot, mask=in_head, other=1.0)
+        sin = tl.load(at_rot + 1, mask=in_head, other=0.0)
     q = _rotated(Q + b * sq_b + h * sq_h, d, in_head, cos, sin, ROPE).to(tl.float32) * scale
     k_base = KV + row * skv_row + kvh * skv_head
     v_base = k_base + skv_kv
-    if STORE:
+    if STORE != 0:
         w_row = tl.load(WRows + b * swr_b).to(tl.int64)
-        w_index = tl.load(WIndex + b * swi_b).to(tl.int64)
+        if STORE == 1:
+            w_index = tl.load(WIndex + b * swi_b).to(tl.int64)
+        elif CACHE_WINDOW == 0:
+            w_index = length
+        else:
+            w_index = length % CACHE_WINDOW
         k_new = _rotated(KNew + b * skn_b + kvh * skn_h, d, in_head, cos, sin, ROPE)
         v_new = tl.load(VNew + b * svn_b + kvh * svn_h + d, mask=in_head, other=0.0)
         first = d < tl.where(h % GROUPS == 0, D, 0)  # the kv head's first query head stores it
@@ -150,7 +177,7 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, r
         where = n[:, None] * skv_entry + d[None, :]
         both = inside[:, None] & in_head[None, :]
         k = tl.load(k_base + where, mask=both, other=0.0)
-        if STORE:
+        if STORE != 0:
             k = tl.where((n == new_at)[:, None], k_new[None, :], k)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1)
         if MASK == 1:
@@ -163,7 +190,7 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, r
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe)
         v = tl.load(v_base + where, mask=both, other=0.0)
-        if STORE:
+        if STORE != 0:
             v = tl.where((n == new_at)[:, None], v_new[None, :], v)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
@@ -182,7 +209,7 @@ else:
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.Tensor | slice, span: int,
                      mask: torch.Tensor | Visible | None, block: int | None = None, store: Store | None = None,
-                     rotation: torch.Tensor | None = None) -> torch.Tensor:
+                     rotation: torch.Tensor | RotationTable | None = None) -> torch.Tensor:
     """q (B, H, 1, D); kv a cache's (2, layers, slots, H_kv, capacity, D) keys and values; `rows` the
     cache row of each query (a tensor of slots, or consecutive slots as a slice); the first `span`
     entries are read; mask (B, 1, 1, span) additive, or Visible (the kernel works the mask out), or
@@ -192,10 +219,12 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     the whole span at once in the interpreter, whose cost is per operation, not per value.
     `store`: (k, v, write_rows, write_index), each row's new key and value (B, H_kv, 1, D) and where
     they go (B, 1), stored by the same kernel, with the result of storing them first and then
-    attending (KVCache.write, then the read): one kernel less per layer. `rotation`: the step's RoPE
-    rotation (B, 1, 1, D / 2) complex (Positions.rotation), by which q and the new key are rotated
-    first, so that they come unrotated from the qkv projection (views of it): the kernel replaces
-    the step's RoPE too (fused.StepOps.heads)."""
+    attending (KVCache.write, then the read): one kernel less per layer; write_index None: at each
+    row's new position (its length, with a Visible mask). `rotation`: the step's RoPE rotation
+    (B, 1, 1, D / 2) complex (Positions.rotation), or a RotationTable to read at each row's length
+    (with a Visible mask), by which q and the new key are rotated first, so that they come unrotated
+    from the qkv projection (views of it): the kernel replaces the step's RoPE too
+    (fused.StepOps.heads)."""
     B, H, T, D = q.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query position per row, not {T}")
@@ -203,6 +232,10 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
         q = q.contiguous()
     cache = kv[:, layer]  # (2, slots, H_kv, capacity, D), a view
     windows = (0, 0)
+    at_length = isinstance(rotation, RotationTable) or (store is not None and store[3] is None)
+    if at_length and not isinstance(mask, Visible):
+        raise ValueError("a rotation table, or storing at each row's new position, needs a Visible mask "
+                         "(the rows' lengths)")
     if isinstance(mask, Visible):
         windows = (mask.cache_window or 0, mask.stack_window or 0)
         mask = mask.lengths[:, None, None, None]
@@ -217,13 +250,19 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     if block is None:
         block = max(16, min(128, 8192 // d_pad)) if q.device.type == "cuda" else next_power_of_2(max(span, 16))
     k_new, v_new, w_rows, w_index = store if store is not None else (q, q, q, q)
+    stored = 0 if store is None else 2 if w_index is None else 1
+    w_index = q if w_index is None else w_index
     if store is not None and (k_new.stride(3) != 1 or v_new.stride(3) != 1 or k_new.shape[2] != 1):
         raise ValueError("new keys and values must be one position with a contiguous head dimension")
-    rot = q
-    if rotation is not None:
+    rot, rope = q, 0
+    if isinstance(rotation, RotationTable):
+        rot, rope = rotation.table, 2
+        if rot.shape[1:] != (D // 2, 2) or rot.stride(1) != 2 or rot.stride(2) != 1:
+            raise ValueError(f"a rotation table must be contiguous (positions, D / 2, 2), not {tuple(rot.shape)}")
+    elif rotation is not None:
         if rotation.shape != (B, 1, 1, D // 2):
             raise ValueError(f"rotation must be (B, 1, 1, D / 2) = {(B, 1, 1, D // 2)}, not {tuple(rotation.shape)}")
-        rot = torch.view_as_real(rotation if rotation.stride(3) == 1 else rotation.contiguous())
+        rot, rope = torch.view_as_real(rotation if rotation.stride(3) == 1 else rotation.contiguous()), 1
     _kernel[(B, H)](
         q, cache, rows if gather else q, mask if mask is not None else q, out, k_new, v_new, w_rows, w_index, rot,
         0 if gather else rows.start, span, D ** -0.5,
@@ -231,7 +270,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
         mask.stride(0) if mask is not None else 0, out.stride(0), D,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), w_rows.stride(0), w_index.stride(0),
         rot.stride(0), GROUPS=H // cache.shape[2], D=D, D_PAD=d_pad, BLOCK=block, GATHER=gather,
-        MASK=kind, STORE=store is not None, ROPE=rotation is not None, CACHE_WINDOW=windows[0],
+        MASK=kind, STORE=stored, ROPE=rope, CACHE_WINDOW=windows[0],
         STACK_WINDOW=windows[1])
     return out
 

@@ -38,6 +38,9 @@ class KVCache:
         # keys and values in one tensor, (2, layers, slots, kv_heads, capacity, head_dim): a step that
         # gathers its rows reads both with one kernel
         self.kv = torch.zeros((2, layers, slots, kv_heads, capacity, head_dim), device=device, dtype=dtype)
+        # attention.RotationTable of the positions it holds, set by a runner whose attention kernel
+        # rotates each new position by it (runner.positions_for); None otherwise
+        self.rotations = None
 
     @property
     def k(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .attention import Visible, decode_attention, sdpa_attention, triton_importable
+from .attention import RotationTable, Visible, decode_attention, sdpa_attention, triton_importable
 from .errors import ConfigError
 from .fused import EAGER
 from .gemv import GemvOps
@@ -37,8 +37,9 @@ CHOICES = ("auto", "torch", "triton", "triton-gemv")
 def _check_attention(device: torch.device, dtype: torch.dtype, g: torch.Generator) -> str | None:
     """The attention kernel against KVCache.write + SDPA with every feature a step uses: masks,
     gathered and consecutive rows, grouped heads, a head size that is not a power of two, a span that
-    is not a multiple of the block, storing the new entries or not, rotating or not, a mask worked
-    out in the kernel."""
+    is not a multiple of the block, storing the new entries or not, rotating or not (by each row's
+    rotation, or by a RotationTable at each row's length, storing there), a mask worked out in the
+    kernel."""
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     for H, H_kv, D, span in ((4, 4, 64, 300), (4, 2, 48, 70)):
         kv = torch.randn(2, 2, 5, H_kv, 320, D, generator=g).to(device, dtype)
@@ -46,23 +47,26 @@ def _check_attention(device: torch.device, dtype: torch.dtype, g: torch.Generato
         raw = qkv.unflatten(-1, (-1, D)).transpose(1, 2).split([H, H_kv, H_kv], 1)
         where = torch.tensor([[0], [span - 1], [7]], device=device)
         rotation = rope_rotation(where * 3, D, 10000.0)[:, :, None]
-        rotated = EAGER.heads(qkv, rotation, H, H_kv, D)[:3]
+        table = RotationTable.of(span, D, 10000.0, device)  # row `where` for the rows at `where`
         mask = torch.zeros(3, 1, 1, span, device=device, dtype=dtype)
         mask[1, ..., span // 2:] = float("-inf")
         gathered, consecutive = torch.tensor([4, 0, 2], device=device), torch.arange(1, 4, device=device)
         visible = Visible(where[:, 0] + torch.tensor([0, 0, 20], device=device), None, span // 3)  # all within span
-        for rows, m, written, rope in ((gathered, mask, None, False), (slice(1, 4), None, None, False),
-                                       (gathered, mask, gathered, False), (slice(1, 4), None, consecutive, False),
-                                       (gathered, mask, gathered, True), (slice(1, 4), mask, consecutive, True),
-                                       (gathered, visible, gathered, True)):
-            q, k, v = rotated if rope else raw
+        at_length = Visible(where[:, 0], None, span // 3)
+        for rows, m, written, rope in ((gathered, mask, None, None), (slice(1, 4), None, None, None),
+                                       (gathered, mask, gathered, None), (slice(1, 4), None, consecutive, None),
+                                       (gathered, mask, gathered, "rows"), (slice(1, 4), mask, consecutive, "rows"),
+                                       (gathered, visible, gathered, "rows"), (gathered, at_length, gathered, "table"),
+                                       (slice(1, 4), at_length, consecutive, "table")):
+            turn = {None: None, "rows": rotation, "table": rope_rotation(where, D, 10000.0)[:, :, None]}[rope]
+            q, k, v = raw if turn is None else EAGER.heads(qkv, turn, H, H_kv, D)[:3]
             expected = kv.clone()
             store = None
             if written is not None:
                 expected[:, 1][:, written[:, None], :, where] = torch.stack((k, v), dim=1).permute(0, 3, 1, 2, 4)
-                store = (raw[1] if rope else k, v, written[:, None], where)
+                store = (raw[1] if rope else k, v, written[:, None], None if rope == "table" else where)
             got = decode_attention(raw[0] if rope else q, kv, 1, rows, span, m, store=store,
-                                   rotation=rotation if rope else None)
+                                   rotation={None: None, "rows": rotation, "table": table}[rope])
             picked = expected[:, 1, rows, :, :span]
             want = sdpa_attention(q, picked[0], picked[1], m.additive(span, dtype) if isinstance(m, Visible) else m)
             # stored as given, or rotated as the eager step rotates them (up to the rounding of a fused

@@ -11,8 +11,9 @@ alternative is `CompiledOps` (torch.compile, `--compile`), which needs compilati
 With the attention kernel (attention.py), which rotates, stores and attends in one launch, a
 block's step is 8 kernels: norm, qkv, attention, o, add and norm, gate/up, gate, down (5 with
 gemv.py, which puts each norm and the gate inside a projection's kernel).
-The positions stretch (rotation, cache indices), RoPE where the attention kernel does not apply
-it (prefill chunks) and the entropy stay eager (the entropy decides patch boundaries by a
+The positions stretch and RoPE where the attention kernel does not take them over (prefill
+chunks; in decode steps it reads each position's rotation from a table and works out the cache
+entries) and the entropy stay eager (the entropy decides patch boundaries by a
 threshold: it keeps the reference's arithmetic). Used by the engine when its kernels are "triton".
 """
 

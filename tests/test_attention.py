@@ -9,7 +9,7 @@ import pytest
 import torch
 from interpreter import interpreted
 
-from blt_runtime.attention import Visible, decode_attention, sdpa_attention
+from blt_runtime.attention import RotationTable, Visible, decode_attention, sdpa_attention
 from blt_runtime.fused import EAGER
 from blt_runtime.model.layers import rope_rotation
 
@@ -128,6 +128,36 @@ def test_kernel_works_out_the_mask(cache_window, stack_window, span):
     got = decode_attention(q, kv, 1, slice(0, B), span, visible, 8, store=(new[0], new[1], torch.arange(B)[:, None],
                                                                              index))
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_window, stack_window", [(None, None), (16, 16), (16, 6)])
+def test_kernel_rotates_and_stores_at_each_rows_length(dtype, cache_window, stack_window):
+    """With a RotationTable and no write index (what a step passes when its cache has a table), the
+    kernel rotates by the table's row at each row's length and stores at that position's entry (a
+    ring's entry for rings that have wrapped): the same cache and result as the rotation and index
+    the step would compute (StepOps.positions), bit for bit."""
+    B, H, H_kv, D = 4, 4, 2, 32
+    span = cache_window or 48
+    kv, _ = cache_and_query(B, H, H_kv, D, 5, 48, dtype, seed=7)
+    qkv = torch.randn(B, 1, (H + 2 * H_kv) * D, generator=torch.Generator().manual_seed(4)).to(dtype)
+    lengths = torch.tensor([0, 5, 40, 47])
+    q_raw, k_raw, v_raw = qkv.unflatten(-1, (-1, D)).transpose(1, 2).split([H, H_kv, H_kv], 1)
+    rows = torch.tensor([[4], [0], [2], [1]])
+    visible = Visible(lengths, cache_window, stack_window)
+    stepped = kv.clone()
+    rotation = rope_rotation(lengths[:, None], D, 10000.0)[:, :, None]
+    index = lengths[:, None] if cache_window is None else lengths[:, None] % cache_window
+    want = decode_attention(q_raw, stepped, 1, rows[:, 0], span, visible, 16, store=(k_raw, v_raw, rows, index),
+                            rotation=rotation)
+    table = RotationTable.of(64, D, 10000.0, torch.device("cpu"))
+    assert torch.equal(torch.view_as_complex(table.table[lengths])[:, None, None], rotation)
+    got = decode_attention(q_raw, kv, 1, rows[:, 0], span, visible, 16, store=(k_raw, v_raw, rows, None),
+                           rotation=table)
+    assert torch.equal(kv, stepped) and torch.equal(got, want)
+    with pytest.raises(ValueError, match="Visible"):
+        decode_attention(q_raw, kv, 1, rows[:, 0], span, None, rotation=table)
 
 
 @interpreted

@@ -105,7 +105,7 @@ types = {"Rows": "*i64", "WRows": "*i64", "WIndex": "*i64", "Rot": "*fp32", "sca
 for gather, mask, store, rope, D, groups, windows in [
         (True, 2, True, True, 64, 1, (0, 0)), (False, 2, True, True, 128, 2, (512, 512)),
         (False, 0, True, True, 128, 2, (512, 0)), (True, 1, False, False, 48, 1, (0, 0)),
-        (False, 1, False, False, 64, 4, (0, 0))]:
+        (False, 1, False, False, 64, 4, (0, 0)), (True, 2, 2, 2, 64, 1, (512, 512)), (False, 2, 2, 2, 128, 2, (0, 0))]:
     compile(attention._kernel, attention._attention_program, types | ({"Mask": "*i64"} if mask == 2 else {}),
             dict(GROUPS=groups, D=D, D_PAD=1 << (D - 1).bit_length(), BLOCK=64, GATHER=gather, MASK=mask,
                  STORE=store, ROPE=rope, CACHE_WINDOW=windows[0], STACK_WINDOW=windows[1]))
