@@ -36,10 +36,12 @@ is how the script itself is tested on a CPU:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -210,11 +212,16 @@ def attention_us(model: BltModel) -> dict:
              "global_b16_of_64_gathered_span128": (glob, 128, 16, True),
              "global_b16_of_64_gathered_span1024": (glob, 1024, 16, True),
              "global_b1_gathered_span1024": (glob, 1024, 1, True)}
+    return run_cases({name: functools.partial(_attention_case, *case, device, dtype) for name, case in cases.items()})
+
+
+def run_cases(cases: dict[str, Callable[[], dict]]) -> dict:
+    """Each case's figures, or the error it raised: one failing case must not hide the others."""
     out = {}
-    for name, (stack, span, B, gathered) in cases.items():
+    for name, case in cases.items():
         try:
-            out[name] = _attention_case(stack, span, B, gathered, device, dtype)
-        except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
+            out[name] = case()
+        except Exception as e:  # noqa: BLE001 - reported in its place
             traceback.print_exc()
             out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out
@@ -235,15 +242,9 @@ def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.devi
 def stretch_us(model: BltModel) -> dict:
     """The Triton norm and gate kernels (triton_ops.py) against the eager stretches they replace, per
     call at the decoder's and the global model's widths, 1 and 64 rows."""
-    out = {}
-    for name, stack in (("decoder", model.local_decoder), ("global", model.global_transformer)):
-        for B in (1, 64):
-            try:
-                out[f"{name}_b{B}"] = _stretch_case(stack.layers[0], B, model.device, model.dtype)
-            except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
-                traceback.print_exc()
-                out[f"{name}_b{B}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    return out
+    return run_cases({f"{name}_b{B}": functools.partial(_stretch_case, stack.layers[0], B, model.device, model.dtype)
+                      for name, stack in (("decoder", model.local_decoder), ("global", model.global_transformer))
+                      for B in (1, 64)})
 
 
 def _stretch_case(block, B: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -266,17 +267,10 @@ def gemv_us(model: BltModel) -> dict:
     "triton" runs in its place (the norm kernel and cuBLAS, and for the gate/up product the gate
     kernel), per call, for each stack's first block at 1, 16 and 64 rows (the global model: 1 and 16,
     the closing rows of 64 streams). GemvOps fuses up to gemv.FUSED_ROWS rows: this says where."""
-    out = {}
     stacks = (("entropy", model.patcher, (1, 16, 64)), ("decoder", model.local_decoder, (1, 16, 64)),
               ("global", model.global_transformer, (1, 16)))
-    for name, stack, batches in stacks:
-        for B in batches:
-            try:
-                out[f"{name}_b{B}"] = _gemv_case(stack.layers[0], B, model.device, model.dtype)
-            except Exception as e:  # noqa: BLE001 - one failing case must not hide the others
-                traceback.print_exc()
-                out[f"{name}_b{B}"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    return out
+    return run_cases({f"{name}_b{B}": functools.partial(_gemv_case, stack.layers[0], B, model.device, model.dtype)
+                      for name, stack, batches in stacks for B in batches})
 
 
 def _gemv_case(block, B: int, device: torch.device, dtype: torch.dtype) -> dict:
