@@ -302,6 +302,18 @@ def measure_torch(model: BltModel, prompt: bytes, args, result: dict) -> None:
     result["torch"] = out
 
 
+def attempt(measure_part, key: str, model: BltModel, prompt: bytes, args, result: dict, reraise: bool = False) -> None:
+    """One of the later measurements; should it fail, its error goes into result[key + "_error"] and
+    the figures before it stand (`reraise`: fail instead, as the CPU test of this script wants)."""
+    try:
+        measure_part(model, prompt, args, result)
+    except Exception as e:  # noqa: BLE001 - reported in its place
+        if reraise:
+            raise
+        traceback.print_exc()
+        result[f"{key}_error"] = f"{type(e).__name__}: {e}"[:800]
+
+
 def measure_gemv(model: BltModel, prompt: bytes, args, result: dict) -> None:
     """The engine with `--kernels triton-gemv` (gemv.py), measured as the primary one is, at the largest
     stream count only."""
@@ -448,29 +460,15 @@ def main() -> None:
     if cuda and result.get("kernels") == "triton":
         result["attention_us"] = attention_us(model)
         result["stretch_us"] = stretch_us(model)
-        try:
-            measure_torch(model, prompt, args, result)
-        except Exception as e:  # noqa: BLE001 - report it; the figures above stand
-            traceback.print_exc()
-            result["torch_error"] = f"{type(e).__name__}: {e}"[:800]
+        attempt(measure_torch, "torch", model, prompt, args, result)
         print(json.dumps(result), flush=True)
         result["gemv_self_check"] = gemv_check(device, dtype) or "passed"
         if result["gemv_self_check"] == "passed":
             result["gemv_us"] = gemv_us(model)
-            try:
-                measure_gemv(model, prompt, args, result)
-            except Exception as e:  # noqa: BLE001 - report it; the figures above stand
-                traceback.print_exc()
-                result["triton_gemv_error"] = f"{type(e).__name__}: {e}"[:800]
+            attempt(measure_gemv, "triton_gemv", model, prompt, args, result)
         print(json.dumps(result), flush=True)
     if args.compiled:
-        try:
-            measure_compiled(model, prompt, args, result)
-        except Exception as e:  # noqa: BLE001 - report it; the figures above stand
-            if not cuda:
-                raise
-            traceback.print_exc()
-            result["compiled_error"] = f"{type(e).__name__}: {e}"[:800]
+        attempt(measure_compiled, "compiled", model, prompt, args, result, reraise=not cuda)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     for key, value in result.items():
         print(f"{key:>34}: {value}")
