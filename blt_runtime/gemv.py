@@ -167,19 +167,25 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, n: BoundNorm, weigh
 
 class GemvOps(TritonOps):
     """TritonOps, and the norms with the projection after them (and SwiGLU's gate) as one kernel each
-    for decode steps (norm_linear); prefill chunks as TritonOps runs them."""
+    (norm_linear) for up to `fused_rows` rows (a decode step's); more rows as TritonOps runs them."""
+
+    def __init__(self, fused_rows: int = FUSED_ROWS):
+        self.fused_rows = fused_rows
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        return x.numel() // x.shape[-1] <= self.fused_rows
 
     def add_norm_linear(self, h, delta, n, weight):
-        if h.numel() // h.shape[-1] > FUSED_ROWS:
+        if not self._fused(h):
             return super().add_norm_linear(h, delta, n, weight)
         return norm_linear(h, delta, n, weight, PLAIN if delta is None else ADD)
 
     def add_norm_swiglu(self, h, delta, n, gate_up):
-        if h.numel() // h.shape[-1] > FUSED_ROWS:
+        if not self._fused(h):
             return super().add_norm_swiglu(h, delta, n, gate_up)
         return norm_linear(h, delta, n, gate_up, PLAIN if delta is None else ADD, gated=True)
 
     def double_residual_norm_linear(self, x, attended, n, weight):
-        if x.numel() // x.shape[-1] > FUSED_ROWS:
+        if not self._fused(x):
             return super().double_residual_norm_linear(x, attended, n, weight)
         return norm_linear(x, attended, n, weight, DOUBLE)

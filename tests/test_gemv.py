@@ -11,7 +11,7 @@ from blt_runtime import gemv
 from blt_runtime.fused import EAGER
 from blt_runtime.gemv import FUSED_ROWS, GemvOps, norm_linear
 from blt_runtime.model.layers import RMSNorm
-from blt_runtime.triton_ops import ADD, DOUBLE, PLAIN, TritonOps
+from blt_runtime.triton_ops import ADD, TritonOps
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=8e-3)}
 METHODS = ("add_norm_linear", "add_norm_swiglu", "double_residual_norm_linear")
@@ -33,14 +33,6 @@ def call(ops, method: str, x, delta, n, weight):
     return getattr(ops, method)(x, delta, n, weight[:weight.shape[0] // 2])
 
 
-def kernel(method: str, x, delta, n, weight):
-    """What the method's kernel gives, whatever the rows (GemvOps hands more than FUSED_ROWS on)."""
-    if method == "add_norm_swiglu":
-        return norm_linear(x, delta, n, weight, PLAIN if delta is None else ADD, gated=True)
-    before = DOUBLE if method.startswith("double") else PLAIN if delta is None else ADD
-    return norm_linear(x, delta, n, weight[:weight.shape[0] // 2], before)
-
-
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, d, f", [(1, 96, 200), (5, 300, 64), (16, 128, 48), (100, 160, 40)])
@@ -51,7 +43,7 @@ def test_projections_equal_eager(dtype, rows, d, f, method, residual):
     multiples of the blocks."""
     x, delta, n, weight = inputs(rows, d, f, dtype, rows * d)
     delta = delta if residual else None
-    got, want = kernel(method, x, delta, n, weight), call(EAGER, method, x, delta, n, weight)
+    got, want = call(GemvOps(fused_rows=rows), method, x, delta, n, weight), call(EAGER, method, x, delta, n, weight)
     assert torch.equal(got[0], want[0])
     assert got[1].shape == want[1].shape == (rows, 1, f) and got[1].dtype == dtype
     torch.testing.assert_close(got[1], want[1], **TOLERANCE[dtype])
