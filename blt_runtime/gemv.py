@@ -29,8 +29,9 @@ from .model.layers import BoundNorm
 from .triton_ops import ADD, DOUBLE, PLAIN, TritonOps
 
 # Rows up to which GemvOps fuses. Every program norms all the rows it multiplies, so the norm's work
-# grows with rows x programs: at 64 rows (64 streams) it outweighs the launch it saves, and the
-# step runs triton_ops' norm kernel once and cuBLAS instead.
+# grows with rows x programs: at 64 rows (64 streams) it is estimated to cost more than the launch it
+# saves (not measured yet: the GPU check's gemv_us times 1, 16 and 64 rows), so such a step runs
+# triton_ops' norm kernel once and cuBLAS instead.
 FUSED_ROWS = 16
 
 
