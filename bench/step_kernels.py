@@ -91,7 +91,6 @@ class CountedOps(StepOps):
     COMPILED = {"add_norm": 1, "double_residual_norm": 1, "heads": 1, "silu_mul": 1, "entropy": 1, "positions": 3}
     TRITON = {"add_norm": 1, "double_residual_norm": 1, "silu_mul": 1}
     GEMV = TRITON | {"add_norm_linear": 1, "add_norm_swiglu": 1, "double_residual_norm_linear": 1}
-    NAMES = {id(COMPILED): "compiled stretch", id(TRITON): "triton stretch", id(GEMV): "triton stretch"}
 
     def __init__(self, counter: KernelCount, fused: dict[str, int]):
         self.counter, self.fused = counter, fused
@@ -108,7 +107,8 @@ class CountedOps(StepOps):
         finally:
             self.counter.paused = outer
         if not outer:
-            self.counter.kernels["gemv" if projection else self.NAMES[id(self.fused)]] += self.fused[name]
+            label = "gemv" if projection else "compiled stretch" if self.fused is self.COMPILED else "triton stretch"
+            self.counter.kernels[label] += self.fused[name]
             inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
             self.counter.bytes_written += sum(o.numel() * o.element_size() for o in (out if isinstance(out, tuple)
                                               else (out,)) if isinstance(o, torch.Tensor)

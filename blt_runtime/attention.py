@@ -39,7 +39,7 @@ except ImportError:
 # whether the kernels run in Triton's interpreter (read by `rounded` when it is compiled)
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1") if tl is not None else None
 
-Store = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # see decode_attention
+Store = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # see decode_attention
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,6 @@ class RotationTable:
     @classmethod
     def of(cls, positions: int, head_dim: int, theta: float, device: torch.device) -> RotationTable:
         return cls(torch.view_as_real(rope_rotation(torch.arange(positions, device=device), head_dim, theta)))
-
-    def covers(self, positions: int, device: torch.device) -> bool:
-        return self.table.shape[0] >= positions and self.table.device == device
 
 
 def triton_importable() -> bool:
@@ -222,7 +219,8 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     attending (KVCache.write, then the read): one kernel less per layer; write_index None: at each
     row's new position (its length, with a Visible mask). `rotation`: the step's RoPE rotation
     (B, 1, 1, D / 2) complex (Positions.rotation), or a RotationTable to read at each row's length
-    (with a Visible mask), by which q and the new key are rotated first, so that they come unrotated
+    (with a Visible mask; every length below its rows, which the caller makes sure of: the kernel
+    cannot tell the host), by which q and the new key are rotated first, so that they come unrotated
     from the qkv projection (views of it): the kernel replaces the step's RoPE too
     (fused.StepOps.heads)."""
     B, H, T, D = q.shape
