@@ -39,7 +39,7 @@ def stretches(ops, dtype, B, T):
             "entropy": ops.entropy(torch.randn(B, T, 260, generator=g) * 4)}
 
 
-@pytest.mark.parametrize("B, T", [(1, 1), (3, 1), (1, 7), (3, 7)])
+@pytest.mark.parametrize("B, T", [(1, 1), (3, 1), (1, 7)])  # the shapes steps run: decode (B, 1), prefill (1, T)
 def test_compiled_stretches_equal_eager(B, T):
     """bf16: bit for bit (casts land where the eager code has them). fp32 (the entropy is fp32 in
     both): the eager norm's 5-kernel arithmetic rounds differently from F.rms_norm, and the fused

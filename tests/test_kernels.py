@@ -161,7 +161,7 @@ def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops):
     and patches as the PyTorch engine's. (Triton's interpreter is slow: few bytes.)"""
     model = load_model(hf_checkpoint("gqa")[1])
     requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 30 + 20 * i],
-                          SamplingParams(max_bytes=8 + 10 * i, temperature=0.0, ignore_eos=True))
+                          SamplingParams(max_bytes=6 + 6 * i, temperature=0.0, ignore_eos=True))
                 for i in range(3)}
     joins = {"r0": 0, "r1": 0, "r2": 2}
     triton = Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels=kernels)
@@ -183,7 +183,7 @@ def test_dynamic_triton_engine_equals_full_recompute(hf_checkpoint, kernels):
     too): greedy bytes and logprobs as full recompute computes them."""
     model = load_model(hf_checkpoint("gqa")[1])
     prompt = PARITY_TEXT[:90]
-    params = SamplingParams(max_bytes=24, temperature=0.0, ignore_eos=True, logprobs=1)
+    params = SamplingParams(max_bytes=12, temperature=0.0, ignore_eos=True, logprobs=1)
     engine = Engine(model, static=False, kernels=kernels)
     engine.add_request("g", prompt, params)
     seed, outputs = engine.sequences["g"].seed, []
