@@ -9,8 +9,10 @@ memory (a new tensor, or in place), not views and not same-dtype casts, and the 
 - eager: `--kernels torch`, the element-wise stretches as the eager step runs them, SDPA;
 - triton: `--kernels triton`, the CUDA default: the self-attention of one new position through
   attention.py's Triton kernel (counted as the one kernel it is, computed here with RoPE and SDPA:
-  it rotates, stores the new keys and values, and gathers no cache rows), and the norms and
-  SwiGLU's gate through triton_ops.py's kernels (one each);
+  it rotates, stores the new keys and values, and gathers no cache rows), the norms and
+  SwiGLU's gate through triton_ops.py's kernels (one each), the new bytes' hash embeddings through
+  byte_embedding.py's and the greedy choice and the entropy's patch flag through tail_kernels.py's
+  (one each, computed here as the eager step computes them);
 - triton_gemv: `--kernels triton-gemv`, as triton, with each norm and the projection after it one
   kernel, and the gate/up projection with SwiGLU's gate (gemv.py; counted as "gemv");
 - compiled: `--compile --kernels torch`, each stretch of fused.py counted as the kernels
@@ -33,17 +35,21 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.gpu_check import set_threshold  # noqa: E402
-from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, runner  # noqa: E402
+from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, runner, static  # noqa: E402
 from blt_runtime.attention import RotationTable, Visible, sdpa_attention  # noqa: E402
 from blt_runtime.fused import StepOps  # noqa: E402
 from blt_runtime.gemv import FUSED_ROWS  # noqa: E402
+from blt_runtime.model.entropy import entropy_nats  # noqa: E402
+from blt_runtime.model.hashing import hash_table_indices  # noqa: E402
 from blt_runtime.model.layers import apply_rope  # noqa: E402
+from blt_runtime.patcher import starts_next  # noqa: E402
 
 NARROW = {"patcher_config": dict(hidden_size=96, intermediate_size=192),
           "encoder_config": dict(hidden_size=128),
@@ -181,6 +187,56 @@ def counted_attention(counter: KernelCount):
     return attend
 
 
+def counted_embedding(counter: KernelCount):
+    """byte_embedding.embed_new_bytes, counted as its one kernel and what it writes (the embeddings;
+    the rows' histories)."""
+
+    def embed(ids, history, rows, powers, hashed, byte_table, vocab):
+        counter.paused = True
+        try:
+            context = torch.cat([history[rows], ids], dim=1)
+            indices = hash_table_indices(context, (), 0, vocab, powers, new=1)
+            out = F.embedding(ids, byte_table) + F.embedding(indices, hashed).sum(dim=-2)
+            history[rows] = context[:, 1:]
+        finally:
+            counter.paused = False
+        counter.kernels["embedding kernel"] += 1
+        counter.bytes_written += out.numel() * out.element_size() + ids.shape[0] * history[0].numel() * 8
+        return out
+    return embed
+
+
+def counted_tail(counter: KernelCount):
+    """tail_kernels.greedy_pick and entropy_flags, counted as one kernel each and what they write,
+    computed as the eager step computes them."""
+
+    def greedy_pick(logits, allow_eos, never, counts, seen, slots, embed, eos_id, out):
+        counter.paused = True
+        try:
+            x = logits.float().masked_fill(never, float("-inf"))
+            x[:, eos_id] = torch.where(allow_eos != 0, x[:, eos_id], float("-inf"))
+            ids = x.argmax(dim=-1)
+            counts[slots, ids] += 1
+            seen[slots, ids] = True
+            out[:, 0].copy_(ids)
+            embedded = F.embedding(ids[:, None], embed)
+        finally:
+            counter.paused = False
+        counter.kernels["greedy kernel"] += 1
+        counter.bytes_written += ids.numel() * (8 + 8 + 4 + 1) + embedded.numel() * embedded.element_size()
+        return ids, embedded
+
+    def entropy_flags(logits, positions, threshold, out):
+        counter.paused = True
+        try:
+            out[:, 1].copy_(starts_next(entropy_nats(logits), positions, threshold))
+        finally:
+            counter.paused = False
+        counter.kernels["entropy kernel"] += 1
+        counter.bytes_written += out.shape[0] * 8
+    return greedy_pick, entropy_flags
+
+
 def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
     """Kernels per piece of a decode step, over `steps` steps of `batch` greedy sequences."""
     counter = KernelCount()
@@ -195,6 +251,8 @@ def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
         engine.runner.kernels = "triton"
         engine.runner.make_rotation_tables()
         runner.decode_attention = counted_attention(counter)  # for this script's process only
+        runner.embed_new_bytes = counted_embedding(counter)
+        static.greedy_pick, static.entropy_flags = counted_tail(counter)
     text = (ROOT / "README.md").read_bytes()
     for i in range(batch):
         engine.add_request(str(i), text[100 * i:100 * i + 200], SamplingParams(max_bytes=steps + 50, temperature=0.0,
@@ -224,7 +282,7 @@ def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
             "mb_written_byte_step": round(mb["encode"] + mb["finish"], 3),
             "per_byte_with_patches": round((sum(sum(n) for n in pieces.values())) / steps, 1),
             "mb_written_per_byte_with_patches": round(sum(sum(w) for w in written.values()) / steps / 2**20, 3),
-            "patch_steps": patches, "top_ops": dict(details["finish"].most_common(12))}
+            "patch_steps": patches, "finish_ops": dict(details["finish"].most_common())}
 
 
 def main() -> None:

@@ -100,6 +100,13 @@ def _rotated(X, d, in_head, cos, sin, ROPE: tl.constexpr):
     return x
 
 
+def row_of(Rows, b, row_offset, GATHER: tl.constexpr):
+    """The cache row (slot) of program row b, as int64: Rows[b] (GATHER) or b + row_offset."""
+    if GATHER:
+        return tl.load(Rows + b).to(tl.int64)
+    return (b + row_offset).to(tl.int64)
+
+
 def _visible(n, length, CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr):
     """Whether cache entries n hold positions a new one at `length` sees, the new one stored: the
     additive mask that fused.StepOps.positions builds (cache.entry_positions), worked out in place.
@@ -131,10 +138,7 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, r
     meanwhile is never read. ROPE 2 and STORE 2 need MASK 2, which gives the length."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    if GATHER:
-        row = tl.load(Rows + b).to(tl.int64)
-    else:
-        row = (b + row_offset).to(tl.int64)
+    row = row_of(Rows, b, row_offset, GATHER)
     d = tl.arange(0, D_PAD)
     in_head = d < D
     kvh = h // GROUPS
@@ -199,6 +203,7 @@ if triton is not None:
     rounded = triton.jit(rounded)
     _rotated = triton.jit(_rotated)
     _visible = triton.jit(_visible)
+    row_of = triton.jit(row_of)
     _kernel = triton.jit(_attention_program)
 else:
     _kernel = None

@@ -5,7 +5,9 @@ decides "auto".
   element-wise stretches as eager operators (fused.StepOps; compiled with `--compile`).
 - "triton": the repository's Triton kernels: single-query attention that rotates (RoPE), stores and
   attends in one launch (attention.py), and the norms and SwiGLU's gate as one launch each
-  (triton_ops.py; `--compile` compiles the stretches instead).
+  (triton_ops.py; `--compile` compiles the stretches instead); in decode steps also the new bytes'
+  hash embeddings (byte_embedding.py), and the greedy choice and the entropy's patch flag
+  (tail_kernels.py), one launch each.
 - "triton-gemv": "triton", with each norm computed by the projection after it and SwiGLU's gate by
   the gate/up projection, in decode steps: matrix-vector products in Triton (gemv.py), 5 launches
   per block instead of 8. Their sums run in another order than cuBLAS's: the last bit differs.
@@ -22,12 +24,20 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 from .attention import RotationTable, Visible, decode_attention, sdpa_attention, triton_importable
+from .byte_embedding import embed_new_bytes
 from .errors import ConfigError
 from .fused import EAGER
 from .gemv import GemvOps
+from .model.entropy import entropy_nats
+from .model.hashing import hash_table_indices, power_matrix
 from .model.layers import RMSNorm, rope_rotation
+from .patcher import starts_next
+from .sampling import never_sampled
+from .tail_kernels import entropy_flags, greedy_pick
+from .tokenizer import EOS_ID
 from .triton_ops import TritonOps
 
 log = logging.getLogger(__name__)
@@ -127,6 +137,42 @@ def _check_gemv(device: torch.device, dtype: torch.dtype, g: torch.Generator) ->
     return None
 
 
+def _check_embedding_and_tail(device: torch.device, dtype: torch.dtype, g: torch.Generator) -> str | None:
+    """The new bytes' embedding (byte_embedding.py) and the step's tail (tail_kernels.py) against the
+    eager code: the released hash layout, gathered rows, EOS allowed and not."""
+    powers = power_matrix((3, 4, 5, 6, 7, 8), 1, device)
+    hashed, own = (torch.randn(n, 48, generator=g).to(device, dtype) for n in (6 * 97, 260))
+    history = torch.randint(0, 260, (5, 7), generator=g).to(device)
+    ids, rows = torch.randint(0, 260, (3, 1), generator=g).to(device), torch.tensor([4, 0, 2], device=device)
+    context = torch.cat([history[rows], ids], dim=1)
+    want = F.embedding(ids, own) + F.embedding(hash_table_indices(context, (), 0, 97, powers, 1), hashed).sum(-2)
+    got = embed_new_bytes(ids, history, rows, powers, hashed, own, 97)
+    if not torch.equal(history[rows], context[:, 1:]):
+        return "byte embedding: the hash history was not moved on"
+    if not torch.allclose(got.float(), want.float(), atol=1e-5, rtol=1e-5):
+        return f"byte embedding differs from PyTorch's by {float((got.float() - want.float()).abs().max()):.3g}"
+    logits = (torch.randn(3, 260, generator=g) * 3).to(device, dtype)
+    allow_eos = torch.tensor([1, 0, 1], device=device)
+    logits[:2, EOS_ID] = 50.0
+    never = never_sampled(260, device)
+    counts, seen = torch.zeros(5, 260, device=device), torch.zeros(5, 260, dtype=torch.bool, device=device)
+    out = torch.zeros(3, 2, dtype=torch.float64, device=device)
+    chosen, _ = greedy_pick(logits, allow_eos, never, counts, seen, rows, own, EOS_ID, out)
+    masked = logits.float().masked_fill(never, float("-inf"))
+    masked[:, EOS_ID] = torch.where(allow_eos != 0, masked[:, EOS_ID], float("-inf"))
+    best = masked.argmax(-1)
+    if not torch.equal(chosen, best) or not torch.equal(out[:, 0], best.double()) or counts.sum() != 3 \
+            or not bool(seen[rows, best].all()):
+        return "greedy choice differs from sampling.sample's, or was not counted"
+    scales = torch.tensor([0.1, 3.0, 10.0], device=device)[:, None]
+    entropy_logits = torch.randn(3, 260, generator=g).to(device) * scales
+    positions = torch.tensor([5, 0, 9], device=device)
+    entropy_flags(entropy_logits, positions, 4.5, out)  # entropies about 5.5, 3 and 0.1: far from 4.5
+    if not torch.equal(out[:, 1], starts_next(entropy_nats(entropy_logits), positions, 4.5).double()):
+        return "entropy patch flags differ from PyTorch's"
+    return None
+
+
 @functools.cache
 def gemv_check(device: torch.device, dtype: torch.dtype) -> str | None:
     """The "triton-gemv" projections (gemv.py) against the PyTorch path on `device`: None if they
@@ -144,7 +190,8 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     if they agree, else what went wrong."""
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
-        return _check_attention(device, dtype, g) or _check_stretches(device, dtype, g)
+        return _check_attention(device, dtype, g) or _check_stretches(device, dtype, g) or \
+            _check_embedding_and_tail(device, dtype, g)
     except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels
         return f"{type(e).__name__}: {e}"
 

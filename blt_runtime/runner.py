@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import RotationTable, Visible, decode_attention, sdpa_attention
+from .byte_embedding import embed_new_bytes
 from .cache import KVCache, RowBuffer
 from .device import host_tensor
 from .fused import EAGER, StepOps
@@ -375,19 +376,30 @@ class Runner:
     def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None,
                   min_length=None) -> torch.Tensor:
         """(B, T) ids at positions lengths.. -> (B, T) fp32 entropies; extends the entropy cache."""
-        normed, _ = self._run_stack(self.model.patcher, self.entropy_kv, F.embedding(ids, self.entropy_embed),
-                                    slots, lengths, max_length, read_slots, min_length, self.entropy_norm)
+        return self.ops.entropy(self.entropy_logits(F.embedding(ids, self.entropy_embed), slots, lengths, max_length,
+                                                    read_slots, min_length))
+
+    def entropy_logits(self, embedded: torch.Tensor, slots, lengths, max_length: int, read_slots=None,
+                       min_length=None) -> torch.Tensor:
+        """(B, T, d) embedded ids at positions lengths.. -> (B, T, V) fp32 logits of the entropy model;
+        extends the entropy cache."""
+        normed, _ = self._run_stack(self.model.patcher, self.entropy_kv, embedded, slots, lengths, max_length,
+                                    read_slots, min_length, self.entropy_norm)
         # EntropyModel.head: the output head in fp32, so that entropies are fp32 end to end
-        return self.ops.entropy(F.linear(normed.float(), self.entropy_head))
+        return F.linear(normed.float(), self.entropy_head)
 
     def encode(self, ids: torch.Tensor, slots, lengths, max_length: int,
                read_slots=None, min_length=None) -> tuple[torch.Tensor, Positions]:
         """(B, T) ids -> (B, T, d_enc) byte states and their positions; extends the encoder cache and the
         hash history."""
         m = self.model
-        context = torch.cat([self.history[slots], ids], dim=1)
-        e = m.embed_new_bytes(context, ids.shape[1], self.hash_powers)
-        self.history[slots] = context[:, -self.history.shape[1]:]
+        if self.kernels != "torch" and ids.shape[1] == 1:  # one kernel (byte_embedding.py)
+            e = embed_new_bytes(ids, self.history, slots, self.hash_powers, m.encoder_hash_tok_embedding.weight,
+                                m.local_encoder.embed_tokens.weight, self.cfg.hash_vocab)
+        else:
+            context = torch.cat([self.history[slots], ids], dim=1)
+            e = m.embed_new_bytes(context, ids.shape[1], self.hash_powers)
+            self.history[slots] = context[:, -self.history.shape[1]:]
         return self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length, read_slots,
                                min_length)
 
@@ -426,7 +438,11 @@ class Runner:
         return self.ops.add_norm(h, delta, self.decoder_norm)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.lm_head).float()
+        return self.byte_logits(h).float()
+
+    def byte_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The byte head's logits in the model's dtype."""
+        return F.linear(h, self.lm_head)
 
     def store_latest(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Keep the k decoder slots of each row's newest completed patch (kv from global_step)."""

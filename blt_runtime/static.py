@@ -29,10 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .graphs import StepGraphs
 from .runner import Runner, Sampled, positions_for
-from .sampling import SamplingBatch, SamplingParams, all_greedy, any_penalty, sample, top_logprobs
+from .sampling import SamplingBatch, SamplingParams, all_greedy, any_penalty, never_sampled, sample, top_logprobs
+from .tail_kernels import entropy_flags, greedy_pick
 from .tokenizer import BOS_ID, EOS_ID
 from .transfer import HostTransfer
 
@@ -278,15 +280,23 @@ class StaticDecoder:
         p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, reads, ops=r.ops,
                           kernels=r.kernels)
         h = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1)
-        logits = r.logits(h[:, 0])
+        logits = r.byte_logits(h[:, 0])
         position = b.lengths + 1
-        ids = sample(logits, b.sampling(greedy, penalty), position, r.output_counts[own], r.seen[own], EOS_ID)
-        r.output_counts[b.slots, ids] += 1
-        r.seen[b.slots, ids] = True
-        entropy = r.entropies(ids[:, None], b.slots, position, spans[0] - 1, reads)
-        closes = r.boundary_flags(entropy[:, 0], position)
-        b.out[:, 0].copy_(ids)
-        b.out[:, 1].copy_(closes)
+        triton = r.kernels != "torch"  # the tail in two kernels (tail_kernels.py); greedy rows' choice in one
+        if triton and greedy and not penalty:
+            ids, embedded = greedy_pick(logits, b.allow_eos, never_sampled(logits.shape[1], logits.device),
+                                        r.output_counts, r.seen, b.slots, r.entropy_embed, EOS_ID, b.out)
+        else:
+            ids = sample(logits, b.sampling(greedy, penalty), position, r.output_counts[own], r.seen[own], EOS_ID)
+            r.output_counts[b.slots, ids] += 1
+            r.seen[b.slots, ids] = True
+            b.out[:, 0].copy_(ids)
+            embedded = F.embedding(ids[:, None], r.entropy_embed)
+        entropy_logits = r.entropy_logits(embedded, b.slots, position, spans[0] - 1, reads)
+        if triton:
+            entropy_flags(entropy_logits[:, 0], position, r.cfg.patching_threshold, b.out)
+        else:
+            b.out[:, 1].copy_(r.boundary_flags(r.ops.entropy(entropy_logits)[:, 0], position))
         if logprobs:
             chosen, values, top = top_logprobs(logits, ids, MAX_LOGPROBS)
             k = MAX_LOGPROBS

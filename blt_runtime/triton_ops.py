@@ -13,8 +13,8 @@ block's step is 8 kernels: norm, qkv, attention, o, add and norm, gate/up, gate,
 gemv.py, which puts each norm and the gate inside a projection's kernel).
 The positions stretch and RoPE where the attention kernel does not take them over (prefill
 chunks; in decode steps it reads each position's rotation from a table and works out the cache
-entries) and the entropy stay eager (the entropy decides patch boundaries by a
-threshold: it keeps the reference's arithmetic). Used by the engine when its kernels are "triton".
+entries) stay eager, and so does the `entropy` stretch (a static decode step computes the entropy
+with tail_kernels.py's kernel instead). Used by the engine when its kernels are "triton".
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import torch
-from blt_runtime import attention, gemv, triton_ops
+from blt_runtime import attention, byte_embedding, gemv, tail_kernels, triton_ops
 
 def compile(kernel, program, types, constexprs, default="*bf16"):
     # pointers (capitalised parameters) are bf16 unless `types` says otherwise, scalars i32
@@ -120,6 +120,16 @@ for dtype, torch_dtype in (("*bf16", torch.bfloat16), ("*fp32", torch.float32)):
         compile(gemv._gemv_kernel, gemv._gemv_program, {"eps": "fp32", "inv_width": "fp32"},
                 dict(BEFORE=before, GATED=gated, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
                 dtype)
+    for gather, tables, width, d in ((True, 6, 8, 1024), (False, 18, 5, 1280)):
+        compile(byte_embedding._embed_kernel, byte_embedding._embed_program,
+                {"Ids": "*i64", "History": "*i64", "Rows": "*i64", "Powers": "*i64"},
+                dict(TABLES=tables, WIDTH=width, W_PAD=1 << (width - 1).bit_length(), D=d,
+                     D_PAD=1 << (d - 1).bit_length(), GATHER=gather), dtype)
+    compile(tail_kernels._greedy_kernel, tail_kernels._greedy_program,
+            {"AllowEos": "*i64", "Never": "*u8", "Counts": "*fp32", "Seen": "*u8", "Slots": "*i64", "Ids": "*i64",
+             "Out": "*fp64"}, dict(V_PAD=512, D=1024, D_PAD=1024), dtype)
+compile(tail_kernels._entropy_kernel, tail_kernels._entropy_program,
+        {"Logits": "*fp32", "Positions": "*i64", "Out": "*fp64", "threshold": "fp32"}, dict(V_PAD=512))
 print("compiled")
 """
 
@@ -158,10 +168,11 @@ def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops):
     the attention kernel, and every norm and gate through theirs (triton-gemv: inside the
     projections), on grouped-query heads: three requests sharing steps, the first finishing early so
     that the rest are gathered from high slots, and patch steps reading gathered global rows. Bytes
-    and patches as the PyTorch engine's. (Triton's interpreter is slow: few bytes.)"""
+    and patches as the PyTorch engine's; greedy rows that may and may not end with EOS (the greedy
+    choice's kernel masks it per row). (Triton's interpreter is slow: few bytes.)"""
     model = load_model(hf_checkpoint("gqa")[1])
     requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 30 + 20 * i],
-                          SamplingParams(max_bytes=6 + 6 * i, temperature=0.0, ignore_eos=True))
+                          SamplingParams(max_bytes=6 + 6 * i, temperature=0.0, ignore_eos=i != 1))
                 for i in range(3)}
     joins = {"r0": 0, "r1": 0, "r2": 2}
     triton = Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels=kernels)

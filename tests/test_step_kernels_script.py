@@ -36,6 +36,13 @@ def test_compiled_stretches_launch_fewer_kernels():
     default = result["triton"]
     assert eager["byte_step"] - default["byte_step"] >= 24 * 12, result
     assert default["byte_step"] <= compiled["byte_step"], result
+    # around the encoder's one block (8 launches), the new bytes' hash embeddings in one kernel, then
+    # the open patch's write, the residual add and the copy out; the greedy choice with its
+    # bookkeeping and the entropy with its patch flag in one kernel each
+    assert default["per_piece"]["encode"] <= 8 + 4, result
+    finish = default["finish_ops"]
+    assert finish.get("greedy kernel") == finish.get("entropy kernel") == 1, result
+    assert not {"argmax", "log_softmax", "index_put_"} & set(finish), result
     # triton-gemv: each norm inside the projection after it and SwiGLU's gate inside the gate/up
     # product, 3 launches fewer per block (24 per byte step, 25 per patch step; a decoder block's first
     # norm is the double residual's), and the cross-attention query norm inside the query product (9)
