@@ -413,9 +413,12 @@ class Runner:
                                read_slots, min_patches)
         return self.slot_keys_values(m.local_decoder.slots(g), self.ops)
 
-    def decode_bytes(self, byte_states, encoder_positions: Positions, tables, slot_patch, max_length: int):
+    def decode_bytes(self, byte_states, encoder_positions: Positions, tables, slot_patch, max_length: int,
+                     logits: bool = False):
         """Decoder over new positions; byte t reads the k slots at table entry slot_patch[t] (None: each
-        row's table holds exactly the k slots all its bytes read). -> (B, T, d) normed."""
+        row's table holds exactly the k slots all its bytes read). -> (B, T, d) normed, or with
+        `logits` the byte head's (B, T, V) in the model's dtype (the final norm and the head as one
+        pair, which StepOps may fuse)."""
         dec = self.model.local_decoder
         p = encoder_positions  # same rows and positions; rebuilt below if the geometry differs
         if not self.decoder_shares_positions:
@@ -435,14 +438,12 @@ class Runner:
                 h, delta = block_step(block, h, attended, self.decoder_kv, i, p, self.ops, self.kernels, double=True)
             else:
                 h, delta = block_step(block, h, delta, self.decoder_kv, i, p, self.ops, self.kernels)
+        if logits:
+            return self.ops.add_norm_linear(h, delta, self.decoder_norm, self.lm_head)[1]
         return self.ops.add_norm(h, delta, self.decoder_norm)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.byte_logits(h).float()
-
-    def byte_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The byte head's logits in the model's dtype."""
-        return F.linear(h, self.lm_head)
+        return F.linear(h, self.lm_head).float()
 
     def store_latest(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Keep the k decoder slots of each row's newest completed patch (kv from global_step)."""
@@ -518,8 +519,7 @@ class Runner:
                                    consecutive([slots[i] for i in rows]))  # in-place cache reads when it can
             self.store_latest(closing, new)
         tables = self.latest_tables(rs if rs is not None else s)
-        h = self.decode_bytes(byte_states, positions, tables, None, max(lengths))
-        return self.logits(h[:, 0])
+        return self.decode_bytes(byte_states, positions, tables, None, max(lengths), logits=True)[:, 0].float()
 
     def look_ahead(self, ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
         """Feed freshly sampled bytes (B,) at `positions` to the entropy model -> (B,) bool: does each

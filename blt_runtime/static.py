@@ -39,7 +39,7 @@ from .tokenizer import BOS_ID, EOS_ID
 from .transfer import HostTransfer
 
 MAX_LOGPROBS = 20  # a step that returns logprobs returns this many; the host keeps what each row asked for
-INT_FIELDS = ("slots", "lengths", "ids", "open_lens", "top_k", "seeds", "allow_eos")
+INT_FIELDS = ("slots", "lengths", "next", "ids", "open_lens", "top_k", "seeds", "allow_eos")  # next: lengths + 1
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 PATCH_FIELDS = ("rows", "counts", "before")
 NUMPY = {torch.long: np.int64, torch.float32: np.float32}
@@ -161,7 +161,7 @@ class StaticDecoder:
         self._check_capacity()
 
         buf = self._byte_buffers(Bb)
-        int_padding = {"slots": r.scratch, "ids": BOS_ID}
+        int_padding = {"slots": r.scratch, "ids": BOS_ID, "next": 1}
         in_order = order == list(range(B))  # rows already in order, none between them (the usual case)
 
         def by_row(columns: dict[str, list], padding: dict[str, float]) -> dict[str, list]:
@@ -176,7 +176,8 @@ class StaticDecoder:
             return out
 
         requests = self._request_columns((Bb, tuple(order), tuple(params), tuple(seeds)), params, seeds, by_row, buf)
-        buf.ints.fill(by_row({"slots": slots, "lengths": lengths, "ids": ids, "open_lens": open_lens}, int_padding)
+        buf.ints.fill(by_row({"slots": slots, "lengths": lengths, "next": [n + 1 for n in lengths], "ids": ids,
+                              "open_lens": open_lens}, int_padding)
                       | requests.ints, int_padding)
         self._run(("encode", Bb, spans, in_place), lambda: self._encode(buf, spans, in_place))
         if rows:
@@ -279,9 +280,8 @@ class StaticDecoder:
         own = b.rows if in_place else b.slots
         p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, reads, ops=r.ops,
                           kernels=r.kernels)
-        h = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1)
-        logits = r.byte_logits(h[:, 0])
-        position = b.lengths + 1
+        logits = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1, logits=True)[:, 0]
+        position = b.next  # the sampled bytes' (staged: no kernel)
         triton = r.kernels != "torch"  # the tail in two kernels (tail_kernels.py); greedy rows' choice in one
         if triton and greedy and not penalty:
             ids, embedded = greedy_pick(logits, b.allow_eos, never_sampled(logits.shape[1], logits.device),

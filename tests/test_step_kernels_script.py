@@ -45,8 +45,9 @@ def test_compiled_stretches_launch_fewer_kernels():
     assert not {"argmax", "log_softmax", "index_put_"} & set(finish), result
     # triton-gemv: each norm inside the projection after it and SwiGLU's gate inside the gate/up
     # product, 3 launches fewer per block (24 per byte step, 25 per patch step; a decoder block's first
-    # norm is the double residual's), and the cross-attention query norm inside the query product (9)
+    # norm is the double residual's), the cross-attention query norm inside the query product (9) and
+    # the decoder's final norm inside the byte head (1)
     gemv = result["triton_gemv"]
-    assert gemv["byte_step"] <= default["byte_step"] - 24 * 3 - 9, result
+    assert gemv["byte_step"] <= default["byte_step"] - 24 * 3 - 9 - 1, result
     assert gemv["per_piece"]["patch"] <= default["per_piece"]["patch"] - 25 * 3, result
     assert gemv["mb_written_per_byte_with_patches"] < default["mb_written_per_byte_with_patches"], result
