@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: sets up .venv (scripts/setup.sh) and Chromium for the
-# browser test, lints, runs pytest.
+# browser test, lints, runs pytest in two workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,4 +14,7 @@ if ! { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null
   fi
 fi
 .venv/bin/python -m ruff check .
-.venv/bin/python -m pytest "$@"
+# two workers (pytest-xdist; conftest.py gives each one torch thread): the suite is largely
+# single-threaded Python (Triton's interpreter, servers, subprocesses) and takes half the time on
+# two cores. `bash scripts/test.sh -n 0` runs it in one process.
+.venv/bin/python -m pytest -n 2 "$@"

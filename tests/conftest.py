@@ -9,7 +9,8 @@ import pytest
 import torch
 from factory import PARITY_TEXT, make_hf_checkpoint
 
-torch.set_num_threads(2)
+# two cores: two threads, or one for each of pytest-xdist's two workers (scripts/test.sh runs -n 2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 if not torch.cuda.is_available():
     # Triton kernels run in Triton's interpreter here (tests/test_attention.py); it must be chosen
     # before Triton is first imported, which is why it is set for the whole session.
