@@ -47,9 +47,10 @@ from blt_runtime.attention import RotationTable, Visible, sdpa_attention  # noqa
 from blt_runtime.fused import StepOps  # noqa: E402
 from blt_runtime.gemv import FUSED_ROWS  # noqa: E402
 from blt_runtime.model.entropy import entropy_nats  # noqa: E402
-from blt_runtime.model.hashing import hash_table_indices  # noqa: E402
+from blt_runtime.model.hashing import embed_with_hashes  # noqa: E402
 from blt_runtime.model.layers import apply_rope  # noqa: E402
 from blt_runtime.patcher import starts_next  # noqa: E402
+from blt_runtime.sampling import allowed  # noqa: E402
 
 NARROW = {"patcher_config": dict(hidden_size=96, intermediate_size=192),
           "encoder_config": dict(hidden_size=128),
@@ -195,8 +196,7 @@ def counted_embedding(counter: KernelCount):
         counter.paused = True
         try:
             context = torch.cat([history[rows], ids], dim=1)
-            indices = hash_table_indices(context, (), 0, vocab, powers, new=1)
-            out = F.embedding(ids, byte_table) + F.embedding(indices, hashed).sum(dim=-2)
+            out = embed_with_hashes(context, 1, powers, hashed, byte_table, vocab)
             history[rows] = context[:, 1:]
         finally:
             counter.paused = False
@@ -213,9 +213,7 @@ def counted_tail(counter: KernelCount):
     def greedy_pick(logits, allow_eos, never, counts, seen, slots, embed, eos_id, out):
         counter.paused = True
         try:
-            x = logits.float().masked_fill(never, float("-inf"))
-            x[:, eos_id] = torch.where(allow_eos != 0, x[:, eos_id], float("-inf"))
-            ids = x.argmax(dim=-1)
+            ids = allowed(logits, allow_eos, eos_id).argmax(dim=-1)
             counts[slots, ids] += 1
             seen[slots, ids] = True
             out[:, 0].copy_(ids)

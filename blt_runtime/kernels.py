@@ -24,7 +24,6 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 
 from .attention import RotationTable, Visible, decode_attention, sdpa_attention, triton_importable
 from .byte_embedding import embed_new_bytes
@@ -32,10 +31,10 @@ from .errors import ConfigError
 from .fused import EAGER
 from .gemv import GemvOps
 from .model.entropy import entropy_nats
-from .model.hashing import hash_table_indices, power_matrix
+from .model.hashing import embed_with_hashes, power_matrix
 from .model.layers import RMSNorm, rope_rotation
 from .patcher import starts_next
-from .sampling import never_sampled
+from .sampling import allowed, never_sampled
 from .tail_kernels import entropy_flags, greedy_pick
 from .tokenizer import EOS_ID
 from .triton_ops import TritonOps
@@ -145,7 +144,7 @@ def _check_embedding_and_tail(device: torch.device, dtype: torch.dtype, g: torch
     history = torch.randint(0, 260, (5, 7), generator=g).to(device)
     ids, rows = torch.randint(0, 260, (3, 1), generator=g).to(device), torch.tensor([4, 0, 2], device=device)
     context = torch.cat([history[rows], ids], dim=1)
-    want = F.embedding(ids, own) + F.embedding(hash_table_indices(context, (), 0, 97, powers, 1), hashed).sum(-2)
+    want = embed_with_hashes(context, 1, powers, hashed, own, 97)
     got = embed_new_bytes(ids, history, rows, powers, hashed, own, 97)
     if not torch.equal(history[rows], context[:, 1:]):
         return "byte embedding: the hash history was not moved on"
@@ -158,9 +157,7 @@ def _check_embedding_and_tail(device: torch.device, dtype: torch.dtype, g: torch
     counts, seen = torch.zeros(5, 260, device=device), torch.zeros(5, 260, dtype=torch.bool, device=device)
     out = torch.zeros(3, 2, dtype=torch.float64, device=device)
     chosen, _ = greedy_pick(logits, allow_eos, never, counts, seen, rows, own, EOS_ID, out)
-    masked = logits.float().masked_fill(never, float("-inf"))
-    masked[:, EOS_ID] = torch.where(allow_eos != 0, masked[:, EOS_ID], float("-inf"))
-    best = masked.argmax(-1)
+    best = allowed(logits, allow_eos, EOS_ID).argmax(-1)
     if not torch.equal(chosen, best) or not torch.equal(out[:, 0], best.double()) or counts.sum() != 3 \
             or not bool(seen[rows, best].all()):
         return "greedy choice differs from sampling.sample's, or was not counted"

@@ -147,11 +147,18 @@ def never_sampled(vocab: int, device: torch.device) -> torch.Tensor:
     return mask
 
 
+def allowed(logits: torch.Tensor, allow_eos: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, V) logits as fp32, -inf at the ids never sampled and, on rows where allow_eos (B,) is
+    false, at EOS: whose argmax is a greedy row's byte."""
+    logits = logits.float().masked_fill(never_sampled(logits.shape[-1], logits.device), float("-inf"))
+    logits[:, eos_id] = torch.where(allow_eos.bool(), logits[:, eos_id], float("-inf"))
+    return logits
+
+
 def sample(logits: torch.Tensor, s: SamplingBatch, positions: torch.Tensor, output_counts: torch.Tensor,
            seen: torch.Tensor, eos_id: int) -> torch.Tensor:
     """(B, V) fp32 logits -> (B,) chosen ids. `positions` (B,) is the index of the byte being chosen."""
-    logits = logits.float().masked_fill(never_sampled(logits.shape[-1], logits.device), float("-inf"))
-    logits[:, eos_id] = torch.where(s.allow_eos, logits[:, eos_id], float("-inf"))
+    logits = allowed(logits, s.allow_eos, eos_id)
     if s.any_penalty:
         logits = apply_penalties(logits, s, output_counts, seen)
     greedy = logits.argmax(dim=-1)

@@ -17,7 +17,7 @@ from ..patcher import PatchLayout, layout_from_starts, patch_starts
 from ..tokenizer import encode_tensor
 from .entropy import EntropyModel, entropy_nats
 from .global_model import GlobalModel
-from .hashing import hash_table_indices
+from .hashing import embed_with_hashes, power_matrix
 from .local_decoder import LocalDecoder
 from .local_encoder import LocalEncoder
 
@@ -62,9 +62,10 @@ class BltModel(nn.Module):
     def embed_new_bytes(self, ids: torch.Tensor, new: int, powers: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings of the last `new` ids of (B, C) `ids`, the earlier ones serving as hash context."""
         cfg = self.config
-        rows = hash_table_indices(ids, cfg.hash_group_sizes, cfg.hash_functions, cfg.hash_vocab, powers, new)
-        hashed = self.encoder_hash_tok_embedding(rows).sum(dim=-2)  # (B, new, d_enc)
-        return self.local_encoder.embed_tokens(ids[:, -new:]) + hashed
+        if powers is None:
+            powers = power_matrix(cfg.hash_group_sizes, cfg.hash_functions, ids.device)
+        return embed_with_hashes(ids, new, powers, self.encoder_hash_tok_embedding.weight,
+                                 self.local_encoder.embed_tokens.weight, cfg.hash_vocab)
 
     @torch.no_grad()
     def entropies(self, ids: torch.Tensor) -> torch.Tensor:

@@ -64,3 +64,12 @@ def hash_table_indices(ids: torch.Tensor, group_sizes: tuple[int, ...], n_functi
     hashes = (windows[:, :, None, :] * powers).sum(dim=-1)  # int64 arithmetic wraps around
     offsets = torch.arange(powers.shape[0], device=ids.device) * vocab
     return torch.remainder(hashes, vocab) + offsets
+
+
+def embed_with_hashes(ids: torch.Tensor, new: int, powers: torch.Tensor, hash_table: torch.Tensor,
+                      byte_table: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The local encoder's input for the last `new` ids of (B, C) `ids` (the earlier ones their hash
+    context): each id's byte embedding plus the sum of its hash embeddings over the tables, from the
+    (tables * vocab, d) hash table and (bytes, d) byte table. -> (B, new, d)."""
+    rows = hash_table_indices(ids, (), 0, vocab, powers, new)
+    return F.embedding(ids[:, -new:], byte_table) + F.embedding(rows, hash_table).sum(dim=-2)
