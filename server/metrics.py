@@ -50,6 +50,7 @@ class Metrics:
         self.batch_size = Histogram("blt_batch_size", "Sequences advanced per engine step.", m,
                                     buckets=BATCH_BUCKETS, registry=r)
         self.model = model
+        self._children: dict[tuple, object] = {}
         for metric in list(vars(self).values()):  # show every series from the start, at zero
             if getattr(metric, "_labelnames", None) == ("model",):
                 metric.labels(model)
@@ -61,8 +62,14 @@ class Metrics:
             self.rejected.labels(model, reason)
 
     def of(self, metric, **labels):
-        """`metric` with the model label (and any others) filled in."""
-        return metric.labels(model=self.model, **labels)
+        """`metric` with the model label (and any others) filled in. The labelled child is kept:
+        prometheus_client's `labels()` took 4.5 us per call here (a lock and checks), against 1-2 us
+        for the `inc`/`observe` itself, and the engine worker calls this for every byte it delivers."""
+        key = (metric, *labels.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(model=self.model, **labels)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

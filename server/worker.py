@@ -188,12 +188,13 @@ class EngineWorker:
                 m.of(m.queue_time).observe(now - self._tracked[rid].arrival)
         if batch:
             m.of(m.batch_size).observe(batch)
-        deliveries = []
+        deliveries, generated = [], 0
         for out in outputs:
             tracked = self._tracked.get(out.request_id)
             if tracked is None:  # refused as part of a group, or already failed
                 continue
             if out.new_bytes:
+                generated += len(out.new_bytes)
                 self._observe_byte(tracked, out, now)
             if out.finished:
                 self._tracked.pop(out.request_id)
@@ -201,6 +202,9 @@ class EngineWorker:
                 if tracked.abort_reason == "shutdown":
                     out = Failure(out.request_id, "the server is shutting down; the request was stopped", 503)
             deliveries.append((tracked.queue, out))
+        if generated:  # one increment per step, not per byte
+            m.of(m.generation_bytes).inc(generated)
+            self._summary.generated += generated
         m.of(m.running).set(engine.num_running)
         m.of(m.waiting).set(engine.num_waiting)
         m.of(m.cache_usage).set(engine.num_running / engine.max_batch_size)
@@ -209,8 +213,6 @@ class EngineWorker:
 
     def _observe_byte(self, t: Tracked, out: StepOutput, now: float) -> None:
         m = self.metrics
-        m.of(m.generation_bytes).inc(len(out.new_bytes))
-        self._summary.generated += len(out.new_bytes)
         if t.first_byte is None:
             t.first_byte = now
             m.of(m.ttfb).observe(now - t.arrival)
