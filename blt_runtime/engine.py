@@ -4,6 +4,12 @@ Every engine step advances each running sequence by one byte (batched), prefills
 most one new prompt, samples the first byte of prompts prefilled in the step before, and reports
 what happened as StepOutputs; it waits for the device once (transfer.py). Runs on one thread; knows nothing
 about HTTP. Memory per sequence for the local models is bounded by their windows.
+
+With `overlap` (the default on CUDA) a call to `step()` queues the next step's device work before it
+returns this step's outputs, so that what the caller does with them (a server: metrics, delivery to
+clients) runs while the device computes, not while it waits. The step queued so far sees the
+requests added and aborted before it was queued; later ones join the step after. An abort still ends
+a request at once: the byte its row computes in the queued step is dropped.
 """
 
 from __future__ import annotations
@@ -54,17 +60,32 @@ class StepOutput:
 ONE_BYTE = [bytes([b]) for b in range(256)]
 
 
+@dataclass
+class Queued:
+    """A step whose device work is queued: what `_complete` needs to read and apply its results."""
+
+    plan: Plan
+    transfer: HostTransfer
+    chunk: ChunkStart | None
+    decoded: Callable[[], Sampled] | None
+    firsts: Callable[[], Sampled] | None
+    outputs: list[StepOutput]  # known without the device: admitted requests with max_bytes=0
+
+
 class Engine:
     def __init__(self, model: BltModel, max_batch_size: int = 16, max_model_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 512, static: bool | None = None,
-                 cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto"):
+                 cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto",
+                 overlap: bool | None = None):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
         off by default: compiling takes a while, and on a CPU it is slower). `kernels`: "torch",
         "triton" (the repository's Triton kernels for attention, RoPE, norms and SwiGLU's gate),
         "triton-gemv" (those, with the norms and the gate inside the projections' kernels) or "auto"
-        (kernels.py: "triton" on CUDA when its kernels pass their start-up check)."""
+        (kernels.py: "triton" on CUDA when its kernels pass their start-up check). `overlap`: queue
+        the next step before returning this one's outputs (module docstring); on by default on CUDA,
+        off on a CPU, where nothing runs while the host works."""
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
@@ -85,8 +106,11 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._first_logits: dict[str, torch.Tensor] = {}  # prompt's last logits of PREFILLED sequences
-        self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step
+        self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step() call
         self._rng = random.Random()
+        self.overlap = on_cuda if overlap is None else overlap
+        self._queued: Queued | None = None
+        self._failed: BaseException | None = None  # raised by the next step(): queueing failed after a step
 
     # ------------------------------------------------------------------ API
     def add_request(self, request_id: str, prompt: bytes, params: SamplingParams | None = None) -> None:
@@ -114,7 +138,8 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.num_waiting or self.scheduler.num_running or self._aborted)
+        return bool(self._queued or self.scheduler.num_waiting or self.scheduler.num_running or self._aborted
+                    or self._failed)
 
     @property
     def kernels(self) -> str:
@@ -135,9 +160,24 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        outputs = [self._final(seq, b"", False) for seq in self._aborted]
-        self._aborted.clear()
+        """Run one step (the one queued by the last call, with `overlap`) and return its outputs."""
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         self.last_admitted = []
+        queued, self._queued = self._queued or self._queue(), None
+        outputs = self._complete(queued)
+        if self.overlap and (self.scheduler.num_waiting or self.scheduler.num_running):
+            try:
+                self._queued = self._queue()
+            except Exception as e:  # noqa: BLE001 - this step's outputs go back first; the next call raises
+                self._failed = e
+        return outputs
+
+    def _queue(self) -> Queued:
+        """Admit what can be admitted, plan, and queue all of the step's device work; bring what the
+        host needs over in one transfer (`_complete` waits for it, the step's one wait for the device)."""
+        outputs = []
         for seq in self.scheduler.admit(self.slots.allocate):
             self.last_admitted.append(seq.request_id)
             self.runner.admit(seq.slot, seq.ids)
@@ -145,8 +185,6 @@ class Engine:
                 seq.finish_reason = "length"
                 outputs.append(self._finish(seq, b"", False))
         plan = self.scheduler.plan()
-        # Queue all of the step's device work, bring what the host needs over in one transfer (the
-        # step's one wait for the device), then finish the prefill chunk on its patch boundaries.
         transfer = HostTransfer()
         chunk = None
         if plan.prefill is not None:
@@ -154,15 +192,23 @@ class Engine:
             chunk = self.runner.prefill_start(plan.prefill.slot, plan.prefill.ids[start:end], start, transfer)
         decoded = self._decode(plan.decode, transfer) if plan.decode else None
         firsts = self._sample(plan.first, [self._first_logits.pop(s.request_id) for s in plan.first], transfer)
-        transfer.fetch()
-        if decoded is not None:
-            outputs += self._report(plan.decode, decoded())
-        if firsts is not None:
-            for seq in plan.first:
-                seq.status = Status.RUNNING
-            outputs += self._report(plan.first, firsts())
-        if chunk is not None:
-            self._prefill_finish(plan, chunk, transfer)
+        return Queued(plan, transfer, chunk, decoded, firsts, outputs)
+
+    def _complete(self, q: Queued) -> list[StepOutput]:
+        """Wait for a queued step, apply its bytes and stops, finish its prefill chunk on its patch
+        boundaries; requests aborted since it was queued are reported as aborted, their bytes dropped."""
+        outputs = [self._final(seq, b"", False) for seq in self._aborted] + q.outputs
+        self._aborted.clear()
+        q.transfer.fetch()
+        if q.decoded is not None:
+            outputs += self._report(q.plan.decode, q.decoded())
+        if q.firsts is not None:
+            for seq in q.plan.first:
+                if seq.status is Status.PREFILLED:
+                    seq.status = Status.RUNNING
+            outputs += self._report(q.plan.first, q.firsts())
+        if q.chunk is not None:
+            self._prefill_finish(q.plan, q.chunk, q.transfer)
         return outputs
 
     # ------------------------------------------------------------------ step kinds
@@ -204,6 +250,8 @@ class Engine:
         """Accept each sequence's sampled byte, apply stops, report."""
         outputs = []
         for b, seq in enumerate(seqs):
+            if seq.status is Status.FINISHED:  # aborted after its step was queued: reported already
+                continue
             position = len(seq.ids)
             patch_start = seq.patch_starts[-1] == position
             seq.accept(sampled.ids[b], self.max_model_len)

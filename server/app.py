@@ -66,10 +66,12 @@ def build_engine(settings: Settings):
     engine = Engine(model, max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
                     cuda_graphs=False if settings.enforce_eager else None,  # None: graphs where CUDA is
-                    compile=settings.compile, kernels=settings.kernels)
-    log.info("decode steps: %s%s, %s kernels", "CUDA graphs" if engine.uses_cuda_graphs else
+                    compile=settings.compile, kernels=settings.kernels,
+                    overlap=False if settings.no_overlap else None)  # None: overlap where CUDA is
+    log.info("decode steps: %s%s, %s kernels%s", "CUDA graphs" if engine.uses_cuda_graphs else
              "static shapes, eager" if engine.static is not None else "dynamic shapes, eager",
-             ", element-wise stretches compiled" if settings.compile else "", engine.kernels)
+             ", element-wise stretches compiled" if settings.compile else "", engine.kernels,
+             ", each queued before the last one's outputs are handled" if engine.overlap else "")
     return engine
 
 

@@ -32,6 +32,7 @@ class Settings:
     enforce_eager: bool = False  # no CUDA graphs (static steps run eagerly)
     compile: bool = False  # element-wise stretches of each step compiled (torch.compile)
     kernels: str = "auto"  # auto, torch, triton or triton-gemv (blt_runtime/kernels.py)
+    no_overlap: bool = False  # queue each engine step only after the last one's outputs are handled
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -66,6 +67,9 @@ HELP = {
                "the caches, RoPE, norms and SwiGLU), triton-gemv (those, with each norm and SwiGLU's gate "
                "inside the projection's kernel), torch (PyTorch's), or auto (triton on CUDA when they "
                "pass a start-up check)",
+    "no_overlap": "on CUDA, queue each engine step only once the last step's outputs are handled (by "
+                  "default the next step is queued first, so that the device computes while the host "
+                  "handles outputs)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",
