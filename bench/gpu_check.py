@@ -6,7 +6,10 @@ and timed in one run. Prints a table and, last, one JSON line.
 2. Checks: CUDA graph replay against the same static steps run eagerly on 256 greedy bytes
    ("graphs_equal_eager"; on a CPU, static steps against the dynamic step), greedy output against
    itself run again (determinism, batch 1 and every stream count), and top-1 agreement when full
-   recompute in bf16 scores the engine's own greedy output (>= 99% asked).
+   recompute in bf16 scores the engine's own greedy output (>= 99% asked). Every engine overlaps its
+   steps (the next one queued before a step's outputs go back, the CUDA default); the primary one
+   also runs without ("overlap_equal_no_overlap", and `..._no_overlap` bytes/s at batch 1 and at
+   the largest stream count).
 3. Times batch-1 bytes/s (graphs and eager), time to first byte for a 1 KB prompt, aggregate bytes/s
    at 8, 32 and 64 streams, and peak memory. Each timed run follows an identical untimed one, so
    graph captures (one per new step shape) are not in the figures.
@@ -104,8 +107,10 @@ def set_threshold(model: BltModel, bytes_per_patch: float = 4.5) -> float:
 
 def make_engine(model: BltModel, graphs: bool, static: bool = True, compile: bool = False,
                 kernels: str = "auto") -> Engine:
+    """Overlapped steps (the CUDA default) on any device, so that the CPU test of this script runs
+    the same paths."""
     return Engine(model, max_batch_size=64, max_model_len=4096, static=static, cuda_graphs=graphs, compile=compile,
-                  kernels=kernels)
+                  kernels=kernels, overlap=True)
 
 
 def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple[dict, list[bytes]]:
@@ -134,6 +139,15 @@ def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple[dict
 
 
 RUNS = list(range(10_000, 0, -1))  # unique request ids across runs
+
+
+def without_overlap(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple[dict, list[bytes]]:
+    """run_engine with the engine's steps not overlapped (nothing is queued between runs)."""
+    engine.overlap = False
+    try:
+        return run_engine(engine, prompts, n_bytes)
+    finally:
+        engine.overlap = True
 
 
 def profile_steps(engine: Engine, prompt: bytes, steps: int = 32) -> dict:
@@ -391,7 +405,12 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     result["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
     result["bytes_per_patch"] = round(one["bytes"] / max(one["completion_patches"], 1), 2)
     result["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
-    for k, n in enumerate(streams or [int(s) for s in args.streams.split(",")]):
+    if primary.overlap:  # the same engine with each step queued only after the last one's outputs
+        serial, (plain,) = without_overlap(primary, [prompt], args.bytes)
+        result["overlap_equal_no_overlap"] = plain == greedy
+        result["batch1_bytes_per_s_no_overlap"] = round(serial["bytes_per_s"], 1)
+    counts = streams or [int(s) for s in args.streams.split(",")]
+    for k, n in enumerate(counts):
         prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
         _, outputs = run_engine(primary, prompts, args.bytes)  # captures this bucket's graphs
         stats, again = run_engine(primary, prompts, args.bytes)
@@ -399,6 +418,10 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
         result["deterministic"] &= outputs == again
         if k == 0:  # the comparison once more with several rows, patch steps of several sizes among them
             result[f"{names[0]}_equal_{names[1]}_{n}_streams"] = run_engine(other, prompts, args.bytes)[1] == outputs
+        if primary.overlap and n == max(counts):
+            serial, plain = without_overlap(primary, prompts, args.bytes)
+            result["overlap_equal_no_overlap"] &= plain == outputs
+            result[f"aggregate_bytes_per_s_{n}_no_overlap"] = round(serial["bytes_per_s"], 1)
     if primary.static is not None:
         result["step_shapes_run"] = len(primary.static.keys_seen)
     if primary.uses_cuda_graphs:

@@ -5,11 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_host_overhead_runs():
+@pytest.mark.parametrize("caller", ["none", "worker"])
+def test_host_overhead_runs(caller):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "host_overhead.py"), "--batches", "1,4", "--steps",
-                          "20", "--repeats", "1"], capture_output=True, text=True, timeout=300, check=True).stdout
+                          "20", "--repeats", "1", "--caller", caller], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    assert set(result) == {"host_us_per_step_1", "host_us_per_step_4"} and min(result.values()) > 0
+    assert set(result) == {f"{kind}_us_per_step_{b}{overlap}" for kind in ("host", "critical") for b in (1, 4)
+                           for overlap in ("", "_no_overlap")}
+    for key, value in result.items():
+        assert value > 0, key
+        if key.startswith("critical"):  # a part of the host's work
+            assert value <= result[key.replace("critical", "host")] * 1.01, key
