@@ -25,8 +25,10 @@ def id_name(model_id: int) -> str:
 
 class ChoiceState:
     def __init__(self, index: int, stops: tuple[bytes, ...], prefix: str = "", logprobs: bool = False,
-                 patches: bool = False):
+                 patches: bool = False, streamed: bool = False):
+        """`streamed`: the pieces are sent as deltas and then dropped (a whole body keeps them all)."""
         self.index, self.prefix, self.want_logprobs, self.want_patches = index, prefix, logprobs, patches
+        self.streamed = streamed
         self.stream = ChoiceStream(stops)
         self.prompt_piece: tuple[Piece, int] | None = None  # echoed prompt bytes with their logprobs
         self.pieces: list[tuple[Piece, int]] = []  # with the character offset of each piece's text
@@ -60,17 +62,20 @@ class ChoiceState:
         return {"index": self.index, "text": self.prefix, "finish_reason": None, "stop_reason": None,
                 "logprobs": _logprobs([self.prompt_piece]) if self.want_logprobs and self.prompt_piece else None}
 
-    def delta(self, piece: Piece | None) -> dict:
-        """A stream chunk's choice for `piece` (the last one carries the finish reason)."""
-        text = piece.text if piece else ""
+    def delta(self, new: int) -> dict:
+        """A stream chunk's choice for the `new` latest pieces, whose text follows the last chunk's (the
+        last chunk carries the finish reason). A streamed choice then forgets its pieces."""
+        pieces = self.pieces[-new:] if new else []
+        text = "".join(p.text for p, _ in pieces)
         choice = {"index": self.index, "text": text, "logprobs": None, "finish_reason": None, "stop_reason": None}
-        pieces = self.pieces[-1:] if piece else []
         if self.want_logprobs:
             choice["logprobs"] = _logprobs(pieces)
         if self.want_patches:
             choice["patch_starts"] = _patch_starts(pieces)
         if self.done:
             choice["finish_reason"], choice["stop_reason"] = self.finish_reason, self.stop_reason
+        if self.streamed:  # sent: kept, a long stream's pieces would only slow the garbage collector
+            self.pieces.clear()
         return choice
 
     def whole(self) -> dict:

@@ -63,6 +63,9 @@ def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int) -> N
                                 f"of {max_model_len} bytes (BOS included)", "max_tokens", "context_length_exceeded")
 
 
+MAX_COALESCED = 4096  # engine outputs merged into the events of one write, at most
+
+
 class Completion:
     """One HTTP request's sequences: choice `prompt_index * n + i` is sequence f"{id}-{index}"."""
 
@@ -78,7 +81,7 @@ class Completion:
             for i in range(req.n):
                 index = p * req.n + i
                 self.choices[f"{self.id}-{index}"] = ChoiceState(index, stops, prefix, req.logprobs is not None,
-                                                                 req.return_patches)
+                                                                 req.return_patches, req.stream)
         self.disconnected = False
 
     @property
@@ -161,13 +164,15 @@ class Completion:
                 except asyncio.TimeoutError:
                     yield ": keep-alive\n\n"
                     continue
-                if isinstance(item, Failure):
-                    yield f"data: {json.dumps(self._fail(item))}\n\n"
+                items = [item]
+                while len(items) < MAX_COALESCED and not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                events, failure = self._coalesce(items)
+                if events and not self.disconnected:
+                    yield events
+                if failure is not None:
+                    yield f"data: {json.dumps(self._fail(failure))}\n\n"
                     break
-                choice = self.choices[item.request_id]
-                piece = choice.consume(item)
-                if (piece is not None or choice.done) and not self.disconnected:
-                    yield self.chunk([choice.delta(piece)])
             else:
                 opts = self.req.stream_options
                 if opts is not None and opts.include_usage:
@@ -176,6 +181,25 @@ class Completion:
         finally:
             watcher.cancel()
             self.on_disconnect()  # a no-op when every choice finished
+
+    def _coalesce(self, items: list) -> tuple[str, Failure | None]:
+        """The events for outputs that arrived together, one per choice that has new text or finished
+        (its text, logprobs and patch starts those of all its new bytes), and a failure among them
+        (what follows a failure is dropped: the stream ends there). A client that reads as fast as
+        the engine steps gets an event per byte; one that falls behind (a busy event loop, a slow
+        reader) gets fewer, larger events instead of a growing backlog: the event loop spends about
+        as much per event as per byte."""
+        new: dict[str, int] = {}  # choice -> pieces released, in order of first appearance
+        for item in items:
+            if isinstance(item, Failure):
+                return self._events(new), item
+            piece = self.choices[item.request_id].consume(item)
+            if piece is not None or self.choices[item.request_id].done:
+                new[item.request_id] = new.get(item.request_id, 0) + (piece is not None)
+        return self._events(new), None
+
+    def _events(self, new: dict[str, int]) -> str:
+        return "".join(self.chunk([self.choices[rid].delta(n)]) for rid, n in new.items())
 
     def _fail(self, failure: Failure) -> dict:
         """An error inside a started stream (or a body): abort the siblings, return the error body."""

@@ -1,0 +1,116 @@
+"""What blt-serve's HTTP side costs per streamed byte, without a model: the server around a scripted
+engine that emits a byte per stream per step (tests/server/scripted.py), N streaming clients.
+
+The engine worker, the event loop and the SSE writes share one interpreter (one GIL), so the
+server's CPU time per delivered byte bounds what it can stream whatever the device does: at 50 us
+per byte, 20,000 bytes/s. Reports the bytes/s delivered, the server process's CPU time per byte
+(user + system, from /proc: Linux), and the SSE events per byte (below 1 when events carry several
+bytes: outputs that wait in a stream's queue together go out as one event). The clients run in this
+process; on a small machine they compete with the server for cores, so compare figures from one run.
+
+    .venv/bin/python bench/http_overhead.py --streams 64 --bytes 500     # JSON line last
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve(port: int, step_ms: float, streams: int) -> None:
+    """The server process: blt-serve's app around the scripted engine."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "server")]
+    import uvicorn
+    from scripted import ScriptedEngine
+
+    from server import Settings, create_app
+
+    engine = ScriptedEngine({}, max_batch_size=streams, max_queue=streams, step_delay=step_ms / 1000,
+                            default=b"abcdefgh" * 100_000)
+    app = create_app(Settings(served_model_name="scripted"), engine)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def stream(client: httpx.AsyncClient, url: str, i: int, n_bytes: int) -> tuple[int, int]:
+    """(bytes of text received, events)."""
+    body = {"prompt": f"client {i}", "max_tokens": n_bytes, "stream": True}
+    got = events = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                events += 1
+                got += sum(len(c["text"].encode()) for c in json.loads(line[6:])["choices"])
+    return got, events
+
+
+async def measure(url: str, pid: int, streams: int, n_bytes: int) -> dict:
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=streams + 8)) as client:
+        await stream(client, url, -1, 8)  # warm-up
+        cpu, start = cpu_seconds(pid), time.perf_counter()
+        results = await asyncio.gather(*[stream(client, url, i, n_bytes) for i in range(streams)])
+        elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu
+    got, events = sum(r[0] for r in results), sum(r[1] for r in results)
+    assert got == streams * n_bytes, f"received {got} bytes of {streams * n_bytes}"
+    return {"bytes_per_s": round(got / elapsed, 1), "server_cpu_us_per_byte": round(cpu / got * 1e6, 1),
+            "events_per_byte": round(events / got, 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--bytes", type=int, default=500, help="bytes per stream")
+    p.add_argument("--step-ms", type=float, default=1.0, help="the scripted engine's time per step")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the server on this port
+    args = p.parse_args()
+    if args.serve:
+        serve(args.serve, args.step_ms, args.streams)
+        return
+    sys.path.insert(0, str(ROOT / "tests" / "server"))
+    from serverkit import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
+                             "--streams", str(args.streams)])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("the server did not start")
+            time.sleep(0.2)
+        result = {"streams": args.streams, "bytes_per_stream": args.bytes, "step_ms": args.step_ms, "rounds": []}
+        for r in range(args.rounds):
+            figures = asyncio.run(measure(url, proc.pid, args.streams, args.bytes))
+            result["rounds"].append(figures)
+            print(f"round {r + 1}: {figures['bytes_per_s']:,.0f} bytes/s delivered, server CPU "
+                  f"{figures['server_cpu_us_per_byte']} us per byte, {figures['events_per_byte']} events per byte")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
