@@ -74,7 +74,7 @@ class ChoiceState:
             choice["patch_starts"] = _patch_starts(pieces)
         if self.done:
             choice["finish_reason"], choice["stop_reason"] = self.finish_reason, self.stop_reason
-        if self.streamed:  # sent: kept, a long stream's pieces would only slow the garbage collector
+        if self.streamed:  # sent: keeping them would only give the garbage collector more to scan
             self.pieces.clear()
         return choice
 
