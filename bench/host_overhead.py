@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -65,7 +66,7 @@ def host_us_per_step(model, batch: int, steps: int, overlap: bool = False, calle
 
     engine.static._run = launch
     step = worker_step(engine) if caller == "worker" else engine.step
-    with torch.inference_mode(), patched(HostTransfer, "fetch", fetch):
+    with torch.inference_mode(), patch.object(HostTransfer, "fetch", fetch):
         step()  # untimed: the caller's first call sets up its own state (a worker: its metrics' children)
         marks["critical"] = 0.0
         start = time.perf_counter()
@@ -75,18 +76,6 @@ def host_us_per_step(model, batch: int, steps: int, overlap: bool = False, calle
             step()
         elapsed = time.perf_counter() - start
     return elapsed / steps * 1e6, marks["critical"] / steps * 1e6
-
-
-class patched:
-    def __init__(self, owner, name, value):
-        self.owner, self.name, self.value = owner, name, value
-
-    def __enter__(self):
-        self.saved = getattr(self.owner, self.name)
-        setattr(self.owner, self.name, self.value)
-
-    def __exit__(self, *exc):
-        setattr(self.owner, self.name, self.saved)
 
 
 def worker_step(engine: Engine):

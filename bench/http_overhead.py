@@ -83,23 +83,22 @@ def main() -> None:
         serve(args.serve, args.step_ms, args.streams)
         return
     sys.path.insert(0, str(ROOT / "tests" / "server"))
-    from serverkit import free_port
+    from serverkit import free_port, wait_until
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
                              "--streams", str(args.streams)])
+
+    def up() -> bool:
+        assert proc.poll() is None, "the server exited"
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
+        wait_until(up, what="the server")
         result = {"streams": args.streams, "bytes_per_stream": args.bytes, "step_ms": args.step_ms, "rounds": []}
         for r in range(args.rounds):
             figures = asyncio.run(measure(url, proc.pid, args.streams, args.bytes))
