@@ -145,7 +145,9 @@ class Scheduler:
                 prefill = s
         if prefill is None:
             return Plan(decode, None, first=first)
-        end = min(prefill.processed + self.prefill_chunk, prefill.prompt_len)
+        # prefill_chunk counts prompt bytes: BOS rides with the first chunk (a 1,024-byte prompt is two
+        # chunks of 512, not three with a last one of one byte, a whole step longer to the first byte)
+        end = min(prefill.processed + self.prefill_chunk + (prefill.processed == 0), prefill.prompt_len)
         return Plan(decode, prefill, (prefill.processed, end), first)
 
     def remove(self, seq: Sequence) -> None:

@@ -67,6 +67,19 @@ def test_chunked_prefill_equals_whole_prefill(models):
     assert whole[1].usage == chunked[1].usage
 
 
+@pytest.mark.parametrize("prompt_bytes, chunks", [(1, 1), (64, 1), (65, 2), (128, 2), (129, 3)])
+def test_prefill_chunks_count_prompt_bytes(models, prompt_bytes, chunks):
+    """prefill_chunk counts prompt bytes (BOS rides with the first chunk); the first byte is sampled
+    in the step after the last chunk."""
+    engine = Engine(models["first_layer"], prefill_chunk=64)
+    engine.add_request("a", PARITY_TEXT[:prompt_bytes], SamplingParams(max_bytes=3, temperature=0.0, ignore_eos=True))
+    steps = 0
+    while not engine.sequences["a"].generated:
+        engine.step()
+        steps += 1
+    assert steps == chunks + 1
+
+
 def test_batched_equals_alone(models):
     """The same request gives the same bytes alone and among 7 others joining at different steps."""
     model = models["1b"]
