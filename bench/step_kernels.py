@@ -20,6 +20,9 @@ memory (a new tensor, or in place), not views and not same-dtype casts, and the 
   inductor's CPU output is one function for each stretch, Triton may need a kernel per shape). The
   GPU check's profile confirms it there;
 - compiled_triton: `--compile`, the stretches compiled and the attention kernel.
+It also counts, eager and with `triton`, the kernels from a 1,024-byte prompt's arrival to its first
+byte, per engine step (prefill chunks of 512, then the step that samples the first byte; these run
+eagerly, not from CUDA graphs): what the GPU check's time to first byte scales with.
 Widths are scaled down by default (the count does not depend on them) so that it runs in seconds;
 the threshold is set as in the GPU check, for about 4.5 bytes per patch on English text.
 
@@ -235,9 +238,24 @@ def counted_tail(counter: KernelCount):
     return greedy_pick, entropy_flags
 
 
-def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
-    """Kernels per piece of a decode step, over `steps` steps of `batch` greedy sequences."""
+def count_prefill(model: BltModel, mode: str, prompt_bytes: int = 1024) -> dict:
+    """Kernels per engine step from a prompt's arrival to its first byte (the prefill chunks, then the
+    step that samples the first byte): what the GPU check's time to first byte scales with."""
     counter = KernelCount()
+    engine = counted_engine(model, 1, mode, counter)
+    prompt = (ROOT / "README.md").read_bytes()[:prompt_bytes]
+    engine.add_request("p", prompt, SamplingParams(max_bytes=4, temperature=0.0, ignore_eos=True))
+    steps = []
+    while not engine.sequences["p"].generated:
+        counter.kernels = Counter()
+        with counter:
+            engine.step()
+        steps.append(sum(counter.kernels.values()))
+    return {"prompt_bytes": len(prompt), "per_step": steps, "total": sum(steps)}
+
+
+def counted_engine(model: BltModel, batch: int, mode: str, counter: KernelCount) -> Engine:
+    """A static-step engine whose kernels `counter` counts as `mode` would launch them."""
     engine = Engine(model, max_batch_size=batch, static=True, cuda_graphs=False, kernels="torch")
     if mode.startswith("compiled"):
         engine.runner.ops = CountedOps(counter, CountedOps.COMPILED)
@@ -251,6 +269,13 @@ def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
         runner.decode_attention = counted_attention(counter)  # for this script's process only
         runner.embed_new_bytes = counted_embedding(counter)
         static.greedy_pick, static.entropy_flags = counted_tail(counter)
+    return engine
+
+
+def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
+    """Kernels per piece of a decode step, over `steps` steps of `batch` greedy sequences."""
+    counter = KernelCount()
+    engine = counted_engine(model, batch, mode, counter)
     text = (ROOT / "README.md").read_bytes()
     for i in range(batch):
         engine.add_request(str(i), text[100 * i:100 * i + 200], SamplingParams(max_bytes=steps + 50, temperature=0.0,
@@ -304,6 +329,10 @@ def main() -> None:
                   f"per byte with patch steps {c['per_byte_with_patches']}  "
                   f"MB written per byte step {c['mb_written_byte_step']}, with patch steps "
                   f"{c['mb_written_per_byte_with_patches']}")
+        for mode in ("eager", "triton"):
+            result[f"prefill_{mode}"] = c = count_prefill(model, mode)
+            print(f"{mode:15s} kernels from a {c['prompt_bytes']}-byte prompt to its first byte {c['total']:5d}  "
+                  f"per engine step {c['per_step']}")
     result["byte_step_ratio"] = round(result["eager"]["byte_step"] / result["compiled"]["byte_step"], 2)
     result["triton_byte_step_ratio"] = round(result["eager"]["byte_step"] / result["triton"]["byte_step"], 2)
     sdpa, triton = result["compiled"], result["compiled_triton"]

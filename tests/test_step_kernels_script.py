@@ -19,6 +19,11 @@ def test_compiled_stretches_launch_fewer_kernels():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     eager, compiled = result["eager"], result["compiled"]
+    # a 1,024-byte prompt to its first byte: two prefill chunks of 512 (BOS rides with the first), then
+    # the step that samples the first byte; the Triton kernels' norms and gates count there too
+    prefill, prefill_triton = result["prefill_eager"], result["prefill_triton"]
+    assert prefill["prompt_bytes"] == 1024 and len(prefill["per_step"]) == len(prefill_triton["per_step"]) == 3
+    assert prefill_triton["total"] < prefill["total"], result
     assert set(eager["per_piece"]) == {"encode", "patch", "finish"} == set(compiled["per_piece"])
     # 24 blocks run per byte (14 entropy, 1 encoder, 9 decoder): each saves at least 10 launches
     assert eager["byte_step"] - compiled["byte_step"] >= 24 * 10, result
