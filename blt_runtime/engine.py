@@ -7,9 +7,9 @@ about HTTP. Memory per sequence for the local models is bounded by their windows
 
 With `overlap` (the default on CUDA) a call to `step()` queues the next step's device work before it
 returns this step's outputs, so that what the caller does with them (a server: metrics, delivery to
-clients) runs while the device computes, not while it waits. The step queued so far sees the
-requests added and aborted before it was queued; later ones join the step after. An abort still ends
-a request at once: the byte its row computes in the queued step is dropped.
+clients) runs while the device computes, not while it waits. A queued step was planned with the
+requests known when it was queued: one added later joins the step after. An abort still ends a
+request at once: the byte its row computes in the queued step is dropped.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(warm_up, engine)
         # What start-up made (modules, the model, the routes) lives as long as the process: moved out of
-        # the collector's sight, full collections stop scanning it at every few thousand allocations.
+        # the collector's sight, so that full collections no longer scan it (bench/RESULTS.md).
         gc.collect()
         gc.freeze()
         state.worker.start(asyncio.get_running_loop())
