@@ -11,8 +11,10 @@ and timed in one run. Prints a table and, last, one JSON line.
    also runs without ("overlap_equal_no_overlap", and `..._no_overlap` bytes/s at batch 1 and at
    the largest stream count).
 3. Times batch-1 bytes/s (graphs and eager), time to first byte for a 1 KB prompt, aggregate bytes/s
-   at 8, 32 and 64 streams, and peak memory. Each timed run follows an identical untimed one, so
-   graph captures (one per new step shape) are not in the figures.
+   at 8, 32 and 64 streams, and peak memory; and batch 1 and the largest stream count sampling with
+   temperature 0.8 and top-p 0.95 (`..._sampled`; seeded, so also checked against the comparison
+   engine and against itself). Each timed run follows an identical untimed one, so graph captures
+   (one per new step shape) are not in the figures.
 4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run.
 5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
    time per step, the costliest kernels.
@@ -113,12 +115,17 @@ def make_engine(model: BltModel, graphs: bool, static: bool = True, compile: boo
                   kernels=kernels, overlap=True)
 
 
-def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple[dict, list[bytes]]:
-    """Greedy generation for all prompts at once (an engine is reused: its graphs stay captured)."""
+SAMPLED = dict(temperature=0.8, top_p=0.95)  # how a client who samples might ask
+
+
+def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int, sampled: bool = False) -> tuple[dict, list[bytes]]:
+    """Greedy generation for all prompts at once (`sampled`: with SAMPLED, request i seeded i); an
+    engine is reused: its graphs stay captured."""
     run = RUNS.pop()
     ids = [f"{run}-{i}" for i in range(len(prompts))]
-    for rid, p in zip(ids, prompts):
-        engine.add_request(rid, p, SamplingParams(max_bytes=n_bytes, temperature=0.0, ignore_eos=True))
+    for i, (rid, p) in enumerate(zip(ids, prompts)):
+        how = dict(SAMPLED, seed=i) if sampled else dict(temperature=0.0)
+        engine.add_request(rid, p, SamplingParams(max_bytes=n_bytes, ignore_eos=True, **how))
     out = {rid: bytearray() for rid in ids}
     patches = 0
     device = engine.model.device
@@ -409,6 +416,13 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
         serial, (plain,) = without_overlap(primary, [prompt], args.bytes)
         result["overlap_equal_no_overlap"] = plain == greedy
         result["batch1_bytes_per_s_no_overlap"] = round(serial["bytes_per_s"], 1)
+    # sampling (temperature and top-p, seeded): the same bytes again, and from the comparison engine
+    run_engine(primary, [prompt], args.bytes, sampled=True)  # captures the sampling variant's graphs
+    drawn, (sampled,) = run_engine(primary, [prompt], args.bytes, sampled=True)
+    result["deterministic"] &= run_engine(primary, [prompt], args.bytes, sampled=True)[1][0] == sampled
+    _, (other_sampled,) = run_engine(other, [prompt], args.bytes, sampled=True)
+    result[f"{names[0]}_equal_{names[1]}_sampled"] = other_sampled == sampled
+    result["batch1_bytes_per_s_sampled"] = round(drawn["bytes_per_s"], 1)
     counts = streams or [int(s) for s in args.streams.split(",")]
     for k, n in enumerate(counts):
         prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
@@ -418,6 +432,10 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
         result["deterministic"] &= outputs == again
         if k == 0:  # the comparison once more with several rows, patch steps of several sizes among them
             result[f"{names[0]}_equal_{names[1]}_{n}_streams"] = run_engine(other, prompts, args.bytes)[1] == outputs
+        if n == max(counts):  # the same streams sampling
+            run_engine(primary, prompts, args.bytes, sampled=True)
+            stats, _ = run_engine(primary, prompts, args.bytes, sampled=True)
+            result[f"aggregate_bytes_per_s_{n}_sampled"] = round(stats["bytes_per_s"], 1)
         if primary.overlap and n == max(counts):
             serial, plain = without_overlap(primary, prompts, args.bytes)
             result["overlap_equal_no_overlap"] &= plain == outputs

@@ -20,7 +20,8 @@ memory (a new tensor, or in place), not views and not same-dtype casts, and the 
   inductor's CPU output is one function for each stretch, Triton may need a kernel per shape). The
   GPU check's profile confirms it there;
 - compiled_triton: `--compile`, the stretches compiled and the attention kernel.
-It also counts, eager and with `triton`, the kernels from a 1,024-byte prompt's arrival to its first
+It also counts, eager and with `triton`, a step whose rows sample (temperature 0.8, top-p 0.95: with
+`triton` the choice is sample_kernel.py's one kernel), and the kernels from a 1,024-byte prompt's arrival to its first
 byte, per engine step (prefill chunks of 512, then the step that samples the first byte; these run
 eagerly, not from CUDA graphs): what the GPU check's time to first byte scales with.
 Widths are scaled down by default (the count does not depend on them) so that it runs in seconds;
@@ -53,7 +54,7 @@ from blt_runtime.model.entropy import entropy_nats  # noqa: E402
 from blt_runtime.model.hashing import embed_with_hashes  # noqa: E402
 from blt_runtime.model.layers import apply_rope  # noqa: E402
 from blt_runtime.patcher import starts_next  # noqa: E402
-from blt_runtime.sampling import allowed  # noqa: E402
+from blt_runtime.sampling import allowed, sample  # noqa: E402
 
 NARROW = {"patcher_config": dict(hidden_size=96, intermediate_size=192),
           "encoder_config": dict(hidden_size=128),
@@ -210,22 +211,31 @@ def counted_embedding(counter: KernelCount):
 
 
 def counted_tail(counter: KernelCount):
-    """tail_kernels.greedy_pick and entropy_flags, counted as one kernel each and what they write,
-    computed as the eager step computes them."""
+    """tail_kernels.greedy_pick and entropy_flags, and sample_kernel.sample_pick, counted as one kernel
+    each and what they write, computed as the eager step computes them."""
 
-    def greedy_pick(logits, allow_eos, never, counts, seen, slots, embed, eos_id, out):
+    def pick(name, choose, counts, seen, slots, embed, out):
+        """A choice of bytes and its bookkeeping, as one kernel: ids, counts, flags, output, embeddings."""
         counter.paused = True
         try:
-            ids = allowed(logits, allow_eos, eos_id).argmax(dim=-1)
+            ids = choose()
             counts[slots, ids] += 1
             seen[slots, ids] = True
             out[:, 0].copy_(ids)
             embedded = F.embedding(ids[:, None], embed)
         finally:
             counter.paused = False
-        counter.kernels["greedy kernel"] += 1
+        counter.kernels[name] += 1
         counter.bytes_written += ids.numel() * (8 + 8 + 4 + 1) + embedded.numel() * embedded.element_size()
         return ids, embedded
+
+    def greedy_pick(logits, allow_eos, never, counts, seen, slots, embed, eos_id, out):
+        return pick("greedy kernel", lambda: allowed(logits, allow_eos, eos_id).argmax(dim=-1), counts, seen, slots,
+                    embed, out)
+
+    def sample_pick(logits, s, positions, never, counts, seen, slots, embed, eos_id, out):
+        return pick("sampling kernel", lambda: sample(logits, s, positions, counts[slots], seen[slots], eos_id),
+                    counts, seen, slots, embed, out)
 
     def entropy_flags(logits, positions, threshold, out):
         counter.paused = True
@@ -235,7 +245,7 @@ def counted_tail(counter: KernelCount):
             counter.paused = False
         counter.kernels["entropy kernel"] += 1
         counter.bytes_written += out.shape[0] * 8
-    return greedy_pick, entropy_flags
+    return greedy_pick, sample_pick, entropy_flags
 
 
 def count_prefill(model: BltModel, mode: str, prompt_bytes: int = 1024) -> dict:
@@ -268,18 +278,23 @@ def counted_engine(model: BltModel, batch: int, mode: str, counter: KernelCount)
         engine.runner.make_rotation_tables()
         runner.decode_attention = counted_attention(counter)  # for this script's process only
         runner.embed_new_bytes = counted_embedding(counter)
-        static.greedy_pick, static.entropy_flags = counted_tail(counter)
+        static.greedy_pick, static.sample_pick, static.entropy_flags = counted_tail(counter)
     return engine
 
 
-def count(model: BltModel, batch: int, mode: str, steps: int) -> dict:
-    """Kernels per piece of a decode step, over `steps` steps of `batch` greedy sequences."""
+SAMPLED = dict(temperature=0.8, top_p=0.95)  # what a client who samples might ask for
+
+
+def count(model: BltModel, batch: int, mode: str, steps: int, sampled: bool = False) -> dict:
+    """Kernels per piece of a decode step, over `steps` steps of `batch` greedy sequences (`sampled`:
+    sequences that sample with SAMPLED)."""
     counter = KernelCount()
     engine = counted_engine(model, batch, mode, counter)
     text = (ROOT / "README.md").read_bytes()
+    how = dict(SAMPLED, seed=0) if sampled else dict(temperature=0.0)
     for i in range(batch):
-        engine.add_request(str(i), text[100 * i:100 * i + 200], SamplingParams(max_bytes=steps + 50, temperature=0.0,
-                                                                                ignore_eos=True))
+        engine.add_request(str(i), text[100 * i:100 * i + 200], SamplingParams(max_bytes=steps + 50, ignore_eos=True,
+                                                                                **how))
     while any(s.status.name != "RUNNING" for s in engine.sequences.values()):
         engine.step()
     pieces: dict[str, list[int]] = {}
@@ -329,6 +344,10 @@ def main() -> None:
                   f"per byte with patch steps {c['per_byte_with_patches']}  "
                   f"MB written per byte step {c['mb_written_byte_step']}, with patch steps "
                   f"{c['mb_written_per_byte_with_patches']}")
+        for mode in ("eager", "triton"):  # sampling with temperature and top-p: the choice of byte differs
+            c = result[f"sampled_{mode}"] = count(model, args.batch, mode, args.steps, sampled=True)
+            print(f"{mode:15s} kernels per byte step when sampling with {SAMPLED}: {c['byte_step']:4d}  "
+                  f"pieces {c['per_piece']}")
         for mode in ("eager", "triton"):
             result[f"prefill_{mode}"] = c = count_prefill(model, mode)
             print(f"{mode:15s} kernels from a {c['prompt_bytes']}-byte prompt to its first byte {c['total']:5d}  "

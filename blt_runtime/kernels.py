@@ -6,8 +6,9 @@ decides "auto".
 - "triton": the repository's Triton kernels: single-query attention that rotates (RoPE), stores and
   attends in one launch (attention.py), and the norms and SwiGLU's gate as one launch each
   (triton_ops.py; `--compile` compiles the stretches instead); in decode steps also the new bytes'
-  hash embeddings (byte_embedding.py), and the greedy choice and the entropy's patch flag
-  (tail_kernels.py), one launch each.
+  hash embeddings (byte_embedding.py), the greedy choice and the entropy's patch flag
+  (tail_kernels.py), and sampling with temperature, filters and penalties (sample_kernel.py), one
+  launch each.
 - "triton-gemv": "triton", with each norm computed by the projection after it and SwiGLU's gate by
   the gate/up projection, in decode steps: matrix-vector products in Triton (gemv.py), 5 launches
   per block instead of 8. Their sums run in another order than cuBLAS's: the last bit differs.
@@ -34,7 +35,8 @@ from .model.entropy import entropy_nats
 from .model.hashing import embed_with_hashes, power_matrix
 from .model.layers import RMSNorm, rope_rotation
 from .patcher import starts_next
-from .sampling import allowed, never_sampled
+from .sample_kernel import sample_pick
+from .sampling import SamplingBatch, SamplingParams, allowed, never_sampled, sample
 from .tail_kernels import entropy_flags, greedy_pick
 from .tokenizer import EOS_ID
 from .triton_ops import TritonOps
@@ -170,6 +172,29 @@ def _check_embedding_and_tail(device: torch.device, dtype: torch.dtype, g: torch
     return None
 
 
+def _check_sampling(device: torch.device, dtype: torch.dtype, g: torch.Generator) -> str | None:
+    """The sampling kernel (sample_kernel.py) against sampling.sample on 16 rows whose draws vary:
+    temperature, top-k, top-p, min-p and penalties, greedy rows among sampled ones; then greedy rows
+    with a penalty only."""
+    kinds = [SamplingParams(temperature=1.5, top_p=0.3), SamplingParams(temperature=0.0),
+             SamplingParams(temperature=1.2, top_k=3, min_p=0.01, presence_penalty=0.5, frequency_penalty=0.3),
+             SamplingParams(temperature=1.0, repetition_penalty=1.3, ignore_eos=True)]
+    logits = torch.randn(16, 260, generator=g).to(device, dtype)
+    rows, never = torch.randperm(17, generator=g)[:16].to(device), never_sampled(260, device)
+    embed = torch.randn(260, 48, generator=g).to(device, dtype)
+    positions = torch.randint(0, 4096, (16,), generator=g).to(device)
+    for params in (kinds * 4, [SamplingParams(temperature=0.0, presence_penalty=1.0)] * 16):
+        batch = SamplingBatch.build(params, torch.randint(0, 2**62, (16,), generator=g).tolist(), device)
+        counts = torch.randint(0, 3, (17, 260), generator=g).float().to(device)
+        seen = counts > 0
+        want = sample(logits, batch, positions, counts[rows], seen[rows], EOS_ID)
+        out = torch.zeros(16, 2, dtype=torch.float64, device=device)
+        got, _ = sample_pick(logits, batch, positions, never, counts, seen, rows, embed, EOS_ID, out)
+        if not torch.equal(got, want) or not torch.equal(out[:, 0], want.double()):
+            return f"sampled bytes {got.tolist()} differ from sampling.sample's {want.tolist()}"
+    return None
+
+
 @functools.cache
 def gemv_check(device: torch.device, dtype: torch.dtype) -> str | None:
     """The "triton-gemv" projections (gemv.py) against the PyTorch path on `device`: None if they
@@ -188,7 +213,7 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
         return _check_attention(device, dtype, g) or _check_stretches(device, dtype, g) or \
-            _check_embedding_and_tail(device, dtype, g)
+            _check_embedding_and_tail(device, dtype, g) or _check_sampling(device, dtype, g)
     except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels
         return f"{type(e).__name__}: {e}"
 

@@ -95,7 +95,7 @@ class SamplingBatch:
     frequency: torch.Tensor
     repetition: torch.Tensor
     seeds: torch.Tensor  # (B,) int64
-    allow_eos: torch.Tensor  # (B,) bool
+    allow_eos: torch.Tensor  # (B,) bool, or integer 0 / 1
     all_greedy: bool = False  # host-side facts that let a step skip work
     any_penalty: bool = True
 
@@ -123,9 +123,10 @@ def apply_penalties(logits: torch.Tensor, s: SamplingBatch, output_counts: torch
 
 
 def filter_logits(logits: torch.Tensor, s: SamplingBatch) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p; removed entries become -inf."""
+    """Temperature, top-k, top-p and min-p; removed entries become -inf. Equal logits are ranked by id
+    (a stable sort), so that which of them top-k keeps does not depend on the device's sort."""
     logits = logits / s.temperature.clamp_min(1e-5)[:, None]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
     k = torch.where(s.top_k > 0, s.top_k, logits.shape[-1])[:, None]
     probs = sorted_logits.softmax(dim=-1)

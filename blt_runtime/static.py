@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from .graphs import StepGraphs
 from .runner import Runner, Sampled, positions_for
+from .sample_kernel import sample_pick
 from .sampling import SamplingBatch, SamplingParams, all_greedy, any_penalty, never_sampled, sample, top_logprobs
 from .tail_kernels import entropy_flags, greedy_pick
 from .tokenizer import BOS_ID, EOS_ID
@@ -113,7 +114,7 @@ class ByteBuffers:
 
     def sampling(self, greedy: bool, penalty: bool) -> SamplingBatch:
         return SamplingBatch(self.temperature, self.top_p, self.top_k, self.min_p, self.presence, self.frequency,
-                             self.repetition, self.seeds, self.allow_eos.bool(), greedy, penalty)
+                             self.repetition, self.seeds, self.allow_eos, greedy, penalty)  # 0 or 1: sample() takes it
 
 
 @dataclass
@@ -283,10 +284,14 @@ class StaticDecoder:
                           kernels=r.kernels)
         logits = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1, logits=True)[:, 0]
         position = b.next  # the sampled bytes' (staged: no kernel)
-        triton = r.kernels != "torch"  # the tail in two kernels (tail_kernels.py); greedy rows' choice in one
+        triton = r.kernels != "torch"  # the tail in two kernels: the choice and its bookkeeping, the patch flag
+        never = never_sampled(logits.shape[1], logits.device)
         if triton and greedy and not penalty:
-            ids, embedded = greedy_pick(logits, b.allow_eos, never_sampled(logits.shape[1], logits.device),
-                                        r.output_counts, r.seen, b.slots, r.entropy_embed, EOS_ID, b.out)
+            ids, embedded = greedy_pick(logits, b.allow_eos, never, r.output_counts, r.seen, b.slots, r.entropy_embed,
+                                        EOS_ID, b.out)
+        elif triton:
+            ids, embedded = sample_pick(logits, b.sampling(greedy, penalty), position, never, r.output_counts, r.seen,
+                                        b.slots, r.entropy_embed, EOS_ID, b.out)
         else:
             ids = sample(logits, b.sampling(greedy, penalty), position, r.output_counts[own], r.seen[own], EOS_ID)
             r.output_counts[b.slots, ids] += 1

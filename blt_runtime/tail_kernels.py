@@ -9,8 +9,8 @@ and copies the flag out (about 9). `greedy_pick` and `entropy_flags` do each par
 the same arithmetic: the argmax is exact and picks the first of equal maxima as torch.argmax does;
 the entropy is fp32 as model.entropy.entropy_nats computes it, its sums in another order (the last
 bit may differ, as with every projection of `--kernels triton-gemv`). Used by static.py's decode
-steps when the runner's kernels are Triton's; sampling with temperature or penalties, and prefill
-chunks, keep the eager path.
+steps when the runner's kernels are Triton's; a step that samples with temperature or penalties
+chooses through sample_kernel.py instead, and prefill chunks keep the eager path.
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ def _greedy_program(Logits, AllowEos, Never, Counts, Seen, Slots, Embed, Ids, Em
     x = tl.where(never | ((v == eos_id) & no_eos), float("-inf"), x)
     chosen = tl.argmax(x, 0, tie_break_left=True).to(tl.int64)
     slot = tl.load(Slots + b).to(tl.int64)
+    record(chosen, b, slot, Counts, Seen, Embed, Ids, Embedded, Out, s_counts, s_seen, s_embed, s_embedded, s_out,
+           D, D_PAD)
+
+
+def record(chosen, b, slot, Counts, Seen, Embed, Ids, Embedded, Out, s_counts, s_seen, s_embed, s_embedded, s_out,
+           D: tl.constexpr, D_PAD: tl.constexpr):
+    """Row b chose byte id `chosen`: counted in its slot's Counts and Seen; to Ids[b], Out[b, 0] and,
+    embedded (the entropy model's embedding, D wide), Embedded[b]. Shared with sample_kernel.py."""
     at = Counts + slot * s_counts + chosen
     tl.store(at, tl.load(at) + 1.0)
     tl.store(Seen + slot * s_seen + chosen, tl.full([], 1, tl.uint8))
@@ -59,6 +67,7 @@ def _entropy_program(Logits, Positions, Out, n_ids, threshold, s_logits, s_out, 
 
 
 if triton is not None:
+    record = triton.jit(record)
     _greedy_kernel = triton.jit(_greedy_program)
     _entropy_kernel = triton.jit(_entropy_program)
 

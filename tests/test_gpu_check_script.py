@@ -20,15 +20,16 @@ def test_gpu_check_small_on_cpu():
     assert result["top1_agreement_full_recompute"] >= 0.99
     assert 3.0 <= result["bytes_per_patch"] <= 6.5  # threshold set for about 4.5 on English text
     assert result["overlap_equal_no_overlap"]  # the engines overlap their steps here too
+    assert result["static_equal_dynamic_sampled"]  # seeded sampling: the same draws
     for key in ("batch1_bytes_per_s", "ttfb_1kb_prompt_ms", "aggregate_bytes_per_s_2", "batch1_bytes_per_s_no_overlap",
-                "aggregate_bytes_per_s_2_no_overlap"):
+                "aggregate_bytes_per_s_2_no_overlap", "batch1_bytes_per_s_sampled", "aggregate_bytes_per_s_2_sampled"):
         assert result[key] > 0, key
     assert result["transformers"]["bytes"] == 2 and result["speedup_vs_transformers_batch1"] > 0
     compiled = result["compiled"]  # the engine again, its element-wise stretches compiled
     assert compiled["deterministic"] and compiled["static_equal_dynamic"] and compiled["static_equal_dynamic_2_streams"]
     assert compiled["top1_agreement_full_recompute"] >= 0.99
     assert compiled["batch1_bytes_per_s"] > 0 and compiled["aggregate_bytes_per_s_2"] > 0
-    assert compiled["overlap_equal_no_overlap"]
+    assert compiled["overlap_equal_no_overlap"] and compiled["static_equal_dynamic_sampled"]
 
 
 @interpreted

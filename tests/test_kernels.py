@@ -89,14 +89,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import torch
-from blt_runtime import attention, byte_embedding, gemv, tail_kernels, triton_ops
+from blt_runtime import attention, byte_embedding, gemv, sample_kernel, tail_kernels, triton_ops
 
-def compile(kernel, program, types, constexprs, default="*bf16"):
+def compile(kernel, program, types, constexprs, default="*bf16", options=None):
     # pointers (capitalised parameters) are bf16 unless `types` says otherwise, scalars i32
     signature = {name: "constexpr" if name in constexprs else types.get(name, default if name[0].isupper() else "i32")
                  for name in inspect.signature(program).parameters}
     built = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                           target=GPUTarget("cuda", 90, 32))
+                           target=GPUTarget("cuda", 90, 32), options=options)
     assert built.asm["cubin"], "no cubin"
     # an H100/H200 gives a block at most 227 KiB of shared memory; more fails at launch, not here
     assert built.metadata.shared <= 232448, (kernel, constexprs, built.metadata.shared)
@@ -128,6 +128,14 @@ for dtype, torch_dtype in (("*bf16", torch.bfloat16), ("*fp32", torch.float32)):
     compile(tail_kernels._greedy_kernel, tail_kernels._greedy_program,
             {"AllowEos": "*i64", "Never": "*u8", "Counts": "*fp32", "Seen": "*u8", "Slots": "*i64", "Ids": "*i64",
              "Out": "*fp64"}, dict(V_PAD=512, D=1024, D_PAD=1024), dtype)
+    for penalty, sample in ((0, 1), (1, 1), (1, 0)):
+        compile(sample_kernel._sample_kernel, sample_kernel._sample_program,
+                {"AllowEos": "*i64", "Never": "*u8", "Counts": "*fp32", "Seen": "*u8", "Slots": "*i64",
+                 "Temperature": "*fp32", "TopP": "*fp32", "TopK": "*i64", "MinP": "*fp32", "Presence": "*fp32",
+                 "Frequency": "*fp32", "Repetition": "*fp32", "Seeds": "*i64", "Positions": "*i64", "Ids": "*i64",
+                 "Out": "*fp64"}, dict(V_PAD=512, CHUNK=sample_kernel.CHUNK, D=1024, D_PAD=1024, PENALTY=penalty,
+                                       SAMPLE=sample), dtype,
+                dict(num_warps=sample_kernel.WARPS, enable_fp_fusion=False))
 compile(tail_kernels._entropy_kernel, tail_kernels._entropy_program,
         {"Logits": "*fp32", "Positions": "*i64", "Out": "*fp64", "threshold": "fp32"}, dict(V_PAD=512))
 print("compiled")

@@ -56,3 +56,11 @@ def test_compiled_stretches_launch_fewer_kernels():
     assert gemv["byte_step"] <= default["byte_step"] - 24 * 3 - 9 - 1, result
     assert gemv["per_piece"]["patch"] <= default["per_piece"]["patch"] - 25 * 3, result
     assert gemv["mb_written_per_byte_with_patches"] < default["mb_written_per_byte_with_patches"], result
+    # sampling with temperature and top-p: the choice of byte (filters, noise, draw) with its bookkeeping
+    # is sample_kernel.py's one kernel, so such a step launches what a greedy one does (eagerly, the
+    # sampler alone is about 110 kernels more)
+    sampled, sampled_eager = result["sampled_triton"], result["sampled_eager"]
+    assert sampled["finish_ops"].get("sampling kernel") == 1 and "greedy kernel" not in sampled["finish_ops"], result
+    assert not {"sort", "cumsum", "scatter_", "bitwise_xor"} & set(sampled["finish_ops"]), result
+    assert sampled["byte_step"] == default["byte_step"], result
+    assert sampled_eager["byte_step"] >= eager["byte_step"] + 100, result
