@@ -7,6 +7,9 @@ per byte, 20,000 bytes/s. Reports the bytes/s delivered, the server process's CP
 (user + system, from /proc: Linux), and the SSE events per byte (below 1 when events carry several
 bytes: outputs that wait in a stream's queue together go out as one event). The clients run in this
 process; on a small machine they compete with the server for cores, so compare figures from one run.
+`--loop` and `--http` choose uvicorn's event loop and HTTP parser (blt-serve pins asyncio's loop:
+with uvloop the engine's thread waits longer for the GIL), `--switch` the server's GIL switch
+interval.
 
     .venv/bin/python bench/http_overhead.py --streams 64 --bytes 500     # JSON line last
 """
@@ -27,8 +30,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def serve(port: int, step_ms: float, streams: int) -> None:
+def serve(port: int, step_ms: float, streams: int, loop: str, http: str, switch: float | None) -> None:
     """The server process: blt-serve's app around the scripted engine."""
+    if switch:
+        sys.setswitchinterval(switch)
     sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "server")]
     import uvicorn
     from scripted import ScriptedEngine
@@ -38,7 +43,7 @@ def serve(port: int, step_ms: float, streams: int) -> None:
     engine = ScriptedEngine({}, max_batch_size=streams, max_queue=streams, step_delay=step_ms / 1000,
                             default=b"abcdefgh" * 100_000)
     app = create_app(Settings(served_model_name="scripted"), engine)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop=loop, http=http)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -77,10 +82,13 @@ def main() -> None:
     p.add_argument("--bytes", type=int, default=500, help="bytes per stream")
     p.add_argument("--step-ms", type=float, default=1.0, help="the scripted engine's time per step")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--loop", default="asyncio", help="uvicorn's event loop: asyncio (blt-serve's), uvloop, auto")
+    p.add_argument("--http", default="auto", help="uvicorn's HTTP parser: auto, h11, httptools")
+    p.add_argument("--switch", type=float, help="the server's sys.setswitchinterval, in seconds (default 0.005)")
     p.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the server on this port
     args = p.parse_args()
     if args.serve:
-        serve(args.serve, args.step_ms, args.streams)
+        serve(args.serve, args.step_ms, args.streams, args.loop, args.http, args.switch)
         return
     sys.path.insert(0, str(ROOT / "tests" / "server"))
     from serverkit import free_port, wait_until
@@ -88,7 +96,8 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
-                             "--streams", str(args.streams)])
+                             "--streams", str(args.streams), "--loop", args.loop, "--http", args.http]
+                            + (["--switch", str(args.switch)] if args.switch else []))
 
     def up() -> bool:
         assert proc.poll() is None, "the server exited"
@@ -99,7 +108,8 @@ def main() -> None:
 
     try:
         wait_until(up, what="the server")
-        result = {"streams": args.streams, "bytes_per_stream": args.bytes, "step_ms": args.step_ms, "rounds": []}
+        result = {"streams": args.streams, "bytes_per_stream": args.bytes, "step_ms": args.step_ms, "loop": args.loop,
+                  "http": args.http, "rounds": []}
         for r in range(args.rounds):
             figures = asyncio.run(measure(url, proc.pid, args.streams, args.bytes))
             result["rounds"].append(figures)

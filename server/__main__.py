@@ -57,6 +57,16 @@ def configure_logging(level: str) -> None:
                         stream=sys.stderr)
 
 
+def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings for blt-serve. The event loop is asyncio's even where uvloop is installed
+    (uvicorn would pick it): the engine's worker thread needs the GIL after each step's wait for the
+    device, and asyncio's loop lets go of it at every socket write, where uvloop's keeps it until
+    the interpreter's switch interval forces it. With uvloop, the scripted engine of
+    bench/http_overhead.py stepped less than half as often (bench/RESULTS.md)."""
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          access_log=False, timeout_graceful_shutdown=5, lifespan="on", loop="asyncio")
+
+
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     try:
@@ -65,9 +75,7 @@ def serve(settings: Settings) -> int:
         print(f"blt-serve: cannot load the model from {settings.model_dir}: {e}", file=sys.stderr)
         return 2
     app = create_app(settings, engine)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_graceful_shutdown=5, lifespan="on")
-    server = DrainingServer(config, app.state.blt, settings.shutdown_timeout)
+    server = DrainingServer(uvicorn_config(app, settings), app.state.blt, settings.shutdown_timeout)
     server.run()
     return 0 if server.started else 1
 

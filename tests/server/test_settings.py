@@ -40,3 +40,13 @@ def test_kernel_choices_are_the_runtimes():
     assert KERNELS == CHOICES
     assert load_settings(["--kernels", "torch"], environ={}).kernels == "torch"
     assert load_settings([], environ={"BLT_KERNELS": "triton"}).kernels == "triton"
+
+
+def test_uvicorn_runs_asyncio_loop_even_with_uvloop_installed():
+    """uvicorn would pick uvloop where it is installed; blt-serve keeps asyncio's loop, which lets go
+    of the GIL at every socket write, so the engine's thread gets it back promptly after each step
+    (the measurement is in bench/RESULTS.md)."""
+    from server.__main__ import uvicorn_config
+
+    config = uvicorn_config(object(), load_settings(["--port", "8123", "--host", "0.0.0.0"], environ={}))
+    assert (config.loop, config.host, config.port, config.lifespan) == ("asyncio", "0.0.0.0", 8123, "on")
