@@ -114,11 +114,13 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         gc.collect()
         gc.freeze()
         state.worker.start(asyncio.get_running_loop())
+        ticker = asyncio.create_task(state.keepalive.run())
         state.ready = True
         log.info("serving %s (max %d bytes of context, %d slots, queue %d)", settings.model_name,
                  engine.max_model_len, engine.max_batch_size, settings.max_queue)
         yield
         state.ready = False
+        ticker.cancel()
         state.worker.stop()
         gc.unfreeze()  # collectable again once the app is gone (tests run several apps in one process)
 

@@ -1,8 +1,9 @@
 """POST /v1/completions: a request becomes engine sequences; their outputs become a body or a stream.
 
 Owns: prompt and parameter translation (each refusal a 400 naming its field), submission through
-the worker (429 when the queue is full), the SSE stream (keep-alive comments, include_usage, an
-error event after the stream started) and abort on client disconnect, streaming or not.
+the worker (429 when the queue is full), the SSE stream (keep-alive comments when keepalive.py's
+ticker says so, include_usage, an error event after the stream started) and abort on client
+disconnect, streaming or not.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from blt_runtime import PromptTooLong, QueueFull, SamplingParams
 
 from .choices import ChoiceState
 from .errors import ApiError, error_body, prompt_too_long, queue_full, utf8
+from .keepalive import TICK
 from .schemas import CompletionRequest
 from .state import AppState
 from .worker import Failure
@@ -154,14 +156,14 @@ class Completion:
     # ------------------------------------------------------------------ streaming
     async def events(self, request: Request) -> AsyncIterator[str]:
         watcher = asyncio.create_task(self.watch_disconnect(request))
+        quiet = self.state.keepalive.open(self.queue)  # TICK arrives in the queue after a quiet interval
         try:
             if self.req.echo:
                 for c in self.choices.values():
                     yield self.chunk([c.echo_delta()])
             while self.unfinished:
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), self.state.settings.keepalive_interval)
-                except asyncio.TimeoutError:
+                item = await self.queue.get()
+                if item is TICK:
                     yield ": keep-alive\n\n"
                     continue
                 items = [item]
@@ -169,6 +171,7 @@ class Completion:
                     items.append(self.queue.get_nowait())
                 events, failure = self._coalesce(items)
                 if events and not self.disconnected:
+                    quiet.ticks = 0
                     yield events
                 if failure is not None:
                     yield f"data: {json.dumps(self._fail(failure))}\n\n"
@@ -179,6 +182,7 @@ class Completion:
                     yield self.chunk([], self.usage())
             yield "data: [DONE]\n\n"
         finally:
+            self.state.keepalive.close(quiet)
             watcher.cancel()
             self.on_disconnect()  # a no-op when every choice finished
 
@@ -191,6 +195,8 @@ class Completion:
         as much per event as per byte."""
         new: dict[str, int] = {}  # choice -> pieces released, in order of first appearance
         for item in items:
+            if item is TICK:  # something is being sent anyway
+                continue
             if isinstance(item, Failure):
                 return self._events(new), item
             piece = self.choices[item.request_id].consume(item)

@@ -1,10 +1,12 @@
-"""What every handler of one app shares: settings, the engine worker, metrics, readiness."""
+"""What every handler of one app shares: settings, the engine worker, metrics, readiness, the streams'
+keep-alive ticker."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ApiError
+from .keepalive import KeepAlive
 from .metrics import Metrics
 from .settings import Settings
 from .worker import EngineWorker
@@ -18,6 +20,10 @@ class AppState:
     metrics: Metrics
     ready: bool = False
     draining: bool = False
+    keepalive: KeepAlive = field(init=False)  # ticks while the app runs (app.py's lifespan)
+
+    def __post_init__(self):
+        self.keepalive = KeepAlive(self.settings.keepalive_interval)
 
     @property
     def model_name(self) -> str:
