@@ -21,7 +21,8 @@ and timed in one run. Prints a table and, last, one JSON line.
 6. Kernels (kernels.py): the engine runs the repository's Triton kernels (attention with RoPE,
    norms, SwiGLU's gate) where they pass their check on the device ("auto"). On CUDA, times the
    attention kernel against SDPA on rows read from a cache at the step's shapes (`attention_us`),
-   the norm and gate kernels against the eager stretches (`stretch_us`), and measures the engine
+   the norm and gate kernels against the eager stretches (`stretch_us`), the sampling kernel against
+   the eager sampler (`sample_us`), and measures the engine
    with PyTorch's kernels as in 2-3 at the largest stream count (`torch` in the JSON). Then, where
    they pass their check ("gemv_self_check"), the projections with their norms and gate inside
    (gemv.py): per call against what the default runs in their place (`gemv_us`), and the engine
@@ -309,6 +310,40 @@ def _gemv_case(block, B: int, device: torch.device, dtype: torch.dtype) -> dict:
             "gate_up_triton": round(time_in_graph(lambda: ops.add_norm_swiglu(h, delta, b.norm2, b.gate_up)), 2)}
 
 
+def sample_us(model: BltModel) -> dict:
+    """sample_kernel.sample_pick (a step's choice of byte when its rows sample) against what `torch`
+    runs in its place (sampling.sample and the bookkeeping), per call, at 1 and 64 rows, with temperature
+    0.8 and top-p 0.95 (the kernel's ranking path), and temperature alone."""
+    return run_cases({f"{name}_b{B}": functools.partial(_sample_case, B, how, model.device, model.dtype)
+                      for name, how in (("top_p", SAMPLED), ("temperature", dict(temperature=0.8)))
+                      for B in (1, 64)})
+
+
+def _sample_case(B: int, how: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    from blt_runtime.sample_kernel import sample_pick
+    from blt_runtime.sampling import SamplingBatch, never_sampled, sample
+    from blt_runtime.tokenizer import EOS_ID
+
+    V = 260
+    batch = SamplingBatch.build([SamplingParams(**how)] * B, list(range(B)), device)
+    logits = torch.randn(B, V, device=device, dtype=dtype) * 3
+    counts, seen = torch.zeros(B, V, device=device), torch.zeros(B, V, dtype=torch.bool, device=device)
+    slots, positions = torch.arange(B, device=device), torch.full((B,), 100, device=device)
+    embed, never = torch.randn(V, 512, device=device, dtype=dtype), never_sampled(V, device)
+    out = torch.zeros(B, 2, dtype=torch.float64, device=device)
+
+    def eager():
+        ids = sample(logits, batch, positions, counts[slots], seen[slots], EOS_ID)
+        counts[slots, ids] += 1
+        seen[slots, ids] = True
+        out[:, 0].copy_(ids)
+        return torch.nn.functional.embedding(ids[:, None], embed)
+
+    return {"kernel": round(time_in_graph(lambda: sample_pick(logits, batch, positions, never, counts, seen, slots,
+                                                               embed, EOS_ID, out)), 2),
+            "eager": round(time_in_graph(eager), 2)}
+
+
 def largest_streams(args) -> int:
     return max(int(s) for s in args.streams.split(","))
 
@@ -501,6 +536,7 @@ def main() -> None:
     if cuda and result.get("kernels") == "triton":
         result["attention_us"] = attention_us(model)
         result["stretch_us"] = stretch_us(model)
+        result["sample_us"] = sample_us(model)
         attempt(measure_torch, "torch", model, prompt, args, result)
         print(json.dumps(result), flush=True)
         result["gemv_self_check"] = gemv_check(device, dtype) or "passed"

@@ -34,7 +34,7 @@ def test_gpu_check_small_on_cpu():
 
 @interpreted
 def test_gpu_only_timings_run_their_cases(monkeypatch):
-    """The per-call timings the GPU check runs only on CUDA (attention_us, stretch_us, gemv_us) build and
+    """The per-call timings the GPU check runs only on CUDA (attention_us, stretch_us, gemv_us, sample_us) build and
     call every case on the CPU, in Triton's interpreter, with time_in_graph (CUDA graphs) replaced by
     one call: none reports an error, so the GPU run's minutes do not find one first."""
     from bench import gpu_check
@@ -48,7 +48,7 @@ def test_gpu_only_timings_run_their_cases(monkeypatch):
 
     monkeypatch.setattr(gpu_check, "time_in_graph", once)
     model = gpu_check.build(True, torch.device("cpu"), torch.float32)
-    for helper in (gpu_check.attention_us, gpu_check.stretch_us, gpu_check.gemv_us):
+    for helper in (gpu_check.attention_us, gpu_check.stretch_us, gpu_check.gemv_us, gpu_check.sample_us):
         for case, figures in helper(model).items():
             assert "error" not in figures and figures, (helper.__name__, case, figures)
-    assert len(calls) == 2 * 5 + 4 * 4 + 4 * 8  # two ways per case, two stretches or products per way
+    assert len(calls) == 2 * 5 + 4 * 4 + 4 * 8 + 2 * 4  # two ways per case, two stretches or products per way
