@@ -30,7 +30,9 @@ from .model.hashing import power_matrix
 from .model.layers import Block, BoundNorm, CrossAttention, RMSNorm, Stack
 from .model.local_decoder import attend_gathered
 from .patcher import starts_next
-from .sampling import SamplingBatch, SamplingParams, sample, top_logprobs
+from .sample_kernel import sample_pick
+from .sampling import SamplingBatch, SamplingParams, never_sampled, sample, top_logprobs
+from .tail_kernels import greedy_pick
 from .tokenizer import EOS_ID
 from .transfer import HostTransfer
 
@@ -538,9 +540,19 @@ class Runner:
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         s = self._tensor(slots)
         batch = SamplingBatch.build(params, seeds, s.device)
-        ids = sample(logits, batch, self._tensor(positions), self.output_counts[s], self.seen[s], EOS_ID)
-        self.output_counts[s, ids] += 1
-        self.seen[s, ids] = True
+        if self.kernels != "torch":  # the choice and its bookkeeping in one kernel, as a static step's
+            out, never = torch.empty(len(slots), 2, dtype=torch.float64, device=s.device), never_sampled(
+                logits.shape[1], s.device)
+            if batch.all_greedy and not batch.any_penalty:
+                ids, _ = greedy_pick(logits, batch.allow_eos, never, self.output_counts, self.seen, s,
+                                     self.entropy_embed, EOS_ID, out)
+            else:
+                ids, _ = sample_pick(logits, batch, self._tensor(positions), never, self.output_counts, self.seen, s,
+                                     self.entropy_embed, EOS_ID, out)
+        else:
+            ids = sample(logits, batch, self._tensor(positions), self.output_counts[s], self.seen[s], EOS_ID)
+            self.output_counts[s, ids] += 1
+            self.seen[s, ids] = True
         closes = self.look_ahead(ids, slots, positions)
         n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         parts = [ids.double(), closes.double()]
