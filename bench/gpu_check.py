@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
 from blt_runtime.attention import decode_attention, sdpa_attention  # noqa: E402
 from blt_runtime.cache import KVCache  # noqa: E402
-from blt_runtime.kernels import gemv_check, self_check  # noqa: E402
+from blt_runtime.kernels import gemv_check, sampling_check, self_check  # noqa: E402
 from blt_runtime.model.blt import checkpoint_key  # noqa: E402
 from blt_runtime.model.entropy import entropy_nats  # noqa: E402
 
@@ -507,6 +507,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     if cuda:
         result["triton_self_check"] = self_check(device, dtype) or "passed"
+        result["sampling_check"] = sampling_check(device, dtype) or "passed"  # else `auto` samples eagerly
     # The primary engine replays CUDA graphs where there is a GPU; on a CPU it runs the static steps
     # eagerly and the dynamic step is its comparison (the CPU test of this script).
     try:

@@ -274,7 +274,7 @@ def counted_engine(model: BltModel, batch: int, mode: str, counter: KernelCount)
     elif mode == "triton_gemv":
         engine.runner.ops = CountedOps(counter, CountedOps.GEMV)
     if mode.endswith(("triton", "gemv")):
-        engine.runner.kernels = "triton"
+        engine.runner.kernels, engine.runner.sample_kernel = "triton", True
         engine.runner.make_rotation_tables()
         runner.decode_attention = counted_attention(counter)  # for this script's process only
         runner.embed_new_bytes = counted_embedding(counter)

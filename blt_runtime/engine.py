@@ -23,7 +23,7 @@ import torch
 from .cache import SlotAllocator
 from .fused import CompiledOps
 from .gemv import GemvOps
-from .kernels import resolve
+from .kernels import resolve, sampling_kernel
 from .model.blt import BltModel
 from .runner import ChunkStart, Runner, Sampled
 from .sampling import SamplingParams
@@ -89,10 +89,11 @@ class Engine:
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
-        kernels = resolve(kernels, model.device, model.dtype)
+        choice, kernels = kernels, resolve(kernels, model.device, model.dtype)
         ops = CompiledOps() if compile else GemvOps() if kernels == "triton-gemv" else \
             TritonOps() if kernels == "triton" else None
-        self.runner = Runner(model, max_batch_size, self.max_model_len + 4, ops, kernels)  # +3: finish a character
+        self.runner = Runner(model, max_batch_size, self.max_model_len + 4, ops, kernels,  # +3: finish a character
+                             sampling_kernel(choice, kernels, model.device, model.dtype))
         on_cuda = model.device.type == "cuda"
         static = on_cuda if static is None else static
         cuda_graphs = static and on_cuda if cuda_graphs is None else cuda_graphs

@@ -8,7 +8,8 @@ decides "auto".
   (triton_ops.py; `--compile` compiles the stretches instead); in decode steps also the new bytes'
   hash embeddings (byte_embedding.py), the greedy choice and the entropy's patch flag
   (tail_kernels.py), and sampling with temperature, filters and penalties (sample_kernel.py), one
-  launch each.
+  launch each. The sampling kernel has a check of its own (`sampling_check`): should it fail under
+  "auto", steps that sample do so with PyTorch's operators and the other kernels still run.
 - "triton-gemv": "triton", with each norm computed by the projection after it and SwiGLU's gate by
   the gate/up projection, in decode steps: matrix-vector products in Triton (gemv.py), 5 launches
   per block instead of 8. Their sums run in another order than cuBLAS's: the last bit differs.
@@ -213,9 +214,33 @@ def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
         return _check_attention(device, dtype, g) or _check_stretches(device, dtype, g) or \
-            _check_embedding_and_tail(device, dtype, g) or _check_sampling(device, dtype, g)
+            _check_embedding_and_tail(device, dtype, g)
     except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels
         return f"{type(e).__name__}: {e}"
+
+
+@functools.cache
+def sampling_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The sampling kernel (sample_kernel.py) against sampling.sample on `device`: None if they agree,
+    else what went wrong. Apart from self_check: should it alone fail, the other kernels still run."""
+    try:
+        return _check_sampling(device, dtype, torch.Generator(device="cpu").manual_seed(0))
+    except Exception as e:  # noqa: BLE001 - any failure means: sample eagerly
+        return f"{type(e).__name__}: {e}"
+
+
+def sampling_kernel(choice: str, kernels: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether steps that sample choose their bytes with sample_kernel.py: where the kernels are
+    Triton's and, when they were chosen by "auto", where the sampling kernel passes its check (else
+    the eager sampler, with a warning)."""
+    if kernels == "torch":
+        return False
+    if choice == "auto":
+        problem = sampling_check(device, dtype)
+        if problem is not None:
+            log.warning("the sampling kernel is disabled, sampling with PyTorch's operators: %s", problem)
+            return False
+    return True
 
 
 def resolve(choice: str, device: torch.device, dtype: torch.dtype) -> str:

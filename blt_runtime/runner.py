@@ -291,14 +291,17 @@ def _block_rest(b: BlockStep, h: torch.Tensor, o: torch.Tensor, ops: StepOps) ->
 
 class Runner:
     def __init__(self, model: BltModel, slots: int, max_len: int, ops: StepOps | None = None,
-                 kernels: str = "torch"):
+                 kernels: str = "torch", sample_kernel: bool | None = None):
         """Per-sequence state for `slots` sequences, plus one scratch row (index `slots`) that the padding
         rows of a static-shaped step read and write (see static.py). `ops`: how the element-wise
         stretches of a step run (fused.py; eager by default); `kernels`: "triton" attends one new
-        position to a cache with attention.py's kernel, "torch" with SDPA (kernels.py)."""
+        position to a cache with attention.py's kernel, "torch" with SDPA (kernels.py);
+        `sample_kernel`: rows that sample choose their bytes with sample_kernel.py (default: where
+        the kernels are Triton's)."""
         self.model, self.cfg = model, model.config
         self.ops = ops or StepOps()
         self.kernels = kernels
+        self.sample_kernel = kernels != "torch" if sample_kernel is None else sample_kernel
         self.num_slots, self.scratch = slots, slots
         cfg, dev, dt = model.config, model.device, model.dtype
         slots += 1
@@ -540,10 +543,11 @@ class Runner:
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         s = self._tensor(slots)
         batch = SamplingBatch.build(params, seeds, s.device)
-        if self.kernels != "torch":  # the choice and its bookkeeping in one kernel, as a static step's
+        greedy = batch.all_greedy and not batch.any_penalty
+        if self.kernels != "torch" and (greedy or self.sample_kernel):  # one kernel, as a static step's
             out, never = torch.empty(len(slots), 2, dtype=torch.float64, device=s.device), never_sampled(
                 logits.shape[1], s.device)
-            if batch.all_greedy and not batch.any_penalty:
+            if greedy:
                 ids, _ = greedy_pick(logits, batch.allow_eos, never, self.output_counts, self.seen, s,
                                      self.entropy_embed, EOS_ID, out)
             else:

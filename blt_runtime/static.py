@@ -289,7 +289,7 @@ class StaticDecoder:
         if triton and greedy and not penalty:
             ids, embedded = greedy_pick(logits, b.allow_eos, never, r.output_counts, r.seen, b.slots, r.entropy_embed,
                                         EOS_ID, b.out)
-        elif triton:
+        elif r.sample_kernel:
             ids, embedded = sample_pick(logits, b.sampling(greedy, penalty), position, never, r.output_counts, r.seen,
                                         b.slots, r.entropy_embed, EOS_ID, b.out)
         else:

@@ -22,7 +22,7 @@ from blt_runtime.engine import Engine
 from blt_runtime.errors import ConfigError
 from blt_runtime.fused import EAGER
 from blt_runtime.gemv import GemvOps
-from blt_runtime.kernels import gemv_check, resolve, self_check
+from blt_runtime.kernels import gemv_check, resolve, sampling_check, sampling_kernel, self_check
 from blt_runtime.model.layers import RMSNorm
 from blt_runtime.sampling import SamplingParams
 from blt_runtime.triton_ops import TritonOps
@@ -160,6 +160,7 @@ def test_kernels_compile_for_hopper():
 def test_self_check_and_resolve():
     cpu = torch.device("cpu")
     assert self_check(cpu, torch.float32) is None and self_check(cpu, torch.bfloat16) is None
+    assert sampling_check(cpu, torch.float32) is None and sampling_check(cpu, torch.bfloat16) is None
     assert gemv_check(cpu, torch.float32) is None and gemv_check(cpu, torch.bfloat16) is None
     assert resolve("auto", cpu, torch.float32) == "torch"  # the kernels are for GPUs
     assert resolve("triton", cpu, torch.float32) == "triton"  # the interpreter, as here
@@ -167,6 +168,22 @@ def test_self_check_and_resolve():
     assert resolve("torch", cpu, torch.float32) == "torch"
     with pytest.raises(ConfigError, match="expected one of"):
         resolve("sdpa", cpu, torch.float32)
+
+
+def test_a_failing_sampling_kernel_leaves_the_other_kernels_on(monkeypatch, caplog):
+    """Under "auto", a sampling kernel that fails its check only sends sampling back to PyTorch's
+    operators (with a warning); an explicit choice is taken as asked, and "torch" never samples in Triton."""
+    from blt_runtime import kernels
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(kernels, "sampling_check", lambda device, dtype: "sampled bytes differ")
+    assert not sampling_kernel("auto", "triton", cpu, torch.float32)
+    assert "sampling kernel is disabled" in caplog.text and "sampled bytes differ" in caplog.text
+    assert sampling_kernel("triton", "triton", cpu, torch.float32)
+    assert sampling_kernel("triton-gemv", "triton-gemv", cpu, torch.float32)
+    assert not sampling_kernel("torch", "torch", cpu, torch.float32)
+    monkeypatch.setattr(kernels, "sampling_check", lambda device, dtype: None)
+    assert sampling_kernel("auto", "triton", cpu, torch.float32)
 
 
 @interpreted

@@ -23,11 +23,11 @@ def test_cuda_matches_cpu(hf_checkpoint):
 def test_triton_kernels_on_cuda():
     """The compiled Triton kernels agree with PyTorch's (kernels.self_check), so "auto" picks them; and
     so do the projections of "triton-gemv" (kernels.gemv_check)."""
-    from blt_runtime.kernels import gemv_check, resolve, self_check
+    from blt_runtime.kernels import gemv_check, resolve, sampling_check, self_check
 
     device = torch.device("cuda")
     for dtype in (torch.float32, torch.bfloat16):
-        assert self_check(device, dtype) is None
+        assert self_check(device, dtype) is None and sampling_check(device, dtype) is None
         assert gemv_check(device, dtype) is None
         assert resolve("auto", device, dtype) == "triton"
 
