@@ -1,5 +1,6 @@
-"""Sampling as one Triton kernel: the end of a static byte step whose rows do not all pick greedily
-without penalties (those take tail_kernels.greedy_pick).
+"""Sampling as one Triton kernel: how a decode step, or the step that samples a prompt's first byte,
+chooses bytes when its rows do not all pick greedily without penalties (those take
+tail_kernels.greedy_pick).
 
 Eagerly, sampling.sample and the bookkeeping after it launch about 120 kernels per step (the noise
 hash alone is some 60 integer operators, the filters a sort, a softmax, a cumulative sum and a
@@ -14,12 +15,12 @@ greedy_pick does.
 
 There is no sort: where a row has top-k or top-p, each byte's rank and the probability mass ranked
 before it are counted over every other byte, CHUNK bytes at a time (about 260 x 260 comparisons a
-row).
-That mass is summed in another order than torch.cumsum's and the softmax's exp may differ in its
-last bit, so a byte whose mass before it lies within rounding of top_p (or whose probability lies
-within rounding of min_p times the largest) may be kept where PyTorch drops it or the reverse, as
-PyTorch on a CPU and on a GPU may differ; otherwise every draw is PyTorch's. Used by static.py's
-decode steps when the runner's kernels are Triton's.
+row). That mass is summed in another order than torch.cumsum's and the softmax's exp may differ in
+its last bit, so a byte whose mass before it lies within rounding of top_p (or whose probability
+lies within rounding of min_p times the largest) may be kept where PyTorch drops it or the reverse,
+as PyTorch on a CPU and on a GPU may differ; otherwise every draw is PyTorch's. Used by static.py and
+runner.py where the runner's kernels are Triton's and `Runner.sample_kernel` is set (under "auto",
+where the kernel passed kernels.sampling_check).
 """
 
 from __future__ import annotations
