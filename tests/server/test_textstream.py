@@ -79,3 +79,28 @@ def test_any_split_gives_the_text_before_the_stop(chars, sizes, stops):
         assert "\ufffd" not in p
         sent += p.encode()
     assert all(s not in sent for s in stops)
+
+
+class AlwaysHeld(ChoiceStream):
+    """ChoiceStream without its one-ASCII-byte shortcut: every byte through the decoder."""
+
+    def feed(self, data: bytes, extra=None):
+        return self._feed(data, extra)
+
+
+fragments = st.sampled_from([b"a", b" ", b"\n", "é".encode(), "한".encode(), "😀".encode(),
+                             b"\xc3", b"\xe4\xb8", b"\xff", b"\x80"])  # some never finish a character
+
+
+@given(st.lists(fragments, min_size=1, max_size=40), st.integers(0, 40))
+def test_the_ascii_shortcut_changes_no_piece(parts, whole_from):
+    """Text, offsets and extras of every piece are those of the decoder's path, whatever mix of ASCII
+    bytes, split or unfinished characters and multi-byte steps comes."""
+    data = b"".join(parts)
+    chunks = [data[i:i + 1] for i in range(min(whole_from, len(data)))] + [data[whole_from:]]
+    fast, slow = ChoiceStream(()), AlwaysHeld(())
+    for i, chunk in enumerate(chunks):
+        got, want = fast.feed(chunk, i), slow.feed(chunk, i)
+        assert (got is None and want is None) or (got.text, got.offset, got.entries) == \
+            (want.text, want.offset, want.entries)
+    assert fast.finish(b"", -1) == slow.finish(b"", -1) and fast.released == slow.released
