@@ -278,8 +278,7 @@ def counted_engine(model: BltModel, batch: int, mode: str, counter: KernelCount)
         engine.runner.make_rotation_tables()
         runner.decode_attention = counted_attention(counter)  # for this script's process only
         runner.embed_new_bytes = counted_embedding(counter)
-        static.greedy_pick, static.sample_pick, static.entropy_flags = counted_tail(counter)
-        runner.greedy_pick, runner.sample_pick = static.greedy_pick, static.sample_pick  # first bytes
+        runner.greedy_pick, runner.sample_pick, static.entropy_flags = counted_tail(counter)
     return engine
 
 

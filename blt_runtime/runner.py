@@ -526,13 +526,34 @@ class Runner:
         tables = self.latest_tables(rs if rs is not None else s)
         return self.decode_bytes(byte_states, positions, tables, None, max(lengths), logits=True)[:, 0].float()
 
-    def look_ahead(self, ids: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
-        """Feed freshly sampled bytes (B,) at `positions` to the entropy model -> (B,) bool: does each
-        close its patch (does the byte after it start a new one)."""
+    def look_ahead(self, embedded: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """Feed freshly sampled bytes, embedded for the entropy model (B, 1, d), at `positions` to it ->
+        (B,) bool: does each close its patch (does the byte after it start a new one)."""
         pos = self._tensor(positions)
-        entropy = self.entropies(ids[:, None], self._tensor(slots), pos, max(positions), consecutive(slots),
-                                 min(positions))
-        return self.boundary_flags(entropy[:, 0], pos)
+        logits = self.entropy_logits(embedded, self._tensor(slots), pos, max(positions), consecutive(slots),
+                                     min(positions))
+        return self.boundary_flags(self.ops.entropy(logits)[:, 0], pos)
+
+    def choose(self, logits: torch.Tensor, batch: SamplingBatch, positions: torch.Tensor, slots: torch.Tensor,
+               out: torch.Tensor, reads=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's byte for `positions` from its logits (B, V), counted in its slot's output counts and
+        seen flags, to out[:, 0] (float64) -> (ids (B,), their entropy-model embeddings (B, 1, d)). With
+        Triton kernels a greedy step without penalties takes one kernel (tail_kernels.py), and so does
+        any other where `sample_kernel` (sample_kernel.py); else sampling.sample and its bookkeeping
+        eagerly, the counts read at `reads` (a view of consecutive slots) or else at `slots`."""
+        never = never_sampled(logits.shape[1], logits.device)
+        if self.kernels != "torch" and batch.all_greedy and not batch.any_penalty:
+            return greedy_pick(logits, batch.allow_eos, never, self.output_counts, self.seen, slots,
+                               self.entropy_embed, EOS_ID, out)
+        if self.sample_kernel:
+            return sample_pick(logits, batch, positions, never, self.output_counts, self.seen, slots,
+                               self.entropy_embed, EOS_ID, out)
+        reads = slots if reads is None else reads
+        ids = sample(logits, batch, positions, self.output_counts[reads], self.seen[reads], EOS_ID)
+        self.output_counts[slots, ids] += 1
+        self.seen[slots, ids] = True
+        out[:, 0].copy_(ids)
+        return ids, F.embedding(ids[:, None], self.entropy_embed)
 
     def sample_and_look_ahead(self, logits: list[torch.Tensor], slots: list[int], positions: list[int],
                               params: list[SamplingParams], seeds: list[int],
@@ -543,23 +564,11 @@ class Runner:
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         s = self._tensor(slots)
         batch = SamplingBatch.build(params, seeds, s.device)
-        greedy = batch.all_greedy and not batch.any_penalty
-        if self.kernels != "torch" and (greedy or self.sample_kernel):  # one kernel, as a static step's
-            out, never = torch.empty(len(slots), 2, dtype=torch.float64, device=s.device), never_sampled(
-                logits.shape[1], s.device)
-            if greedy:
-                ids, _ = greedy_pick(logits, batch.allow_eos, never, self.output_counts, self.seen, s,
-                                     self.entropy_embed, EOS_ID, out)
-            else:
-                ids, _ = sample_pick(logits, batch, self._tensor(positions), never, self.output_counts, self.seen, s,
-                                     self.entropy_embed, EOS_ID, out)
-        else:
-            ids = sample(logits, batch, self._tensor(positions), self.output_counts[s], self.seen[s], EOS_ID)
-            self.output_counts[s, ids] += 1
-            self.seen[s, ids] = True
-        closes = self.look_ahead(ids, slots, positions)
+        out = torch.empty(len(slots), 2, dtype=torch.float64, device=s.device)  # column 0: the ids
+        ids, embedded = self.choose(logits, batch, self._tensor(positions), s, out)
+        out[:, 1].copy_(self.look_ahead(embedded, slots, positions))
         n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
-        parts = [ids.double(), closes.double()]
+        parts = [out[:, 0], out[:, 1]]  # the ids, then the flags
         if n_top is not None:
             chosen, top_values, top_ids = top_logprobs(logits, ids, n_top)
             parts += [chosen.double(), top_values.double().flatten(), top_ids.double().flatten()]

@@ -29,7 +29,7 @@ import torch
 
 from .attention import next_power_of_2, tl, triton
 from .sampling import SamplingBatch
-from .tail_kernels import _as_bytes, record
+from .tail_kernels import _as_bytes, allowed_logits, record
 
 # Bytes compared with all the others at once when ranking, and warps per row: (512 x 16) comparisons per
 # iteration over 256 threads compile for sm_90 in 149 registers, without spills (32 at once spilled).
@@ -47,12 +47,9 @@ def _hash32(x):
 
 def _scores(Logits, AllowEos, Never, Counts, Seen, Presence, Frequency, Repetition, b, slot, v, inside, eos_id,
             s_logits, s_counts, s_seen, PENALTY: tl.constexpr):
-    """Row b's logits at ids v in fp32, -inf at the ids never sampled and, unless AllowEos[b], at EOS
-    (sampling.allowed); penalised by the counts and flags of its slot when PENALTY (apply_penalties)."""
-    x = tl.load(Logits + b * s_logits + v, mask=inside, other=float("-inf")).to(tl.float32)
-    never = tl.load(Never + v, mask=inside, other=1) != 0
-    no_eos = tl.load(AllowEos + b) == 0
-    x = tl.where(never | ((v == eos_id) & no_eos), float("-inf"), x)
+    """tail_kernels.allowed_logits, penalised by the counts and flags of row b's slot when PENALTY
+    (sampling.apply_penalties)."""
+    x = allowed_logits(Logits, AllowEos, Never, b, v, inside, eos_id, s_logits)
     if PENALTY:
         rep = tl.load(Repetition + b)
         seen = tl.load(Seen + slot * s_seen + v, mask=inside, other=0) != 0

@@ -29,14 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .graphs import StepGraphs
 from .runner import Runner, Sampled, positions_for
-from .sample_kernel import sample_pick
-from .sampling import SamplingBatch, SamplingParams, all_greedy, any_penalty, never_sampled, sample, top_logprobs
-from .tail_kernels import entropy_flags, greedy_pick
-from .tokenizer import BOS_ID, EOS_ID
+from .sampling import SamplingBatch, SamplingParams, all_greedy, any_penalty, top_logprobs
+from .tail_kernels import entropy_flags
+from .tokenizer import BOS_ID
 from .transfer import HostTransfer
 
 MAX_LOGPROBS = 20  # a step that returns logprobs returns this many; the host keeps what each row asked for
@@ -284,20 +282,8 @@ class StaticDecoder:
                           kernels=r.kernels)
         logits = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1, logits=True)[:, 0]
         position = b.next  # the sampled bytes' (staged: no kernel)
-        triton = r.kernels != "torch"  # the tail in two kernels: the choice and its bookkeeping, the patch flag
-        never = never_sampled(logits.shape[1], logits.device)
-        if triton and greedy and not penalty:
-            ids, embedded = greedy_pick(logits, b.allow_eos, never, r.output_counts, r.seen, b.slots, r.entropy_embed,
-                                        EOS_ID, b.out)
-        elif r.sample_kernel:
-            ids, embedded = sample_pick(logits, b.sampling(greedy, penalty), position, never, r.output_counts, r.seen,
-                                        b.slots, r.entropy_embed, EOS_ID, b.out)
-        else:
-            ids = sample(logits, b.sampling(greedy, penalty), position, r.output_counts[own], r.seen[own], EOS_ID)
-            r.output_counts[b.slots, ids] += 1
-            r.seen[b.slots, ids] = True
-            b.out[:, 0].copy_(ids)
-            embedded = F.embedding(ids[:, None], r.entropy_embed)
+        ids, embedded = r.choose(logits, b.sampling(greedy, penalty), position, b.slots, b.out, own)
+        triton = r.kernels != "torch"  # the patch flag in one kernel (tail_kernels.py)
         entropy_logits = r.entropy_logits(embedded, b.slots, position, spans[0] - 1, reads)
         if triton:
             entropy_flags(entropy_logits[:, 0], position, r.cfg.patching_threshold, b.out)

@@ -27,15 +27,20 @@ def _greedy_program(Logits, AllowEos, Never, Counts, Seen, Slots, Embed, Ids, Em
     out; counted in its slot's Counts and Seen; to Ids[b], Out[b, 0] and, embedded, Embedded[b]."""
     b = tl.program_id(0)
     v = tl.arange(0, V_PAD)
-    inside = v < n_ids
-    x = tl.load(Logits + b * s_logits + v, mask=inside, other=float("-inf")).to(tl.float32)
-    never = tl.load(Never + v, mask=inside, other=1) != 0
-    no_eos = tl.load(AllowEos + b) == 0
-    x = tl.where(never | ((v == eos_id) & no_eos), float("-inf"), x)
+    x = allowed_logits(Logits, AllowEos, Never, b, v, v < n_ids, eos_id, s_logits)
     chosen = tl.argmax(x, 0, tie_break_left=True).to(tl.int64)
     slot = tl.load(Slots + b).to(tl.int64)
     record(chosen, b, slot, Counts, Seen, Embed, Ids, Embedded, Out, s_counts, s_seen, s_embed, s_embedded, s_out,
            D, D_PAD)
+
+
+def allowed_logits(Logits, AllowEos, Never, b, v, inside, eos_id, s_logits):
+    """Row b's logits at ids v in fp32, -inf at the ids never sampled and, unless AllowEos[b], at EOS
+    (sampling.allowed). Shared with sample_kernel.py."""
+    x = tl.load(Logits + b * s_logits + v, mask=inside, other=float("-inf")).to(tl.float32)
+    never = tl.load(Never + v, mask=inside, other=1) != 0
+    no_eos = tl.load(AllowEos + b) == 0
+    return tl.where(never | ((v == eos_id) & no_eos), float("-inf"), x)
 
 
 def record(chosen, b, slot, Counts, Seen, Embed, Ids, Embedded, Out, s_counts, s_seen, s_embed, s_embedded, s_out,
@@ -67,6 +72,7 @@ def _entropy_program(Logits, Positions, Out, n_ids, threshold, s_logits, s_out, 
 
 
 if triton is not None:
+    allowed_logits = triton.jit(allowed_logits)
     record = triton.jit(record)
     _greedy_kernel = triton.jit(_greedy_program)
     _entropy_kernel = triton.jit(_entropy_program)
