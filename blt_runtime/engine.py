@@ -10,6 +10,13 @@ returns this step's outputs, so that what the caller does with them (a server: m
 clients) runs while the device computes, not while it waits. A queued step was planned with the
 requests known when it was queued: one added later joins the step after. An abort still ends a
 request at once: the byte its row computes in the queued step is dropped.
+
+Prompts are shared (`share_prompts`, on by default): a request admitted while an earlier one is still
+prefilling a prompt that begins its own (the `n` choices of one completion, or the same prompt sent
+twice) does not prefill those bytes again. It waits, and when the earlier prompt is done its slot
+takes a copy of that state: with the same prompt its first byte is sampled in the next step, with a
+longer one it prefills only the rest. The copy is what its own prefill would have computed (the
+state after a prefix depends on the prefix alone), so outputs do not change.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ class Usage:
     prompt_patches: int
     completion_patches: int
     global_steps: int
+    shared_prompt_bytes: int = 0  # prompt bytes whose prefill was copied from another request's
 
 
 # Not frozen: one is made per running sequence per step, and a frozen dataclass's __init__ took 2.4 us
@@ -76,7 +84,7 @@ class Engine:
     def __init__(self, model: BltModel, max_batch_size: int = 16, max_model_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 512, static: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto",
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, share_prompts: bool = True):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
@@ -85,7 +93,8 @@ class Engine:
         "triton-gemv" (those, with the norms and the gate inside the projections' kernels) or "auto"
         (kernels.py: "triton" on CUDA when its kernels pass their start-up check). `overlap`: queue
         the next step before returning this one's outputs (module docstring); on by default on CUDA,
-        off on a CPU, where nothing runs while the host works."""
+        off on a CPU, where nothing runs while the host works. `share_prompts`: a prompt that begins with
+        another being prefilled copies its state instead of computing it again (module docstring)."""
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
@@ -107,6 +116,8 @@ class Engine:
         self.sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._first_logits: dict[str, torch.Tensor] = {}  # prompt's last logits of PREFILLED sequences
+        self.share_prompts = share_prompts
+        self._followers: dict[str, list[Sequence]] = {}  # by leader's request id, in admission order
         self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step() call
         self._rng = random.Random()
         self.overlap = on_cuda if overlap is None else overlap
@@ -185,6 +196,8 @@ class Engine:
             if seq.params.max_bytes == 0:
                 seq.finish_reason = "length"
                 outputs.append(self._finish(seq, b"", False))
+            elif self.share_prompts:
+                self._follow(seq)
         plan = self.scheduler.plan()
         transfer = HostTransfer()
         chunk = None
@@ -237,6 +250,33 @@ class Engine:
         if end == seq.prompt_len:  # its first byte is sampled with the next step's work
             seq.status = Status.PREFILLED
             self._first_logits[seq.request_id] = result.last_logits
+            for follower in self._followers.pop(seq.request_id, ()):
+                self._fork(seq, follower)
+
+    # ------------------------------------------------------------------ shared prompts
+    def _follow(self, seq: Sequence) -> None:
+        """Make a sequence just admitted (or whose leader left) wait for the longest prompt that begins
+        its own among the sequences admitted before it that prefill theirs, if any."""
+        leader = None
+        for s in self.scheduler.active:
+            if s is seq:
+                break
+            if (s.status is Status.PREFILLING and s.leader is None and s.prompt_len <= seq.prompt_len
+                    and (leader is None or s.prompt_len > leader.prompt_len) and seq.ids[:s.prompt_len] == s.ids):
+                leader = s
+        if leader is not None:
+            seq.leader = leader
+            self._followers.setdefault(leader.request_id, []).append(seq)
+
+    def _fork(self, leader: Sequence, seq: Sequence) -> None:
+        """The leader's prompt is prefilled: copy its state to the follower's slot."""
+        self.runner.share_prompt(leader.slot, seq.slot, leader.prompt_len, leader.num_patches, leader.open_len)
+        seq.leader, seq.shared = None, leader.prompt_len
+        seq.processed, seq.num_patches, seq.open_len = leader.processed, leader.num_patches, leader.open_len
+        seq.patch_starts = list(leader.patch_starts)
+        if seq.prompt_len == leader.prompt_len:
+            seq.status = Status.PREFILLED
+            self._first_logits[seq.request_id] = self._first_logits[leader.request_id]
 
     def _sample(self, seqs: list[Sequence], logits: list[torch.Tensor],
                 transfer: HostTransfer) -> Callable[[], Sampled] | None:
@@ -273,7 +313,18 @@ class Engine:
         if seq.slot is not None:
             self.slots.release(seq.slot)
             seq.slot = None
+        if seq.leader is not None:
+            followers = self._followers[seq.leader.request_id]
+            followers.remove(seq)
+            if not followers:
+                del self._followers[seq.leader.request_id]
+            seq.leader = None
         self.scheduler.remove(seq)
+        followers = self._followers.pop(seq.request_id, [])  # aborted while prefilling: they look again
+        for follower in followers:
+            follower.leader = None
+        for follower in followers:
+            self._follow(follower)
 
     def _finish(self, seq: Sequence, new: bytes, patch_start: bool, logprobs=None) -> StepOutput:
         self._release(seq)
@@ -283,5 +334,5 @@ class Engine:
         self.sequences.pop(seq.request_id, None)
         prompt_patches, completion_patches = seq.patch_lengths()
         usage = Usage(seq.prompt_len - 1, len(seq.generated), len(prompt_patches), len(completion_patches),
-                      seq.num_patches)
+                      seq.num_patches, max(seq.shared - 1, 0))  # BOS is not a prompt byte
         return StepOutput(seq.request_id, new, patch_start, logprobs, True, seq.finish_reason, seq.stop_reason, usage)

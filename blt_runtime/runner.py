@@ -364,6 +364,20 @@ class Runner:
         self.seen[slot] = False
         self.seen[slot, self._tensor(prompt_ids[1:])] = True
 
+    def share_prompt(self, source: int, target: int, length: int, num_patches: int, open_len: int) -> None:
+        """Give slot `target` the state that slot `source` holds after its first `length` positions, with
+        `num_patches` completed patches and `open_len` bytes in the open one: what prefilling those
+        positions in `target` would compute, since every piece of it depends on them alone (the
+        patches of a prefix never change when bytes follow). The sampling counts stay `target`'s own
+        (admit)."""
+        for cache in (self.entropy_kv, self.encoder_kv, self.decoder_kv):
+            n = cache.span(length)  # a ring buffer holds the last `window` positions at p % window
+            cache.kv[:, :, target, :, :n].copy_(cache.kv[:, :, source, :, :n])
+        self.global_kv.kv[:, :, target, :, :num_patches].copy_(self.global_kv.kv[:, :, source, :, :num_patches])
+        self.latest[:, :, target].copy_(self.latest[:, :, source])
+        self.open_patch.data[target, :open_len].copy_(self.open_patch.data[source, :open_len])
+        self.history[target].copy_(self.history[source])
+
     # ------------------------------------------------------------------ per-stack pieces
     def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length, read_slots=None,
                    min_length=None, final_norm: BoundNorm | None = None) -> tuple[torch.Tensor, Positions]:

@@ -3,8 +3,10 @@
 A sequence is WAITING until a slot is free, then PREFILLING (its prompt is processed in chunks, one
 chunk per engine step, while running sequences keep decoding), then PREFILLED for one step (its
 first byte is sampled with the next step's other work), then RUNNING (one byte per step), then
-FINISHED. Stops are decided here on bytes: EOS, stop strings, the byte limit (with up to three
-more bytes to finish a UTF-8 character) and the model's context.
+FINISHED. A PREFILLING sequence with a `leader` is not prefilled: it waits for the leader, whose
+prompt begins its own, to finish its prompt, and takes a copy of its state (engine.py).
+Stops are decided here on bytes: EOS, stop strings, the byte limit (with up to three more bytes to
+finish a UTF-8 character) and the model's context.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class Sequence:
     patch_starts: list[int] = field(default_factory=lambda: [0])
     generated: bytearray = field(default_factory=bytearray)
     utf8_missing: int = 0
+    leader: Sequence | None = field(default=None, repr=False, compare=False)  # whose prefill it waits for
+    shared: int = 0  # positions of its prompt (BOS included) whose state was copied from a leader's
     finish_reason: str | None = None
     stop_reason: bytes | None = None
 
@@ -141,7 +145,7 @@ class Scheduler:
                 decode.append(s)
             elif s.status is Status.PREFILLED:
                 first.append(s)
-            elif prefill is None and s.status is Status.PREFILLING:
+            elif prefill is None and s.status is Status.PREFILLING and s.leader is None:
                 prefill = s
         if prefill is None:
             return Plan(decode, None, first=first)

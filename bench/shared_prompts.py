@@ -1,0 +1,93 @@
+"""Shared prompts: the n choices of one prompt prefilled once, against each choice prefilling its own.
+
+    python bench/shared_prompts.py [--model DIR] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                   [--prompt-bytes 1024] [--n 1,4,8] [--bytes 32] [--repeats 3]
+
+For each n, n requests with one English prompt, each sampling with its own seed (as /v1/completions
+adds the n choices of a completion), run through an engine with `share_prompts` on and one with it
+off, in interleaved rounds. Reported, medians over the rounds: the time until every choice has its
+first byte (`first_bytes_ms_*`), the time until all are done (`all_done_ms_*`), and the ratio of
+the two engines' first-byte times (`first_bytes_speedup_*`, off over on). `outputs_equal` says
+whether both engines gave every choice the same bytes. JSON line last. Needs only torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.generate import DEFAULT_MODEL, prompt_text, sync  # noqa: E402
+from blt_runtime import load_model  # noqa: E402
+from blt_runtime.engine import Engine  # noqa: E402
+from blt_runtime.sampling import SamplingParams  # noqa: E402
+
+
+def run(engine: Engine, prompt: bytes, n: int, n_bytes: int, device: str, round_: int) -> tuple[float, float, list]:
+    """-> (ms until every choice has a byte, ms until all are done, each choice's bytes)."""
+    out = [bytearray() for _ in range(n)]
+    ids = {f"r{round_}-{i}": i for i in range(n)}
+    sync(device)
+    start = time.perf_counter()
+    for rid, i in ids.items():
+        engine.add_request(rid, prompt, SamplingParams(max_bytes=n_bytes, temperature=0.8, seed=1000 + i,
+                                                       ignore_eos=True))
+    first = None
+    while engine.has_work():
+        for o in engine.step():
+            out[ids[o.request_id]] += o.new_bytes
+        if first is None and all(out):
+            first = time.perf_counter() - start
+    sync(device)
+    return 1000 * first, 1000 * (time.perf_counter() - start), [bytes(b) for b in out]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--prompt-bytes", type=int, default=1024)
+    ap.add_argument("--n", default="1,4,8")
+    ap.add_argument("--bytes", type=int, default=32, help="bytes each choice generates")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    model = load_model(args.model, args.device, args.dtype)
+    ns = [int(x) for x in args.n.split(",")]
+    prompt = prompt_text(args.prompt_bytes)
+    engines = {share: Engine(model, max_batch_size=max(ns), share_prompts=share) for share in (True, False)}
+    for engine in engines.values():  # warm-up: every step kind once
+        run(engine, prompt[:64], max(ns), 4, args.device, -1)
+    times = {(share, n): ([], []) for share in engines for n in ns}
+    equal = True
+    for r in range(args.repeats):
+        for n in ns:
+            outputs = {}
+            for share, engine in engines.items():
+                first, done, outputs[share] = run(engine, prompt, n, args.bytes, args.device, r)
+                times[share, n][0].append(first)
+                times[share, n][1].append(done)
+            equal &= outputs[True] == outputs[False]
+    result = {}
+    print(f"{'n':>3} {'sharing':>8} {'first bytes ms':>15} {'all done ms':>12}")
+    for n in ns:
+        for share in (True, False):
+            first, done = (statistics.median(t) for t in times[share, n])
+            print(f"{n:>3} {'on' if share else 'off':>8} {first:>15.1f} {done:>12.1f}")
+            suffix = f"{n}" if share else f"{n}_unshared"
+            result[f"first_bytes_ms_{suffix}"] = round(first, 2)
+            result[f"all_done_ms_{suffix}"] = round(done, 2)
+        unshared, shared = result[f"first_bytes_ms_{n}_unshared"], result[f"first_bytes_ms_{n}"]
+        result[f"first_bytes_speedup_{n}"] = round(unshared / shared, 2)
+    result["outputs_equal"] = equal
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
