@@ -68,7 +68,8 @@ def build_engine(settings: Settings):
                     max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
                     cuda_graphs=False if settings.enforce_eager else None,  # None: graphs where CUDA is
                     compile=settings.compile, kernels=settings.kernels,
-                    overlap=False if settings.no_overlap else None)  # None: overlap where CUDA is
+                    overlap=False if settings.no_overlap else None,  # None: overlap where CUDA is
+                    share_prompts=not settings.no_prompt_sharing)
     log.info("decode steps: %s%s, %s kernels%s", "CUDA graphs" if engine.uses_cuda_graphs else
              "static shapes, eager" if engine.static is not None else "dynamic shapes, eager",
              ", element-wise stretches compiled" if settings.compile else "", engine.kernels,

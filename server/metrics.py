@@ -24,6 +24,8 @@ class Metrics:
         self.waiting = Gauge("blt_num_requests_waiting", "Sequences waiting for a cache slot.", m, registry=r)
         self.cache_usage = Gauge("blt_cache_usage_ratio", "Fraction of the cache slots in use.", m, registry=r)
         self.prompt_bytes = Counter("blt_prompt_bytes", "Prompt bytes processed.", m, registry=r)
+        self.prompt_bytes_shared = Counter("blt_prompt_bytes_shared", "Prompt bytes whose prefill was copied "
+                                           "from another request's (shared prompts), not computed.", m, registry=r)
         self.generation_bytes = Counter("blt_generation_bytes", "Bytes generated.", m, registry=r)
         self.patches = Counter("blt_patches", "Patches, by phase (prompt or generation).", m + ["phase"], registry=r)
         self.global_steps = Counter("blt_global_steps", "Global-transformer steps (completed patches).", m,

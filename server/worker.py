@@ -231,6 +231,7 @@ class EngineWorker:
         if u is None:
             return
         m.of(m.prompt_bytes).inc(u.prompt_bytes)
+        m.of(m.prompt_bytes_shared).inc(u.shared_prompt_bytes)
         m.of(m.patches, phase="prompt").inc(u.prompt_patches)
         m.of(m.patches, phase="generation").inc(u.completion_patches)
         m.of(m.global_steps).inc(u.global_steps)

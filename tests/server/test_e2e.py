@@ -106,6 +106,12 @@ def test_metrics_exist_and_move(server):
         assert metric_value(after, name) > metric_value(before, name), name
     assert metric_value(after, "blt_generation_bytes_total") - metric_value(before, "blt_generation_bytes_total") >= 20
     assert 'model="tiny"' in after
+    # the n choices of a completion prefill their prompt once: the others copy it
+    body = {"prompt": "one prompt, three choices", "max_tokens": 5, "n": 3, "ignore_eos": True}
+    assert len(httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["choices"]) == 3
+    shared = httpx.get(f"{server.url}/metrics", headers=AUTH).text
+    name = "blt_prompt_bytes_shared_total"
+    assert metric_value(shared, name) - metric_value(after, name) == 2 * len(body["prompt"])
 
 
 def test_sigterm_drains_running_streams(tiny):
