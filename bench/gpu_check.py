@@ -15,7 +15,10 @@ and timed in one run. Prints a table and, last, one JSON line.
    temperature 0.8 and top-p 0.95 (`..._sampled`; seeded, so also checked against the comparison
    engine and against itself). Each timed run follows an identical untimed one, so graph captures
    (one per new step shape) are not in the figures.
-4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run.
+4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run. Then
+   8 choices of the 1 KB prompt, sampled, with shared prompts (the default: one prefill, copied) and
+   with each prefilling its own, on one engine (`shared_prompts`: the time until every choice has
+   its first byte, and whether the bytes are the same both ways).
 5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
    time per step, the costliest kernels.
 6. Kernels (kernels.py): the engine runs the repository's Triton kernels (attention with RoPE,
@@ -55,6 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.shared_prompts import run as run_choices  # noqa: E402
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
 from blt_runtime.attention import decode_attention, sdpa_attention  # noqa: E402
 from blt_runtime.cache import KVCache  # noqa: E402
@@ -395,6 +399,21 @@ def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None
     result["compiled"] = out
 
 
+def measure_shared(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """8 choices of one prompt with shared prompts and without, on one engine (bench/shared_prompts.py)."""
+    engine, device, n, n_bytes = make_engine(model, graphs=model.device.type == "cuda"), str(model.device), 8, 32
+    figures = {}
+    for share in (True, False):
+        engine.share_prompts = share
+        run_choices(engine, prompt, n, n_bytes, device, 2 * share)  # captures this way's step shapes
+        figures[share] = run_choices(engine, prompt, n, n_bytes, device, 2 * share + 1)
+    result["shared_prompts"] = {"first_bytes_ms_8": round(figures[True][0], 2),
+                                "first_bytes_ms_8_unshared": round(figures[False][0], 2),
+                                "all_done_ms_8": round(figures[True][1], 2),
+                                "all_done_ms_8_unshared": round(figures[False][1], 2),
+                                "outputs_equal": figures[True][2] == figures[False][2]}
+
+
 def top1_agreement(model: BltModel, prompt: bytes, generated: bytes) -> float:
     """Share of the engine's greedy bytes that full recompute (same dtype) also ranks first."""
     ids = encode_tensor(prompt + generated, model.device)
@@ -533,6 +552,7 @@ def main() -> None:
     result["transformers"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in hf.items()}
     if "bytes_per_s" in hf:
         result["speedup_vs_transformers_batch1"] = round(result["batch1_bytes_per_s"] / hf["bytes_per_s"], 1)
+    attempt(measure_shared, "shared_prompts", model, prompt, args, result, reraise=not cuda)
     print(json.dumps(result), flush=True)  # what is known so far, should a later part run out of time
     if cuda and result.get("kernels") == "triton":
         result["attention_us"] = attention_us(model)

@@ -2,10 +2,12 @@
 
     python bench/shared_prompts.py [--model DIR] [--device cpu|cuda] [--dtype float32|bfloat16]
                                    [--prompt-bytes 1024] [--n 1,4,8] [--bytes 32] [--repeats 3]
+                                   [--suffix-bytes 0]
 
 For each n, n requests with one English prompt, each sampling with its own seed (as /v1/completions
-adds the n choices of a completion), run through an engine with `share_prompts` on and one with it
-off, in interleaved rounds. Reported, medians over the rounds: the time until every choice has its
+adds the n choices of a completion; with `--suffix-bytes K`, each prompt followed by K bytes of its
+own, as questions after the same few-shot examples), run through an engine with `share_prompts` on
+and one with it off, in interleaved rounds. Reported, medians over the rounds: the time until every choice has its
 first byte (`first_bytes_ms_*`), the time until all are done (`all_done_ms_*`), and the ratio of
 the two engines' first-byte times (`first_bytes_speedup_*`, off over on). `outputs_equal` says
 whether both engines gave every choice the same bytes. JSON line last. Needs only torch.
@@ -29,15 +31,17 @@ from blt_runtime.engine import Engine  # noqa: E402
 from blt_runtime.sampling import SamplingParams  # noqa: E402
 
 
-def run(engine: Engine, prompt: bytes, n: int, n_bytes: int, device: str, round_: int) -> tuple[float, float, list]:
-    """-> (ms until every choice has a byte, ms until all are done, each choice's bytes)."""
+def run(engine: Engine, prompt: bytes, n: int, n_bytes: int, device: str, round_: int,
+        suffixes: list[bytes] | None = None) -> tuple[float, float, list]:
+    """-> (ms until every choice has a byte, ms until all are done, each choice's bytes). `suffixes`:
+    request i's prompt is `prompt` + suffixes[i]."""
     out = [bytearray() for _ in range(n)]
     ids = {f"r{round_}-{i}": i for i in range(n)}
     sync(device)
     start = time.perf_counter()
     for rid, i in ids.items():
-        engine.add_request(rid, prompt, SamplingParams(max_bytes=n_bytes, temperature=0.8, seed=1000 + i,
-                                                       ignore_eos=True))
+        params = SamplingParams(max_bytes=n_bytes, temperature=0.8, seed=1000 + i, ignore_eos=True)
+        engine.add_request(rid, prompt + (suffixes[i] if suffixes else b""), params)
     first = None
     while engine.has_work():
         for o in engine.step():
@@ -57,10 +61,14 @@ def main() -> None:
     ap.add_argument("--n", default="1,4,8")
     ap.add_argument("--bytes", type=int, default=32, help="bytes each choice generates")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--suffix-bytes", type=int, default=0, help="bytes of its own after each request's prompt")
     args = ap.parse_args()
     model = load_model(args.model, args.device, args.dtype)
     ns = [int(x) for x in args.n.split(",")]
-    prompt = prompt_text(args.prompt_bytes)
+    k = args.suffix_bytes
+    text = prompt_text(args.prompt_bytes + k * max(ns))
+    prompt, rest = text[:args.prompt_bytes], text[args.prompt_bytes:]
+    suffixes = [rest[i * k:(i + 1) * k] for i in range(max(ns))] if k else None
     engines = {share: Engine(model, max_batch_size=max(ns), share_prompts=share) for share in (True, False)}
     for engine in engines.values():  # warm-up: every step kind once
         run(engine, prompt[:64], max(ns), 4, args.device, -1)
@@ -70,7 +78,7 @@ def main() -> None:
         for n in ns:
             outputs = {}
             for share, engine in engines.items():
-                first, done, outputs[share] = run(engine, prompt, n, args.bytes, args.device, r)
+                first, done, outputs[share] = run(engine, prompt, n, args.bytes, args.device, r, suffixes)
                 times[share, n][0].append(first)
                 times[share, n][1].append(done)
             equal &= outputs[True] == outputs[False]

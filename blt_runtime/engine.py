@@ -12,11 +12,15 @@ requests known when it was queued: one added later joins the step after. An abor
 request at once: the byte its row computes in the queued step is dropped.
 
 Prompts are shared (`share_prompts`, on by default): a request admitted while an earlier one is still
-prefilling a prompt that begins its own (the `n` choices of one completion, or the same prompt sent
-twice) does not prefill those bytes again. It waits, and when the earlier prompt is done its slot
-takes a copy of that state: with the same prompt its first byte is sampled in the next step, with a
-longer one it prefills only the rest. The copy is what its own prefill would have computed (the
-state after a prefix depends on the prefix alone), so outputs do not change.
+prefilling a prompt that shares a prefix with its own (the `n` choices of one completion, the same
+prompt sent twice, the same few-shot examples or system prompt before different questions) does not
+prefill that prefix again. It follows the earlier one: that one's prefill chunk is cut where the
+prefix ends, and the follower's slot takes a copy of the state there. With the same prompt its first
+byte is sampled in the next step; with a longer one it prefills only the rest. The state after a
+prefix depends on the prefix alone, so the copy is what the follower's own prefill would compute
+(up to rounding where its chunks would have been cut elsewhere), and outputs do not change. A
+common prefix shorter than MIN_SHARED_PREFIX positions is shared only where it is the whole earlier
+prompt (nothing is cut for it).
 """
 
 from __future__ import annotations
@@ -66,6 +70,15 @@ class StepOutput:
 
 
 ONE_BYTE = [bytes([b]) for b in range(256)]
+MIN_SHARED_PREFIX = 64  # positions: a shorter common prefix is not worth one more prefill chunk for the leader
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many ids `a` and `b` share from the start."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
 
 
 @dataclass
@@ -93,8 +106,8 @@ class Engine:
         "triton-gemv" (those, with the norms and the gate inside the projections' kernels) or "auto"
         (kernels.py: "triton" on CUDA when its kernels pass their start-up check). `overlap`: queue
         the next step before returning this one's outputs (module docstring); on by default on CUDA,
-        off on a CPU, where nothing runs while the host works. `share_prompts`: a prompt that begins with
-        another being prefilled copies its state instead of computing it again (module docstring)."""
+        off on a CPU, where nothing runs while the host works. `share_prompts`: a prompt that shares a
+        prefix with another being prefilled copies that state instead of computing it (module docstring)."""
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
@@ -117,7 +130,7 @@ class Engine:
         self._aborted: list[Sequence] = []
         self._first_logits: dict[str, torch.Tensor] = {}  # prompt's last logits of PREFILLED sequences
         self.share_prompts = share_prompts
-        self._followers: dict[str, list[Sequence]] = {}  # by leader's request id, in admission order
+        self._unled: list[Sequence] = []  # followers whose leader was aborted: they look again in _queue
         self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step() call
         self._rng = random.Random()
         self.overlap = on_cuda if overlap is None else overlap
@@ -190,6 +203,10 @@ class Engine:
         """Admit what can be admitted, plan, and queue all of the step's device work; bring what the
         host needs over in one transfer (`_complete` waits for it, the step's one wait for the device)."""
         outputs = []
+        for seq in self._unled:  # here, not in abort(): a queued chunk may be past what they share
+            if seq.status is Status.PREFILLING:
+                self._follow(seq)
+        self._unled.clear()
         for seq in self.scheduler.admit(self.slots.allocate):
             self.last_admitted.append(seq.request_id)
             self.runner.admit(seq.slot, seq.ids)
@@ -250,33 +267,46 @@ class Engine:
         if end == seq.prompt_len:  # its first byte is sampled with the next step's work
             seq.status = Status.PREFILLED
             self._first_logits[seq.request_id] = result.last_logits
-            for follower in self._followers.pop(seq.request_id, ()):
-                self._fork(seq, follower)
+        for follower in [f for f in seq.followers if f.fork_at == end]:
+            self._fork(seq, follower, result.last_logits)
 
     # ------------------------------------------------------------------ shared prompts
     def _follow(self, seq: Sequence) -> None:
-        """Make a sequence just admitted (or whose leader left) wait for the longest prompt that begins
-        its own among the sequences admitted before it that prefill theirs, if any."""
-        leader = None
+        """Make a sequence just admitted (or whose leader left) follow the one, among those admitted
+        before it whose prefill has not passed the prefix it shares with them, with which it shares the
+        longest prefix, if any is worth it (module docstring). A leader may follow another itself: its
+        state then jumps to its own fork, so a follower's fork must lie beyond that, and a sequence
+        that has followers already (whose leader left) must not jump past theirs."""
+        leader, fork_at = None, 0
+        limit = min([f.fork_at for f in seq.followers] + [seq.prompt_len])
         for s in self.scheduler.active:
             if s is seq:
                 break
-            if (s.status is Status.PREFILLING and s.leader is None and s.prompt_len <= seq.prompt_len
-                    and (leader is None or s.prompt_len > leader.prompt_len) and seq.ids[:s.prompt_len] == s.ids):
-                leader = s
+            if s.status is not Status.PREFILLING:
+                continue
+            shared = common_prefix(s.ids, seq.ids)  # s.ids is its prompt: nothing is generated yet
+            if limit >= shared > max(s.processed, s.fork_at, fork_at) and (shared == s.prompt_len or
+                                                                           shared >= MIN_SHARED_PREFIX):
+                leader, fork_at = s, shared
         if leader is not None:
-            seq.leader = leader
-            self._followers.setdefault(leader.request_id, []).append(seq)
+            seq.leader, seq.fork_at = leader, fork_at
+            leader.followers.append(seq)
 
-    def _fork(self, leader: Sequence, seq: Sequence) -> None:
-        """The leader's prompt is prefilled: copy its state to the follower's slot."""
-        self.runner.share_prompt(leader.slot, seq.slot, leader.prompt_len, leader.num_patches, leader.open_len)
-        seq.leader, seq.shared = None, leader.prompt_len
-        seq.processed, seq.num_patches, seq.open_len = leader.processed, leader.num_patches, leader.open_len
+    def _fork(self, leader: Sequence, seq: Sequence, last_logits: torch.Tensor) -> None:
+        """The leader's prefill has reached the follower's fork: copy the state there to the follower's
+        slot. `last_logits`: the leader's at its last position so far (a follower whose prompt ends
+        there samples its first byte from them)."""
+        at = seq.fork_at
+        self.runner.share_prompt(leader.slot, seq.slot, at, leader.num_patches, leader.open_len)
+        leader.followers.remove(seq)
+        seq.leader, seq.fork_at, seq.shared = None, 0, at
+        seq.processed, seq.num_patches, seq.open_len = at, leader.num_patches, leader.open_len
         seq.patch_starts = list(leader.patch_starts)
-        if seq.prompt_len == leader.prompt_len:
+        if at == seq.prompt_len:
             seq.status = Status.PREFILLED
-            self._first_logits[seq.request_id] = self._first_logits[leader.request_id]
+            self._first_logits[seq.request_id] = last_logits
+        for follower in [f for f in seq.followers if f.fork_at == at]:  # its own followers forking there
+            self._fork(seq, follower, last_logits)
 
     def _sample(self, seqs: list[Sequence], logits: list[torch.Tensor],
                 transfer: HostTransfer) -> Callable[[], Sampled] | None:
@@ -314,17 +344,13 @@ class Engine:
             self.slots.release(seq.slot)
             seq.slot = None
         if seq.leader is not None:
-            followers = self._followers[seq.leader.request_id]
-            followers.remove(seq)
-            if not followers:
-                del self._followers[seq.leader.request_id]
-            seq.leader = None
+            seq.leader.followers.remove(seq)
+            seq.leader, seq.fork_at = None, 0
         self.scheduler.remove(seq)
-        followers = self._followers.pop(seq.request_id, [])  # aborted while prefilling: they look again
-        for follower in followers:
-            follower.leader = None
-        for follower in followers:
-            self._follow(follower)
+        for follower in seq.followers:  # it was aborted while prefilling
+            follower.leader, follower.fork_at = None, 0
+        self._unled += seq.followers
+        seq.followers = []
 
     def _finish(self, seq: Sequence, new: bytes, patch_start: bool, logprobs=None) -> StepOutput:
         self._release(seq)

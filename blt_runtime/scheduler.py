@@ -3,8 +3,9 @@
 A sequence is WAITING until a slot is free, then PREFILLING (its prompt is processed in chunks, one
 chunk per engine step, while running sequences keep decoding), then PREFILLED for one step (its
 first byte is sampled with the next step's other work), then RUNNING (one byte per step), then
-FINISHED. A PREFILLING sequence with a `leader` is not prefilled: it waits for the leader, whose
-prompt begins its own, to finish its prompt, and takes a copy of its state (engine.py).
+FINISHED. A PREFILLING sequence with a `leader` is not prefilled: it waits until the leader's prefill
+reaches the end of the prefix their prompts share (`fork_at`, where the leader's chunk is cut), and
+takes a copy of its state (engine.py).
 Stops are decided here on bytes: EOS, stop strings, the byte limit (with up to three more bytes to
 finish a UTF-8 character) and the model's context.
 """
@@ -63,7 +64,9 @@ class Sequence:
     generated: bytearray = field(default_factory=bytearray)
     utf8_missing: int = 0
     leader: Sequence | None = field(default=None, repr=False, compare=False)  # whose prefill it waits for
-    shared: int = 0  # positions of its prompt (BOS included) whose state was copied from a leader's
+    fork_at: int = 0  # with a leader: the positions (BOS included) it will copy, those the prompts share
+    followers: list[Sequence] = field(default_factory=list, repr=False, compare=False)  # who wait for this one
+    shared: int = 0  # positions of its prompt whose state was copied from a leader's
     finish_reason: str | None = None
     stop_reason: bytes | None = None
 
@@ -152,6 +155,7 @@ class Scheduler:
         # prefill_chunk counts prompt bytes: BOS rides with the first chunk (a 1,024-byte prompt is two
         # chunks of 512, not three with a last one of one byte, a whole step longer to the first byte)
         end = min(prefill.processed + self.prefill_chunk + (prefill.processed == 0), prefill.prompt_len)
+        end = min([end] + [f.fork_at for f in prefill.followers])  # a follower copies the state at its fork
         return Plan(decode, prefill, (prefill.processed, end), first)
 
     def remove(self, seq: Sequence) -> None:

@@ -1,11 +1,12 @@
-"""Shared prompts (Engine(share_prompts=True), the default): a request whose prompt begins with one
-still being prefilled copies that state instead of computing it, and its outputs do not change.
+"""Shared prompts (Engine(share_prompts=True), the default): a request whose prompt shares a prefix with
+one still being prefilled copies the state there instead of computing it, and its outputs do not change.
 
 CPU, fp32, random tiny models; prompts past the 512-byte window, so that the ring buffers are copied
 whole, prefilled in several chunks, so that requests join a leader in the middle of its prompt.
 """
 
 import json
+import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -30,17 +31,20 @@ def sampled(seed: int, **extra) -> SamplingParams:
     return SamplingParams(max_bytes=60, temperature=0.9, top_p=0.95, seed=seed, ignore_eos=True, logprobs=1, **extra)
 
 
-# the n choices of one prompt, a longer prompt that begins with it, a shorter one that only it begins
-# with, and one that shares nothing; some join while the first is still prefilling
+# the n choices of one prompt, a longer prompt that begins with it, a shorter one that begins it, one
+# that shares its first 400 bytes and then goes elsewhere, one that shares too few bytes to cut a chunk
+# for, and one that shares nothing; most join while the first is still prefilling
 REQUESTS = {
     "a": (PROMPT, GREEDY),
     "b": (PROMPT, sampled(1)),
     "c": (PROMPT, sampled(2, presence_penalty=0.5)),
     "longer": (PROMPT + b" and then some more", GREEDY),
     "shorter": (PROMPT[:300], sampled(3)),
+    "sibling": (PROMPT[:400] + b"; and here it goes its own way", GREEDY),
+    "few": (PROMPT[:20] + b"and not much else", GREEDY),
     "other": (PARITY_TEXT[100:400], GREEDY),
 }
-JOINS = {"a": 0, "b": 0, "c": 2, "longer": 3, "shorter": 1, "other": 0}
+JOINS = {"a": 0, "b": 0, "c": 2, "longer": 3, "shorter": 1, "sibling": 2, "few": 1, "other": 0}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,25 @@ def run_with_logprobs(engine: Engine) -> dict[str, tuple[bytes, list, object]]:
     return {rid: (bytes(out[rid][0]), out[rid][1], final[rid]) for rid in REQUESTS}
 
 
+def drain(engine: Engine, max_steps: int = 1000) -> dict[str, tuple[bytes, object]]:
+    """Step until nothing is left (at most max_steps) -> {request id: (its bytes, its last output)}."""
+    out, final = {}, {}
+    for _ in range(max_steps):
+        if not engine.has_work():
+            break
+        for o in engine.step():
+            out[o.request_id] = out.get(o.request_id, b"") + o.new_bytes
+            if o.finished:
+                final[o.request_id] = o
+    assert not engine.has_work(), "a follower waits for a fork that never comes"
+    return {rid: (out[rid], final[rid]) for rid in out}
+
+
+def alone(model, prompt: bytes) -> bytes:
+    """What an engine without sharing gives the prompt alone."""
+    return run_engine(Engine(model, share_prompts=False), {"x": (prompt, GREEDY)})["x"][0]
+
+
 def counting_prefill(monkeypatch) -> tuple[list[int], list[int]]:
     """Record the number of positions each prefill chunk runs, and the open patch's bytes at each copy."""
     chunks, open_lens = [], []
@@ -76,7 +99,7 @@ def counting_prefill(monkeypatch) -> tuple[list[int], list[int]]:
         return prefill_start(self, slot, ids, start, transfer)
 
     def counted_share_prompt(self, source, target, length, num_patches, open_len):
-        open_lens.append(open_len)
+        open_lens.append((length, open_len))
         share_prompt(self, source, target, length, num_patches, open_len)
 
     monkeypatch.setattr(Runner, "prefill_start", counted_prefill_start)
@@ -93,13 +116,14 @@ def test_shared_prompts_change_no_output(model, monkeypatch, static, overlap):
                         share_prompts=share)
         chunks.clear()
         results[share] = run_with_logprobs(engine)
-        assert not engine.sequences and engine.slots.num_free == 8 and not engine._followers
+        assert not engine.sequences and engine.slots.num_free == 8
     prompt_positions = sum(len(p) + 1 for p, _ in REQUESTS.values())
     shared = {rid: final.usage.shared_prompt_bytes for rid, (_, _, final) in results[True].items()}
     n = len(PROMPT)
-    assert shared == {"a": 0, "b": n, "c": n, "longer": n, "shorter": 0, "other": 0}
-    assert sum(chunks) == prompt_positions - 3 * (n + 1), "the followers' prompts should not be prefilled again"
-    assert len(open_lens) == 3 and open_lens[0] > 0, "the prompt should end inside a patch"
+    assert shared == {"a": 0, "b": n, "c": n, "longer": n, "shorter": 300, "sibling": 400, "few": 0, "other": 0}
+    assert sum(chunks) == prompt_positions - sum(shared.values()) - 5, "shared prefixes should not be prefilled again"
+    assert len(open_lens) == 5 and all(o > 0 for length, o in open_lens if length == n + 1), \
+        "the prompt should end inside a patch"
     for rid, (prompt, params) in REQUESTS.items():
         alone, together = results[False][rid], results[True][rid]
         assert together[0] == alone[0], rid
@@ -117,19 +141,13 @@ def test_a_leader_aborted_while_prefilling_hands_over(model):
     engine.step()
     assert engine.sequences["f1"].leader is engine.sequences["lead"]
     assert engine.abort("lead")
+    assert engine.sequences["f1"].leader is None and engine.sequences["f2"].leader is None
+    engine.step()  # they look again when the next step is planned
     assert engine.sequences["f1"].leader is None and engine.sequences["f2"].leader is engine.sequences["f1"]
-    out = {rid: bytearray() for rid in ("f1", "f2")}
-    finals = {}
-    while engine.has_work():
-        for o in engine.step():
-            if o.request_id in out:
-                out[o.request_id] += o.new_bytes
-                if o.finished:
-                    finals[o.request_id] = o
-    alone = run_engine(Engine(model), {"x": (PROMPT, GREEDY)})["x"][0]
-    assert bytes(out["f1"]) == bytes(out["f2"]) == alone
-    assert finals["f1"].usage.shared_prompt_bytes == 0 and finals["f2"].usage.shared_prompt_bytes == len(PROMPT)
-    assert engine.slots.num_free == 4 and not engine._followers
+    out = drain(engine)
+    assert out["f1"][0] == out["f2"][0] == alone(model, PROMPT)
+    assert out["f1"][1].usage.shared_prompt_bytes == 0 and out["f2"][1].usage.shared_prompt_bytes == len(PROMPT)
+    assert engine.slots.num_free == 4
 
 
 def test_an_aborted_follower_leaves_its_leader_alone(model):
@@ -138,15 +156,9 @@ def test_an_aborted_follower_leaves_its_leader_alone(model):
     engine.add_request("f", PROMPT, GREEDY)
     engine.step()
     assert engine.abort("f")
-    assert engine.slots.num_free == 3 and not engine._followers
-    out, final = bytearray(), None
-    while engine.has_work():
-        for o in engine.step():
-            if o.request_id == "lead":
-                out += o.new_bytes
-                final = o if o.finished else final
-    assert bytes(out) == run_engine(Engine(model), {"x": (PROMPT, GREEDY)})["x"][0]
-    assert final.usage.shared_prompt_bytes == 0
+    assert engine.slots.num_free == 3 and not engine.sequences["lead"].followers
+    generated, final = drain(engine)["lead"]
+    assert generated == alone(model, PROMPT) and final.usage.shared_prompt_bytes == 0
 
 
 def test_no_sharing_across_admission_order_or_once_prefilled(model):
@@ -169,3 +181,90 @@ def test_benchmark_script_runs():
     for n in (1, 3):
         for key in (f"first_bytes_ms_{n}", f"all_done_ms_{n}_unshared", f"first_bytes_speedup_{n}"):
             assert result[key] > 0, key
+
+
+def test_followers_of_an_aborted_leader_look_again_only_once_queued_chunks_are_done(model):
+    """With overlap, a prefill chunk is queued before abort() returns: a follower that looked for a new
+    leader at once could pick one whose queued chunk already runs past the prefix they share."""
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128, overlap=True)
+    other = PROMPT[:200] + b"; from here on another road entirely, " * 8
+    engine.add_request("x", other, GREEDY)
+    engine.add_request("lead", PROMPT, GREEDY)
+    engine.add_request("f", PROMPT, GREEDY)
+    engine.step()  # x's first chunk done, its second (positions 129-256) queued
+    assert engine.sequences["lead"].leader is engine.sequences["x"]  # for the first 200 bytes
+    assert engine.sequences["f"].leader is engine.sequences["lead"]  # for the whole prompt
+    assert engine.sequences["x"].processed < 201 < 257
+    engine.abort("lead")
+    generated, final = drain(engine)["f"]
+    assert generated == alone(model, PROMPT)
+    assert final.usage.shared_prompt_bytes == 0 and engine.slots.num_free == 4
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_prefixes_joins_and_aborts(model, seed):
+    """Prompts that share prefixes of every length with each other, joining at random steps, some
+    aborted at random steps (leaders among them): every request that is not aborted ends with the
+    bytes an engine without sharing gives it, and nothing waits forever."""
+    rng = random.Random(seed)
+    stems = [PARITY_TEXT[:rng.randrange(50, 400)] for _ in range(3)]
+    requests, joins, aborts = {}, {}, {}
+    for i in range(12):
+        stem = rng.choice(stems)
+        prompt = stem[:rng.randrange(1, len(stem) + 1)] + PARITY_TEXT[500:500 + rng.randrange(0, 3) * 40]
+        params = GREEDY if i % 2 else sampled(i)
+        requests[f"r{i}"] = (prompt, replace(params, max_bytes=rng.randrange(1, 16)))
+        joins[f"r{i}"] = rng.randrange(0, 12)
+        if rng.random() < 0.3:
+            aborts[f"r{i}"] = joins[f"r{i}"] + rng.randrange(0, 4)
+    results, shared = {}, 0
+    for share in (False, True):
+        engine = Engine(model, max_batch_size=6, prefill_chunk=48, overlap=bool(seed % 2), share_prompts=share)
+        out, done = {rid: bytearray() for rid in requests}, set()
+        for step in range(400):
+            for rid, at in joins.items():
+                if at == step:
+                    engine.add_request(rid, *requests[rid])
+            for rid, at in aborts.items():
+                if at == step:
+                    engine.abort(rid)
+            for o in engine.step():
+                out[o.request_id] += o.new_bytes
+                if o.finished:
+                    done.add(o.request_id)
+                    shared += o.usage.shared_prompt_bytes
+            if len(done) == len(requests):
+                break
+        assert len(done) == len(requests), f"still waiting after 400 steps: {set(requests) - done}"
+        assert engine.slots.num_free == 6 and not engine.sequences
+        results[share] = out
+    assert shared > 0
+    for rid in requests:
+        if rid not in aborts:
+            assert results[True][rid] == results[False][rid], rid
+
+
+@pytest.mark.parametrize("f_shares", [300, 551])
+def test_a_leader_that_looks_again_keeps_its_followers_forks(model, f_shares):
+    """A leader whose own leader is aborted looks for another; it must not take one whose fork lies
+    past its followers' forks (its state would jump over them), and one whose fork is theirs hands
+    its copy on. Here L follows X for 101 positions and F follows L for 300 or 551; X and X' are
+    aborted, and s, which shares 551 with L, is free again."""
+    engine = Engine(model, max_batch_size=8, prefill_chunk=64)
+    prompts = {"x'": PROMPT, "s": PROMPT[:649], "x": PROMPT[:100] + b"#" * 50, "l": PROMPT[:550] + b"zzz",
+               "f": PROMPT[:f_shares - 1] + b"q"}
+    engine.add_request("x'", prompts["x'"], GREEDY)
+    engine.add_request("s", prompts["s"], GREEDY)
+    for _ in range(9):
+        engine.step()
+    seqs = engine.sequences
+    assert seqs["s"].leader is seqs["x'"] and 551 < seqs["x'"].processed < 650
+    for rid in ("x", "l", "f"):
+        engine.add_request(rid, prompts[rid], GREEDY)
+    engine.step()
+    assert (seqs["l"].leader, seqs["l"].fork_at) == (seqs["x"], 101)
+    assert (seqs["f"].leader, seqs["f"].fork_at) == (seqs["l"], f_shares)
+    engine.abort("x'")
+    engine.abort("x")
+    out = drain(engine, max_steps=200)
+    assert {rid: out[rid][0] for rid in ("s", "l", "f")} == {rid: alone(model, prompts[rid]) for rid in ("s", "l", "f")}
