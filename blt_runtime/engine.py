@@ -19,7 +19,7 @@ prefix ends, and the follower's slot takes a copy of the state there. With the s
 byte is sampled in the next step; with a longer one it prefills only the rest. The state after a
 prefix depends on the prefix alone, so the copy is what the follower's own prefill would compute
 (up to rounding where its chunks would have been cut elsewhere), and outputs do not change. A
-common prefix shorter than MIN_SHARED_PREFIX positions is shared only where it is the whole earlier
+common prefix shorter than MIN_SHARED_PREFIX bytes is shared only where it is the whole earlier
 prompt (nothing is cut for it).
 """
 
@@ -70,7 +70,7 @@ class StepOutput:
 
 
 ONE_BYTE = [bytes([b]) for b in range(256)]
-MIN_SHARED_PREFIX = 64  # positions: a shorter common prefix is not worth one more prefill chunk for the leader
+MIN_SHARED_PREFIX = 64  # bytes: a shorter common prefix is not worth one more prefill chunk for the leader
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -284,9 +284,9 @@ class Engine:
                 break
             if s.status is not Status.PREFILLING:
                 continue
-            shared = common_prefix(s.ids, seq.ids)  # s.ids is its prompt: nothing is generated yet
-            if limit >= shared > max(s.processed, s.fork_at, fork_at) and (shared == s.prompt_len or
-                                                                           shared >= MIN_SHARED_PREFIX):
+            shared = common_prefix(s.ids, seq.ids)  # positions, BOS included; s.ids is its prompt alone yet
+            worth = shared == s.prompt_len or shared - 1 >= MIN_SHARED_PREFIX
+            if worth and limit >= shared > max(s.processed, s.fork_at, fork_at):
                 leader, fork_at = s, shared
         if leader is not None:
             seq.leader, seq.fork_at = leader, fork_at

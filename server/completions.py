@@ -143,6 +143,7 @@ class Completion:
         prompt = sum(u.prompt_bytes for u in first_of_prompt)
         completion = sum(u.generated_bytes for u in usages)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(u.shared_prompt_bytes for u in first_of_prompt)},
                 "prompt_patches": sum(u.prompt_patches for u in first_of_prompt),
                 "completion_patches": sum(u.completion_patches for u in usages)}
 

@@ -18,7 +18,7 @@ from enginekit import replay_full_recompute, run_engine
 from factory import PARITY_TEXT
 
 from blt_runtime import load_model
-from blt_runtime.engine import Engine
+from blt_runtime.engine import MIN_SHARED_PREFIX, Engine
 from blt_runtime.runner import Runner
 from blt_runtime.sampling import SamplingParams
 
@@ -268,3 +268,12 @@ def test_a_leader_that_looks_again_keeps_its_followers_forks(model, f_shares):
     engine.abort("x")
     out = drain(engine, max_steps=200)
     assert {rid: out[rid][0] for rid in ("s", "l", "f")} == {rid: alone(model, prompts[rid]) for rid in ("s", "l", "f")}
+
+
+@pytest.mark.parametrize("shared_bytes", [MIN_SHARED_PREFIX - 1, MIN_SHARED_PREFIX])
+def test_a_short_common_prefix_is_not_worth_a_cut(model, shared_bytes):
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128)
+    engine.add_request("lead", PROMPT, GREEDY)
+    engine.add_request("f", PROMPT[:shared_bytes] + b"\x00 and then something else", GREEDY)
+    engine.step()  # the leader's first chunk, cut for the follower where their prompts part
+    assert engine.sequences["f"].shared == (shared_bytes + 1 if shared_bytes >= MIN_SHARED_PREFIX else 0)

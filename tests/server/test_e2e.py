@@ -108,10 +108,15 @@ def test_metrics_exist_and_move(server):
     assert 'model="tiny"' in after
     # the n choices of a completion prefill their prompt once: the others copy it
     body = {"prompt": "one prompt, three choices", "max_tokens": 5, "n": 3, "ignore_eos": True}
-    assert len(httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["choices"]) == 3
+    response = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()
+    assert len(response["choices"]) == 3 and response["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     shared = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     name = "blt_prompt_bytes_shared_total"
     assert metric_value(shared, name) - metric_value(after, name) == 2 * len(body["prompt"])
+    # a prompt that begins with another of the same request copies that one's prefill (usage counts each once)
+    body = {"prompt": ["a first prompt", "a first prompt, and a second"], "max_tokens": 5, "ignore_eos": True}
+    usage = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["usage"]
+    assert usage["prompt_tokens"] == 14 + 28 and usage["prompt_tokens_details"] == {"cached_tokens": 14}
 
 
 def test_sigterm_drains_running_streams(tiny):

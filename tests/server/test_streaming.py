@@ -60,7 +60,8 @@ def test_usage_counts_bytes_and_patches(serve):
     events = stream(url, {"prompt": "日本", "stream_options": {"include_usage": True}, "return_patches": True})
     usage = events[-2]
     assert usage["choices"] == [] and usage["usage"] == {
-        "prompt_tokens": 6, "completion_tokens": 9, "total_tokens": 15, "prompt_patches": 1, "completion_patches": 3}
+        "prompt_tokens": 6, "completion_tokens": 9, "total_tokens": 15, "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_patches": 1, "completion_patches": 3}
     starts = [s for e in events[:-2] for c in e["choices"] for s in c["patch_starts"]]
     assert starts == [0, 4, 8]  # the scripted engine starts a patch every 4 bytes
 
