@@ -9,8 +9,11 @@ adds the n choices of a completion; with `--suffix-bytes K`, each prompt followe
 own, as questions after the same few-shot examples), run through an engine with `share_prompts` on
 and one with it off, in interleaved rounds. Reported, medians over the rounds: the time until every choice has its
 first byte (`first_bytes_ms_*`), the time until all are done (`all_done_ms_*`), and the ratio of
-the two engines' first-byte times (`first_bytes_speedup_*`, off over on). `outputs_equal` says
-whether both engines gave every choice the same bytes. JSON line last. Needs only torch.
+the two engines' first-byte times (`first_bytes_speedup_*`, off over on). Then a conversation's
+next turn: one request with the prompt, and when it is done, one with the prompt, its completion and
+`--suffix-bytes` (at least 64) more bytes, which resumes in the slot the first left
+(`next_turn_first_byte_ms`, `_unshared`: until its first byte). `outputs_equal` says whether both
+engines gave every request the same bytes. JSON line last. Needs only torch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from blt_runtime.engine import Engine  # noqa: E402
 from blt_runtime.sampling import SamplingParams  # noqa: E402
 
 
-def run(engine: Engine, prompt: bytes, n: int, n_bytes: int, device: str, round_: int,
+def run(engine: Engine, prompt: bytes, n: int, n_bytes: int, device: str, round_: int | str,
         suffixes: list[bytes] | None = None) -> tuple[float, float, list]:
     """-> (ms until every choice has a byte, ms until all are done, each choice's bytes). `suffixes`:
     request i's prompt is `prompt` + suffixes[i]."""
@@ -66,13 +69,14 @@ def main() -> None:
     model = load_model(args.model, args.device, args.dtype)
     ns = [int(x) for x in args.n.split(",")]
     k = args.suffix_bytes
-    text = prompt_text(args.prompt_bytes + k * max(ns))
+    text = prompt_text(args.prompt_bytes + max(k * max(ns), 64))
     prompt, rest = text[:args.prompt_bytes], text[args.prompt_bytes:]
     suffixes = [rest[i * k:(i + 1) * k] for i in range(max(ns))] if k else None
     engines = {share: Engine(model, max_batch_size=max(ns), share_prompts=share) for share in (True, False)}
     for engine in engines.values():  # warm-up: every step kind once
         run(engine, prompt[:64], max(ns), 4, args.device, -1)
     times = {(share, n): ([], []) for share in engines for n in ns}
+    next_turn: dict[bool, list[float]] = {True: [], False: []}
     equal = True
     for r in range(args.repeats):
         for n in ns:
@@ -82,6 +86,13 @@ def main() -> None:
                 times[share, n][0].append(first)
                 times[share, n][1].append(done)
             equal &= outputs[True] == outputs[False]
+        turns = {}
+        for share, engine in engines.items():
+            _, _, (answer,) = run(engine, prompt, 1, args.bytes, args.device, f"{r}-turn-1")
+            first, _, turns[share] = run(engine, prompt + answer + rest[:max(k, 64)], 1, args.bytes, args.device,
+                                         f"{r}-turn-2")
+            next_turn[share].append(first)
+        equal &= turns[True] == turns[False]
     result = {}
     print(f"{'n':>3} {'sharing':>8} {'first bytes ms':>15} {'all done ms':>12}")
     for n in ns:
@@ -93,6 +104,11 @@ def main() -> None:
             result[f"all_done_ms_{suffix}"] = round(done, 2)
         unshared, shared = result[f"first_bytes_ms_{n}_unshared"], result[f"first_bytes_ms_{n}"]
         result[f"first_bytes_speedup_{n}"] = round(unshared / shared, 2)
+    for share in (True, False):
+        key = "next_turn_first_byte_ms" + ("" if share else "_unshared")
+        result[key] = round(statistics.median(next_turn[share]), 2)
+    print(f"next turn, first byte: {result['next_turn_first_byte_ms']:.1f} ms shared, "
+          f"{result['next_turn_first_byte_ms_unshared']:.1f} ms each its own")
     result["outputs_equal"] = equal
     print(json.dumps(result))
 

@@ -131,6 +131,11 @@ class SlotAllocator:
         self.free.sort()
         return self.free.pop(0)
 
+    def take(self, slot: int) -> int:
+        """Hand out that free slot."""
+        self.free.remove(slot)
+        return slot
+
     def release(self, slot: int) -> None:
         if slot in self.free:
             raise ValueError(f"slot {slot} released twice")

@@ -11,16 +11,9 @@ clients) runs while the device computes, not while it waits. A queued step was p
 requests known when it was queued: one added later joins the step after. An abort still ends a
 request at once: the byte its row computes in the queued step is dropped.
 
-Prompts are shared (`share_prompts`, on by default): a request admitted while an earlier one is still
-prefilling a prompt that shares a prefix with its own (the `n` choices of one completion, the same
-prompt sent twice, the same few-shot examples or system prompt before different questions) does not
-prefill that prefix again. It follows the earlier one: that one's prefill chunk is cut where the
-prefix ends, and the follower's slot takes a copy of the state there. With the same prompt its first
-byte is sampled in the next step; with a longer one it prefills only the rest. The state after a
-prefix depends on the prefix alone, so the copy is what the follower's own prefill would compute
-(up to rounding where its chunks would have been cut elsewhere), and outputs do not change. A
-common prefix shorter than MIN_SHARED_PREFIX bytes is shared only where it is the whole earlier
-prompt (nothing is cut for it).
+Prompts are shared (`share_prompts`, on by default; sharing.py): a prefix whose state a slot already
+holds, in a request still prefilling it or in a finished request's slot, is copied, not prefilled
+again. Outputs do not change.
 """
 
 from __future__ import annotations
@@ -39,6 +32,7 @@ from .model.blt import BltModel
 from .runner import ChunkStart, Runner, Sampled
 from .sampling import SamplingParams
 from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
+from .sharing import PromptSharing
 from .static import StaticDecoder
 from .tokenizer import encode
 from .transfer import HostTransfer
@@ -70,15 +64,6 @@ class StepOutput:
 
 
 ONE_BYTE = [bytes([b]) for b in range(256)]
-MIN_SHARED_PREFIX = 64  # bytes: a shorter common prefix is not worth one more prefill chunk for the leader
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many ids `a` and `b` share from the start."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
 
 
 @dataclass
@@ -130,7 +115,7 @@ class Engine:
         self._aborted: list[Sequence] = []
         self._first_logits: dict[str, torch.Tensor] = {}  # prompt's last logits of PREFILLED sequences
         self.share_prompts = share_prompts
-        self._unled: list[Sequence] = []  # followers whose leader was aborted: they look again in _queue
+        self.sharing = PromptSharing(self.scheduler, self.slots, self.runner, self._first_logits)
         self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step() call
         self._rng = random.Random()
         self.overlap = on_cuda if overlap is None else overlap
@@ -203,18 +188,17 @@ class Engine:
         """Admit what can be admitted, plan, and queue all of the step's device work; bring what the
         host needs over in one transfer (`_complete` waits for it, the step's one wait for the device)."""
         outputs = []
-        for seq in self._unled:  # here, not in abort(): a queued chunk may be past what they share
-            if seq.status is Status.PREFILLING:
-                self._follow(seq)
-        self._unled.clear()
-        for seq in self.scheduler.admit(self.slots.allocate):
+        sharing = self.sharing if self.share_prompts else None
+        if sharing is not None:
+            sharing.look_again()
+        for seq in self.scheduler.admit(lambda seq: self.sharing.allocate(seq, resume=sharing is not None)):
             self.last_admitted.append(seq.request_id)
-            self.runner.admit(seq.slot, seq.ids)
+            self.runner.admit(seq.slot, seq.ids, resumed=seq.processed > 0)
             if seq.params.max_bytes == 0:
                 seq.finish_reason = "length"
                 outputs.append(self._finish(seq, b"", False))
-            elif self.share_prompts:
-                self._follow(seq)
+            elif sharing is not None:
+                sharing.follow(seq)
         plan = self.scheduler.plan()
         transfer = HostTransfer()
         chunk = None
@@ -267,46 +251,7 @@ class Engine:
         if end == seq.prompt_len:  # its first byte is sampled with the next step's work
             seq.status = Status.PREFILLED
             self._first_logits[seq.request_id] = result.last_logits
-        for follower in [f for f in seq.followers if f.fork_at == end]:
-            self._fork(seq, follower, result.last_logits)
-
-    # ------------------------------------------------------------------ shared prompts
-    def _follow(self, seq: Sequence) -> None:
-        """Make a sequence just admitted (or whose leader left) follow the one, among those admitted
-        before it whose prefill has not passed the prefix it shares with them, with which it shares the
-        longest prefix, if any is worth it (module docstring). A leader may follow another itself: its
-        state then jumps to its own fork, so a follower's fork must lie beyond that, and a sequence
-        that has followers already (whose leader left) must not jump past theirs."""
-        leader, fork_at = None, 0
-        limit = min([f.fork_at for f in seq.followers] + [seq.prompt_len])
-        for s in self.scheduler.active:
-            if s is seq:
-                break
-            if s.status is not Status.PREFILLING:
-                continue
-            shared = common_prefix(s.ids, seq.ids)  # positions, BOS included; s.ids is its prompt alone yet
-            worth = shared == s.prompt_len or shared - 1 >= MIN_SHARED_PREFIX
-            if worth and limit >= shared > max(s.processed, s.fork_at, fork_at):
-                leader, fork_at = s, shared
-        if leader is not None:
-            seq.leader, seq.fork_at = leader, fork_at
-            leader.followers.append(seq)
-
-    def _fork(self, leader: Sequence, seq: Sequence, last_logits: torch.Tensor) -> None:
-        """The leader's prefill has reached the follower's fork: copy the state there to the follower's
-        slot. `last_logits`: the leader's at its last position so far (a follower whose prompt ends
-        there samples its first byte from them)."""
-        at = seq.fork_at
-        self.runner.share_prompt(leader.slot, seq.slot, at, leader.num_patches, leader.open_len)
-        leader.followers.remove(seq)
-        seq.leader, seq.fork_at, seq.shared = None, 0, at
-        seq.processed, seq.num_patches, seq.open_len = at, leader.num_patches, leader.open_len
-        seq.patch_starts = list(leader.patch_starts)
-        if at == seq.prompt_len:
-            seq.status = Status.PREFILLED
-            self._first_logits[seq.request_id] = last_logits
-        for follower in [f for f in seq.followers if f.fork_at == at]:  # its own followers forking there
-            self._fork(seq, follower, last_logits)
+        self.sharing.prefilled(seq, result.last_logits)
 
     def _sample(self, seqs: list[Sequence], logits: list[torch.Tensor],
                 transfer: HostTransfer) -> Callable[[], Sampled] | None:
@@ -343,16 +288,12 @@ class Engine:
         if seq.slot is not None:
             self.slots.release(seq.slot)
             seq.slot = None
-        if seq.leader is not None:
-            seq.leader.followers.remove(seq)
-            seq.leader, seq.fork_at = None, 0
+        self.sharing.release(seq)
         self.scheduler.remove(seq)
-        for follower in seq.followers:  # it was aborted while prefilling
-            follower.leader, follower.fork_at = None, 0
-        self._unled += seq.followers
-        seq.followers = []
 
     def _finish(self, seq: Sequence, new: bytes, patch_start: bool, logprobs=None) -> StepOutput:
+        if self.share_prompts:
+            self.sharing.retain(seq)  # before its slot is released
         self._release(seq)
         return self._final(seq, new, patch_start, logprobs)
 

@@ -357,9 +357,11 @@ class Runner:
             cache.rotations = RotationTable.of(cache.max_len, stack_cfg.head_dim, stack_cfg.rope_theta,
                                                self.model.device)
 
-    def admit(self, slot: int, prompt_ids: list[int]) -> None:
-        """Clear a slot's per-sequence state (caches are overwritten position by position)."""
-        self.history[slot] = 0
+    def admit(self, slot: int, prompt_ids: list[int], resumed: bool = False) -> None:
+        """Clear a slot's per-sequence state (caches are overwritten position by position). `resumed`: the
+        slot holds the state after a prefix of the prompt already (sharing.py), hash history included."""
+        if not resumed:
+            self.history[slot] = 0
         self.output_counts[slot] = 0
         self.seen[slot] = False
         self.seen[slot, self._tensor(prompt_ids[1:])] = True

@@ -5,7 +5,8 @@ chunk per engine step, while running sequences keep decoding), then PREFILLED fo
 first byte is sampled with the next step's other work), then RUNNING (one byte per step), then
 FINISHED. A PREFILLING sequence with a `leader` is not prefilled: it waits until the leader's prefill
 reaches the end of the prefix their prompts share (`fork_at`, where the leader's chunk is cut), and
-takes a copy of its state (engine.py).
+takes a copy of its state (sharing.py); one admitted into a slot that holds a prefix of its prompt
+starts with `processed` > 0.
 Stops are decided here on bytes: EOS, stop strings, the byte limit (with up to three more bytes to
 finish a UTF-8 character) and the model's context.
 """
@@ -129,10 +130,10 @@ class Scheduler:
         self.waiting.append(seq)
 
     def admit(self, allocate) -> list[Sequence]:
-        """Move waiting sequences into free slots; `allocate()` returns a slot or None."""
+        """Move waiting sequences into free slots; `allocate(seq)` returns a slot or None."""
         admitted = []
         while self.waiting and len(self.active) < self.max_running:
-            slot = allocate()
+            slot = allocate(self.waiting[0])
             if slot is None:
                 break
             seq = self.waiting.popleft()

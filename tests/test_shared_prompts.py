@@ -17,10 +17,11 @@ import torch
 from enginekit import replay_full_recompute, run_engine
 from factory import PARITY_TEXT
 
-from blt_runtime import load_model
-from blt_runtime.engine import MIN_SHARED_PREFIX, Engine
+from blt_runtime import encode, load_model
+from blt_runtime.engine import Engine
 from blt_runtime.runner import Runner
 from blt_runtime.sampling import SamplingParams
+from blt_runtime.sharing import MIN_SHARED_PREFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = PARITY_TEXT[:697]  # its last patch is still open: bytes of it are copied too
@@ -70,18 +71,20 @@ def run_with_logprobs(engine: Engine) -> dict[str, tuple[bytes, list, object]]:
     return {rid: (bytes(out[rid][0]), out[rid][1], final[rid]) for rid in REQUESTS}
 
 
-def drain(engine: Engine, max_steps: int = 1000) -> dict[str, tuple[bytes, object]]:
-    """Step until nothing is left (at most max_steps) -> {request id: (its bytes, its last output)}."""
-    out, final = {}, {}
+def drain(engine: Engine, max_steps: int = 1000) -> dict[str, tuple[bytes, object, list]]:
+    """Step until nothing is left (at most max_steps) -> {request id: (its bytes, its last output, the
+    logprobs of its bytes)}."""
+    out, final, logprobs = {}, {}, {}
     for _ in range(max_steps):
         if not engine.has_work():
             break
         for o in engine.step():
             out[o.request_id] = out.get(o.request_id, b"") + o.new_bytes
+            logprobs.setdefault(o.request_id, []).extend([o.logprobs] if o.logprobs else [])
             if o.finished:
                 final[o.request_id] = o
     assert not engine.has_work(), "a follower waits for a fork that never comes"
-    return {rid: (out[rid], final[rid]) for rid in out}
+    return {rid: (out[rid], final[rid], logprobs[rid]) for rid in out}
 
 
 def alone(model, prompt: bytes) -> bytes:
@@ -157,7 +160,7 @@ def test_an_aborted_follower_leaves_its_leader_alone(model):
     engine.step()
     assert engine.abort("f")
     assert engine.slots.num_free == 3 and not engine.sequences["lead"].followers
-    generated, final = drain(engine)["lead"]
+    generated, final, _ = drain(engine)["lead"]
     assert generated == alone(model, PROMPT) and final.usage.shared_prompt_bytes == 0
 
 
@@ -181,6 +184,7 @@ def test_benchmark_script_runs():
     for n in (1, 3):
         for key in (f"first_bytes_ms_{n}", f"all_done_ms_{n}_unshared", f"first_bytes_speedup_{n}"):
             assert result[key] > 0, key
+    assert result["next_turn_first_byte_ms"] > 0 and result["next_turn_first_byte_ms_unshared"] > 0
 
 
 def test_followers_of_an_aborted_leader_look_again_only_once_queued_chunks_are_done(model):
@@ -196,7 +200,7 @@ def test_followers_of_an_aborted_leader_look_again_only_once_queued_chunks_are_d
     assert engine.sequences["f"].leader is engine.sequences["lead"]  # for the whole prompt
     assert engine.sequences["x"].processed < 201 < 257
     engine.abort("lead")
-    generated, final = drain(engine)["f"]
+    generated, final, _ = drain(engine)["f"]
     assert generated == alone(model, PROMPT)
     assert final.usage.shared_prompt_bytes == 0 and engine.slots.num_free == 4
 
@@ -277,3 +281,63 @@ def test_a_short_common_prefix_is_not_worth_a_cut(model, shared_bytes):
     engine.add_request("f", PROMPT[:shared_bytes] + b"\x00 and then something else", GREEDY)
     engine.step()  # the leader's first chunk, cut for the follower where their prompts part
     assert engine.sequences["f"].shared == (shared_bytes + 1 if shared_bytes >= MIN_SHARED_PREFIX else 0)
+
+
+def generate_with_logprobs(engine: Engine, rid: str, prompt: bytes) -> tuple[bytes, list, object]:
+    engine.add_request(rid, prompt, GREEDY)
+    generated, final, logprobs = drain(engine)[rid]
+    return generated, logprobs, final
+
+
+def first_turn_bytes(model, last_closes: bool) -> int:
+    """A max_bytes for PROMPT's greedy completion whose last byte closes its patch, or does not."""
+    engine = Engine(model, share_prompts=False)
+    engine.add_request("probe", PROMPT, GREEDY)
+    outputs = []
+    while engine.has_work():
+        outputs += [o for o in engine.step() if o.new_bytes]
+    for n in range(20, len(outputs)):  # the byte after the n-th begins a patch iff the n-th closes one
+        if outputs[n - 1].new_bytes[0] < 0x80 and outputs[n].patch_start == last_closes:  # ASCII: ends a character
+            return n
+    raise AssertionError("no such completion length")
+
+
+@pytest.mark.parametrize("static, overlap, last_closes", [(False, False, False), (False, False, True),
+                                                          (True, True, True)])
+def test_a_finished_request_leaves_its_slot_to_the_next_turn(model, static, overlap, last_closes):
+    """The next turn of a conversation (the prompt, the completion, more) resumes from the slot the
+    first turn finished in: past the 512-byte window; the completion's last byte closing its patch or
+    not (the entropy model has seen that byte; nothing else has)."""
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128, static=static, overlap=overlap)
+    engine.add_request("turn 1", PROMPT, replace(GREEDY, max_bytes=first_turn_bytes(model, last_closes)))
+    first = drain(engine)["turn 1"][0]
+    turn2 = PROMPT + first + b"\nand the next question"
+    assert engine.sharing.retained[0].ids == encode(PROMPT + first)[:-1]  # the last byte never ran
+    got, logprobs, final = generate_with_logprobs(engine, "turn 2", turn2)
+    assert final.usage.shared_prompt_bytes == len(PROMPT + first) - 1  # resumed in slot 0, which now holds turn 2
+    assert list(engine.sharing.retained) == [0] and engine.sharing.retained[0].ids == encode(turn2 + got)[:-1]
+    fresh = Engine(model, max_batch_size=4, prefill_chunk=128, static=static, share_prompts=False)
+    want, want_logprobs, want_final = generate_with_logprobs(fresh, "turn 2", turn2)
+    assert got == want
+    assert final.usage == replace(want_final.usage, shared_prompt_bytes=final.usage.shared_prompt_bytes)
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=1e-4)
+    replay_full_recompute(model, turn2, GREEDY, 0, got, engine_logprobs=logprobs)
+
+
+def test_a_retained_slot_is_handed_out_when_needed(model):
+    """A request that does not continue it takes the slot (lowest free first) and the state is gone;
+    an aborted request leaves nothing."""
+    engine = Engine(model, max_batch_size=2, prefill_chunk=128)
+    first, _, _ = generate_with_logprobs(engine, "turn 1", PROMPT)
+    assert list(engine.sharing.retained) == [0]
+    generate_with_logprobs(engine, "other", PARITY_TEXT[100:300])
+    assert list(engine.sharing.retained) == [0]  # now the other request's
+    assert engine.sharing.retained[0].ids[:3] == encode(PARITY_TEXT[100:300])[:3]
+    _, _, final = generate_with_logprobs(engine, "turn 2", PROMPT + first + b"?")
+    assert final.usage.shared_prompt_bytes == 0
+    engine.add_request("aborted", PROMPT, GREEDY)
+    for _ in range(12):
+        engine.step()
+    engine.abort("aborted")
+    drain(engine)
+    assert 0 not in engine.sharing.retained
