@@ -119,6 +119,19 @@ def test_metrics_exist_and_move(server):
     assert usage["prompt_tokens"] == 14 + 28 and usage["prompt_tokens_details"] == {"cached_tokens": 14}
 
 
+def test_the_next_turn_resumes_where_the_last_one_ended(server):
+    """A prompt that begins with a finished request's prompt and completion resumes in its slot."""
+    turn1 = list(b"A conversation long enough to be worth resuming: first the user speaks, then the model, ")
+    body = {"prompt": turn1, "max_tokens": 12, "ignore_eos": True, "logprobs": 0}
+    first = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()
+    generated = [b for entry in first["choices"][0]["logprobs"]["bytes"] for b in entry]  # raw, as generated
+    turn2 = turn1 + generated + list(b" and then the user again.")
+    body = {"prompt": turn2, "max_tokens": 5, "ignore_eos": True}
+    usage = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["usage"]
+    # every position the first turn ran through the model: all but its last byte (sampled, never fed)
+    assert usage["prompt_tokens_details"] == {"cached_tokens": len(turn1) + len(generated) - 1}
+
+
 def test_sigterm_drains_running_streams(tiny):
     proc = Process(tiny, "--max-model-len", "4096", "--shutdown-timeout", "4")
     results = {}
