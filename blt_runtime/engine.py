@@ -91,8 +91,9 @@ class Engine:
         "triton-gemv" (those, with the norms and the gate inside the projections' kernels) or "auto"
         (kernels.py: "triton" on CUDA when its kernels pass their start-up check). `overlap`: queue
         the next step before returning this one's outputs (module docstring); on by default on CUDA,
-        off on a CPU, where nothing runs while the host works. `share_prompts`: a prompt that shares a
-        prefix with another being prefilled copies that state instead of computing it (module docstring)."""
+        off on a CPU, where nothing runs while the host works. `share_prompts`: the state of a prompt's
+        prefix that a slot holds already (a request prefilling it, a finished request's slot) is copied
+        or taken over instead of computed (sharing.py)."""
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
@@ -188,16 +189,16 @@ class Engine:
         """Admit what can be admitted, plan, and queue all of the step's device work; bring what the
         host needs over in one transfer (`_complete` waits for it, the step's one wait for the device)."""
         outputs = []
-        sharing = self.sharing if self.share_prompts else None
-        if sharing is not None:
+        sharing, share = self.sharing, self.share_prompts
+        if share:
             sharing.look_again()
-        for seq in self.scheduler.admit(lambda seq: self.sharing.allocate(seq, resume=sharing is not None)):
+        for seq in self.scheduler.admit(lambda seq: sharing.allocate(seq, resume=share)):
             self.last_admitted.append(seq.request_id)
             self.runner.admit(seq.slot, seq.ids, resumed=seq.processed > 0)
             if seq.params.max_bytes == 0:
                 seq.finish_reason = "length"
                 outputs.append(self._finish(seq, b"", False))
-            elif sharing is not None:
+            elif share:
                 sharing.follow(seq)
         plan = self.scheduler.plan()
         transfer = HostTransfer()

@@ -67,7 +67,7 @@ class Sequence:
     leader: Sequence | None = field(default=None, repr=False, compare=False)  # whose prefill it waits for
     fork_at: int = 0  # with a leader: the positions (BOS included) it will copy, those the prompts share
     followers: list[Sequence] = field(default_factory=list, repr=False, compare=False)  # who wait for this one
-    shared: int = 0  # positions of its prompt whose state was copied from a leader's
+    shared: int = 0  # positions of its prompt whose state came from a leader or a retained slot
     finish_reason: str | None = None
     stop_reason: bytes | None = None
 
