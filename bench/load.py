@@ -2,7 +2,8 @@
 
 Each client loops until the deadline: a prompt of random length (from a text file, or synthetic),
 a random max_tokens, streaming; a fraction disconnect at a random point; after a 429 a client
-waits the Retry-After seconds, as a well-behaved client does. Every request ends as
+waits the Retry-After seconds, as a well-behaved client does. With `--shared-rate`, that share of the
+prompts begin with the same 512 bytes (a system prompt: shared prompts at work). Every request ends as
 completed (a finish_reason and [DONE]), rejected (429), disconnected (on purpose), or failed
 (anything else: a 5xx, a stream without a finish, a transport error). Reports bytes/s, time to
 first byte and inter-byte latency percentiles, the server's RSS (from /metrics) at the start and
@@ -112,6 +113,8 @@ async def client_loop(i: int, args, text: bytes, deadline: float, t: Tally) -> N
             length = rng.choice([1, 16, 64, 256, 1024])
             at = rng.randrange(max(1, len(text) - length))
             prompt = text[at:at + length].decode("utf-8", "ignore") or "A"
+            if rng.random() < args.shared_rate:
+                prompt = text[:512].decode("utf-8", "ignore") + prompt
             body = {"prompt": prompt, "max_tokens": rng.choice([8, 32, 128, 512]), "stream": True,
                     "temperature": rng.choice([0.0, 0.8]), "seed": rng.randrange(2**31)}
             drop = rng.randrange(1, 40) if rng.random() < args.disconnect_rate else None
@@ -123,7 +126,8 @@ async def server_state(url: str, api_key: str | None) -> dict:
     async with httpx.AsyncClient(timeout=10, headers=headers) as client:
         text = (await client.get(f"{url}/metrics")).text
     return {"rss_mb": round((metric(text, "process_resident_memory_bytes") or 0) / 2**20, 1),
-            "running": metric(text, "blt_num_requests_running"), "waiting": metric(text, "blt_num_requests_waiting")}
+            "running": metric(text, "blt_num_requests_running"), "waiting": metric(text, "blt_num_requests_waiting"),
+            "prompt_bytes_shared": metric(text, "blt_prompt_bytes_shared_total")}
 
 
 async def settle(url: str, api_key: str | None, timeout: float = 60.0) -> dict:
@@ -147,7 +151,8 @@ async def run_round(args, text: bytes) -> dict:
             "status_5xx": t.status_5xx, "failure_examples": sorted(set(t.failures))[:5],
             "bytes_per_s": round(t.bytes / elapsed, 1), "ttfb_s": percentiles(t.ttfb),
             "inter_byte_s": percentiles(t.inter_byte), "rss_mb_start": before["rss_mb"], "rss_mb_end": after["rss_mb"],
-            "running_after": after["running"], "waiting_after": after["waiting"]}
+            "running_after": after["running"], "waiting_after": after["waiting"],
+            "prompt_bytes_shared": (after["prompt_bytes_shared"] or 0) - (before["prompt_bytes_shared"] or 0)}
 
 
 def main() -> None:
@@ -157,6 +162,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds per round")
     p.add_argument("--rounds", type=int, default=2, help="identical rounds; the first is the warm-up")
     p.add_argument("--disconnect-rate", type=float, default=0.1)
+    p.add_argument("--shared-rate", type=float, default=0.0, help="share of prompts that begin with the same 512 bytes")
     p.add_argument("--api-key", default=None)
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="prompts are cut from this file")
     p.add_argument("--seed", type=int, default=0)
