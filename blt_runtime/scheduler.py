@@ -74,6 +74,11 @@ class Sequence:
     def __post_init__(self):
         self.prompt_len = len(self.ids)
 
+    def resume(self, positions: int, num_patches: int, open_len: int, patch_starts: list[int]) -> None:
+        """Its first `positions` come from another slot's state, not its own prefill (sharing.py)."""
+        self.processed, self.num_patches, self.open_len, self.shared = positions, num_patches, open_len, positions
+        self.patch_starts = list(patch_starts)
+
     def record_close(self, position: int, closes: bool) -> None:
         """The entropy model said whether `position` closes its patch."""
         if closes:

@@ -68,8 +68,7 @@ class PromptSharing:
         if best is not None:
             slot, kept = best
             del self.retained[slot]
-            seq.processed, seq.num_patches, seq.open_len = len(kept.ids), kept.num_patches, kept.open_len
-            seq.patch_starts, seq.shared = list(kept.patch_starts), len(kept.ids)
+            seq.resume(len(kept.ids), kept.num_patches, kept.open_len, kept.patch_starts)
             return self.slots.take(slot)
         slot = self.slots.allocate()
         self.retained.pop(slot, None)
@@ -123,9 +122,8 @@ class PromptSharing:
         at = seq.fork_at
         self.runner.share_prompt(leader.slot, seq.slot, at, leader.num_patches, leader.open_len)
         leader.followers.remove(seq)
-        seq.leader, seq.fork_at, seq.shared = None, 0, at
-        seq.processed, seq.num_patches, seq.open_len = at, leader.num_patches, leader.open_len
-        seq.patch_starts = list(leader.patch_starts)
+        seq.leader, seq.fork_at = None, 0
+        seq.resume(at, leader.num_patches, leader.open_len, leader.patch_starts)
         if at == seq.prompt_len:  # its first byte is sampled with the next step's work
             seq.status = Status.PREFILLED
             self.first_logits[seq.request_id] = last_logits
