@@ -60,10 +60,11 @@ def metrics_text(url: str, key: str | None = None) -> str:
     return httpx.get(f"{url}/metrics", headers=headers).text
 
 
-def sse_events(response: httpx.Response) -> list:
-    """The data of each SSE event of a streamed response: dicts, "[DONE]", or comments as ": ..."."""
+def sse_events(response: httpx.Response | str) -> list:
+    """The data of each SSE event of a streamed response (or its text): dicts, "[DONE]", or comments as ": ..."."""
     events = []
-    for block in response.text.split("\n\n"):
+    text = response if isinstance(response, str) else response.text
+    for block in text.split("\n\n"):
         if not block:
             continue
         if block.startswith(":"):

@@ -133,18 +133,27 @@ def test_the_next_turn_resumes_where_the_last_one_ended(server):
 
 
 def test_sigterm_drains_running_streams(tiny):
-    proc = Process(tiny, "--max-model-len", "4096", "--shutdown-timeout", "4")
+    # SIGTERM goes only once both streams are producing bytes, so neither can be refused or unstarted.
+    # The drain is long enough for the short one on a loaded machine, the endless one can't finish in it.
+    proc = Process(tiny, "--max-model-len", "24576", "--shutdown-timeout", "6")
     results = {}
+    producing = {name: threading.Event() for name in ("short", "endless")}
 
     def stream(name, max_tokens):
-        r = httpx.post(f"{proc.url}/v1/completions", timeout=60, json={
-            "prompt": name, "max_tokens": max_tokens, "stream": True, "ignore_eos": True})
-        results[name] = sse_events(r)
+        text = ""
+        with httpx.stream("POST", f"{proc.url}/v1/completions", timeout=60, json={
+                "prompt": name, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}) as r:
+            for chunk in r.iter_text():
+                text += chunk
+                if '"text"' in text:
+                    producing[name].set()
+        results[name] = sse_events(text)
 
-    threads = [threading.Thread(target=stream, args=a) for a in (("short", 200), ("endless", 4000))]
+    threads = [threading.Thread(target=stream, args=a) for a in (("short", 200), ("endless", 24000))]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    for name, event in producing.items():
+        assert event.wait(60), f"{name} produced nothing:\n" + "".join(proc.lines)
     proc.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     refused = httpx.post(f"{proc.url}/v1/completions", json={"prompt": "late"}, timeout=10)
