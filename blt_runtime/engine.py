@@ -144,6 +144,9 @@ class Engine:
         if seq is None or seq.status is Status.FINISHED:
             return False
         seq.finish_reason = "abort"
+        queued = self._queued
+        if queued is not None and seq.closes_last and any(s is seq for s in queued.plan.decode):
+            seq.num_patches -= 1  # the patch its queued step closes, never reported (as without overlap)
         self._release(seq)
         self._aborted.append(seq)
         return True

@@ -88,10 +88,12 @@ def test_same_outputs_with_and_without_overlap(model, static):
     assert runs[True]["r2"] == [(b"", False, None, True, "length", None, runs[True]["r2"][0][-1])]
 
 
-def test_aborts_drop_the_queued_byte_and_free_the_slot(model):
+@pytest.mark.parametrize("abort_at", range(3, 13))
+def test_aborts_drop_the_queued_byte_and_free_the_slot(model, abort_at):
     """Aborted while its next byte is queued: the request's outputs are those it gets without overlap
-    (the queued byte is never reported), and a request that takes its slot at once generates what it
-    generates alone."""
+    (the queued byte is never reported, nor a patch it would close in usage's global steps), and a
+    request that takes its slot at once generates what it generates alone. Aborted at each of ten calls,
+    so that some queued steps close a patch whatever the random model."""
     params = SamplingParams(max_bytes=40, temperature=0.0, ignore_eos=True)
     late = (PARITY_TEXT[200:260], SamplingParams(max_bytes=25, temperature=0.9, seed=7))
 
@@ -99,7 +101,7 @@ def test_aborts_drop_the_queued_byte_and_free_the_slot(model):
         if call == 0:
             engine.add_request("a", PARITY_TEXT[:50], params)
             engine.add_request("b", PARITY_TEXT[50:80], params)
-        if call == 6:  # a is running and, with overlap, has a byte queued
+        if call == abort_at:  # a is running and, with overlap, has a byte queued
             assert engine.abort("a")
             engine.add_request("c", *late)  # a's slot is the only free one
 
