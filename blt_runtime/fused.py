@@ -181,8 +181,9 @@ class CompiledOps(StepOps):
         # Each function is compiled per dtype, per batch and length of 1 or more, per stride pattern:
         # a dozen variants in a process that runs two dtypes, past dynamo's default limit of 8 per
         # function (past which it would run the function eagerly). The limit is process-wide; raising
-        # it is this class's only side effect.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # it is this class's only side effect. (torch < 2.6 names it cache_size_limit.)
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
 
         def compiled(fn):
             return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
@@ -214,4 +215,5 @@ class CompiledOps(StepOps):
     def positions(self, lengths, T, span, kept, masked, cache_window, stack_window, head_dim, theta, mask_dtype):
         rotation, mask, index = self._positions(lengths, _inv_freq(head_dim, theta, lengths.device), T, span, kept,
                                                 masked, cache_window, stack_window, mask_dtype)
-        return torch.view_as_complex(rotation)[:, :, None], mask, index
+        # through a flat view: before torch 2.6 view_as_complex refused inductor's odd stride on a size-1 T
+        return torch.view_as_complex(rotation.flatten(0, 2)).view(rotation.shape[:-1])[:, :, None], mask, index
