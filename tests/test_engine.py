@@ -4,6 +4,8 @@ Random tiny models in fp32 (spec section 8: scaled heads, threshold from a gap i
 Generations run past the 512-byte window from prompts of 1, 100 and 700 bytes.
 """
 
+import copy
+
 import pytest
 import torch
 from enginekit import replay_full_recompute, run_engine
@@ -15,6 +17,7 @@ from blt_runtime.generate import generate
 from blt_runtime.reference import reference_generate, reference_patch_lengths
 from blt_runtime.sampling import SamplingParams
 from blt_runtime.scheduler import PromptTooLong, QueueFull, Sequence
+from blt_runtime.tokenizer import EOS_ID, OFFSET
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +193,13 @@ def test_max_bytes_finishes_a_character(models):
 
 def test_eos_ends_generation(models):
     """Without ignore_eos, a sampled EOS finishes with reason "stop" and adds no byte."""
-    model = models["1b"]
-    for seed in range(20):  # a random model emits EOS about once in 260 bytes
+    model = copy.deepcopy(models["1b"])
+    # A random model may all but never emit EOS: make it as likely as the byte this one emits most.
+    plain = run_engine(Engine(model), {"p": (b"", SamplingParams(max_bytes=200, temperature=1.0, seed=0,
+                                                                   ignore_eos=True))})["p"][0]
+    with torch.no_grad():
+        model.lm_head.weight[EOS_ID].copy_(model.lm_head.weight[OFFSET + max(set(plain), key=plain.count)])
+    for seed in range(20):
         params = SamplingParams(max_bytes=400, temperature=1.0, seed=seed)
         got, final = run_engine(Engine(model), {"e": (b"", params)})["e"]
         if final.finish_reason == "stop":
