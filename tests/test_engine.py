@@ -115,8 +115,8 @@ def test_seeded_sampling_reproducible_alone_and_batched(models):
 
 def test_abort_frees_slot(models):
     engine = Engine(models["1b"], max_batch_size=2)
-    engine.add_request("a", b"abc", SamplingParams(max_bytes=500, temperature=0.0))
-    engine.add_request("b", b"def", SamplingParams(max_bytes=500, temperature=0.0))
+    engine.add_request("a", b"abc", SamplingParams(max_bytes=500, temperature=0.0, ignore_eos=True))
+    engine.add_request("b", b"def", SamplingParams(max_bytes=500, temperature=0.0, ignore_eos=True))
     engine.add_request("c", b"ghi", SamplingParams(max_bytes=5, temperature=0.0))
     for _ in range(3):
         engine.step()
