@@ -72,7 +72,8 @@ class CompletionChoice(BaseModel):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = Field(description="prompt bytes not prefilled: their state was copied from another "
-                                           "request's prefill of the same prefix (shared prompts)")
+                                           "request's prefill of the same prefix, or left in its slot by a "
+                                           "finished request (shared prompts)")
 
 
 class UsageInfo(BaseModel):
