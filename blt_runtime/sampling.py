@@ -171,8 +171,16 @@ def sample(logits: torch.Tensor, s: SamplingBatch, positions: torch.Tensor, outp
     return torch.where(s.temperature > 0, drawn, greedy)
 
 
+def ranked(logp: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest values of each row and their ids, equal values in id order: the lowest id first,
+    as greedy's argmax picks it, and the same order whatever n (topk lists ties in no set order: on a
+    CPU the highest id first, so logprobs=1 could list a byte greedy did not choose)."""
+    values, ids = logp.sort(dim=-1, descending=True, stable=True)
+    return values[..., :n], ids[..., :n]
+
+
 def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """Log-probabilities of the model's raw distribution: the chosen id's, and the top n ids'."""
+    """Log-probabilities of the model's raw distribution: the chosen id's, and the top n ids' (ranked)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    top = logp.topk(max(n, 1), dim=-1)
-    return logp.gather(1, chosen[:, None])[:, 0], top.values, top.indices
+    values, ids = ranked(logp, max(n, 1))
+    return logp.gather(1, chosen[:, None])[:, 0], values, ids

@@ -15,7 +15,7 @@ from blt_runtime import load_model
 from blt_runtime.engine import Engine
 from blt_runtime.generate import generate
 from blt_runtime.reference import reference_generate, reference_patch_lengths
-from blt_runtime.sampling import SamplingParams
+from blt_runtime.sampling import SamplingParams, ranked
 from blt_runtime.scheduler import PromptTooLong, QueueFull, Sequence
 from blt_runtime.tokenizer import EOS_ID, OFFSET
 
@@ -220,6 +220,45 @@ def test_logprobs(models):
         assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
         assert top[0][0] == o.new_bytes[0] + 4 and abs(top[0][1] - chosen) < 1e-6  # greedy picks the top byte
     assert 5 <= out["l"][1].usage.generated_bytes <= 8  # up to 3 more to finish a character
+
+
+def test_ranked_lists_ties_as_greedy_chooses():
+    """Equal values in id order, the same whatever n: the first listed is argmax's pick."""
+    logp = torch.full((2, 260), -9.0)
+    logp[0, [200, 10, 57]] = -0.5
+    logp[1, [259, 4]] = -1.0
+    values, ids = ranked(logp, 3)
+    assert ids.tolist() == [[10, 57, 200], [4, 259, 0]] and values[1, :2].tolist() == [-1.0, -1.0]
+    assert ranked(logp, 1)[1][:, 0].tolist() == logp.argmax(dim=-1).tolist() == [10, 4]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_logprobs_list_the_greedy_byte_first_at_a_tie(models, static):
+    """A byte whose logit always equals another's (two equal rows of the output head): greedy takes the
+    lower id, and logprobs, at any n, list it first; so does echo's scoring of the same text."""
+    model = copy.deepcopy(models["1b"])
+    plain = run_engine(Engine(model), {"p": (b"tie", SamplingParams(max_bytes=60, temperature=0.0,
+                                                                      ignore_eos=True))})["p"][0]
+    common = max(set(plain), key=plain.count)
+    twin = OFFSET + 255 if common != 255 else OFFSET + 254
+    with torch.no_grad():
+        model.lm_head.weight[twin].copy_(model.lm_head.weight[OFFSET + common])
+    engine = Engine(model, static=static)
+    for n in (1, 3):
+        got, _ = run_engine(engine, {f"t{n}": (b"tie", SamplingParams(max_bytes=60, temperature=0.0, ignore_eos=True,
+                                                                      logprobs=n))})[f"t{n}"]
+        assert got == plain
+    outputs = []
+    engine.add_request("o", b"tie", SamplingParams(max_bytes=60, temperature=0.0, ignore_eos=True, logprobs=2))
+    while engine.has_work():
+        outputs += engine.step()
+    tied = [o for o in outputs if o.new_bytes and o.new_bytes[0] == common]
+    assert tied
+    for o in tied:
+        _, top = o.logprobs
+        assert [i for i, _ in top] == [OFFSET + common, twin] and top[0][1] == top[1][1]
+    scored = model.prompt_logprobs(b"tie" + plain, 2)[3:]
+    assert [top[0][0] for _, top in scored] == [OFFSET + b for b in plain]
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_bytes=-1),

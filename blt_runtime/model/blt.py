@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import BltConfig
 from ..patcher import PatchLayout, layout_from_starts, patch_starts
+from ..sampling import ranked
 from ..tokenizer import encode_tensor
 from .entropy import EntropyModel, entropy_nats
 from .global_model import GlobalModel
@@ -126,8 +127,7 @@ class BltModel(nn.Module):
         ids = encode_tensor(data, self.device)
         logp = torch.log_softmax(self.forward(ids).logits[0, :-1].float(), dim=-1)  # row t predicts byte t
         chosen = logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
-        top = logp.topk(max(top_n, 1), dim=-1)
-        values, indices = top.values.tolist(), top.indices.tolist()
+        values, indices = (t.tolist() for t in ranked(logp, max(top_n, 1)))
         return [(chosen[t], list(zip(indices[t][:top_n], values[t][:top_n]))) for t in range(len(data))]
 
     def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
