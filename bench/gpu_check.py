@@ -332,19 +332,20 @@ def _sample_case(B: int, how: dict, device: torch.device, dtype: torch.dtype) ->
     batch = SamplingBatch.build([SamplingParams(**how)] * B, list(range(B)), device)
     logits = torch.randn(B, V, device=device, dtype=dtype) * 3
     counts, seen = torch.zeros(B, V, device=device), torch.zeros(B, V, dtype=torch.bool, device=device)
+    bias = torch.zeros(B, V, device=device)
     slots, positions = torch.arange(B, device=device), torch.full((B,), 100, device=device)
     embed, never = torch.randn(V, 512, device=device, dtype=dtype), never_sampled(V, device)
     out = torch.zeros(B, 2, dtype=torch.float64, device=device)
 
     def eager():
-        ids = sample(logits, batch, positions, counts[slots], seen[slots], EOS_ID)
+        ids = sample(logits, batch, positions, counts[slots], seen[slots], EOS_ID, bias[slots])
         counts[slots, ids] += 1
         seen[slots, ids] = True
         out[:, 0].copy_(ids)
         return torch.nn.functional.embedding(ids[:, None], embed)
 
-    return {"kernel": round(time_in_graph(lambda: sample_pick(logits, batch, positions, never, counts, seen, slots,
-                                                               embed, EOS_ID, out)), 2),
+    return {"kernel": round(time_in_graph(lambda: sample_pick(logits, batch, positions, never, counts, seen, bias,
+                                                               slots, embed, EOS_ID, out)), 2),
             "eager": round(time_in_graph(eager), 2)}
 
 

@@ -233,8 +233,9 @@ def counted_tail(counter: KernelCount):
         return pick("greedy kernel", lambda: allowed(logits, allow_eos, eos_id).argmax(dim=-1), counts, seen, slots,
                     embed, out)
 
-    def sample_pick(logits, s, positions, never, counts, seen, slots, embed, eos_id, out):
-        return pick("sampling kernel", lambda: sample(logits, s, positions, counts[slots], seen[slots], eos_id),
+    def sample_pick(logits, s, positions, never, counts, seen, bias, slots, embed, eos_id, out):
+        return pick("sampling kernel",
+                    lambda: sample(logits, s, positions, counts[slots], seen[slots], eos_id, bias[slots]),
                     counts, seen, slots, embed, out)
 
     def entropy_flags(logits, positions, threshold, out):

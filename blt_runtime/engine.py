@@ -197,7 +197,7 @@ class Engine:
             sharing.look_again()
         for seq in self.scheduler.admit(lambda seq: sharing.allocate(seq, resume=share)):
             self.last_admitted.append(seq.request_id)
-            self.runner.admit(seq.slot, seq.ids, resumed=seq.processed > 0)
+            self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0)
             if seq.params.max_bytes == 0:
                 seq.finish_reason = "length"
                 outputs.append(self._finish(seq, b"", False))

@@ -175,11 +175,11 @@ def _check_embedding_and_tail(device: torch.device, dtype: torch.dtype, g: torch
 
 def _check_sampling(device: torch.device, dtype: torch.dtype, g: torch.Generator) -> str | None:
     """The sampling kernel (sample_kernel.py) against sampling.sample on 16 rows whose draws vary:
-    temperature, top-k, top-p, min-p and penalties, greedy rows among sampled ones; then greedy rows
-    with a penalty only."""
+    temperature, top-k, top-p, min-p, penalties and logit biases, greedy rows among sampled ones; then
+    greedy rows with a penalty only."""
     kinds = [SamplingParams(temperature=1.5, top_p=0.3), SamplingParams(temperature=0.0),
              SamplingParams(temperature=1.2, top_k=3, min_p=0.01, presence_penalty=0.5, frequency_penalty=0.3),
-             SamplingParams(temperature=1.0, repetition_penalty=1.3, ignore_eos=True)]
+             SamplingParams(temperature=1.0, repetition_penalty=1.3, ignore_eos=True, logit_bias={5: 3.0})]
     logits = torch.randn(16, 260, generator=g).to(device, dtype)
     rows, never = torch.randperm(17, generator=g)[:16].to(device), never_sampled(260, device)
     embed = torch.randn(260, 48, generator=g).to(device, dtype)
@@ -188,9 +188,10 @@ def _check_sampling(device: torch.device, dtype: torch.dtype, g: torch.Generator
         batch = SamplingBatch.build(params, torch.randint(0, 2**62, (16,), generator=g).tolist(), device)
         counts = torch.randint(0, 3, (17, 260), generator=g).float().to(device)
         seen = counts > 0
-        want = sample(logits, batch, positions, counts[rows], seen[rows], EOS_ID)
+        bias = (torch.randn(17, 260, generator=g) * (torch.rand(17, 260, generator=g) < 0.1)).to(device)
+        want = sample(logits, batch, positions, counts[rows], seen[rows], EOS_ID, bias[rows])
         out = torch.zeros(16, 2, dtype=torch.float64, device=device)
-        got, _ = sample_pick(logits, batch, positions, never, counts, seen, rows, embed, EOS_ID, out)
+        got, _ = sample_pick(logits, batch, positions, never, counts, seen, bias, rows, embed, EOS_ID, out)
         if not torch.equal(got, want) or not torch.equal(out[:, 0], want.double()):
             return f"sampled bytes {got.tolist()} differ from sampling.sample's {want.tolist()}"
     return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .model.blt import BltModel
-from .sampling import SamplingBatch, SamplingParams, sample
+from .sampling import SamplingBatch, SamplingParams, bias_row, sample
 from .scheduler import Sequence
 from .tokenizer import EOS_ID, encode
 
@@ -25,13 +25,14 @@ def reference_generate(model: BltModel, prompt: bytes, params: SamplingParams, s
     counts = torch.zeros(1, vocab, device=device)
     seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
     seen[0, seq.ids[1:]] = True
+    bias = torch.tensor([bias_row(params, vocab)], device=device)
     batch = SamplingBatch.build([params], [seq.seed], device)
     if params.max_bytes == 0:
         seq.finish_reason = "length"
     while seq.finish_reason is None:
         logits = model.logits(torch.tensor([seq.ids], device=device))[:, -1]
         position = torch.tensor([len(seq.ids)], device=device)
-        byte_id = int(sample(logits, batch, position, counts, seen, EOS_ID)[0])
+        byte_id = int(sample(logits, batch, position, counts, seen, EOS_ID, bias)[0])
         counts[0, byte_id] += 1
         seen[0, byte_id] = True
         seq.accept(byte_id, max_len)

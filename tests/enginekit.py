@@ -6,7 +6,7 @@ import torch
 
 from blt_runtime import encode
 from blt_runtime.engine import Engine
-from blt_runtime.sampling import SamplingBatch, SamplingParams, sample
+from blt_runtime.sampling import SamplingBatch, SamplingParams, bias_row, sample
 from blt_runtime.tokenizer import EOS_ID
 
 
@@ -34,7 +34,7 @@ def replay_full_recompute(model, prompt: bytes, params: SamplingParams, seed: in
     Full recompute runs the whole model over each prefix; the model is causal and the patches of a
     prefix never change when bytes are appended (spec section 3), so its logits for the prefix that
     ends at byte t are row t of one full forward over the final sequence. The sampler is a pure
-    function of (logits, seed, position, counts), so replaying it row by row gives exactly the bytes
+    function of (logits, seed, position, counts, bias), so replaying it row by row gives exactly the bytes
     full recompute would choose; they must be the engine's. Returns the final ids.
     """
     ids = encode(prompt + generated)
@@ -44,9 +44,10 @@ def replay_full_recompute(model, prompt: bytes, params: SamplingParams, seed: in
     counts = torch.zeros(1, 260)
     seen = torch.zeros(1, 260, dtype=torch.bool)
     seen[0, ids[1:first]] = True
+    bias = torch.tensor([bias_row(params, 260)])
     for t in range(first, len(ids) + ended_by_eos):
         want = ids[t] if t < len(ids) else EOS_ID
-        chosen = int(sample(logits[t - 1:t], batch, torch.tensor([t]), counts, seen, EOS_ID)[0])
+        chosen = int(sample(logits[t - 1:t], batch, torch.tensor([t]), counts, seen, EOS_ID, bias)[0])
         assert chosen == want, f"byte {t - first} differs"
         counts[0, chosen] += 1
         seen[0, chosen] = True

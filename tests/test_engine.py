@@ -261,6 +261,43 @@ def test_logprobs_list_the_greedy_byte_first_at_a_tie(models, static):
     assert [top[0][0] for _, top in scored] == [OFFSET + b for b in plain]
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_logit_bias_equals_full_recompute(models, static):
+    """A logit bias moves greedy and sampled choices as full recompute with the same bias does (the
+    byte greedy emits most banned, two others favoured), alone and batched with requests without one,
+    and before them in the same slot (whose row is cleared, or a penalty would read it); logprobs stay
+    those of the model's own distribution."""
+    model = models["1b"]
+    prompt = PARITY_TEXT[:50]
+    plain = generate(model, prompt, max_bytes=120, ignore_eos=True).bytes
+    banned = max(set(plain), key=plain.count)
+    bias = {banned: -100.0, ord(" "): 3.0, ord("x"): 1.5}
+    kinds = {"greedy": SamplingParams(max_bytes=120, temperature=0.0, ignore_eos=True, logit_bias=bias, logprobs=1),
+             "sampled": SamplingParams(max_bytes=120, temperature=0.9, seed=5, ignore_eos=True, logit_bias=bias),
+             "plain": SamplingParams(max_bytes=120, temperature=0.0, ignore_eos=True),
+             "penalised": SamplingParams(max_bytes=120, temperature=0.0, ignore_eos=True, frequency_penalty=0.5)}
+    one_slot = Engine(model, max_batch_size=1, static=static)
+    alone = {k: run_engine(one_slot, {k: (prompt, p)})[k][0] for k, p in kinds.items()}  # in that order
+    engine = Engine(model, static=static)
+    batched = run_engine(engine, {k: (prompt, p) for k, p in kinds.items()}, {"sampled": 2, "plain": 1, "penalised": 3})
+    engine.add_request("lp", prompt, kinds["greedy"])
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    for k, p in kinds.items():
+        assert batched[k][0] == alone[k]
+        replay_full_recompute(model, prompt, p, p.seed or 0, alone[k],
+                              engine_logprobs=[o.logprobs for o in outputs] if k == "greedy" else None)
+    assert alone["plain"] == plain and banned not in alone["greedy"] + alone["sampled"]
+
+
+def test_logit_bias_is_checked():
+    assert SamplingParams(logit_bias={"7": 1, 3: -2.5}).logit_bias == ((3, -2.5), (7, 1.0))
+    for bad in ({256: 1.0}, {-1: 1.0}, {3: 101.0}, {3: float("nan")}, {"x": 1.0}, [(3, 1.0), (3, 2.0)]):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_bytes=-1),
                                  dict(repetition_penalty=0), dict(logprobs=21), dict(stop=[""])])
 def test_bad_sampling_params(bad):

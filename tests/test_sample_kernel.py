@@ -17,23 +17,24 @@ V = 260
 CPU = torch.device("cpu")
 
 
-def eager_pick(logits, batch, positions, counts, seen, slots):
+def eager_pick(logits, batch, positions, counts, seen, bias, slots):
     """sampling.sample and a static step's bookkeeping, on copies of the tables."""
     counts, seen = counts.clone(), seen.clone()
-    ids = sample(logits, batch, positions, counts[slots], seen[slots], EOS_ID)
+    ids = sample(logits, batch, positions, counts[slots], seen[slots], EOS_ID, bias[slots])
     counts[slots, ids] += 1
     seen[slots, ids] = True
     return ids, counts, seen
 
 
-def check(logits, params, seeds, positions, slots, counts, seen):
+def check(logits, params, seeds, positions, slots, counts, seen, bias=None):
     """The kernel's ids, tables, output column and embeddings are the eager ones; returns the ids."""
     batch = SamplingBatch.build(params, seeds, "cpu")
-    want, want_counts, want_seen = eager_pick(logits, batch, positions, counts, seen, slots)
+    bias = torch.zeros_like(counts) if bias is None else bias
+    want, want_counts, want_seen = eager_pick(logits, batch, positions, counts, seen, bias, slots)
     embed = torch.randn(V, 24, generator=torch.Generator().manual_seed(9)).to(logits.dtype)
     out = torch.full((len(params), 2), -1.0, dtype=torch.float64)
-    ids, embedded = sample_pick(logits, batch, positions, never_sampled(V, CPU), counts, seen, slots, embed, EOS_ID,
-                                out)
+    ids, embedded = sample_pick(logits, batch, positions, never_sampled(V, CPU), counts, seen, bias, slots, embed,
+                                EOS_ID, out)
     assert ids.tolist() == want.tolist()
     assert torch.equal(counts, want_counts) and torch.equal(seen, want_seen)
     assert torch.equal(out[:, 0], want.double()) and (out[:, 1] == -1).all()
@@ -44,15 +45,16 @@ def check(logits, params, seeds, positions, slots, counts, seen):
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sample_pick_equals_sample(dtype):
-    """Every filter and penalty, per row, with greedy rows among sampled ones; 32 draws per kind of row
-    (seeds and positions differ), so that a filter the kernel got wrong changes some draw."""
+    """Every filter, penalty and logit bias, per row, with greedy rows among sampled ones; 32 draws per
+    kind of row (seeds and positions differ), so that a filter the kernel got wrong changes some draw."""
     g = torch.Generator().manual_seed(1)
     kinds = [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0),
              SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=1.5, top_k=3),
              SamplingParams(temperature=1.3, min_p=0.2, ignore_eos=True),
              SamplingParams(temperature=1.0, presence_penalty=1.5, frequency_penalty=0.7, repetition_penalty=1.6,
                             top_p=0.8, top_k=40),
-             SamplingParams(temperature=2.0, top_k=1), SamplingParams(temperature=0.5, top_p=0.5, min_p=0.1)]
+             SamplingParams(temperature=2.0, top_k=1),
+             SamplingParams(temperature=0.5, top_p=0.5, min_p=0.1, logit_bias={0: 2.5, 7: -1.0})]
     params = kinds * 4
     B = len(params)
     slots = torch.randperm(B + 1, generator=g)[:B]
@@ -62,9 +64,11 @@ def test_sample_pick_equals_sample(dtype):
     counts, seen = torch.zeros(B + 1, V), torch.zeros(B + 1, V, dtype=torch.bool)
     counts[:, 60:120] = torch.randint(0, 3, (B + 1, 60), generator=g).float()
     seen[:, 40:140] = True
+    bias = torch.zeros(B + 1, V)
+    bias[slots[7::8], 4:12] = torch.randn(4, 8, generator=g) * 2  # the rows with a logit bias
     seeds = torch.randint(0, 2**63 - 1, (B,), generator=g).tolist()
     positions = torch.randint(0, 4096, (B,), generator=g)
-    ids = check(logits, params, seeds, positions, slots, counts, seen)
+    ids = check(logits, params, seeds, positions, slots, counts, seen, bias)
     eager_order = logits.float().argsort(dim=-1, descending=True, stable=True)
     assert (ids[1::8] == EOS_ID).all() and (ids[4::8] != EOS_ID).all()
     assert all(i in eager_order[r, :3] for r, i in zip(range(3, B, 8), ids[3::8].tolist()))  # top-k 3
@@ -96,21 +100,28 @@ def test_sample_pick_ranks_equal_logits_by_id():
     counts[1:, 10] = torch.tensor([1.0, 2.0, 2.0, 1.0])
     # byte 10 (3.0) against the equal ones (2.0): 1.0 (repetition), 1.5 and 2.4 (presence, counted once and
     # twice), 1.8 and 2.4 (frequency, twice and once)
+    tables = counts.clone(), seen.clone()  # as they were: check() counts the bytes chosen
     ids = check(logits[:5], greedy, [0] * 5, torch.zeros(5, dtype=torch.long), torch.arange(5), counts, seen)
     assert ids.tolist() == [20, 20, 10, 20, 10]
+    bias = torch.zeros(5, V)
+    bias[0, 50], bias[1, 20], bias[2, 10] = 1.5, -0.5, -1.5  # added before the penalties, as vLLM does
+    ids = check(logits[:5], greedy, [0] * 5, torch.zeros(5, dtype=torch.long), torch.arange(5), *tables, bias)
+    assert ids.tolist() == [50, 30, 20, 20, 10]
 
 
 @interpreted
 def test_sampling_triton_engine_equals_torch_engine(hf_checkpoint):
-    """Static steps whose choices go through the sampling kernel: seeded requests with temperature,
-    top-p, top-k, min-p and penalties, one greedy with a penalty, sharing steps with one joining
-    late: the PyTorch engine's bytes and patches. (`triton-gemv` picks bytes with the same kernel.)"""
+    """Static steps whose choices go through the sampling kernel: seeded requests with temperature, top-p,
+    top-k, min-p and penalties, one greedy with a penalty, sharing steps with one joining late, one with a logit
+    bias later still: the PyTorch engine's bytes and patches. (`triton-gemv` picks bytes with the same
+    kernel.)"""
     model = load_model(hf_checkpoint("gqa")[1])
     kinds = [SamplingParams(max_bytes=10, temperature=0.9, top_p=0.9, seed=11),
              SamplingParams(max_bytes=8, temperature=1.2, top_k=20, min_p=0.02, presence_penalty=0.5, seed=12),
-             SamplingParams(max_bytes=9, temperature=0.0, repetition_penalty=1.3, ignore_eos=True)]
+             SamplingParams(max_bytes=9, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+             SamplingParams(max_bytes=9, temperature=0.7, logit_bias={32: 3.0, 101: -100}, seed=13)]
     requests = {f"s{i}": (PARITY_TEXT[30 * i:30 * i + 40], p) for i, p in enumerate(kinds)}
-    joins = {"s0": 0, "s1": 0, "s2": 3}
+    joins = {"s0": 0, "s1": 0, "s2": 3, "s3": 4}
     got = run_engine(Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels="triton"), requests, joins)
     want = run_engine(Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels="torch"),
                       requests, joins)

@@ -57,16 +57,17 @@ def test_static_greedy_equals_full_recompute(models, structure, window, prompt_l
 
 
 def test_static_equals_dynamic_batched(models):
-    """Seven requests of every sampling kind joining at different steps, in buckets of 1 to 8 rows:
+    """Eight requests of every sampling kind joining at different steps, in buckets of 1 to 8 rows:
     the same bytes, patches and logprobs as the dynamic step."""
     model = models["1b"]
     kinds = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_k=20),
              dict(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5), dict(temperature=0.7, min_p=0.1),
-             dict(temperature=0.0, logprobs=3), dict(temperature=1.0, presence_penalty=1.0, logprobs=2)]
+             dict(temperature=0.0, logprobs=3), dict(temperature=1.0, presence_penalty=1.0, logprobs=2),
+             dict(temperature=0.9, logit_bias={32: 4.0, 101: -100.0}, logprobs=1)]
     requests = {f"r{i}": (PARITY_TEXT[i * 37:i * 37 + 13 * i + 1],
                           SamplingParams(max_bytes=150 + 15 * i, seed=i, ignore_eos=i % 2 == 0, **kind))
                 for i, kind in enumerate(kinds)}
-    joins = {f"r{i}": (i * 5) % 23 for i in range(7)}
+    joins = {f"r{i}": (i * 5) % 23 for i in range(len(kinds))}
 
     def run(static: bool):
         engine = Engine(model, max_batch_size=8, prefill_chunk=64, static=static)
