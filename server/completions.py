@@ -50,9 +50,29 @@ def sampling_params(req: CompletionRequest, index: int) -> SamplingParams:
             seed=seed, stop=req.stop or (), presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            logprobs=req.logprobs, ignore_eos=req.ignore_eos)
+            logprobs=req.logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req.logit_bias))
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split("=")[0], "invalid_value") from None
+
+
+def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """The request's logit_bias with its keys as byte values: decimal digits only ("7", not " 7" or "+7")."""
+    bias = bias or {}
+    bad = [k for k in bias if not (k.isascii() and k.isdigit())]
+    if bad:
+        raise ValueError(f"logit_bias={bad[0][:20]!r}: keys must be byte values 0..255 written in decimal")
+    return {int(k): v for k, v in bias.items()}
+
+
+def check_supported(req: CompletionRequest) -> None:
+    """OpenAI fields this server knows but does not do: refused when they would change the result
+    (clients such as LangChain send best_of 1 and an empty suffix unasked)."""
+    if req.best_of is not None and req.best_of > req.n:
+        raise ApiError(400, f"best_of={req.best_of} > n={req.n} is not supported (as in vLLM's V1 engine): ask for "
+                            f"n={req.best_of} choices with logprobs=0 and keep the best", "best_of", "unsupported")
+    if req.suffix:
+        raise ApiError(400, "suffix is not supported: this server completes text, it does not fill in the middle",
+                       "suffix", "unsupported")
 
 
 def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int) -> None:
@@ -244,6 +264,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     extra = sorted((req.model_extra or {}).keys())
     if extra:
         log.warning("ignored unknown fields in a completion request: %s", ", ".join(extra))
+    check_supported(req)
     prompts = prompt_bytes(req.prompt)
     params = sampling_params(req, 0)  # a 400 before anything is queued
     try:

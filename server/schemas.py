@@ -39,6 +39,11 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    logit_bias: dict[str, float] | None = Field(
+        None, description="byte value ('0'..'255') -> a bias in [-100, 100] added to its logit before the "
+                          "penalties and sampling; -100 all but bans a byte, 100 all but forces it")
+    best_of: int | None = Field(None, ge=1, description="accepted up to n (no effect); more is refused")
+    suffix: str | None = Field(None, description="accepted when empty; this server does not fill in the middle")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -73,6 +73,23 @@ def test_openai_client_streaming_and_not(server):
     assert [m.id for m in models.data] == ["tiny"]
 
 
+def test_logit_bias_best_of_and_suffix(server, tiny):
+    """logit_bias is the runtime's (keys are byte values); best_of up to n and an empty suffix, which
+    clients send unasked, change nothing; more best_of, a suffix, or a bad bias is a 400 naming it."""
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    plain = generate(load_model(tiny), "ROMEO:", max_bytes=60, ignore_eos=True).bytes
+    bias = {str(max(set(plain), key=plain.count)): -100, "32": 5}
+    expected = generate(load_model(tiny), "ROMEO:", max_bytes=60, ignore_eos=True, logit_bias=bias)
+    got = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=60, temperature=0, logit_bias=bias,
+                                    n=2, best_of=1, suffix="", extra_body={"ignore_eos": True})
+    assert [c.text for c in got.choices] == [expected.text] * 2 and expected.bytes != plain
+    refused = [(dict(best_of=3), "best_of"), (dict(suffix="\n"), "suffix")] + [
+        (dict(logit_bias=bias), "logit_bias") for bias in ({"256": 1}, {"a": 1}, {" 7": 1}, {"65": 101})]
+    for extra, param in refused:
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra}, headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
 def test_models_patches_and_health(server, tiny):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # open without a key
     card = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"][0]

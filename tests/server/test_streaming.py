@@ -223,9 +223,10 @@ def test_unknown_route_and_fields(serve, caplog):
     r = httpx.get(f"{url}/v2/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
     with caplog.at_level("WARNING", logger="blt.server"):
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "suffix": "y", "best_of": 2})
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "suffix": "", "best_of": 1, "top_a": 0.2,
+                                                      "mirostat": 2})
     assert r.status_code == 200
-    assert any("best_of, suffix" in m for m in caplog.messages)
+    assert any("mirostat, top_a" in m for m in caplog.messages)
 
 
 def test_api_keys(serve):
