@@ -17,7 +17,7 @@ from blt_runtime.generate import generate
 from blt_runtime.reference import reference_generate, reference_patch_lengths
 from blt_runtime.sampling import SamplingParams, ranked
 from blt_runtime.scheduler import PromptTooLong, QueueFull, Sequence
-from blt_runtime.tokenizer import EOS_ID, OFFSET
+from blt_runtime.tokenizer import EOS_ID, OFFSET, encode
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +139,11 @@ def test_empty_prompt_and_zero_bytes(models):
     assert len(empty.bytes) >= 20 and empty.prompt_patch_lengths[0] == 1
     zero = run_engine(Engine(model), {"z": (b"hello", SamplingParams(max_bytes=0))})["z"]
     assert zero[0] == b"" and zero[1].finish_reason == "length" and zero[1].usage.generated_bytes == 0
+    # a prompt never prefilled still reports its patches, as the full forward cuts them
+    prompt = PARITY_TEXT[:300]
+    zero = run_engine(Engine(model), {"z": (prompt, SamplingParams(max_bytes=0))})["z"][1].usage
+    assert zero.prompt_patches == len(reference_patch_lengths(model, encode(prompt))) > 30
+    assert zero.completion_patches == 0
 
 
 def test_prompt_longer_than_context_is_refused(models):
