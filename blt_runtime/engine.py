@@ -237,7 +237,8 @@ class Engine:
         inputs = ([s.slot for s in seqs], [s.processed for s in seqs], [s.ids[-1] for s in seqs],
                   [s.closes_last for s in seqs], [s.num_patches for s in seqs], [s.open_len for s in seqs])
         if self.static is not None:
-            sampled = self.static.step(*inputs, [s.params for s in seqs], [s.seed for s in seqs], transfer)
+            sampled = self.static.step(*inputs, [s.params for s in seqs], [s.seed for s in seqs],
+                                       [s.eos_allowed(len(s.ids)) for s in seqs], transfer)
         else:
             sampled = self._sample(seqs, [self.runner.decode(*inputs)], transfer)
         for s in seqs:
@@ -266,7 +267,8 @@ class Engine:
         if not seqs:
             return None
         return self.runner.sample_and_look_ahead(logits, [s.slot for s in seqs], [len(s.ids) for s in seqs],
-                                                 [s.params for s in seqs], [s.seed for s in seqs], transfer)
+                                                 [s.params for s in seqs], [s.seed for s in seqs],
+                                                 [s.eos_allowed(len(s.ids)) for s in seqs], transfer)
 
     def _report(self, seqs: list[Sequence], sampled: Sampled) -> list[StepOutput]:
         """Accept each sequence's sampled byte, apply stops, report."""

@@ -26,10 +26,10 @@ def reference_generate(model: BltModel, prompt: bytes, params: SamplingParams, s
     seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)
     seen[0, seq.ids[1:]] = True
     bias = torch.tensor([bias_row(params, vocab)], device=device)
-    batch = SamplingBatch.build([params], [seq.seed], device)
     if params.max_bytes == 0:
         seq.finish_reason = "length"
     while seq.finish_reason is None:
+        batch = SamplingBatch.build([params], [seq.seed], device, [seq.eos_allowed(len(seq.ids))])
         logits = model.logits(torch.tensor([seq.ids], device=device))[:, -1]
         position = torch.tensor([len(seq.ids)], device=device)
         byte_id = int(sample(logits, batch, position, counts, seen, EOS_ID, bias)[0])

@@ -580,14 +580,14 @@ class Runner:
         return ids, F.embedding(ids[:, None], self.entropy_embed)
 
     def sample_and_look_ahead(self, logits: list[torch.Tensor], slots: list[int], positions: list[int],
-                              params: list[SamplingParams], seeds: list[int],
+                              params: list[SamplingParams], seeds: list[int], allow_eos: list[bool],
                               transfer: HostTransfer) -> Callable[[], Sampled]:
         """Choose each row's byte for `positions` from the rows of `logits` (blocks of (B, V)), feed it
         to the entropy model, and register the ids, their patch flags and any logprobs with the step's
         transfer; the function returned reads them after the transfer."""
         logits = logits[0] if len(logits) == 1 else torch.cat(logits)
         s = self._tensor(slots)
-        batch = SamplingBatch.build(params, seeds, s.device)
+        batch = SamplingBatch.build(params, seeds, s.device, allow_eos)
         out = torch.empty(len(slots), 2, dtype=torch.float64, device=s.device)  # column 0: the ids
         ids, embedded = self.choose(logits, batch, self._tensor(positions), s, out)
         out[:, 1].copy_(self.look_ahead(embedded, slots, positions))

@@ -24,6 +24,7 @@ MASK_32 = 0xFFFFFFFF
 @dataclass(frozen=True)
 class SamplingParams:
     max_bytes: int = 256
+    min_bytes: int = 0  # neither EOS nor a stop string ends the generation before this many bytes
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
@@ -49,6 +50,7 @@ class SamplingParams:
             raise ValueError(f"logit_bias={repr(self.logit_bias)[:80]}: must map bytes 0..255 to numbers") from None
         checks = [
             ("max_bytes", self.max_bytes >= 0, "must be >= 0"),
+            ("min_bytes", 0 <= self.min_bytes <= self.max_bytes, "must be in [0, max_bytes]"),
             ("temperature", 0.0 <= self.temperature <= 100.0 and math.isfinite(self.temperature),
              "must be in [0, 100]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
@@ -112,11 +114,14 @@ class SamplingBatch:
     any_penalty: bool = True
 
     @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], device) -> SamplingBatch:
+    def build(cls, params: list[SamplingParams], seeds: list[int], device,
+              allow_eos: list[bool] | None = None) -> SamplingBatch:
+        """`allow_eos`: may each row's byte be EOS (Sequence.eos_allowed); by default, unless ignore_eos."""
         device = torch.device(device)
+        allow_eos = [not p.ignore_eos for p in params] if allow_eos is None else allow_eos
         floats = host_tensor([[p.temperature, p.top_p, p.min_p, p.presence_penalty, p.frequency_penalty,
                                p.repetition_penalty] for p in params], torch.float32, device).T
-        ints = host_tensor([[max(p.top_k, 0), seed, not p.ignore_eos] for p, seed in zip(params, seeds)],
+        ints = host_tensor([[max(p.top_k, 0), seed, allow] for p, seed, allow in zip(params, seeds, allow_eos)],
                            torch.int64, device).T  # two transfers, not nine
         return cls(
             temperature=floats[0], top_p=floats[1], top_k=ints[0], min_p=floats[2], presence=floats[3],

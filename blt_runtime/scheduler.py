@@ -79,6 +79,11 @@ class Sequence:
         self.processed, self.num_patches, self.open_len, self.shared = positions, num_patches, open_len, positions
         self.patch_starts = list(patch_starts)
 
+    def eos_allowed(self, position: int) -> bool:
+        """May the byte chosen for `position` (an index into ids) be EOS: not with ignore_eos, nor before
+        min_bytes bytes were generated."""
+        return not self.params.ignore_eos and position - self.prompt_len >= self.params.min_bytes
+
     def record_close(self, position: int, closes: bool) -> None:
         """The entropy model said whether `position` closes its patch."""
         if closes:
@@ -95,11 +100,11 @@ class Sequence:
         self.generated.append(byte)
         continues_char = self.utf8_missing > 0 and 0x80 <= byte < 0xC0
         self.utf8_missing = self.utf8_missing - 1 if continues_char else utf8_continuations(byte)
-        for stop in p.stop:
+        n = len(self.generated)
+        for stop in p.stop if n >= p.min_bytes else ():  # vLLM's min_tokens: no stop before it either
             if self.generated.endswith(stop):
                 self.finish_reason, self.stop_reason = "stop", stop
                 return
-        n = len(self.generated)
         if (n >= p.max_bytes and self.utf8_missing == 0) or n >= p.max_bytes + 3 or len(self.ids) >= max_len:
             self.finish_reason = "length"
 

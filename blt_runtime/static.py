@@ -142,10 +142,10 @@ class StaticDecoder:
     # ------------------------------------------------------------------ host side
     def step(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
              num_patches: list[int], open_lens: list[int], params: list[SamplingParams],
-             seeds: list[int], transfer: HostTransfer) -> Callable[[], Sampled]:
+             seeds: list[int], allow_eos: list[bool], transfer: HostTransfer) -> Callable[[], Sampled]:
         """The dynamic `Runner.decode` + `Runner.sample_and_look_ahead` for B running sequences: byte
-        ids[b] at position lengths[b], then the byte for position lengths[b] + 1. The results come
-        with the step's transfer; the function returned reads them."""
+        ids[b] at position lengths[b], then the byte for position lengths[b] + 1 (EOS where
+        allow_eos[b]). The results come with the step's transfer; the function returned reads them."""
         r, B = self.r, len(slots)
         Bb = bucket(B, self.sizes)
         in_place = bucket(max(slots) + 1, self.sizes) == Bb
@@ -175,7 +175,8 @@ class StaticDecoder:
                     out[name][row] = value
             return out
 
-        requests = self._request_columns((Bb, tuple(order), tuple(params), tuple(seeds)), params, seeds, by_row, buf)
+        requests = self._request_columns((Bb, tuple(order), tuple(params), tuple(seeds), tuple(allow_eos)), params,
+                                         seeds, allow_eos, by_row, buf)
         buf.ints.fill(by_row({"slots": slots, "lengths": lengths, "next": [n + 1 for n in lengths], "ids": ids,
                               "open_lens": open_lens}, int_padding)
                       | requests.ints, int_padding)
@@ -204,11 +205,11 @@ class StaticDecoder:
             return sampled
         return result
 
-    def _request_columns(self, key: tuple, params: list[SamplingParams], seeds: list[int], by_row,
-                         buf: ByteBuffers) -> RequestColumns:
-        """The step's per-request columns by row, and its sampling mode; when `key` (bucket, rows, the
-        requests' parameters and seeds) is the last step's, the last step's, whose floats are still on
-        the device: a batch of long generations builds them once, not at every byte."""
+    def _request_columns(self, key: tuple, params: list[SamplingParams], seeds: list[int], allow_eos: list[bool],
+                         by_row, buf: ByteBuffers) -> RequestColumns:
+        """The step's per-request columns by row, and its sampling mode; when `key` (bucket, rows, the requests'
+        parameters, seeds and whether EOS is allowed) is the last step's, the last step's, whose floats are
+        still on the device: a batch of long generations builds them once, not at every byte."""
         if self._requests is not None and self._requests.key == key:
             return self._requests
         float_padding = {"top_p": 1.0, "repetition": 1.0}
@@ -217,7 +218,7 @@ class StaticDecoder:
                                 "frequency": [p.frequency_penalty for p in params],
                                 "repetition": [p.repetition_penalty for p in params]}, float_padding), float_padding)
         ints = by_row({"top_k": [max(p.top_k, 0) for p in params], "seeds": seeds,
-                       "allow_eos": [not p.ignore_eos for p in params]}, {})
+                       "allow_eos": allow_eos}, {})
         n_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         self._requests = RequestColumns(key, ints, n_top, (all_greedy(params), any_penalty(params), n_top is not None))
         return self._requests

@@ -40,13 +40,13 @@ def replay_full_recompute(model, prompt: bytes, params: SamplingParams, seed: in
     ids = encode(prompt + generated)
     logits = model.logits(torch.tensor([ids]))[0]
     first = len(ids) - len(generated)
-    batch = SamplingBatch.build([params], [seed], "cpu")
     counts = torch.zeros(1, 260)
     seen = torch.zeros(1, 260, dtype=torch.bool)
     seen[0, ids[1:first]] = True
     bias = torch.tensor([bias_row(params, 260)])
     for t in range(first, len(ids) + ended_by_eos):
         want = ids[t] if t < len(ids) else EOS_ID
+        batch = SamplingBatch.build([params], [seed], "cpu", [not params.ignore_eos and t - first >= params.min_bytes])
         chosen = int(sample(logits[t - 1:t], batch, torch.tensor([t]), counts, seen, EOS_ID, bias)[0])
         assert chosen == want, f"byte {t - first} differs"
         counts[0, chosen] += 1

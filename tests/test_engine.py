@@ -213,6 +213,35 @@ def test_eos_ends_generation(models):
     replay_full_recompute(model, b"", params, seed, got, ended_by_eos=True)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_min_bytes_holds_back_eos_and_stops(models, static):
+    """min_bytes (vLLM's min_tokens): EOS is masked and stop strings are not matched before that many
+    bytes; after, both end a generation as usual; as full recompute with the same rule does."""
+    model = copy.deepcopy(models["1b"])
+    prompt = PARITY_TEXT[:40]
+    plain = generate(model, prompt, max_bytes=150, ignore_eos=True).bytes
+    with torch.no_grad():  # EOS ties with the commonest byte, and wins the tie (a lower id): greedy stops early
+        model.lm_head.weight[EOS_ID].copy_(model.lm_head.weight[OFFSET + max(set(plain), key=plain.count)])
+    early, final = run_engine(Engine(model, static=static), {"e": (prompt, SamplingParams(max_bytes=150,
+                                                                                        temperature=0.0))})["e"]
+    assert final.finish_reason == "stop" and final.stop_reason is None and len(early) < 100
+    least = len(early) + 10
+    kinds = [SamplingParams(max_bytes=150, temperature=0.0, min_bytes=least),
+             SamplingParams(max_bytes=150, temperature=0.0, min_bytes=least, stop=[plain[2:4], plain[least:least + 2]],
+                            ignore_eos=True),
+             SamplingParams(max_bytes=150, temperature=1.0, min_bytes=least, seed=3)]
+    got = run_engine(Engine(model, static=static), {str(i): (prompt, p) for i, p in enumerate(kinds)})
+    for i, p in enumerate(kinds):
+        want = reference_generate(model, prompt, p)
+        out, final = got[str(i)]
+        assert len(out) >= least and out == bytes(want.generated), i
+        assert (final.finish_reason, final.stop_reason) == (want.finish_reason, want.stop_reason), i
+    assert got["0"][1].finish_reason == "stop" and got["0"][0] == plain[:len(got["0"][0])]
+    assert got["1"][1].stop_reason == plain[least:least + 2]  # not the earlier one
+    with pytest.raises(ValueError, match="min_bytes"):
+        SamplingParams(max_bytes=5, min_bytes=6)
+
+
 def test_logprobs(models):
     engine = Engine(models["1b"])
     out = run_engine(engine, {"l": (b"log", SamplingParams(max_bytes=5, temperature=0.0, logprobs=3))})
@@ -240,12 +269,14 @@ def test_ranked_lists_ties_as_greedy_chooses():
 @pytest.mark.parametrize("static", [False, True])
 def test_logprobs_list_the_greedy_byte_first_at_a_tie(models, static):
     """A byte whose logit always equals another's (two equal rows of the output head): greedy takes the
-    lower id, and logprobs, at any n, list it first; so does echo's scoring of the same text."""
+    lower id, and logprobs, at any n, list it before the other; so does echo's scoring of the same
+    text. (They rank the raw distribution, where a special id may come first: greedy never picks one.)"""
     model = copy.deepcopy(models["1b"])
     plain = run_engine(Engine(model), {"p": (b"tie", SamplingParams(max_bytes=60, temperature=0.0,
                                                                       ignore_eos=True))})["p"][0]
-    common = max(set(plain), key=plain.count)
-    twin = OFFSET + 255 if common != 255 else OFFSET + 254
+    common = max(set(plain) - {255}, key=plain.count)
+    # a higher byte it never emitted: equal to `common`, it loses every tie, so greedy's bytes stay the same
+    twin = OFFSET + max(b for b in range(common + 1, 256) if b not in plain)
     with torch.no_grad():
         model.lm_head.weight[twin].copy_(model.lm_head.weight[OFFSET + common])
     engine = Engine(model, static=static)
@@ -254,16 +285,16 @@ def test_logprobs_list_the_greedy_byte_first_at_a_tie(models, static):
                                                                       logprobs=n))})[f"t{n}"]
         assert got == plain
     outputs = []
-    engine.add_request("o", b"tie", SamplingParams(max_bytes=60, temperature=0.0, ignore_eos=True, logprobs=2))
+    engine.add_request("o", b"tie", SamplingParams(max_bytes=60, temperature=0.0, ignore_eos=True, logprobs=6))
     while engine.has_work():
         outputs += engine.step()
     tied = [o for o in outputs if o.new_bytes and o.new_bytes[0] == common]
     assert tied
     for o in tied:
-        _, top = o.logprobs
-        assert [i for i, _ in top] == [OFFSET + common, twin] and top[0][1] == top[1][1]
-    scored = model.prompt_logprobs(b"tie" + plain, 2)[3:]
-    assert [top[0][0] for _, top in scored] == [OFFSET + b for b in plain]
+        listed = [(i, lp) for i, lp in o.logprobs[1] if i >= OFFSET][:2]  # the bytes among them
+        assert [i for i, _ in listed] == [OFFSET + common, twin] and listed[0][1] == listed[1][1]
+    scored = model.prompt_logprobs(b"tie" + plain, 6)[3:]
+    assert [next(i for i, _ in top if i >= OFFSET) for _, top in scored] == [OFFSET + b for b in plain]
 
 
 @pytest.mark.parametrize("static", [False, True])
