@@ -25,11 +25,12 @@ def id_name(model_id: int) -> str:
 
 class ChoiceState:
     def __init__(self, index: int, stops: tuple[bytes, ...], prefix: str = "", logprobs: bool = False,
-                 patches: bool = False, streamed: bool = False):
-        """`streamed`: the pieces are sent as deltas and then dropped (a whole body keeps them all)."""
+                 patches: bool = False, streamed: bool = False, keep_stop: bool = False):
+        """`streamed`: the pieces are sent as deltas and then dropped (a whole body keeps them all).
+        `keep_stop`: a matched stop string stays in the text (nothing is held back for it)."""
         self.index, self.prefix, self.want_logprobs, self.want_patches = index, prefix, logprobs, patches
-        self.streamed = streamed
-        self.stream = ChoiceStream(stops)
+        self.streamed, self.keep_stop = streamed, keep_stop
+        self.stream = ChoiceStream(() if keep_stop else stops)
         self.prompt_piece: tuple[Piece, int] | None = None  # echoed prompt bytes with their logprobs
         self.pieces: list[tuple[Piece, int]] = []  # with the character offset of each piece's text
         self.chars = len(prefix)  # characters of text produced so far, echo included
@@ -48,7 +49,7 @@ class ChoiceState:
             self.done, self.usage = True, out.usage
             self.finish_reason = out.finish_reason
             self.stop_reason = out.stop_reason.decode("utf-8", "replace") if out.stop_reason else None
-            piece = self.stream.finish(out.new_bytes, extra, out.stop_reason)
+            piece = self.stream.finish(out.new_bytes, extra, None if self.keep_stop else out.stop_reason)
         else:
             piece = self.stream.feed(out.new_bytes, extra)
         if piece is not None:

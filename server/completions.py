@@ -40,11 +40,14 @@ def prompt_bytes(prompt) -> list[bytes]:
     return [utf8(p, "prompt") if isinstance(p, str) else bytes(p) for p in prompt]
 
 
+API_NAMES = {"max_bytes": "max_tokens", "min_bytes": "min_tokens"}  # the runtime's names -> the request's
+
+
 def sampling_params(req: CompletionRequest, index: int) -> SamplingParams:
     seed = None if req.seed is None else (req.seed + index) % 2**63  # n choices draw differently
     try:
         return SamplingParams(
-            max_bytes=256 if req.max_tokens is None else req.max_tokens,
+            max_bytes=256 if req.max_tokens is None else req.max_tokens, min_bytes=req.min_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
             seed=seed, stop=req.stop or (), presence_penalty=req.presence_penalty or 0.0,
@@ -52,7 +55,10 @@ def sampling_params(req: CompletionRequest, index: int) -> SamplingParams:
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             logprobs=req.logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req.logit_bias))
     except ValueError as e:
-        raise ApiError(400, str(e), str(e).split("=")[0], "invalid_value") from None
+        message = str(e)
+        for name, api_name in API_NAMES.items():
+            message = message.replace(name, api_name)
+        raise ApiError(400, message, message.split("=")[0], "invalid_value") from None
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
@@ -103,7 +109,8 @@ class Completion:
             for i in range(req.n):
                 index = p * req.n + i
                 self.choices[f"{self.id}-{index}"] = ChoiceState(index, stops, prefix, req.logprobs is not None,
-                                                                 req.return_patches, req.stream)
+                                                                 req.return_patches, req.stream,
+                                                                 req.include_stop_str_in_output)
         self.disconnected = False
 
     @property

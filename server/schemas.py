@@ -39,6 +39,9 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, description="bytes to generate before EOS or a stop string may end the "
+                                                 "completion (vLLM's min_tokens); at most max_tokens")
+    include_stop_str_in_output: bool = Field(False, description="keep the matched stop string in the text (vLLM)")
     logit_bias: dict[str, float] | None = Field(
         None, description="byte value ('0'..'255') -> a bias in [-100, 100] added to its logit before the "
                           "penalties and sampling; -100 all but bans a byte, 100 all but forces it")

@@ -90,6 +90,28 @@ def test_logit_bias_best_of_and_suffix(server, tiny):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
 
 
+def test_min_tokens_and_include_stop_str_in_output(server, tiny):
+    """vLLM's min_tokens (no stop string or EOS before it) and include_stop_str_in_output, streamed and
+    not: the runtime's bytes, the stop string kept; min_tokens above max_tokens is a 400 naming it."""
+    model = load_model(tiny)
+    plain = generate(model, "ROMEO:", max_bytes=250, ignore_eos=True).bytes
+    stop = next(chr(b) for b in plain[:18] if b < 0x80 and b in plain[21:])  # one early, one after min_tokens
+    expected = generate(model, "ROMEO:", max_bytes=250, min_bytes=20, stop=[stop], ignore_eos=True)
+    assert expected.stop_reason == stop.encode() and len(expected.bytes) >= 19
+    body = {"prompt": "ROMEO:", "max_tokens": 250, "temperature": 0, "stop": stop, "min_tokens": 20,
+            "include_stop_str_in_output": True, "ignore_eos": True}
+    whole = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["choices"][0]
+    assert whole["text"] == expected.text + stop and whole["stop_reason"] == stop
+    events = sse_events(httpx.post(f"{server.url}/v1/completions", json={**body, "stream": True}, headers=AUTH,
+                                   timeout=60))
+    assert "".join(c["text"] for e in events[:-1] for c in e["choices"]) == expected.text + stop
+    without = httpx.post(f"{server.url}/v1/completions", json={**body, "include_stop_str_in_output": False},
+                         headers=AUTH, timeout=60).json()["choices"][0]
+    assert without["text"] == expected.text
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 10}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
+
+
 def test_models_patches_and_health(server, tiny):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # open without a key
     card = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"][0]
