@@ -81,6 +81,16 @@ def check_supported(req: CompletionRequest) -> None:
                        "suffix", "unsupported")
 
 
+def truncated(prompts: list[bytes], keep: int | None, max_bytes: int, max_model_len: int) -> list[bytes]:
+    """truncate_prompt_tokens: each prompt's last `keep` bytes (-1: as many as leave room for max_bytes
+    and BOS in the context); None or 0 keeps them whole."""
+    if keep == -1:
+        keep = max(max_model_len - 1 - max_bytes, 0)
+    elif not keep:
+        return prompts
+    return [p[len(p) - keep:] if len(p) > keep else p for p in prompts]
+
+
 def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int) -> None:
     for p in prompts:
         if len(p) + 1 > max_model_len:
@@ -272,8 +282,8 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     if extra:
         log.warning("ignored unknown fields in a completion request: %s", ", ".join(extra))
     check_supported(req)
-    prompts = prompt_bytes(req.prompt)
     params = sampling_params(req, 0)  # a 400 before anything is queued
+    prompts = truncated(prompt_bytes(req.prompt), req.truncate_prompt_tokens, params.max_bytes, state.max_model_len)
     try:
         check_context(prompts, params.max_bytes, state.max_model_len)
     except ApiError:

@@ -41,6 +41,9 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, description="bytes to generate before EOS or a stop string may end the "
                                                  "completion (vLLM's min_tokens); at most max_tokens")
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, description="keep only the prompt's last N bytes (vLLM); -1: as many as fit in the context "
+                                 "with max_tokens")
     include_stop_str_in_output: bool = Field(False, description="keep the matched stop string in the text (vLLM)")
     logit_bias: dict[str, float] | None = Field(
         None, description="byte value ('0'..'255') -> a bias in [-100, 100] added to its logit before the "

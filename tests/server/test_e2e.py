@@ -112,6 +112,21 @@ def test_min_tokens_and_include_stop_str_in_output(server, tiny):
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
 
 
+def test_truncate_prompt_tokens(server, tiny):
+    """vLLM's truncate_prompt_tokens keeps a prompt's last bytes (-1: all that fit with max_tokens in
+    the server's 512-byte context); the completion is the runtime's for what is kept."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 14  # 630 bytes: too long for the context
+    kept = prompt[-20:]
+    expected = generate(load_model(tiny), kept, max_bytes=10, ignore_eos=True)
+    body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "echo": True, "ignore_eos": True}
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "truncate_prompt_tokens": 20}, headers=AUTH)
+    assert r.json()["choices"][0]["text"] == kept + expected.text and r.json()["usage"]["prompt_tokens"] == 20
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "truncate_prompt_tokens": -1}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 512 - 1 - 10
+    r = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_models_patches_and_health(server, tiny):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # open without a key
     card = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"][0]
