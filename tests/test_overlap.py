@@ -20,7 +20,8 @@ def model(hf_checkpoint):
 
 KINDS = [dict(temperature=0.0, logprobs=2), dict(temperature=0.8, top_p=0.9), dict(temperature=0.0, max_bytes=0),
          dict(temperature=1.0, top_k=20, repetition_penalty=1.2), dict(temperature=0.0, stop=[b"e", b"t"]),
-         dict(temperature=0.7, ignore_eos=False)]
+         dict(temperature=0.7, ignore_eos=False),
+         dict(temperature=0.9, ignore_eos=False, min_bytes=12, stop=[b" ", b"e"], logit_bias={32: 1.5, 0: -3.0})]
 
 
 def requests() -> dict[str, tuple[bytes, SamplingParams]]:
