@@ -13,9 +13,10 @@ and timed in one run. Prints a table and, last, one JSON line.
 3. Times batch-1 bytes/s (graphs and eager), time to first byte for a 1 KB prompt, aggregate bytes/s
    at 8, 32 and 64 streams, and peak memory; and batch 1 and the largest stream count sampling with
    temperature 0.8 and top-p 0.95 (`..._sampled`; seeded, so also checked against the comparison
-   engine and against itself). Each timed run follows an identical untimed one, so graph captures
-   (one per new step shape) are not in the figures.
-4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run. Then
+   engine and against itself), and 64 bytes at batch 1 with penalties and a logit bias as well,
+   checked against the comparison engine (`..._penalised`). Each timed run follows an identical
+   untimed one, so graph captures (one per new step shape) are not in the figures. 4. Times
+   transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run. Then
    8 choices of the 1 KB prompt, sampled, with shared prompts (the default: one prefill, copied) and
    with each prefilling its own, on one engine (`shared_prompts`: the time until every choice has
    its first byte, and whether the bytes are the same both ways).
@@ -121,15 +122,19 @@ def make_engine(model: BltModel, graphs: bool, static: bool = True, compile: boo
 
 
 SAMPLED = dict(temperature=0.8, top_p=0.95)  # how a client who samples might ask
+# the sampler's other variant: penalties and a logit bias, read from the slots' tables
+PENALISED = dict(SAMPLED, repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2,
+                 logit_bias={32: 1.0, 101: -2.0})
 
 
-def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int, sampled: bool = False) -> tuple[dict, list[bytes]]:
-    """Greedy generation for all prompts at once (`sampled`: with SAMPLED, request i seeded i); an
-    engine is reused: its graphs stay captured."""
+def run_engine(engine: Engine, prompts: list[bytes], n_bytes: int, sampled: bool | dict = False
+               ) -> tuple[dict, list[bytes]]:
+    """Greedy generation for all prompts at once (`sampled`: with SAMPLED, or these parameters; request i
+    seeded i); an engine is reused: its graphs stay captured."""
     run = RUNS.pop()
     ids = [f"{run}-{i}" for i in range(len(prompts))]
     for i, (rid, p) in enumerate(zip(ids, prompts)):
-        how = dict(SAMPLED, seed=i) if sampled else dict(temperature=0.0)
+        how = dict(SAMPLED if sampled is True else sampled, seed=i) if sampled else dict(temperature=0.0)
         engine.add_request(rid, p, SamplingParams(max_bytes=n_bytes, ignore_eos=True, **how))
     out = {rid: bytearray() for rid in ids}
     patches = 0
@@ -488,6 +493,9 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     _, (other_sampled,) = run_engine(other, [prompt], args.bytes, sampled=True)
     result[f"{names[0]}_equal_{names[1]}_sampled"] = other_sampled == sampled
     result["batch1_bytes_per_s_sampled"] = round(drawn["bytes_per_s"], 1)
+    run_engine(primary, [prompt], 64, sampled=PENALISED)  # and with penalties and a logit bias, 64 bytes
+    penalised = [run_engine(engine, [prompt], 64, sampled=PENALISED)[1] for engine in (primary, other)]
+    result[f"{names[0]}_equal_{names[1]}_penalised"] = penalised[0] == penalised[1]
     counts = streams or [int(s) for s in args.streams.split(",")]
     for k, n in enumerate(counts):
         prompts = [english(200 + 37 * i)[-200:] for i in range(n)]

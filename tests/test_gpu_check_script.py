@@ -21,6 +21,7 @@ def test_gpu_check_small_on_cpu():
     assert 3.0 <= result["bytes_per_patch"] <= 6.5  # threshold set for about 4.5 on English text
     assert result["overlap_equal_no_overlap"]  # the engines overlap their steps here too
     assert result["static_equal_dynamic_sampled"]  # seeded sampling: the same draws
+    assert result["static_equal_dynamic_penalised"]  # with penalties and a logit bias too
     for key in ("batch1_bytes_per_s", "ttfb_1kb_prompt_ms", "aggregate_bytes_per_s_2", "batch1_bytes_per_s_no_overlap",
                 "aggregate_bytes_per_s_2_no_overlap", "batch1_bytes_per_s_sampled", "aggregate_bytes_per_s_2_sampled"):
         assert result[key] > 0, key
