@@ -15,8 +15,8 @@ and timed in one run. Prints a table and, last, one JSON line.
    temperature 0.8 and top-p 0.95 (`..._sampled`; seeded, so also checked against the comparison
    engine and against itself), and 64 bytes at batch 1 with penalties and a logit bias as well,
    checked against the comparison engine (`..._penalised`). Each timed run follows an identical
-   untimed one, so graph captures (one per new step shape) are not in the figures. 4. Times
-   transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run. Then
+   untimed one, so graph captures (one per new step shape) are not in the figures.
+4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run. Then
    8 choices of the 1 KB prompt, sampled, with shared prompts (the default: one prefill, copied) and
    with each prefilling its own, on one engine (`shared_prompts`: the time until every choice has
    its first byte, and whether the bytes are the same both ways).
