@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -129,3 +131,13 @@ def test_serving_threads_leave_a_core_on_the_cpu():
             serving_threads(torch.device("cpu"), 0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_loading_does_not_import_dynamo(checkpoint):
+    """The shapes check and load_model build the model on the meta device; initialising its embeddings
+    there would import torch._dynamo, 1-2 s of every blt-serve start-up (model/layers.Embedding)."""
+    code = ("import sys; from blt_runtime import load_model; load_model(sys.argv[1]); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(checkpoint)], capture_output=True, text=True, check=True,
+                         timeout=120)
+    assert out.stdout.strip() == "False"

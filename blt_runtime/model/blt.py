@@ -19,6 +19,7 @@ from ..tokenizer import encode_tensor
 from .entropy import EntropyModel, entropy_nats
 from .global_model import GlobalModel
 from .hashing import embed_with_hashes, power_matrix
+from .layers import Embedding
 from .local_decoder import LocalDecoder
 from .local_encoder import LocalEncoder
 
@@ -41,7 +42,7 @@ class BltModel(nn.Module):
         self.config = cfg
         self.patcher = EntropyModel(cfg.patcher, cfg.vocab_size)
         self.local_encoder = LocalEncoder(cfg)
-        self.encoder_hash_tok_embedding = nn.Embedding(cfg.num_hash_tables * cfg.hash_vocab,
+        self.encoder_hash_tok_embedding = Embedding(cfg.num_hash_tables * cfg.hash_vocab,
                                                        cfg.encoder.hidden_size)
         self.global_transformer = GlobalModel(cfg)
         self.local_decoder = LocalDecoder(cfg)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import StackConfig
-from .layers import RMSNorm, Stack
+from .layers import Embedding, RMSNorm, Stack
 
 
 def entropy_nats(logits: torch.Tensor) -> torch.Tensor:
@@ -22,7 +22,7 @@ def entropy_nats(logits: torch.Tensor) -> torch.Tensor:
 class EntropyModel(Stack):
     def __init__(self, cfg: StackConfig, vocab_size: int):
         super().__init__(cfg)
-        self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(vocab_size, cfg.hidden_size)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, vocab_size, bias=False)
 

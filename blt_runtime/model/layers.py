@@ -1,6 +1,6 @@
 """Building blocks shared by all four stacks (spec section 2).
 
-Owns: RMSNorm (statistics in fp32), interleaved RoPE (angles in fp32), SwiGLU, grouped-query
+Owns: the byte embedding table, RMSNorm (statistics in fp32), interleaved RoPE (angles in fp32), SwiGLU, grouped-query
 self-attention with an optional sliding window, cross-attention with its q/k norms, and the pre-norm
 block. Parameter names match the native checkpoint layout, so a module's state_dict keys are the
 checkpoint's keys below its prefix. Nothing here knows about bytes or patches.
@@ -16,6 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import StackConfig
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves its initial values out on the meta device (where load_model and the
+    weights check build the model to learn its shapes): there, `normal_` runs a Python decomposition
+    that imports torch._dynamo, 1-2 s of every process's start-up, for values nobody reads."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, eps_t: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import BltConfig
-from .layers import CrossAttention, Stack, double_residual
+from .layers import CrossAttention, Embedding, Stack, double_residual
 
 
 def max_pool(byte_states: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -27,7 +27,7 @@ class LocalEncoder(Stack):
         super().__init__(cfg.encoder)
         d = cfg.encoder.hidden_size
         self.k = cfg.cross_attn_k
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.embed_tokens = Embedding(cfg.vocab_size, d)
         self.patch_embedding_projection = nn.Linear(d, d * self.k, bias=False)
         self.cross_attn_layers = nn.ModuleList([CrossAttention(cfg.encoder)])
 
