@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MODEL_SEED
 from enginekit import replay_full_recompute, run_engine
 from factory import PARITY_TEXT
 
 from blt_runtime import encode, load_model
 from blt_runtime.engine import Engine
+from blt_runtime.patcher import patch_starts
 from blt_runtime.runner import Runner
 from blt_runtime.sampling import SamplingParams
 from blt_runtime.sharing import MIN_SHARED_PREFIX
@@ -92,6 +94,13 @@ def alone(model, prompt: bytes) -> bytes:
     return run_engine(Engine(model, share_prompts=False), {"x": (prompt, GREEDY)})["x"][0]
 
 
+def open_patch_bytes(model, prompt: bytes, length: int) -> int:
+    """Bytes in the open patch once the first `length` positions of the prompt (BOS included) have run,
+    by the full forward's patches."""
+    starts = patch_starts(model.entropies(torch.tensor([encode(prompt)])), model.config.patching_threshold)[0]
+    return 0 if starts[length] else length - max(t for t in range(length) if starts[t])
+
+
 def counting_prefill(monkeypatch) -> tuple[list[int], list[int]]:
     """Record the number of positions each prefill chunk runs, and the open patch's bytes at each copy."""
     chunks, open_lens = [], []
@@ -125,7 +134,12 @@ def test_shared_prompts_change_no_output(model, monkeypatch, static, overlap):
     n = len(PROMPT)
     assert shared == {"a": 0, "b": n, "c": n, "longer": n, "shorter": 300, "sibling": 400, "few": 0, "other": 0}
     assert sum(chunks) == prompt_positions - sum(shared.values()) - 5, "shared prefixes should not be prefilled again"
-    assert len(open_lens) == 5 and any(o > 0 for _, o in open_lens), "some fork should copy an open patch"
+    # each copy takes the open patch the full forward's patches leave at its point; CI's model leaves one
+    # open at 401 and 698 (seed 53's closes a patch at all three points, so there that part is not tested)
+    assert open_lens == [(length, open_patch_bytes(model, PROMPT, length)) for length, _ in open_lens]
+    assert len(open_lens) == 5
+    if MODEL_SEED == 0:
+        assert any(o > 0 for _, o in open_lens), "some fork should copy an open patch"
     for rid, (prompt, params) in REQUESTS.items():
         alone, together = results[False][rid], results[True][rid]
         assert together[0] == alone[0], rid

@@ -95,13 +95,44 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(x.dtype)
 
 
-def window_mask(length: int, window: int | None, device) -> torch.Tensor | None:
-    """Boolean (L, L) mask, query i sees keys i-window+1 .. i; None where plain causal is the same."""
+@dataclass(frozen=True)
+class Band:
+    """Sliding-window causal attention over a sequence longer than twice its window, computed a window
+    of queries at a time (`banded_attention`): O(L * window) time and memory, not an (L, L) mask."""
+
+    window: int
+
+
+def band_mask(queries: range, keys: range, window: int, device) -> torch.Tensor:
+    """Boolean (len(queries), len(keys)) mask: query i sees keys i-window+1 .. i."""
+    delta = torch.arange(queries.start, queries.stop, device=device)[:, None] - \
+        torch.arange(keys.start, keys.stop, device=device)[None, :]
+    return (delta >= 0) & (delta < window)
+
+
+def window_mask(length: int, window: int | None, device) -> torch.Tensor | Band | None:
+    """How a whole sequence's self-attention is masked: None where plain causal is the same, a Band
+    beyond twice the window (echo's scoring of a long prompt, /v1/patches), else a boolean (L, L) mask."""
     if window is None or length <= window:
         return None
-    i = torch.arange(length, device=device)
-    delta = i[:, None] - i[None, :]
-    return (delta >= 0) & (delta < window)
+    if length > 2 * window:
+        return Band(window)
+    return band_mask(range(length), range(length), window, device)
+
+
+def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Sliding-window causal attention, q (B, H, L, D) and k, v with as many heads, a block of `window`
+    queries at a time over the keys they can see (at most 2 * window - 1): every query weighs the
+    same keys as under the (L, L) mask, whose other entries weigh exactly zero."""
+    L = q.shape[2]
+    out = torch.empty_like(q)
+    for start in range(0, L, window):
+        end = min(start + window, L)
+        first = max(start - window + 1, 0)
+        mask = band_mask(range(start, end), range(first, end), window, q.device)
+        out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, first:end],
+                                                              v[:, :, first:end], attn_mask=mask)
+    return out
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -140,14 +171,15 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor | Band | None) -> torch.Tensor:
         q = apply_rope(self.heads(self.q_proj(x), self.num_heads), rotation)
         k = apply_rope(self.heads(self.k_proj(x), self.num_kv_heads), rotation)
         v = self.heads(self.v_proj(x), self.num_kv_heads)
         groups = self.num_heads // self.num_kv_heads
-        o = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups),
-                                           attn_mask=mask, is_causal=mask is None)
-        return self.merge(o)
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+        if isinstance(mask, Band):
+            return self.merge(banded_attention(q, k, v, mask.window))
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None))
 
 
 class CrossAttention(_Projections):
@@ -195,7 +227,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rotation: torch.Tensor, mask: torch.Tensor | Band | None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), rotation, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -208,7 +240,7 @@ class Stack(nn.Module):
         self.cfg = cfg
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
 
-    def positions(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def positions(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor | Band | None]:
         """RoPE rotation and the attention mask for a whole sequence of `length` positions."""
         rotation = rope_rotation(torch.arange(length, device=device), self.cfg.head_dim, self.cfg.rope_theta)
         return rotation, window_mask(length, self.cfg.window, device)
