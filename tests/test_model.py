@@ -5,6 +5,7 @@ import torch
 from factory import PARITY_TEXT
 
 from blt_runtime import encode, load_model
+from blt_runtime.model.layers import Band, band_mask, banded_attention, window_mask
 
 
 def test_forward_is_differentiable(hf_checkpoint):
@@ -44,3 +45,16 @@ def test_bad_ids(hf_checkpoint, ids, message):
     _, directory = hf_checkpoint("1b")
     with pytest.raises(ValueError, match=message):
         load_model(directory).logits(ids)
+
+
+@pytest.mark.parametrize("length", [33, 40, 64, 81])
+def test_banded_attention_equals_the_masked_one(length):
+    """A sequence longer than twice the window attends a window of queries at a time; every query
+    weighs the same keys as under the whole (L, L) mask, so the outputs agree to rounding."""
+    window = 16
+    assert isinstance(window_mask(length, window, "cpu"), Band)
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(2, 3, length, 8, generator=g) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=band_mask(range(length), range(length), window, "cpu"))
+    torch.testing.assert_close(banded_attention(q, k, v, window), want, atol=1e-6, rtol=1e-5)
