@@ -5,7 +5,9 @@ import torch
 from factory import PARITY_TEXT
 
 from blt_runtime import encode, load_model
+from blt_runtime.model import local_encoder
 from blt_runtime.model.layers import Band, band_mask, banded_attention, window_mask
+from blt_runtime.patcher import layout_from_starts
 
 
 def test_forward_is_differentiable(hf_checkpoint):
@@ -58,3 +60,25 @@ def test_banded_attention_equals_the_masked_one(length):
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=band_mask(range(length), range(length), window, "cpu"))
     torch.testing.assert_close(banded_attention(q, k, v, window), want, atol=1e-6, rtol=1e-5)
+
+
+def test_blocked_cross_attention_equals_the_whole_mask(hf_checkpoint, monkeypatch):
+    """The encoder's slots cross-attend their patches' bytes 4 patches at a time (PATCH_BLOCK, 128 in use):
+    every non-empty patch's slots equal those under the whole (P*k, L) mask, in two rows whose patches
+    differ (the shorter one padded with empty patches)."""
+    monkeypatch.setattr(local_encoder, "PATCH_BLOCK", 4)
+    model = load_model(hf_checkpoint("1b")[1])
+    ca, k, d = model.local_encoder.cross_attn_layers[0], model.local_encoder.k, model.config.encoder.hidden_size
+    g = torch.Generator().manual_seed(3)
+    starts = torch.rand(2, 61, generator=g) < torch.tensor([[0.3], [0.15]])
+    starts[:, 0] = True
+    layout = layout_from_starts(starts)
+    P = layout.max_patches
+    slots, byte_states = torch.randn(2, P * k, d, generator=g), torch.randn(2, 60, d, generator=g)
+    got = local_encoder.attend_own_bytes(ca, slots, byte_states, layout.patch_ids, k)
+    slot_patch = torch.arange(P * k) // k
+    mask = layout.patch_ids[:, None, :] == slot_patch[None, :, None]
+    want = ca(slots, byte_states, mask | ~mask.any(dim=-1, keepdim=True))
+    filled = (layout.lengths > 0).repeat_interleave(k, dim=1)
+    assert P > 12 and (~filled).any()
+    torch.testing.assert_close(got[filled], want[filled], atol=1e-5, rtol=1e-5)
