@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from factory import PARITY_TEXT, make_hf_checkpoint
+from factory import MODEL_SEED, PARITY_TEXT, make_hf_checkpoint
 
 # two cores: two threads, or one for each of pytest-xdist's two workers (scripts/test.sh runs -n 2)
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
@@ -16,11 +16,6 @@ if not torch.cuda.is_available():
     # before Triton is first imported, which is why it is set for the whole session.
     assert "triton" not in sys.modules, "Triton was imported before the tests could choose its interpreter"
     os.environ["TRITON_INTERPRET"] = "1"
-
-
-# CI's random models are those of seed 0. Another seed (BLT_TEST_SEED=7 bash scripts/test.sh) gives other
-# weights and patches: a check that holds for one model only shows up there (bench/RESULTS.md).
-MODEL_SEED = int(os.environ.get("BLT_TEST_SEED", "0"))
 
 
 @pytest.fixture(scope="session")

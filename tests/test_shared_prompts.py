@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MODEL_SEED
 from enginekit import replay_full_recompute, run_engine
-from factory import PARITY_TEXT
+from factory import MODEL_SEED, PARITY_TEXT
 
 from blt_runtime import encode, load_model
 from blt_runtime.engine import Engine
