@@ -148,10 +148,8 @@ class Completion:
             m.of(m.rejected, reason="queue_full").inc()
             raise queue_full(str(e)) from None
         except PromptTooLong as e:
-            m.of(m.rejected, reason="invalid").inc()
-            raise prompt_too_long(e) from None
+            raise prompt_too_long(e) from None  # counted as invalid where a 400 is answered (errors.py)
         except ValueError as e:
-            m.of(m.rejected, reason="invalid").inc()
             raise ApiError(400, str(e), None, "invalid_value") from None
         except asyncio.CancelledError:  # the client went away while its sequences were being added
             self.state.worker.abort(list(self.choices))
@@ -284,11 +282,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     check_supported(req)
     params = sampling_params(req, 0)  # a 400 before anything is queued
     prompts = truncated(prompt_bytes(req.prompt), req.truncate_prompt_tokens, params.max_bytes, state.max_model_len)
-    try:
-        check_context(prompts, params.max_bytes, state.max_model_len)
-    except ApiError:
-        state.metrics.of(state.metrics.rejected, reason="invalid").inc()
-        raise
+    check_context(prompts, params.max_bytes, state.max_model_len)
     completion = Completion(req, state, prompts, params)
     await completion.add_prompt_logprobs()
     await completion.submit()

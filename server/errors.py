@@ -78,13 +78,24 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return message, param
 
 
+def count_invalid(request: Request) -> None:
+    """A refused request (400) counts in blt_requests_rejected_total{reason="invalid"}, whichever check
+    refused it: the schema's, or the server's own."""
+    state = getattr(request.app.state, "blt", None)
+    if state is not None:
+        state.metrics.of(state.metrics.rejected, reason="invalid").inc()
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
+        if exc.status == 400:
+            count_invalid(request)
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        count_invalid(request)
         message, param = validation_message(exc)
         return error_response(400, message, param, "invalid_value")
 

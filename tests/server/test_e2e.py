@@ -172,6 +172,14 @@ def test_metrics_exist_and_move(server):
     body = {"prompt": ["a first prompt", "a first prompt, and a second"], "max_tokens": 5, "ignore_eos": True}
     usage = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["usage"]
     assert usage["prompt_tokens"] == 14 + 28 and usage["prompt_tokens_details"] == {"cached_tokens": 14}
+    # a refused request counts as invalid, whichever check refused it: the schema's, a parameter's, the context's
+    refused = [{"prompt": "x", "temperature": -1}, {"prompt": "x", "best_of": 5}, {"prompt": "x" * 600},
+               {"prompt": "x", "logit_bias": {"300": 1}}]
+    for body in refused:
+        assert httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH).status_code == 400
+    invalid = [metric_value(text, "blt_requests_rejected_total", reason="invalid")
+               for text in (shared, httpx.get(f"{server.url}/metrics", headers=AUTH).text)]
+    assert invalid[1] - invalid[0] == len(refused)
 
 
 def test_the_next_turn_resumes_where_the_last_one_ended(server):
