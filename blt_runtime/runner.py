@@ -512,7 +512,8 @@ class Runner:
             closed_before = closes.long().cumsum(0)
             states = torch.cat([self.open_patch.data[slot, :open_len], byte_states[0]])
             pids = torch.cat([closes.new_zeros(open_len, dtype=torch.long), closed_before - closes.long()])
-            vecs = self.model.local_encoder.patch_slots(states[None], pids[None], len(ends) + 1)[:, :len(ends)]
+            vecs = self.model.local_encoder.patch_slots(states[None], pids[None], len(ends) + 1,
+                                                        blocked=False)[:, :len(ends)]
             new = self.global_step(vecs, slots, self._tensor([num_patches]), num_patches, read_slots=rs)
             tables = [(torch.cat([lk, k], 2), torch.cat([lv, v], 2)) for (lk, lv), k, v in zip(tables, new[0], new[1])]
             slot_patch = closed_before[None]  # byte i reads the newest patch closed at or before i
@@ -540,7 +541,8 @@ class Runner:
             counts = self._tensor([open_lens[i] + 1 for i in rows])
             states = self.open_patch.data[closing, :max(open_lens[i] + 1 for i in rows)]
             padding = torch.arange(states.shape[1], device=s.device)[None, :] >= counts[:, None]
-            vecs = self.model.local_encoder.patch_slots(states, padding.long(), 2)[:, :1]  # padding = patch 1
+            # the padding is patch 1
+            vecs = self.model.local_encoder.patch_slots(states, padding.long(), 2, blocked=False)[:, :1]
             before = [num_patches[i] for i in rows]
             new = self.global_step(vecs, closing, self._tensor(before), max(before), min(before),
                                    consecutive([slots[i] for i in rows]))  # in-place cache reads when it can

@@ -271,7 +271,7 @@ class StaticDecoder:
         r, v = self.r, p.views
         states = r.open_patch.data[v["rows"], :patch_bytes]
         padding = torch.arange(patch_bytes, device=states.device)[None, :] >= v["counts"][:, None]
-        vecs = r.model.local_encoder.patch_slots(states, padding.long(), 2)[:, :1]  # padding = patch 1
+        vecs = r.model.local_encoder.patch_slots(states, padding.long(), 2, blocked=False)[:, :1]  # padding = patch 1
         r.store_latest(v["rows"], r.global_step(vecs, v["rows"], v["before"], global_span - 1))
 
     def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], in_place: bool, greedy: bool, penalty: bool,

@@ -3,6 +3,7 @@
 CPU, fp32, random tiny models. The CUDA graph replay of the same pieces is checked in tests/gpu.
 """
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -15,6 +16,7 @@ from blt_runtime.cache import KVCache
 from blt_runtime.engine import Engine
 from blt_runtime.graphs import StepGraphs
 from blt_runtime.model.blt import BltModel
+from blt_runtime.model.local_encoder import PATCH_BLOCK
 from blt_runtime.sampling import SamplingParams
 from blt_runtime.static import StaticDecoder, batch_buckets, bucket, span_bucket
 
@@ -270,3 +272,18 @@ def test_one_wait_for_the_device_per_step(models, monkeypatch, static):
         reads = [c for c in calls[before:] if c != "torch.tensor"]  # building inputs is no wait
         assert len(reads) <= 1, reads
     assert kinds == {"decode", "prefill", "first"}
+
+
+def test_a_chunk_of_many_patches_is_one_wait(models, monkeypatch):
+    """A prefill chunk that closes more patches than a full forward cross-attends at once (PATCH_BLOCK):
+    the engine's patch slots still read nothing back from the device (the model's full forward would)."""
+    model = copy.deepcopy(models["1b"])
+    object.__setattr__(model.config, "patching_threshold", -1.0)  # every byte a patch
+    engine = Engine(model, max_batch_size=2, prefill_chunk=300, static=True)
+    calls = watch_host_reads(monkeypatch)
+    engine.add_request("many", PARITY_TEXT[:600], SamplingParams(max_bytes=3, temperature=0.0, ignore_eos=True))
+    while engine.has_work():
+        before = len(calls)
+        out = engine.step()
+        assert len([c for c in calls[before:] if c != "torch.tensor"]) <= 1
+    assert out[-1].usage.prompt_patches == 601 > 2 * PATCH_BLOCK

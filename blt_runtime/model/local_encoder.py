@@ -18,16 +18,17 @@ PATCH_BLOCK = 128  # patches whose slots cross-attend together in a full forward
 
 
 def attend_own_bytes(ca: CrossAttention, slots: torch.Tensor, byte_states: torch.Tensor, patch_ids: torch.Tensor,
-                     k: int) -> torch.Tensor:
+                     k: int, blocked: bool = True) -> torch.Tensor:
     """Each patch's k slots (B, P*k, d) attend to its bytes among byte_states (B, L, d), patch_ids (B, L)
     non-decreasing; PATCH_BLOCK patches at a time over the bytes they span in any row, where other
     bytes are masked: every slot weighs the same bytes as under a whole (P*k, L) mask. An empty patch
     (the trailing "next byte" one, or right padding) has no bytes: it sees all of its block's, so that
     its row stays finite; its output is never read (the global model is causal and the decoder reads
-    completed patches only). One block (the engine's patch steps) reads no value back from the device."""
+    completed patches only). Not `blocked` (the engine, whose steps must not wait for the device; its
+    chunks are short) or one block: all at once, reading no value back from the device."""
     B, L, _ = byte_states.shape
     P = slots.shape[1] // k
-    edges = list(range(0, P, PATCH_BLOCK)) + [P]
+    edges = (list(range(0, P, PATCH_BLOCK)) if blocked else [0]) + [P]
     if len(edges) == 2:
         lows, highs = [0], [0, L]
     else:
@@ -67,10 +68,12 @@ class LocalEncoder(Stack):
         B, P, d = pooled.shape
         return self.patch_embedding_projection(pooled).view(B, P * self.k, d)
 
-    def patch_slots(self, byte_states: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """(B, L, d) byte states -> (B, P, k*d): each patch's k slots after cross-attending its bytes."""
+    def patch_slots(self, byte_states: torch.Tensor, patch_ids: torch.Tensor, num_patches: int,
+                    blocked: bool = True) -> torch.Tensor:
+        """(B, L, d) byte states -> (B, P, k*d): each patch's k slots after cross-attending its bytes
+        (`blocked`: see attend_own_bytes)."""
         B, _, d = byte_states.shape
         slots = self.init_slots(max_pool(byte_states, patch_ids, num_patches))
         slots = double_residual(slots, attend_own_bytes(self.cross_attn_layers[0], slots, byte_states, patch_ids,
-                                                        self.k))
+                                                        self.k, blocked))
         return slots.view(B, num_patches, self.k * d)
