@@ -1,9 +1,11 @@
 """Building blocks shared by all four stacks (spec section 2).
 
-Owns: the byte embedding table, RMSNorm (statistics in fp32), interleaved RoPE (angles in fp32), SwiGLU, grouped-query
-self-attention with an optional sliding window, cross-attention with its q/k norms, and the pre-norm
-block. Parameter names match the native checkpoint layout, so a module's state_dict keys are the
-checkpoint's keys below its prefix. Nothing here knows about bytes or patches.
+Owns: the embedding tables' class (no initial values on the meta device), RMSNorm (statistics in
+fp32), interleaved RoPE (angles in fp32), SwiGLU, grouped-query self-attention with an optional
+sliding window (banded, a window of queries at a time, past twice the window), cross-attention with
+its q/k norms, and the pre-norm block. Parameter names match the native checkpoint layout, so a
+module's state_dict keys are the checkpoint's keys below its prefix. Nothing here knows about bytes
+or patches.
 """
 
 from __future__ import annotations
