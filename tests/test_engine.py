@@ -42,7 +42,9 @@ def test_greedy_equals_full_recompute(models, structure, prompt_len):
     prompt_lengths, completion_lengths = seq.patch_lengths()
     lengths = prompt_lengths + completion_lengths
     assert lengths == reference_patch_lengths(model, ids)
-    assert 1.5 < len(ids) / len(lengths) < 12, "generated text should be cut into realistic patches"
+    # many patches (global steps), not one per byte; greedy text may repeat, and repeats make long patches
+    # (seed 89's model: 601 positions in 34)
+    assert len(lengths) >= 20 and len(ids) / len(lengths) > 1.5, "generated text should be cut into realistic patches"
     # One global step per completed patch. The last byte is never run through the encoder (nothing
     # follows it), so the patch holding it is the one patch without a global step.
     assert seq.num_patches == outputs[-1].usage.global_steps == len(lengths) - 1
