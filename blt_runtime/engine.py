@@ -29,13 +29,12 @@ from .fused import CompiledOps
 from .gemv import GemvOps
 from .kernels import resolve, sampling_kernel
 from .model.blt import BltModel
-from .patcher import patch_starts
 from .runner import ChunkStart, Runner, Sampled
 from .sampling import SamplingParams
 from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
 from .sharing import PromptSharing
 from .static import StaticDecoder
-from .tokenizer import encode
+from .tokenizer import decode, encode
 from .transfer import HostTransfer
 from .triton_ops import TritonOps
 
@@ -201,7 +200,9 @@ class Engine:
             self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0)
             if seq.params.max_bytes == 0:
                 seq.finish_reason = "length"
-                seq.patch_starts = self._prompt_patch_starts(seq.ids)
+                # never prefilled, so its usage needs its prompt's patches another way: the entropy model's,
+                # BOS a patch of its own (such requests are rare: scoring a prompt with echo)
+                seq.patch_starts = [0] + [1 + begin for begin, _ in self.model.byte_patches(decode(seq.ids))[1]]
                 outputs.append(self._finish(seq, b"", False))
             elif share:
                 sharing.follow(seq)
@@ -298,15 +299,6 @@ class Engine:
             seq.slot = None
         self.sharing.release(seq)
         self.scheduler.remove(seq)
-
-    @torch.inference_mode()
-    def _prompt_patch_starts(self, ids: list[int]) -> list[int]:
-        """Where a prompt's patches begin (positions in `ids`, BOS's first), for the usage of a request
-        that generates nothing and so is never prefilled: the entropy model over the prompt once, and a
-        wait for it (such requests are rare: scoring a prompt with echo)."""
-        entropies = self.model.entropies(torch.tensor([ids], device=self.model.device))
-        starts = patch_starts(entropies, self.model.config.patching_threshold)[0, :len(ids)]
-        return [p for p, start in enumerate(starts.tolist()) if start]
 
     def _finish(self, seq: Sequence, new: bytes, patch_start: bool, logprobs=None) -> StepOutput:
         if self.share_prompts:
