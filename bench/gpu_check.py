@@ -19,7 +19,9 @@ and timed in one run. Prints a table and, last, one JSON line.
 4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run. Then
    8 choices of the 1 KB prompt, sampled, with shared prompts (the default: one prefill, copied) and
    with each prefilling its own, on one engine (`shared_prompts`: the time until every choice has
-   its first byte, and whether the bytes are the same both ways).
+   its first byte, and whether the bytes are the same both ways). Then echo's scoring: the engine's
+   prefill scores the 1 KB prompt, against the full forward's scores in the same dtype
+   (`prompt_scores`: largest difference, top-1 agreement, milliseconds of each).
 5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
    time per step, the costliest kernels.
 6. Kernels (kernels.py): the engine runs the repository's Triton kernels (attention with RoPE,
@@ -420,6 +422,32 @@ def measure_shared(model: BltModel, prompt: bytes, args, result: dict) -> None:
                                 "outputs_equal": figures[True][2] == figures[False][2]}
 
 
+def measure_scores(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """echo with logprobs: the engine's prefill scores the 1 KB prompt (max_bytes 0); the full forward's
+    scores (same dtype) are the reference. Their largest difference, the share of bytes whose top id
+    agrees, and the milliseconds of each."""
+    engine = make_engine(model, graphs=model.device.type == "cuda")
+    params = SamplingParams(max_bytes=0, prompt_logprobs=1)
+    for i in range(3):  # the last run is timed
+        sync(model.device)
+        start = time.perf_counter()
+        engine.add_request(f"score-{i}", prompt, params)
+        outputs = []
+        while engine.has_work():
+            outputs += engine.step()
+        engine_ms = (time.perf_counter() - start) * 1000
+    scores = next(o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None)
+    for _ in range(2):
+        sync(model.device)
+        start = time.perf_counter()
+        want = model.prompt_logprobs(prompt, 1)
+        forward_ms = (time.perf_counter() - start) * 1000
+    result["prompt_scores"] = {
+        "bytes": len(scores), "max_abs_diff": round(max(abs(g[0] - w[0]) for g, w in zip(scores, want)), 4),
+        "top1_agreement": round(sum(g[1][0][0] == w[1][0][0] for g, w in zip(scores, want)) / len(want), 4),
+        "engine_ms": round(engine_ms, 2), "full_forward_ms": round(forward_ms, 2)}
+
+
 def top1_agreement(model: BltModel, prompt: bytes, generated: bytes) -> float:
     """Share of the engine's greedy bytes that full recompute (same dtype) also ranks first."""
     ids = encode_tensor(prompt + generated, model.device)
@@ -570,6 +598,7 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     attempt(measure_transformers, "transformers", model, prompt, args, result, reraise=not cuda)
     attempt(measure_shared, "shared_prompts", model, prompt, args, result, reraise=not cuda)
+    attempt(measure_scores, "prompt_scores", model, prompt, args, result, reraise=not cuda)
     print(json.dumps(result), flush=True)  # what is known so far, should a later part run out of time
     if cuda and result.get("kernels") == "triton":
         result["attention_us"] = attention_us(model)

@@ -1,6 +1,7 @@
-"""Scoring a whole prompt in one full forward, timed at several lengths: what `echo` with `logprobs`
-(model.prompt_logprobs) and `/v1/patches` (model.byte_patches) cost. Both run on the engine's
-thread, between steps, so every stream waits for them.
+"""Scoring a whole prompt in one full forward, timed at several lengths: what `/v1/patches`
+(model.byte_patches) costs, on the engine's thread between steps, so every stream waits for it; and
+model.prompt_logprobs, the full forward's scores that the engine's (echo with logprobs, computed in
+its prefill chunks: bench/echo_scoring.py) are tested against.
 
     python bench/score.py [--model DIR] [--device cpu|cuda] [--lengths 1000,4000,8000] [--repeats 3]
 

@@ -14,6 +14,10 @@ request at once: the byte its row computes in the queued step is dropped.
 Prompts are shared (`share_prompts`, on by default; sharing.py): a prefix whose state a slot already
 holds, in a request still prefilling it or in a finished request's slot, is copied, not prefilled
 again. Outputs do not change.
+
+A request with `prompt_logprobs` (echo with logprobs: an evaluation harness scoring text) has its
+prompt's bytes scored by its own prefill chunks, so it prefills all of its prompt (others may share
+it); the scores come with its first output, or its only one with max_bytes 0.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .fused import CompiledOps
 from .gemv import GemvOps
 from .kernels import resolve, sampling_kernel
 from .model.blt import BltModel
-from .runner import ChunkStart, Runner, Sampled
+from .runner import ChunkStart, PromptScores, Runner, Sampled
 from .sampling import SamplingParams
 from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
 from .sharing import PromptSharing
@@ -61,6 +65,8 @@ class StepOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort"
     stop_reason: bytes | None = None  # the stop string matched, if any
     usage: Usage | None = None  # on the last output of a request
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per prompt byte, as
+    # `logprobs` (SamplingParams.prompt_logprobs): on the request's first output
 
 
 ONE_BYTE = [bytes([b]) for b in range(256)]
@@ -76,6 +82,8 @@ class Queued:
     decoded: Callable[[], Sampled] | None
     firsts: Callable[[], Sampled] | None
     outputs: list[StepOutput]  # known without the device: admitted requests with max_bytes=0
+    scored: dict[str, tuple[int, int, int]]  # by request: transfer handles of its prompt's PromptScores
+    scored_only: list[Sequence]  # prefilled requests with max_bytes=0: they finish without a byte
 
 
 class Engine:
@@ -195,16 +203,17 @@ class Engine:
         sharing, share = self.sharing, self.share_prompts
         if share:
             sharing.look_again()
-        for seq in self.scheduler.admit(lambda seq: sharing.allocate(seq, resume=share)):
+        # a request that scores its prompt prefills all of it itself: neither resumes nor follows
+        for seq in self.scheduler.admit(lambda seq: sharing.allocate(seq, resume=share and not seq.scores_prompt)):
             self.last_admitted.append(seq.request_id)
             self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0)
-            if seq.params.max_bytes == 0:
+            if seq.params.max_bytes == 0 and not seq.scores_prompt:
                 seq.finish_reason = "length"
                 # never prefilled, so its usage needs its prompt's patches another way: the entropy model's,
-                # BOS a patch of its own (such requests are rare: scoring a prompt with echo)
+                # BOS a patch of its own (such requests are rare)
                 seq.patch_starts = [0] + [1 + begin for begin, _ in self.model.byte_patches(decode(seq.ids))[1]]
                 outputs.append(self._finish(seq, b"", False))
-            elif share:
+            elif share and not seq.scores_prompt:
                 sharing.follow(seq)
         plan = self.scheduler.plan()
         transfer = HostTransfer()
@@ -213,8 +222,14 @@ class Engine:
             start, end = plan.chunk
             chunk = self.runner.prefill_start(plan.prefill.slot, plan.prefill.ids[start:end], start, transfer)
         decoded = self._decode(plan.decode, transfer) if plan.decode else None
+        scored = {s.request_id: self._prompt_scores(s, transfer) for s in plan.first if s.scores_prompt}
+        scored_only = [s for s in plan.first if s.params.max_bytes == 0]
+        if scored_only:
+            plan.first = [s for s in plan.first if s.params.max_bytes]
+            for s in scored_only:
+                self._first_logits.pop(s.request_id, None)
         firsts = self._sample(plan.first, [self._first_logits.pop(s.request_id) for s in plan.first], transfer)
-        return Queued(plan, transfer, chunk, decoded, firsts, outputs)
+        return Queued(plan, transfer, chunk, decoded, firsts, outputs, scored, scored_only)
 
     def _complete(self, q: Queued) -> list[StepOutput]:
         """Wait for a queued step, apply its bytes and stops, finish its prefill chunk on its patch
@@ -228,7 +243,11 @@ class Engine:
             for seq in q.plan.first:
                 if seq.status is Status.PREFILLED:
                     seq.status = Status.RUNNING
-            outputs += self._report(q.plan.first, q.firsts())
+            outputs += self._with_prompt_logprobs(self._report(q.plan.first, q.firsts()), q)
+        for seq in q.scored_only:
+            if seq.status is Status.PREFILLED:  # else aborted since, and reported
+                seq.status, seq.finish_reason = Status.RUNNING, "length"
+                outputs += self._with_prompt_logprobs([self._finish(seq, b"", False)], q)
         if q.chunk is not None:
             self._prefill_finish(q.plan, q.chunk, q.transfer)
         return outputs
@@ -252,7 +271,11 @@ class Engine:
         seq, (start, end) = plan.prefill, plan.chunk
         if seq.status is not Status.PREFILLING:  # aborted during the step
             return
-        result = self.runner.prefill_finish(chunk, transfer, seq.num_patches, seq.open_len)
+        targets = seq.ids[start + 1:min(end + 1, seq.prompt_len)] if seq.scores_prompt else None
+        result = self.runner.prefill_finish(chunk, transfer, seq.num_patches, seq.open_len, targets,
+                                            seq.params.prompt_logprobs or 0)
+        if result.scores is not None:
+            seq.prompt_scores.append(result.scores)
         for i, closes in enumerate(result.closes):
             seq.record_close(start + i, closes)
         seq.processed, seq.num_patches, seq.open_len = end, seq.num_patches + result.completed, result.open_len
@@ -260,6 +283,25 @@ class Engine:
             seq.status = Status.PREFILLED
             self._first_logits[seq.request_id] = result.last_logits
         self.sharing.prefilled(seq, result.last_logits)
+
+    def _prompt_scores(self, seq: Sequence, transfer: HostTransfer) -> tuple[int, int, int]:
+        """Register a prefilled sequence's prompt scores with the step's transfer."""
+        n = seq.params.prompt_logprobs or 0
+        parts, seq.prompt_scores = seq.prompt_scores, []
+        empty = PromptScores(*(torch.zeros(0, *shape, device=self.model.device) for shape in ((), (n,), (n,))))
+        s = PromptScores.join(parts) if parts else empty  # a prompt of no bytes
+        return transfer.add(s.chosen), transfer.add(s.values), transfer.add(s.ids)
+
+    def _with_prompt_logprobs(self, outputs: list[StepOutput], q: Queued) -> list[StepOutput]:
+        """Attach the prompt scores that came with the step to their requests' outputs."""
+        for out in outputs if q.scored else ():
+            handles = q.scored.get(out.request_id)
+            if handles is not None:
+                chosen, values, ids = (q.transfer.get(h) for h in handles)
+                n = len(values) // max(len(chosen), 1)
+                out.prompt_logprobs = [(c, [(int(ids[i]), values[i]) for i in range(t * n, t * n + n)])
+                                       for t, c in enumerate(chosen)]
+        return outputs
 
     def _sample(self, seqs: list[Sequence], logits: list[torch.Tensor],
                 transfer: HostTransfer) -> Callable[[], Sampled] | None:

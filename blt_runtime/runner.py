@@ -31,7 +31,7 @@ from .model.layers import Block, BoundNorm, CrossAttention, RMSNorm, Stack
 from .model.local_decoder import attend_gathered
 from .patcher import starts_next
 from .sample_kernel import sample_pick
-from .sampling import SamplingBatch, SamplingParams, bias_row, never_sampled, sample, top_logprobs
+from .sampling import SamplingBatch, SamplingParams, bias_row, never_sampled, ranked, sample, top_logprobs
 from .tail_kernels import greedy_pick
 from .tokenizer import EOS_ID
 from .transfer import HostTransfer
@@ -43,6 +43,21 @@ class ChunkResult:
     completed: int  # patches completed in the chunk (= global steps taken)
     open_len: int  # bytes of the still-open patch after the chunk
     last_logits: torch.Tensor  # (1, V) logits of the chunk's last position
+    scores: PromptScores | None = None  # of the bytes that follow its positions, when asked for
+
+
+@dataclass
+class PromptScores:
+    """Log-probabilities of prompt bytes given the bytes before them, on the device: what `echo` with
+    `logprobs` shows for a prompt (rows in order of position; chunks concatenate)."""
+
+    chosen: torch.Tensor  # (t,) of each byte
+    values: torch.Tensor  # (t, n) the top n of each row, ranked (sampling.ranked)
+    ids: torch.Tensor  # (t, n) their ids
+
+    @classmethod
+    def join(cls, parts: list[PromptScores]) -> PromptScores:
+        return cls(*(torch.cat(tensors) for tensors in zip(*((p.chosen, p.values, p.ids) for p in parts))))
 
 
 @dataclass
@@ -499,9 +514,11 @@ class Runner:
         byte_states, positions = self.encode(x, slots, lengths, start, rs)
         return ChunkStart(slot, slots, start, closes, byte_states, positions, transfer.add(closes))
 
-    def prefill_finish(self, chunk: ChunkStart, transfer: HostTransfer, num_patches: int,
-                       open_len: int) -> ChunkResult:
-        """The chunk's completed patches through the global model, then the decoder over its bytes."""
+    def prefill_finish(self, chunk: ChunkStart, transfer: HostTransfer, num_patches: int, open_len: int,
+                       targets: list[int] | None = None, top_n: int = 0) -> ChunkResult:
+        """The chunk's completed patches through the global model, then the decoder over its bytes.
+        `targets`: the ids that follow its first len(targets) positions, to score (PromptScores, with
+        the top `top_n` of each row)."""
         slot, slots, closes, byte_states = chunk.slot, chunk.slots, chunk.closes, chunk.byte_states
         T, rs = byte_states.shape[1], slice(slot, slot + 1)
         flags = [v > 0 for v in transfer.get(chunk.handle)]
@@ -525,7 +542,14 @@ class Runner:
         if tail.shape[1]:
             self.open_patch.write(slots, self._tensor([open_len]), tail)
         h = self.decode_bytes(byte_states, chunk.positions, tables, slot_patch, chunk.start)
-        return ChunkResult(flags, len(ends), open_len + tail.shape[1], self.logits(h[:, -1]))
+        scores = self.score(h[0, :len(targets)], targets, top_n) if targets else None
+        return ChunkResult(flags, len(ends), open_len + tail.shape[1], self.logits(h[:, -1]), scores)
+
+    def score(self, h: torch.Tensor, targets: list[int], top_n: int) -> PromptScores:
+        """(t, d) normed decoder states, the ids that follow them -> their PromptScores."""
+        logp = torch.log_softmax(self.logits(h), dim=-1)
+        values, ids = ranked(logp, top_n)
+        return PromptScores(logp.gather(1, self._tensor(targets)[:, None])[:, 0], values, ids)
 
     def decode(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
                num_patches: list[int], open_lens: list[int]) -> torch.Tensor:

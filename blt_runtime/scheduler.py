@@ -71,8 +71,11 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: bytes | None = None
 
+    prompt_scores: list = field(default_factory=list, repr=False, compare=False)  # runner.PromptScores per chunk
+
     def __post_init__(self):
         self.prompt_len = len(self.ids)
+        self.scores_prompt = self.params.prompt_logprobs is not None  # its prefill scores its prompt bytes
 
     def resume(self, positions: int, num_patches: int, open_len: int, patch_starts: list[int]) -> None:
         """Its first `positions` come from another slot's state, not its own prefill (sharing.py)."""

@@ -25,6 +25,7 @@ from .errors import ApiError, error_body, prompt_too_long, queue_full, utf8
 from .keepalive import TICK
 from .schemas import CompletionRequest
 from .state import AppState
+from .textstream import Piece
 from .worker import Failure
 
 log = logging.getLogger("blt.server")
@@ -53,7 +54,9 @@ def sampling_params(req: CompletionRequest, index: int) -> SamplingParams:
             seed=seed, stop=req.stop or (), presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            logprobs=req.logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req.logit_bias))
+            logprobs=req.logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req.logit_bias),
+            # echo with logprobs: the prompt's first choice scores it, for all of them (Completion._take)
+            prompt_logprobs=req.logprobs if req.echo and index == 0 else None)
     except ValueError as e:
         message = str(e)
         for name, api_name in API_NAMES.items():
@@ -121,22 +124,27 @@ class Completion:
                 self.choices[f"{self.id}-{index}"] = ChoiceState(index, stops, prefix, req.logprobs is not None,
                                                                  req.return_patches, req.stream,
                                                                  req.include_stop_str_in_output)
+        # streamed choices whose echo waits for their prompt's scores -> pieces held back meanwhile
+        self.held = {rid: 0 for rid in self.choices} if req.stream and req.echo and req.logprobs is not None else {}
         self.disconnected = False
 
     @property
     def unfinished(self) -> list[str]:
         return [rid for rid, c in self.choices.items() if not c.done]
 
-    async def add_prompt_logprobs(self) -> None:
-        """`echo` with `logprobs`: score the prompt bytes too (one full forward per prompt)."""
-        model = getattr(self.state.engine, "model", None)
-        if not (self.req.echo and self.req.logprobs is not None and model is not None):
-            return
-        n = self.req.logprobs
-        scored = [await self.state.worker.call(lambda p=p: model.prompt_logprobs(p, n)) for p in self.prompts]
-        for c in self.choices.values():
-            prompt = self.prompts[c.index // self.req.n]
-            c.set_prompt_logprobs(prompt, scored[c.index // self.req.n])
+    def _take(self, out) -> tuple[Piece | None, list[str]]:
+        """Feed one engine output to its choice -> the piece it releases, and the choices whose echo
+        it makes ready: with its prompt's scores (echo with logprobs: on the first output of the
+        prompt's first choice), every choice of that prompt gets them."""
+        choice = self.choices[out.request_id]
+        piece, ready = choice.consume(out), []
+        if out.prompt_logprobs is not None:
+            p = choice.index // self.req.n
+            for rid, c in self.choices.items():
+                if c.index // self.req.n == p:
+                    c.set_prompt_logprobs(self.prompts[p], out.prompt_logprobs)
+                    ready += [rid] if rid in self.held else []
+        return piece, ready
 
     async def submit(self) -> None:
         items = [(rid, self.prompts[c.index // self.req.n], sampling_params(self.req, c.index % self.req.n))
@@ -194,7 +202,7 @@ class Completion:
         watcher = asyncio.create_task(self.watch_disconnect(request))
         quiet = self.state.keepalive.open(self.queue)  # TICK arrives in the queue after a quiet interval
         try:
-            if self.req.echo:
+            if self.req.echo and not self.held:  # else each goes once its prompt is scored (_events)
                 for c in self.choices.values():
                     yield self.chunk([c.echo_delta()])
             while self.unfinished:
@@ -235,13 +243,27 @@ class Completion:
                 continue
             if isinstance(item, Failure):
                 return self._events(new), item
-            piece = self.choices[item.request_id].consume(item)
+            piece, ready = self._take(item)
             if piece is not None or self.choices[item.request_id].done:
                 new[item.request_id] = new.get(item.request_id, 0) + (piece is not None)
+            for rid in ready:
+                new.setdefault(rid, 0)
         return self._events(new), None
 
     def _events(self, new: dict[str, int]) -> str:
-        return "".join(self.chunk([self.choices[rid].delta(n)]) for rid, n in new.items())
+        events = []
+        for rid, n in new.items():
+            c = self.choices[rid]
+            if rid in self.held:  # its echo has not been sent
+                if c.prompt_piece is None:  # nor can it be yet: its pieces wait
+                    self.held[rid] += n
+                    continue
+                events.append(self.chunk([c.echo_delta()]))
+                n += self.held.pop(rid)
+                if not (n or c.done):
+                    continue
+            events.append(self.chunk([c.delta(n)]))
+        return "".join(events)
 
     def _fail(self, failure: Failure) -> dict:
         """An error inside a started stream (or a body): abort the siblings, return the error body."""
@@ -261,7 +283,7 @@ class Completion:
                 item = await self.queue.get()
                 if isinstance(item, Failure):
                     return JSONResponse(self._fail(item), status_code=item.status)
-                self.choices[item.request_id].consume(item)
+                self._take(item)
         finally:
             watcher.cancel()
             self.on_disconnect()
@@ -284,7 +306,6 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     prompts = truncated(prompt_bytes(req.prompt), req.truncate_prompt_tokens, params.max_bytes, state.max_model_len)
     check_context(prompts, params.max_bytes, state.max_model_len)
     completion = Completion(req, state, prompts, params)
-    await completion.add_prompt_logprobs()
     await completion.submit()
     if req.stream:
         return StreamingResponse(completion.events(request), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -28,6 +28,8 @@ def test_gpu_check_small_on_cpu():
     assert result["transformers"]["bytes"] == 2 and result["speedup_vs_transformers_batch1"] > 0
     shared = result["shared_prompts"]  # 8 choices of one prompt, prefilled once and each on its own
     assert shared["outputs_equal"] and shared["first_bytes_ms_8"] > 0 and shared["first_bytes_ms_8_unshared"] > 0
+    scores = result["prompt_scores"]  # echo's: the engine's prefill against the full forward
+    assert scores["bytes"] == 1024 and scores["max_abs_diff"] < 1e-3 and scores["top1_agreement"] >= 0.99
     compiled = result["compiled"]  # the engine again, its element-wise stretches compiled
     assert compiled["deterministic"] and compiled["static_equal_dynamic"] and compiled["static_equal_dynamic_2_streams"]
     assert compiled["top1_agreement_full_recompute"] >= 0.99

@@ -122,7 +122,8 @@ class BltModel(nn.Module):
     @torch.inference_mode()
     def prompt_logprobs(self, data: bytes, top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
         """For each byte of `data`: its log-probability given the bytes before it (BOS first) and the
-        `top_n` most likely ids with theirs, from one full forward (what `echo` with `logprobs` shows)."""
+        `top_n` most likely ids with theirs, from one full forward: what the engine's prefill computes for
+        a request with prompt_logprobs (echo with logprobs), and is tested against."""
         if not data:
             return []
         ids = encode_tensor(data, self.device)

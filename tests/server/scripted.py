@@ -2,6 +2,8 @@
 
 Lets the HTTP layer be tested byte by byte without a model: the script for a prompt is the bytes
 it will generate; stops, max_bytes and the UTF-8 finish use the runtime's own Sequence.accept.
+Prompt scores (prompt_logprobs) come with a request's first output, as the engine's do: byte b of
+the prompt, id b, gets the log-probability -b/100.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ class ScriptedEngine:
             self.last_admitted.append(seq.request_id)
             if seq.params.max_bytes == 0:  # as the engine does: finished on admission
                 seq.finish_reason = "length"
-                outputs.append(self._final(seq, b""))
+                outputs.append(self._scored(seq, self._final(seq, b"")))
             else:
                 self.running.append(seq)
         if self.paused.is_set():
@@ -83,17 +85,26 @@ class ScriptedEngine:
             if n >= len(seq.script):
                 seq.finish_reason = "stop"  # the script ran out: like EOS
                 self.running.remove(seq)
-                outputs.append(self._final(seq, b""))
+                out = self._final(seq, b"")
+                outputs.append(self._scored(seq, out) if n == 0 else out)
                 continue
             byte = seq.script[n]
             seq.accept(byte + OFFSET, self.max_model_len)
             lp = (-0.5, [(byte + OFFSET, -0.5), (2, -1.5)]) if seq.params.logprobs is not None else None
             if seq.finish_reason is not None:
                 self.running.remove(seq)
-                outputs.append(self._final(seq, bytes([byte]), lp))
+                out = self._final(seq, bytes([byte]), lp)
             else:
-                outputs.append(StepOutput(seq.request_id, bytes([byte]), n % 4 == 0, lp, False))
+                out = StepOutput(seq.request_id, bytes([byte]), n % 4 == 0, lp, False)
+            outputs.append(self._scored(seq, out) if n == 0 else out)
         return outputs
+
+    @staticmethod
+    def _scored(seq: Sequence, out: StepOutput) -> StepOutput:
+        top = seq.params.prompt_logprobs
+        if top is not None:
+            out.prompt_logprobs = [(-b / 100, [(b, -b / 100), (2, -3.0)][:top]) for b in seq.ids[1:seq.prompt_len]]
+        return out
 
     def _final(self, seq: Sequence, new: bytes, lp=None) -> StepOutput:
         usage = Usage(seq.prompt_len - 1, len(seq.generated), 1, (len(seq.generated) + 3) // 4,

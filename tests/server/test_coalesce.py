@@ -85,3 +85,34 @@ def test_a_failure_ends_the_events_after_what_came_before():
     assert failure is not None and failure.message == "boom"
     text = "".join(ch["text"] for ch in choices_of(events))
     assert text and len(choices_of(events)) <= 2
+
+
+@pytest.mark.parametrize("group", [1, 3, 1000])
+def test_an_echo_waits_for_its_prompts_scores_and_nothing_of_its_choice_passes_it(group):
+    """echo with logprobs: the prompt's first choice scores it, so a sibling that runs ahead (one that
+    resumed from a retained slot) holds its bytes, even its finish, until the scores arrive; then its
+    echo goes first."""
+    req = CompletionRequest(prompt="pré", n=2, logprobs=1, echo=True, stream=True, max_tokens=3)
+    c = Completion(req, SimpleNamespace(model_name="tiny"), ["pré".encode()], sampling_params(req, 0))
+    first, second = (f"{c.id}-{i}" for i in range(2))
+    scores = [(-0.25 * (i + 1), [(b + OFFSET, -0.25 * (i + 1))]) for i, b in enumerate("pré".encode())]
+    items = [StepOutput(second, b, False, (-1.0, [(b[0] + OFFSET, -1.0)]), b == b"c",
+                        "length" if b == b"c" else None, None, Usage(4, 3, 1, 1, 1) if b == b"c" else None)
+             for b in (b"a", b"b", b"c")]
+    items.append(StepOutput(first, b"x", True, (-2.0, [(ord("x") + OFFSET, -2.0)]), False,
+                            prompt_logprobs=scores))
+    items += [StepOutput(first, b, False, (-2.0, [(b[0] + OFFSET, -2.0)]), b == b"z",
+                         "length" if b == b"z" else None, None, Usage(4, 3, 1, 1, 1) if b == b"z" else None)
+              for b in (b"y", b"z")]
+    sent = []
+    for i in range(0, len(items), group):
+        events = choices_of(c._coalesce(items[i:i + group])[0])
+        assert events or i + group <= 3  # nothing is sent before the scores (item 3), then everything
+        sent += events
+    for index, text in enumerate(["préxyz", "préabc"]):
+        mine = [s for s in sent if s["index"] == index]
+        assert mine[0]["text"] == "pré" and mine[0]["finish_reason"] is None
+        assert "".join(s["text"] for s in mine) == text and mine[-1]["finish_reason"] == "length"
+        logprobs = [v for s in mine for v in s["logprobs"]["token_logprobs"]]
+        assert logprobs == [-0.25, -0.5, -0.75, -1.0] + [-2.0 if index == 0 else -1.0] * 3  # "pré" is 4 bytes
+    assert not c.held

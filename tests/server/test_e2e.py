@@ -265,7 +265,7 @@ def test_echo_logprobs_score_the_prompt_like_the_engine_scores_its_bytes(server)
     assert first["tokens"][:7] == list("Echo me") and 47 <= len(first["tokens"]) <= 50  # 3 more finish a character
     assert first["text_offset"][:3] == [0, 1, 2] and all(v is not None for v in first["token_logprobs"])
     generated = [b for entry in first["bytes"][7:] for b in entry]
-    again = complete(list(b"Echo me") + generated, 0)  # the same bytes, all scored by one full forward
+    again = complete(list(b"Echo me") + generated, 0)  # the same bytes, all scored by the prefill
     assert again["bytes"] == first["bytes"]
     for engine_lp, forward_lp in zip(first["token_logprobs"][7:], again["token_logprobs"][7:]):
         assert abs(engine_lp - forward_lp) < 1e-4

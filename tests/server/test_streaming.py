@@ -9,6 +9,8 @@ import pytest
 from scripted import ScriptedEngine
 from serverkit import metric_value, metrics_text, sse_events, wait_until
 
+from blt_runtime.tokenizer import OFFSET
+
 KOREAN = "안녕하세요 😀 𝔘𝔫𝔦 naïve".encode()
 
 
@@ -74,11 +76,29 @@ def test_max_tokens_finishes_the_character_and_logprobs_per_byte(serve):
     choice = body["choices"][0]
     assert choice["text"] == "ea😀" and choice["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 5
-    lp = choice["logprobs"]
-    assert lp["tokens"] == ["a", "bytes:\\xf0", "bytes:\\x9f", "bytes:\\x98", "bytes:\\x80"]
-    assert lp["bytes"] == [[0x61], [0xF0], [0x9F], [0x98], [0x80]]
-    assert lp["text_offset"] == [1, 2, 2, 2, 2]
-    assert lp["top_logprobs"][0] == {"a": -0.5, "<eos>": -1.5}
+    lp = choice["logprobs"]  # the echoed prompt's byte first (the scripted engine scores id b at -b/100)
+    assert lp["tokens"] == ["e", "a", "bytes:\\xf0", "bytes:\\x9f", "bytes:\\x98", "bytes:\\x80"]
+    assert lp["bytes"] == [[0x65], [0x61], [0xF0], [0x9F], [0x98], [0x80]]
+    assert lp["text_offset"] == [0, 1, 2, 2, 2, 2]
+    assert lp["token_logprobs"][0] == -(0x65 + OFFSET) / 100 and lp["top_logprobs"][0] == {"e": -(0x65 + OFFSET) / 100}
+    assert lp["top_logprobs"][1] == {"a": -0.5, "<eos>": -1.5}
+
+
+def test_an_echo_with_logprobs_streams_its_prompts_scores_first(serve):
+    url, _ = serve(ScriptedEngine({b"p": b"one", b"qr": b"two"}))
+    body = {"prompt": ["p", "qr"], "n": 2, "echo": True, "logprobs": 2, "max_tokens": 3}
+    with httpx.Client(timeout=30) as client:
+        whole = client.post(f"{url}/v1/completions", json=body).json()["choices"]
+    events = stream(url, body)
+    for choice in whole:
+        mine = [c for e in events[:-1] for c in e["choices"] if c["index"] == choice["index"]]
+        prompt = ["p", "qr"][choice["index"] // 2]
+        assert mine[0]["text"] == prompt and len(mine[0]["logprobs"]["tokens"]) == len(prompt)
+        assert "".join(c["text"] for c in mine) == choice["text"] == prompt + ["one", "two"][choice["index"] // 2]
+        streamed = {key: [v for c in mine for v in c["logprobs"][key]] for key in choice["logprobs"]}
+        assert streamed == choice["logprobs"]
+        assert choice["logprobs"]["token_logprobs"][:len(prompt)] == [-(ord(ch) + OFFSET) / 100 for ch in prompt]
+        assert choice["logprobs"]["top_logprobs"][0] == {prompt[0]: -(ord(prompt[0]) + OFFSET) / 100, "<eos>": -3.0}
 
 
 def test_n_choices_and_prompt_lists(serve):
