@@ -4,10 +4,12 @@ An evaluation harness (lm-eval's loglikelihood requests) sends prompts with echo
 max_tokens 0 or 1, and reads the prompt's own logprobs. Launches `python -m server` from this tree
 (the shipped model unless arguments say otherwise); one client streams a long greedy completion, and
 once it is going another sends `--requests` scoring requests of `--prompt-bytes` bytes each, one after
-the other. Reports the scoring requests' seconds, and the stream's gaps between events while they
-ran: the longest, and the 99th percentile. The last line printed is JSON.
+the other. With `--endings K`, each request holds K prompts, the same text with a different ending of
+a few bytes (a multiple-choice question: the choices share the text, and need not prefill it again).
+Reports the scoring requests' seconds, and the stream's gaps between events while they ran: the
+longest, and the 99th percentile. The last line printed is JSON.
 
-    python bench/echo_scoring.py [--prompt-bytes 8000] [--requests 4] [--port 8198] [-- blt-serve args]
+    python bench/echo_scoring.py [--prompt-bytes 8000] [--requests 4] [--endings 1] [--port 8198] [-- blt-serve args]
 """
 
 from __future__ import annotations
@@ -53,11 +55,11 @@ async def stream(client: httpx.AsyncClient, url: str, stamps: list[float], stop:
     return got
 
 
-async def score(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> list:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "echo": True, "logprobs": 1}
+async def score(client: httpx.AsyncClient, url: str, prompts: list[str], max_tokens: int) -> list[list]:
+    body = {"prompt": prompts, "max_tokens": max_tokens, "temperature": 0, "echo": True, "logprobs": 1}
     r = await client.post(f"{url}/v1/completions", json=body)
     r.raise_for_status()
-    return r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    return [c["logprobs"]["token_logprobs"] for c in r.json()["choices"]]
 
 
 async def measure(url: str, args) -> dict:
@@ -73,9 +75,11 @@ async def measure(url: str, args) -> dict:
         seconds = []
         for i in range(args.requests):
             t = time.perf_counter()
-            scored = await score(client, url, prompt_text(args.prompt_bytes, 1000 * i), args.max_tokens)
+            text = prompt_text(args.prompt_bytes, 1000 * i)
+            prompts = [text] if args.endings == 1 else [f"{text} (choice {k})" for k in range(args.endings)]
+            scored = await score(client, url, prompts, args.max_tokens)
             seconds.append(time.perf_counter() - t)
-            assert len(scored) >= args.prompt_bytes, f"{len(scored)} logprobs for {args.prompt_bytes} bytes"
+            assert all(len(s) >= args.prompt_bytes for s in scored), "a prompt without all its logprobs"
         end = time.perf_counter()
         await asyncio.sleep(0.5)
         stop.set()
@@ -83,7 +87,8 @@ async def measure(url: str, args) -> dict:
     during = [b - a for a, b in zip(stamps, stamps[1:]) if b >= start and a <= end]
     before = [b - a for a, b in zip(stamps, stamps[1:]) if b < start]
     q = statistics.quantiles(during, n=100, method="inclusive") if len(during) > 1 else during * 99
-    return {"prompt_bytes": args.prompt_bytes, "requests": args.requests, "max_tokens": args.max_tokens,
+    return {"prompt_bytes": args.prompt_bytes, "requests": args.requests, "endings": args.endings,
+            "max_tokens": args.max_tokens,
             "score_s": [round(s, 3) for s in seconds], "score_s_median": round(statistics.median(seconds), 3),
             "stream_gap_max_s": round(max(during), 3), "stream_gap_p99_s": round(q[98], 3),
             "stream_gap_median_before_s": round(statistics.median(before), 4),
@@ -95,6 +100,7 @@ def main() -> None:
     p.add_argument("--prompt-bytes", type=int, default=8000)
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=0, help="of each scoring request (lm-eval sends 0 or 1)")
+    p.add_argument("--endings", type=int, default=1, help="prompts per request: the text with different endings")
     p.add_argument("--port", type=int, default=8198)
     args, extra = p.parse_known_args()
     extra = [a for a in extra if a != "--"]

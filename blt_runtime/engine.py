@@ -16,8 +16,8 @@ holds, in a request still prefilling it or in a finished request's slot, is copi
 again. Outputs do not change.
 
 A request with `prompt_logprobs` (echo with logprobs: an evaluation harness scoring text) has its
-prompt's bytes scored by its own prefill chunks, so it prefills all of its prompt (others may share
-it); the scores come with its first output, or its only one with max_bytes 0.
+prompt's bytes scored by its prefill chunks, or up to a fork by its leader's (then only by a leader
+that scores its own); the scores come with its first output, or its only one with max_bytes 0.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ class Engine:
         sharing, share = self.sharing, self.share_prompts
         if share:
             sharing.look_again()
-        # a request that scores its prompt prefills all of it itself: neither resumes nor follows
+        # a request that scores its prompt computes every byte's score: it follows only a leader that scores
+        # its own (sharing.scores_cover), and never resumes from a finished request's slot
         for seq in self.scheduler.admit(lambda seq: sharing.allocate(seq, resume=share and not seq.scores_prompt)):
             self.last_admitted.append(seq.request_id)
             self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0)
@@ -213,7 +214,7 @@ class Engine:
                 # BOS a patch of its own (such requests are rare)
                 seq.patch_starts = [0] + [1 + begin for begin, _ in self.model.byte_patches(decode(seq.ids))[1]]
                 outputs.append(self._finish(seq, b"", False))
-            elif share and not seq.scores_prompt:
+            elif share:
                 sharing.follow(seq)
         plan = self.scheduler.plan()
         transfer = HostTransfer()

@@ -547,9 +547,26 @@ class Runner:
 
     def score(self, h: torch.Tensor, targets: list[int], top_n: int) -> PromptScores:
         """(t, d) normed decoder states, the ids that follow them -> their PromptScores."""
-        logp = torch.log_softmax(self.logits(h), dim=-1)
+        return self.score_logits(self.logits(h), targets, top_n)
+
+    def score_logits(self, logits: torch.Tensor, targets: list[int], top_n: int) -> PromptScores:
+        logp = torch.log_softmax(logits.float(), dim=-1)
         values, ids = ranked(logp, top_n)
         return PromptScores(logp.gather(1, self._tensor(targets)[:, None])[:, 0], values, ids)
+
+    def fork_scores(self, leader: list[PromptScores], at: int, last_logits: torch.Tensor, target: int | None,
+                    top_n: int) -> list[PromptScores]:
+        """The scores of a follower that copies a leader's state after `at` positions (sharing.py): the
+        leader's first at - 1 rows (the same bytes; the leader's top n is at least the follower's), and
+        the row of position at - 1, from its logits, scored against the follower's own next byte,
+        `target` (none where the follower's prompt ends there)."""
+        parts = []
+        if at > 1:
+            s = PromptScores.join(leader)
+            parts.append(PromptScores(s.chosen[:at - 1], s.values[:at - 1, :top_n], s.ids[:at - 1, :top_n]))
+        if target is not None:
+            parts.append(self.score_logits(last_logits, [target], top_n))
+        return parts
 
     def decode(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
                num_patches: list[int], open_lens: list[int]) -> torch.Tensor:

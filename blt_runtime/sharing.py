@@ -12,8 +12,11 @@ never change when bytes follow), so it can be taken from wherever it already exi
   prefills only the rest (`allocate`). Otherwise slots are handed out lowest first as before, what
   they held or not (dense batches read caches in place, static.py).
 A common prefix shorter than MIN_SHARED_PREFIX bytes is not worth a cut chunk: it is shared only
-where it is a whole earlier prompt. Outputs do not change (up to rounding where a follower's chunks
-would have been cut elsewhere). Pure bookkeeping but for the copies, which the runner makes.
+where it is a whole earlier prompt. A request that scores its prompt (prompt_logprobs) follows only
+a leader that scores its own, and takes the leader's scores up to the fork with the state
+(`scores_cover`); it never resumes in a retained slot, which keeps no scores. Outputs do not change
+(up to rounding where a follower's chunks would have been cut elsewhere). Pure bookkeeping but for
+the copies, which the runner makes.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     if a[:n] == b[:n]:
         return n
     return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def scores_cover(leader: Sequence, seq: Sequence) -> bool:
+    """May `seq` follow `leader`: unless it scores its prompt (prompt_logprobs), whose scores up to the fork
+    it then takes from the leader's, which must hold as many alternatives."""
+    if not seq.scores_prompt:
+        return True
+    return leader.scores_prompt and leader.params.prompt_logprobs >= seq.params.prompt_logprobs
 
 
 @dataclass
@@ -102,7 +113,7 @@ class PromptSharing:
         for s in self.scheduler.active:
             if s is seq:
                 break
-            if s.status is not Status.PREFILLING:
+            if s.status is not Status.PREFILLING or not scores_cover(s, seq):
                 continue
             shared = common_prefix(s.ids, seq.ids)  # positions, BOS included; s.ids is its prompt alone yet
             worth = shared == s.prompt_len or shared - 1 >= MIN_SHARED_PREFIX
@@ -124,6 +135,10 @@ class PromptSharing:
         leader.followers.remove(seq)
         seq.leader, seq.fork_at = None, 0
         seq.resume(at, leader.num_patches, leader.open_len, leader.patch_starts)
+        if seq.scores_prompt:
+            seq.prompt_scores = self.runner.fork_scores(leader.prompt_scores, at, last_logits,
+                                                        seq.ids[at] if at < seq.prompt_len else None,
+                                                        seq.params.prompt_logprobs)
         if at == seq.prompt_len:  # its first byte is sampled with the next step's work
             seq.status = Status.PREFILLED
             self.first_logits[seq.request_id] = last_logits

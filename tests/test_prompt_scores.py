@@ -111,6 +111,26 @@ def test_a_scoring_request_neither_resumes_nor_follows_but_leaves_its_state(mode
     assert again[0] == run_engine(Engine(model), {"x": (longer, SamplingParams(max_bytes=4, **GREEDY))})["x"][0]
 
 
+def test_a_scoring_request_follows_a_scoring_leader_and_takes_its_scores(models):
+    """Requests that share a prefix with a scoring one still prefilling it take its state and its scores
+    up to the fork, then score the rest themselves; one that asks for more alternatives than the leader
+    scored prefills its own."""
+    model = models["1b"]
+    engine = Engine(model, prefill_chunk=200)
+    context = PARITY_TEXT[:450]
+    prompts = {"lead": (context + b" one", 2), "two": (context + b" two", 2), "prefix": (context, 1),
+               "more": (context + b" three", 3), "plain": (context + b" four", None)}
+    requests = {rid: (p, SamplingParams(max_bytes=6, prompt_logprobs=n, **GREEDY)) for rid, (p, n) in prompts.items()}
+    out = scored(engine, requests)
+    shared = {rid: out[rid][2].usage.shared_prompt_bytes for rid in prompts}
+    assert shared == {"lead": 0, "two": 451, "prefix": 450, "more": 0, "plain": 451}
+    for rid, (prompt, n) in prompts.items():
+        if n is not None:
+            assert_scores_equal(out[rid][1], model.prompt_logprobs(prompt, n), n)
+        alone = run_engine(Engine(model), {rid: (prompt, SamplingParams(max_bytes=6, **GREEDY))})[rid][0]
+        assert out[rid][0] == alone
+
+
 def test_prompt_logprobs_is_checked():
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
