@@ -135,6 +135,7 @@ def test_training_layout_round_trip(hf_checkpoint, tmp_path):
 def test_missing_entropy_model_is_one_line(hf_checkpoint, tmp_path, capsys):
     hf, native_dir = hf_checkpoint("1b")
     write_meta_training(hf, native_dir, tmp_path / "run", tmp_path / "entropy_run")
+    capsys.readouterr()  # what building the checkpoint printed, if this test built it (transformers' progress bar)
     assert main([str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no entropy model found" in err and "--entropy-model" in err
