@@ -18,3 +18,12 @@ fi
 # single-threaded Python (Triton's interpreter, servers, subprocesses) and takes half the time on
 # two cores. `bash scripts/test.sh -n 0` runs it in one process.
 .venv/bin/python -m pytest -n 2 "$@"
+# Then, after a whole run against seed 0's models, the parity tests (the model against transformers, the
+# engine against full recompute) again against seed 1's: other weights, other patches, about 40 s. A check
+# that holds for one model only fails here rather than for a user (`bash scripts/seeds.sh` runs more seeds).
+if [ $# -eq 0 ] && [ -z "${BLT_TEST_SEED:-}" ]; then
+  echo "the parity tests against a second random model (BLT_TEST_SEED=1):"
+  BLT_TEST_SEED=1 .venv/bin/python -m pytest -n 2 -q -p no:cacheprovider tests/test_parity_transformers.py \
+    tests/test_model.py tests/test_engine.py tests/test_static.py tests/test_overlap.py tests/test_shared_prompts.py \
+    tests/test_prompt_scores.py
+fi

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-# CI's random models are those of seed 0. Another seed (BLT_TEST_SEED=7 bash scripts/test.sh) gives other
-# weights and patches: a check that holds for one model only shows up there (bench/RESULTS.md).
+# CI's random models are those of seed 0, and seed 1's for the parity tests (scripts/test.sh). Another seed
+# (BLT_TEST_SEED=7 bash scripts/test.sh) gives other weights and patches: a check that holds for one model
+# only shows up there (bench/RESULTS.md).
 MODEL_SEED = int(os.environ.get("BLT_TEST_SEED", "0"))
 
 # Each structure scales a released layout down; all sizes are small enough for CPU tests.
