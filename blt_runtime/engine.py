@@ -177,6 +177,11 @@ class Engine:
         return self.scheduler.num_waiting
 
     @property
+    def capacity(self) -> int:
+        """The most sequences it holds at once, running and waiting: more at once are never accepted."""
+        return self.max_batch_size + self.scheduler.max_waiting
+
+    @property
     def num_running(self) -> int:
         return self.scheduler.num_running
 

@@ -84,6 +84,15 @@ def check_supported(req: CompletionRequest) -> None:
                        "suffix", "unsupported")
 
 
+def check_capacity(prompts: list[bytes], n: int, capacity: int) -> None:
+    """A request with more sequences than the engine ever holds at once would get a 429 on an idle server,
+    and a client that waits and retries would never get through: refused as invalid instead."""
+    if len(prompts) * n > capacity:
+        raise ApiError(400, f"this request needs {len(prompts) * n} sequences ({len(prompts)} prompts x n={n}); the "
+                            f"server holds at most {capacity} at once (max batch size + max queue): send it in parts",
+                       "prompt", "too_many_sequences")
+
+
 def truncated(prompts: list[bytes], keep: int | None, max_bytes: int, max_model_len: int) -> list[bytes]:
     """truncate_prompt_tokens: each prompt's last `keep` bytes (-1: as many as leave room for max_bytes
     and BOS in the context); None or 0 keeps them whole."""
@@ -305,6 +314,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     params = sampling_params(req, 0)  # a 400 before anything is queued
     prompts = truncated(prompt_bytes(req.prompt), req.truncate_prompt_tokens, params.max_bytes, state.max_model_len)
     check_context(prompts, params.max_bytes, state.max_model_len)
+    check_capacity(prompts, req.n, state.engine.capacity)
     completion = Completion(req, state, prompts, params)
     await completion.submit()
     if req.stream:

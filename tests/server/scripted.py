@@ -64,6 +64,10 @@ class ScriptedEngine:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def capacity(self) -> int:
+        return self.max_batch_size + self.max_queue
+
     def step(self) -> list[StepOutput]:
         time.sleep(self.step_delay)
         self.steps += 1

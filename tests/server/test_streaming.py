@@ -207,6 +207,21 @@ def test_overload_gets_429_and_nothing_is_lost(serve):
     assert not state.worker.open
 
 
+def test_a_request_larger_than_the_server_ever_holds_is_a_400_not_a_429(serve):
+    """2 running + 2 waiting: 5 sequences could never be accepted, however long a client waits and retries;
+    4 are, on an idle server."""
+    url, _ = serve(ScriptedEngine({}, max_batch_size=2, max_queue=2, default=b"y" * 3), max_queue=2)
+    with httpx.Client(timeout=30) as client:
+        r = client.post(f"{url}/v1/completions", json={"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 3})
+        assert r.status_code == 400 and "retry-after" not in r.headers
+        error = r.json()["error"]
+        assert error["code"] == "too_many_sequences" and error["param"] == "prompt"
+        assert "6 sequences" in error["message"]
+        ok = client.post(f"{url}/v1/completions", json={"prompt": ["a", "b"], "n": 2, "max_tokens": 3})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
+    assert metric_value(metrics(url), "blt_requests_rejected_total", reason="invalid") == 1
+
+
 BAD = [
     ({"content": b"{not json"}, 400, None),
     ({"json": {"prompt": 5}}, 400, "prompt"),
