@@ -230,6 +230,8 @@ class Completion:
                     yield f"data: {json.dumps(self._fail(failure))}\n\n"
                     break
             else:
+                if self.held:
+                    yield self._flush_held()
                 opts = self.req.stream_options
                 if opts is not None and opts.include_usage:
                     yield self.chunk([], self.usage())
@@ -259,12 +261,17 @@ class Completion:
                 new.setdefault(rid, 0)
         return self._events(new), None
 
-    def _events(self, new: dict[str, int]) -> str:
+    def _flush_held(self) -> str:
+        """Every choice finished, and some never got their prompt's scores (the prompt's first choice was
+        aborted before it had any): their echo without logprobs, and what they held back."""
+        return self._events(dict.fromkeys(self.held, 0), unscored=True)
+
+    def _events(self, new: dict[str, int], unscored: bool = False) -> str:
         events = []
         for rid, n in new.items():
             c = self.choices[rid]
             if rid in self.held:  # its echo has not been sent
-                if c.prompt_piece is None:  # nor can it be yet: its pieces wait
+                if c.prompt_piece is None and not unscored:  # nor can it be yet: its pieces wait
                     self.held[rid] += n
                     continue
                 events.append(self.chunk([c.echo_delta()]))

@@ -116,3 +116,19 @@ def test_an_echo_waits_for_its_prompts_scores_and_nothing_of_its_choice_passes_i
         logprobs = [v for s in mine for v in s["logprobs"]["token_logprobs"]]
         assert logprobs == [-0.25, -0.5, -0.75, -1.0] + [-2.0 if index == 0 else -1.0] * 3  # "pré" is 4 bytes
     assert not c.held
+
+
+def test_held_choices_go_out_when_their_prompt_is_never_scored():
+    """The prompt's first choice is aborted before its first output (a shutdown past its timeout): the
+    sibling that finished meanwhile still gets its echo, without logprobs, and its bytes."""
+    req = CompletionRequest(prompt="ab", n=2, logprobs=1, echo=True, stream=True, max_tokens=1)
+    c = Completion(req, SimpleNamespace(model_name="tiny"), [b"ab"], sampling_params(req, 0))
+    first, second = (f"{c.id}-{i}" for i in range(2))
+    items = [StepOutput(second, b"c", False, (-1.0, [(ord("c") + OFFSET, -1.0)]), True, "length", None,
+                        Usage(2, 1, 1, 1, 1)),
+             StepOutput(first, b"", False, None, True, "abort", None, Usage(2, 0, 1, 0, 0))]
+    assert choices_of(c._coalesce(items)[0]) == []
+    sent = choices_of(c._flush_held())
+    assert [(s["index"], s["text"], s["finish_reason"]) for s in sent] == [
+        (0, "ab", None), (0, "", "abort"), (1, "ab", None), (1, "c", "length")]
+    assert sent[0]["logprobs"] is None and sent[3]["logprobs"]["tokens"] == ["c"]
