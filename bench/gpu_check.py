@@ -21,7 +21,9 @@ and timed in one run. Prints a table and, last, one JSON line.
    with each prefilling its own, on one engine (`shared_prompts`: the time until every choice has
    its first byte, and whether the bytes are the same both ways). Then echo's scoring: the engine's
    prefill scores the 1 KB prompt, against the full forward's scores in the same dtype
-   (`prompt_scores`: largest difference, top-1 agreement, milliseconds of each).
+   (`prompt_scores`: largest difference, top-1 agreement, milliseconds of each). Then as many
+   requests as the largest stream count, with 100-byte prompts, arriving together (`burst`: the
+   first bytes, first, median and last, with the prompts prefilled together and one per step).
 5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
    time per step, the costliest kernels.
 6. Kernels (kernels.py): the engine runs the repository's Triton kernels (attention with RoPE,
@@ -61,6 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.burst import burst  # noqa: E402
 from bench.shared_prompts import run as run_choices  # noqa: E402
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
 from blt_runtime.attention import decode_attention, sdpa_attention  # noqa: E402
@@ -448,6 +451,21 @@ def measure_scores(model: BltModel, prompt: bytes, args, result: dict) -> None:
         "engine_ms": round(engine_ms, 2), "full_forward_ms": round(forward_ms, 2)}
 
 
+def measure_burst(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The largest stream count of requests with 100-byte prompts arriving together, 16 bytes each: their
+    first bytes with the prompts prefilled together (the default) and one per step (bench/burst.py)."""
+    n = largest_streams(args)
+    engine = make_engine(model, graphs=model.device.type == "cuda")
+    text = english(100 * n)
+    prompts = [text[100 * i:100 * i + 100] for i in range(n)]
+    together, figures = engine.scheduler.batch_prompt, {}
+    for way, limit in (("together", together), ("one_per_step", None)) * 2:  # the second round is kept
+        engine.scheduler.batch_prompt = limit
+        figures[way] = {k: round(v, 2) for k, v in burst(engine, prompts, 16, model.device).items()}
+    engine.scheduler.batch_prompt = together
+    result["burst"] = {"requests": n, **figures}
+
+
 def top1_agreement(model: BltModel, prompt: bytes, generated: bytes) -> float:
     """Share of the engine's greedy bytes that full recompute (same dtype) also ranks first."""
     ids = encode_tensor(prompt + generated, model.device)
@@ -599,6 +617,7 @@ def main() -> None:
     attempt(measure_transformers, "transformers", model, prompt, args, result, reraise=not cuda)
     attempt(measure_shared, "shared_prompts", model, prompt, args, result, reraise=not cuda)
     attempt(measure_scores, "prompt_scores", model, prompt, args, result, reraise=not cuda)
+    attempt(measure_burst, "burst", model, prompt, args, result, reraise=not cuda)
     print(json.dumps(result), flush=True)  # what is known so far, should a later part run out of time
     if cuda and result.get("kernels") == "triton":
         result["attention_us"] = attention_us(model)

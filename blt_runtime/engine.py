@@ -1,9 +1,10 @@
 """The incremental generation engine: add_request / step / abort, joining scheduler and runner.
 
 Every engine step advances each running sequence by one byte (batched), prefills one chunk of at
-most one new prompt, samples the first byte of prompts prefilled in the step before, and reports
-what happened as StepOutputs; it waits for the device once (transfer.py). Runs on one thread; knows nothing
-about HTTP. Memory per sequence for the local models is bounded by their windows.
+most one new prompt (or several whole short new prompts together: scheduler.py), samples the first
+byte of prompts prefilled in the step before, and reports what happened as StepOutputs; it waits
+for the device once (transfer.py). Runs on one thread; knows nothing about HTTP. Memory per
+sequence for the local models is bounded by their windows.
 
 With `overlap` (the default on CUDA) a call to `step()` queues the next step's device work before it
 returns this step's outputs, so that what the caller does with them (a server: metrics, delivery to
@@ -33,7 +34,7 @@ from .fused import CompiledOps
 from .gemv import GemvOps
 from .kernels import resolve, sampling_kernel
 from .model.blt import BltModel
-from .runner import ChunkStart, PromptScores, Runner, Sampled
+from .runner import BatchStart, ChunkResult, ChunkStart, PromptScores, Runner, Sampled
 from .sampling import SamplingParams
 from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
 from .sharing import PromptSharing
@@ -78,7 +79,7 @@ class Queued:
 
     plan: Plan
     transfer: HostTransfer
-    chunk: ChunkStart | None
+    chunk: ChunkStart | BatchStart | None
     decoded: Callable[[], Sampled] | None
     firsts: Callable[[], Sampled] | None
     outputs: list[StepOutput]  # known without the device: admitted requests with max_bytes=0
@@ -119,7 +120,7 @@ class Engine:
             raise ValueError(f"cuda_graphs needs a model on a CUDA device, not {model.device}")
         self.static = StaticDecoder(self.runner, graphs=cuda_graphs) if static else None
         self.slots = SlotAllocator(max_batch_size)
-        self.scheduler = Scheduler(max_batch_size, max_queue, prefill_chunk)
+        self.scheduler = Scheduler(max_batch_size, max_queue, prefill_chunk, self.runner.batch_window())
         self.sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._first_logits: dict[str, torch.Tensor] = {}  # prompt's last logits of PREFILLED sequences
@@ -224,7 +225,9 @@ class Engine:
         plan = self.scheduler.plan()
         transfer = HostTransfer()
         chunk = None
-        if plan.prefill is not None:
+        if plan.batch:
+            chunk = self.runner.prefill_batch_start([s.slot for s in plan.batch], [s.ids for s in plan.batch], transfer)
+        elif plan.prefill is not None:
             start, end = plan.chunk
             chunk = self.runner.prefill_start(plan.prefill.slot, plan.prefill.ids[start:end], start, transfer)
         decoded = self._decode(plan.decode, transfer) if plan.decode else None
@@ -273,13 +276,24 @@ class Engine:
             s.processed += 1
         return sampled
 
-    def _prefill_finish(self, plan: Plan, chunk: ChunkStart, transfer: HostTransfer) -> None:
+    def _prefill_finish(self, plan: Plan, chunk: ChunkStart | BatchStart, transfer: HostTransfer) -> None:
+        if plan.batch:  # every row is finished (an aborted one's slot takes writes that no later reader sees)
+            scoring = [s.ids[1:s.prompt_len] if s.scores_prompt else None for s in plan.batch]
+            results = self.runner.prefill_batch_finish(chunk, transfer, scoring,
+                                                       [s.params.prompt_logprobs or 0 for s in plan.batch])
+            for seq, result in zip(plan.batch, results):
+                if seq.status is Status.PREFILLING:  # else aborted during the step
+                    self._prefilled(seq, 0, seq.prompt_len, result)
+            return
         seq, (start, end) = plan.prefill, plan.chunk
         if seq.status is not Status.PREFILLING:  # aborted during the step
             return
         targets = seq.ids[start + 1:min(end + 1, seq.prompt_len)] if seq.scores_prompt else None
-        result = self.runner.prefill_finish(chunk, transfer, seq.num_patches, seq.open_len, targets,
-                                            seq.params.prompt_logprobs or 0)
+        self._prefilled(seq, start, end, self.runner.prefill_finish(chunk, transfer, seq.num_patches, seq.open_len,
+                                                                    targets, seq.params.prompt_logprobs or 0))
+
+    def _prefilled(self, seq: Sequence, start: int, end: int, result: ChunkResult) -> None:
+        """A prefill chunk of positions [start, end) is done: its patches, scores and first logits."""
         if result.scores is not None:
             seq.prompt_scores.append(result.scores)
         for i, closes in enumerate(result.closes):

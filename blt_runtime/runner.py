@@ -1,7 +1,8 @@
 """The only code that builds tensors and launches kernels for a generation step (spec section 6).
 
 Two step kinds, both built from the same cached pieces:
-- `prefill_chunk`: one sequence, T new positions in parallel (a prompt, in chunks).
+- `prefill_start`/`prefill_finish`: one sequence, T new positions in parallel (a prompt, in chunks);
+  or `prefill_batch_start`/`prefill_batch_finish`: the whole short prompts of B fresh sequences.
 - `decode`: B sequences, one position each.
 Per position: an entropy-model step, a local-encoder step, and a local-decoder step; when a patch
 completes, its bytes are pooled and cross-attended, and the global model takes one step for that
@@ -69,6 +70,21 @@ class ChunkStart:
     start: int
     closes: torch.Tensor  # (T,) bool on the device
     byte_states: torch.Tensor
+    positions: Positions
+    handle: int  # of `closes` in the step's transfer
+
+
+@dataclass
+class BatchStart:
+    """The whole prompts of several fresh sequences, prefilled together as rows of one batch, between
+    the two halves of their prefill (Runner.prefill_batch_start): each row is right-padded to the
+    longest, and causal attention keeps every real position from seeing the padding after it."""
+
+    slots: torch.Tensor  # (B,)
+    read_slots: slice | None  # the same as a slice when they are consecutive
+    lengths: list[int]  # positions of each row's prompt, BOS included
+    closes: torch.Tensor  # (B, T) bool on the device
+    byte_states: torch.Tensor  # (B, T, d)
     positions: Positions
     handle: int  # of `closes` in the step's transfer
 
@@ -430,10 +446,11 @@ class Runner:
         # EntropyModel.head: the output head in fp32, so that entropies are fp32 end to end
         return F.linear(normed.float(), self.entropy_head)
 
-    def encode(self, ids: torch.Tensor, slots, lengths, max_length: int,
-               read_slots=None, min_length=None) -> tuple[torch.Tensor, Positions]:
+    def encode(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None, min_length=None,
+               ends: torch.Tensor | None = None) -> tuple[torch.Tensor, Positions]:
         """(B, T) ids -> (B, T, d_enc) byte states and their positions; extends the encoder cache and the
-        hash history."""
+        hash history (`ends` (B,): the rows' real new positions, padding after them: each row's history
+        ends at its own)."""
         m = self.model
         if self.kernels != "torch" and ids.shape[1] == 1:  # one kernel (byte_embedding.py)
             e = embed_new_bytes(ids, self.history, slots, self.hash_powers, m.encoder_hash_tok_embedding.weight,
@@ -441,7 +458,9 @@ class Runner:
         else:
             context = torch.cat([self.history[slots], ids], dim=1)
             e = m.embed_new_bytes(context, ids.shape[1], self.hash_powers)
-            self.history[slots] = context[:, -self.history.shape[1]:]
+            H = self.history.shape[1]
+            self.history[slots] = context[:, -H:] if ends is None else \
+                context.gather(1, ends[:, None] + torch.arange(H, device=ids.device)[None, :])
         return self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length, read_slots,
                                min_length)
 
@@ -567,6 +586,58 @@ class Runner:
         if target is not None:
             parts.append(self.score_logits(last_logits, [target], top_n))
         return parts
+
+    def batch_window(self) -> int | None:
+        """The longest prompt prefill_batch_start takes: its padding must not wrap a ring buffer onto a
+        row's own entries (None: no stack has a window)."""
+        windows = [c.window for c in (self.entropy_kv, self.encoder_kv, self.decoder_kv) if c.window is not None]
+        return min(windows) if windows else None
+
+    def prefill_batch_start(self, slots: list[int], prompts: list[list[int]], transfer: HostTransfer) -> BatchStart:
+        """The whole prompts (BOS first) of fresh sequences, each at most batch_window() positions, as the
+        rows of one batch: the entropy model and the encoder. Padding repeats each row's last id; its
+        cache entries lie past the row's length, where no read sees them before real ones replace them."""
+        B, T = len(prompts), max(len(p) for p in prompts)
+        x = self._tensor([p + p[-1:] * (T - len(p)) for p in prompts])
+        s, zero, rs = self._tensor(slots), self._tensor([0] * B), consecutive(slots)
+        entropy = self.entropies(x, s, zero, 0, rs, 0)
+        closes = self.boundary_flags(entropy, torch.arange(T, device=x.device))
+        byte_states, positions = self.encode(x, s, zero, 0, rs, 0, ends=self._tensor([len(p) for p in prompts]))
+        return BatchStart(s, rs, [len(p) for p in prompts], closes, byte_states, positions, transfer.add(closes))
+
+    def prefill_batch_finish(self, batch: BatchStart, transfer: HostTransfer, targets: list[list[int] | None],
+                             top_n: list[int]) -> list[ChunkResult]:
+        """The rows' completed patches through the global model (padded to the most patches of a row, the
+        padding bytes a patch of their own after them), then the decoder; a ChunkResult per row
+        (`targets`, `top_n`: as prefill_finish's, per row)."""
+        s, lengths, byte_states = batch.slots, batch.lengths, batch.byte_states
+        (B, T), k = batch.closes.shape, self.cfg.cross_attn_k
+        values = transfer.get(batch.handle)
+        flags = [[v > 0 for v in values[b * T:b * T + n]] for b, n in enumerate(lengths)]
+        ends = [max(i for i, f in enumerate(row) if f) for row in flags]  # position 0 always closes (BOS)
+        counts = [sum(row) for row in flags]
+        real = torch.arange(T, device=s.device)[None, :] < self._tensor(lengths)[:, None]
+        closes = batch.closes & real
+        closed_before = closes.long().cumsum(1)
+        most = max(counts)
+        pids = torch.where(real, closed_before - closes.long(), most)
+        vecs = self.model.local_encoder.patch_slots(byte_states, pids, most + 1, blocked=False)[:, :most]
+        new = self.global_step(vecs, s, self._tensor([0] * B), 0, 0, batch.read_slots)
+        tables = [(torch.cat([lk, nk], 2), torch.cat([lv, nv], 2))
+                  for (lk, lv), nk, nv in zip(self.latest_tables(s), new[0], new[1])]
+        last = (self._tensor(counts)[:, None] - 1) * k + torch.arange(k, device=s.device)[None, :]  # (B, k)
+        index = last[None, None, :, None, :, None].expand(*new.shape[:4], k, new.shape[-1])
+        self.latest[:, :, s] = new.gather(4, index)  # each row's newest patch's slots
+        tails = [n - 1 - e for n, e in zip(lengths, ends)]
+        self.open_patch.reserve(max(tails) + 1)
+        for b, (e, n) in enumerate(zip(ends, lengths)):
+            if n - 1 > e:
+                self.open_patch.write(s[b:b + 1], self._tensor([0]), byte_states[b:b + 1, e + 1:n])
+        h = self.decode_bytes(byte_states, batch.positions, tables, closed_before, 0)
+        last_logits = self.logits(h[torch.arange(B, device=s.device), self._tensor(lengths) - 1])  # (B, V)
+        return [ChunkResult(flags[b], counts[b], tails[b], last_logits[b:b + 1],
+                            self.score(h[b, :len(targets[b])], targets[b], top_n[b]) if targets[b] else None)
+                for b in range(B)]
 
     def decode(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
                num_patches: list[int], open_lens: list[int]) -> torch.Tensor:

@@ -116,7 +116,8 @@ class PromptSharing:
             if s.status is not Status.PREFILLING or not scores_cover(s, seq):
                 continue
             shared = common_prefix(s.ids, seq.ids)  # positions, BOS included; s.ids is its prompt alone yet
-            worth = shared == s.prompt_len or shared - 1 >= MIN_SHARED_PREFIX
+            # a whole earlier prompt of some bytes, or a long enough prefix (BOS alone is not worth a copy)
+            worth = shared == s.prompt_len > 1 or shared - 1 >= MIN_SHARED_PREFIX
             if worth and limit >= shared > max(s.processed, s.fork_at, fork_at):
                 leader, fork_at = s, shared
         if leader is not None:

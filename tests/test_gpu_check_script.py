@@ -30,6 +30,8 @@ def test_gpu_check_small_on_cpu():
     assert shared["outputs_equal"] and shared["first_bytes_ms_8"] > 0 and shared["first_bytes_ms_8_unshared"] > 0
     scores = result["prompt_scores"]  # echo's: the engine's prefill against the full forward
     assert scores["bytes"] == 1024 and scores["max_abs_diff"] < 1e-3 and scores["top1_agreement"] >= 0.99
+    burst = result["burst"]  # short prompts arriving together: prefilled together, and one per step
+    assert burst["requests"] == 2 and burst["together"]["steps"] < burst["one_per_step"]["steps"]
     compiled = result["compiled"]  # the engine again, its element-wise stretches compiled
     assert compiled["deterministic"] and compiled["static_equal_dynamic"] and compiled["static_equal_dynamic_2_streams"]
     assert compiled["top1_agreement_full_recompute"] >= 0.99
