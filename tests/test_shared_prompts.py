@@ -219,9 +219,11 @@ def test_followers_of_an_aborted_leader_look_again_only_once_queued_chunks_are_d
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_prefixes_joins_and_aborts(model, seed):
-    """Prompts that share prefixes of every length with each other, joining at random steps, some
-    aborted at random steps (leaders among them): every request that is not aborted ends with the
-    bytes an engine without sharing gives it, and nothing waits forever."""
+    """Prompts that share prefixes of every length with each other, joining at random steps, and short
+    ones of their own arriving together (prefilled together); some aborted at random steps (leaders
+    among them), some scoring their prompts: every request that is not aborted ends with the bytes
+    and the prompt scores that an engine without sharing, prefilling one prompt a step, gives it, and
+    nothing waits forever."""
     rng = random.Random(seed)
     stems = [PARITY_TEXT[:rng.randrange(50, 400)] for _ in range(3)]
     requests, joins, aborts = {}, {}, {}
@@ -229,14 +231,23 @@ def test_random_prefixes_joins_and_aborts(model, seed):
         stem = rng.choice(stems)
         prompt = stem[:rng.randrange(1, len(stem) + 1)] + PARITY_TEXT[500:500 + rng.randrange(0, 3) * 40]
         params = GREEDY if i % 2 else sampled(i)
-        requests[f"r{i}"] = (prompt, replace(params, max_bytes=rng.randrange(1, 16)))
+        requests[f"r{i}"] = (prompt, replace(params, max_bytes=rng.randrange(1, 16),
+                                             prompt_logprobs=rng.choice([None, None, 1, 2])))
         joins[f"r{i}"] = rng.randrange(0, 12)
         if rng.random() < 0.3:
             aborts[f"r{i}"] = joins[f"r{i}"] + rng.randrange(0, 4)
-    results, shared = {}, 0
+    at = rng.randrange(0, 12)
+    for j in range(4):  # short prompts of their own, arriving together: prefilled together
+        start = 700 + 60 * j
+        requests[f"b{j}"] = (PARITY_TEXT[start:start + rng.randrange(5, 40)],
+                             replace(GREEDY, max_bytes=rng.randrange(1, 16), prompt_logprobs=rng.choice([None, 1])))
+        joins[f"b{j}"] = at
+    results, scores, shared = {}, {}, 0
     for share in (False, True):
         engine = Engine(model, max_batch_size=6, prefill_chunk=48, overlap=bool(seed % 2), share_prompts=share)
-        out, done = {rid: bytearray() for rid in requests}, set()
+        if not share:
+            engine.scheduler.batch_prompt = None  # and no prompts prefilled together
+        out, done, scores[share] = {rid: bytearray() for rid in requests}, set(), {}
         for step in range(400):
             for rid, at in joins.items():
                 if at == step:
@@ -246,6 +257,8 @@ def test_random_prefixes_joins_and_aborts(model, seed):
                     engine.abort(rid)
             for o in engine.step():
                 out[o.request_id] += o.new_bytes
+                if o.prompt_logprobs is not None:
+                    scores[share][o.request_id] = o.prompt_logprobs
                 if o.finished:
                     done.add(o.request_id)
                     shared += o.usage.shared_prompt_bytes
@@ -255,9 +268,13 @@ def test_random_prefixes_joins_and_aborts(model, seed):
         assert engine.slots.num_free == 6 and not engine.sequences
         results[share] = out
     assert shared > 0
-    for rid in requests:
+    for rid, (prompt, params) in requests.items():
         if rid not in aborts:
             assert results[True][rid] == results[False][rid], rid
+            if params.prompt_logprobs is not None:
+                got, want = scores[True][rid], scores[False][rid]
+                assert len(got) == len(want) == len(prompt)
+                assert all(abs(g[0] - w[0]) < 1e-4 and len(g[1]) == params.prompt_logprobs for g, w in zip(got, want))
 
 
 @pytest.mark.parametrize("f_shares", [300, 551])
