@@ -189,22 +189,25 @@ def test_a_failing_sampling_kernel_leaves_the_other_kernels_on(monkeypatch, capl
 @interpreted
 @pytest.mark.parametrize("kernels, ops", [("triton", TritonOps), ("triton-gemv", GemvOps)])
 def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops):
-    """Static steps with every self-attention (entropy model, encoder, global model, decoder) through
-    the attention kernel, and every norm and gate through theirs (triton-gemv: inside the
-    projections), on grouped-query heads: three requests sharing steps, the first finishing early so
-    that the rest are gathered from high slots, and patch steps reading gathered global rows. Bytes
-    and patches as the PyTorch engine's; greedy rows that may and may not end with EOS (the greedy
+    """Static steps with every self-attention (entropy model, encoder, global model, decoder) through the
+    attention kernel, and every norm and gate through theirs (triton-gemv: inside the projections), on
+    grouped-query heads: three requests sharing steps (the first two prompts prefilled together), the first
+    finishing early so that the rest are gathered from high slots, and patch steps reading gathered global rows.
+    Bytes and patches as the PyTorch engine's; greedy rows that may and may not end with EOS (the greedy
     choice's kernel masks it per row). (Triton's interpreter is slow: few bytes.)"""
     model = load_model(hf_checkpoint("gqa")[1])
     requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 30 + 20 * i],
                           SamplingParams(max_bytes=6 + 6 * i, temperature=0.0, ignore_eos=i != 1))
                 for i in range(3)}
     joins = {"r0": 0, "r1": 0, "r2": 2}
-    triton = Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels=kernels)
+    triton = Engine(model, max_batch_size=4, prefill_chunk=80, static=True, kernels=kernels)  # r0, r1 together
     assert triton.kernels == kernels and type(triton.runner.ops) is ops
+    batches, start = [], triton.runner.prefill_batch_start
+    triton.runner.prefill_batch_start = lambda *a: batches.append(len(a[1])) or start(*a)
     got = run_engine(triton, requests, joins)
-    want = run_engine(Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels="torch"),
+    want = run_engine(Engine(model, max_batch_size=4, prefill_chunk=80, static=True, kernels="torch"),
                       requests, joins)
+    assert batches == [2]  # the first two prompts went through the kernels as the rows of one batch
     for rid in requests:
         assert got[rid][0] == want[rid][0], rid
         assert got[rid][1].usage == want[rid][1].usage, rid
