@@ -135,6 +135,11 @@ class Completion:
                                                                  req.include_stop_str_in_output)
         # streamed choices whose echo waits for their prompt's scores -> pieces held back meanwhile
         self.held = {rid: 0 for rid in self.choices} if req.stream and req.echo and req.logprobs is not None else {}
+        opts = req.stream_options
+        # vLLM's continuous_usage_stats: every chunk says what the prompts and the bytes so far count
+        self.running_usage = bool(req.stream and opts and opts.include_usage and opts.continuous_usage_stats)
+        self.prompt_bytes = sum(len(p) for p in prompts)
+        self.generated = 0  # bytes the engine delivered so far (a held-back stop string's included)
         self.disconnected = False
 
     @property
@@ -147,6 +152,7 @@ class Completion:
         prompt's first choice), every choice of that prompt gets them."""
         choice = self.choices[out.request_id]
         piece, ready = choice.consume(out), []
+        self.generated += len(out.new_bytes)
         if out.prompt_logprobs is not None:
             p = choice.index // self.req.n
             for rid, c in self.choices.items():
@@ -202,6 +208,9 @@ class Completion:
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.state.model_name, "choices": choices}
+        if usage is None and self.running_usage and choices:
+            usage = {"prompt_tokens": self.prompt_bytes, "completion_tokens": self.generated,
+                     "total_tokens": self.prompt_bytes + self.generated}
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

@@ -17,6 +17,8 @@ INT64 = 2**63
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="with include_usage (vLLM's): every chunk carries the "
+                                                            "usage so far")
 
 
 class CompletionRequest(BaseModel):

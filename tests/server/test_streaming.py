@@ -68,6 +68,20 @@ def test_usage_counts_bytes_and_patches(serve):
     assert starts == [0, 4, 8]  # the scripted engine starts a patch every 4 bytes
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(serve):
+    url, _ = serve(ScriptedEngine({"日本".encode(): "語です".encode()}))
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {"prompt": ["日本", "日本"], "n": 2, "stream_options": options}
+    events = stream(url, body)
+    chunks, final = [e for e in events[:-2] if e["choices"]], events[-2]
+    counts = [e["usage"]["completion_tokens"] for e in chunks]
+    assert counts == sorted(counts) and counts[-1] == final["usage"]["completion_tokens"] == 4 * 9
+    assert all(e["usage"]["prompt_tokens"] == 12 and e["usage"]["total_tokens"] == 12 + e["usage"]["completion_tokens"]
+               for e in chunks)
+    plain = stream(url, {**body, "stream_options": {"include_usage": True}})
+    assert all("usage" not in e for e in plain[:-2]) and plain[-2]["usage"] == final["usage"]
+
+
 def test_max_tokens_finishes_the_character_and_logprobs_per_byte(serve):
     url, _ = serve(ScriptedEngine({b"e": "a😀b".encode()}))
     with httpx.Client(timeout=30) as client:
