@@ -59,3 +59,27 @@ def test_graph_replay_equals_eager(hf_checkpoint, compile, kernels):
         assert replayed[rid][1].usage == eager[rid][1].usage, rid
     assert {key[0] for key in graphs.static.graphs.graphs} == {"encode", "patch", "finish"}
     assert graphs.static.graphs.captures == len(graphs.static.graphs)  # no key captured twice
+
+
+def test_prompts_prefilled_together_and_scored_on_cuda(hf_checkpoint):
+    """Short prompts arriving together (prefilled as the rows of one batch), one of them scoring its
+    prompt: on CUDA the bytes of the CPU engine, and scores within rounding of its."""
+    from blt_runtime.engine import Engine
+    from blt_runtime.sampling import SamplingParams
+
+    _, directory = hf_checkpoint("1b")
+    runs = {}
+    for device in ("cpu", "cuda"):
+        engine, got, scores = Engine(load_model(directory, device=device), max_batch_size=8), {}, None
+        for i in range(6):
+            engine.add_request(f"p{i}", PARITY_TEXT[60 * i:60 * i + 20 + 15 * i],
+                               SamplingParams(max_bytes=40, temperature=0.0, ignore_eos=True,
+                                              prompt_logprobs=2 if i == 1 else None))
+        while engine.has_work():
+            for o in engine.step():
+                got[o.request_id] = got.get(o.request_id, b"") + o.new_bytes
+                scores = o.prompt_logprobs if o.prompt_logprobs is not None else scores
+        runs[device] = got, scores
+    assert runs["cuda"][0] == runs["cpu"][0]
+    gpu, cpu = runs["cuda"][1], runs["cpu"][1]
+    assert len(gpu) == len(cpu) == 35 and all(abs(g[0] - c[0]) < 1e-3 for g, c in zip(gpu, cpu))
