@@ -1,7 +1,7 @@
 """The incremental generation engine: add_request / step / abort, joining scheduler and runner.
 
 Every engine step advances each running sequence by one byte (batched), prefills one chunk of at
-most one new prompt (or several whole short new prompts together: scheduler.py), samples the first
+most one new prompt (or the short rests of several prompts together: scheduler.py), samples the first
 byte of prompts prefilled in the step before, and reports what happened as StepOutputs; it waits
 for the device once (transfer.py). Runs on one thread; knows nothing about HTTP. Memory per
 sequence for the local models is bounded by their windows.
@@ -226,7 +226,9 @@ class Engine:
         transfer = HostTransfer()
         chunk = None
         if plan.batch:
-            chunk = self.runner.prefill_batch_start([s.slot for s in plan.batch], [s.ids for s in plan.batch], transfer)
+            rows = plan.batch
+            chunk = self.runner.prefill_batch_start([s.slot for s in rows], [s.ids[s.processed:] for s in rows],
+                                                    [s.processed for s in rows], transfer)
         elif plan.prefill is not None:
             start, end = plan.chunk
             chunk = self.runner.prefill_start(plan.prefill.slot, plan.prefill.ids[start:end], start, transfer)
@@ -278,12 +280,13 @@ class Engine:
 
     def _prefill_finish(self, plan: Plan, chunk: ChunkStart | BatchStart, transfer: HostTransfer) -> None:
         if plan.batch:  # every row is finished (an aborted one's slot takes writes that no later reader sees)
-            scoring = [s.ids[1:s.prompt_len] if s.scores_prompt else None for s in plan.batch]
-            results = self.runner.prefill_batch_finish(chunk, transfer, scoring,
+            scoring = [s.ids[s.processed + 1:s.prompt_len] if s.scores_prompt else None for s in plan.batch]
+            results = self.runner.prefill_batch_finish(chunk, transfer, [s.num_patches for s in plan.batch],
+                                                       [s.open_len for s in plan.batch], scoring,
                                                        [s.params.prompt_logprobs or 0 for s in plan.batch])
-            for seq, result in zip(plan.batch, results):
+            for seq, start, result in zip(plan.batch, chunk.starts, results):
                 if seq.status is Status.PREFILLING:  # else aborted during the step
-                    self._prefilled(seq, 0, seq.prompt_len, result)
+                    self._prefilled(seq, start, seq.prompt_len, result)
             return
         seq, (start, end) = plan.prefill, plan.chunk
         if seq.status is not Status.PREFILLING:  # aborted during the step

@@ -2,7 +2,7 @@
 
 Two step kinds, both built from the same cached pieces:
 - `prefill_start`/`prefill_finish`: one sequence, T new positions in parallel (a prompt, in chunks);
-  or `prefill_batch_start`/`prefill_batch_finish`: the whole short prompts of B fresh sequences.
+  or `prefill_batch_start`/`prefill_batch_finish`: the short rests of B sequences' prompts at once.
 - `decode`: B sequences, one position each.
 Per position: an entropy-model step, a local-encoder step, and a local-decoder step; when a patch
 completes, its bytes are pooled and cross-attended, and the global model takes one step for that
@@ -76,14 +76,15 @@ class ChunkStart:
 
 @dataclass
 class BatchStart:
-    """The whole prompts of several fresh sequences, prefilled together as rows of one batch, between
+    """The rest of the prompts of several sequences, prefilled together as rows of one batch, between
     the two halves of their prefill (Runner.prefill_batch_start): each row is right-padded to the
     longest, and causal attention keeps every real position from seeing the padding after it."""
 
     slots: torch.Tensor  # (B,)
     read_slots: slice | None  # the same as a slice when they are consecutive
-    lengths: list[int]  # positions of each row's prompt, BOS included
-    closes: torch.Tensor  # (B, T) bool on the device
+    starts: list[int]  # each row's first new position
+    lengths: list[int]  # each row's new positions
+    closes: torch.Tensor  # (B, T) bool on the device, False on padding
     byte_states: torch.Tensor  # (B, T, d)
     positions: Positions
     handle: int  # of `closes` in the step's transfer
@@ -118,18 +119,23 @@ class Positions:
     write_first: bool  # one new position: store it, then read the cache (no concatenation)
     write_at: tuple[int, int] | None  # (slot, cache index) of a single row's one new entry, known on the host
     min_length: int | None  # the shortest row's cached positions, when the host knows it
+    real: torch.Tensor | None = None  # (B, T) bool: rows right-padded to T new positions (a batched prefill),
+    # whose padding stores its entries in the scratch slot (`scratch`), never over a row's own
+    scratch: int | None = None
 
 
 def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: torch.Tensor, T: int,
                   max_length: int, read_slots: slice | None = None, min_length: int | None = None,
-                  ops: StepOps | None = None, kernels: str = "torch") -> Positions:
+                  ops: StepOps | None = None, kernels: str = "torch", real: torch.Tensor | None = None,
+                  scratch: int | None = None) -> Positions:
     """`max_length` (and `min_length`, if given) bound `lengths` on the host. With one new position
     and min_length + 1 >= the entries read, every entry read is valid and inside every row's window
     (a full ring, or rows of equal length), so no mask is built. The tensors come from `ops`. With
     one new position and Triton `kernels`, the attention kernel works the mask out itself
     (attention.Visible): none is built; and where the cache has a RotationTable (the runner makes
     one for Triton kernels), it also rotates by the table and finds the entries to store, so no
-    tensor is built at all."""
+    tensor is built at all. `real` (B, T): which new positions are real in right-padded rows; the
+    padding's entries go to the `scratch` slot."""
     # With one new position a ring buffer can take it first: it overwrites exactly the entry that
     # just left the window. Several new positions would overwrite keys that earlier ones still see.
     write_first = T == 1
@@ -149,11 +155,13 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
     if in_kernel:
         mask = Visible(lengths, cache.window, stack.cfg.window)
     rows = slots[:, None].expand_as(index)
+    if real is not None:
+        rows = torch.where(real[:, T - kept:], rows, scratch)
     write_at = None
     if write_first and read_slots is not None and read_slots.stop - read_slots.start == 1 and min_length == max_length:
         write_at = (read_slots.start, max_length if cache.window is None else max_length % cache.window)
     return Positions(slots, read_slots, lengths, span, rotation, mask, rows, index, kept, write_first,
-                     write_at, min_length)
+                     write_at, min_length, real, scratch)
 
 
 def consecutive(slots: list[int]) -> slice | None:
@@ -419,11 +427,13 @@ class Runner:
 
     # ------------------------------------------------------------------ per-stack pieces
     def _run_stack(self, stack: Stack, cache: KVCache, h, slots, lengths, max_length, read_slots=None,
-                   min_length=None, final_norm: BoundNorm | None = None) -> tuple[torch.Tensor, Positions]:
-        """The stack's blocks over new positions -> (output states, or their `final_norm`; positions)."""
+                   min_length=None, final_norm: BoundNorm | None = None,
+                   real: torch.Tensor | None = None) -> tuple[torch.Tensor, Positions]:
+        """The stack's blocks over new positions -> (output states, or their `final_norm`; positions).
+        `real`: see positions_for."""
         cache.reserve(max_length + h.shape[1])
         p = positions_for(stack, cache, slots, lengths, h.shape[1], max_length, read_slots, min_length, self.ops,
-                          self.kernels)
+                          self.kernels, real, self.scratch)
         delta = None
         for i, block in enumerate(stack.layers):
             h, delta = block_step(block, h, delta, cache, i, p, self.ops, self.kernels)
@@ -432,17 +442,17 @@ class Runner:
         return (h if delta is None else h + delta), p
 
     def entropies(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None,
-                  min_length=None) -> torch.Tensor:
+                  min_length=None, real=None) -> torch.Tensor:
         """(B, T) ids at positions lengths.. -> (B, T) fp32 entropies; extends the entropy cache."""
         return self.ops.entropy(self.entropy_logits(F.embedding(ids, self.entropy_embed), slots, lengths, max_length,
-                                                    read_slots, min_length))
+                                                    read_slots, min_length, real))
 
     def entropy_logits(self, embedded: torch.Tensor, slots, lengths, max_length: int, read_slots=None,
-                       min_length=None) -> torch.Tensor:
+                       min_length=None, real=None) -> torch.Tensor:
         """(B, T, d) embedded ids at positions lengths.. -> (B, T, V) fp32 logits of the entropy model;
         extends the entropy cache."""
         normed, _ = self._run_stack(self.model.patcher, self.entropy_kv, embedded, slots, lengths, max_length,
-                                    read_slots, min_length, self.entropy_norm)
+                                    read_slots, min_length, self.entropy_norm, real)
         # EntropyModel.head: the output head in fp32, so that entropies are fp32 end to end
         return F.linear(normed.float(), self.entropy_head)
 
@@ -462,16 +472,18 @@ class Runner:
             self.history[slots] = context[:, -H:] if ends is None else \
                 context.gather(1, ends[:, None] + torch.arange(H, device=ids.device)[None, :])
         return self._run_stack(m.local_encoder, self.encoder_kv, e, slots, lengths, max_length, read_slots,
-                               min_length)
+                               min_length, real=None if ends is None else
+                               torch.arange(ids.shape[1], device=ids.device)[None, :] < ends[:, None])
 
     def global_step(self, patches: torch.Tensor, slots, num_patches, max_patches: int, min_patches=None,
-                    read_slots=None):
+                    read_slots=None, real=None):
         """(B, T, k*d_enc) completed patches after `num_patches` earlier ones -> the decoder slots' keys
-        and values for every cross-attention layer, (2, n_cross, B, H, T*k, D); extends the global cache."""
+        and values for every cross-attention layer, (2, n_cross, B, H, T*k, D); extends the global cache.
+        `real`: see positions_for."""
         m = self.model
         x = m.global_transformer.project_input(patches)
         g, _ = self._run_stack(m.global_transformer, self.global_kv, x, slots, num_patches, max_patches,
-                               read_slots, min_patches)
+                               read_slots, min_patches, real=real)
         return self.slot_keys_values(m.local_decoder.slots(g), self.ops)
 
     def decode_bytes(self, byte_states, encoder_positions: Positions, tables, slot_patch, max_length: int,
@@ -484,7 +496,7 @@ class Runner:
         p = encoder_positions  # same rows and positions; rebuilt below if the geometry differs
         if not self.decoder_shares_positions:
             p = positions_for(dec, self.decoder_kv, p.slots, p.lengths, byte_states.shape[1], max_length,
-                              p.read_slots, p.min_length, self.ops, self.kernels)
+                              p.read_slots, p.min_length, self.ops, self.kernels, p.real, p.scratch)
         h, delta = byte_states, None  # the states are h + delta (see block_step)
         for i, block in enumerate(dec.layers):
             if i < len(dec.cross_attn_layers):
@@ -588,54 +600,74 @@ class Runner:
         return parts
 
     def batch_window(self) -> int | None:
-        """The longest prompt prefill_batch_start takes: its padding must not wrap a ring buffer onto a
-        row's own entries (None: no stack has a window)."""
+        """The most positions a row of prefill_batch_start takes: more would wrap a ring buffer onto the
+        row's own new entries (None: no stack has a window)."""
         windows = [c.window for c in (self.entropy_kv, self.encoder_kv, self.decoder_kv) if c.window is not None]
         return min(windows) if windows else None
 
-    def prefill_batch_start(self, slots: list[int], prompts: list[list[int]], transfer: HostTransfer) -> BatchStart:
-        """The whole prompts (BOS first) of fresh sequences, each at most batch_window() positions, as the
-        rows of one batch: the entropy model and the encoder. Padding repeats each row's last id; its
-        cache entries lie past the row's length, where no read sees them before real ones replace them."""
-        B, T = len(prompts), max(len(p) for p in prompts)
-        x = self._tensor([p + p[-1:] * (T - len(p)) for p in prompts])
-        s, zero, rs = self._tensor(slots), self._tensor([0] * B), consecutive(slots)
-        entropy = self.entropies(x, s, zero, 0, rs, 0)
-        closes = self.boundary_flags(entropy, torch.arange(T, device=x.device))
-        byte_states, positions = self.encode(x, s, zero, 0, rs, 0, ends=self._tensor([len(p) for p in prompts]))
-        return BatchStart(s, rs, [len(p) for p in prompts], closes, byte_states, positions, transfer.add(closes))
+    def prefill_batch_start(self, slots: list[int], chunks: list[list[int]], starts: list[int],
+                            transfer: HostTransfer) -> BatchStart:
+        """The rest of the prompts of several sequences (chunks[b]: positions starts[b].., each at most
+        batch_window() of them) as the rows of one batch: the entropy model and the encoder. Rows are
+        right-padded with their last id: causal attention keeps every real position from seeing the
+        padding after it, and the padding's cache entries go to the scratch slot."""
+        T = max(len(c) for c in chunks)
+        x = self._tensor([c + c[-1:] * (T - len(c)) for c in chunks])
+        s, n, rs = self._tensor(slots), self._tensor(starts), consecutive(slots)
+        ends = self._tensor([len(c) for c in chunks])
+        real = torch.arange(T, device=x.device)[None, :] < ends[:, None]
+        entropy = self.entropies(x, s, n, max(starts), rs, min(starts), real)
+        closes = self.boundary_flags(entropy, n[:, None] + torch.arange(T, device=x.device)[None, :])
+        byte_states, positions = self.encode(x, s, n, max(starts), rs, min(starts), ends=ends)
+        return BatchStart(s, rs, starts, [len(c) for c in chunks], closes & real, byte_states, positions,
+                          transfer.add(closes))
 
-    def prefill_batch_finish(self, batch: BatchStart, transfer: HostTransfer, targets: list[list[int] | None],
+    def prefill_batch_finish(self, batch: BatchStart, transfer: HostTransfer, num_patches: list[int],
+                             open_lens: list[int], targets: list[list[int] | None],
                              top_n: list[int]) -> list[ChunkResult]:
-        """The rows' completed patches through the global model (padded to the most patches of a row, the
-        padding bytes a patch of their own after them), then the decoder; a ChunkResult per row
-        (`targets`, `top_n`: as prefill_finish's, per row)."""
-        s, lengths, byte_states = batch.slots, batch.lengths, batch.byte_states
-        (B, T), k = batch.closes.shape, self.cfg.cross_attn_k
+        """Each row's completed patches, its open patch's earlier bytes first, through the global model
+        (rows padded to the most patches of a row), then the decoder; a ChunkResult per row (`targets`,
+        `top_n`: as prefill_finish's, per row)."""
+        s, lengths, byte_states, closes = batch.slots, batch.lengths, batch.byte_states, batch.closes
+        B, T, d = byte_states.shape
+        k, dev = self.cfg.cross_attn_k, s.device
         values = transfer.get(batch.handle)
         flags = [[v > 0 for v in values[b * T:b * T + n]] for b, n in enumerate(lengths)]
-        ends = [max(i for i, f in enumerate(row) if f) for row in flags]  # position 0 always closes (BOS)
         counts = [sum(row) for row in flags]
-        real = torch.arange(T, device=s.device)[None, :] < self._tensor(lengths)[:, None]
-        closes = batch.closes & real
-        closed_before = closes.long().cumsum(1)
+        lasts = [max((i for i, f in enumerate(row) if f), default=-1) for row in flags]  # each row's last close
+        closed_before = closes.long().cumsum(1)  # (B, T): byte t reads the newest patch closed at or before it
+        tables = self.latest_tables(s)
         most = max(counts)
-        pids = torch.where(real, closed_before - closes.long(), most)
-        vecs = self.model.local_encoder.patch_slots(byte_states, pids, most + 1, blocked=False)[:, :most]
-        new = self.global_step(vecs, s, self._tensor([0] * B), 0, 0, batch.read_slots)
-        tables = [(torch.cat([lk, nk], 2), torch.cat([lv, nv], 2))
-                  for (lk, lv), nk, nv in zip(self.latest_tables(s), new[0], new[1])]
-        last = (self._tensor(counts)[:, None] - 1) * k + torch.arange(k, device=s.device)[None, :]  # (B, k)
-        index = last[None, None, :, None, :, None].expand(*new.shape[:4], k, new.shape[-1])
-        self.latest[:, :, s] = new.gather(4, index)  # each row's newest patch's slots
-        tails = [n - 1 - e for n, e in zip(lengths, ends)]
-        self.open_patch.reserve(max(tails) + 1)
-        for b, (e, n) in enumerate(zip(ends, lengths)):
-            if n - 1 > e:
-                self.open_patch.write(s[b:b + 1], self._tensor([0]), byte_states[b:b + 1, e + 1:n])
-        h = self.decode_bytes(byte_states, batch.positions, tables, closed_before, 0)
-        last_logits = self.logits(h[torch.arange(B, device=s.device), self._tensor(lengths) - 1])  # (B, V)
-        return [ChunkResult(flags[b], counts[b], tails[b], last_logits[b:b + 1],
+        if most:
+            # each row: the open patch's earlier bytes, its chunk's bytes, then padding (a patch of its own)
+            held = max(open_lens)
+            opened, length = self._tensor(open_lens)[:, None], self._tensor(lengths)[:, None]
+            j = torch.arange(held + T, device=dev)[None, :]
+            states = torch.cat([self.open_patch.data[s, :held], byte_states], 1) if held else byte_states
+            source = torch.where(j < opened, j, held + j - opened).clamp(max=held + T - 1)
+            states = states.gather(1, source[..., None].expand(-1, -1, d))
+            in_chunk = (closed_before - closes.long()).gather(1, (j - opened).clamp(0, T - 1))
+            pids = torch.where(j < opened, 0, torch.where(j < opened + length, in_chunk, most))
+            vecs = self.model.local_encoder.patch_slots(states, pids, most + 1, blocked=False)[:, :most]
+            done = self._tensor(counts)
+            new = self.global_step(vecs, s, self._tensor(num_patches), max(num_patches), min(num_patches),
+                                   batch.read_slots, torch.arange(most, device=dev)[None, :] < done[:, None])
+            tables = [(torch.cat([lk, nk], 2), torch.cat([lv, nv], 2))
+                      for (lk, lv), nk, nv in zip(tables, new[0], new[1])]
+            last = ((done[:, None] - 1).clamp(min=0)) * k + torch.arange(k, device=dev)[None, :]  # (B, k)
+            newest = new.gather(4, last[None, None, :, None, :, None].expand(*new.shape[:4], k, new.shape[-1]))
+            keep = (done > 0)[None, None, :, None, None, None]
+            self.latest[:, :, s] = torch.where(keep, newest, self.latest[:, :, s])  # rows that closed none keep theirs
+        after = []  # each row's open patch after its chunk
+        for b, (n, last, o) in enumerate(zip(lengths, lasts, open_lens)):
+            start, kept = (last + 1, 0) if last >= 0 else (0, o)
+            self.open_patch.reserve(kept + n - start)
+            if n > start:
+                self.open_patch.write(s[b:b + 1], self._tensor([kept]), byte_states[b:b + 1, start:n])
+            after.append(kept + n - start)
+        h = self.decode_bytes(byte_states, batch.positions, tables, closed_before, max(batch.starts))
+        last_logits = self.logits(h[torch.arange(B, device=dev), self._tensor(lengths) - 1])  # (B, V)
+        return [ChunkResult(flags[b], counts[b], after[b], last_logits[b:b + 1],
                             self.score(h[b, :len(targets[b])], targets[b], top_n[b]) if targets[b] else None)
                 for b in range(B)]
 

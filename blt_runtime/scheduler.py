@@ -1,8 +1,8 @@
 """Requests as sequences, the waiting queue, admission and per-step plans. Pure Python, no torch.
 
 A sequence is WAITING until a slot is free, then PREFILLING (its prompt is processed in chunks, one
-chunk per engine step, while running sequences keep decoding; whole short prompts of new sequences,
-several in one step as the rows of one batch, up to a chunk's bytes together), then PREFILLED for
+chunk per engine step, while running sequences keep decoding; what is left of several prompts, when
+short, in one step as the rows of one batch, up to a chunk's bytes together), then PREFILLED for
 one step (its first byte is sampled with the next step's other work), then RUNNING (one byte per
 step), then FINISHED. A PREFILLING sequence with a `leader` is not prefilled: it waits until the
 leader's prefill reaches the end of the prefix their prompts share (`fork_at`, where the leader's
@@ -127,14 +127,14 @@ class Plan:
     prefill: Sequence | None
     chunk: tuple[int, int] = (0, 0)  # positions [start, end) of the prefill's prompt
     first: list[Sequence] = field(default_factory=list)  # PREFILLED: their first byte is sampled now
-    batch: list[Sequence] = field(default_factory=list)  # two or more: whole short prompts prefilled together
-    # (the first is `prefill`), instead of one chunk
+    batch: list[Sequence] = field(default_factory=list)  # two or more: the short rests of their prompts
+    # prefilled together (the first is `prefill`), instead of one chunk
 
 
 class Scheduler:
     def __init__(self, max_running: int, max_waiting: int, prefill_chunk: int, batch_prompt: int | None = None):
-        """`batch_prompt`: fresh prompts of at most that many positions (BOS included) may be prefilled
-        several at once, together up to `prefill_chunk` bytes, as the rows of one batch (None: never)."""
+        """`batch_prompt`: the rests of prompts of at most that many positions may be prefilled several at
+        once, together up to `prefill_chunk` bytes, as the rows of one batch (None: never)."""
         self.max_running, self.max_waiting, self.prefill_chunk = max_running, max_waiting, prefill_chunk
         self.batch_prompt = batch_prompt
         self.waiting: deque[Sequence] = deque()
@@ -161,11 +161,14 @@ class Scheduler:
             admitted.append(seq)
         return admitted
 
+    def rest(self, seq: Sequence) -> int:
+        """Prompt bytes it has still to prefill (BOS rides with the first chunk)."""
+        return seq.prompt_len - seq.processed - (seq.processed == 0)
+
     def batchable(self, seq: Sequence) -> bool:
-        """A whole prompt, fresh, short enough, that no follower needs cut short."""
-        return (self.batch_prompt is not None and seq.processed == 0 and seq.prompt_len <= self.batch_prompt
-                and seq.prompt_len - 1 <= self.prefill_chunk
-                and all(f.fork_at == seq.prompt_len for f in seq.followers))
+        """What is left of its prompt fits in one chunk and in one row, and no follower needs it cut short."""
+        return (self.batch_prompt is not None and seq.prompt_len - seq.processed <= self.batch_prompt
+                and self.rest(seq) <= self.prefill_chunk and all(f.fork_at == seq.prompt_len for f in seq.followers))
 
     def plan(self) -> Plan:
         decode, first, prefill = [], [], None  # one pass: this runs at every step, over every sequence
@@ -178,14 +181,14 @@ class Scheduler:
             elif s.status is Status.PREFILLING and s.leader is None:
                 if prefill is None:
                     prefill = s
-                    batch, budget = ([s], s.prompt_len - 1) if self.batchable(s) else ([], 0)
-                elif batch and budget + s.prompt_len - 1 <= self.prefill_chunk and self.batchable(s):
+                    batch, budget = ([s], self.rest(s)) if self.batchable(s) else ([], 0)
+                elif batch and budget + self.rest(s) <= self.prefill_chunk and self.batchable(s):
                     batch.append(s)
-                    budget += s.prompt_len - 1
+                    budget += self.rest(s)
         if prefill is None:
             return Plan(decode, None, first=first)
         if len(batch) > 1:
-            return Plan(decode, prefill, (0, prefill.prompt_len), first, batch)
+            return Plan(decode, prefill, (prefill.processed, prefill.prompt_len), first, batch)
         # prefill_chunk counts prompt bytes: BOS rides with the first chunk (a 1,024-byte prompt is two
         # chunks of 512, not three with a last one of one byte, a whole step longer to the first byte)
         end = min(prefill.processed + self.prefill_chunk + (prefill.processed == 0), prefill.prompt_len)

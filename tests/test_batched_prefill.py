@@ -31,9 +31,9 @@ def batches_of(engine: Engine) -> list[int]:
     """Record the rows of every batched prefill the engine runs."""
     rows, start = [], engine.runner.prefill_batch_start
 
-    def recorded(slots, prompts, transfer):
-        rows.append(len(prompts))
-        return start(slots, prompts, transfer)
+    def recorded(slots, chunks, *rest):
+        rows.append(len(chunks))
+        return start(slots, chunks, *rest)
 
     engine.runner.prefill_batch_start = recorded
     return rows
@@ -94,13 +94,24 @@ def test_scores_choices_and_an_abort_in_a_batch(models):
         assert got[rid] == run_engine(Engine(model), {rid: (prompt, params)})[rid][0]
 
 
-def test_long_or_resumed_prompts_are_not_batched(models):
-    """A prompt longer than the windows (its padding could wrap a ring buffer) or than the budget, and one
-    that resumes from a finished request's slot, prefill on their own."""
+def test_the_rests_of_long_and_resumed_prompts_are_prefilled_together(models):
+    """A long prompt's first chunks go alone; what is left of it, and of a prompt that resumed from a
+    finished request's slot (a next turn), goes with others as rows of one batch: rows that start
+    after cached positions, with an open patch, whose padding must not touch their ring buffers."""
     model = models["1b"]
-    engine = Engine(model, max_batch_size=4, prefill_chunk=256)
-    rows = batches_of(engine)
-    run_engine(engine, {"a": (PARITY_TEXT[:200], SamplingParams(max_bytes=4, **GREEDY))})
-    long = {"x": PARITY_TEXT[:600], "y": PARITY_TEXT[:300] + b"!", "z": PARITY_TEXT[:200] + b" and on"}
-    out = run_engine(engine, {rid: (p, SamplingParams(max_bytes=8, **GREEDY)) for rid, p in long.items()})
-    assert rows == [] and out["z"][1].usage.shared_prompt_bytes > 0
+    prompts = {"x": PARITY_TEXT[:600], "y": PARITY_TEXT[:300] + b"!", "z": PARITY_TEXT[:200] + b" and on"}
+    outs = {}
+    for together in (True, False):
+        engine = Engine(model, max_batch_size=4, prefill_chunk=256)
+        rows = batches_of(engine)
+        if not together:
+            engine.scheduler.batch_prompt = None
+        run_engine(engine, {"a": (PARITY_TEXT[:200], SamplingParams(max_bytes=4, **GREEDY))})
+        outs[together] = run_engine(engine, {rid: (p, SamplingParams(max_bytes=30, **GREEDY))
+                                             for rid, p in prompts.items()})
+        assert bool(rows) == together and outs[together]["z"][1].usage.shared_prompt_bytes > 0
+    for rid, prompt in prompts.items():
+        got, final = outs[True][rid]
+        assert got == outs[False][rid][0]
+        replay_full_recompute(model, prompt, SamplingParams(max_bytes=30, **GREEDY), 0, got)
+        assert final.usage.prompt_patches == len(reference_patch_lengths(model, encode(prompt)))
