@@ -34,7 +34,7 @@ from .fused import CompiledOps
 from .gemv import GemvOps
 from .kernels import resolve, sampling_kernel
 from .model.blt import BltModel
-from .runner import BatchStart, ChunkResult, ChunkStart, PromptScores, Runner, Sampled
+from .runner import ChunkResult, PrefillStart, PromptScores, Runner, Sampled
 from .sampling import SamplingParams
 from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
 from .sharing import PromptSharing
@@ -79,7 +79,7 @@ class Queued:
 
     plan: Plan
     transfer: HostTransfer
-    chunk: ChunkStart | BatchStart | None
+    chunk: PrefillStart | None
     decoded: Callable[[], Sampled] | None
     firsts: Callable[[], Sampled] | None
     outputs: list[StepOutput]  # known without the device: admitted requests with max_bytes=0
@@ -225,13 +225,10 @@ class Engine:
         plan = self.scheduler.plan()
         transfer = HostTransfer()
         chunk = None
-        if plan.batch:
-            rows = plan.batch
-            chunk = self.runner.prefill_batch_start([s.slot for s in rows], [s.ids[s.processed:] for s in rows],
-                                                    [s.processed for s in rows], transfer)
-        elif plan.prefill is not None:
-            start, end = plan.chunk
-            chunk = self.runner.prefill_start(plan.prefill.slot, plan.prefill.ids[start:end], start, transfer)
+        if plan.prefill is not None:
+            rows = self._prefill_rows(plan)
+            chunk = self.runner.prefill_start([s.slot for s, _, _ in rows], [s.ids[a:b] for s, a, b in rows],
+                                              [a for _, a, _ in rows], transfer)
         decoded = self._decode(plan.decode, transfer) if plan.decode else None
         scored = {s.request_id: self._prompt_scores(s, transfer) for s in plan.first if s.scores_prompt}
         scored_only = [s for s in plan.first if s.params.max_bytes == 0]
@@ -278,22 +275,24 @@ class Engine:
             s.processed += 1
         return sampled
 
-    def _prefill_finish(self, plan: Plan, chunk: ChunkStart | BatchStart, transfer: HostTransfer) -> None:
-        if plan.batch:  # every row is finished (an aborted one's slot takes writes that no later reader sees)
-            scoring = [s.ids[s.processed + 1:s.prompt_len] if s.scores_prompt else None for s in plan.batch]
-            results = self.runner.prefill_batch_finish(chunk, transfer, [s.num_patches for s in plan.batch],
-                                                       [s.open_len for s in plan.batch], scoring,
-                                                       [s.params.prompt_logprobs or 0 for s in plan.batch])
-            for seq, start, result in zip(plan.batch, chunk.starts, results):
-                if seq.status is Status.PREFILLING:  # else aborted during the step
-                    self._prefilled(seq, start, seq.prompt_len, result)
-            return
-        seq, (start, end) = plan.prefill, plan.chunk
-        if seq.status is not Status.PREFILLING:  # aborted during the step
-            return
-        targets = seq.ids[start + 1:min(end + 1, seq.prompt_len)] if seq.scores_prompt else None
-        self._prefilled(seq, start, end, self.runner.prefill_finish(chunk, transfer, seq.num_patches, seq.open_len,
-                                                                    targets, seq.params.prompt_logprobs or 0))
+    @staticmethod
+    def _prefill_rows(plan: Plan) -> list[tuple[Sequence, int, int]]:
+        """(sequence, start, end) of each row of the step's prefill: the chunk, or the batch's rests."""
+        if plan.batch:
+            return [(s, s.processed, s.prompt_len) for s in plan.batch]
+        return [(plan.prefill, *plan.chunk)]
+
+    def _prefill_finish(self, plan: Plan, chunk: PrefillStart, transfer: HostTransfer) -> None:
+        """Every row is finished: one aborted during the step leaves writes in its freed slot that no
+        later reader sees (a new occupant's prefill starts over), and is not bookkept."""
+        rows = self._prefill_rows(plan)
+        scoring = [s.ids[a + 1:min(b + 1, s.prompt_len)] if s.scores_prompt else None for s, a, b in rows]
+        results = self.runner.prefill_finish(chunk, transfer, [s.num_patches for s, _, _ in rows],
+                                             [s.open_len for s, _, _ in rows], scoring,
+                                             [s.params.prompt_logprobs or 0 for s, _, _ in rows])
+        for (seq, start, end), result in zip(rows, results):
+            if seq.status is Status.PREFILLING:  # else aborted during the step
+                self._prefilled(seq, start, end, result)
 
     def _prefilled(self, seq: Sequence, start: int, end: int, result: ChunkResult) -> None:
         """A prefill chunk of positions [start, end) is done: its patches, scores and first logits."""

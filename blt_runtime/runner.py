@@ -1,8 +1,8 @@
 """The only code that builds tensors and launches kernels for a generation step (spec section 6).
 
 Two step kinds, both built from the same cached pieces:
-- `prefill_start`/`prefill_finish`: one sequence, T new positions in parallel (a prompt, in chunks);
-  or `prefill_batch_start`/`prefill_batch_finish`: the short rests of B sequences' prompts at once.
+- `prefill_start`/`prefill_finish`: T new positions in parallel of one sequence (a prompt, in chunks),
+  or of several as the rows of one padded batch (the short rests of their prompts).
 - `decode`: B sequences, one position each.
 Per position: an entropy-model step, a local-encoder step, and a local-decoder step; when a patch
 completes, its bytes are pooled and cross-attended, and the global model takes one step for that
@@ -62,23 +62,10 @@ class PromptScores:
 
 
 @dataclass
-class ChunkStart:
-    """A prefill chunk between its two halves (see Runner.prefill_start)."""
-
-    slot: int
-    slots: torch.Tensor
-    start: int
-    closes: torch.Tensor  # (T,) bool on the device
-    byte_states: torch.Tensor
-    positions: Positions
-    handle: int  # of `closes` in the step's transfer
-
-
-@dataclass
-class BatchStart:
-    """The rest of the prompts of several sequences, prefilled together as rows of one batch, between
-    the two halves of their prefill (Runner.prefill_batch_start): each row is right-padded to the
-    longest, and causal attention keeps every real position from seeing the padding after it."""
+class PrefillStart:
+    """Prefill chunks of one or more sequences, the rows of one batch, between the two halves of their
+    prefill (Runner.prefill_start): each row is right-padded to the longest, and causal attention
+    keeps every real position from seeing the padding after it."""
 
     slots: torch.Tensor  # (B,)
     read_slots: slice | None  # the same as a slice when they are consecutive
@@ -534,48 +521,6 @@ class Runner:
     def _tensor(self, values, dtype=torch.long) -> torch.Tensor:
         return host_tensor(values, dtype, self.model.device)
 
-    def prefill_start(self, slot: int, ids: list[int], start: int, transfer: HostTransfer) -> ChunkStart:
-        """Positions start .. start+len(ids)-1 of one sequence, in parallel: the entropy model and the
-        encoder. The chunk's patch boundaries come to the host with the step's transfer; then
-        `prefill_finish` runs the global steps and the decoder."""
-        T, slots, lengths, x = len(ids), self._tensor([slot]), self._tensor([start]), self._tensor([ids])
-        rs = slice(slot, slot + 1)  # one row: caches are read in place
-        entropy = self.entropies(x, slots, lengths, start, rs)
-        closes = self.boundary_flags(entropy[0], torch.arange(start, start + T, device=x.device))
-        byte_states, positions = self.encode(x, slots, lengths, start, rs)
-        return ChunkStart(slot, slots, start, closes, byte_states, positions, transfer.add(closes))
-
-    def prefill_finish(self, chunk: ChunkStart, transfer: HostTransfer, num_patches: int, open_len: int,
-                       targets: list[int] | None = None, top_n: int = 0) -> ChunkResult:
-        """The chunk's completed patches through the global model, then the decoder over its bytes.
-        `targets`: the ids that follow its first len(targets) positions, to score (PromptScores, with
-        the top `top_n` of each row)."""
-        slot, slots, closes, byte_states = chunk.slot, chunk.slots, chunk.closes, chunk.byte_states
-        T, rs = byte_states.shape[1], slice(slot, slot + 1)
-        flags = [v > 0 for v in transfer.get(chunk.handle)]
-        ends = [i for i, f in enumerate(flags) if f]
-        tables, slot_patch = self.latest_tables(slots), torch.zeros(1, T, dtype=torch.long, device=closes.device)
-        self.open_patch.reserve(open_len + T)
-        if ends:
-            closed_before = closes.long().cumsum(0)
-            states = torch.cat([self.open_patch.data[slot, :open_len], byte_states[0]])
-            pids = torch.cat([closes.new_zeros(open_len, dtype=torch.long), closed_before - closes.long()])
-            vecs = self.model.local_encoder.patch_slots(states[None], pids[None], len(ends) + 1,
-                                                        blocked=False)[:, :len(ends)]
-            new = self.global_step(vecs, slots, self._tensor([num_patches]), num_patches, read_slots=rs)
-            tables = [(torch.cat([lk, k], 2), torch.cat([lv, v], 2)) for (lk, lv), k, v in zip(tables, new[0], new[1])]
-            slot_patch = closed_before[None]  # byte i reads the newest patch closed at or before i
-            self.store_latest(slots, new)
-            tail = byte_states[:, ends[-1] + 1:]
-            open_len = 0
-        else:
-            tail = byte_states
-        if tail.shape[1]:
-            self.open_patch.write(slots, self._tensor([open_len]), tail)
-        h = self.decode_bytes(byte_states, chunk.positions, tables, slot_patch, chunk.start)
-        scores = self.score(h[0, :len(targets)], targets, top_n) if targets else None
-        return ChunkResult(flags, len(ends), open_len + tail.shape[1], self.logits(h[:, -1]), scores)
-
     def score(self, h: torch.Tensor, targets: list[int], top_n: int) -> PromptScores:
         """(t, d) normed decoder states, the ids that follow them -> their PromptScores."""
         return self.score_logits(self.logits(h), targets, top_n)
@@ -600,34 +545,36 @@ class Runner:
         return parts
 
     def batch_window(self) -> int | None:
-        """The most positions a row of prefill_batch_start takes: more would wrap a ring buffer onto the
-        row's own new entries (None: no stack has a window)."""
+        """The most positions a row of a padded batch (prefill_start) takes: more would wrap a ring buffer
+        onto the row's own new entries (None: no stack has a window)."""
         windows = [c.window for c in (self.entropy_kv, self.encoder_kv, self.decoder_kv) if c.window is not None]
         return min(windows) if windows else None
 
-    def prefill_batch_start(self, slots: list[int], chunks: list[list[int]], starts: list[int],
-                            transfer: HostTransfer) -> BatchStart:
-        """The rest of the prompts of several sequences (chunks[b]: positions starts[b].., each at most
-        batch_window() of them) as the rows of one batch: the entropy model and the encoder. Rows are
-        right-padded with their last id: causal attention keeps every real position from seeing the
-        padding after it, and the padding's cache entries go to the scratch slot."""
+    def prefill_start(self, slots: list[int], chunks: list[list[int]], starts: list[int],
+                      transfer: HostTransfer) -> PrefillStart:
+        """Positions starts[b] .. starts[b] + len(chunks[b]) - 1 of each sequence, in parallel: the entropy
+        model and the encoder. Several rows are right-padded with their last id (each at most
+        batch_window() positions): causal attention keeps every real position from seeing the padding
+        after it, and the padding's cache entries go to the scratch slot. The patch boundaries come to
+        the host with the step's transfer; then `prefill_finish` runs the global steps and the decoder."""
         T = max(len(c) for c in chunks)
         x = self._tensor([c + c[-1:] * (T - len(c)) for c in chunks])
         s, n, rs = self._tensor(slots), self._tensor(starts), consecutive(slots)
-        ends = self._tensor([len(c) for c in chunks])
-        real = torch.arange(T, device=x.device)[None, :] < ends[:, None]
+        padded = any(len(c) < T for c in chunks)
+        ends = self._tensor([len(c) for c in chunks]) if padded else None
+        real = torch.arange(T, device=x.device)[None, :] < ends[:, None] if padded else None
         entropy = self.entropies(x, s, n, max(starts), rs, min(starts), real)
         closes = self.boundary_flags(entropy, n[:, None] + torch.arange(T, device=x.device)[None, :])
         byte_states, positions = self.encode(x, s, n, max(starts), rs, min(starts), ends=ends)
-        return BatchStart(s, rs, starts, [len(c) for c in chunks], closes & real, byte_states, positions,
-                          transfer.add(closes))
+        return PrefillStart(s, rs, starts, [len(c) for c in chunks], closes if real is None else closes & real,
+                            byte_states, positions, transfer.add(closes))
 
-    def prefill_batch_finish(self, batch: BatchStart, transfer: HostTransfer, num_patches: list[int],
-                             open_lens: list[int], targets: list[list[int] | None],
-                             top_n: list[int]) -> list[ChunkResult]:
+    def prefill_finish(self, batch: PrefillStart, transfer: HostTransfer, num_patches: list[int],
+                       open_lens: list[int], targets: list[list[int] | None], top_n: list[int]) -> list[ChunkResult]:
         """Each row's completed patches, its open patch's earlier bytes first, through the global model
-        (rows padded to the most patches of a row), then the decoder; a ChunkResult per row (`targets`,
-        `top_n`: as prefill_finish's, per row)."""
+        (rows padded to the most patches of a row), then the decoder. -> a ChunkResult per row.
+        `targets[b]`: the ids that follow row b's first len(targets[b]) positions, to score
+        (PromptScores, with the top `top_n[b]` of each position), or None."""
         s, lengths, byte_states, closes = batch.slots, batch.lengths, batch.byte_states, batch.closes
         B, T, d = byte_states.shape
         k, dev = self.cfg.cross_attn_k, s.device

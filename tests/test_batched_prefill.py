@@ -1,7 +1,7 @@
-"""Whole short prompts prefilled together (Scheduler.batchable, Runner.prefill_batch_start/finish): fresh
-prompts that arrive together go through the models as the rows of one padded batch, instead of one
-per step, and every request's bytes, patches and prompt scores are what it gets alone and what full
-recompute gives.
+"""Short rests of prompts prefilled together (Scheduler.batchable, Runner.prefill_start with several rows):
+new short prompts that arrive together, the ends of long ones, the parts after a shared prefix or a
+resumed slot go through the models as the rows of one padded batch, instead of one per step, and every
+request's bytes, patches and prompt scores are what it gets alone and what full recompute gives.
 
 CPU, fp32, random tiny models.
 """
@@ -28,14 +28,15 @@ def models(hf_checkpoint):
 
 
 def batches_of(engine: Engine) -> list[int]:
-    """Record the rows of every batched prefill the engine runs."""
-    rows, start = [], engine.runner.prefill_batch_start
+    """Record the rows of every prefill of several sequences that the engine runs."""
+    rows, start = [], engine.runner.prefill_start
 
     def recorded(slots, chunks, *rest):
-        rows.append(len(chunks))
+        if len(chunks) > 1:
+            rows.append(len(chunks))
         return start(slots, chunks, *rest)
 
-    engine.runner.prefill_batch_start = recorded
+    engine.runner.prefill_start = recorded
     return rows
 
 

@@ -202,12 +202,12 @@ def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops):
     joins = {"r0": 0, "r1": 0, "r2": 2}
     triton = Engine(model, max_batch_size=4, prefill_chunk=80, static=True, kernels=kernels)  # r0, r1 together
     assert triton.kernels == kernels and type(triton.runner.ops) is ops
-    batches, start = [], triton.runner.prefill_batch_start
-    triton.runner.prefill_batch_start = lambda *a: batches.append(len(a[1])) or start(*a)
+    batches, start = [], triton.runner.prefill_start
+    triton.runner.prefill_start = lambda *a: batches.append(len(a[1])) or start(*a)
     got = run_engine(triton, requests, joins)
     want = run_engine(Engine(model, max_batch_size=4, prefill_chunk=80, static=True, kernels="torch"),
                       requests, joins)
-    assert batches == [2]  # the first two prompts went through the kernels as the rows of one batch
+    assert max(batches) == 2  # the first two prompts went through the kernels as the rows of one batch
     for rid in requests:
         assert got[rid][0] == want[rid][0], rid
         assert got[rid][1].usage == want[rid][1].usage, rid

@@ -104,22 +104,17 @@ def counting_prefill(monkeypatch) -> tuple[list[int], list[int]]:
     """Record the number of positions each prefill chunk (or row of a batched prefill) runs, and the open
     patch's bytes at each copy."""
     chunks, open_lens = [], []
-    prefill_start, batch_start, share_prompt = Runner.prefill_start, Runner.prefill_batch_start, Runner.share_prompt
+    prefill_start, share_prompt = Runner.prefill_start, Runner.share_prompt
 
-    def counted_prefill_start(self, slot, ids, start, transfer):
-        chunks.append(len(ids))
-        return prefill_start(self, slot, ids, start, transfer)
-
-    def counted_batch_start(self, slots, rows, starts, transfer):
+    def counted_prefill_start(self, slots, rows, starts, transfer):
         chunks.extend(len(r) for r in rows)
-        return batch_start(self, slots, rows, starts, transfer)
+        return prefill_start(self, slots, rows, starts, transfer)
 
     def counted_share_prompt(self, source, target, length, num_patches, open_len):
         open_lens.append((length, open_len))
         share_prompt(self, source, target, length, num_patches, open_len)
 
     monkeypatch.setattr(Runner, "prefill_start", counted_prefill_start)
-    monkeypatch.setattr(Runner, "prefill_batch_start", counted_batch_start)
     monkeypatch.setattr(Runner, "share_prompt", counted_share_prompt)
     return chunks, open_lens
 
