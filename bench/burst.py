@@ -1,5 +1,5 @@
 """A burst of requests with short prompts arriving together: time to each one's first byte, with the
-prompts prefilled together (whole short prompts as the rows of one batch, the default) and one per step.
+prompts prefilled together (as the rows of one padded batch, the default) and one per step.
 
     python bench/burst.py [--model DIR] [--device cpu|cuda] [--requests 16] [--prompt-bytes 50,200]
                           [--bytes 32] [--rounds 3]

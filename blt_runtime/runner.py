@@ -606,8 +606,8 @@ class Runner:
             keep = (done > 0)[None, None, :, None, None, None]
             self.latest[:, :, s] = torch.where(keep, newest, self.latest[:, :, s])  # rows that closed none keep theirs
         after = []  # each row's open patch after its chunk
-        for b, (n, last, o) in enumerate(zip(lengths, lasts, open_lens)):
-            start, kept = (last + 1, 0) if last >= 0 else (0, o)
+        for b, (n, close, o) in enumerate(zip(lengths, lasts, open_lens)):
+            start, kept = (close + 1, 0) if close >= 0 else (0, o)
             self.open_patch.reserve(kept + n - start)
             if n > start:
                 self.open_patch.write(s[b:b + 1], self._tensor([kept]), byte_states[b:b + 1, start:n])

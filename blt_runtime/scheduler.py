@@ -172,7 +172,7 @@ class Scheduler:
 
     def plan(self) -> Plan:
         decode, first, prefill = [], [], None  # one pass: this runs at every step, over every sequence
-        batch, budget = [], 0  # the prefill's batch, if it is a whole short prompt: others like it join
+        batch, budget = [], 0  # the prefill's batch, if what is left of its prompt is short: others like it join
         for s in self.active:
             if s.status is Status.RUNNING:
                 decode.append(s)
