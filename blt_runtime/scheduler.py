@@ -7,7 +7,8 @@ one step (its first byte is sampled with the next step's other work), then RUNNI
 step), then FINISHED. A PREFILLING sequence with a `leader` is not prefilled: it waits until the
 leader's prefill reaches the end of the prefix their prompts share (`fork_at`, where the leader's
 chunk is cut), and takes a copy of its state (sharing.py); one admitted into a slot that holds a
-prefix of its prompt starts with `processed` > 0.
+prefix of its prompt starts with `processed` > 0; one whose prefill keeps a copy of its state for
+later prompts is cut there too (`keep_at`).
 Stops are decided here on bytes: EOS, stop strings, the byte limit (with up to three more bytes to
 finish a UTF-8 character) and the model's context.
 """
@@ -69,6 +70,7 @@ class Sequence:
     fork_at: int = 0  # with a leader: the positions (BOS included) it will copy, those the prompts share
     followers: list[Sequence] = field(default_factory=list, repr=False, compare=False)  # who wait for this one
     shared: int = 0  # positions of its prompt whose state came from a leader or a retained slot
+    keep_at: int = 0  # if more than `processed`: its prefill is cut there, and a copy of the state kept (sharing.py)
     finish_reason: str | None = None
     stop_reason: bytes | None = None
 
@@ -166,9 +168,11 @@ class Scheduler:
         return seq.prompt_len - seq.processed - (seq.processed == 0)
 
     def batchable(self, seq: Sequence) -> bool:
-        """What is left of its prompt fits in one chunk and in one row, and no follower needs it cut short."""
+        """What is left of its prompt fits in one chunk and in one row, and neither a follower nor a kept copy
+        needs it cut short."""
         return (self.batch_prompt is not None and seq.prompt_len - seq.processed <= self.batch_prompt
-                and self.rest(seq) <= self.prefill_chunk and all(f.fork_at == seq.prompt_len for f in seq.followers))
+                and self.rest(seq) <= self.prefill_chunk and all(f.fork_at == seq.prompt_len for f in seq.followers)
+                and seq.keep_at <= seq.processed)
 
     def plan(self) -> Plan:
         decode, first, prefill = [], [], None  # one pass: this runs at every step, over every sequence
@@ -193,6 +197,8 @@ class Scheduler:
         # chunks of 512, not three with a last one of one byte, a whole step longer to the first byte)
         end = min(prefill.processed + self.prefill_chunk + (prefill.processed == 0), prefill.prompt_len)
         end = min([end] + [f.fork_at for f in prefill.followers])  # a follower copies the state at its fork
+        if prefill.keep_at > prefill.processed:  # and so does a kept prefix (sharing.keep)
+            end = min(end, prefill.keep_at)
         return Plan(decode, prefill, (prefill.processed, end), first)
 
     def remove(self, seq: Sequence) -> None:

@@ -9,8 +9,16 @@ never change when bytes follow), so it can be taken from wherever it already exi
 - from a finished request's slot, which is left as it was (retained) until it is needed: a new
   prompt that begins with everything that sequence ran through its models (its prompt and its
   completion but for the last byte: the next turn of a conversation) takes that slot over and
-  prefills only the rest (`allocate`). Otherwise slots are handed out lowest first as before, what
-  they held or not (dense batches read caches in place, static.py).
+  prefills only the rest (`allocate`).
+- from a kept prefix: a free slot that holds the state after a prefix that a new prompt shared with
+  a request seen before but not all of it (the same system prompt before another conversation). A
+  finished or running request's slot is past that prefix, and a ring buffer keeps only the last
+  window of positions, so its state there is gone: the new prompt's own prefill is cut where the
+  prefixes part, and a copy of its state there is kept (`keep`). A later prompt that begins with it
+  takes a copy in turn, and the prefix stays for the next (`allocate`). At most a quarter of the
+  slots hold kept prefixes; the one used longest ago gives way.
+Slots are handed out lowest first, what they held or not (dense batches read caches in place,
+static.py), except that a slot with a kept prefix goes last.
 A common prefix shorter than MIN_SHARED_PREFIX bytes is not worth a cut chunk: it is shared only
 where it is a whole earlier prompt. A request that scores its prompt (prompt_logprobs) follows only
 a leader that scores its own, and takes the leader's scores up to the fork with the state
@@ -33,11 +41,16 @@ MIN_SHARED_PREFIX = 64  # bytes
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many ids `a` and `b` share from the start."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    """How many ids `a` and `b` share from the start. Bisects with slice comparisons, which run in C: it is
+    asked about every slot a new prompt could share with, on the engine's thread."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; the answer is at most hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def scores_cover(leader: Sequence, seq: Sequence) -> bool:
@@ -50,12 +63,15 @@ def scores_cover(leader: Sequence, seq: Sequence) -> bool:
 
 @dataclass
 class Retained:
-    """What a finished sequence left in its slot: the state after `ids` (positions, BOS included)."""
+    """The state after `ids` (positions, BOS included) that a free slot holds: what a finished sequence
+    left there, or a kept prefix."""
 
     ids: list[int]
     num_patches: int
     open_len: int
     patch_starts: list[int]
+    kept: bool = False  # a kept prefix (`keep`): copied into the slots of the prompts that begin with it
+    used: int = 0  # when a kept prefix was made or last copied (PromptSharing.clock)
 
 
 class PromptSharing:
@@ -65,25 +81,76 @@ class PromptSharing:
         self.first_logits = first_logits  # the engine's: logits a PREFILLED sequence samples its first byte from
         self.unled: list[Sequence] = []  # followers whose leader was aborted: they look again in `look_again`
         self.retained: dict[int, Retained] = {}  # by slot (free in the allocator)
+        self.max_kept = max(1, runner.num_slots // 4)  # slots that may hold kept prefixes
+        self.clock = 0  # counts the kept prefixes' uses, for `Retained.used`
 
-    # ------------------------------------------------------------------ retained slots
+    # ------------------------------------------------------------------ retained slots and kept prefixes
     def allocate(self, seq: Sequence, resume: bool = True) -> int | None:
-        """A slot for a sequence being admitted: with `resume`, a retained one whose state begins its prompt
-        (the longest; the sequence resumes from it), else the lowest free slot."""
+        """A slot for a sequence being admitted. With `resume`, the sequence starts from the longest retained
+        state that begins its prompt: it takes a finished request's slot over, or gets a copy of a kept
+        prefix in the lowest free slot; and where its prompt shares more with a state seen before than
+        that, its prefill will keep a copy of its own state there (`keep_at`). Else the lowest free slot
+        that holds no kept prefix, if any."""
         best = None
-        for slot, kept in self.retained.items() if resume else ():
-            n = len(kept.ids)
+        for slot, held in self.retained.items() if resume else ():
+            n = len(held.ids)
             if (n < seq.prompt_len and n - 1 >= MIN_SHARED_PREFIX and (best is None or n > len(best[1].ids))
-                    and seq.ids[:n] == kept.ids):
-                best = slot, kept
+                    and seq.ids[:n] == held.ids):
+                best = slot, held
+        if best is not None and not best[1].kept:
+            slot = self.slots.take(best[0])
+        else:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            if best is not None and best[0] != slot:  # else the only free slot: taken over, as a finished request's
+                source, held = best
+                self.runner.share_prompt(source, slot, len(held.ids), held.num_patches, held.open_len)
+                self.clock += 1
+                held.used = self.clock
         if best is not None:
-            slot, kept = best
-            del self.retained[slot]
-            seq.resume(len(kept.ids), kept.num_patches, kept.open_len, kept.patch_starts)
-            return self.slots.take(slot)
-        slot = self.slots.allocate()
+            held = best[1]
+            seq.resume(len(held.ids), held.num_patches, held.open_len, held.patch_starts)
+        if resume:
+            self._plan_keep(seq)  # before the slot's own state is gone
         self.retained.pop(slot, None)
         return slot
+
+    def _free_slot(self) -> int | None:
+        """The lowest free slot that holds no kept prefix, else the one whose kept prefix was used longest ago."""
+        free = self.slots.free
+        if not free:
+            return None
+        plain = [s for s in free if not (s in self.retained and self.retained[s].kept)]
+        return self.slots.take(min(plain) if plain else min(free, key=lambda s: self.retained[s].used))
+
+    def _plan_keep(self, seq: Sequence) -> None:
+        """Where its prompt shares more than it resumed with (MIN_SHARED_PREFIX bytes at least) with the state
+        of a retained slot or of a request admitted before, its prefill is cut there and a copy kept. At
+        most up to its prompt's last byte, which it prefills itself: a prompt the same as its own takes
+        the copy, and prefills only that byte for the logits of its first."""
+        at = max([common_prefix(held.ids, seq.ids) for held in self.retained.values()]
+                 + [common_prefix(s.ids, seq.ids) for s in self.scheduler.active], default=0)
+        at = min(at, seq.prompt_len - 1)
+        if at - max(seq.processed, 1) >= MIN_SHARED_PREFIX:
+            seq.keep_at = at
+
+    def keep(self, seq: Sequence) -> None:
+        """Its prefill has reached `keep_at`: copy its state into a free slot as a kept prefix: one that
+        holds nothing, or, with max_kept prefixes held already (or no such slot), the one used longest ago."""
+        at, seq.keep_at = seq.keep_at, 0
+        kept = [s for s in self.slots.free if s in self.retained and self.retained[s].kept]
+        empty = [s for s in self.slots.free if s not in self.retained]
+        if empty and len(kept) < self.max_kept:
+            slot = max(empty)  # allocation takes the lowest first
+        elif kept:
+            slot = min(kept, key=lambda s: self.retained[s].used)
+        else:
+            return
+        self.runner.share_prompt(seq.slot, slot, at, seq.num_patches, seq.open_len)
+        self.clock += 1
+        self.retained[slot] = Retained(seq.ids[:at], seq.num_patches, seq.open_len,
+                                       [s for s in seq.patch_starts if s <= at], kept=True, used=self.clock)
 
     def retain(self, seq: Sequence) -> None:
         """A sequence finishes (not aborted): keep what its slot holds for a prompt that begins with it.
@@ -126,7 +193,10 @@ class PromptSharing:
 
     def prefilled(self, seq: Sequence, last_logits: torch.Tensor) -> None:
         """A prefill chunk of `seq` is done (its fields updated): the followers whose fork it reached
-        take their copies. `last_logits`: the chunk's at its last position."""
+        take their copies, and a copy is kept if it reached `keep_at`. `last_logits`: the chunk's at its
+        last position."""
+        if seq.keep_at and seq.keep_at == seq.processed:
+            self.keep(seq)
         for follower in [f for f in seq.followers if f.fork_at == seq.processed]:
             self._fork(seq, follower, last_logits)
 
@@ -136,6 +206,10 @@ class PromptSharing:
         leader.followers.remove(seq)
         seq.leader, seq.fork_at = None, 0
         seq.resume(at, leader.num_patches, leader.open_len, leader.patch_starts)
+        if seq.keep_at == at:
+            self.keep(seq)
+        elif seq.keep_at < at:  # its state jumped past it
+            seq.keep_at = 0
         if seq.scores_prompt:
             seq.prompt_scores = self.runner.fork_scores(leader.prompt_scores, at, last_logits,
                                                         seq.ids[at] if at < seq.prompt_len else None,

@@ -22,7 +22,7 @@ from blt_runtime.engine import Engine
 from blt_runtime.patcher import patch_starts
 from blt_runtime.runner import Runner
 from blt_runtime.sampling import SamplingParams
-from blt_runtime.sharing import MIN_SHARED_PREFIX
+from blt_runtime.sharing import MIN_SHARED_PREFIX, PromptSharing
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = PARITY_TEXT[:697]
@@ -100,11 +100,11 @@ def open_patch_bytes(model, prompt: bytes, length: int) -> int:
     return 0 if starts[length] else length - max(t for t in range(length) if starts[t])
 
 
-def counting_prefill(monkeypatch) -> tuple[list[int], list[int]]:
-    """Record the number of positions each prefill chunk (or row of a batched prefill) runs, and the open
-    patch's bytes at each copy."""
-    chunks, open_lens = [], []
-    prefill_start, share_prompt = Runner.prefill_start, Runner.share_prompt
+def counting_prefill(monkeypatch) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    """Record the number of positions each prefill chunk (or row of a batched prefill) runs, (positions,
+    the open patch's bytes) at each copy, and the positions of the copies kept for later prompts."""
+    chunks, open_lens, kept = [], [], []
+    prefill_start, share_prompt, keep = Runner.prefill_start, Runner.share_prompt, PromptSharing.keep
 
     def counted_prefill_start(self, slots, rows, starts, transfer):
         chunks.extend(len(r) for r in rows)
@@ -114,14 +114,20 @@ def counting_prefill(monkeypatch) -> tuple[list[int], list[int]]:
         open_lens.append((length, open_len))
         share_prompt(self, source, target, length, num_patches, open_len)
 
+    def counted_keep(self, seq):
+        copies = len(open_lens)
+        keep(self, seq)
+        kept.extend(length for length, _ in open_lens[copies:])
+
     monkeypatch.setattr(Runner, "prefill_start", counted_prefill_start)
     monkeypatch.setattr(Runner, "share_prompt", counted_share_prompt)
-    return chunks, open_lens
+    monkeypatch.setattr(PromptSharing, "keep", counted_keep)
+    return chunks, open_lens, kept
 
 
 @pytest.mark.parametrize("static, overlap", [(False, False), (True, False), (True, True)])
 def test_shared_prompts_change_no_output(model, monkeypatch, static, overlap):
-    chunks, open_lens = counting_prefill(monkeypatch)
+    chunks, open_lens, kept = counting_prefill(monkeypatch)
     results = {}
     for share in (False, True):
         engine = Engine(model, max_batch_size=8, prefill_chunk=128, static=static, overlap=overlap,
@@ -137,7 +143,9 @@ def test_shared_prompts_change_no_output(model, monkeypatch, static, overlap):
     # each copy takes the open patch the full forward's patches leave at its point; CI's model leaves one
     # open at 401 and 698 (seed 53's closes a patch at all three points, so there that part is not tested)
     assert open_lens == [(length, open_patch_bytes(model, PROMPT, length)) for length, _ in open_lens]
-    assert len(open_lens) == 5
+    # five forks; and where a prompt shares a prefix with one seen before but not all of it, a copy kept
+    # for a later prompt if a slot was free (sibling's 400 bytes; longer's whole PROMPT)
+    assert len(open_lens) == 5 + len(kept) and set(kept) <= {401, 698}
     if MODEL_SEED == 0:
         assert any(o > 0 for _, o in open_lens), "some fork should copy an open patch"
     for rid, (prompt, params) in REQUESTS.items():

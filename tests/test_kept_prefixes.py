@@ -1,0 +1,131 @@
+"""Kept prefixes (sharing.py): a prompt that shares a prefix with a request seen before, but not all of it,
+keeps a copy of its state there, and later prompts that begin with that prefix start from a copy.
+
+CPU, fp32, a random tiny model; the shared prefix runs past the 512-byte window, so that the ring
+buffers have wrapped when the copy is made.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from enginekit import replay_full_recompute
+from factory import PARITY_TEXT
+
+from blt_runtime import load_model
+from blt_runtime.engine import Engine
+from blt_runtime.sampling import SamplingParams
+from blt_runtime.sharing import MIN_SHARED_PREFIX
+
+SYSTEM = PARITY_TEXT[:600] + b"\nQ: "  # the same instructions before every conversation
+QUESTIONS = [b"what comes next?", b"was it so?", b"why not?", b"tell me more.", b"and then?"]
+GREEDY = SamplingParams(max_bytes=24, temperature=0.0, ignore_eos=True, logprobs=1)
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    return load_model(hf_checkpoint("1b")[1])
+
+
+def generate(engine: Engine, rid: str, prompt: bytes, params: SamplingParams = GREEDY,
+             join: tuple[str, bytes] | None = None, join_after: int = 3) -> dict[str, tuple[bytes, list, object]]:
+    """Run `prompt` to its end, and `join` (id, prompt) added after `join_after` steps if given ->
+    {id: (bytes, logprobs of its bytes, last output)}."""
+    engine.add_request(rid, prompt, params)
+    out, logprobs, final, step = {}, {}, {}, 0
+    while engine.has_work():
+        if join is not None and step == join_after:
+            engine.add_request(join[0], join[1], params)
+        for o in engine.step():
+            out[o.request_id] = out.get(o.request_id, b"") + o.new_bytes
+            logprobs.setdefault(o.request_id, []).extend([o.logprobs] if o.logprobs else [])
+            if o.finished:
+                final[o.request_id] = o
+        step += 1
+    return {r: (out[r], logprobs[r], final[r]) for r in final}
+
+
+def kept(engine: Engine) -> dict[int, bytes]:
+    """Slot -> the prompt bytes of the kept prefix it holds."""
+    return {slot: bytes(i - 4 for i in held.ids[1:]) for slot, held in engine.sharing.retained.items() if held.kept}
+
+
+@pytest.mark.parametrize("static, overlap", [(False, False), (True, True)])
+def test_conversations_after_the_same_instructions_start_from_a_kept_copy(model, static, overlap):
+    """The second conversation parts from the first's retained slot after the instructions and the "w"
+    their questions begin with: its prefill keeps a copy there, and the third starts from a copy of
+    it. The fourth shares only the instructions with it: it keeps a copy of its own there, which the
+    fifth starts from. The kept prefixes stay, and every output equals an engine's that shares
+    nothing, and full recompute."""
+    engine = Engine(model, max_batch_size=8, prefill_chunk=128, static=static, overlap=overlap)
+    fresh = Engine(model, max_batch_size=8, prefill_chunk=128, static=static, share_prompts=False)
+    common = len(SYSTEM) + 1  # "w" begins the first three questions
+    for i, question in enumerate(QUESTIONS):
+        prompt = SYSTEM + question
+        got, logprobs, final = generate(engine, f"c{i}", prompt)[f"c{i}"]
+        want, want_logprobs, want_final = generate(fresh, f"c{i}", prompt)[f"c{i}"]
+        assert got == want
+        torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=1e-4)
+        assert final.usage == replace(want_final.usage, shared_prompt_bytes=final.usage.shared_prompt_bytes)
+        replay_full_recompute(model, prompt, GREEDY, 0, got, engine_logprobs=logprobs)
+        assert final.usage.shared_prompt_bytes == [0, 0, common, 0, len(SYSTEM)][i], i
+        assert sorted(kept(engine).values()) == [[], [SYSTEM + b"w"], [SYSTEM + b"w"], [SYSTEM, SYSTEM + b"w"],
+                                                 [SYSTEM, SYSTEM + b"w"]][i], i
+    assert engine.slots.num_free == 8 and not engine.sequences
+
+
+def test_a_copy_is_kept_from_a_running_request_and_from_a_fork(model):
+    """A prompt that shares the instructions with a request still decoding (past them, so it cannot
+    follow it) keeps a copy of its own; one that follows a request still prefilling keeps the copy it
+    forks from."""
+    engine = Engine(model, max_batch_size=8, prefill_chunk=128)
+    out = generate(engine, "a", SYSTEM + QUESTIONS[1], join=("b", SYSTEM + QUESTIONS[3]), join_after=8)
+    assert engine.sequences == {} and out["b"][2].usage.shared_prompt_bytes == 0
+    assert list(kept(engine).values()) == [SYSTEM]
+    engine = Engine(model, max_batch_size=8, prefill_chunk=128)
+    out = generate(engine, "a", SYSTEM + QUESTIONS[1], join=("b", SYSTEM + QUESTIONS[3]), join_after=1)
+    assert out["b"][2].usage.shared_prompt_bytes == len(SYSTEM)  # it followed "a"
+    assert list(kept(engine).values()) == [SYSTEM]
+    fresh = Engine(model, share_prompts=False)
+    assert out["b"][0] == generate(fresh, "b", SYSTEM + QUESTIONS[3])["b"][0]
+
+
+def test_the_same_prompt_again_prefills_its_last_byte_only(model):
+    """A prompt sent again (a retry, another sample) keeps a copy up to its last byte: the next time it
+    is sent, that byte alone is prefilled, for the logits of its first."""
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128)
+    prompt = SYSTEM + QUESTIONS[0]
+    shared = [generate(engine, f"r{i}", prompt)[f"r{i}"][2].usage.shared_prompt_bytes for i in range(3)]
+    assert shared == [0, 0, len(prompt) - 1]
+    assert list(kept(engine).values()) == [prompt[:-1]]
+
+
+def test_kept_prefixes_give_way(model):
+    """A kept prefix's slot is handed out last; at most a quarter of the slots hold kept prefixes, and a
+    new one takes the place of the one used longest ago; a prefix too short is not kept."""
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128)  # one kept prefix at most
+    generate(engine, "a", SYSTEM + QUESTIONS[1])
+    generate(engine, "b", SYSTEM + QUESTIONS[3])
+    assert kept(engine) == {3: SYSTEM}
+    other = PARITY_TEXT[700:900]
+    generate(engine, "c", other, join=("d", other + b"and on"), join_after=0)  # d follows c, and keeps the copy
+    assert kept(engine) == {3: other}  # the newest in the place of the older
+    assert generate(engine, "e", other + b"and so")["e"][2].usage.shared_prompt_bytes == len(other)
+    generate(engine, "f", PARITY_TEXT[:MIN_SHARED_PREFIX - 1] + b"#" * 100)
+    generate(engine, "g", PARITY_TEXT[:MIN_SHARED_PREFIX - 1] + b"%" * 100)
+    assert kept(engine) == {3: other}
+    for rid in "hijk":  # four at once: the last one takes the kept prefix's slot
+        engine.add_request(rid, PARITY_TEXT[1000:1100] + rid.encode(), GREEDY)
+    engine.step()
+    assert kept(engine) == {} and engine.slots.num_free == 0
+
+
+def test_requests_that_score_their_prompts_neither_keep_nor_take_copies(model):
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128)
+    scoring = replace(GREEDY, prompt_logprobs=1)
+    generate(engine, "a", SYSTEM + QUESTIONS[1])
+    generate(engine, "b", SYSTEM + QUESTIONS[3], scoring)
+    assert kept(engine) == {}
+    generate(engine, "c", SYSTEM + QUESTIONS[4])
+    assert kept(engine) == {3: SYSTEM}
+    assert generate(engine, "d", SYSTEM + QUESTIONS[0], scoring)["d"][2].usage.shared_prompt_bytes == 0
