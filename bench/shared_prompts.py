@@ -2,7 +2,7 @@
 
     python bench/shared_prompts.py [--model DIR] [--device cpu|cuda] [--dtype float32|bfloat16]
                                    [--prompt-bytes 1024] [--n 1,4,8] [--bytes 32] [--repeats 3]
-                                   [--suffix-bytes 0]
+                                   [--suffix-bytes 0] [--conversations 4]
 
 For each n, n requests with one English prompt, each sampling with its own seed (as /v1/completions
 adds the n choices of a completion; with `--suffix-bytes K`, each prompt followed by K bytes of its
@@ -12,8 +12,13 @@ first byte (`first_bytes_ms_*`), the time until all are done (`all_done_ms_*`), 
 the two engines' first-byte times (`first_bytes_speedup_*`, off over on). Then a conversation's
 next turn: one request with the prompt, and when it is done, one with the prompt, its completion and
 `--suffix-bytes` (at least 64) more bytes, which resumes in the slot the first left
-(`next_turn_first_byte_ms`, `_unshared`: until its first byte). `outputs_equal` says whether both
-engines gave every request the same bytes. JSON line last. Needs only torch.
+(`next_turn_first_byte_ms`, `_unshared`: until its first byte). Then `--conversations` new
+conversations one after another, each the prompt as instructions and a question of its own: the
+second keeps a copy of the instructions' state, and the later ones start from it
+(`conversations_first_byte_ms`, `_unshared`: until the first byte of the third and later ones).
+Every run's prompt is the text turned round to start elsewhere, so that nothing one run leaves
+serves the next. `outputs_equal` says whether both engines gave every request the same bytes. JSON
+line last. Needs only torch.
 """
 
 from __future__ import annotations
@@ -55,6 +60,12 @@ def run(engine: Engine, prompt: bytes, n: int, n_bytes: int, device: str, round_
     return 1000 * first, 1000 * (time.perf_counter() - start), [bytes(b) for b in out]
 
 
+def turned(text: bytes, i: int) -> bytes:
+    """`text` turned round to start at a point of its own for each i (same length)."""
+    at = (i * 97) % len(text)
+    return text[at:] + text[:at]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -65,11 +76,12 @@ def main() -> None:
     ap.add_argument("--bytes", type=int, default=32, help="bytes each choice generates")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--suffix-bytes", type=int, default=0, help="bytes of its own after each request's prompt")
+    ap.add_argument("--conversations", type=int, default=4, help="new conversations after the same instructions")
     args = ap.parse_args()
     model = load_model(args.model, args.device, args.dtype)
     ns = [int(x) for x in args.n.split(",")]
     k = args.suffix_bytes
-    text = prompt_text(args.prompt_bytes + max(k * max(ns), 64))
+    text = prompt_text(args.prompt_bytes + max(k * max(ns), 64 * args.conversations, 64))
     prompt, rest = text[:args.prompt_bytes], text[args.prompt_bytes:]
     suffixes = [rest[i * k:(i + 1) * k] for i in range(max(ns))] if k else None
     engines = {share: Engine(model, max_batch_size=max(ns), share_prompts=share) for share in (True, False)}
@@ -77,22 +89,34 @@ def main() -> None:
         run(engine, prompt[:64], max(ns), 4, args.device, -1)
     times = {(share, n): ([], []) for share in engines for n in ns}
     next_turn: dict[bool, list[float]] = {True: [], False: []}
-    equal = True
+    conversations: dict[bool, list[float]] = {True: [], False: []}
+    questions = [f"{i}. ".encode() + rest[i * 64:(i + 1) * 64] for i in range(args.conversations)]
+    equal, runs = True, 0
     for r in range(args.repeats):
         for n in ns:
-            outputs = {}
+            outputs, runs = {}, runs + 1
             for share, engine in engines.items():
-                first, done, outputs[share] = run(engine, prompt, n, args.bytes, args.device, r, suffixes)
+                first, done, outputs[share] = run(engine, turned(prompt, runs), n, args.bytes, args.device, r,
+                                                  suffixes)
                 times[share, n][0].append(first)
                 times[share, n][1].append(done)
             equal &= outputs[True] == outputs[False]
-        turns = {}
+        turns, runs = {}, runs + 1
         for share, engine in engines.items():
-            _, _, (answer,) = run(engine, prompt, 1, args.bytes, args.device, f"{r}-turn-1")
-            first, _, turns[share] = run(engine, prompt + answer + rest[:max(k, 64)], 1, args.bytes, args.device,
-                                         f"{r}-turn-2")
+            _, _, (answer,) = run(engine, turned(prompt, runs), 1, args.bytes, args.device, f"{r}-turn-1")
+            first, _, turns[share] = run(engine, turned(prompt, runs) + answer + rest[:max(k, 64)], 1, args.bytes,
+                                         args.device, f"{r}-turn-2")
             next_turn[share].append(first)
         equal &= turns[True] == turns[False]
+        runs += 1
+        for i, question in enumerate(questions):
+            answers = {}
+            for share, engine in engines.items():
+                first, _, answers[share] = run(engine, turned(prompt, runs) + question, 1, args.bytes, args.device,
+                                               f"{r}-conversation-{i}")
+                if i >= 2:
+                    conversations[share].append(first)
+            equal &= answers[True] == answers[False]
     result = {}
     print(f"{'n':>3} {'sharing':>8} {'first bytes ms':>15} {'all done ms':>12}")
     for n in ns:
@@ -109,6 +133,13 @@ def main() -> None:
         result[key] = round(statistics.median(next_turn[share]), 2)
     print(f"next turn, first byte: {result['next_turn_first_byte_ms']:.1f} ms shared, "
           f"{result['next_turn_first_byte_ms_unshared']:.1f} ms each its own")
+    if args.conversations > 2:
+        for share in (True, False):
+            key = "conversations_first_byte_ms" + ("" if share else "_unshared")
+            result[key] = round(statistics.median(conversations[share]), 2)
+        print(f"a new conversation after the same instructions, first byte: "
+              f"{result['conversations_first_byte_ms']:.1f} ms shared, "
+              f"{result['conversations_first_byte_ms_unshared']:.1f} ms each its own")
     result["outputs_equal"] = equal
     print(json.dumps(result))
 

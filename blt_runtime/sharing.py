@@ -14,9 +14,9 @@ never change when bytes follow), so it can be taken from wherever it already exi
   a request seen before but not all of it (the same system prompt before another conversation). A
   finished or running request's slot is past that prefix, and a ring buffer keeps only the last
   window of positions, so its state there is gone: the new prompt's own prefill is cut where the
-  prefixes part, and a copy of its state there is kept (`keep`). A later prompt that begins with it
-  takes a copy in turn, and the prefix stays for the next (`allocate`). At most a quarter of the
-  slots hold kept prefixes; the one used longest ago gives way.
+  prefixes part, and a copy of its state there is kept (`keep`) in the highest free slot. A later
+  prompt that begins with it takes a copy in turn, and the prefix stays for the next (`allocate`).
+  At most a quarter of the slots hold kept prefixes; the one used longest ago gives way.
 Slots are handed out lowest first, what they held or not (dense batches read caches in place,
 static.py), except that a slot with a kept prefix goes last.
 A common prefix shorter than MIN_SHARED_PREFIX bytes is not worth a cut chunk: it is shared only
@@ -82,7 +82,7 @@ class PromptSharing:
         self.unled: list[Sequence] = []  # followers whose leader was aborted: they look again in `look_again`
         self.retained: dict[int, Retained] = {}  # by slot (free in the allocator)
         self.max_kept = max(1, runner.num_slots // 4)  # slots that may hold kept prefixes
-        self.clock = 0  # counts the kept prefixes' uses, for `Retained.used`
+        self.clock = 0  # counts kept prefixes made and copied, for `Retained.used`
 
     # ------------------------------------------------------------------ retained slots and kept prefixes
     def allocate(self, seq: Sequence, resume: bool = True) -> int | None:
@@ -136,13 +136,16 @@ class PromptSharing:
             seq.keep_at = at
 
     def keep(self, seq: Sequence) -> None:
-        """Its prefill has reached `keep_at`: copy its state into a free slot as a kept prefix: one that
-        holds nothing, or, with max_kept prefixes held already (or no such slot), the one used longest ago."""
+        """Its prefill has reached `keep_at`: copy its state into a free slot as a kept prefix. Below max_kept
+        kept prefixes, the highest free slot that holds none (allocation takes the lowest first, so the
+        slots of running sequences stay consecutive, which a decode step reads in place); whatever that
+        slot held is lost. Otherwise the kept prefix used longest ago gives way."""
         at, seq.keep_at = seq.keep_at, 0
-        kept = [s for s in self.slots.free if s in self.retained and self.retained[s].kept]
-        empty = [s for s in self.slots.free if s not in self.retained]
-        if empty and len(kept) < self.max_kept:
-            slot = max(empty)  # allocation takes the lowest first
+        free = self.slots.free
+        kept = [s for s in free if s in self.retained and self.retained[s].kept]
+        others = [s for s in free if s not in kept]
+        if others and len(kept) < self.max_kept:
+            slot = max(others)
         elif kept:
             slot = min(kept, key=lambda s: self.retained[s].used)
         else:

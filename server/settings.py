@@ -33,7 +33,7 @@ class Settings:
     compile: bool = False  # element-wise stretches of each step compiled (torch.compile)
     kernels: str = "auto"  # auto, torch, triton or triton-gemv (blt_runtime/kernels.py)
     no_overlap: bool = False  # queue each engine step only after the last one's outputs are handled
-    no_prompt_sharing: bool = False  # prefill every prompt, even a prefix that another request is prefilling
+    no_prompt_sharing: bool = False  # prefill every prompt, even a prefix whose state a slot holds
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -72,8 +72,9 @@ HELP = {
                   "default the next step is queued first, so that the device computes while the host "
                   "handles outputs)",
     "no_prompt_sharing": "prefill every request's prompt itself (by default a prompt that shares a prefix "
-                         "with one still being prefilled, as the n choices of a completion do, takes a copy "
-                         "of the state at the prefix's end instead of computing it again)",
+                         "with one still being prefilled, as the n choices of a completion do, with a finished "
+                         "request's prompt and completion, or with a prefix kept from earlier prompts, takes "
+                         "a copy of the state at the prefix's end instead of computing it again)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",

@@ -120,6 +120,20 @@ def test_kept_prefixes_give_way(model):
     assert kept(engine) == {} and engine.slots.num_free == 0
 
 
+def test_a_kept_prefix_goes_to_the_highest_free_slot(model):
+    """With every free slot holding what a finished request left, the copy goes over the highest slot's
+    state, which allocation would hand out last."""
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128)
+    for i in range(4):
+        engine.add_request(f"o{i}", PARITY_TEXT[700 + 100 * i:790 + 100 * i], replace(GREEDY, max_bytes=4 + 3 * i))
+    while engine.has_work():
+        engine.step()
+    generate(engine, "a", SYSTEM + QUESTIONS[1])  # in slot 0, in the place of o0's
+    assert sorted(engine.sharing.retained) == [0, 1, 2, 3]
+    generate(engine, "b", SYSTEM + QUESTIONS[3])
+    assert kept(engine) == {3: SYSTEM} and sorted(engine.sharing.retained) == [0, 1, 2, 3]
+
+
 def test_requests_that_score_their_prompts_neither_keep_nor_take_copies(model):
     engine = Engine(model, max_batch_size=4, prefill_chunk=128)
     scoring = replace(GREEDY, prompt_logprobs=1)

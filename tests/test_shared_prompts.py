@@ -206,6 +206,7 @@ def test_benchmark_script_runs():
         for key in (f"first_bytes_ms_{n}", f"all_done_ms_{n}_unshared", f"first_bytes_speedup_{n}"):
             assert result[key] > 0, key
     assert result["next_turn_first_byte_ms"] > 0 and result["next_turn_first_byte_ms_unshared"] > 0
+    assert result["conversations_first_byte_ms"] > 0 and result["conversations_first_byte_ms_unshared"] > 0
 
 
 def test_followers_of_an_aborted_leader_look_again_only_once_queued_chunks_are_done(model):

@@ -195,6 +195,18 @@ def test_the_next_turn_resumes_where_the_last_one_ended(server):
     assert usage["prompt_tokens_details"] == {"cached_tokens": len(turn1) + len(generated) - 1}
 
 
+def test_new_conversations_after_the_same_instructions_start_from_a_kept_copy(server):
+    """The second conversation keeps a copy of the state after the instructions it shares with the
+    first; the third starts from it."""
+    instructions = "You answer in verse, briefly, and never in prose; every answer rhymes. The user asks: "
+    cached = []
+    for question in ("Why is the sky blue?", "How do birds fly?", "Where does the sun go at night?"):
+        body = {"prompt": instructions + question, "max_tokens": 5, "ignore_eos": True}
+        usage = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()["usage"]
+        cached.append(usage["prompt_tokens_details"]["cached_tokens"])
+    assert cached == [0, 0, len(instructions)]
+
+
 def test_sigterm_drains_running_streams(tiny):
     # SIGTERM goes only once both streams are producing bytes, so neither can be refused or unstarted.
     # The drain is long enough for the short one on a loaded machine, the endless one can't finish in it.
