@@ -11,11 +11,13 @@ import pytest
 import torch
 from enginekit import replay_full_recompute
 from factory import PARITY_TEXT
+from hypothesis import given
+from hypothesis import strategies as st
 
 from blt_runtime import load_model
 from blt_runtime.engine import Engine
 from blt_runtime.sampling import SamplingParams
-from blt_runtime.sharing import MIN_SHARED_PREFIX
+from blt_runtime.sharing import MIN_SHARED_PREFIX, common_prefix
 
 SYSTEM = PARITY_TEXT[:600] + b"\nQ: "  # the same instructions before every conversation
 QUESTIONS = [b"what comes next?", b"was it so?", b"why not?", b"tell me more.", b"and then?"]
@@ -143,3 +145,10 @@ def test_requests_that_score_their_prompts_neither_keep_nor_take_copies(model):
     generate(engine, "c", SYSTEM + QUESTIONS[4])
     assert kept(engine) == {3: SYSTEM}
     assert generate(engine, "d", SYSTEM + QUESTIONS[0], scoring)["d"][2].usage.shared_prompt_bytes == 0
+
+
+@given(st.lists(st.integers(0, 2), max_size=600), st.lists(st.integers(0, 2), max_size=600), st.integers(0, 600))
+def test_common_prefix_is_where_two_lists_part(a, b, shared):
+    b = a[:shared] + b  # mostly a long shared stretch, across the spans it compares
+    want = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    assert common_prefix(a, b) == common_prefix(b, a) == want
