@@ -147,24 +147,34 @@ class PromptSharing:
             seq.keep_at = at
 
     def keep(self, seq: Sequence) -> None:
-        """Its prefill has reached `keep_at`: copy its state into a free slot as a kept prefix. Below max_kept
-        kept prefixes, the highest free slot that holds none (allocation takes the lowest first, so the
-        slots of running sequences stay consecutive, which a decode step reads in place); whatever that
-        slot held is lost. Otherwise the kept prefix used longest ago gives way."""
+        """Its prefill has reached `keep_at`: copy its state into a free slot as a kept prefix. Not if a kept
+        prefix begins it and falls short of it by less than MIN_SHARED_PREFIX bytes (requests arriving
+        together fork from one leader one after another where their prompts part); in the place of a
+        kept prefix that it begins and that is less than that longer (it serves more prompts). Else,
+        below max_kept kept prefixes, the highest free slot that holds none (allocation takes the
+        lowest first, so the slots of running sequences stay consecutive, which a decode step reads in
+        place), whatever that slot held; otherwise the kept prefix used longest ago gives way."""
         at, seq.keep_at = seq.keep_at, 0
-        free = self.slots.free
-        kept = [s for s in free if s in self.retained and self.retained[s].kept]
-        others = [s for s in free if s not in kept]
-        if others and len(kept) < self.max_kept:
-            slot = max(others)
-        elif kept:
-            slot = min(kept, key=lambda s: self.retained[s].used)
-        else:
-            return
+        ids, slot = seq.ids[:at], None
+        kept = [s for s in self.slots.free if s in self.retained and self.retained[s].kept]
+        for s in kept:
+            n, held = common_prefix(self.retained[s].ids, ids), self.retained[s].ids
+            if n == len(held) and at - n < MIN_SHARED_PREFIX:
+                return
+            if n == at and len(held) - at < MIN_SHARED_PREFIX:
+                slot = s
+        if slot is None:
+            others = [s for s in self.slots.free if s not in kept]
+            if others and len(kept) < self.max_kept:
+                slot = max(others)
+            elif kept:
+                slot = min(kept, key=lambda s: self.retained[s].used)
+            else:
+                return
         self.runner.share_prompt(seq.slot, slot, at, seq.num_patches, seq.open_len)
         self.clock += 1
-        self.retained[slot] = Retained(seq.ids[:at], seq.num_patches, seq.open_len,
-                                       [s for s in seq.patch_starts if s <= at], kept=True, used=self.clock)
+        self.retained[slot] = Retained(ids, seq.num_patches, seq.open_len, [s for s in seq.patch_starts if s <= at],
+                                       kept=True, used=self.clock)
 
     def retain(self, seq: Sequence) -> None:
         """A sequence finishes (not aborted): keep what its slot holds for a prompt that begins with it.
