@@ -70,7 +70,9 @@ def main() -> None:
     device = torch.device(args.device)
     model = load_model(args.model, device=device)
     data = text()
-    engine = Engine(model, max_batch_size=args.requests)
+    # the same prompts every round: without shared prompts, or from the second round on each would keep a
+    # copy of its own state (sharing.py), and from the third start from it
+    engine = Engine(model, max_batch_size=args.requests, share_prompts=False)
     batch_prompt = engine.scheduler.batch_prompt
     result: dict = {"requests": args.requests, "bytes": args.bytes, "device": str(device)}
     for n in (int(v) for v in args.prompt_bytes.split(",")):
