@@ -13,8 +13,9 @@ requests known when it was queued: one added later joins the step after. An abor
 request at once: the byte its row computes in the queued step is dropped.
 
 Prompts are shared (`share_prompts`, on by default; sharing.py): a prefix whose state a slot already
-holds, in a request still prefilling it or in a finished request's slot, is copied, not prefilled
-again. Outputs do not change.
+holds, in a request still prefilling it, in a finished request's slot or in a prefix kept for later
+prompts (where a prompt parted from one seen before), is copied, not prefilled again. Outputs do not
+change.
 
 A request with `prompt_logprobs` (echo with logprobs: an evaluation harness scoring text) has its
 prompt's bytes scored by its prefill chunks, or up to a fork by its leader's (then only by a leader
