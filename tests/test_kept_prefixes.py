@@ -105,6 +105,27 @@ def test_requests_arriving_together_keep_one_copy(model):
     assert out["later"][2].usage.shared_prompt_bytes == len(SYSTEM)
 
 
+def test_static_steps_leave_a_kept_prefix_alone(model):
+    """Static decode steps read slots 0..3 in place with three sequences running: the kept prefix in
+    slot 3 is a padding row, whose writes go to the scratch slot; a prompt that starts from it later
+    gets the bytes it would get alone."""
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128, static=True, overlap=True)
+    generate(engine, "a", SYSTEM + QUESTIONS[1])
+    generate(engine, "b", SYSTEM + QUESTIONS[3])
+    assert kept(engine) == {3: SYSTEM}
+    for i in range(3):
+        engine.add_request(f"o{i}", PARITY_TEXT[700 + 100 * i:790 + 100 * i], replace(GREEDY, max_bytes=40))
+    while engine.has_work():
+        engine.step()
+    assert kept(engine) == {3: SYSTEM}
+    got, logprobs, final = generate(engine, "c", SYSTEM + QUESTIONS[4])["c"]
+    assert final.usage.shared_prompt_bytes == len(SYSTEM)
+    fresh = Engine(model, max_batch_size=4, prefill_chunk=128, static=True, share_prompts=False)
+    want, want_logprobs, _ = generate(fresh, "c", SYSTEM + QUESTIONS[4])["c"]
+    assert got == want
+    torch.testing.assert_close(logprobs, want_logprobs, rtol=0, atol=1e-4)
+
+
 def test_the_same_prompt_again_prefills_its_last_byte_only(model):
     """A prompt sent again (a retry, another sample) keeps a copy up to its last byte: the next time it
     is sent, that byte alone is prefilled, for the logits of its first."""
