@@ -11,7 +11,8 @@
 #   BLT_KERNELS (auto: the project's Triton kernels for attention, RoPE, norms and SwiGLU where they
 #   compile and check out at start-up, else PyTorch's; torch; triton; triton-gemv)
 #   BLT_NO_OVERLAP (queue each engine step only after the last one's outputs are handled)
-#   BLT_NO_PROMPT_SHARING (prefill every prompt, even a prefix that another request is prefilling)
+#   BLT_NO_PROMPT_SHARING (prefill every prompt, even a prefix whose state a cache slot holds)
+#   BLT_KEPT_PREFIXES (4: cache slots that keep a shared prefix's state, a system prompt's, for later prompts)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve

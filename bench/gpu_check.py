@@ -120,12 +120,12 @@ def set_threshold(model: BltModel, bytes_per_patch: float = 4.5) -> float:
 
 
 def make_engine(model: BltModel, graphs: bool, static: bool = True, compile: bool = False,
-                kernels: str = "auto") -> Engine:
+                kernels: str = "auto", share: bool = False) -> Engine:
     """Overlapped steps (the CUDA default) on any device, so that the CPU test of this script runs
-    the same paths. No shared prompts (but in `measure_shared`): the timings run the same prompts
-    again, and from the third time a kept copy of a prompt's state would spare its prefill."""
+    the same paths. Shared prompts only with `share` (`measure_shared`): the timings run the same
+    prompts again, and from the third time a kept copy of a prompt's state would spare its prefill."""
     return Engine(model, max_batch_size=64, max_model_len=4096, static=static, cuda_graphs=graphs, compile=compile,
-                  kernels=kernels, overlap=True, share_prompts=False)
+                  kernels=kernels, overlap=True, share_prompts=share)
 
 
 SAMPLED = dict(temperature=0.8, top_p=0.95)  # how a client who samples might ask
@@ -414,7 +414,7 @@ def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None
 
 def measure_shared(model: BltModel, prompt: bytes, args, result: dict) -> None:
     """8 choices of one prompt with shared prompts and without, on one engine (bench/shared_prompts.py)."""
-    engine, device, n, n_bytes = make_engine(model, graphs=model.device.type == "cuda"), str(model.device), 8, 32
+    engine, device, n, n_bytes = make_engine(model, model.device.type == "cuda", share=True), str(model.device), 8, 32
     figures = {}
     for share in (True, False):
         engine.share_prompts = share

@@ -92,7 +92,7 @@ class Engine:
     def __init__(self, model: BltModel, max_batch_size: int = 16, max_model_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 512, static: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto",
-                 overlap: bool | None = None, share_prompts: bool = True):
+                 overlap: bool | None = None, share_prompts: bool = True, kept_prefixes: int = 4):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
@@ -103,7 +103,8 @@ class Engine:
         the next step before returning this one's outputs (module docstring); on by default on CUDA,
         off on a CPU, where nothing runs while the host works. `share_prompts`: the state of a prompt's
         prefix that a slot holds already (a request prefilling it, a finished request's slot) is copied
-        or taken over instead of computed (sharing.py)."""
+        or taken over instead of computed (sharing.py); `kept_prefixes`: with share_prompts, slots of their
+        own (beyond max_batch_size) that hold the states of prefixes kept for later prompts."""
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
@@ -111,7 +112,8 @@ class Engine:
         ops = CompiledOps() if compile else GemvOps() if kernels == "triton-gemv" else \
             TritonOps() if kernels == "triton" else None
         self.runner = Runner(model, max_batch_size, self.max_model_len + 4, ops, kernels,  # +3: finish a character
-                             sampling_kernel(choice, kernels, model.device, model.dtype))
+                             sampling_kernel(choice, kernels, model.device, model.dtype),
+                             kept=kept_prefixes if share_prompts else 0)
         on_cuda = model.device.type == "cuda"
         static = on_cuda if static is None else static
         cuda_graphs = static and on_cuda if cuda_graphs is None else cuda_graphs

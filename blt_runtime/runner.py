@@ -317,8 +317,9 @@ def _block_rest(b: BlockStep, h: torch.Tensor, o: torch.Tensor, ops: StepOps) ->
 
 class Runner:
     def __init__(self, model: BltModel, slots: int, max_len: int, ops: StepOps | None = None,
-                 kernels: str = "torch", sample_kernel: bool | None = None):
-        """Per-sequence state for `slots` sequences, plus one scratch row (index `slots`) that the padding
+                 kernels: str = "torch", sample_kernel: bool | None = None, kept: int = 0):
+        """Per-sequence state for `slots` sequences, then `kept` rows that only hold copies of states
+        (`kept_slots`: kept prefixes, sharing.py), then one scratch row (`scratch`) that the padding
         rows of a static-shaped step read and write (see static.py). `ops`: how the element-wise
         stretches of a step run (fused.py; eager by default); `kernels`: "triton" attends one new
         position to a cache with attention.py's kernel, "torch" with SDPA (kernels.py);
@@ -328,9 +329,9 @@ class Runner:
         self.ops = ops or StepOps()
         self.kernels = kernels
         self.sample_kernel = kernels != "torch" if sample_kernel is None else sample_kernel
-        self.num_slots, self.scratch = slots, slots
+        self.num_slots, self.kept_slots, self.scratch = slots, range(slots, slots + kept), slots + kept
         cfg, dev, dt = model.config, model.device, model.dtype
-        slots += 1
+        slots += kept + 1
         cpu = dev.type == "cpu"
         for stack in (model.patcher, model.local_encoder, model.global_transformer, model.local_decoder):
             for block in stack.layers:

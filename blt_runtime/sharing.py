@@ -10,15 +10,16 @@ never change when bytes follow), so it can be taken from wherever it already exi
   prompt that begins with everything that sequence ran through its models (its prompt and its
   completion but for the last byte: the next turn of a conversation) takes that slot over and
   prefills only the rest (`allocate`).
-- from a kept prefix: a free slot that holds the state after a prefix that a new prompt shared with
-  a request seen before but not all of it (the same system prompt before another conversation). A
-  finished or running request's slot is past that prefix, and a ring buffer keeps only the last
-  window of positions, so its state there is gone: the new prompt's own prefill is cut where the
-  prefixes part, and a copy of its state there is kept (`keep`) in the highest free slot. A later
-  prompt that begins with it takes a copy in turn, and the prefix stays for the next (`allocate`).
-  At most a quarter of the slots hold kept prefixes; the one used longest ago gives way.
-Slots are handed out lowest first, what they held or not (dense batches read caches in place,
-static.py), except that a slot with a kept prefix goes last.
+- from a kept prefix: a slot of its own (`Runner.kept_slots`, beyond those of running sequences)
+  that holds the state after a prefix that a new prompt shared with a request seen before but not
+  all of it (the same system prompt before another conversation). A finished or running request's
+  slot is past that prefix, and a ring buffer keeps only the last window of positions, so its state
+  there is gone: the new prompt's own prefill is cut where the prefixes part, and a copy of its
+  state there is kept (`keep`). A later prompt that begins with it takes a copy in turn, and the
+  prefix stays for the next (`allocate`). With every kept slot taken, the one used longest ago
+  gives way. Running sequences never take kept slots: a kept prefix lasts through any load.
+Otherwise slots are handed out lowest first as before, what they held or not (dense batches read
+caches in place, static.py).
 A common prefix shorter than MIN_SHARED_PREFIX bytes is not worth a cut chunk: it is shared only
 where it is a whole earlier prompt. A request that scores its prompt (prompt_logprobs) follows only
 a leader that scores its own, and takes the leader's scores up to the fork with the state
@@ -74,8 +75,8 @@ def scores_cover(leader: Sequence, seq: Sequence) -> bool:
 
 @dataclass
 class Retained:
-    """The state after `ids` (positions, BOS included) that a free slot holds: what a finished sequence
-    left there, or a kept prefix."""
+    """The state after `ids` (positions, BOS included) that a slot holds: a free one, what a finished
+    sequence left there; a kept slot, a kept prefix."""
 
     ids: list[int]
     num_patches: int
@@ -91,8 +92,7 @@ class PromptSharing:
         self.scheduler, self.slots, self.runner = scheduler, slots, runner
         self.first_logits = first_logits  # the engine's: logits a PREFILLED sequence samples its first byte from
         self.unled: list[Sequence] = []  # followers whose leader was aborted: they look again in `look_again`
-        self.retained: dict[int, Retained] = {}  # by slot (free in the allocator)
-        self.max_kept = max(1, runner.num_slots // 4)  # slots that may hold kept prefixes
+        self.retained: dict[int, Retained] = {}  # by slot: free in the allocator, or one of the kept slots
         self.clock = 0  # counts kept prefixes made and copied, for `Retained.used`
 
     # ------------------------------------------------------------------ retained slots and kept prefixes
@@ -100,8 +100,7 @@ class PromptSharing:
         """A slot for a sequence being admitted. With `resume`, the sequence starts from the longest retained
         state that begins its prompt: it takes a finished request's slot over, or gets a copy of a kept
         prefix in the lowest free slot; and where its prompt shares more with a state seen before than
-        that, its prefill will keep a copy of its own state there (`keep_at`). Else the lowest free slot
-        that holds no kept prefix, if any."""
+        that, its prefill will keep a copy of its own state there (`keep_at`). Else the lowest free slot."""
         best = None
         for slot, held in self.retained.items() if resume else ():
             n = len(held.ids)
@@ -111,10 +110,10 @@ class PromptSharing:
         if best is not None and not best[1].kept:
             slot = self.slots.take(best[0])
         else:
-            slot = self._free_slot()
+            slot = self.slots.allocate()
             if slot is None:
                 return None
-            if best is not None and best[0] != slot:  # else the only free slot: taken over, as a finished request's
+            if best is not None:
                 source, held = best
                 self.runner.share_prompt(source, slot, len(held.ids), held.num_patches, held.open_len)
                 self.clock += 1
@@ -122,18 +121,10 @@ class PromptSharing:
         if best is not None:
             held = best[1]
             seq.resume(len(held.ids), held.num_patches, held.open_len, held.patch_starts)
-        if resume:
+        if resume and self.runner.kept_slots:
             self._plan_keep(seq)  # before the slot's own state is gone
         self.retained.pop(slot, None)
         return slot
-
-    def _free_slot(self) -> int | None:
-        """The lowest free slot that holds no kept prefix, else the one whose kept prefix was used longest ago."""
-        free = self.slots.free
-        if not free:
-            return None
-        plain = [s for s in free if not (s in self.retained and self.retained[s].kept)]
-        return self.slots.take(min(plain) if plain else min(free, key=lambda s: self.retained[s].used))
 
     def _plan_keep(self, seq: Sequence) -> None:
         """Where its prompt shares more than it resumed with (MIN_SHARED_PREFIX bytes at least) with the state
@@ -147,30 +138,24 @@ class PromptSharing:
             seq.keep_at = at
 
     def keep(self, seq: Sequence) -> None:
-        """Its prefill has reached `keep_at`: copy its state into a free slot as a kept prefix. Not if a kept
-        prefix begins it and falls short of it by less than MIN_SHARED_PREFIX bytes (requests arriving
-        together fork from one leader one after another where their prompts part); in the place of a
-        kept prefix that it begins and that is less than that longer (it serves more prompts). Else,
-        below max_kept kept prefixes, the highest free slot that holds none (allocation takes the
-        lowest first, so the slots of running sequences stay consecutive, which a decode step reads in
-        place), whatever that slot held; otherwise the kept prefix used longest ago gives way."""
+        """Its prefill has reached `keep_at`: copy its state into a kept slot. Not if a kept prefix begins it
+        and falls short of it by less than MIN_SHARED_PREFIX bytes (requests arriving together fork from
+        one leader one after another where their prompts part); in the place of a kept prefix that it
+        begins and that is less than that longer (it serves more prompts). Else into an empty kept
+        slot, or in the place of the kept prefix used longest ago."""
         at, seq.keep_at = seq.keep_at, 0
         ids, slot = seq.ids[:at], None
-        kept = [s for s in self.slots.free if s in self.retained and self.retained[s].kept]
+        kept = [s for s in self.runner.kept_slots if s in self.retained]
         for s in kept:
-            n, held = common_prefix(self.retained[s].ids, ids), self.retained[s].ids
+            held = self.retained[s].ids
+            n = common_prefix(held, ids)
             if n == len(held) and at - n < MIN_SHARED_PREFIX:
                 return
             if n == at and len(held) - at < MIN_SHARED_PREFIX:
                 slot = s
         if slot is None:
-            others = [s for s in self.slots.free if s not in kept]
-            if others and len(kept) < self.max_kept:
-                slot = max(others)
-            elif kept:
-                slot = min(kept, key=lambda s: self.retained[s].used)
-            else:
-                return
+            empty = [s for s in self.runner.kept_slots if s not in self.retained]
+            slot = empty[0] if empty else min(kept, key=lambda s: self.retained[s].used)
         self.runner.share_prompt(seq.slot, slot, at, seq.num_patches, seq.open_len)
         self.clock += 1
         self.retained[slot] = Retained(ids, seq.num_patches, seq.open_len, [s for s in seq.patch_starts if s <= at],

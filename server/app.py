@@ -69,7 +69,7 @@ def build_engine(settings: Settings):
                     cuda_graphs=False if settings.enforce_eager else None,  # None: graphs where CUDA is
                     compile=settings.compile, kernels=settings.kernels,
                     overlap=False if settings.no_overlap else None,  # None: overlap where CUDA is
-                    share_prompts=not settings.no_prompt_sharing)
+                    share_prompts=not settings.no_prompt_sharing, kept_prefixes=settings.kept_prefixes)
     log.info("decode steps: %s%s, %s kernels%s", "CUDA graphs" if engine.uses_cuda_graphs else
              "static shapes, eager" if engine.static is not None else "dynamic shapes, eager",
              ", element-wise stretches compiled" if settings.compile else "", engine.kernels,

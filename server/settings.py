@@ -34,6 +34,7 @@ class Settings:
     kernels: str = "auto"  # auto, torch, triton or triton-gemv (blt_runtime/kernels.py)
     no_overlap: bool = False  # queue each engine step only after the last one's outputs are handled
     no_prompt_sharing: bool = False  # prefill every prompt, even a prefix whose state a slot holds
+    kept_prefixes: int = 4  # slots of their own for the states of prefixes kept for later prompts
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -75,6 +76,9 @@ HELP = {
                          "with one still being prefilled, as the n choices of a completion do, with a finished "
                          "request's prompt and completion, or with a prefix kept from earlier prompts, takes "
                          "a copy of the state at the prefix's end instead of computing it again)",
+    "kept_prefixes": "cache slots of their own, beyond --max-batch-size, that hold the state after a prefix "
+                     "that prompts shared but did not end with (a system prompt before new conversations), for "
+                     "later prompts that begin with it (0: none)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",
@@ -140,6 +144,7 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
     for name in ("max_batch_size", "max_body_bytes", "prefill_chunk"):
         if getattr(settings, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if settings.max_queue < 0:
-        p.error("--max-queue must be >= 0")
+    for name in ("max_queue", "kept_prefixes"):
+        if getattr(settings, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0")
     return settings

@@ -105,19 +105,21 @@ def test_requests_arriving_together_keep_one_copy(model):
     assert out["later"][2].usage.shared_prompt_bytes == len(SYSTEM)
 
 
-def test_static_steps_leave_a_kept_prefix_alone(model):
-    """Static decode steps read slots 0..3 in place with three sequences running: the kept prefix in
-    slot 3 is a padding row, whose writes go to the scratch slot; a prompt that starts from it later
-    gets the bytes it would get alone."""
+def test_a_kept_prefix_lasts_through_a_full_batch(model):
+    """Kept prefixes have slots of their own, beyond the running sequences': four requests in the four
+    slots leave the kept prefix alone (static steps read slots 0..3 in place), and a prompt that
+    starts from it later gets the bytes it would get alone."""
     engine = Engine(model, max_batch_size=4, prefill_chunk=128, static=True, overlap=True)
     generate(engine, "a", SYSTEM + QUESTIONS[1])
     generate(engine, "b", SYSTEM + QUESTIONS[3])
-    assert kept(engine) == {3: SYSTEM}
-    for i in range(3):
+    assert kept(engine) == {4: SYSTEM}
+    for i in range(4):
         engine.add_request(f"o{i}", PARITY_TEXT[700 + 100 * i:790 + 100 * i], replace(GREEDY, max_bytes=40))
+    engine.step()
+    assert engine.slots.num_free == 0
     while engine.has_work():
         engine.step()
-    assert kept(engine) == {3: SYSTEM}
+    assert kept(engine) == {4: SYSTEM}
     got, logprobs, final = generate(engine, "c", SYSTEM + QUESTIONS[4])["c"]
     assert final.usage.shared_prompt_bytes == len(SYSTEM)
     fresh = Engine(model, max_batch_size=4, prefill_chunk=128, static=True, share_prompts=False)
@@ -137,37 +139,26 @@ def test_the_same_prompt_again_prefills_its_last_byte_only(model):
 
 
 def test_kept_prefixes_give_way(model):
-    """A kept prefix's slot is handed out last; at most a quarter of the slots hold kept prefixes, and a
-    new one takes the place of the one used longest ago; a prefix too short is not kept."""
-    engine = Engine(model, max_batch_size=4, prefill_chunk=128)  # one kept prefix at most
+    """With every kept slot taken, a new kept prefix takes the place of the one used longest ago; a prefix
+    too short is not kept; with no kept slots nothing is kept, and no prefill is cut for it."""
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128, kept_prefixes=1)
     generate(engine, "a", SYSTEM + QUESTIONS[1])
     generate(engine, "b", SYSTEM + QUESTIONS[3])
-    assert kept(engine) == {3: SYSTEM}
+    assert kept(engine) == {4: SYSTEM}
     other = PARITY_TEXT[700:900]
     generate(engine, "c", other, join=("d", other + b"and on"), join_after=0)  # d follows c, and keeps the copy
-    assert kept(engine) == {3: other}  # the newest in the place of the older
+    assert kept(engine) == {4: other}  # the newest in the place of the older
     assert generate(engine, "e", other + b"and so")["e"][2].usage.shared_prompt_bytes == len(other)
     generate(engine, "f", PARITY_TEXT[:MIN_SHARED_PREFIX - 1] + b"#" * 100)
     generate(engine, "g", PARITY_TEXT[:MIN_SHARED_PREFIX - 1] + b"%" * 100)
-    assert kept(engine) == {3: other}
-    for rid in "hijk":  # four at once: the last one takes the kept prefix's slot
-        engine.add_request(rid, PARITY_TEXT[1000:1100] + rid.encode(), GREEDY)
+    assert kept(engine) == {4: other}
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128, kept_prefixes=0)
+    generate(engine, "a", SYSTEM + QUESTIONS[1])
+    engine.add_request("b", SYSTEM + QUESTIONS[3], GREEDY)
     engine.step()
-    assert kept(engine) == {} and engine.slots.num_free == 0
-
-
-def test_a_kept_prefix_goes_to_the_highest_free_slot(model):
-    """With every free slot holding what a finished request left, the copy goes over the highest slot's
-    state, which allocation would hand out last."""
-    engine = Engine(model, max_batch_size=4, prefill_chunk=128)
-    for i in range(4):
-        engine.add_request(f"o{i}", PARITY_TEXT[700 + 100 * i:790 + 100 * i], replace(GREEDY, max_bytes=4 + 3 * i))
-    while engine.has_work():
-        engine.step()
-    generate(engine, "a", SYSTEM + QUESTIONS[1])  # in slot 0, in the place of o0's
-    assert sorted(engine.sharing.retained) == [0, 1, 2, 3]
-    generate(engine, "b", SYSTEM + QUESTIONS[3])
-    assert kept(engine) == {3: SYSTEM} and sorted(engine.sharing.retained) == [0, 1, 2, 3]
+    assert engine.sequences["b"].keep_at == 0 and engine.runner.scratch == 4
+    generate(engine, "c", SYSTEM + QUESTIONS[4])
+    assert kept(engine) == {}
 
 
 def test_requests_that_score_their_prompts_neither_keep_nor_take_copies(model):
@@ -177,7 +168,7 @@ def test_requests_that_score_their_prompts_neither_keep_nor_take_copies(model):
     generate(engine, "b", SYSTEM + QUESTIONS[3], scoring)
     assert kept(engine) == {}
     generate(engine, "c", SYSTEM + QUESTIONS[4])
-    assert kept(engine) == {3: SYSTEM}
+    assert kept(engine) == {4: SYSTEM}
     assert generate(engine, "d", SYSTEM + QUESTIONS[0], scoring)["d"][2].usage.shared_prompt_bytes == 0
 
 

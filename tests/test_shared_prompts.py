@@ -102,9 +102,10 @@ def open_patch_bytes(model, prompt: bytes, length: int) -> int:
 
 def counting_prefill(monkeypatch) -> tuple[list[int], list[tuple[int, int]], list[int]]:
     """Record the number of positions each prefill chunk (or row of a batched prefill) runs, (positions,
-    the open patch's bytes) at each copy, and the positions of the copies kept for later prompts."""
+    the open patch's bytes) at each copy, and the positions of the copies into and out of kept slots."""
     chunks, open_lens, kept = [], [], []
-    prefill_start, share_prompt, keep = Runner.prefill_start, Runner.share_prompt, PromptSharing.keep
+    prefill_start, share_prompt = Runner.prefill_start, Runner.share_prompt
+    keep, allocate = PromptSharing.keep, PromptSharing.allocate
 
     def counted_prefill_start(self, slots, rows, starts, transfer):
         chunks.extend(len(r) for r in rows)
@@ -119,9 +120,16 @@ def counting_prefill(monkeypatch) -> tuple[list[int], list[tuple[int, int]], lis
         keep(self, seq)
         kept.extend(length for length, _ in open_lens[copies:])
 
+    def counted_allocate(self, seq, resume=True):
+        copies = len(open_lens)
+        slot = allocate(self, seq, resume)
+        kept.extend(length for length, _ in open_lens[copies:])
+        return slot
+
     monkeypatch.setattr(Runner, "prefill_start", counted_prefill_start)
     monkeypatch.setattr(Runner, "share_prompt", counted_share_prompt)
     monkeypatch.setattr(PromptSharing, "keep", counted_keep)
+    monkeypatch.setattr(PromptSharing, "allocate", counted_allocate)
     return chunks, open_lens, kept
 
 
@@ -144,7 +152,7 @@ def test_shared_prompts_change_no_output(model, monkeypatch, static, overlap):
     # open at 401 and 698 (seed 53's closes a patch at all three points, so there that part is not tested)
     assert open_lens == [(length, open_patch_bytes(model, PROMPT, length)) for length, _ in open_lens]
     # five forks; and where a prompt shares a prefix with one seen before but not all of it, a copy kept
-    # for a later prompt if a slot was free (sibling's 400 bytes; longer's whole PROMPT)
+    # for later prompts (sibling's 400 bytes; longer's whole PROMPT), which those admitted later copy
     assert len(open_lens) == 5 + len(kept) and set(kept) <= {401, 698}
     if MODEL_SEED == 0:
         assert any(o > 0 for _, o in open_lens), "some fork should copy an open patch"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
-from server.settings import KERNELS, SHIPPED_MODEL, load_settings
+from server.settings import KERNELS, SHIPPED_MODEL, Settings, load_settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_defaults_serve_the_shipped_model():
@@ -26,7 +31,7 @@ def test_flags_beat_env_and_env_beats_defaults():
 
 
 @pytest.mark.parametrize("argv", [["--port", "eighty"], ["--max-batch-size", "0"], ["--log-level", "loud"],
-                                  ["--max-queue", "-1"], ["--kernels", "sdpa"]])
+                                  ["--max-queue", "-1"], ["--kept-prefixes", "-1"], ["--kernels", "sdpa"]])
 def test_bad_values_exit_with_a_message(argv, capsys):
     with pytest.raises(SystemExit) as e:
         load_settings(argv, environ={})
@@ -50,3 +55,11 @@ def test_uvicorn_runs_asyncio_loop_even_with_uvloop_installed():
 
     config = uvicorn_config(object(), load_settings(["--port", "8123", "--host", "0.0.0.0"], environ={}))
     assert (config.loop, config.host, config.port, config.lifespan) == ("asyncio", "0.0.0.0", 8123, "on")
+
+
+def test_the_readme_lists_every_flag():
+    table = [line for line in README.read_text().splitlines() if line.startswith("| `--")]
+    for f in fields(Settings):
+        if f.name != "model_dir":  # the positional argument
+            flag = "`--" + f.name.replace("_", "-") + "`"
+            assert any(flag in line.split(" | ")[0] for line in table), flag
