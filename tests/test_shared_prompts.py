@@ -239,7 +239,8 @@ def test_followers_of_an_aborted_leader_look_again_only_once_queued_chunks_are_d
 def test_random_prefixes_joins_and_aborts(model, seed):
     """Prompts that share prefixes of every length with each other, joining at random steps, and short
     ones of their own arriving together (prefilled together); some aborted at random steps (leaders
-    among them), some scoring their prompts: every request that is not aborted ends with the bytes
+    among them), some scoring their prompts, and a few late, which start from copies of prefixes kept
+    from the others: every request that is not aborted ends with the bytes
     and the prompt scores that an engine without sharing, prefilling one prompt a step, gives it, and
     nothing waits forever."""
     rng = random.Random(seed)
@@ -260,6 +261,11 @@ def test_random_prefixes_joins_and_aborts(model, seed):
         requests[f"b{j}"] = (PARITY_TEXT[start:start + rng.randrange(5, 40)],
                              replace(GREEDY, max_bytes=rng.randrange(1, 16), prompt_logprobs=rng.choice([None, 1])))
         joins[f"b{j}"] = at
+    for j in range(4):  # late, once the others are done or nearly: from the copies kept of their prefixes
+        stem = rng.choice(stems)
+        requests[f"late{j}"] = (stem[:rng.randrange(len(stem) // 2, len(stem) + 1)] + PARITY_TEXT[900 + 20 * j:][:20],
+                                replace(GREEDY, max_bytes=rng.randrange(1, 8)))
+        joins[f"late{j}"] = rng.randrange(40, 80)
     results, scores, shared = {}, {}, 0
     for share in (False, True):
         engine = Engine(model, max_batch_size=6, prefill_chunk=48, overlap=bool(seed % 2), share_prompts=share)
