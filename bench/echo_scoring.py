@@ -7,9 +7,11 @@ once it is going another sends `--requests` scoring requests of `--prompt-bytes`
 the other. With `--endings K`, each request holds K prompts, the same text with a different ending of
 a few bytes (a multiple-choice question: the choices share the text, and need not prefill it again).
 Reports the scoring requests' seconds, and the stream's gaps between events while they ran: the
-longest, and the 99th percentile. The last line printed is JSON.
+longest, and the 99th percentile. With `--patches`, the requests go to `/v1/patches` instead (what
+the entropy model makes of the text). The last line printed is JSON.
 
-    python bench/echo_scoring.py [--prompt-bytes 8000] [--requests 4] [--endings 1] [--port 8198] [-- blt-serve args]
+    python bench/echo_scoring.py [--prompt-bytes 8000] [--requests 4] [--endings 1] [--patches] [--port 8198]
+                                 [-- blt-serve args]
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ async def score(client: httpx.AsyncClient, url: str, prompts: list[str], max_tok
     return [c["logprobs"]["token_logprobs"] for c in r.json()["choices"]]
 
 
+async def patches(client: httpx.AsyncClient, url: str, text: str) -> list[float]:
+    r = await client.post(f"{url}/v1/patches", json={"text": text})
+    r.raise_for_status()
+    return r.json()["entropies"]
+
+
 async def measure(url: str, args) -> dict:
     stamps: list[float] = []
     stop = asyncio.Event()
@@ -77,7 +85,10 @@ async def measure(url: str, args) -> dict:
             t = time.perf_counter()
             text = prompt_text(args.prompt_bytes, 1000 * i)
             prompts = [text] if args.endings == 1 else [f"{text} (choice {k})" for k in range(args.endings)]
-            scored = await score(client, url, prompts, args.max_tokens)
+            if args.patches:
+                scored = [await patches(client, url, text)]
+            else:
+                scored = await score(client, url, prompts, args.max_tokens)
             seconds.append(time.perf_counter() - t)
             assert all(len(s) >= args.prompt_bytes for s in scored), "a prompt without all its logprobs"
         end = time.perf_counter()
@@ -87,7 +98,8 @@ async def measure(url: str, args) -> dict:
     during = [b - a for a, b in zip(stamps, stamps[1:]) if b >= start and a <= end]
     before = [b - a for a, b in zip(stamps, stamps[1:]) if b < start]
     q = statistics.quantiles(during, n=100, method="inclusive") if len(during) > 1 else during * 99
-    return {"prompt_bytes": args.prompt_bytes, "requests": args.requests, "endings": args.endings,
+    return {"endpoint": "/v1/patches" if args.patches else "/v1/completions",
+            "prompt_bytes": args.prompt_bytes, "requests": args.requests, "endings": args.endings,
             "max_tokens": args.max_tokens,
             "score_s": [round(s, 3) for s in seconds], "score_s_median": round(statistics.median(seconds), 3),
             "stream_gap_max_s": round(max(during), 3), "stream_gap_p99_s": round(q[98], 3),
@@ -101,6 +113,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=0, help="of each scoring request (lm-eval sends 0 or 1)")
     p.add_argument("--endings", type=int, default=1, help="prompts per request: the text with different endings")
+    p.add_argument("--patches", action="store_true", help="POST /v1/patches instead of scoring")
     p.add_argument("--port", type=int, default=8198)
     args, extra = p.parse_known_args()
     extra = [a for a in extra if a != "--"]
@@ -116,7 +129,8 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    print(f"scoring {args.requests} x {args.prompt_bytes} bytes: {result['score_s_median']} s each (median); "
+    what = "patches of" if args.patches else "scoring"
+    print(f"{what} {args.requests} x {args.prompt_bytes} bytes: {result['score_s_median']} s each (median); "
           f"the stream's longest gap meanwhile {result['stream_gap_max_s']} s, p99 {result['stream_gap_p99_s']} s")
     print(json.dumps(result))
 
