@@ -19,7 +19,10 @@ and timed in one run. Prints a table and, last, one JSON line.
 4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run. Then
    8 choices of the 1 KB prompt, sampled, with shared prompts (the default: one prefill, copied) and
    with each prefilling its own, on one engine (`shared_prompts`: the time until every choice has
-   its first byte, and whether the bytes are the same both ways). Then echo's scoring: the engine's
+   its first byte, and whether the bytes are the same both ways), and four new conversations after
+   the same 1 KB of instructions, one after the other, with and without shared prompts (the third
+   and fourth start from the copy of the instructions' state the second kept:
+   `conversation_first_byte_ms`, `conversations_equal`). Then echo's scoring: the engine's
    prefill scores the 1 KB prompt, against the full forward's scores in the same dtype
    (`prompt_scores`: largest difference, top-1 agreement, milliseconds of each). Then as many
    requests as the largest stream count, with 100-byte prompts, arriving together (`burst`: the
@@ -52,6 +55,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -422,11 +426,24 @@ def measure_shared(model: BltModel, prompt: bytes, args, result: dict) -> None:
         # prompt finds no state of its own left (it would keep a copy of it, and cut its prefill there)
         run_choices(engine, turned(prompt, 1 + share), n, n_bytes, device, 2 * share)
         figures[share] = run_choices(engine, prompt, n, n_bytes, device, 2 * share + 1)
-    result["shared_prompts"] = {"first_bytes_ms_8": round(figures[True][0], 2),
-                                "first_bytes_ms_8_unshared": round(figures[False][0], 2),
-                                "all_done_ms_8": round(figures[True][1], 2),
-                                "all_done_ms_8_unshared": round(figures[False][1], 2),
-                                "outputs_equal": figures[True][2] == figures[False][2]}
+    out = result["shared_prompts"] = {"first_bytes_ms_8": round(figures[True][0], 2),
+                                      "first_bytes_ms_8_unshared": round(figures[False][0], 2),
+                                      "all_done_ms_8": round(figures[True][1], 2),
+                                      "all_done_ms_8_unshared": round(figures[False][1], 2),
+                                      "outputs_equal": figures[True][2] == figures[False][2]}
+    # new conversations one after another, the 1 KB as their instructions: from the third on they start
+    # from the copy the second kept (sharing.keep)
+    firsts, answers = {True: [], False: []}, {True: [], False: []}
+    for share in (True, False):
+        engine.share_prompts = share
+        for i in range(4):
+            first, _, (answer,) = run_choices(engine, turned(prompt, 3) + f" {i}: a question?".encode(), 1, n_bytes,
+                                              device, f"conversation-{share}-{i}")
+            firsts[share] += [first] if i >= 2 else []
+            answers[share].append(answer)
+    out["conversation_first_byte_ms"] = round(statistics.median(firsts[True]), 2)
+    out["conversation_first_byte_ms_unshared"] = round(statistics.median(firsts[False]), 2)
+    out["conversations_equal"] = answers[True] == answers[False]
 
 
 def measure_scores(model: BltModel, prompt: bytes, args, result: dict) -> None:

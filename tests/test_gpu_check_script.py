@@ -28,6 +28,7 @@ def test_gpu_check_small_on_cpu():
     assert result["transformers"]["bytes"] == 2 and result["speedup_vs_transformers_batch1"] > 0
     shared = result["shared_prompts"]  # 8 choices of one prompt, prefilled once and each on its own
     assert shared["outputs_equal"] and shared["first_bytes_ms_8"] > 0 and shared["first_bytes_ms_8_unshared"] > 0
+    assert shared["conversations_equal"] and shared["conversation_first_byte_ms"] > 0  # the kept instructions
     scores = result["prompt_scores"]  # echo's: the engine's prefill against the full forward
     assert scores["bytes"] == 1024 and scores["max_abs_diff"] < 1e-3 and scores["top1_agreement"] >= 0.99
     burst = result["burst"]  # short prompts arriving together: prefilled together, and one per step
