@@ -83,3 +83,28 @@ def test_prompts_prefilled_together_and_scored_on_cuda(hf_checkpoint):
     assert runs["cuda"][0] == runs["cpu"][0]
     gpu, cpu = runs["cuda"][1], runs["cpu"][1]
     assert len(gpu) == len(cpu) == 35 and all(abs(g[0] - c[0]) < 1e-3 for g, c in zip(gpu, cpu))
+
+
+def test_kept_prefixes_on_cuda(hf_checkpoint):
+    """New conversations after the same instructions, one after the other, on CUDA's defaults (graphs,
+    overlapped steps): the third and fourth start from the kept copy, with the CPU engine's bytes."""
+    from blt_runtime.engine import Engine
+    from blt_runtime.sampling import SamplingParams
+
+    _, directory = hf_checkpoint("1b")
+    instructions = PARITY_TEXT[:600] + b"\nQ: "
+    runs = {}
+    for device in ("cpu", "cuda"):
+        engine, got = Engine(load_model(directory, device=device), max_batch_size=4), []
+        for question in (b"what now?", b"and then?", b"who?", b"so?"):
+            engine.add_request("q", instructions + question, SamplingParams(max_bytes=40, temperature=0.0,
+                                                                             ignore_eos=True))
+            out = b""
+            while engine.has_work():
+                for o in engine.step():
+                    out += o.new_bytes
+                    shared = o.usage.shared_prompt_bytes if o.finished else None
+            got.append((out, shared))
+        runs[device] = got
+    assert runs["cuda"] == runs["cpu"]
+    assert [shared for _, shared in runs["cuda"]] == [0, 0, len(instructions), len(instructions)]
