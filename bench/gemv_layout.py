@@ -3,7 +3,7 @@
     python bench/gemv_layout.py [--threads 1]
 
 For each weight shape of the shipped model, times F.linear(x, W) for a (1, 1, in) x with W stored
-as usual and with W a (out, in) view of (in, out) storage (what runner.wide_layout does on the CPU),
+as usual and with W a (out, in) view of (in, out) storage (what step_weights.wide_layout does on the CPU),
 cycling through 24 copies so that weights come from beyond the core's cache as in a real step, and
 a 1,024-row product for comparison. Rounds interleave the layouts; medians in microseconds; JSON
 line last.

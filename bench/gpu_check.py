@@ -317,7 +317,7 @@ def gemv_us(model: BltModel) -> dict:
 
 def _gemv_case(block, B: int, device: torch.device, dtype: torch.dtype) -> dict:
     from blt_runtime.gemv import norm_linear
-    from blt_runtime.runner import BlockStep
+    from blt_runtime.step_weights import BlockStep
     from blt_runtime.triton_ops import ADD, TritonOps
 
     b = BlockStep.of(block, device, transposed=False)

@@ -51,7 +51,7 @@ def test_projections_equal_eager(dtype, rows, d, f, method, residual):
 
 @interpreted
 def test_projections_take_layouts_and_refuse_what_they_cannot_do(monkeypatch):
-    """A transposed weight (the CPU layout, runner.wide_layout) and rows sliced from a wider tensor give
+    """A transposed weight (the CPU layout, step_weights.wide_layout) and rows sliced from a wider tensor give
     the same values; GemvOps fuses up to FUSED_ROWS rows, and runs more (64 streams, prefill chunks)
     as TritonOps does; mixed dtypes and mismatched widths are refused with what is wrong named."""
     x, delta, n, weight = inputs(3, 64, 40, torch.float32, 0)
