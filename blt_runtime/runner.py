@@ -1,4 +1,5 @@
-"""The only code that builds tensors and launches kernels for a generation step (spec section 6).
+"""The only code that builds tensors and launches kernels for a generation step (spec section 6), but
+for the few callables that step_weights.py keeps beside the weights they read.
 
 Two step kinds, both built from the same cached pieces:
 - `prefill_start`/`prefill_finish`: T new positions in parallel of one sequence (a prompt, in chunks),
