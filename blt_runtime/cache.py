@@ -39,7 +39,7 @@ class KVCache:
         # gathers its rows reads both with one kernel
         self.kv = torch.zeros((2, layers, slots, kv_heads, capacity, head_dim), device=device, dtype=dtype)
         # attention.RotationTable of the positions it holds, set by a runner whose attention kernel
-        # rotates each new position by it (runner.positions_for); None otherwise
+        # rotates each new position by it (positions.positions_for); None otherwise
         self.rotations = None
 
     @property

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from .graphs import StepGraphs
-from .runner import Runner, Sampled, positions_for
+from .positions import positions_for
+from .runner import Runner, Sampled
 from .sampling import SamplingBatch, SamplingParams, all_greedy, any_penalty, top_logprobs
 from .tail_kernels import entropy_flags
 from .tokenizer import BOS_ID
