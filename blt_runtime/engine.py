@@ -20,6 +20,8 @@ change.
 A request with `prompt_logprobs` (echo with logprobs: an evaluation harness scoring text) has its
 prompt's bytes scored by its prefill chunks, or up to a fork by its leader's (then only by a leader
 that scores its own); the scores come with its first output, or its only one with max_bytes 0.
+A request with max_bytes 0 is prefilled like any other (its state is then left for a prompt that
+begins with it) and finishes without a byte.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .sampling import SamplingParams
 from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
 from .sharing import PromptSharing
 from .static import StaticDecoder
-from .tokenizer import decode, encode
+from .tokenizer import encode
 from .transfer import HostTransfer
 from .triton_ops import TritonOps
 
@@ -83,9 +85,9 @@ class Queued:
     chunk: PrefillStart | None
     decoded: Callable[[], Sampled] | None
     firsts: Callable[[], Sampled] | None
-    outputs: list[StepOutput]  # known without the device: admitted requests with max_bytes=0
     scored: dict[str, tuple[int, int, int]]  # by request: transfer handles of its prompt's PromptScores
-    scored_only: list[Sequence]  # prefilled requests with max_bytes=0: they finish without a byte
+    scored_only: list[Sequence]  # prefilled requests with max_bytes=0: they finish without a byte (their
+    # prompt scored, if asked, and their state left for a prompt that begins with it)
 
 
 class Engine:
@@ -208,7 +210,6 @@ class Engine:
     def _queue(self) -> Queued:
         """Admit what can be admitted, plan, and queue all of the step's device work; bring what the
         host needs over in one transfer (`_complete` waits for it, the step's one wait for the device)."""
-        outputs = []
         sharing, share = self.sharing, self.share_prompts
         if share:
             sharing.look_again()
@@ -217,13 +218,7 @@ class Engine:
         for seq in self.scheduler.admit(lambda seq: sharing.allocate(seq, resume=share and not seq.scores_prompt)):
             self.last_admitted.append(seq.request_id)
             self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0)
-            if seq.params.max_bytes == 0 and not seq.scores_prompt:
-                seq.finish_reason = "length"
-                # never prefilled, so its usage needs its prompt's patches another way: the entropy model's,
-                # BOS a patch of its own (such requests are rare)
-                seq.patch_starts = [0] + [1 + begin for begin, _ in self.model.byte_patches(decode(seq.ids))[1]]
-                outputs.append(self._finish(seq, b"", False))
-            elif share:
+            if share:
                 sharing.follow(seq)
         plan = self.scheduler.plan()
         transfer = HostTransfer()
@@ -240,12 +235,12 @@ class Engine:
             for s in scored_only:
                 self._first_logits.pop(s.request_id, None)
         firsts = self._sample(plan.first, [self._first_logits.pop(s.request_id) for s in plan.first], transfer)
-        return Queued(plan, transfer, chunk, decoded, firsts, outputs, scored, scored_only)
+        return Queued(plan, transfer, chunk, decoded, firsts, scored, scored_only)
 
     def _complete(self, q: Queued) -> list[StepOutput]:
         """Wait for a queued step, apply its bytes and stops, finish its prefill chunk on its patch
         boundaries; requests aborted since it was queued are reported as aborted, their bytes dropped."""
-        outputs = [self._final(seq, b"", False) for seq in self._aborted] + q.outputs
+        outputs = [self._final(seq, b"", False) for seq in self._aborted]
         self._aborted.clear()
         q.transfer.fetch()
         if q.decoded is not None:

@@ -141,11 +141,14 @@ def test_empty_prompt_and_zero_bytes(models):
     assert len(empty.bytes) >= 20 and empty.prompt_patch_lengths[0] == 1
     zero = run_engine(Engine(model), {"z": (b"hello", SamplingParams(max_bytes=0))})["z"]
     assert zero[0] == b"" and zero[1].finish_reason == "length" and zero[1].usage.generated_bytes == 0
-    # a prompt never prefilled still reports its patches, as the full forward cuts them
-    prompt = PARITY_TEXT[:300]
-    zero = run_engine(Engine(model), {"z": (prompt, SamplingParams(max_bytes=0))})["z"][1].usage
+    # its prompt is prefilled, so it reports the patches the full forward cuts, and its state is left for a
+    # prompt that begins with it (a client warming a prefix up)
+    prompt, engine = PARITY_TEXT[:300], Engine(model)
+    zero = run_engine(engine, {"z": (prompt, SamplingParams(max_bytes=0))})["z"][1].usage
     assert zero.prompt_patches == len(reference_patch_lengths(model, encode(prompt))) > 30
     assert zero.completion_patches == 0
+    after = run_engine(engine, {"next": (prompt + b" and more", SamplingParams(max_bytes=4))})["next"][1].usage
+    assert after.shared_prompt_bytes == len(prompt)
 
 
 def test_prompt_longer_than_context_is_refused(models):
