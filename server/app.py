@@ -123,6 +123,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         state.ready = False
         ticker.cancel()
         state.worker.stop()
+        state.patches_thread.shutdown(wait=False, cancel_futures=True)
         gc.unfreeze()  # collectable again once the app is gone (tests run several apps in one process)
 
     app = FastAPI(title="blt-serve", version="0.1.0", lifespan=lifespan,

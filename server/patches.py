@@ -1,10 +1,10 @@
 """POST /v1/patches and GET /v1/models: what the model makes of some bytes, and what the model is.
 
 The entropy model's full forward never runs on the event loop. On a CPU it runs in a thread of its
-own, alongside the engine's steps (the weights are only read): between steps it would stall every
-stream, 0.3 s for 8 KB on this project's 2-core machine. On CUDA it runs on the engine's worker
-thread between steps, where it takes milliseconds, and where it cannot launch work while the
-worker captures a CUDA graph.
+own (one request at a time: AppState.patches_thread), alongside the engine's steps (the weights are
+only read): between steps it would stall every stream, 0.3 s for 8 KB on this project's 2-core
+machine. On CUDA it runs on the engine's worker thread between steps, where it takes milliseconds,
+and where it cannot launch work while the worker captures a CUDA graph.
 Entropy of byte k: the entropy model's uncertainty when predicting byte k from the bytes before
 it (BOS first), in nats; byte k > 0 begins a patch when it exceeds the threshold (byte 0 always
 does; BOS is a patch of its own and is not reported).
@@ -28,7 +28,8 @@ async def patches(req: PatchesRequest, state: AppState) -> dict:
                             "(BOS included)", "text" if req.text is not None else "bytes", "context_length_exceeded")
     model = state.engine.model
     if model.device.type == "cpu":
-        entropies, spans = await asyncio.to_thread(model.byte_patches, data)
+        entropies, spans = await asyncio.get_running_loop().run_in_executor(state.patches_thread,
+                                                                            model.byte_patches, data)
     else:
         entropies, spans = await state.worker.call(lambda: model.byte_patches(data))
     return {"object": "patches", "model": state.model_name, "num_bytes": len(data),

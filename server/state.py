@@ -1,8 +1,9 @@
 """What every handler of one app shares: settings, the engine worker, metrics, readiness, the streams'
-keep-alive ticker."""
+keep-alive ticker, and the one thread that computes /v1/patches beside the engine on a CPU."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import ApiError
@@ -21,9 +22,13 @@ class AppState:
     ready: bool = False
     draining: bool = False
     keepalive: KeepAlive = field(init=False)  # ticks while the app runs (app.py's lifespan)
+    # /v1/patches' full forwards on a CPU (patches.py), one at a time: however many requests come at once,
+    # the engine's thread competes with one of them for the cores
+    patches_thread: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self):
         self.keepalive = KeepAlive(self.settings.keepalive_interval)
+        self.patches_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blt-patches")
 
     @property
     def model_name(self) -> str:

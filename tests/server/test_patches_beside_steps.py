@@ -48,3 +48,32 @@ def test_a_stream_goes_on_while_patches_are_computed(serve, tiny):
     finally:
         done.set()
         streaming.join(60)
+
+
+def test_patches_are_computed_one_at_a_time(serve, tiny):
+    """However many requests come at once, one forward runs beside the engine: the steps compete with
+    one of them for the cores."""
+    model = load_model(tiny)
+    url, _ = serve(Engine(model, max_batch_size=2))
+    real, running, most, lock = model.byte_patches, [0], [0], threading.Lock()
+
+    def counted(data: bytes):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return real(data)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    model.byte_patches = counted
+    codes = []
+    threads = [threading.Thread(target=lambda i=i: codes.append(
+        httpx.post(f"{url}/v1/patches", json={"text": f"text {i}"}, timeout=60).status_code)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert codes == [200] * 4 and most[0] == 1
