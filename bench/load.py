@@ -7,8 +7,9 @@ prompts begin with the same 512 bytes (a system prompt: shared prompts at work).
 completed (a finish_reason and [DONE]), rejected (429), disconnected (on purpose), or failed
 (anything else: a 5xx, a stream without a finish, a transport error). Reports bytes/s, time to
 first byte and inter-byte latency percentiles, the server's RSS (from /metrics) at the start and
-end of each round, and whether its running/waiting gauges return to 0. Loopback only; bounded in
-clients and time. The last line printed is JSON.
+end of each round, its prompt bytes and how many of them were shared (not prefilled again), and
+whether its running/waiting gauges return to 0. Loopback only; bounded in clients and time. The
+last line printed is JSON.
 
     .venv/bin/python bench/load.py --url http://127.0.0.1:8000 --clients 64 --duration 60 --rounds 2
 """
@@ -127,7 +128,8 @@ async def server_state(url: str, api_key: str | None) -> dict:
         text = (await client.get(f"{url}/metrics")).text
     return {"rss_mb": round((metric(text, "process_resident_memory_bytes") or 0) / 2**20, 1),
             "running": metric(text, "blt_num_requests_running"), "waiting": metric(text, "blt_num_requests_waiting"),
-            "prompt_bytes_shared": metric(text, "blt_prompt_bytes_shared_total")}
+            "prompt_bytes_shared": metric(text, "blt_prompt_bytes_shared_total"),
+            "prompt_bytes": metric(text, "blt_prompt_bytes_total")}
 
 
 async def settle(url: str, api_key: str | None, timeout: float = 60.0) -> dict:
@@ -152,6 +154,7 @@ async def run_round(args, text: bytes) -> dict:
             "bytes_per_s": round(t.bytes / elapsed, 1), "ttfb_s": percentiles(t.ttfb),
             "inter_byte_s": percentiles(t.inter_byte), "rss_mb_start": before["rss_mb"], "rss_mb_end": after["rss_mb"],
             "running_after": after["running"], "waiting_after": after["waiting"],
+            "prompt_bytes": (after["prompt_bytes"] or 0) - (before["prompt_bytes"] or 0),
             "prompt_bytes_shared": (after["prompt_bytes_shared"] or 0) - (before["prompt_bytes_shared"] or 0)}
 
 
