@@ -83,7 +83,7 @@ class Retained:
     open_len: int
     patch_starts: list[int]
     kept: bool = False  # a kept prefix (`keep`): copied into the slots of the prompts that begin with it
-    used: int = 0  # when a kept prefix was made or last copied (PromptSharing.clock)
+    used: int = 0  # when a kept prefix was made, last copied or asked for again (PromptSharing.clock)
 
 
 class PromptSharing:
@@ -93,7 +93,7 @@ class PromptSharing:
         self.first_logits = first_logits  # the engine's: logits a PREFILLED sequence samples its first byte from
         self.unled: list[Sequence] = []  # followers whose leader was aborted: they look again in `look_again`
         self.retained: dict[int, Retained] = {}  # by slot: free in the allocator, or one of the kept slots
-        self.clock = 0  # counts kept prefixes made and copied, for `Retained.used`
+        self.clock = 0  # counts kept prefixes made, copied or asked for again, for `Retained.used`
 
     # ------------------------------------------------------------------ retained slots and kept prefixes
     def allocate(self, seq: Sequence, resume: bool = True) -> int | None:
@@ -150,6 +150,8 @@ class PromptSharing:
             held = self.retained[s].ids
             n = common_prefix(held, ids)
             if n == len(held) and at - n < MIN_SHARED_PREFIX:
+                self.clock += 1
+                self.retained[s].used = self.clock  # asked for again: the last to give way
                 return
             if n == at and len(held) - at < MIN_SHARED_PREFIX:
                 slot = s

@@ -161,6 +161,21 @@ def test_kept_prefixes_give_way(model):
     assert kept(engine) == {}
 
 
+def test_a_prefix_used_again_gives_way_last(model):
+    """Two kept slots: prompts that start from the older prefix make it the newest, so a third prefix
+    takes the other's place."""
+    engine = Engine(model, max_batch_size=4, prefill_chunk=128, kept_prefixes=2)
+    other = PARITY_TEXT[700:900]
+    generate(engine, "a", SYSTEM + QUESTIONS[1], join=("b", SYSTEM + QUESTIONS[3]), join_after=8)
+    generate(engine, "c", other + b"and on", join=("d", other + b"so it goes"), join_after=8)
+    assert sorted(kept(engine).values()) == sorted([SYSTEM, other])
+    out = generate(engine, "e", SYSTEM + QUESTIONS[0], join=("f", SYSTEM + QUESTIONS[4]), join_after=8)
+    assert out["e"][2].usage.shared_prompt_bytes == out["f"][2].usage.shared_prompt_bytes == len(SYSTEM)
+    third = PARITY_TEXT[1000:1150]
+    generate(engine, "g", third + b"one way", join=("h", third + b"another"), join_after=8)
+    assert sorted(kept(engine).values()) == sorted([SYSTEM, third])
+
+
 def test_requests_that_score_their_prompts_neither_keep_nor_take_copies(model):
     engine = Engine(model, max_batch_size=4, prefill_chunk=128)
     scoring = replace(GREEDY, prompt_logprobs=1)
