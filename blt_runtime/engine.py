@@ -107,6 +107,8 @@ class Engine:
         prefix that a slot holds already (a request prefilling it, a finished request's slot) is copied
         or taken over instead of computed (sharing.py); `kept_prefixes`: with share_prompts, slots of their
         own (beyond max_batch_size) that hold the states of prefixes kept for later prompts."""
+        if kept_prefixes < 0:
+            raise ValueError(f"kept_prefixes={kept_prefixes}: must be >= 0")
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size

@@ -159,6 +159,8 @@ def test_kept_prefixes_give_way(model):
     assert engine.sequences["b"].keep_at == 0 and engine.runner.scratch == 4
     generate(engine, "c", SYSTEM + QUESTIONS[4])
     assert kept(engine) == {}
+    with pytest.raises(ValueError, match="kept_prefixes=-1"):
+        Engine(model, kept_prefixes=-1)
 
 
 def test_a_prefix_used_again_gives_way_last(model):
