@@ -86,7 +86,7 @@ class Queued:
     decoded: Callable[[], Sampled] | None
     firsts: Callable[[], Sampled] | None
     scored: dict[str, tuple[int, int, int]]  # by request: transfer handles of its prompt's PromptScores
-    scored_only: list[Sequence]  # prefilled requests with max_bytes=0: they finish without a byte (their
+    prefill_only: list[Sequence]  # prefilled requests with max_bytes=0: they finish without a byte (their
     # prompt scored, if asked, and their state left for a prompt that begins with it)
 
 
@@ -104,9 +104,10 @@ class Engine:
         (kernels.py: "triton" on CUDA when its kernels pass their start-up check). `overlap`: queue
         the next step before returning this one's outputs (module docstring); on by default on CUDA,
         off on a CPU, where nothing runs while the host works. `share_prompts`: the state of a prompt's
-        prefix that a slot holds already (a request prefilling it, a finished request's slot) is copied
-        or taken over instead of computed (sharing.py); `kept_prefixes`: with share_prompts, slots of their
-        own (beyond max_batch_size) that hold the states of prefixes kept for later prompts."""
+        prefix that a slot holds already (a request prefilling it, a finished request's slot, a kept
+        prefix) is copied or taken over instead of computed (sharing.py); `kept_prefixes`: with
+        share_prompts, slots of their own (beyond max_batch_size) that hold the states of prefixes kept
+        for later prompts."""
         if kept_prefixes < 0:
             raise ValueError(f"kept_prefixes={kept_prefixes}: must be >= 0")
         self.model = model
@@ -231,13 +232,13 @@ class Engine:
                                               [a for _, a, _ in rows], transfer)
         decoded = self._decode(plan.decode, transfer) if plan.decode else None
         scored = {s.request_id: self._prompt_scores(s, transfer) for s in plan.first if s.scores_prompt}
-        scored_only = [s for s in plan.first if s.params.max_bytes == 0]
-        if scored_only:
+        prefill_only = [s for s in plan.first if s.params.max_bytes == 0]
+        if prefill_only:
             plan.first = [s for s in plan.first if s.params.max_bytes]
-            for s in scored_only:
+            for s in prefill_only:
                 self._first_logits.pop(s.request_id, None)
         firsts = self._sample(plan.first, [self._first_logits.pop(s.request_id) for s in plan.first], transfer)
-        return Queued(plan, transfer, chunk, decoded, firsts, scored, scored_only)
+        return Queued(plan, transfer, chunk, decoded, firsts, scored, prefill_only)
 
     def _complete(self, q: Queued) -> list[StepOutput]:
         """Wait for a queued step, apply its bytes and stops, finish its prefill chunk on its patch
@@ -252,7 +253,7 @@ class Engine:
                 if seq.status is Status.PREFILLED:
                     seq.status = Status.RUNNING
             outputs += self._with_prompt_logprobs(self._report(q.plan.first, q.firsts()), q)
-        for seq in q.scored_only:
+        for seq in q.prefill_only:
             if seq.status is Status.PREFILLED:  # else aborted since, and reported
                 seq.status, seq.finish_reason = Status.RUNNING, "length"
                 outputs += self._with_prompt_logprobs([self._finish(seq, b"", False)], q)
