@@ -26,7 +26,9 @@ and timed in one run. Prints a table and, last, one JSON line.
    prefill scores the 1 KB prompt, against the full forward's scores in the same dtype
    (`prompt_scores`: largest difference, top-1 agreement, milliseconds of each). Then as many
    requests as the largest stream count, with 100-byte prompts, arriving together (`burst`: the
-   first bytes, first, median and last, with the prompts prefilled together and one per step).
+   first bytes, first, median and last, with the prompts prefilled together and one per step; and
+   8 of them a step after a 3,000-byte prompt, before its next chunk and after all of them:
+   `burst.behind`).
 5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
    time per step, the costliest kernels.
 6. Kernels (kernels.py): the engine runs the repository's Triton kernels (attention with RoPE,
@@ -474,17 +476,23 @@ def measure_scores(model: BltModel, prompt: bytes, args, result: dict) -> None:
 
 def measure_burst(model: BltModel, prompt: bytes, args, result: dict) -> None:
     """The largest stream count of requests with 100-byte prompts arriving together, 16 bytes each: their
-    first bytes with the prompts prefilled together (the default) and one per step (bench/burst.py)."""
+    first bytes with the prompts prefilled together (the default) and one per step (bench/burst.py).
+    Then 8 of them a step after a 3,000-byte prompt: going before its next chunk (the default) and after
+    all of them (`behind`)."""
     n = largest_streams(args)
     engine = make_engine(model, graphs=model.device.type == "cuda")
-    text = english(100 * n)
-    prompts = [text[100 * i:100 * i + 100] for i in range(n)]
+    text = english(100 * n + 3000)
+    prompts, long = [text[100 * i:100 * i + 100] for i in range(n)], text[-3000:]
     together, figures = engine.scheduler.batch_prompt, {}
     for way, limit in (("together", together), ("one_per_step", None)) * 2:  # the second round is kept
         engine.scheduler.batch_prompt = limit
         figures[way] = {k: round(v, 2) for k, v in burst(engine, prompts, 16, model.device).items()}
-    engine.scheduler.batch_prompt = together
-    result["burst"] = {"requests": n, **figures}
+    engine.scheduler.batch_prompt, behind = together, {}
+    for way, short_first in (("short_first", True), ("in_order", False)) * 2:
+        engine.scheduler.short_first = short_first
+        behind[way] = {k: round(v, 2) for k, v in burst(engine, prompts[:8], 16, model.device, long).items()}
+    engine.scheduler.short_first = True
+    result["burst"] = {"requests": n, **figures, "behind": behind}
 
 
 def top1_agreement(model: BltModel, prompt: bytes, generated: bytes) -> float:

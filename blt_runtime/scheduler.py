@@ -2,7 +2,8 @@
 
 A sequence is WAITING until a slot is free, then PREFILLING (its prompt is processed in chunks, one
 chunk per engine step, while running sequences keep decoding; what is left of several prompts, when
-short, in one step as the rows of one batch, up to a chunk's bytes together), then PREFILLED for
+short, in one step as the rows of one batch, up to a chunk's bytes together; those go before the
+next chunk of a long prompt admitted earlier, every other step at most), then PREFILLED for
 one step (its first byte is sampled with the next step's other work), then RUNNING (one byte per
 step), then FINISHED. A PREFILLING sequence with a `leader` is not prefilled: it waits until the
 leader's prefill reaches the end of the prefix their prompts share (`fork_at`, where the leader's
@@ -139,6 +140,8 @@ class Scheduler:
         once, together up to `prefill_chunk` bytes, as the rows of one batch (None: never)."""
         self.max_running, self.max_waiting, self.prefill_chunk = max_running, max_waiting, prefill_chunk
         self.batch_prompt = batch_prompt
+        self.short_first = True  # short rests of prompts may go before a long prompt's next chunk (else in order)
+        self.jumped = False  # the last step's prefill went before that of a long prompt admitted earlier
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []  # PREFILLING and RUNNING, in admission order
 
@@ -175,23 +178,27 @@ class Scheduler:
                 and seq.keep_at <= seq.processed)
 
     def plan(self) -> Plan:
-        decode, first, prefill = [], [], None  # one pass: this runs at every step, over every sequence
-        batch, budget = [], 0  # the prefill's batch, if what is left of its prompt is short: others like it join
+        """The next step's work; called once a step (it remembers whether short prompts went first)."""
+        decode, first, head = [], [], None  # one pass: this runs at every step, over every sequence
+        batch, budget = [], 0  # the short rests of prompts, in admission order, up to a chunk's bytes together
         for s in self.active:
             if s.status is Status.RUNNING:
                 decode.append(s)
             elif s.status is Status.PREFILLED:
                 first.append(s)
             elif s.status is Status.PREFILLING and s.leader is None:
-                if prefill is None:
-                    prefill = s
-                    batch, budget = ([s], self.rest(s)) if self.batchable(s) else ([], 0)
-                elif batch and budget + self.rest(s) <= self.prefill_chunk and self.batchable(s):
+                head = head or s
+                if budget + self.rest(s) <= self.prefill_chunk and self.batchable(s):
                     batch.append(s)
                     budget += self.rest(s)
-        if prefill is None:
+        if head is None:
             return Plan(decode, None, first=first)
-        if len(batch) > 1:
+        # short prompts go before a long one's next chunk, every other step at most: their first bytes come
+        # a step after they arrive, not after all of its chunks, and it still gets half of the steps
+        jump = self.short_first and bool(batch) and batch[0] is not head and not self.jumped
+        self.jumped = jump
+        prefill = batch[0] if jump else head
+        if len(batch) > 1 and prefill is batch[0]:
             return Plan(decode, prefill, (prefill.processed, prefill.prompt_len), first, batch)
         # prefill_chunk counts prompt bytes: BOS rides with the first chunk (a 1,024-byte prompt is two
         # chunks of 512, not three with a last one of one byte, a whole step longer to the first byte)

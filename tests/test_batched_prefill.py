@@ -1,7 +1,8 @@
 """Short rests of prompts prefilled together (Scheduler.batchable, Runner.prefill_start with several rows):
 new short prompts that arrive together, the ends of long ones, the parts after a shared prefix or a
 resumed slot go through the models as the rows of one padded batch, instead of one per step, and every
-request's bytes, patches and prompt scores are what it gets alone and what full recompute gives.
+request's bytes, patches and prompt scores are what it gets alone and what full recompute gives. Short
+ones go before the next chunk of a long prompt admitted earlier, every other step.
 
 CPU, fp32, random tiny models.
 """
@@ -14,6 +15,7 @@ from blt_runtime import load_model
 from blt_runtime.engine import Engine
 from blt_runtime.reference import reference_patch_lengths
 from blt_runtime.sampling import SamplingParams
+from blt_runtime.scheduler import Scheduler, Sequence, Status
 from blt_runtime.tokenizer import encode
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -104,6 +106,7 @@ def test_the_rests_of_long_and_resumed_prompts_are_prefilled_together(models):
     outs = {}
     for together in (True, False):
         engine = Engine(model, max_batch_size=4, prefill_chunk=256)
+        engine.scheduler.short_first = False  # z's rest waits for x's, and goes with it
         rows = batches_of(engine)
         if not together:
             engine.scheduler.batch_prompt = None
@@ -116,3 +119,64 @@ def test_the_rests_of_long_and_resumed_prompts_are_prefilled_together(models):
         assert got == outs[False][rid][0]
         replay_full_recompute(model, prompt, SamplingParams(max_bytes=30, **GREEDY), 0, got)
         assert final.usage.prompt_patches == len(reference_patch_lengths(model, encode(prompt)))
+
+
+def test_plans_let_short_prompts_go_before_a_long_ones_next_chunk_every_other_step():
+    """Scheduler.plan: short rests of prompts admitted after a long one go before its next chunk, but never
+    two steps running; in admission order with short_first off."""
+    for short_first in (True, False):
+        scheduler = Scheduler(max_running=8, max_waiting=8, prefill_chunk=100, batch_prompt=100)
+        scheduler.short_first = short_first
+        seqs = {rid: Sequence(rid, [0] * (n + 1), SamplingParams(), 0)  # BOS and n bytes
+                for rid, n in (("long", 400), ("a", 30), ("b", 50), ("c", 40))}
+        for s in seqs.values():
+            scheduler.add(s)
+        scheduler.admit(lambda s, ids=list(seqs): ids.index(s.request_id))  # a slot each
+        order = []
+        while any(s.status is Status.PREFILLING for s in seqs.values()):
+            plan = scheduler.plan()
+            rows = plan.batch or [plan.prefill]
+            order.append("".join(s.request_id[0] for s in rows))
+            for s in rows:
+                s.processed = plan.chunk[1] if s is plan.prefill else s.prompt_len
+                s.status = Status.PREFILLED if s.processed == s.prompt_len else Status.PREFILLING
+        if short_first:  # a and b fill a chunk's budget together; c goes after the long prompt's next chunk
+            assert order == ["ab", "l", "c", "l", "l", "l"]
+        else:
+            assert order == ["l", "l", "l", "l", "ab", "c"]
+
+
+@pytest.mark.parametrize("static, overlap", [(False, False), (True, True)])
+def test_short_prompts_before_a_long_ones_chunks_equal_full_recompute(models, static, overlap):
+    """Short prompts that arrive while a long one is prefilled chunk by chunk get their first bytes before it
+    (in admission order, after it), and every request's bytes are the same either way and what full
+    recompute gives; a prompt that follows the long one forks from it where they part."""
+    model = models["1b"]
+    prompts = {"long": PARITY_TEXT[:1100], "follows": PARITY_TEXT[:300] + b"?",
+               **{f"s{i}": PARITY_TEXT[200 * i + 7:200 * i + 47 + 10 * i] for i in range(4)}}
+    params = SamplingParams(max_bytes=12, **GREEDY)
+    outs, first_steps = {}, {}
+    for short_first in (True, False):
+        engine = Engine(model, max_batch_size=6, prefill_chunk=128, static=static, overlap=overlap)
+        engine.scheduler.short_first = short_first
+        out, first, step = {rid: b"" for rid in prompts}, {}, 0
+        engine.add_request("long", prompts["long"], params)
+        while engine.has_work() or step < 2:
+            if step == 1:
+                for rid, prompt in prompts.items():
+                    if rid != "long":
+                        engine.add_request(rid, prompt, params)
+            for o in engine.step():
+                out[o.request_id] += o.new_bytes
+                first.setdefault(o.request_id, step)
+                if o.finished:
+                    assert o.usage.shared_prompt_bytes == (300 if o.request_id == "follows" else 0)
+            step += 1
+        outs[short_first], first_steps[short_first] = out, first
+    shorts = [f"s{i}" for i in range(4)]
+    assert max(first_steps[True][s] for s in shorts) < first_steps[True]["long"]
+    assert min(first_steps[False][s] for s in shorts) >= first_steps[False]["long"]
+    assert first_steps[True]["long"] <= first_steps[False]["long"] + len(shorts)
+    assert outs[True] == outs[False]
+    for rid, prompt in prompts.items():
+        replay_full_recompute(model, prompt, params, 0, outs[True][rid])

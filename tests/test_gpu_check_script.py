@@ -33,6 +33,9 @@ def test_gpu_check_small_on_cpu():
     assert scores["bytes"] == 1024 and scores["max_abs_diff"] < 1e-3 and scores["top1_agreement"] >= 0.99
     burst = result["burst"]  # short prompts arriving together: prefilled together, and one per step
     assert burst["requests"] == 2 and burst["together"]["steps"] < burst["one_per_step"]["steps"]
+    behind = burst["behind"]  # 2 short prompts a step after a long one: before its next chunk, and after it
+    assert behind["short_first"]["last_ms"] < behind["short_first"]["long_first_ms"]
+    assert behind["in_order"]["first_ms"] > 0 and behind["in_order"]["long_first_ms"] > 0
     compiled = result["compiled"]  # the engine again, its element-wise stretches compiled
     assert compiled["deterministic"] and compiled["static_equal_dynamic"] and compiled["static_equal_dynamic_2_streams"]
     assert compiled["top1_agreement_full_recompute"] >= 0.99
