@@ -10,7 +10,8 @@ and timed in one run. Prints a table and, last, one JSON line.
    steps (the next one queued before a step's outputs go back, the CUDA default); the primary one
    also runs without ("overlap_equal_no_overlap", and `..._no_overlap` bytes/s at batch 1 and at
    the largest stream count).
-3. Times batch-1 bytes/s (graphs and eager), time to first byte for a 1 KB prompt, aggregate bytes/s
+3. Times batch-1 bytes/s (graphs and eager), time to first byte for a 1 KB prompt (in two chunks of
+   512 bytes, the default, and in one: `ttfb_1kb_prompt_ms_one_chunk`), aggregate bytes/s
    at 8, 32 and 64 streams, and peak memory; and batch 1 and the largest stream count sampling with
    temperature 0.8 and top-p 0.95 (`..._sampled`; seeded, so also checked against the comparison
    engine and against itself), and 64 bytes at batch 1 with penalties and a logit bias as well,
@@ -26,7 +27,8 @@ and timed in one run. Prints a table and, last, one JSON line.
    prefill scores the 1 KB prompt, against the full forward's scores in the same dtype
    (`prompt_scores`: largest difference, top-1 agreement, milliseconds of each). Then as many
    requests as the largest stream count, with 100-byte prompts, arriving together (`burst`: the
-   first bytes, first, median and last, with the prompts prefilled together and one per step; and
+   first bytes, first, median and last, with the prompts prefilled together, 512 bytes a step and
+   four times that (`together_4x_bytes`), and one per step; and
    8 of them a step after a 3,000-byte prompt, before its next chunk and after all of them:
    `burst.behind`).
 5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
@@ -484,10 +486,13 @@ def measure_burst(model: BltModel, prompt: bytes, args, result: dict) -> None:
     text = english(100 * n + 3000)
     prompts, long = [text[100 * i:100 * i + 100] for i in range(n)], text[-3000:]
     together, figures = engine.scheduler.batch_prompt, {}
-    for way, limit in (("together", together), ("one_per_step", None)) * 2:  # the second round is kept
-        engine.scheduler.batch_prompt = limit
+    chunk = engine.scheduler.prefill_chunk
+    # (name, rows of several prompts, bytes a step): 4x the bytes a step, as --prefill-chunk 2048 gives
+    ways = (("together", together, chunk), ("one_per_step", None, chunk), ("together_4x_bytes", together, 4 * chunk))
+    for way, limit, budget in ways * 2:  # the second round is kept
+        engine.scheduler.batch_prompt, engine.scheduler.prefill_chunk = limit, budget
         figures[way] = {k: round(v, 2) for k, v in burst(engine, prompts, 16, model.device).items()}
-    engine.scheduler.batch_prompt, behind = together, {}
+    engine.scheduler.batch_prompt, engine.scheduler.prefill_chunk, behind = together, chunk, {}
     for way, short_first in (("short_first", True), ("in_order", False)) * 2:
         engine.scheduler.short_first = short_first
         behind[way] = {k: round(v, 2) for k, v in burst(engine, prompts[:8], 16, model.device, long).items()}
@@ -555,6 +560,10 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     result[f"batch1_bytes_per_s_{names[1]}"] = round(slow["bytes_per_s"], 1)
     result["first_run_bytes_per_s"] = round(first_run["bytes_per_s"], 1)  # includes graph capture
     result["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
+    chunk, primary.scheduler.prefill_chunk = primary.scheduler.prefill_chunk, len(prompt)  # the prompt in one chunk
+    run_engine(primary, [prompt], 8)
+    result["ttfb_1kb_prompt_ms_one_chunk"] = round(run_engine(primary, [prompt], 8)[0]["ttfb_s"] * 1000, 2)
+    primary.scheduler.prefill_chunk = chunk
     result["bytes_per_patch"] = round(one["bytes"] / max(one["completion_patches"], 1), 2)
     result["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
     if primary.overlap:  # the same engine with each step queued only after the last one's outputs
