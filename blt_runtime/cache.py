@@ -4,7 +4,7 @@ Owns:
 - `KVCache`: keys and values of one stack's self-attention for every slot. With a sliding window it
   is a ring buffer of `window` entries (position p lives at p % window), so the memory of a sequence
   is bounded by the window, not by its length. Without one (the global model) position p lives at
-  p, and the capacity grows by doubling as the longest sequence needs it.
+  p, and the capacity grows by doubling as the longest sequence needs it, up to `max_len`.
 - `RowBuffer`: per-slot rows of vectors that grow the same way (the open patch's byte states).
 - `SlotAllocator`: which slots are free.
 Reading and writing take the rows of a batch (`slots`) and the number of positions each row
@@ -16,12 +16,14 @@ from __future__ import annotations
 import torch
 
 
-def _grown(t: torch.Tensor, dim: int, needed: int) -> torch.Tensor:
-    """`t` with dimension `dim` at least `needed`, doubling; old contents kept."""
+def _grown(t: torch.Tensor, dim: int, needed: int, cap: int | None = None) -> torch.Tensor:
+    """`t` with dimension `dim` at least `needed`, doubling (but not past `cap` unless needed); old contents
+    kept."""
     size = t.shape[dim]
     if needed <= size:
         return t
-    new_size = max(needed, 2 * size, 16)
+    new_size = max(2 * size, 16) if cap is None else min(max(2 * size, 16), cap)
+    new_size = max(new_size, needed)
     shape = list(t.shape)
     shape[dim] = new_size
     out = t.new_zeros(shape)
@@ -53,8 +55,8 @@ class KVCache:
 
     def reserve(self, length: int) -> None:
         """Make room for positions < length (no-op for a ring buffer)."""
-        if self.window is None:
-            self.kv = _grown(self.kv, 4, length)
+        if self.window is None:  # never more than a sequence can hold (a patch is a byte at least)
+            self.kv = _grown(self.kv, 4, length, cap=self.max_len)
 
     def read(self, layer: int, slots: torch.Tensor | slice, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `span` entries of each row: (B, H_kv, span, D) keys and values. A slice of

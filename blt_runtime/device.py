@@ -47,6 +47,11 @@ def serving_threads(device: torch.device, threads: int | None = None) -> int:
     return threads
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes of the device's memory free now, on CUDA (None elsewhere)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 def host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor of host values on `device`. On CUDA it goes through pinned memory with a non-blocking
     copy: a plain copy from pageable memory waits for everything queued on the stream (a host sync);

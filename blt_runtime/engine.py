@@ -194,6 +194,10 @@ class Engine:
     def num_running(self) -> int:
         return self.scheduler.num_running
 
+    def cache_bytes(self) -> dict[str, int]:
+        """Memory the caches take now, by part (Runner.cache_bytes); safe to call from another thread."""
+        return self.runner.cache_bytes()
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Run one step (the one queued by the last call, with `overlap`) and return its outputs."""

@@ -359,6 +359,20 @@ class Runner:
             parts.append(self.score_logits(last_logits, [target], top_n))
         return parts
 
+    def cache_bytes(self) -> dict[str, int]:
+        """Device memory the rows' state takes now: "local", the entropy model's and the local models' ring
+        buffers and the per-row tables (bounded by the windows, and the open patch by the longest one);
+        "global", the global model's keys and values, which every row holds up to the patches of the
+        longest sequence so far (doubling as it grows: `global_bytes_per_patch` each)."""
+        local = [self.entropy_kv.kv, self.encoder_kv.kv, self.decoder_kv.kv, self.latest, self.open_patch.data,
+                 self.history, self.output_counts, self.seen, self.logit_bias]
+        return {"local": sum(t.nbytes for t in local), "global": self.global_kv.kv.nbytes}
+
+    def global_bytes_per_patch(self) -> int:
+        """What one more patch of capacity in the global model's cache takes, for all rows."""
+        kv = self.global_kv.kv
+        return kv.nbytes // kv.shape[4]
+
     def batch_window(self) -> int | None:
         """The most positions a row of a padded batch (prefill_start) takes: more would wrap a ring buffer
         onto the row's own new entries (None: no stack has a window)."""

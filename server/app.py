@@ -74,7 +74,26 @@ def build_engine(settings: Settings):
              "static shapes, eager" if engine.static is not None else "dynamic shapes, eager",
              ", element-wise stretches compiled" if settings.compile else "", engine.kernels,
              ", each queued before the last one's outputs are handled" if engine.overlap else "")
+    log_caches(engine)
     return engine
+
+
+def log_caches(engine) -> None:
+    """What the caches take, and what the global model's would for a full context at 4 bytes a patch (about
+    what the shipped model, and English at the released models' threshold, give); a warning where that
+    exceeds the device's free memory."""
+    from blt_runtime.device import free_memory
+
+    per_patch = engine.runner.global_bytes_per_patch()
+    full = per_patch * (engine.max_model_len // 4)
+    log.info("caches: %.1f MiB for the local models' windows; the global model's grows with the longest sequence "
+             "and stays, %.1f MiB per 1,000 of its patches (every slot holds as many): %.2f GiB at %d bytes of "
+             "context in patches of 4", engine.cache_bytes()["local"] / 2**20, 1000 * per_patch / 2**20,
+             full / 2**30, engine.max_model_len)
+    free = free_memory(engine.model.device)
+    if free is not None and full > free:
+        log.warning("a sequence of the full context would grow the global model's cache to %.1f GiB, and %.1f GiB "
+                    "is free on the device: lower --max-batch-size or --max-model-len", full / 2**30, free / 2**30)
 
 
 def warm_up(engine) -> None:
@@ -105,6 +124,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     engine = engine if engine is not None else build_engine(settings)
     metrics = Metrics(settings.model_name)
     state = AppState(settings, engine, EngineWorker(engine, metrics, settings.log_interval), metrics)
+    if hasattr(engine, "cache_bytes"):
+        metrics.watch_caches(engine.cache_bytes)
     created = int(time.time())
 
     @asynccontextmanager

@@ -23,6 +23,9 @@ class Metrics:
         self.running = Gauge("blt_num_requests_running", "Sequences holding a cache slot.", m, registry=r)
         self.waiting = Gauge("blt_num_requests_waiting", "Sequences waiting for a cache slot.", m, registry=r)
         self.cache_usage = Gauge("blt_cache_usage_ratio", "Fraction of the cache slots in use.", m, registry=r)
+        self.cache_memory = Gauge("blt_cache_memory_bytes", "Memory the caches take, by part: local (the local "
+                                  "models' windows, fixed) and global (the global model's, which every slot holds "
+                                  "up to the longest sequence's patches).", m + ["part"], registry=r)
         self.prompt_bytes = Counter("blt_prompt_bytes", "Prompt bytes processed.", m, registry=r)
         self.prompt_bytes_shared = Counter("blt_prompt_bytes_shared", "Prompt bytes whose prefill was copied "
                                            "from another request's (shared prompts), not computed.", m, registry=r)
@@ -62,6 +65,11 @@ class Metrics:
             self.patches.labels(model, phase)
         for reason in ("queue_full", "draining", "invalid"):
             self.rejected.labels(model, reason)
+
+    def watch_caches(self, cache_bytes) -> None:
+        """Read `cache_bytes()` (Engine.cache_bytes: {part: bytes}) whenever the metrics are scraped."""
+        for part in cache_bytes():
+            self.cache_memory.labels(self.model, part).set_function(lambda part=part: cache_bytes()[part])
 
     def of(self, metric, **labels):
         """`metric` with the model label (and any others) filled in. The labelled child is kept:

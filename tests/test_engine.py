@@ -376,3 +376,21 @@ def test_cpu_layout_keeps_every_weight(hf_checkpoint, tmp_path):
     save_model(model, tmp_path / "again")
     again = load_model(tmp_path / "again").state_dict()
     assert all(torch.equal(before[k], again[k]) for k in before)
+
+
+def test_cache_bytes_say_what_the_caches_take(models):
+    """Engine.cache_bytes: the local models' part stays as it was; the global model's grows with the longest
+    sequence's patches, `global_bytes_per_patch` a patch of capacity, and stays."""
+    model = copy.deepcopy(models["1b"])
+    object.__setattr__(model.config, "patching_threshold", -1.0)  # every byte a patch
+    engine = Engine(model, max_batch_size=2)
+    before, per_patch = engine.cache_bytes(), engine.runner.global_bytes_per_patch()
+    rows, cfg = 2 + 4 + 1, model.config.global_model  # slots, kept prefixes, scratch
+    assert per_patch == 2 * cfg.num_layers * rows * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+    assert before["global"] == 64 * per_patch and before["local"] > 0
+    _, final = run_engine(engine, {"a": (PARITY_TEXT[:700], SamplingParams(max_bytes=4, temperature=0.0))})["a"]
+    after = engine.cache_bytes()
+    assert after["local"] == before["local"]
+    patches = final.usage.prompt_patches + final.usage.completion_patches
+    capacity, rest = divmod(after["global"], per_patch)
+    assert rest == 0 and patches > 700 and patches <= capacity < 2 * patches  # grown, at most doubling

@@ -198,6 +198,18 @@ def test_buckets():
     assert span_bucket(1) == 64 and span_bucket(65) == 128 and span_bucket(3, 16) == 16
 
 
+def test_the_global_cache_grows_no_further_than_a_sequence_can_hold():
+    """Without a window a cache doubles as the longest sequence needs, but not past max_len, unless a static
+    step's span (a power of two) asks for more."""
+    cache = KVCache(1, 2, 1, 4, None, 100, "cpu", torch.float32)
+    cache.kv[:, 0, 1, 0, 5] = 7.0
+    sizes = []
+    for needed in (64, 70, 100, 128):
+        cache.reserve(needed)
+        sizes.append(cache.kv.shape[4])
+    assert sizes == [64, 100, 100, 128] and (cache.kv[:, 0, 1, 0, 5] == 7.0).all()  # kept what it held
+
+
 class RecordedPiece:
     """A CPU stand-in for a CUDA graph: replay runs the piece recorded at capture time, and fails if a
     buffer that a real graph would read by address has been replaced since."""

@@ -68,6 +68,10 @@ class ScriptedEngine:
     def capacity(self) -> int:
         return self.max_batch_size + self.max_queue
 
+    def cache_bytes(self) -> dict[str, int]:
+        """A model with no caches."""
+        return {"local": 0, "global": 0}
+
     def step(self) -> list[StepOutput]:
         time.sleep(self.step_delay)
         self.steps += 1

@@ -63,3 +63,16 @@ def test_the_readme_lists_every_flag():
         if f.name != "model_dir":  # the positional argument
             flag = "`--" + f.name.replace("_", "-") + "`"
             assert any(flag in line.split(" | ")[0] for line in table), flag
+
+
+def test_start_up_logs_what_the_caches_take_and_warns_where_a_full_context_would_not_fit(tiny, monkeypatch, caplog):
+    from server.app import build_engine, log_caches
+
+    caplog.set_level("INFO", logger="blt.server")
+    engine = build_engine(load_settings([str(tiny), "--max-model-len", "4096"]))
+    per_patch = engine.runner.global_bytes_per_patch()
+    assert f"{1000 * per_patch / 2**20:.1f} MiB per 1,000 of its patches" in caplog.text
+    assert "lower --max-batch-size" not in caplog.text  # on the CPU: no device memory to compare with
+    monkeypatch.setattr("blt_runtime.device.free_memory", lambda device: 1024 * per_patch - 1)
+    log_caches(engine)  # 4096 bytes in patches of 4: 1,024 patches, one byte more than is free
+    assert "lower --max-batch-size or --max-model-len" in caplog.text
