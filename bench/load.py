@@ -3,7 +3,9 @@
 Each client loops until the deadline: a prompt of random length (from a text file, or synthetic),
 a random max_tokens, streaming; a fraction disconnect at a random point; after a 429 a client
 waits the Retry-After seconds, as a well-behaved client does. With `--shared-rate`, that share of the
-prompts begin with the same 512 bytes (a system prompt: shared prompts at work). Every request ends as
+prompts begin with the same 512 bytes (a system prompt: shared prompts at work); with `--long-rate`, that
+share are `--long-bytes` long (documents among chat turns), and the time to first byte is reported
+for them and for the others apart too. Every request ends as
 completed (a finish_reason and [DONE]), rejected (429), disconnected (on purpose), or failed
 (anything else: a 5xx, a stream without a finish, a transport error). Reports bytes/s, time to
 first byte and inter-byte latency percentiles, the server's RSS (from /metrics) at the start and
@@ -43,6 +45,7 @@ class Tally:
     status_5xx: int = 0
     bytes: int = 0
     ttfb: list[float] = field(default_factory=list)
+    ttfb_by_length: dict[str, list[float]] = field(default_factory=lambda: {"long": [], "other": []})  # --long-rate
     inter_byte: list[float] = field(default_factory=list)
 
 
@@ -58,7 +61,8 @@ def metric(text: str, name: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, drop_after: int | None, t: Tally) -> None:
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, drop_after: int | None, t: Tally,
+                      long: bool = False) -> None:
     start = time.perf_counter()
     last, events, finished = None, 0, False
     try:
@@ -86,6 +90,7 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, drop_afte
                     if n:
                         if last is None:
                             t.ttfb.append(now - start)
+                            t.ttfb_by_length["long" if long else "other"].append(now - start)
                         else:
                             t.inter_byte.append((now - last) / n)
                         last = now
@@ -111,7 +116,8 @@ async def client_loop(i: int, args, text: bytes, deadline: float, t: Tally) -> N
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=10.0), headers=headers) as client:
         while time.monotonic() < deadline:
-            length = rng.choice([1, 16, 64, 256, 1024])
+            long = rng.random() < args.long_rate
+            length = args.long_bytes if long else rng.choice([1, 16, 64, 256, 1024])
             at = rng.randrange(max(1, len(text) - length))
             prompt = text[at:at + length].decode("utf-8", "ignore") or "A"
             if rng.random() < args.shared_rate:
@@ -119,7 +125,7 @@ async def client_loop(i: int, args, text: bytes, deadline: float, t: Tally) -> N
             body = {"prompt": prompt, "max_tokens": rng.choice([8, 32, 128, 512]), "stream": True,
                     "temperature": rng.choice([0.0, 0.8]), "seed": rng.randrange(2**31)}
             drop = rng.randrange(1, 40) if rng.random() < args.disconnect_rate else None
-            await one_request(client, args.url, body, drop, t)
+            await one_request(client, args.url, body, drop, t, long)
 
 
 async def server_state(url: str, api_key: str | None) -> dict:
@@ -152,6 +158,8 @@ async def run_round(args, text: bytes) -> dict:
             "rejected_429": t.rejected, "disconnected_on_purpose": t.disconnected, "failed": t.failed,
             "status_5xx": t.status_5xx, "failure_examples": sorted(set(t.failures))[:5],
             "bytes_per_s": round(t.bytes / elapsed, 1), "ttfb_s": percentiles(t.ttfb),
+            **({f"ttfb_s_{kind}_prompts": percentiles(v) for kind, v in t.ttfb_by_length.items()}
+               if args.long_rate else {}),
             "inter_byte_s": percentiles(t.inter_byte), "rss_mb_start": before["rss_mb"], "rss_mb_end": after["rss_mb"],
             "running_after": after["running"], "waiting_after": after["waiting"],
             "prompt_bytes": (after["prompt_bytes"] or 0) - (before["prompt_bytes"] or 0),
@@ -166,6 +174,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="identical rounds; the first is the warm-up")
     p.add_argument("--disconnect-rate", type=float, default=0.1)
     p.add_argument("--shared-rate", type=float, default=0.0, help="share of prompts that begin with the same 512 bytes")
+    p.add_argument("--long-rate", type=float, default=0.0, help="share of prompts of --long-bytes bytes")
+    p.add_argument("--long-bytes", type=int, default=6000)
     p.add_argument("--api-key", default=None)
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="prompts are cut from this file")
     p.add_argument("--seed", type=int, default=0)
