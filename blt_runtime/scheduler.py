@@ -192,6 +192,7 @@ class Scheduler:
                     batch.append(s)
                     budget += self.rest(s)
         if head is None:
+            self.jumped = False
             return Plan(decode, None, first=first)
         # short prompts go before a long one's next chunk, every other step at most: their first bytes come
         # a step after they arrive, not after all of its chunks, and it still gets half of the steps
