@@ -42,13 +42,25 @@ def prompt_bytes(prompt) -> list[bytes]:
 
 
 API_NAMES = {"max_bytes": "max_tokens", "min_bytes": "min_tokens"}  # the runtime's names -> the request's
+DEFAULT_MAX_BYTES = 256  # max_tokens left out (SERVER.md)
 
 
-def sampling_params(req: CompletionRequest, index: int) -> SamplingParams:
+def asked_max_bytes(req: CompletionRequest) -> bool:
+    """Did the request set max_tokens (not left out, not null)?"""
+    return req.max_tokens is not None and "max_tokens" in req.model_fields_set
+
+
+def sampling_params(req: CompletionRequest, index: int, room: int | None = None) -> SamplingParams:
+    """The runtime's parameters of choice `index`. max_tokens left out (or null) is 256, or the `room` the
+    context leaves after the prompt and BOS where that is less (vLLM gives the whole rest)."""
     seed = None if req.seed is None else (req.seed + index) % 2**63  # n choices draw differently
+    if asked_max_bytes(req):
+        max_bytes = req.max_tokens
+    else:
+        max_bytes = DEFAULT_MAX_BYTES if room is None else max(min(DEFAULT_MAX_BYTES, room), 0)
     try:
         return SamplingParams(
-            max_bytes=256 if req.max_tokens is None else req.max_tokens, min_bytes=req.min_tokens,
+            max_bytes=max_bytes, min_bytes=req.min_tokens,
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
             seed=seed, stop=req.stop or (), presence_penalty=req.presence_penalty or 0.0,
@@ -103,14 +115,15 @@ def truncated(prompts: list[bytes], keep: int | None, max_bytes: int, max_model_
     return [p[len(p) - keep:] if len(p) > keep else p for p in prompts]
 
 
-def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int) -> None:
+def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int, name: str = "max_tokens") -> None:
+    """Each prompt, BOS and `max_bytes` fit in the context (`name`: the field that asks for them)."""
     for p in prompts:
         if len(p) + 1 > max_model_len:
             raise ApiError(400, f"the prompt is {len(p)} bytes; this model's context is {max_model_len} bytes "
                                 "(BOS included)", "prompt", "context_length_exceeded")
         if len(p) + 1 + max_bytes > max_model_len:
-            raise ApiError(400, f"prompt ({len(p)} bytes) + max_tokens ({max_bytes}) exceeds this model's context "
-                                f"of {max_model_len} bytes (BOS included)", "max_tokens", "context_length_exceeded")
+            raise ApiError(400, f"prompt ({len(p)} bytes) + {name} ({max_bytes}) exceeds this model's context "
+                                f"of {max_model_len} bytes (BOS included)", name, "context_length_exceeded")
 
 
 MAX_COALESCED = 4096  # engine outputs merged into the events of one write, at most
@@ -162,7 +175,9 @@ class Completion:
         return piece, ready
 
     async def submit(self) -> None:
-        items = [(rid, self.prompts[c.index // self.req.n], sampling_params(self.req, c.index % self.req.n))
+        room = [self.state.max_model_len - 1 - len(p) for p in self.prompts]
+        items = [(rid, self.prompts[c.index // self.req.n],
+                  sampling_params(self.req, c.index % self.req.n, room[c.index // self.req.n]))
                  for rid, c in self.choices.items()]
         m = self.state.metrics
         try:
@@ -329,7 +344,10 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     check_supported(req)
     params = sampling_params(req, 0)  # a 400 before anything is queued
     prompts = truncated(prompt_bytes(req.prompt), req.truncate_prompt_tokens, params.max_bytes, state.max_model_len)
-    check_context(prompts, params.max_bytes, state.max_model_len)
+    if asked_max_bytes(req):
+        check_context(prompts, params.max_bytes, state.max_model_len)
+    else:  # the default gives way to what the context leaves, down to min_tokens
+        check_context(prompts, params.min_bytes, state.max_model_len, "min_tokens")
     check_capacity(prompts, req.n, state.engine.capacity)
     completion = Completion(req, state, prompts, params)
     await completion.submit()

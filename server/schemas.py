@@ -27,7 +27,9 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: str | list[Byte] | list[str] | list[list[Byte]] = Field(
         description="text (UTF-8), a list of ints 0..255 (raw bytes), or a list of either (one per prompt)")
-    max_tokens: int | None = Field(256, ge=0, description="bytes to generate (up to 3 more finish a character)")
+    max_tokens: int | None = Field(256, ge=0, description="bytes to generate (up to 3 more finish a character); "
+                                                         "left out or null: 256, or what the context leaves after "
+                                                         "the prompt where that is less")
     temperature: float | None = Field(1.0, ge=0.0, le=100.0, description="0 means greedy")
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(0, ge=-1, description="0 or -1: off")

@@ -128,6 +128,24 @@ def test_truncate_prompt_tokens(server, tiny):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_max_tokens_left_out_gives_way_to_the_context(server):
+    """max_tokens left out (or null) is 256, or what the 512-byte context leaves after a long prompt (vLLM gives
+    the whole rest); asked for, it must fit, and so must min_tokens."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 11  # 495 bytes: room for 16 more
+    body = {"prompt": prompt, "temperature": 0, "ignore_eos": True}
+    for extra in ({}, {"max_tokens": None}):
+        r = httpx.post(f"{server.url}/v1/completions", json={**body, **extra}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        choice, usage = r.json()["choices"][0], r.json()["usage"]
+        assert usage["completion_tokens"] == 512 - 1 - 495 and choice["finish_reason"] == "length"
+    short = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": "fox"}, headers=AUTH).json()
+    assert short["usage"]["completion_tokens"] == 256
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 17}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(f"{server.url}/v1/completions", json={**body, "min_tokens": 17}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+
+
 def test_models_patches_and_health(server, tiny):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # open without a key
     card = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"][0]
