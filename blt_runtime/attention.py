@@ -59,6 +59,38 @@ class Visible:
 
 
 @dataclass(frozen=True)
+class ChunkBand:
+    """A prefill chunk of more than twice its stack's window, attended a window of queries at a time
+    (`band_attention`) instead of through one (T, entries + T) mask: its positions, from which each
+    block's mask is made."""
+
+    keys: torch.Tensor  # (B, span + T): the position each cache entry read holds (-1: none), then the new ones
+    new: torch.Tensor  # (B, T) the new positions
+    window: int  # the stack's attention window
+
+
+def band_attention(q: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, band: ChunkBand) -> torch.Tensor:
+    """sdpa_attention of q (B, H, T, D) over the cache entries read and the chunk's own keys, with the
+    mask `band` stands for, `band.window` queries at a time over the keys they can see: the cache's only
+    for the first block (a later query is a window or more past the chunk's start), and of the chunk's
+    the last window before each block. Every query weighs the same keys as under the whole mask, whose
+    other entries weigh exactly zero. -> (B, T, H * D)."""
+    T, span, w = q.shape[2], cached_k.shape[2], band.window
+    out = []
+    for start in range(0, T, w):
+        end, first = min(start + w, T), max(start - w + 1, 0)
+        keys, values, held = k[:, :, first:end], v[:, :, first:end], band.keys[:, span + first:span + end]
+        if start == 0:
+            keys, values = torch.cat([cached_k, keys], dim=2), torch.cat([cached_v, values], dim=2)
+            held = torch.cat([band.keys[:, :span], held], dim=1)
+        held, at = held[:, None, :], band.new[:, start:end, None]
+        mask = (held >= 0) & (held <= at) & (held > at - w)
+        out.append(sdpa_attention(q[:, :, start:end], keys, values, mask[:, None]))
+    return torch.cat(out, dim=1)
+
+
+@dataclass(frozen=True)
 class RotationTable:
     """The RoPE rotation of every position a stack's cache can hold, (positions, D / 2, 2) fp32 cos and
     sin (torch.view_as_real of layers.rope_rotation over 0, 1, ...: the values a step would compute

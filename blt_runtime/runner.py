@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import RotationTable, decode_attention, sdpa_attention
+from .attention import ChunkBand, RotationTable, band_attention, decode_attention, sdpa_attention
 from .byte_embedding import embed_new_bytes
 from .cache import KVCache, RowBuffer
 from .device import host_tensor
@@ -115,6 +115,9 @@ def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache:
     if p.write_first:
         cache.write(layer, p.write_rows, p.write_index, new_k, new_v, p.write_at, new_kv)
         o = sdpa_attention(q, *cache.read(layer, p.read_slots or p.slots, p.span), p.mask)
+    elif isinstance(p.mask, ChunkBand):  # all read before the write, which overwrites ring entries
+        o = band_attention(q, *cache.read(layer, p.read_slots or p.slots, p.span), k, v, p.mask)
+        cache.write(layer, p.write_rows, p.write_index, new_k, new_v, None, new_kv)
     else:
         cached_k, cached_v = cache.read(layer, p.read_slots or p.slots, p.span)
         keys, values = torch.cat([cached_k, k], dim=2), torch.cat([cached_v, v], dim=2)

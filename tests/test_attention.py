@@ -2,15 +2,17 @@
 
 Here it runs in Triton's interpreter on the CPU (tests/interpreter.py); on a GPU, tests/gpu and
 bench/gpu_check.py run the compiled kernel. Kernel against SDPA on random inputs with every feature
-a step uses. Compiled for a Hopper GPU, and whole engines: tests/test_kernels.py.
+a step uses. Compiled for a Hopper GPU, and whole engines: tests/test_kernels.py. And a long prefill
+chunk's attention a window of queries at a time (band_attention) against SDPA under the whole mask.
 """
 
 import pytest
 import torch
 from interpreter import interpreted
 
-from blt_runtime.attention import RotationTable, Visible, decode_attention, sdpa_attention
-from blt_runtime.fused import EAGER
+from blt_runtime.attention import ChunkBand, RotationTable, Visible, band_attention, decode_attention, sdpa_attention
+from blt_runtime.cache import entry_positions
+from blt_runtime.fused import EAGER, additive_mask
 from blt_runtime.model.layers import rope_rotation
 
 
@@ -170,3 +172,21 @@ def test_kernel_reads_strided_queries():
     got = decode_attention(q, kv, 0, slice(0, 2), 64, None)
     read = kv[:, 0, 0:2, :, :64]
     torch.testing.assert_close(got, sdpa_attention(q, read[0], read[1], None), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("H, H_kv", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("cache_window, stack_window", [(16, 16), (16, 6)])
+def test_a_long_chunk_attended_a_window_at_a_time_equals_the_whole_mask(H, H_kv, cache_window, stack_window):
+    """band_attention (a prefill chunk of more than twice the window) weighs what SDPA under the chunk's whole
+    (T, entries + T) mask does: rows whose ring is empty, partly and wholly filled, and wrapped."""
+    g = torch.Generator().manual_seed(3)
+    lengths, T, D = torch.tensor([0, 5, 16, 40]), 3 * stack_window + 5, 8
+    B, span = len(lengths), cache_window
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = torch.randn(2, B, H_kv, T, D, generator=g)
+    cached_k, cached_v = torch.randn(2, B, H_kv, span, D, generator=g)
+    new = lengths[:, None] + torch.arange(T)[None, :]
+    mask = additive_mask(lengths, new, T, span, True, cache_window, stack_window, torch.float32)
+    want = sdpa_attention(q, torch.cat([cached_k, k], 2), torch.cat([cached_v, v], 2), mask)
+    band = ChunkBand(torch.cat([entry_positions(lengths, span, cache_window), new], 1), new, stack_window)
+    torch.testing.assert_close(band_attention(q, cached_k, cached_v, k, v, band), want, atol=1e-6, rtol=1e-5)

@@ -12,6 +12,7 @@ from enginekit import replay_full_recompute, run_engine
 from factory import PARITY_TEXT
 
 from blt_runtime import load_model
+from blt_runtime.attention import band_attention
 from blt_runtime.engine import Engine
 from blt_runtime.generate import generate
 from blt_runtime.reference import reference_generate, reference_patch_lengths
@@ -394,3 +395,20 @@ def test_cache_bytes_say_what_the_caches_take(models):
     patches = final.usage.prompt_patches + final.usage.completion_patches
     capacity, rest = divmod(after["global"], per_patch)
     assert rest == 0 and patches > 700 and patches <= capacity < 2 * patches  # grown, at most doubling
+
+
+def test_a_chunk_of_more_than_twice_the_window_is_attended_a_window_at_a_time(models, monkeypatch):
+    """A prompt prefilled in two chunks of 1,151 and 1,150 positions (the local models' window is 512), the
+    second after a full ring, goes through attention.band_attention, and its bytes are those of small
+    chunks and of full recompute."""
+    import blt_runtime.runner as runner
+
+    calls = []
+    monkeypatch.setattr(runner, "band_attention", lambda *a: calls.append(1) or band_attention(*a))
+    model, prompt = models["1b"], (PARITY_TEXT * 2)[:2300]
+    params = SamplingParams(max_bytes=40, temperature=0.0, ignore_eos=True)
+    whole = run_engine(Engine(model, prefill_chunk=1150), {"a": (prompt, params)})["a"]
+    assert calls  # the entropy model's, the encoder's and the decoder's layers
+    chunked = run_engine(Engine(model, prefill_chunk=128), {"a": (prompt, params)})["a"]
+    assert whole[0] == chunked[0] and whole[1].usage == chunked[1].usage
+    replay_full_recompute(model, prompt, params, 0, whole[0])
