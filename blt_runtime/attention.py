@@ -16,8 +16,9 @@ RotationTable's row at each row's length), so a step feeds it views of its qkv p
 store at each row's new position's entry, worked out from its length. Which way a step takes is
 the engine's kernels setting (kernels.py). On a CPU the kernel runs in Triton's interpreter
 (TRITON_INTERPRET=1 set before Triton is imported): slow, for tests only. `rounded` is the bf16
-rounding the repository's Triton kernels share. Used by runner.py's block_step; knows nothing
-about requests or patches.
+rounding the repository's Triton kernels share. Also a long prefill chunk's attention, a window of
+queries at a time (`band_attention`). Used by runner.py's block_step; knows nothing about requests
+or patches.
 """
 
 from __future__ import annotations
