@@ -39,7 +39,8 @@ from blt_runtime.transfer import HostTransfer  # noqa: E402
 
 def host_us_per_step(model, batch: int, steps: int, overlap: bool = False, caller: str = "none") -> tuple[float, float]:
     """(all host work, the part on the device's critical path), in us per step."""
-    engine = Engine(model, max_batch_size=64, static=True, cuda_graphs=False, overlap=overlap)
+    engine = Engine(model, max_batch_size=64, static=True, cuda_graphs=False, overlap=overlap,
+                    first_byte_at_once=False)  # as on CUDA
     for i in range(batch):
         engine.add_request(str(i), english(400)[i:i + 200],
                            SamplingParams(max_bytes=steps + 100, temperature=0.0, ignore_eos=True))

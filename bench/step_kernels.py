@@ -267,7 +267,8 @@ def count_prefill(model: BltModel, mode: str, prompt_bytes: int = 1024) -> dict:
 
 def counted_engine(model: BltModel, batch: int, mode: str, counter: KernelCount) -> Engine:
     """A static-step engine whose kernels `counter` counts as `mode` would launch them."""
-    engine = Engine(model, max_batch_size=batch, static=True, cuda_graphs=False, kernels="torch")
+    engine = Engine(model, max_batch_size=batch, static=True, cuda_graphs=False, kernels="torch",
+                    first_byte_at_once=False)  # as on CUDA
     if mode.startswith("compiled"):
         engine.runner.ops = CountedOps(counter, CountedOps.COMPILED)
     elif mode == "triton":

@@ -3,8 +3,10 @@
 Every engine step advances each running sequence by one byte (batched), prefills one chunk of at
 most one new prompt (or the short rests of several prompts together: scheduler.py), samples the first
 byte of prompts prefilled in the step before, and reports what happened as StepOutputs; it waits
-for the device once (transfer.py). Runs on one thread; knows nothing about HTTP. Memory per
-sequence for the local models is bounded by their windows.
+for the device once (transfer.py). With `first_byte_at_once` (a CPU's default, where a second wait
+costs nothing) a prompt's first byte is sampled in the step that ends its prefill instead. Runs on
+one thread; knows nothing about HTTP. Memory per sequence for the local models is bounded by their
+windows.
 
 With `overlap` (the default on CUDA) a call to `step()` queues the next step's device work before it
 returns this step's outputs, so that what the caller does with them (a server: metrics, delivery to
@@ -94,7 +96,8 @@ class Engine:
     def __init__(self, model: BltModel, max_batch_size: int = 16, max_model_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 512, static: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto",
-                 overlap: bool | None = None, share_prompts: bool = True, kept_prefixes: int = 4):
+                 overlap: bool | None = None, share_prompts: bool = True, kept_prefixes: int = 4,
+                 first_byte_at_once: bool | None = None):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
@@ -107,7 +110,9 @@ class Engine:
         prefix that a slot holds already (a request prefilling it, a finished request's slot, a kept
         prefix) is copied or taken over instead of computed (sharing.py); `kept_prefixes`: with
         share_prompts, slots of their own (beyond max_batch_size) that hold the states of prefixes kept
-        for later prompts."""
+        for later prompts. `first_byte_at_once`: a prompt's first byte is sampled in the step that
+        finishes its prefill, with a second wait for the device (on by default on a CPU without
+        overlap, where that wait costs nothing); else with the next step's work, the step's one wait."""
         if kept_prefixes < 0:
             raise ValueError(f"kept_prefixes={kept_prefixes}: must be >= 0")
         self.model = model
@@ -137,6 +142,7 @@ class Engine:
         self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step() call
         self._rng = random.Random()
         self.overlap = on_cuda if overlap is None else overlap
+        self.first_byte_at_once = not on_cuda and not self.overlap if first_byte_at_once is None else first_byte_at_once
         self._queued: Queued | None = None
         self._failed: BaseException | None = None  # raised by the next step(): queueing failed after a step
 
@@ -235,6 +241,11 @@ class Engine:
             chunk = self.runner.prefill_start([s.slot for s, _, _ in rows], [s.ids[a:b] for s, a, b in rows],
                                               [a for _, a, _ in rows], transfer)
         decoded = self._decode(plan.decode, transfer) if plan.decode else None
+        return Queued(plan, transfer, chunk, decoded, *self._queue_firsts(plan, transfer))
+
+    def _queue_firsts(self, plan: Plan, transfer: HostTransfer):
+        """The first bytes of the prefilled sequences in `plan.first` (those with max_bytes 0 leave it: they
+        finish without one), and their prompts' scores -> (firsts, scored, prefill_only) of a Queued."""
         scored = {s.request_id: self._prompt_scores(s, transfer) for s in plan.first if s.scores_prompt}
         prefill_only = [s for s in plan.first if s.params.max_bytes == 0]
         if prefill_only:
@@ -242,7 +253,16 @@ class Engine:
             for s in prefill_only:
                 self._first_logits.pop(s.request_id, None)
         firsts = self._sample(plan.first, [self._first_logits.pop(s.request_id) for s in plan.first], transfer)
-        return Queued(plan, transfer, chunk, decoded, firsts, scored, prefill_only)
+        return firsts, scored, prefill_only
+
+    def _first_bytes_now(self) -> list[StepOutput]:
+        """With first_byte_at_once: the first bytes of the prompts whose prefill this step finished (followers
+        that forked at their prompt's end among them), sampled and reported in this step."""
+        ready = [s for s in self.scheduler.active if s.status is Status.PREFILLED]
+        if not ready:
+            return []
+        plan, transfer = Plan([], None, first=ready), HostTransfer()
+        return self._complete(Queued(plan, transfer, None, None, *self._queue_firsts(plan, transfer)))
 
     def _complete(self, q: Queued) -> list[StepOutput]:
         """Wait for a queued step, apply its bytes and stops, finish its prefill chunk on its patch
@@ -263,6 +283,8 @@ class Engine:
                 outputs += self._with_prompt_logprobs([self._finish(seq, b"", False)], q)
         if q.chunk is not None:
             self._prefill_finish(q.plan, q.chunk, q.transfer)
+            if self.first_byte_at_once:
+                outputs += self._first_bytes_now()
         return outputs
 
     # ------------------------------------------------------------------ step kinds
@@ -306,7 +328,7 @@ class Engine:
         for i, closes in enumerate(result.closes):
             seq.record_close(start + i, closes)
         seq.processed, seq.num_patches, seq.open_len = end, seq.num_patches + result.completed, result.open_len
-        if end == seq.prompt_len:  # its first byte is sampled with the next step's work
+        if end == seq.prompt_len:  # its first byte is sampled with the next step's work (or at once)
             seq.status = Status.PREFILLED
             self._first_logits[seq.request_id] = result.last_logits
         self.sharing.prefilled(seq, result.last_logits)

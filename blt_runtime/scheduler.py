@@ -4,7 +4,8 @@ A sequence is WAITING until a slot is free, then PREFILLING (its prompt is proce
 chunk per engine step, while running sequences keep decoding; what is left of several prompts, when
 short, in one step as the rows of one batch, up to a chunk's bytes together; those go before the
 next chunk of a long prompt admitted earlier, every other step at most), then PREFILLED for
-one step (its first byte is sampled with the next step's other work), then RUNNING (one byte per
+one step (its first byte is sampled with the next step's other work, or at the end of this one:
+engine.py's first_byte_at_once), then RUNNING (one byte per
 step), then FINISHED. A PREFILLING sequence with a `leader` is not prefilled: it waits until the
 leader's prefill reaches the end of the prefix their prompts share (`fork_at`, where the leader's
 chunk is cut), and takes a copy of its state (sharing.py); one admitted into a slot that holds a

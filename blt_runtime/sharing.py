@@ -225,7 +225,7 @@ class PromptSharing:
             seq.prompt_scores = self.runner.fork_scores(leader.prompt_scores, at, last_logits,
                                                         seq.ids[at] if at < seq.prompt_len else None,
                                                         seq.params.prompt_logprobs)
-        if at == seq.prompt_len:  # its first byte is sampled with the next step's work
+        if at == seq.prompt_len:  # its first byte is sampled with the next step's work (or at once)
             seq.status = Status.PREFILLED
             self.first_logits[seq.request_id] = last_logits
         for follower in [f for f in seq.followers if f.fork_at == at]:  # its own followers forking there

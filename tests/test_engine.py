@@ -73,17 +73,18 @@ def test_chunked_prefill_equals_whole_prefill(models):
     assert whole[1].usage == chunked[1].usage
 
 
+@pytest.mark.parametrize("at_once", [True, False])
 @pytest.mark.parametrize("prompt_bytes, chunks", [(1, 1), (64, 1), (65, 2), (128, 2), (129, 3)])
-def test_prefill_chunks_count_prompt_bytes(models, prompt_bytes, chunks):
-    """prefill_chunk counts prompt bytes (BOS rides with the first chunk); the first byte is sampled
-    in the step after the last chunk."""
-    engine = Engine(models["first_layer"], prefill_chunk=64)
+def test_prefill_chunks_count_prompt_bytes(models, prompt_bytes, chunks, at_once):
+    """prefill_chunk counts prompt bytes (BOS rides with the first chunk); the first byte is sampled in the
+    step of the last chunk (first_byte_at_once, a CPU's default) or in the step after (CUDA's)."""
+    engine = Engine(models["first_layer"], prefill_chunk=64, first_byte_at_once=at_once)
     engine.add_request("a", PARITY_TEXT[:prompt_bytes], SamplingParams(max_bytes=3, temperature=0.0, ignore_eos=True))
     steps = 0
     while not engine.sequences["a"].generated:
         engine.step()
         steps += 1
-    assert steps == chunks + 1
+    assert steps == chunks + (not at_once)
 
 
 def test_batched_equals_alone(models):
@@ -412,3 +413,38 @@ def test_a_chunk_of_more_than_twice_the_window_is_attended_a_window_at_a_time(mo
     chunked = run_engine(Engine(model, prefill_chunk=128), {"a": (prompt, params)})["a"]
     assert whole[0] == chunked[0] and whole[1].usage == chunked[1].usage
     replay_full_recompute(model, prompt, params, 0, whole[0])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_first_bytes_at_once_change_no_output(models, static):
+    """first_byte_at_once (a CPU's default) samples a prompt's first byte in the step that finishes its
+    prefill: every request's bytes, logprobs, prompt scores and usage are what they are a step later
+    (CUDA's way), for greedy and seeded requests, the n choices of a prompt (followers that fork at its
+    end), a prompt that is scored only (max_bytes 0) and requests that join while others run; and the
+    first bytes come a step sooner."""
+    model = models["1b"]
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    requests = {"g": (PARITY_TEXT[:300], SamplingParams(max_bytes=30, logprobs=2, **greedy)),
+                "s": (PARITY_TEXT[100:180], SamplingParams(max_bytes=30, temperature=0.9, seed=4)),
+                "n0": (PARITY_TEXT[400:520], SamplingParams(max_bytes=20, temperature=0.8, seed=1)),
+                "n1": (PARITY_TEXT[400:520], SamplingParams(max_bytes=20, temperature=0.8, seed=2)),
+                "scored": (PARITY_TEXT[600:700], SamplingParams(max_bytes=0, prompt_logprobs=1, **greedy)),
+                "late": (PARITY_TEXT[50:90], SamplingParams(max_bytes=10, prompt_logprobs=1, **greedy))}
+    runs, firsts = {}, {}
+    for at_once in (True, False):
+        engine = Engine(model, max_batch_size=6, prefill_chunk=128, static=static, first_byte_at_once=at_once)
+        out, first, step = {rid: [] for rid in requests}, {}, 0
+        while engine.has_work() or step < 5:
+            for rid, (prompt, params) in requests.items():
+                if step == (4 if rid == "late" else 0):
+                    engine.add_request(rid, prompt, params)
+            for o in engine.step():
+                out[o.request_id].append((o.new_bytes, o.logprobs, o.prompt_logprobs, o.finished,
+                                          o.finish_reason, o.usage))
+                if o.new_bytes:
+                    first.setdefault(o.request_id, step)
+            step += 1
+        runs[at_once], firsts[at_once] = out, first
+    assert runs[True] == runs[False]
+    assert runs[True]["n1"][-1][5].shared_prompt_bytes == 120  # it forked from n0 at its prompt's end
+    assert all(firsts[True][rid] == firsts[False][rid] - 1 for rid in ("g", "s", "n0", "n1", "late"))

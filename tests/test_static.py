@@ -269,8 +269,9 @@ def test_graph_keys_name_every_shape(models):
 @pytest.mark.parametrize("static", [False, True])
 def test_one_wait_for_the_device_per_step(models, monkeypatch, static):
     """Decoding, a prefill chunk, first bytes and logprobs in the same steps: each engine step reads
-    device values on the host once (HostTransfer.fetch), however much it does."""
-    engine = Engine(models["1b"], max_batch_size=4, prefill_chunk=48, static=static)
+    device values on the host once (HostTransfer.fetch), however much it does (with first bytes a step
+    after their prefill, as on CUDA: first_byte_at_once, a CPU's default, reads them in a second)."""
+    engine = Engine(models["1b"], max_batch_size=4, prefill_chunk=48, static=static, first_byte_at_once=False)
     calls = watch_host_reads(monkeypatch)
     for i in range(4):
         engine.add_request(str(i), PARITY_TEXT[:90 * i], SamplingParams(max_bytes=60, temperature=0.5 * (i % 2),
@@ -291,7 +292,7 @@ def test_a_chunk_of_many_patches_is_one_wait(models, monkeypatch):
     the engine's patch slots still read nothing back from the device (the model's full forward would)."""
     model = copy.deepcopy(models["1b"])
     object.__setattr__(model.config, "patching_threshold", -1.0)  # every byte a patch
-    engine = Engine(model, max_batch_size=2, prefill_chunk=300, static=True)
+    engine = Engine(model, max_batch_size=2, prefill_chunk=300, static=True, first_byte_at_once=False)
     calls = watch_host_reads(monkeypatch)
     engine.add_request("many", PARITY_TEXT[:600], SamplingParams(max_bytes=3, temperature=0.0, ignore_eos=True))
     while engine.has_work():
