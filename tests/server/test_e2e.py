@@ -139,7 +139,7 @@ def test_max_tokens_left_out_gives_way_to_the_context(server):
         choice, usage = r.json()["choices"][0], r.json()["usage"]
         assert usage["completion_tokens"] == 512 - 1 - 495 and choice["finish_reason"] == "length"
     short = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": "fox"}, headers=AUTH).json()
-    assert short["usage"]["completion_tokens"] == 256
+    assert 256 <= short["usage"]["completion_tokens"] <= 256 + 3  # up to 3 more finish a character
     r = httpx.post(f"{server.url}/v1/completions", json={**body, "max_tokens": 17}, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = httpx.post(f"{server.url}/v1/completions", json={**body, "min_tokens": 17}, headers=AUTH)
