@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fused import additive_mask
+from .fused import additive_mask, visible
 from .model.layers import repeat_kv, rope_rotation
 
 try:  # on CUDA machines it comes with torch; the kernel's body reads `tl` as a module global
@@ -66,7 +66,6 @@ class ChunkBand:
     block's mask is made."""
 
     keys: torch.Tensor  # (B, span + T): the position each cache entry read holds (-1: none), then the new ones
-    new: torch.Tensor  # (B, T) the new positions
     window: int  # the stack's attention window
 
 
@@ -85,8 +84,7 @@ def band_attention(q: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tens
         if start == 0:
             keys, values = torch.cat([cached_k, keys], dim=2), torch.cat([cached_v, values], dim=2)
             held = torch.cat([band.keys[:, :span], held], dim=1)
-        held, at = held[:, None, :], band.new[:, start:end, None]
-        mask = (held >= 0) & (held <= at) & (held > at - w)
+        mask = visible(held[:, None, :], band.keys[:, span + start:span + end, None], w)
         out.append(sdpa_attention(q[:, :, start:end], keys, values, mask[:, None]))
     return torch.cat(out, dim=1)
 

@@ -102,6 +102,13 @@ class StepOps:
             index_of(new[:, T - kept:], cache_window)
 
 
+def visible(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which cache entries or new positions, by the position they hold (-1: none), each query position sees
+    (broadcast): held, not after it, and within the stack's window."""
+    mask = (keys >= 0) & (keys <= queries)
+    return mask if window is None else mask & (keys > queries - window)
+
+
 def additive_mask(lengths: torch.Tensor, new: torch.Tensor, T: int, span: int, masked: bool,
                   cache_window: int | None, stack_window: int | None, mask_dtype: torch.dtype) -> torch.Tensor | None:
     """(B, 1, T, keys) 0 / -inf: the cache entries read (and with T > 1 the new positions, after them)
@@ -112,10 +119,7 @@ def additive_mask(lengths: torch.Tensor, new: torch.Tensor, T: int, span: int, m
         keys = entry_positions(lengths + 1, span, cache_window)
     else:
         keys = torch.cat([entry_positions(lengths, span, cache_window), new], dim=1)
-    keys, q = keys[:, None, :], new[:, :, None]
-    mask = (keys >= 0) & (keys <= q)
-    if stack_window is not None:
-        mask &= keys > q - stack_window
+    mask = visible(keys[:, None, :], new[:, :, None], stack_window)
     # additive, in the cache's dtype, built once for every layer of the stack: SDPA would otherwise
     # convert a boolean mask in each layer (same result, a kernel or two each)
     return torch.zeros(mask.shape, dtype=mask_dtype, device=mask.device).masked_fill_(~mask, float("-inf"))[:, None]

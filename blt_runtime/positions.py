@@ -77,8 +77,7 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
         mask = Visible(lengths, cache.window, stack.cfg.window)
     if banded:
         new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]
-        mask = ChunkBand(torch.cat([entry_positions(lengths, span, cache.window), new], dim=1), new,
-                         stack.cfg.window)
+        mask = ChunkBand(torch.cat([entry_positions(lengths, span, cache.window), new], dim=1), stack.cfg.window)
     rows = slots[:, None].expand_as(index)
     if real is not None:
         rows = torch.where(real[:, T - kept:], rows, scratch)

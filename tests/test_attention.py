@@ -188,5 +188,5 @@ def test_a_long_chunk_attended_a_window_at_a_time_equals_the_whole_mask(H, H_kv,
     new = lengths[:, None] + torch.arange(T)[None, :]
     mask = additive_mask(lengths, new, T, span, True, cache_window, stack_window, torch.float32)
     want = sdpa_attention(q, torch.cat([cached_k, k], 2), torch.cat([cached_v, v], 2), mask)
-    band = ChunkBand(torch.cat([entry_positions(lengths, span, cache_window), new], 1), new, stack_window)
+    band = ChunkBand(torch.cat([entry_positions(lengths, span, cache_window), new], 1), stack_window)
     torch.testing.assert_close(band_attention(q, cached_k, cached_v, k, v, band), want, atol=1e-6, rtol=1e-5)
