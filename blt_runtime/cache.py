@@ -7,6 +7,8 @@ Owns:
   p, and the capacity grows by doubling as the longest sequence needs it, up to `max_len`.
 - `RowBuffer`: per-slot rows of vectors that grow the same way (the open patch's byte states).
 - `SlotAllocator`: which slots are free.
+- `CacheFull`: the global model's cache could not grow (out of memory). When doubling fails, a cache
+  tries smaller steps down to what is needed before it gives up.
 Reading and writing take the rows of a batch (`slots`) and the number of positions each row
 already holds (`lengths`). Knows nothing about what the vectors mean.
 """
@@ -14,6 +16,28 @@ already holds (`lengths`). Knows nothing about what the vectors mean.
 from __future__ import annotations
 
 import torch
+
+from .errors import BltError
+
+
+class CacheFull(BltError):
+    """A cache could not grow to hold `needed` positions in every row: the allocation failed for want
+    of memory, at every size tried."""
+
+    def __init__(self, needed: int, capacity: int, rows: int, bytes_needed: int):
+        self.needed, self.capacity, self.bytes_needed = needed, capacity, bytes_needed
+        super().__init__(f"out of memory: the global model's cache could not grow from {capacity} to {needed} "
+                         f"patches in each of its {rows} rows ({bytes_needed / 2**20:,.1f} MiB)")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def _allocate(like: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """Zeros of `shape` like `like` (the one allocation a growth makes; tests make it fail)."""
+    return like.new_zeros(shape)
 
 
 def _grown(t: torch.Tensor, dim: int, needed: int, cap: int | None = None) -> torch.Tensor:
@@ -26,7 +50,7 @@ def _grown(t: torch.Tensor, dim: int, needed: int, cap: int | None = None) -> to
     new_size = max(new_size, needed)
     shape = list(t.shape)
     shape[dim] = new_size
-    out = t.new_zeros(shape)
+    out = _allocate(t, shape)
     out.narrow(dim, 0, size).copy_(t)
     return out
 
@@ -54,9 +78,23 @@ class KVCache:
         return self.kv[1]
 
     def reserve(self, length: int) -> None:
-        """Make room for positions < length (no-op for a ring buffer)."""
-        if self.window is None:  # never more than a sequence can hold (a patch is a byte at least)
-            self.kv = _grown(self.kv, 4, length, cap=self.max_len)
+        """Make room for positions < length (no-op for a ring buffer). Where doubling runs out of memory,
+        smaller steps are tried, down to `length` rounded up to 64 entries and then `length` itself; if that
+        fails too, CacheFull (and the cache is as it was)."""
+        size = self.kv.shape[4]
+        if self.window is not None or length <= size:
+            return
+        # doubling, but never more than a sequence can hold (a patch is a byte at least); then smaller steps
+        first = max(min(max(2 * size, 16), self.max_len), length)
+        tries = sorted({first, size * 3 // 2, size * 5 // 4, -(-length // 64) * 64, length}, reverse=True)
+        for new_size in [n for n in tries if length <= n <= first]:
+            try:
+                self.kv = _grown(self.kv, 4, new_size, cap=new_size)
+                return
+            except Exception as e:  # noqa: BLE001 - only a failed allocation is tried again smaller
+                if not out_of_memory(e):
+                    raise
+        raise CacheFull(length, size, self.kv.shape[2], self.kv.nbytes // size * length)
 
     def read(self, layer: int, slots: torch.Tensor | slice, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `span` entries of each row: (B, H_kv, span, D) keys and values. A slice of

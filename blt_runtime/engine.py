@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import SlotAllocator
+from .cache import CacheFull, SlotAllocator
 from .fused import CompiledOps
 from .gemv import GemvOps
 from .kernels import resolve, sampling_kernel
@@ -68,11 +68,12 @@ class StepOutput:
     patch_start: bool  # the new byte begins a patch
     logprobs: tuple[float, list[tuple[int, float]]] | None  # (logprob of the byte, top [(byte id, logprob)])
     finished: bool
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     stop_reason: bytes | None = None  # the stop string matched, if any
     usage: Usage | None = None  # on the last output of a request
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per prompt byte, as
     # `logprobs` (SamplingParams.prompt_logprobs): on the request's first output
+    error: str | None = None  # with finish_reason "error": what stopped it (the caches ran out of memory)
 
 
 ONE_BYTE = [bytes([b]) for b in range(256)]
@@ -233,7 +234,7 @@ class Engine:
             self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0)
             if share:
                 sharing.follow(seq)
-        plan = self.scheduler.plan()
+        plan = self._plan()
         transfer = HostTransfer()
         chunk = None
         if plan.prefill is not None:
@@ -242,6 +243,42 @@ class Engine:
                                               [a for _, a, _ in rows], transfer)
         decoded = self._decode(plan.decode, transfer) if plan.decode else None
         return Queued(plan, transfer, chunk, decoded, *self._queue_firsts(plan, transfer))
+
+    def _plan(self) -> Plan:
+        """The scheduler's plan, with room made in the global model's cache for the most patches a row may
+        hold after it: a closing row's one more, and a prefill chunk's one per byte at most (the rows of a
+        prefill batch are padded to its most, Runner.prefill_finish). Where the cache cannot grow that far
+        (CacheFull: out of memory), the prefill is cut to what it holds; a sequence that does not fit even
+        so fails (finish_reason "error"), the one that needs the most first, and the others are planned
+        again: one long sequence does not take every other request down with it."""
+        cache = self.runner.global_kv
+        while True:
+            jumped = self.scheduler.jumped
+            plan = self.scheduler.plan()
+            most = max((s.num_patches + 1 for s in plan.decode if s.closes_last), default=0)
+            rows = self._prefill_rows(plan) if plan.prefill is not None else []
+            if rows:
+                most = max(most, max(s.num_patches for s, _, _ in rows) + max(b - a for _, a, b in rows))
+            try:
+                cache.reserve(most)
+                return plan
+            except CacheFull:
+                pass
+            # what it cannot do without: a closing row's one more patch, and a byte of each prefill row
+            needs = [s for s in plan.decode if s.closes_last] + [s for s, _, _ in rows]
+            try:
+                cache.reserve(max(s.num_patches for s in needs) + 1)
+            except CacheFull as e:
+                victim = max(needs, key=lambda s: (s.num_patches, s.arrival))
+                self._fail(victim, f"{e}; this sequence needed the most ({victim.num_patches + 1} patches) and was "
+                                   f"stopped. Fewer slots leave room for longer sequences")
+                self.scheduler.jumped = jumped
+                continue
+            if rows:  # the prefill, cut to the bytes whose patches the cache surely holds
+                seq, start, end = rows[0]
+                plan.prefill, plan.batch = seq, []
+                plan.chunk = (start, min(end, start + cache.kv.shape[4] - seq.num_patches))
+            return plan
 
     def _queue_firsts(self, plan: Plan, transfer: HostTransfer):
         """The first bytes of the prefilled sequences in `plan.first` (those with max_bytes 0 leave it: they
@@ -383,6 +420,13 @@ class Engine:
         return outputs
 
     # ------------------------------------------------------------------ bookkeeping
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """Stop a sequence the engine cannot go on with (nothing is queued for it): reported with the step's
+        outputs, finish_reason "error"."""
+        seq.finish_reason, seq.error = "error", message
+        self._release(seq)
+        self._aborted.append(seq)
+
     def _release(self, seq: Sequence) -> None:
         self._first_logits.pop(seq.request_id, None)
         if seq.slot is not None:
@@ -402,4 +446,5 @@ class Engine:
         prompt_patches, completion_patches = seq.patch_lengths()
         usage = Usage(seq.prompt_len - 1, len(seq.generated), len(prompt_patches), len(completion_patches),
                       seq.num_patches, max(seq.shared - 1, 0))  # BOS is not a prompt byte
-        return StepOutput(seq.request_id, new, patch_start, logprobs, True, seq.finish_reason, seq.stop_reason, usage)
+        return StepOutput(seq.request_id, new, patch_start, logprobs, True, seq.finish_reason, seq.stop_reason, usage,
+                          error=seq.error)

@@ -75,6 +75,7 @@ class Sequence:
     keep_at: int = 0  # if more than `processed`: its prefill is cut there, and a copy of the state kept (sharing.py)
     finish_reason: str | None = None
     stop_reason: bytes | None = None
+    error: str | None = None  # with finish_reason "error": why the engine stopped it
 
     prompt_scores: list = field(default_factory=list, repr=False, compare=False)  # runner.PromptScores per chunk
 

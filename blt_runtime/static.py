@@ -154,7 +154,7 @@ class StaticDecoder:
         n = max(order) + 1
         rows = [i for i, c in enumerate(closes) if c]
         patch_bytes = span_bucket(max(open_lens[i] + 1 for i in rows), 16) if rows else 0
-        global_span = span_bucket(max(num_patches[i] for i in rows) + 1) if rows else 0
+        global_span = self._global_span(max(num_patches[i] for i in rows) + 1) if rows else 0
         spans = self._local_spans(max(lengths))
         r.open_patch.reserve(max(max(open_lens) + 1, patch_bytes))
         for cache, span in zip((r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv), spans + (global_span,)):
@@ -239,6 +239,13 @@ class StaticDecoder:
         if capacity != self._capacity and self.graphs is not None:
             self.graphs.clear()
         self._capacity = capacity
+
+    def _global_span(self, needed: int) -> int:
+        """Entries of the global cache a patch step reads: a power of two (few shapes, few graphs), or the
+        whole cache where that holds what is needed and the power of two would not fit (the engine grows the
+        cache only as far as memory allows: CacheFull)."""
+        span, capacity = span_bucket(needed), self.r.global_kv.kv.shape[4]
+        return capacity if needed <= capacity < span else span
 
     def _local_spans(self, max_length: int) -> tuple[int, int, int]:
         """Entries read by the entropy, encoder and decoder caches (lengths up to max_length + 1)."""

@@ -312,8 +312,7 @@ class Completion:
             self.state.worker.abort(self.unfinished)
             for rid in self.unfinished:
                 self.choices[rid].done = True
-        code = "shutting_down" if failure.status == 503 else "internal_error"
-        return error_body(failure.status, failure.message, None, code)
+        return error_body(failure.status, failure.message, None, failure.code)
 
     # ------------------------------------------------------------------ whole body
     async def body(self, request: Request) -> JSONResponse:

@@ -30,6 +30,7 @@ class Failure:
     request_id: str
     message: str
     status: int = 500
+    code: str = "internal_error"
 
 
 @dataclass
@@ -200,7 +201,11 @@ class EngineWorker:
                 self._tracked.pop(out.request_id)
                 self._observe_finish(tracked, out, now)
                 if tracked.abort_reason == "shutdown":
-                    out = Failure(out.request_id, "the server is shutting down; the request was stopped", 503)
+                    out = Failure(out.request_id, "the server is shutting down; the request was stopped", 503,
+                                  "shutting_down")
+                elif out.finish_reason == "error":  # the engine could not go on with it (out of memory)
+                    log.warning("request %s failed: %s", out.request_id, out.error)
+                    out = Failure(out.request_id, out.error or "the engine stopped the request", 500, "out_of_memory")
             deliveries.append((tracked.queue, out))
         if generated:  # one increment per step, not per byte
             m.of(m.generation_bytes).inc(generated)

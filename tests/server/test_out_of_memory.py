@@ -1,0 +1,49 @@
+"""A request whose patches the global model's cache cannot hold (its growth runs out of memory) fails
+alone, with a 500 that names the cause (code "out_of_memory"), while the others are served
+(blt_runtime/engine.py, Engine._plan).
+
+The cache's allocations are made to fail past 128 patches a row (cache._allocate), as CUDA's would past
+the free memory; the real engine runs behind the real app.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from serverkit import metric_value, metrics_text, sse_events, wait_until
+
+from blt_runtime import Engine, cache, load_model
+
+
+@pytest.fixture
+def limited(monkeypatch):
+    real = cache._allocate
+
+    def allocate(like, shape):
+        if len(shape) == 6 and shape[4] > 128:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(like, shape)
+
+    monkeypatch.setattr(cache, "_allocate", allocate)
+
+
+def test_only_the_request_the_cache_cannot_hold_fails(serve, tiny, limited):
+    url, _ = serve(Engine(load_model(tiny), max_batch_size=4))
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(30))
+    with httpx.Client(timeout=120) as c:
+        whole = c.post(f"{url}/v1/completions", json={"prompt": text[:1500], "max_tokens": 5})
+        assert whole.status_code == 500, whole.text
+        error = whole.json()["error"]
+        assert error["code"] == "out_of_memory" and "global model's cache" in error["message"]
+        with c.stream("POST", f"{url}/v1/completions", json={"prompt": text[:100], "max_tokens": 2000,
+                                                               "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            events = sse_events(r.read().decode())
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "out_of_memory"
+        assert sum(len(e["choices"][0]["text"]) for e in events[:-2]) > 0  # it streamed until the cache was full
+        short = c.post(f"{url}/v1/completions", json={"prompt": "a short one", "max_tokens": 40, "ignore_eos": True})
+        assert short.status_code == 200 and short.json()["choices"][0]["finish_reason"] == "length"
+        assert 40 <= short.json()["usage"]["completion_tokens"] <= 43  # up to 3 more to finish a character
+    assert httpx.get(f"{url}/health").status_code == 200
+    wait_until(lambda: metric_value(metrics_text(url), "blt_num_requests_running") == 0)

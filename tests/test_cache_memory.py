@@ -1,0 +1,114 @@
+"""When the global model's cache cannot grow (out of memory), the engine goes on without that growth.
+
+The global cache holds, for every row, as many patches as the longest sequence, and grows by doubling
+(cache.py). Here its allocations fail past a number of entries (cache._allocate, as CUDA's would past
+the free memory): the cache then grows by smaller steps; a prefill chunk is cut to the patches the
+cache surely holds; and only a sequence that cannot go on even so fails, with finish_reason "error",
+while every other request's bytes stay those of full recompute.
+"""
+
+import pytest
+import torch
+from enginekit import replay_full_recompute, run_engine
+from factory import PARITY_TEXT
+
+from blt_runtime import cache, load_model
+from blt_runtime.cache import CacheFull, KVCache
+from blt_runtime.engine import Engine
+from blt_runtime.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    return load_model(hf_checkpoint("1b")[1])
+
+
+@pytest.fixture
+def memory(monkeypatch):
+    """memory["entries"]: the most entries a global cache's allocation may hold; more fails as CUDA's does."""
+    limit = {"entries": None, "refused": 0}
+    real = cache._allocate
+
+    def allocate(like, shape):
+        if limit["entries"] is not None and len(shape) == 6 and shape[4] > limit["entries"]:
+            limit["refused"] += 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {shape} (test)")
+        return real(like, shape)
+
+    monkeypatch.setattr(cache, "_allocate", allocate)
+    return limit
+
+
+def test_a_cache_grows_by_smaller_steps_when_doubling_runs_out_of_memory(memory):
+    kv = KVCache(1, 2, 1, 4, None, 10_000, "cpu", torch.float32)
+    kv.kv[:, 0, 1, 0, 63] = 5.0
+    memory["entries"] = 100
+    kv.reserve(70)  # 128 is refused; 96 (1.5x) fits
+    assert kv.kv.shape[4] == 96 and (kv.kv[:, 0, 1, 0, 63] == 5.0).all()
+    with pytest.raises(CacheFull, match="from 96 to 101 patches in each of its 2 rows"):
+        kv.reserve(101)  # 192, 144, 120 and 128 (101 rounded up to 64) are all refused
+    assert kv.kv.shape[4] == 96 and (kv.kv[:, 0, 1, 0, 63] == 5.0).all()  # as it was
+    memory["entries"] = None
+    kv.reserve(101)
+    assert kv.kv.shape[4] == 192
+
+
+def test_an_error_that_is_not_memory_is_raised(monkeypatch):
+    def broken(like, shape):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(cache, "_allocate", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        KVCache(1, 2, 1, 4, None, 10_000, "cpu", torch.float32).reserve(70)
+
+
+def greedy(max_bytes: int) -> SamplingParams:
+    return SamplingParams(max_bytes=max_bytes, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("static, overlap", [(False, False), (True, False), (True, True)])
+def test_only_the_sequence_the_cache_cannot_hold_fails(model, memory, static, overlap):
+    """A global cache that cannot grow past 128 patches a row: a prompt of more patches than that fails when
+    its prefill gets there; a running request whose patches pass it fails at that step; the short requests
+    beside them are served to the end, byte for byte as full recompute."""
+    memory["entries"] = 128
+    engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static, overlap=overlap)
+    requests = {"short": (PARITY_TEXT[:40], greedy(60)), "long_prompt": (PARITY_TEXT[:1100], greedy(20)),
+                "long_output": (PARITY_TEXT[:200], greedy(900)), "late": (PARITY_TEXT[300:340], greedy(80))}
+    results = run_engine(engine, requests, {"late": 30})
+    for rid in ("short", "late"):
+        generated, final = results[rid]
+        assert final.finish_reason == "length" and final.error is None, rid
+        replay_full_recompute(model, requests[rid][0], requests[rid][1], 0, generated)
+    for rid in ("long_prompt", "long_output"):
+        final = results[rid][1]
+        assert final.finish_reason == "error", rid
+        assert "out of memory" in final.error and "needed the most" in final.error
+        assert final.usage.global_steps <= 128  # it held what fitted, and no more
+    assert results["long_prompt"][0] == b""  # failed during its prefill
+    generated = results["long_output"][0]
+    assert 0 < len(generated) < 900  # it ran until its patches passed the limit, and what it sent was right
+    replay_full_recompute(model, requests["long_output"][0], requests["long_output"][1], 0, generated)
+    assert memory["refused"] > 0 and engine.runner.global_kv.kv.shape[4] <= 128
+    assert not engine.has_work() and engine.scheduler.num_running == 0 and engine.slots.num_free == 4
+
+
+def test_a_prefill_chunk_is_cut_to_the_patches_the_cache_holds(model, memory):
+    """Near the limit a chunk of 96 bytes could close 96 patches: it is cut to what the cache holds, so that
+    a prompt whose patches fit is served whole, not failed for a chunk's worst case."""
+    prompt, params = PARITY_TEXT[:700], greedy(30)
+    alone = run_engine(Engine(model, prefill_chunk=96), {"p": (prompt, params)})["p"]
+    memory["entries"] = alone[1].usage.global_steps + 1  # room for every patch it closes, not for a chunk more
+    engine = Engine(model, max_batch_size=2, prefill_chunk=96)
+    chunks, plan = [], engine._plan
+
+    def recorded():
+        p = plan()
+        if p.prefill is not None:
+            chunks.append(p.chunk[1] - p.chunk[0])
+        return p
+
+    engine._plan = recorded
+    got = run_engine(engine, {"p": (prompt, params)})["p"]
+    assert got[0] == alone[0] and got[1].finish_reason == "length"
+    assert memory["refused"] > 0 and min(chunks[:-1]) < 96, chunks  # cut before the prompt's end
