@@ -201,10 +201,12 @@ class EngineWorker:
                 self._tracked.pop(out.request_id)
                 self._observe_finish(tracked, out, now)
                 if tracked.abort_reason == "shutdown":
+                    m.of(m.failed, reason="shutdown").inc()
                     out = Failure(out.request_id, "the server is shutting down; the request was stopped", 503,
                                   "shutting_down")
                 elif out.finish_reason == "error":  # the engine could not go on with it (out of memory)
                     log.warning("request %s failed: %s", out.request_id, out.error)
+                    m.of(m.failed, reason="out_of_memory").inc()
                     out = Failure(out.request_id, out.error or "the engine stopped the request", 500, "out_of_memory")
             deliveries.append((tracked.queue, out))
         if generated:  # one increment per step, not per byte
@@ -268,6 +270,7 @@ class EngineWorker:
             except Exception:  # noqa: BLE001 - best effort while failing
                 log.exception("could not abort %s", rid)
             deliveries.append((tracked.queue, Failure(rid, message)))
+            self.metrics.of(self.metrics.failed, reason="engine_error").inc()
         self._tracked.clear()
         try:
             while self.engine.has_work():  # collect the aborts' final outputs, delivered already as failures

@@ -1,9 +1,12 @@
-"""A request whose patches the global model's cache cannot hold (its growth runs out of memory) fails
-alone, with a 500 that names the cause (code "out_of_memory"), while the others are served
-(blt_runtime/engine.py, Engine._plan).
+"""Requests the server accepted and then could not finish: each gets an error that says why, the rest
+go on, and blt_requests_failed_total{reason} counts them.
 
-The cache's allocations are made to fail past 128 patches a row (cache._allocate), as CUDA's would past
-the free memory; the real engine runs behind the real app.
+- A request whose patches the global model's cache cannot hold (its growth runs out of memory) fails
+  alone, with a 500 that names the cause (code "out_of_memory"), while the others are served
+  (blt_runtime/engine.py, Engine._plan). The cache's allocations are made to fail past 128 patches a
+  row (cache._allocate), as CUDA's would past the free memory; the real engine runs behind the app.
+- An engine step that raises fails every request in flight (500, "internal_error"), and the server
+  serves the next ones.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import torch
+from scripted import ScriptedEngine
 from serverkit import metric_value, metrics_text, sse_events, wait_until
 
 from blt_runtime import Engine, cache, load_model
@@ -47,3 +51,28 @@ def test_only_the_request_the_cache_cannot_hold_fails(serve, tiny, limited):
         assert 40 <= short.json()["usage"]["completion_tokens"] <= 43  # up to 3 more to finish a character
     assert httpx.get(f"{url}/health").status_code == 200
     wait_until(lambda: metric_value(metrics_text(url), "blt_num_requests_running") == 0)
+    text = metrics_text(url)
+    assert metric_value(text, "blt_requests_failed_total", reason="out_of_memory") == 2
+    assert metric_value(text, "blt_requests_failed_total", reason="engine_error") == 0
+
+
+def test_a_step_that_raises_fails_the_requests_in_flight_and_no_more(serve):
+    engine = ScriptedEngine({}, max_batch_size=4)
+    real, calls = engine.step, [0]
+
+    def step():
+        calls[0] += 1
+        if calls[0] == 5:
+            raise RuntimeError("a kernel failed")
+        return real()
+
+    engine.step = step
+    url, _ = serve(engine)
+    with httpx.Client(timeout=60) as c:
+        with c.stream("POST", f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 500, "stream": True}) as r:
+            events = sse_events(r.read().decode())
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "internal_error"
+        assert "Traceback" not in events[-2]["error"]["message"]
+        after = c.post(f"{url}/v1/completions", json={"prompt": "y", "max_tokens": 10})
+        assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 10
+    assert metric_value(metrics_text(url), "blt_requests_failed_total", reason="engine_error") == 1
