@@ -32,7 +32,9 @@ class CacheFull(BltError):
 
 def out_of_memory(e: BaseException) -> bool:
     """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's."""
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def _allocate(like: torch.Tensor, shape: list[int]) -> torch.Tensor:

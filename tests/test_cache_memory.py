@@ -32,7 +32,7 @@ def memory(monkeypatch):
     def allocate(like, shape):
         if limit["entries"] is not None and len(shape) == 6 and shape[4] > limit["entries"]:
             limit["refused"] += 1
-            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {shape} (test)")
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {shape} (test)")
         return real(like, shape)
 
     monkeypatch.setattr(cache, "_allocate", allocate)

@@ -26,7 +26,7 @@ def limited(monkeypatch):
 
     def allocate(like, shape):
         if len(shape) == 6 and shape[4] > 128:
-            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
         return real(like, shape)
 
     monkeypatch.setattr(cache, "_allocate", allocate)
