@@ -112,3 +112,19 @@ def test_a_prefill_chunk_is_cut_to_the_patches_the_cache_holds(model, memory):
     got = run_engine(engine, {"p": (prompt, params)})["p"]
     assert got[0] == alone[0] and got[1].finish_reason == "length"
     assert memory["refused"] > 0 and min(chunks[:-1]) < 96, chunks  # cut before the prompt's end
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_followers_of_a_leader_that_fails_go_on_without_it(model, memory, static):
+    """Requests waiting to copy a leader's state (shared prompts) whose leader fails: one that forked before
+    it failed is served; one that waited for a prefix beyond the failure prefills itself (and fails the same
+    way, its prompt being too long as well); nothing waits forever."""
+    memory["entries"] = 128
+    engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static)
+    requests = {"leader": (PARITY_TEXT[:1100], greedy(20)), "follower": (PARITY_TEXT[:800] + b"tail", greedy(20)),
+                "early_follower": (PARITY_TEXT[:150] + b"x", greedy(30))}
+    results = run_engine(engine, requests)
+    assert [results[rid][1].finish_reason for rid in requests] == ["error", "error", "length"]
+    assert results["early_follower"][1].usage.shared_prompt_bytes == 150
+    replay_full_recompute(model, *requests["early_follower"], 0, results["early_follower"][0])
+    assert not engine.has_work() and engine.slots.num_free == 4
