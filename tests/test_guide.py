@@ -1,0 +1,150 @@
+"""ByteGuide: the automaton over bytes matches exactly the texts Python's re.fullmatch does (under re.ASCII,
+whose \\d, \\w and \\s the guide takes), every path it allows is valid UTF-8 that matches, and what it
+cannot do is refused with a message."""
+
+import random
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blt_runtime.guide import ByteGuide, GuideError, utf8_sequences
+
+CHARS = ["a", "b", "c", "1", "7", " ", "\n", "_", "-", ".", "é", "ß", "中", "\u2028", "😀", "\x00", "\x7f"]
+
+
+def literal() -> st.SearchStrategy[str]:
+    return st.sampled_from(CHARS).map(re.escape)
+
+
+CLASSES = ["[ab]", "[^a]", "[a-c]", "[^\\n]", "[0-9]", "[é-中]", "[^a-zé]", "\\d", "\\w", "\\s", "\\D", "\\W", "\\S",
+           ".", "[\\d_]", "[\\s.]", "[^\\w]", "[-a]", "[a-]"]
+
+
+def atoms() -> st.SearchStrategy[str]:
+    return st.one_of(literal(), st.sampled_from(CLASSES))
+
+
+def quantify(x: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.tuples(x, st.sampled_from(["", "", "*", "+", "?", "{2}", "{0,2}", "{1,}", "*?", "{,2}"])).map(
+        lambda t: f"(?:{t[0]}){t[1]}" if t[1] else t[0])
+
+
+patterns = st.recursive(
+    quantify(atoms()),
+    lambda inner: st.one_of(
+        st.lists(quantify(inner), min_size=1, max_size=3).map("".join),
+        st.lists(inner, min_size=2, max_size=3).map("|".join),
+        quantify(inner.map(lambda p: f"({p})")),
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(patterns, st.lists(st.lists(st.sampled_from(CHARS), max_size=6).map("".join), min_size=1, max_size=12))
+def test_the_guide_matches_what_re_fullmatch_matches(pattern, texts):
+    compiled = re.compile(pattern, re.ASCII)
+    try:
+        guide = ByteGuide.regex(pattern)
+    except GuideError as e:  # only one that matches nothing
+        assert "matches no text" in str(e)
+        assert not any(compiled.fullmatch(text) for text in texts)
+        return
+    for text in texts:
+        assert guide.matches(text.encode()) == bool(compiled.fullmatch(text)), (pattern, text)
+
+
+@settings(max_examples=150, deadline=None)
+@given(patterns, st.integers(0, 2**32))
+def test_every_path_the_guide_allows_is_utf8_that_matches(pattern, seed):
+    """Random walks: bytes chosen among those allowed, ending where a state accepts (always reachable)."""
+    try:
+        guide = ByteGuide.regex(pattern)
+    except GuideError:  # a pattern that matches nothing (e.g. "[^\\W\\w]"), if hypothesis finds one
+        assert not any(re.fullmatch(pattern, t, re.ASCII) for t in CHARS + [""])
+        return
+    rng = random.Random(seed)
+    compiled = re.compile(pattern, re.ASCII)
+    distance = distances_to_a_match(guide)
+    for _ in range(5):
+        state, out = 0, bytearray()
+        while not (guide.accepting[state] and (not guide.allowed[state] or len(out) >= 20 or rng.random() < 0.3)):
+            assert guide.allowed[state], "a state that neither accepts nor continues"
+            choices = guide.allowed[state]
+            if len(out) >= 20:  # then the shortest way to a match
+                choices = [b for b in choices if distance[guide.next[state][b]] < distance[state]]
+            b = rng.choice(choices)
+            out.append(b)
+            state = guide.next[state][b]
+        assert compiled.fullmatch(out.decode("utf-8")), (pattern, bytes(out))
+
+
+def distances_to_a_match(guide: ByteGuide) -> list[float]:
+    """Bytes from each state to the nearest accepting one (every state has one: dead ones are pruned)."""
+    distance = [0.0 if a else float("inf") for a in guide.accepting]
+    changed = True
+    while changed:
+        changed = False
+        for s, row in enumerate(guide.next):
+            best = min((distance[t] + 1 for t in row if t >= 0), default=float("inf"))
+            if best < distance[s]:
+                distance[s], changed = best, True
+    assert all(d < float("inf") for d in distance)
+    return distance
+
+
+@given(st.integers(0, 0x10FFFF), st.integers(0, 0x10FFFF), st.lists(st.integers(0, 0x10FFFF), max_size=30))
+def test_utf8_sequences_cover_a_range_exactly(a, b, probes):
+    lo, hi = min(a, b), max(a, b)
+    sequences = utf8_sequences(lo, hi)
+    for c in probes + [lo, hi, lo - 1, hi + 1, 0xD800, 0xE000]:
+        if not 0 <= c <= 0x10FFFF or 0xD800 <= c <= 0xDFFF:
+            continue
+        data = chr(c).encode()
+        inside = any(len(s) == len(data) and all(x <= y <= z for (x, z), y in zip(s, data)) for s in sequences)
+        assert inside == (lo <= c <= hi), hex(c)
+
+
+def test_choices_end_where_nothing_can_follow():
+    guide = ByteGuide.choice(["yes", "no", "not sure"])
+    state = 0
+    for b in b"no":
+        state = guide.next[state][b]
+    assert guide.accepting[state] and not guide.ends(state)  # "not sure" may still follow
+    for b in b"t sure":
+        state = guide.next[state][b]
+    assert guide.ends(state)
+    assert guide.matches(b"yes") and not guide.matches(b"ye") and not guide.matches(b"yess")
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("(?=a)b", "look-around"), ("(?i)a", "inline flags"), (r"(a)\1", "back references"),
+    ("a**", "multiple repeat"), ("a*+", "possessive"), ("(a", "missing"), ("a)", "unbalanced"),
+    (r"\bword", r"\\b"), ("[z-a]", "bad character range"), ("a{3,2}", "min repeat"), ("a^b", "start"),
+    ("a$b", "end"), ("*a", "nothing to repeat"), ("[^\\s\\S]", "matches no"), (r"\q", "bad escape"),
+    ("a{1000}{2}", "multiple repeat"), ("(a|b){20}(c|d){20}.{0,4000}", "more than"),
+])
+def test_what_cannot_guide_is_refused_with_the_reason(pattern, why):
+    with pytest.raises(GuideError, match=why):
+        ByteGuide.regex(pattern)
+
+
+def test_anchors_at_the_ends_are_the_whole_match():
+    for pattern in ("^abc$", r"\Aabc\Z", "abc"):
+        guide = ByteGuide.regex(pattern)
+        assert guide.matches(b"abc") and not guide.matches(b"abcd")
+    assert ByteGuide.regex(r"a\$").matches(b"a$")  # an escaped "$" is a dollar
+
+
+def test_bias_rows_allow_the_next_bytes_and_eos_where_a_match_ends():
+    import torch
+
+    guide = ByteGuide.regex("ab?")
+    rows = guide.bias_rows(260, 4, 2, "cpu")
+    assert rows.shape == (guide.num_states, 260)
+    assert torch.isfinite(rows[0]).nonzero().flatten().tolist() == [4 + ord("a")]
+    after_a = guide.next[0][ord("a")]
+    assert torch.isfinite(rows[after_a]).nonzero().flatten().tolist() == [2, 4 + ord("b")]
+    assert guide.bias_rows(260, 4, 2, "cpu") is rows  # built once
