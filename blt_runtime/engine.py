@@ -416,6 +416,8 @@ class Engine:
             if seq.finish_reason is not None:
                 outputs.append(self._finish(seq, new, patch_start and bool(new), logprobs))
             else:
+                if seq.params.guide is not None:  # the bytes its guide allows next
+                    self.runner.follow_guide(seq.slot, seq.guide_state)
                 outputs.append(StepOutput(seq.request_id, new, patch_start, logprobs, False))
         return outputs
 

@@ -1,7 +1,8 @@
 """Per-request sampling parameters, and the batched, sync-free sampler.
 
 Owns: validating a request's parameters (a ValueError names the field), turning the rows of a batch
-into tensors, and choosing the next byte of every row at once: logit bias, penalties, temperature,
+into tensors, and choosing the next byte of every row at once: logit bias (a guide's, guide.py, among
+it: -inf at the bytes that cannot follow), penalties, temperature,
 top-k, top-p, min-p, then greedy argmax or a Gumbel-max draw. The noise of a seeded row comes from a
 counter-based hash of (seed, position, byte), so a request draws the same bytes alone or in any
 batch, and no per-row generator is called. Special ids (BOE, BOS, BPE) are never chosen.
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .device import host_tensor
+from .guide import ByteGuide
 from .tokenizer import NEVER_SAMPLED, OFFSET
 
 MASK_32 = 0xFFFFFFFF
@@ -38,6 +40,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # score the prompt's bytes too, with top-N alternatives each
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()  # (byte 0..255, added to its logit): from a dict or pairs
+    guide: ByteGuide | None = None  # the completion must match it (guided generation, guide.py)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -95,9 +98,9 @@ def all_greedy(params: list[SamplingParams]) -> bool:
 
 
 def any_penalty(params: list[SamplingParams]) -> bool:
-    """Whether some row adjusts its logits from its slot's tables: penalties, or a logit bias."""
+    """Whether some row adjusts its logits from its slot's tables: penalties, or a logit bias (a guide's too)."""
     return any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0 or p.logit_bias
-               for p in params)
+               or p.guide is not None for p in params)
 
 
 @dataclass

@@ -11,8 +11,8 @@ leader's prefill reaches the end of the prefix their prompts share (`fork_at`, w
 chunk is cut), and takes a copy of its state (sharing.py); one admitted into a slot that holds a
 prefix of its prompt starts with `processed` > 0; one whose prefill keeps a copy of its state for
 later prompts is cut there too (`keep_at`).
-Stops are decided here on bytes: EOS, stop strings, the byte limit (with up to three more bytes to
-finish a UTF-8 character) and the model's context.
+Stops are decided here on bytes: EOS, a guide's whole match that nothing may follow, stop strings, the
+byte limit (with up to three more bytes to finish a UTF-8 character) and the model's context.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: bytes | None = None
     error: str | None = None  # with finish_reason "error": why the engine stopped it
+    guide_state: int = 0  # with params.guide: the automaton's state after the bytes generated so far
 
     prompt_scores: list = field(default_factory=list, repr=False, compare=False)  # runner.PromptScores per chunk
 
@@ -90,8 +91,10 @@ class Sequence:
 
     def eos_allowed(self, position: int) -> bool:
         """May the byte chosen for `position` (an index into ids) be EOS: not with ignore_eos, nor before
-        min_bytes bytes were generated."""
-        return not self.params.ignore_eos and position - self.prompt_len >= self.params.min_bytes
+        min_bytes bytes were generated, nor with a guide before the bytes so far are a whole match."""
+        p = self.params
+        return (not p.ignore_eos and position - self.prompt_len >= p.min_bytes
+                and (p.guide is None or p.guide.accepting[self.guide_state]))
 
     def record_close(self, position: int, closes: bool) -> None:
         """The entropy model said whether `position` closes its patch."""
@@ -110,6 +113,13 @@ class Sequence:
         continues_char = self.utf8_missing > 0 and 0x80 <= byte < 0xC0
         self.utf8_missing = self.utf8_missing - 1 if continues_char else utf8_continuations(byte)
         n = len(self.generated)
+        if p.guide is not None:
+            self.guide_state = p.guide.next[self.guide_state][byte]
+            if self.guide_state < 0:
+                raise AssertionError(f"byte {byte} was sampled where the guide does not allow it")
+            if p.guide.ends(self.guide_state):  # a whole match, and nothing may follow it
+                self.finish_reason = "stop"
+                return
         for stop in p.stop if n >= p.min_bytes else ():  # vLLM's min_tokens: no stop before it either
             if self.generated.endswith(stop):
                 self.finish_reason, self.stop_reason = "stop", stop

@@ -7,7 +7,7 @@ import torch
 from blt_runtime import encode
 from blt_runtime.engine import Engine
 from blt_runtime.sampling import SamplingBatch, SamplingParams, bias_row, sample
-from blt_runtime.tokenizer import EOS_ID
+from blt_runtime.tokenizer import EOS_ID, OFFSET
 
 
 def run_engine(engine: Engine, requests: dict[str, tuple[bytes, SamplingParams]], join_at: dict[str, int] = None):
@@ -35,7 +35,9 @@ def replay_full_recompute(model, prompt: bytes, params: SamplingParams, seed: in
     prefix never change when bytes are appended (spec section 3), so its logits for the prefix that
     ends at byte t are row t of one full forward over the final sequence. The sampler is a pure
     function of (logits, seed, position, counts, bias), so replaying it row by row gives exactly the bytes
-    full recompute would choose; they must be the engine's. Returns the final ids.
+    full recompute would choose; they must be the engine's. A guide (params.guide) adds its row of biases
+    for the state the bytes so far reach, and allows EOS only where they are a whole match. Returns the
+    final ids.
     """
     ids = encode(prompt + generated)
     logits = model.logits(torch.tensor([ids]))[0]
@@ -44,13 +46,18 @@ def replay_full_recompute(model, prompt: bytes, params: SamplingParams, seed: in
     seen = torch.zeros(1, 260, dtype=torch.bool)
     seen[0, ids[1:first]] = True
     bias = torch.tensor([bias_row(params, 260)])
+    guide, state = params.guide, 0  # with a guide, its row of biases for the state reached (guide.py)
     for t in range(first, len(ids) + ended_by_eos):
         want = ids[t] if t < len(ids) else EOS_ID
-        batch = SamplingBatch.build([params], [seed], "cpu", [not params.ignore_eos and t - first >= params.min_bytes])
-        chosen = int(sample(logits[t - 1:t], batch, torch.tensor([t]), counts, seen, EOS_ID, bias)[0])
+        allow = not params.ignore_eos and t - first >= params.min_bytes and (guide is None or guide.accepting[state])
+        batch = SamplingBatch.build([params], [seed], "cpu", [allow])
+        row = bias if guide is None else bias + guide.bias_rows(260, OFFSET, EOS_ID, "cpu")[state]
+        chosen = int(sample(logits[t - 1:t], batch, torch.tensor([t]), counts, seen, EOS_ID, row)[0])
         assert chosen == want, f"byte {t - first} differs"
         counts[0, chosen] += 1
         seen[0, chosen] = True
+        if guide is not None and chosen != EOS_ID:
+            state = guide.next[state][chosen - OFFSET]
     if engine_logprobs is not None:
         want = torch.log_softmax(logits, -1)[first - 1:-1].gather(1, torch.tensor(ids[first:])[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor([lp[0] for lp in engine_logprobs]), want, atol=1e-4, rtol=0)

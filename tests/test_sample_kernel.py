@@ -9,6 +9,7 @@ from interpreter import interpreted
 
 from blt_runtime import load_model
 from blt_runtime.engine import Engine
+from blt_runtime.guide import ByteGuide
 from blt_runtime.sample_kernel import sample_pick
 from blt_runtime.sampling import SamplingBatch, SamplingParams, never_sampled, sample
 from blt_runtime.tokenizer import EOS_ID
@@ -113,18 +114,43 @@ def test_sample_pick_ranks_equal_logits_by_id():
 def test_sampling_triton_engine_equals_torch_engine(hf_checkpoint):
     """Static steps whose choices go through the sampling kernel: seeded requests with temperature, top-p,
     top-k, min-p and penalties, one greedy with a penalty, sharing steps with one joining late, one with a logit
-    bias later still: the PyTorch engine's bytes and patches. (`triton-gemv` picks bytes with the same
-    kernel.)"""
+    bias later still, and one guided (guide.py): the PyTorch engine's bytes and patches. (`triton-gemv` picks
+    bytes with the same kernel.)"""
     model = load_model(hf_checkpoint("gqa")[1])
     kinds = [SamplingParams(max_bytes=10, temperature=0.9, top_p=0.9, seed=11),
              SamplingParams(max_bytes=8, temperature=1.2, top_k=20, min_p=0.02, presence_penalty=0.5, seed=12),
              SamplingParams(max_bytes=9, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
-             SamplingParams(max_bytes=9, temperature=0.7, logit_bias={32: 3.0, 101: -100}, seed=13)]
+             SamplingParams(max_bytes=9, temperature=0.7, logit_bias={32: 3.0, 101: -100}, seed=13),
+             SamplingParams(max_bytes=12, temperature=1.1, seed=14, guide=ByteGuide.regex("[a-f]{3}( [0-9]+)?"))]
     requests = {f"s{i}": (PARITY_TEXT[30 * i:30 * i + 40], p) for i, p in enumerate(kinds)}
-    joins = {"s0": 0, "s1": 0, "s2": 3, "s3": 4}
-    got = run_engine(Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels="triton"), requests, joins)
-    want = run_engine(Engine(model, max_batch_size=4, prefill_chunk=64, static=True, kernels="torch"),
+    joins = {"s0": 0, "s1": 0, "s2": 3, "s3": 4, "s4": 5}
+    got = run_engine(Engine(model, max_batch_size=5, prefill_chunk=64, static=True, kernels="triton"), requests, joins)
+    want = run_engine(Engine(model, max_batch_size=5, prefill_chunk=64, static=True, kernels="torch"),
                       requests, joins)
     for rid in requests:
         assert got[rid][0] == want[rid][0], rid
         assert got[rid][1].usage == want[rid][1].usage, rid
+
+
+@interpreted
+def test_sample_pick_keeps_to_the_ids_a_guide_allows():
+    """A guide's bias rows are -inf but for a few ids (guide.py): every kind of row, greedy among them,
+    chooses among those ids, as the eager sampler does."""
+    g = torch.Generator().manual_seed(3)
+    kinds = [SamplingParams(temperature=0.8), SamplingParams(temperature=0.0), SamplingParams(top_p=0.5),
+             SamplingParams(top_k=2, temperature=1.5), SamplingParams(min_p=0.3),
+             SamplingParams(temperature=0.0, repetition_penalty=1.5, presence_penalty=1.0)]
+    params = kinds * 4
+    B = len(params)
+    slots = torch.arange(B)
+    logits = torch.randn(B, V, generator=g) * 3
+    counts, seen = torch.zeros(B, V), torch.zeros(B, V, dtype=torch.bool)
+    seen[:, 60:100] = True
+    bias = torch.full((B, V), float("-inf"))
+    allowed = [torch.randperm(256, generator=g)[:1 + r % 4] + 4 for r in range(B)]  # 1 to 4 byte ids per row
+    for r, ids in enumerate(allowed):
+        bias[r, ids] = 0.0
+    seeds = torch.randint(0, 2**63 - 1, (B,), generator=g).tolist()
+    logits[:, EOS_ID] = 50.0  # the best id, but -inf in every bias row: never chosen
+    picked = check(logits, params, seeds, torch.randint(0, 4096, (B,), generator=g), slots, counts, seen, bias)
+    assert all(i in ids.tolist() for i, ids in zip(picked.tolist(), allowed)), picked

@@ -36,23 +36,27 @@ def test_triton_kernels_on_cuda():
                                              (True, "triton")])
 def test_graph_replay_equals_eager(hf_checkpoint, compile, kernels):
     """256 greedy bytes for three requests joining at different steps: CUDA graph replay gives the
-    bytes and patches of the same static steps run eagerly (greedy, and seeded sampling with logprobs),
+    bytes and patches of the same static steps run eagerly (greedy, seeded sampling with logprobs, and
+    guided: guide.py),
     and every piece was captured; with either kernels, and the element-wise stretches compiled."""
     from enginekit import run_engine
 
     from blt_runtime.engine import Engine
+    from blt_runtime.guide import ByteGuide
     from blt_runtime.sampling import SamplingParams
 
     _, directory = hf_checkpoint("gqa")
     model = load_model(directory, device="cuda")
     requests = {f"r{i}": (PARITY_TEXT[:100 * i], SamplingParams(max_bytes=256, temperature=0.0, ignore_eos=True))
                 for i in range(3)} | {"s": (b"seeded", SamplingParams(max_bytes=256, temperature=0.8, seed=7,
-                                                                       logprobs=2))}
-    joins = {"r0": 0, "r1": 3, "r2": 9, "s": 5}
-    graphs = Engine(model, max_batch_size=4, static=True, cuda_graphs=True, compile=compile, kernels=kernels)
+                                                                       logprobs=2)),
+                                      "g": (b"guided", SamplingParams(max_bytes=200, temperature=0.9, seed=8,
+                                                                      guide=ByteGuide.regex(r"([a-z]+ ){5,40}")))}
+    joins = {"r0": 0, "r1": 3, "r2": 9, "s": 5, "g": 11}
+    graphs = Engine(model, max_batch_size=5, static=True, cuda_graphs=True, compile=compile, kernels=kernels)
     assert graphs.kernels == kernels
     replayed = run_engine(graphs, requests, joins)
-    eager = run_engine(Engine(model, max_batch_size=4, static=True, cuda_graphs=False, compile=compile,
+    eager = run_engine(Engine(model, max_batch_size=5, static=True, cuda_graphs=False, compile=compile,
                               kernels=kernels), requests, joins)
     for rid in requests:
         assert replayed[rid][0] == eager[rid][0], rid
