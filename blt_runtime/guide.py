@@ -13,7 +13,8 @@ sense, as under `re.ASCII`), groups (capturing, `(?:...)` and `(?P<name>...)`), 
 quantifiers `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}` (lazy ones too: the same texts match). The whole
 completion must match, as with `re.fullmatch`: `^` and `$` are accepted only at the pattern's ends.
 Anything else (look-around, back references, word boundaries, inline flags, possessive quantifiers)
-is refused with a GuideError that says what, as is a pattern whose automaton grows past MAX_STATES.
+is refused with a GuideError that says what, as is a pattern whose automaton grows past MAX_STATES or
+takes more than MAX_SECONDS to build.
 
 Pure Python: the engine turns a state into a row of logit biases (`bias_rows`) and follows the
 sampled bytes (`next`).
@@ -21,12 +22,14 @@ sampled bytes (`next`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .errors import BltError
 
-MAX_NFA_STATES = 50_000
-MAX_STATES = 4_000  # automaton states; each is a row of logit biases on the device while a request runs
+MAX_NFA_STATES = 100_000
+MAX_STATES = 20_000  # automaton states; each is a row of logit biases on the device (1 KB) while a request runs
+MAX_SECONDS = 10.0  # to compile one: a pattern that takes longer is refused, not left to hold a thread
 MAX_CHAR = 0x10FFFF
 DIGIT = [(0x30, 0x39)]
 WORD = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
@@ -440,7 +443,10 @@ class ByteGuide:
     def regex(cls, pattern: str) -> ByteGuide:
         if not isinstance(pattern, str):
             raise GuideError("a regex must be a string")
-        return cls._compile(_Parser(pattern).parse(), f"regex {pattern[:60]!r}")
+        try:
+            return cls._compile(_Parser(pattern).parse(), f"regex {pattern[:60]!r}")
+        except RecursionError:
+            raise GuideError(f"regex {pattern[:60]!r}: groups nested too deeply") from None
 
     @classmethod
     def choice(cls, choices: list[str]) -> ByteGuide:
@@ -451,12 +457,16 @@ class ByteGuide:
 
     @classmethod
     def _compile(cls, tree, source: str) -> ByteGuide:
+        deadline = time.monotonic() + MAX_SECONDS
         nfa = _Nfa()
         entry, exit_ = nfa.build(tree)
         start = nfa.closure([entry])
         index = {start: 0}
         sets, next_ = [start], []
         while len(next_) < len(sets):
+            if len(next_) % 64 == 0 and time.monotonic() > deadline:
+                raise GuideError(f"the {source} is too complex: its automaton took more than {MAX_SECONDS:.0f} s "
+                                 "to build")
             current = sets[len(next_)]
             edges = [e for s in current for e in nfa.edges[s]]
             cuts = sorted({lo for lo, _, _ in edges} | {hi + 1 for _, hi, _ in edges})

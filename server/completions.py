@@ -19,9 +19,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from blt_runtime import PromptTooLong, QueueFull, SamplingParams
+from blt_runtime.guide import ByteGuide
 
 from .choices import ChoiceState
 from .errors import ApiError, error_body, prompt_too_long, queue_full, utf8
+from .guided import request_guide
 from .keepalive import TICK
 from .schemas import CompletionRequest
 from .state import AppState
@@ -50,9 +52,11 @@ def asked_max_bytes(req: CompletionRequest) -> bool:
     return req.max_tokens is not None and "max_tokens" in req.model_fields_set
 
 
-def sampling_params(req: CompletionRequest, index: int, room: int | None = None) -> SamplingParams:
+def sampling_params(req: CompletionRequest, index: int, room: int | None = None,
+                    guide: ByteGuide | None = None) -> SamplingParams:
     """The runtime's parameters of choice `index`. max_tokens left out (or null) is 256, or the `room` the
-    context leaves after the prompt and BOS where that is less (vLLM gives the whole rest)."""
+    context leaves after the prompt and BOS where that is less (vLLM gives the whole rest). `guide`: the
+    request's (guided.py)."""
     seed = None if req.seed is None else (req.seed + index) % 2**63  # n choices draw differently
     if asked_max_bytes(req):
         max_bytes = req.max_tokens
@@ -66,7 +70,7 @@ def sampling_params(req: CompletionRequest, index: int, room: int | None = None)
             seed=seed, stop=req.stop or (), presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            logprobs=req.logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req.logit_bias),
+            logprobs=req.logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req.logit_bias), guide=guide,
             # echo with logprobs: the prompt's first choice scores it, for all of them (Completion._take)
             prompt_logprobs=req.logprobs if req.echo and index == 0 else None)
     except ValueError as e:
@@ -133,7 +137,7 @@ class Completion:
     """One HTTP request's sequences: choice `prompt_index * n + i` is sequence f"{id}-{index}"."""
 
     def __init__(self, req: CompletionRequest, state: AppState, prompts: list[bytes], params: SamplingParams):
-        self.req, self.state, self.prompts = req, state, prompts
+        self.req, self.state, self.prompts, self.guide = req, state, prompts, params.guide
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -177,7 +181,7 @@ class Completion:
     async def submit(self) -> None:
         room = [self.state.max_model_len - 1 - len(p) for p in self.prompts]
         items = [(rid, self.prompts[c.index // self.req.n],
-                  sampling_params(self.req, c.index % self.req.n, room[c.index // self.req.n]))
+                  sampling_params(self.req, c.index % self.req.n, room[c.index // self.req.n], self.guide))
                  for rid, c in self.choices.items()]
         m = self.state.metrics
         try:
@@ -341,7 +345,7 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     if extra:
         log.warning("ignored unknown fields in a completion request: %s", ", ".join(extra))
     check_supported(req)
-    params = sampling_params(req, 0)  # a 400 before anything is queued
+    params = sampling_params(req, 0, guide=await request_guide(req))  # a 400 before anything is queued
     prompts = truncated(prompt_bytes(req.prompt), req.truncate_prompt_tokens, params.max_bytes, state.max_model_len)
     if asked_max_bytes(req):
         check_context(prompts, params.max_bytes, state.max_model_len)

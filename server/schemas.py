@@ -7,7 +7,7 @@ because OpenAI clients read those names.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,6 +19,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
     continuous_usage_stats: bool = Field(False, description="with include_usage (vLLM's): every chunk carries the "
                                                             "usage so far")
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: one of these constrains the completion (this server does regex and choice)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_schema: Any = Field(None, alias="json")  # (pydantic's BaseModel has a method called json)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "text"
 
 
 class CompletionRequest(BaseModel):
@@ -58,6 +76,14 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     return_patches: bool = Field(False, description="report where each choice's patches begin (BLT extension)")
+    guided_regex: str | None = Field(None, description="the completion must match this regular expression "
+                                                       "(Python's syntax, a subset: server/guided.py; vLLM's)")
+    guided_choice: list[str] | None = Field(None, description="the completion must be one of these (vLLM's)")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: {\"regex\": ...} or "
+                                                                           "{\"choice\": [...]}")
+    guided_json: Any = Field(None, description="refused: JSON schemas are not supported yet")
+    guided_grammar: str | None = Field(None, description="refused: grammars are not supported")
+    response_format: ResponseFormat | None = Field(None, description="{\"type\": \"text\"} only")
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

@@ -164,3 +164,13 @@ def test_bias_rows_allow_the_next_bytes_and_eos_where_a_match_ends():
     after_a = guide.next[0][ord("a")]
     assert torch.isfinite(rows[after_a]).nonzero().flatten().tolist() == [2, 4 + ord("b")]
     assert guide.bias_rows(260, 4, 2, "cpu") is rows  # built once
+
+
+def test_a_pattern_too_deep_or_too_slow_to_build_is_refused(monkeypatch):
+    with pytest.raises(GuideError, match="nested too deeply"):
+        ByteGuide.regex("(" * 5000 + "a" + ")" * 5000)
+    import blt_runtime.guide as guide_module
+
+    monkeypatch.setattr(guide_module, "MAX_SECONDS", 0.0)
+    with pytest.raises(GuideError, match="too complex"):
+        ByteGuide.regex("[a-z]{1,1000}")

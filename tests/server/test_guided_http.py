@@ -1,0 +1,72 @@
+"""Guided completions over HTTP (server/guided.py): vLLM's guided_regex, guided_choice and
+structured_outputs, streaming or not, through the official OpenAI client too; what the server does not
+do is a 400 that says so, never ignored."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from openai import OpenAI
+from serverkit import sse_events
+
+from blt_runtime import Engine, load_model
+
+DATE = r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]"
+
+
+@pytest.fixture
+def url(serve, tiny):
+    url, _ = serve(Engine(load_model(tiny), max_batch_size=4))
+    return url
+
+
+def test_guided_completions_match_their_guide(url):
+    with httpx.Client(timeout=120) as c:
+        r = c.post(f"{url}/v1/completions", json={"prompt": "The date: ", "max_tokens": 40, "n": 3, "seed": 4,
+                                                   "guided_regex": DATE})
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            assert re.fullmatch(DATE, choice["text"]) and choice["finish_reason"] == "stop", choice
+        r = c.post(f"{url}/v1/completions", json={"prompt": "Pick: ", "max_tokens": 40, "temperature": 0,
+                                                   "structured_outputs": {"choice": ["red", "green", "blue"]}})
+        assert r.json()["choices"][0]["text"] in ("red", "green", "blue")
+        with c.stream("POST", f"{url}/v1/completions", json={
+                "prompt": "Say: ", "max_tokens": 60, "stream": True, "temperature": 1.5, "seed": 1,
+                "structured_outputs": {"regex": r"(ab|cd|é){3,8}!"}}) as r:
+            events = sse_events(r.read().decode())
+        text = "".join(e["choices"][0]["text"] for e in events[:-1])
+        assert re.fullmatch(r"(ab|cd|é){3,8}!", text) and events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_openai_client_sends_a_guide_in_extra_body(url):
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    out = client.completions.create(model="tiny", prompt="Answer: ", max_tokens=20,
+                                    extra_body={"guided_choice": ["yes", "no"]})
+    assert out.choices[0].text in ("yes", "no") and out.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"guided_regex": "(?=a)b"}, "guided_regex", "look-around"),
+    ({"guided_regex": "a{3,2}"}, "guided_regex", "min repeat"),
+    ({"guided_choice": []}, "guided_choice", "non-empty"),
+    ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs", "matches no text"),
+    ({"guided_json": {"type": "object"}}, "guided_json", "JSON schemas are not supported"),
+    ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs", "JSON schemas"),
+    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "grammars"),
+    ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ({"structured_outputs": {}}, "structured_outputs", "asks for nothing"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one guide at a time"),
+])
+def test_what_cannot_guide_is_a_400_naming_the_field(url, body, param, words):
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5} | body, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_a_text_response_format_is_plain_completion(url):
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5, "ignore_eos": True,
+                                                   "response_format": {"type": "text"}}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 5
