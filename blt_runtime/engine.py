@@ -401,7 +401,7 @@ class Engine:
 
     def _report(self, seqs: list[Sequence], sampled: Sampled) -> list[StepOutput]:
         """Accept each sequence's sampled byte, apply stops, report."""
-        outputs = []
+        outputs, guided = [], []
         for b, seq in enumerate(seqs):
             if seq.status is Status.FINISHED:  # aborted after its step was queued: reported already
                 continue
@@ -416,9 +416,11 @@ class Engine:
             if seq.finish_reason is not None:
                 outputs.append(self._finish(seq, new, patch_start and bool(new), logprobs))
             else:
-                if seq.params.guide is not None:  # the bytes its guide allows next
-                    self.runner.follow_guide(seq.slot, seq.guide_state)
+                if seq.params.guide is not None:
+                    guided.append(seq)
                 outputs.append(StepOutput(seq.request_id, new, patch_start, logprobs, False))
+        if guided:  # the bytes their guides allow next
+            self.runner.follow_guides([s.slot for s in guided], [s.guide_state for s in guided])
         return outputs
 
     # ------------------------------------------------------------------ bookkeeping

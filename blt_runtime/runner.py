@@ -224,10 +224,21 @@ class Runner:
         else:
             self.logit_bias[slot] = 0
 
-    def follow_guide(self, slot: int, state: int) -> None:
-        """The slot's guided request reached `state`: its next byte is biased by that state's row (a device
-        copy, queued before the next step's work)."""
-        self.logit_bias[slot].copy_(self.guides[slot][state])
+    def follow_guides(self, slots: list[int], states: list[int]) -> None:
+        """Each slot's guided request reached its state: its next byte is biased by that state's row. Device
+        copies, queued before the next step's work: one per slot, or for the slots that share a guide's rows
+        (the `n` choices of a request, requests with the same pattern) one gather and one copy."""
+        groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
+        for slot, state in zip(slots, states):
+            rows = self.guides[slot]
+            _, group_slots, group_states = groups.setdefault(id(rows), (rows, [], []))
+            group_slots.append(slot)
+            group_states.append(state)
+        for rows, group_slots, group_states in groups.values():
+            if len(group_slots) == 1:
+                self.logit_bias[group_slots[0]].copy_(rows[group_states[0]])
+            else:
+                self.logit_bias.index_copy_(0, self._tensor(group_slots), rows[self._tensor(group_states)])
 
     def share_prompt(self, source: int, target: int, length: int, num_patches: int, open_len: int) -> None:
         """Give slot `target` the state that slot `source` holds after its first `length` positions, with
