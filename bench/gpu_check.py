@@ -30,7 +30,9 @@ and timed in one run. Prints a table and, last, one JSON line.
    first bytes, first, median and last, with the prompts prefilled together, 512 bytes a step and
    four times that (`together_4x_bytes`), and one per step; and
    8 of them a step after a 3,000-byte prompt, before its next chunk and after all of them:
-   `burst.behind`).
+   `burst.behind`). Then the largest stream count again, greedy and guided by a pattern of words and
+   punctuation (`guided`: bytes/s against the same streams free, and whether graphs and eager steps
+   agree on the guided bytes).
 5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
    time per step, the costliest kernels.
 6. Kernels (kernels.py): the engine runs the repository's Triton kernels (attention with RoPE,
@@ -77,6 +79,7 @@ from bench.shared_prompts import turned  # noqa: E402
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
 from blt_runtime.attention import decode_attention, sdpa_attention  # noqa: E402
 from blt_runtime.cache import KVCache  # noqa: E402
+from blt_runtime.guide import ByteGuide  # noqa: E402
 from blt_runtime.kernels import gemv_check, sampling_check, self_check  # noqa: E402
 from blt_runtime.model.blt import checkpoint_key  # noqa: E402
 from blt_runtime.model.entropy import entropy_nats  # noqa: E402
@@ -500,6 +503,23 @@ def measure_burst(model: BltModel, prompt: bytes, args, result: dict) -> None:
     result["burst"] = {"requests": n, **figures, "behind": behind}
 
 
+def measure_guided(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The largest stream count, greedy, free and guided (guide.py), on one engine (the second run of each
+    kept); then the guided streams on eager static steps, which must give the same bytes."""
+    n = largest_streams(args)
+    prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
+    guide = ByteGuide.regex(r"([A-Za-z]+[ ,.;:!?'\n]{1,3}){1," + str(args.bytes) + "}")
+    ways = {"free": dict(temperature=0.0), "guided": dict(temperature=0.0, guide=guide)}
+    engine, figures, outputs = make_engine(model, graphs=model.device.type == "cuda"), {}, {}
+    for way, how in list(ways.items()) * 2:
+        stats, outputs[way] = run_engine(engine, prompts, args.bytes, sampled=how)
+        figures[f"bytes_per_s_{way}"] = round(stats["bytes_per_s"], 1)
+    eager = run_engine(make_engine(model, graphs=False), prompts, args.bytes, sampled=ways["guided"])[1]
+    result["guided"] = {"streams": n, **figures, "states": guide.num_states,
+                        "graphs_equal_eager": eager == outputs["guided"],
+                        "within_guide": all(guide.state_after(b) >= 0 for b in outputs["guided"])}
+
+
 def top1_agreement(model: BltModel, prompt: bytes, generated: bytes) -> float:
     """Share of the engine's greedy bytes that full recompute (same dtype) also ranks first."""
     ids = encode_tensor(prompt + generated, model.device)
@@ -656,6 +676,7 @@ def main() -> None:
     attempt(measure_shared, "shared_prompts", model, prompt, args, result, reraise=not cuda)
     attempt(measure_scores, "prompt_scores", model, prompt, args, result, reraise=not cuda)
     attempt(measure_burst, "burst", model, prompt, args, result, reraise=not cuda)
+    attempt(measure_guided, "guided", model, prompt, args, result, reraise=not cuda)
     print(json.dumps(result), flush=True)  # what is known so far, should a later part run out of time
     if cuda and result.get("kernels") == "triton":
         result["attention_us"] = attention_us(model)

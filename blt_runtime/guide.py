@@ -414,13 +414,18 @@ class ByteGuide:
         """Nothing may follow: the completion is a whole match and is over."""
         return self.accepting[state] and not self.allowed[state]
 
-    def matches(self, data: bytes) -> bool:
+    def state_after(self, data: bytes) -> int:
+        """The state the bytes lead to from the start, or -1 where they are no prefix of a match."""
         state = 0
         for b in data:
             state = self.next[state][b]
             if state < 0:
-                return False
-        return self.accepting[state]
+                return -1
+        return state
+
+    def matches(self, data: bytes) -> bool:
+        state = self.state_after(data)
+        return state >= 0 and self.accepting[state]
 
     def bias_rows(self, vocab: int, offset: int, eos_id: int, device):
         """(states, vocab) fp32 logit biases, built once per device: 0 where a byte (id offset + byte) may

@@ -38,6 +38,9 @@ def test_gpu_check_small_on_cpu():
     behind = burst["behind"]  # 2 short prompts a step after a long one: before its next chunk, and after it
     assert behind["short_first"]["last_ms"] < behind["short_first"]["long_first_ms"]
     assert behind["in_order"]["first_ms"] > 0 and behind["in_order"]["long_first_ms"] > 0
+    guided = result["guided"]  # the largest stream count free and guided (guide.py)
+    assert guided["bytes_per_s_free"] > 0 and guided["bytes_per_s_guided"] > 0
+    assert guided["graphs_equal_eager"] and guided["within_guide"] and guided["states"] > 1
     compiled = result["compiled"]  # the engine again, its element-wise stretches compiled
     assert compiled["deterministic"] and compiled["static_equal_dynamic"] and compiled["static_equal_dynamic_2_streams"]
     assert compiled["top1_agreement_full_recompute"] >= 0.99

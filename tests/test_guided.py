@@ -44,30 +44,20 @@ def test_guided_bytes_equal_full_recompute(model, static, overlap):
                          {"choice": 3, "unicode": 7})
     for rid, (prompt, params) in reqs.items():
         generated, final = results[rid]
-        guide_ended = params.guide is not None and params.guide.ends(walk(params.guide, generated))
+        guide_ended = params.guide is not None and params.guide.ends(params.guide.state_after(generated))
         replay_full_recompute(model, prompt, params, params.seed or 0, generated,
                               ended_by_eos=final.finish_reason == "stop" and not guide_ended)
         if params.guide is not None:
             if final.finish_reason == "stop":  # EOS or the end of the guide: a whole match either way
                 assert params.guide.matches(generated), (rid, generated)
             else:  # out of bytes: a prefix of a match
-                assert final.finish_reason == "length" and walk(params.guide, generated) >= 0
+                assert final.finish_reason == "length" and params.guide.state_after(generated) >= 0
             generated.decode("utf-8")  # a guided text is valid UTF-8, even cut short
     for rid in ("greedy_regex", "sampled_regex", "penalised"):
         text, reason = results[rid][0].decode(), results[rid][1].finish_reason
         assert re.fullmatch(PATTERN, text) if reason == "stop" else len(text) == 80, (rid, text)
     assert results["choice"][0].decode() in ("alpha", "beta", "gamma delta", "é中😀")
     assert results["choice"][1].finish_reason == "stop"
-
-
-def walk(guide: ByteGuide, data: bytes) -> int:
-    """The state the bytes reach, or -1 where the guide does not allow them."""
-    state = 0
-    for b in data:
-        state = guide.next[state][b]
-        if state < 0:
-            return -1
-    return state
 
 
 def test_a_guided_request_alone_or_batched_gives_the_same_bytes(model):
