@@ -70,6 +70,7 @@ class SamplingParams:
             ("logit_bias", all(0 <= b <= 255 and -100.0 <= v <= 100.0 for b, v in self.logit_bias),
              "keys must be bytes 0..255 and values in [-100, 100]"),
             ("logit_bias", len({b for b, _ in self.logit_bias}) == len(self.logit_bias), "a byte is given twice"),
+            ("guide", self.guide is None or not self.guide.ends(0), "it allows only the empty text"),
         ]
         for name, ok, why in checks:
             if not ok:

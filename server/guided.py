@@ -70,6 +70,9 @@ async def request_guide(req: CompletionRequest) -> ByteGuide | None:
         return None
     field, kind, source = asked
     try:
-        return await asyncio.to_thread(compiled, kind, source)
+        guide = await asyncio.to_thread(compiled, kind, source)
     except GuideError as e:
         raise ApiError(400, f"{field}: {e}", field, "invalid_value") from None
+    if guide.ends(0):
+        raise ApiError(400, f"{field}: it allows only the empty text", field, "invalid_value")
+    return guide

@@ -89,3 +89,8 @@ def test_a_slot_that_held_a_guided_request_forgets_its_guide(model):
     after = run_engine(engine, {"f": (b"Hello" + first[0] + b" and", free)})["f"]
     fresh = run_engine(Engine(model, max_batch_size=1), {"f": (b"Hello" + first[0] + b" and", free)})["f"]
     assert after[0] == fresh[0]
+
+
+def test_a_guide_that_allows_only_the_empty_text_is_refused():
+    with pytest.raises(ValueError, match="only the empty text"):
+        SamplingParams(guide=ByteGuide.regex("()"))

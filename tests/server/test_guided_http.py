@@ -51,6 +51,7 @@ def test_the_openai_client_sends_a_guide_in_extra_body(url):
     ({"guided_regex": "(?=a)b"}, "guided_regex", "look-around"),
     ({"guided_regex": "a{3,2}"}, "guided_regex", "min repeat"),
     ({"guided_choice": []}, "guided_choice", "non-empty"),
+    ({"guided_regex": "(a{0})?"}, "guided_regex", "only the empty text"),
     ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs", "matches no text"),
     ({"guided_json": {"type": "object"}}, "guided_json", "JSON schemas are not supported"),
     ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs", "JSON schemas"),
