@@ -1,57 +1,74 @@
 """Guided generation's request fields -> the runtime's ByteGuide (blt_runtime/guide.py).
 
-Owns which fields ask for a guide (vLLM's `guided_regex` and `guided_choice`, and its newer
-`structured_outputs` with `regex` or `choice`), refusing with a 400 what this server does not do
-(JSON schemas, grammars, a `response_format` other than text) rather than ignoring it, and compiling
-the guide off the event loop (a large pattern takes a while), keeping the last ones compiled for the
-next requests that ask for them.
+Owns which fields ask for a guide: vLLM's `guided_regex`, `guided_choice` and `guided_json`, its newer
+`structured_outputs` (`regex`, `choice`, `json`, `json_object`), and OpenAI's `response_format`
+(`json_object`: any JSON value; `json_schema`: a schema, blt_runtime/json_guide.py). It refuses with a
+400 what this server does not do (grammars, two guides at once, a schema it cannot express) rather
+than ignoring it, and compiles the guide off the event loop (a large one takes a while), keeping the
+last ones compiled for the next requests that ask for them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 
 from blt_runtime.guide import ByteGuide, GuideError
+from blt_runtime.json_guide import JSON_VALUE, schema_regex
 
 from .errors import ApiError
 from .schemas import CompletionRequest
 
-UNSUPPORTED = "this server guides completions by a regular expression or a list of choices"
+UNSUPPORTED = ("this server guides completions by a regular expression, a list of choices or a JSON schema "
+               "(guided_regex, guided_choice, guided_json, structured_outputs, response_format)")
 
 
 def _refuse(field: str, what: str) -> ApiError:
-    return ApiError(400, f"{field}: {what} are not supported; {UNSUPPORTED} (guided_regex, guided_choice, or "
-                         f"structured_outputs with regex or choice)", field, "unsupported")
+    return ApiError(400, f"{field}: {what} are not supported; {UNSUPPORTED}", field, "unsupported")
+
+
+def _schema(value) -> str:
+    """A schema as the cache's key: its JSON text (a client may send either)."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def asked_guide(req: CompletionRequest) -> tuple[str, str, str | tuple[str, ...]] | None:
     """(field, kind, pattern or choices) of the guide the request asks for, or None; a 400 for what is not
     supported, or for more than one."""
-    if req.guided_json is not None:
-        raise _refuse("guided_json", "JSON schemas")
     if req.guided_grammar is not None:
         raise _refuse("guided_grammar", "grammars")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise _refuse("response_format", f"response formats of type {req.response_format.type!r}")
     asked = []
     if req.guided_regex is not None:
         asked.append(("guided_regex", "regex", req.guided_regex))
     if req.guided_choice is not None:
         asked.append(("guided_choice", "choice", tuple(req.guided_choice)))
+    if req.guided_json is not None:
+        asked.append(("guided_json", "json", _schema(req.guided_json)))
     so = req.structured_outputs
     if so is not None:
-        if so.json_schema is not None or so.json_object:
-            raise _refuse("structured_outputs", "JSON schemas")
         if so.grammar is not None:
             raise _refuse("structured_outputs", "grammars")
         if so.regex is not None:
             asked.append(("structured_outputs", "regex", so.regex))
         if so.choice is not None:
             asked.append(("structured_outputs", "choice", tuple(so.choice)))
-        if not asked:
+        if so.json_schema is not None:
+            asked.append(("structured_outputs", "json", _schema(so.json_schema)))
+        if so.json_object:
+            asked.append(("structured_outputs", "regex", JSON_VALUE))
+        if not any(field == "structured_outputs" for field, _, _ in asked):
             raise ApiError(400, f"structured_outputs asks for nothing this server does; {UNSUPPORTED}",
                            "structured_outputs", "unsupported")
+    rf = req.response_format
+    if rf is not None and rf.type != "text":
+        if rf.type == "json_object":
+            asked.append(("response_format", "regex", JSON_VALUE))
+        elif rf.type == "json_schema" and isinstance(rf.json_schema, dict) and "schema" in rf.json_schema:
+            asked.append(("response_format", "json", _schema(rf.json_schema["schema"])))
+        else:
+            raise ApiError(400, "response_format: the type must be text, json_object or json_schema (with "
+                                "json_schema.schema)", "response_format", "invalid_value")
     if len(asked) > 1:
         raise ApiError(400, f"{' and '.join(a[0] for a in asked)}: one guide at a time", asked[1][0], "invalid_value")
     return asked[0] if asked else None
@@ -59,6 +76,8 @@ def asked_guide(req: CompletionRequest) -> tuple[str, str, str | tuple[str, ...]
 
 @functools.lru_cache(maxsize=8)  # each guide keeps its bias rows on the device while it is cached
 def compiled(kind: str, source: str | tuple[str, ...]) -> ByteGuide:
+    if kind == "json":
+        return ByteGuide.regex(schema_regex(source))
     return ByteGuide.regex(source) if kind == "regex" else ByteGuide.choice(list(source))
 
 

@@ -22,7 +22,7 @@ class StreamOptions(BaseModel):
 
 
 class StructuredOutputs(BaseModel):
-    """vLLM's structured_outputs: one of these constrains the completion (this server does regex and choice)."""
+    """vLLM's structured_outputs: one of these constrains the completion (grammars are refused)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -34,9 +34,12 @@ class StructuredOutputs(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    """OpenAI's: text, json_object (any JSON value) or json_schema ({"name", "schema", "strict"})."""
+
     model_config = ConfigDict(extra="allow")
 
     type: str = "text"
+    json_schema: dict[str, Any] | None = None
 
 
 class CompletionRequest(BaseModel):
@@ -79,11 +82,13 @@ class CompletionRequest(BaseModel):
     guided_regex: str | None = Field(None, description="the completion must match this regular expression "
                                                        "(Python's syntax, a subset: server/guided.py; vLLM's)")
     guided_choice: list[str] | None = Field(None, description="the completion must be one of these (vLLM's)")
-    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: {\"regex\": ...} or "
-                                                                           "{\"choice\": [...]}")
-    guided_json: Any = Field(None, description="refused: JSON schemas are not supported yet")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: {\"regex\": ...}, "
+                                                                           "{\"choice\": [...]}, {\"json\": schema} or "
+                                                                           "{\"json_object\": true}")
+    guided_json: Any = Field(None, description="the completion must be JSON this schema validates (a subset of "
+                                               "JSON Schema: blt_runtime/json_guide.py; vLLM's)")
     guided_grammar: str | None = Field(None, description="refused: grammars are not supported")
-    response_format: ResponseFormat | None = Field(None, description="{\"type\": \"text\"} only")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

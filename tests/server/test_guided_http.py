@@ -1,6 +1,6 @@
-"""Guided completions over HTTP (server/guided.py): vLLM's guided_regex, guided_choice and
-structured_outputs, streaming or not, through the official OpenAI client too; what the server does not
-do is a 400 that says so, never ignored."""
+"""Guided completions over HTTP (server/guided.py): vLLM's guided_regex, guided_choice, guided_json and
+structured_outputs, and OpenAI's response_format, streaming or not, through the official OpenAI client
+too; what the server does not do is a 400 that says so, never ignored."""
 
 from __future__ import annotations
 
@@ -40,6 +40,24 @@ def test_guided_completions_match_their_guide(url):
         assert re.fullmatch(r"(ab|cd|é){3,8}!", text) and events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_json_completions_parse_and_validate(url):
+    import json
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    for how in ({"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}},
+                {"guided_json": schema}, {"structured_outputs": {"json": schema}}):
+        out = client.completions.create(model="tiny", prompt="A person: ", max_tokens=200, seed=3, extra_body=how)
+        assert out.choices[0].finish_reason == "stop", out  # at its "}" nothing may follow: well within 200 bytes
+        value = json.loads(out.choices[0].text)
+        assert set(value) == {"name", "age"} and isinstance(value["age"], int) and len(value["name"]) <= 8
+    out = client.completions.create(model="tiny", prompt="JSON: ", max_tokens=300, seed=1, temperature=0.3,
+                                    extra_body={"response_format": {"type": "json_object"}})
+    if out.choices[0].finish_reason == "stop":
+        json.loads(out.choices[0].text)
+
+
 def test_the_openai_client_sends_a_guide_in_extra_body(url):
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
     out = client.completions.create(model="tiny", prompt="Answer: ", max_tokens=20,
@@ -53,10 +71,13 @@ def test_the_openai_client_sends_a_guide_in_extra_body(url):
     ({"guided_choice": []}, "guided_choice", "non-empty"),
     ({"guided_regex": "(a{0})?"}, "guided_regex", "only the empty text"),
     ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs", "matches no text"),
-    ({"guided_json": {"type": "object"}}, "guided_json", "JSON schemas are not supported"),
-    ({"structured_outputs": {"json": {"type": "object"}}}, "structured_outputs", "JSON schemas"),
+    ({"guided_json": {"type": "string", "format": "date"}}, "guided_json", "format not supported"),
+    ({"structured_outputs": {"json": "{oops"}}, "structured_outputs", "not valid JSON"),
     ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "grammars"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema.schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "must be text, json_object or json_schema"),
+    ({"guided_json": {"type": "integer"}, "response_format": {"type": "json_object"}}, "response_format",
+     "one guide at a time"),
     ({"structured_outputs": {}}, "structured_outputs", "asks for nothing"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one guide at a time"),
 ])
