@@ -29,8 +29,9 @@ def _refuse(field: str, what: str) -> ApiError:
 
 
 def _schema(value) -> str:
-    """A schema as the cache's key: its JSON text (a client may send either)."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    """A schema as the cache's key: its JSON text (a client may send either), its keys in the order sent:
+    the properties of an object come in that order."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def asked_guide(req: CompletionRequest) -> tuple[str, str, str | tuple[str, ...]] | None:
