@@ -34,28 +34,25 @@ def _schema(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _asked(fields: tuple[str, str, str], regex, choice, schema) -> list[tuple[str, str, str | tuple[str, ...]]]:
+    """(field, kind, source) of each of a regex, choices and a JSON schema that is given."""
+    sources = (regex, None if choice is None else tuple(choice), None if schema is None else _schema(schema))
+    return [(field, kind, source) for field, kind, source in zip(fields, ("regex", "choice", "json"), sources)
+            if source is not None]
+
+
 def asked_guide(req: CompletionRequest) -> tuple[str, str, str | tuple[str, ...]] | None:
     """(field, kind, pattern or choices) of the guide the request asks for, or None; a 400 for what is not
     supported, or for more than one."""
     if req.guided_grammar is not None:
         raise _refuse("guided_grammar", "grammars")
-    asked = []
-    if req.guided_regex is not None:
-        asked.append(("guided_regex", "regex", req.guided_regex))
-    if req.guided_choice is not None:
-        asked.append(("guided_choice", "choice", tuple(req.guided_choice)))
-    if req.guided_json is not None:
-        asked.append(("guided_json", "json", _schema(req.guided_json)))
+    asked = _asked(("guided_regex", "guided_choice", "guided_json"), req.guided_regex, req.guided_choice,
+                   req.guided_json)
     so = req.structured_outputs
     if so is not None:
         if so.grammar is not None:
             raise _refuse("structured_outputs", "grammars")
-        if so.regex is not None:
-            asked.append(("structured_outputs", "regex", so.regex))
-        if so.choice is not None:
-            asked.append(("structured_outputs", "choice", tuple(so.choice)))
-        if so.json_schema is not None:
-            asked.append(("structured_outputs", "json", _schema(so.json_schema)))
+        asked += _asked(("structured_outputs",) * 3, so.regex, so.choice, so.json_schema)
         if so.json_object:
             asked.append(("structured_outputs", "regex", JSON_VALUE))
         if not any(field == "structured_outputs" for field, _, _ in asked):
