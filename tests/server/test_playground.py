@@ -85,6 +85,32 @@ def test_generate_see_patches_and_stop(server, browser):
     browser.save_screenshot(str(ROOT / "tests" / "artifacts" / "playground.png"))
 
 
+def test_a_guided_generation_and_a_guide_refused(server, browser):
+    """With a regex in the guide field the completion matches it and ends there; a regex the server cannot
+    take shows the server's reason."""
+    import re
+
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/")
+    key = browser.find_element(By.ID, "key")
+    key.clear()
+    key.send_keys(KEY)
+    wait_until(lambda: "bytes of context" in browser.find_element(By.ID, "model").text, what="the model card")
+    guide = browser.find_element(By.ID, "guide")
+    pattern = r"(KING|QUEEN) [A-Z][a-z]+: [a-z ,]{5,40}\."
+    guide.send_keys(pattern)
+    browser.find_element(By.ID, "go").click()
+    wait_until(lambda: browser.find_element(By.ID, "status").text == "done (stop)", what="the guided text's end")
+    text = browser.execute_script(
+        "return [...document.querySelectorAll('#out .patch:not(.prompt)')].map(s => s.textContent).join('')")
+    assert re.fullmatch(pattern, text), text
+    guide.clear()
+    guide.send_keys("(?=look)ahead")
+    browser.find_element(By.ID, "go").click()
+    wait_until(lambda: "look-around" in browser.find_element(By.ID, "status").text, what="the server's reason")
+
+
 def test_readable_in_a_narrow_window(server, browser):
     from selenium.webdriver.common.by import By
 
