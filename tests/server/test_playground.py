@@ -43,7 +43,8 @@ def metrics(server) -> str:
     return metrics_text(server.url, KEY)
 
 
-def test_generate_see_patches_and_stop(server, browser):
+def open_page(server, browser) -> None:
+    """The playground, with the API key typed in and the model's card shown."""
     from selenium.webdriver.common.by import By
 
     browser.get(server.url + "/")
@@ -51,6 +52,12 @@ def test_generate_see_patches_and_stop(server, browser):
     key.clear()
     key.send_keys(KEY)
     wait_until(lambda: "bytes of context" in browser.find_element(By.ID, "model").text, what="the model card")
+
+
+def test_generate_see_patches_and_stop(server, browser):
+    from selenium.webdriver.common.by import By
+
+    open_page(server, browser)
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys("KING HENRY:\nWhat say you, ")
@@ -92,11 +99,7 @@ def test_a_guided_generation_and_a_guide_refused(server, browser):
 
     from selenium.webdriver.common.by import By
 
-    browser.get(server.url + "/")
-    key = browser.find_element(By.ID, "key")
-    key.clear()
-    key.send_keys(KEY)
-    wait_until(lambda: "bytes of context" in browser.find_element(By.ID, "model").text, what="the model card")
+    open_page(server, browser)
     guide = browser.find_element(By.ID, "guide")
     pattern = r"(KING|QUEEN) [A-Z][a-z]+: [a-z ,]{5,40}\."
     guide.send_keys(pattern)
