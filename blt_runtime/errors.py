@@ -19,3 +19,7 @@ class WeightsError(BltError):
 
 class ConversionError(BltError):
     """A Meta checkpoint that cannot be converted to the native layout."""
+
+
+class GuideError(BltError, ValueError):
+    """A pattern, choices or JSON schema that cannot guide a completion (guide.py; HTTP 400)."""

@@ -7,14 +7,14 @@ bytes that keep the text a prefix of some match, and may end (EOS) only where th
 whole match. Where nothing more can follow, the completion ends there. Character classes and `.` are
 Unicode: their characters are encoded as UTF-8, so a guided completion is always valid UTF-8.
 
-Supported: literals and escapes (`\\n`, `\\t`, `\\xHH`, `\\uHHHH`, escaped punctuation), `.` (any character
-but a newline), classes (`[a-z]`, `[^"]`, with `\\d`, `\\w` and `\\s` inside, these three in their ASCII
-sense, as under `re.ASCII`), groups (capturing, `(?:...)` and `(?P<name>...)`), `|`, and the
-quantifiers `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}` (lazy ones too: the same texts match). The whole
-completion must match, as with `re.fullmatch`: `^` and `$` are accepted only at the pattern's ends.
-Anything else (look-around, back references, word boundaries, inline flags, possessive quantifiers)
-is refused with a GuideError that says what, as is a pattern whose automaton grows past MAX_STATES or
-takes more than MAX_SECONDS to build.
+The syntax (regex_syntax.py): literals and escapes (`\\n`, `\\t`, `\\xHH`, `\\uHHHH`, escaped punctuation),
+`.` (any character but a newline), classes (`[a-z]`, `[^"]`, with `\\d`, `\\w` and `\\s` inside, these
+three in their ASCII sense, as under `re.ASCII`), groups (capturing, `(?:...)` and `(?P<name>...)`), `|`,
+and the quantifiers `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}` (lazy ones too: the same texts match). The
+whole completion must match, as with `re.fullmatch`: `^` and `$` are accepted only at the pattern's
+ends. Anything else (look-around, back references, word boundaries, inline flags, possessive
+quantifiers) is refused with a GuideError that says what, as is a pattern whose automaton grows past
+MAX_STATES or takes more than MAX_SECONDS to build.
 
 Pure Python: the engine turns a state into a row of logit biases (`bias_rows`) and follows the
 sampled bytes (`next`).
@@ -23,45 +23,15 @@ sampled bytes (`next`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-from .errors import BltError
+from .errors import GuideError
+from .regex_syntax import Alt, Cat, Chars, Repeat, parse
+
+__all__ = ["ByteGuide", "GuideError", "utf8_sequences"]
 
 MAX_NFA_STATES = 100_000
 MAX_STATES = 20_000  # automaton states; each is a row of logit biases on the device (1 KB) while a request runs
 MAX_SECONDS = 10.0  # to compile one: a pattern that takes longer is refused, not left to hold a thread
-MAX_CHAR = 0x10FFFF
-DIGIT = [(0x30, 0x39)]
-WORD = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
-SPACE = [(0x09, 0x0D), (0x20, 0x20)]
-NOT_NEWLINE = [(0, 0x09), (0x0B, MAX_CHAR)]
-SIMPLE_ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B, "a": 0x07, "0": 0x00}
-
-
-class GuideError(BltError, ValueError):
-    """A pattern or a list of choices that cannot guide a completion (HTTP 400)."""
-
-
-# ---------------------------------------------------------------------- character ranges
-def _normalised(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
-
-
-def _complement(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out, start = [], 0
-    for lo, hi in _normalised(ranges):
-        if lo > start:
-            out.append((start, lo - 1))
-        start = hi + 1
-    if start <= MAX_CHAR:
-        out.append((start, MAX_CHAR))
-    return out
 
 
 def _encoded(c: int) -> bytes:
@@ -100,220 +70,6 @@ def utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
     return out
 
 
-# ---------------------------------------------------------------------- the pattern's syntax tree
-@dataclass
-class _Chars:
-    ranges: list[tuple[int, int]]
-
-
-@dataclass
-class _Cat:
-    parts: list
-
-
-@dataclass
-class _Alt:
-    options: list
-
-
-@dataclass
-class _Repeat:
-    node: object
-    least: int
-    most: int | None
-
-
-class _Parser:
-    def __init__(self, pattern: str):
-        self.p, self.i = pattern, 0
-
-    def fail(self, why: str):
-        raise GuideError(f"regex {self.p!r}: {why} (at offset {self.i})")
-
-    def peek(self) -> str | None:
-        return self.p[self.i] if self.i < len(self.p) else None
-
-    def take(self) -> str:
-        c = self.peek()
-        if c is None:
-            self.fail("unexpected end")
-        self.i += 1
-        return c
-
-    def parse(self):
-        pattern = self.p
-        start, end = 0, len(pattern)
-        if pattern.startswith("^"):
-            start = 1
-        elif pattern.startswith("\\A"):
-            start = 2
-        for anchor in ("$", "\\Z", "\\z"):
-            if pattern.endswith(anchor) and end - len(anchor) >= start and not _escaped(pattern, end - len(anchor)):
-                end -= len(anchor)
-                break
-        self.p, self.i = pattern[:end], start
-        node = self.alternation()
-        if self.peek() is not None:
-            self.fail("unbalanced ')'")
-        self.p = pattern
-        return node
-
-    def alternation(self):
-        options = [self.concatenation()]
-        while self.peek() == "|":
-            self.i += 1
-            options.append(self.concatenation())
-        return options[0] if len(options) == 1 else _Alt(options)
-
-    def concatenation(self):
-        parts = []
-        while self.peek() not in (None, "|", ")"):
-            parts.append(self.quantified(self.atom()))
-        return parts[0] if len(parts) == 1 else _Cat(parts)
-
-    def quantified(self, node):
-        c = self.peek()
-        if c in ("*", "+", "?"):
-            self.i += 1
-            least, most = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
-        elif c == "{" and (bounds := self.bounds()) is not None:
-            least, most = bounds
-        else:  # no quantifier (a "{" that opens none is a literal, as in Python)
-            return node
-        if self.peek() == "?":  # lazy: the same texts match
-            self.i += 1
-        elif self.peek() == "+":
-            self.fail("possessive quantifiers are not supported")
-        if self.peek() in ("*", "+", "?") or (self.peek() == "{" and self.bounds(consume=False) is not None):
-            self.fail("multiple repeat")
-        return _Repeat(node, least, most)
-
-    def bounds(self, consume: bool = True) -> tuple[int, int | None] | None:
-        """{m}, {m,}, {,n}, {m,n} at the cursor (consumed unless `consume` is false), or None (nothing
-        consumed)."""
-        close = self.p.find("}", self.i)
-        if close < 0:
-            return None
-        body = self.p[self.i + 1:close]
-        lo_text, comma, hi_text = body.partition(",")
-        if not (lo_text.isdigit() or (comma and not lo_text)) or not (hi_text.isdigit() or not hi_text):
-            return None
-        if not lo_text and not hi_text and comma:
-            return None
-        least = int(lo_text) if lo_text else 0
-        most = int(hi_text) if hi_text else (None if comma else least)
-        if most is not None and most < least:
-            self.fail("min repeat greater than max repeat")
-        if consume:
-            self.i = close + 1
-        return least, most
-
-    def atom(self):
-        c = self.take()
-        if c == "(":
-            if self.p.startswith("?:", self.i):
-                self.i += 2
-            elif self.p.startswith("?P<", self.i):
-                close = self.p.find(">", self.i)
-                if close < 0:
-                    self.fail("unterminated group name")
-                self.i = close + 1
-            elif self.peek() == "?":
-                self.fail("look-around, inline flags and other (?...) groups are not supported")
-            node = self.alternation()
-            if self.peek() != ")":
-                self.fail("missing ')'")
-            self.i += 1
-            return node
-        if c == "[":
-            return _Chars(self.char_class())
-        if c == ".":
-            return _Chars(NOT_NEWLINE)
-        if c == "\\":
-            ranges = self.escape(in_class=False)
-            return _Chars(ranges)
-        if c in "^$":
-            self.fail(f"'{c}' is supported only at the pattern's {'start' if c == '^' else 'end'}")
-        if c in "*+?" or (c == "{" and self._bounds_at(self.i - 1)):
-            self.fail("nothing to repeat")
-        if c == ")":
-            self.fail("unbalanced ')'")
-        return _Chars([(ord(c), ord(c))])
-
-    def _bounds_at(self, at: int) -> bool:
-        save, self.i = self.i, at
-        found = self.bounds(consume=False) is not None
-        self.i = save
-        return found
-
-    def escape(self, in_class: bool) -> list[tuple[int, int]]:
-        c = self.take()
-        classes = {"d": DIGIT, "w": WORD, "s": SPACE}
-        if c in classes:
-            return classes[c]
-        if c.lower() in classes:
-            return _complement(classes[c.lower()])
-        if c in SIMPLE_ESCAPES and not (c == "0" and (self.peek() or "").isdigit()):
-            return [(SIMPLE_ESCAPES[c],) * 2]
-        if c in "xuU":
-            width = {"x": 2, "u": 4, "U": 8}[c]
-            digits = self.p[self.i:self.i + width]
-            if len(digits) != width or any(d not in "0123456789abcdefABCDEF" for d in digits):
-                self.fail(f"\\{c} needs {width} hex digits")
-            self.i += width
-            code = int(digits, 16)
-            if code > MAX_CHAR:
-                self.fail("character out of range")
-            return [(code, code)]
-        if c == "b" and in_class:
-            return [(0x08, 0x08)]
-        if c.isdigit():
-            self.fail("back references are not supported")
-        if c in "bBAZz":
-            self.fail(f"\\{c} is not supported here (anchors and word boundaries only at the pattern's ends, "
-                      "\\A and \\Z)")
-        if c.isascii() and c.isalnum():
-            self.fail(f"bad escape \\{c}")
-        return [(ord(c), ord(c))]
-
-    def char_class(self) -> list[tuple[int, int]]:
-        negate = self.peek() == "^"
-        if negate:
-            self.i += 1
-        ranges: list[tuple[int, int]] = []
-        first = True
-        while True:
-            c = self.take()
-            if c == "]" and not first:
-                break
-            first = False
-            if c == "\\":
-                items = self.escape(in_class=True)
-            else:
-                items = [(ord(c), ord(c))]
-            if len(items) == 1 and items[0][0] == items[0][1] and self.peek() == "-" \
-                    and self.p[self.i + 1:self.i + 2] not in ("]", ""):
-                self.i += 1
-                c2 = self.take()
-                high = self.escape(in_class=True) if c2 == "\\" else [(ord(c2), ord(c2))]
-                if len(high) != 1 or high[0][0] != high[0][1]:
-                    self.fail("bad character range")
-                if high[0][0] < items[0][0]:
-                    self.fail("bad character range")
-                items = [(items[0][0], high[0][0])]
-            ranges += items
-        ranges = _normalised(ranges)
-        return _complement(ranges) if negate else ranges
-
-
-def _escaped(pattern: str, at: int) -> bool:
-    """Whether the character at `at` is escaped (an odd run of backslashes before it)."""
-    n = 0
-    while at - n - 1 >= 0 and pattern[at - n - 1] == "\\":
-        n += 1
-    return n % 2 == 1
-
-
 # ---------------------------------------------------------------------- automata
 class _Nfa:
     """Thompson's construction over bytes: each state has byte-range edges and empty edges."""
@@ -332,7 +88,7 @@ class _Nfa:
 
     def build(self, node) -> tuple[int, int]:
         """-> (entry, exit) states of a fragment matching `node`."""
-        if isinstance(node, _Chars):
+        if isinstance(node, Chars):
             entry, exit_ = self.state(), self.state()
             for lo, hi in node.ranges:
                 for seq in utf8_sequences(lo, hi):
@@ -342,21 +98,21 @@ class _Nfa:
                         self.edges[at].append((blo, bhi, to))
                         at = to
             return entry, exit_
-        if isinstance(node, _Cat):
+        if isinstance(node, Cat):
             entry, exit_ = self.build(node.parts[0]) if node.parts else self.epsilon()
             for part in node.parts[1:]:
                 e, x = self.build(part)
                 self.empty[exit_].append(e)
                 exit_ = x
             return entry, exit_
-        if isinstance(node, _Alt):
+        if isinstance(node, Alt):
             entry, exit_ = self.state(), self.state()
             for option in node.options:
                 e, x = self.build(option)
                 self.empty[entry].append(e)
                 self.empty[x].append(exit_)
             return entry, exit_
-        if isinstance(node, _Repeat):
+        if isinstance(node, Repeat):
             entry = exit_ = self.state()
             for _ in range(node.least):
                 e, x = self.build(node.node)
@@ -449,7 +205,7 @@ class ByteGuide:
         if not isinstance(pattern, str):
             raise GuideError("a regex must be a string")
         try:
-            return cls._compile(_Parser(pattern).parse(), f"regex {pattern[:60]!r}")
+            return cls._compile(parse(pattern), f"regex {pattern[:60]!r}")
         except RecursionError:
             raise GuideError(f"regex {pattern[:60]!r}: groups nested too deeply") from None
 
@@ -457,8 +213,8 @@ class ByteGuide:
     def choice(cls, choices: list[str]) -> ByteGuide:
         if not choices or not all(isinstance(c, str) for c in choices):
             raise GuideError("choices must be a non-empty list of strings")
-        options = [_Cat([_Chars([(ord(ch), ord(ch))]) for ch in c]) for c in choices]
-        return cls._compile(_Alt(options), f"{len(choices)} choices")
+        options = [Cat([Chars([(ord(ch), ord(ch))]) for ch in c]) for c in choices]
+        return cls._compile(Alt(options), f"{len(choices)} choices")
 
     @classmethod
     def _compile(cls, tree, source: str) -> ByteGuide:
