@@ -15,9 +15,13 @@ already holds (`lengths`). Knows nothing about what the vectors mean.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .errors import BltError
+
+RETRY_REFUSED_S = 10.0  # a size whose allocation failed is not tried again for this long
 
 
 class CacheFull(BltError):
@@ -69,6 +73,7 @@ class KVCache:
         # attention.RotationTable of the positions it holds, set by a runner whose attention kernel
         # rotates each new position by it (positions.positions_for); None otherwise
         self.rotations = None
+        self._refused: tuple[int, float] | None = None  # the smallest capacity refused (out of memory), and when
 
     @property
     def k(self) -> torch.Tensor:
@@ -82,20 +87,26 @@ class KVCache:
     def reserve(self, length: int) -> None:
         """Make room for positions < length (no-op for a ring buffer). Where doubling runs out of memory,
         smaller steps are tried, down to `length` rounded up to 64 entries and then `length` itself; if that
-        fails too, CacheFull (and the cache is as it was)."""
+        fails too, CacheFull (and the cache is as it was). A size refused is not tried again for
+        RETRY_REFUSED_S seconds: on CUDA a failed allocation empties the allocator's cache and waits for
+        the device, and a prefill near the limit would try again at every step."""
         size = self.kv.shape[4]
         if self.window is not None or length <= size:
             return
+        refused = None
+        if self._refused is not None and time.monotonic() - self._refused[1] < RETRY_REFUSED_S:
+            refused = self._refused[0]
         # doubling, but never more than a sequence can hold (a patch is a byte at least); then smaller steps
         first = max(min(max(2 * size, 16), self.max_len), length)
         tries = sorted({first, size * 3 // 2, size * 5 // 4, -(-length // 64) * 64, length}, reverse=True)
-        for new_size in [n for n in tries if length <= n <= first]:
+        for new_size in [n for n in tries if length <= n <= first and (refused is None or n < refused)]:
             try:
                 self.kv = _grown(self.kv, 4, new_size, cap=new_size)
                 return
             except Exception as e:  # noqa: BLE001 - only a failed allocation is tried again smaller
                 if not out_of_memory(e):
                     raise
+                self._refused = (new_size, time.monotonic())
         raise CacheFull(length, size, self.kv.shape[2], self.kv.nbytes // size * length)
 
     def read(self, layer: int, slots: torch.Tensor | slice, span: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,12 +26,13 @@ def model(hf_checkpoint):
 @pytest.fixture
 def memory(monkeypatch):
     """memory["entries"]: the most entries a global cache's allocation may hold; more fails as CUDA's does."""
-    limit = {"entries": None, "refused": 0}
+    limit = {"entries": None, "refused": 0, "sizes": []}
     real = cache._allocate
 
     def allocate(like, shape):
         if limit["entries"] is not None and len(shape) == 6 and shape[4] > limit["entries"]:
             limit["refused"] += 1
+            limit["sizes"].append(shape[4])
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {shape} (test)")
         return real(like, shape)
 
@@ -39,16 +40,21 @@ def memory(monkeypatch):
     return limit
 
 
-def test_a_cache_grows_by_smaller_steps_when_doubling_runs_out_of_memory(memory):
+def test_a_cache_grows_by_smaller_steps_when_doubling_runs_out_of_memory(memory, monkeypatch):
     kv = KVCache(1, 2, 1, 4, None, 10_000, "cpu", torch.float32)
     kv.kv[:, 0, 1, 0, 63] = 5.0
     memory["entries"] = 100
     kv.reserve(70)  # 128 is refused; 96 (1.5x) fits
     assert kv.kv.shape[4] == 96 and (kv.kv[:, 0, 1, 0, 63] == 5.0).all()
     with pytest.raises(CacheFull, match="from 96 to 101 patches in each of its 2 rows"):
-        kv.reserve(101)  # 192, 144, 120 and 128 (101 rounded up to 64) are all refused
+        kv.reserve(101)  # 120 and 101 are refused; 192, 144 and 128, not below the 128 refused just now, not tried
+    assert memory["sizes"] == [128, 120, 101]
     assert kv.kv.shape[4] == 96 and (kv.kv[:, 0, 1, 0, 63] == 5.0).all()  # as it was
     memory["entries"] = None
+    with pytest.raises(CacheFull):  # what was refused a moment ago is not tried again at once
+        kv.reserve(101)
+    assert memory["sizes"] == [128, 120, 101]
+    monkeypatch.setattr(cache, "RETRY_REFUSED_S", 0.0)  # later, it is
     kv.reserve(101)
     assert kv.kv.shape[4] == 192
 
@@ -112,6 +118,8 @@ def test_a_prefill_chunk_is_cut_to_the_patches_the_cache_holds(model, memory):
     got = run_engine(engine, {"p": (prompt, params)})["p"]
     assert got[0] == alone[0] and got[1].finish_reason == "length"
     assert memory["refused"] > 0 and min(chunks[:-1]) < 96, chunks  # cut before the prompt's end
+    # no size tried again after it was refused, at each step near the limit (on CUDA each costs a wait)
+    assert len(memory["sizes"]) == len(set(memory["sizes"])), memory
 
 
 @pytest.mark.parametrize("static", [False, True])
