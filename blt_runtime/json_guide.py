@@ -10,9 +10,10 @@ Supported: `type` (one or a list), `enum`, `const`, `properties` with `required`
 `minItems` and `maxItems`, `minLength` and `maxLength` of strings, `anyOf` and `oneOf` (as a choice
 among the schemas: oneOf's "exactly one" is not checked), `allOf` of one schema, `$ref` to `#/$defs`
 or `#/definitions` (not recursive), and annotations (`title`, `description`, `default`, ...). An object
-with no `properties` is any object. Other constraints (`pattern`, `format`, `minimum`, `multipleOf`,
-`prefixItems`, `additionalProperties` that is a schema, ...) are refused with a GuideError that names
-them, rather than left unchecked.
+with no `properties` has any keys, their values any JSON or what its `additionalProperties` says (a
+dict of one type). Other constraints (`pattern`, `format`, `minimum`, `multipleOf`, `prefixItems`,
+`additionalProperties` that is a schema beside `properties`, ...) are refused with a GuideError that
+names them, rather than left unchecked.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ SCALARS = {"string": STRING, "integer": INTEGER, "number": NUMBER, "boolean": "(
 ANY_DEPTH = 3  # objects and arrays inside "any JSON value", nested this deep at most (8,590 states)
 MAX_DEPTH = 24  # schemas nested (or $ref followed) deeper are refused: recursive schemas have no regex
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-               "readOnly", "writeOnly", "$defs", "definitions", "additionalProperties", "unevaluatedProperties"}
+               "readOnly", "writeOnly", "$defs", "definitions", "additionalProperties"}
 HANDLED = {"type", "enum", "const", "properties", "required", "items", "minItems", "maxItems", "minLength",
            "maxLength", "anyOf", "oneOf", "allOf", "$ref"}
 
@@ -79,9 +80,6 @@ class _Builder:
         unknown = sorted(set(schema) - HANDLED - ANNOTATIONS)
         if unknown:
             self.fail(f"{', '.join(unknown)} not supported")
-        extra = schema.get("additionalProperties", False)
-        if extra not in (True, False, None) and schema.get("properties"):
-            self.fail("additionalProperties other than true or false not supported")
         if "$ref" in schema:
             rest = {k: v for k, v in schema.items() if k not in ANNOTATIONS | {"$ref"}}
             if rest:
@@ -117,12 +115,11 @@ class _Builder:
         if kind in SCALARS:
             return SCALARS[kind]
         if kind == "array":
-            item = self.regex(schema.get("items", True), depth + 1)
             least, most = schema.get("minItems", 0), schema.get("maxItems")
-            more = f"(?:,{WS}{item}){{{max(least - 1, 0)},{'' if most is None else max(most - 1, 0)}}}"
-            body = item + more
             if most == 0:
                 return r"\[\]"
+            item = self.regex(schema.get("items", True), depth + 1)
+            body = item + f"(?:,{WS}{item}){{{max(least - 1, 0)},{'' if most is None else most - 1}}}"
             return rf"\[{body}\]" if least > 0 else rf"\[(?:{body})?\]"
         if kind == "object":
             properties = schema.get("properties") or {}
@@ -130,8 +127,14 @@ class _Builder:
             missing = required - set(properties)
             if missing:
                 self.fail(f"required {sorted(missing)} not among the properties")
-            if not properties:
-                return rf"\{{(?:{STRING}:{WS}{JSON_VALUE}(?:,{WS}{STRING}:{WS}{JSON_VALUE})*)?\}}"
+            extra = schema.get("additionalProperties", True)
+            if not properties:  # any keys: their values any JSON, or what additionalProperties says
+                if extra is False:
+                    return r"\{\}"
+                value = JSON_VALUE if extra is True else self.regex(extra, depth + 1)
+                return rf"\{{(?:{STRING}:{WS}{value}(?:,{WS}{STRING}:{WS}{value})*)?\}}"
+            if extra not in (True, False):
+                self.fail("additionalProperties that is a schema beside properties not supported")
             items = [(f"{_literal(name)}:{WS}{self.regex(sub, depth + 1)}", name in required)
                      for name, sub in properties.items()]
             return rf"\{{{_members(items)}\}}"

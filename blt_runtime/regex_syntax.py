@@ -149,6 +149,8 @@ class Parser:
         return least, most
 
     def atom(self):
+        if self.peek() == "{" and self.bounds(consume=False) is not None:
+            self.fail("nothing to repeat")
         c = self.take()
         if c == "(":
             if self.p.startswith("?:", self.i):
@@ -174,17 +176,11 @@ class Parser:
             return Chars(ranges)
         if c in "^$":
             self.fail(f"'{c}' is supported only at the pattern's {'start' if c == '^' else 'end'}")
-        if c in "*+?" or (c == "{" and self._bounds_at(self.i - 1)):
+        if c in "*+?":
             self.fail("nothing to repeat")
         if c == ")":
             self.fail("unbalanced ')'")
         return Chars([(ord(c), ord(c))])
-
-    def _bounds_at(self, at: int) -> bool:
-        save, self.i = self.i, at
-        found = self.bounds(consume=False) is not None
-        self.i = save
-        return found
 
     def escape(self, in_class: bool) -> list[tuple[int, int]]:
         c = self.take()

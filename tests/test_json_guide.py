@@ -29,6 +29,8 @@ SCHEMAS = {
     "optional_only": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "boolean"},
                                                        "c": {"type": "null"}}},
     "any_object": {"type": "object"},
+    "dict_of_integers": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "empty_object": {"type": "object", "additionalProperties": False},
     "anything": True,
 }
 
@@ -91,6 +93,7 @@ def test_the_texts_a_schema_should_take_it_takes():
     ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "allOf"), ({"enum": []}, "empty enum"),
     ({"$ref": "http://example.com/s"}, "must name a schema under"),
     ({"type": "object", "properties": {}, "required": ["x"]}, "required"),
+    ({"type": "object", "unevaluatedProperties": False}, "unevaluatedProperties"),
     ({"type": "tuple"}, "type 'tuple'"), ("{not json", "not valid JSON"), (False, "matches nothing"),
 ])
 def test_what_a_schema_guide_cannot_express_is_refused_by_name(schema, words):
