@@ -80,7 +80,8 @@ class CompletionRequest(BaseModel):
     user: str | None = None
     return_patches: bool = Field(False, description="report where each choice's patches begin (BLT extension)")
     guided_regex: str | None = Field(None, description="the completion must match this regular expression "
-                                                       "(Python's syntax, a subset: server/guided.py; vLLM's)")
+                                                       "(vLLM's; Python's syntax, a subset: "
+                                                       "blt_runtime/regex_syntax.py)")
     guided_choice: list[str] | None = Field(None, description="the completion must be one of these (vLLM's)")
     structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: {\"regex\": ...}, "
                                                                            "{\"choice\": [...]}, {\"json\": schema} or "
