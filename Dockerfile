@@ -13,6 +13,7 @@
 #   BLT_NO_OVERLAP (queue each engine step only after the last one's outputs are handled)
 #   BLT_NO_PROMPT_SHARING (prefill every prompt, even a prefix whose state a cache slot holds)
 #   BLT_KEPT_PREFIXES (4: cache slots that keep a shared prefix's state, a system prompt's, for later prompts)
+#   BLT_CHAT_TEMPLATE (a Jinja file for /v1/chat/completions; default: the model directory's, if any)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve

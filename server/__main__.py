@@ -18,6 +18,7 @@ import uvicorn
 from blt_runtime.errors import BltError
 
 from .app import build_engine, create_app, drain
+from .chat_template import ChatTemplateError, find_chat_template
 from .settings import Settings, load_settings
 
 log = logging.getLogger("blt.server")
@@ -69,6 +70,11 @@ def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
+    try:
+        find_chat_template(settings.chat_template, settings.model_dir)  # before the model's minutes of loading
+    except ChatTemplateError as e:
+        print(f"blt-serve: {e}", file=sys.stderr)
+        return 2
     try:
         engine = build_engine(settings)
     except (BltError, OSError, ValueError) as e:

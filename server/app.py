@@ -1,6 +1,6 @@
 """The FastAPI app: `create_app(settings, engine=None)` wires routes, middleware, errors and the worker.
 
-Thin on purpose: each route hands its work to completions.py or patches.py. With no engine
+Thin on purpose: each route hands its work to completions.py, chat.py or patches.py. With no engine
 given, the model named by the settings is loaded (bad weights fail here, before serving). The
 lifespan warms the engine up, starts its worker thread, and stops it at the end.
 """
@@ -23,11 +23,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from blt_runtime import SamplingParams
 
 from . import errors
+from .chat import create_chat_completion
+from .chat_template import find_chat_template
 from .completions import create_completion
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from .patches import model_card, patches
 from .schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
@@ -121,9 +125,12 @@ async def drain(state: AppState, timeout: float) -> None:
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
+    chat_template = find_chat_template(settings.chat_template, settings.model_dir)  # a bad one fails first
     engine = engine if engine is not None else build_engine(settings)
     metrics = Metrics(settings.model_name)
-    state = AppState(settings, engine, EngineWorker(engine, metrics, settings.log_interval), metrics)
+    state = AppState(settings, engine, EngineWorker(engine, metrics, settings.log_interval), metrics, chat_template)
+    if chat_template is not None:
+        log.info("chat template: %s", chat_template.origin)
     if hasattr(engine, "cache_bytes"):
         metrics.watch_caches(engine.cache_bytes)
     created = int(time.time())
@@ -181,6 +188,11 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
               responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
     async def completions(req: CompletionRequest, request: Request, state: State):
         return await create_completion(req, request, state)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(req: ChatCompletionRequest, request: Request, state: State):
+        return await create_chat_completion(req, request, state)
 
     @app.post("/v1/patches", response_model=PatchesResponse, responses=ERRORS)
     async def patches_route(req: PatchesRequest, state: State):

@@ -1,8 +1,10 @@
 """One choice of a completion as it is built from engine outputs: text, logprobs, patch starts.
 
 Turns StepOutputs into OpenAI choice objects (whole, or as stream deltas) through a ChoiceStream,
-so the non-streaming body and the concatenated stream carry the same text. Logprob entries name
-a byte by its text when it is a whole character (ASCII), else as "bytes:\\xNN"; EOS as "<eos>".
+so the non-streaming body and the concatenated stream carry the same text: a completion's (`text`)
+or, with ChatChoiceState, a chat completion's (an assistant `message`, or `delta`s of it). Logprob
+entries name a byte by its text when it is a whole character (ASCII), else as "bytes:\\xNN"; EOS as
+"<eos>".
 """
 
 from __future__ import annotations
@@ -87,6 +89,53 @@ class ChoiceState:
         if self.want_patches:
             choice["patch_starts"] = _patch_starts(self.pieces)
         return choice
+
+
+class ChatChoiceState(ChoiceState):
+    """A choice of a chat completion: the same text as an assistant message, with logprobs in the chat
+    API's shape (an entry per byte, with its top alternatives as a list)."""
+
+    def role_delta(self) -> dict:
+        """A stream's first chunk for this choice (as OpenAI and vLLM send it)."""
+        return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def delta(self, new: int) -> dict:
+        pieces = self.pieces[-new:] if new else []
+        choice = {"index": self.index, "delta": {"content": "".join(p.text for p, _ in pieces)} if pieces else {},
+                  "logprobs": _chat_logprobs(pieces) if self.want_logprobs else None,
+                  "finish_reason": None, "stop_reason": None}
+        if self.want_patches:
+            choice["patch_starts"] = _patch_starts(pieces)
+        if self.done:
+            choice["finish_reason"], choice["stop_reason"] = self.finish_reason, self.stop_reason
+        if self.streamed:
+            self.pieces.clear()
+        return choice
+
+    def whole(self) -> dict:
+        choice = {"index": self.index,
+                  "message": {"role": "assistant", "content": "".join(p.text for p, _ in self.pieces)},
+                  "logprobs": _chat_logprobs(self.pieces) if self.want_logprobs else None,
+                  "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
+        if self.want_patches:
+            choice["patch_starts"] = _patch_starts(self.pieces)
+        return choice
+
+
+def _id_bytes(model_id: int) -> list[int] | None:
+    return [model_id - OFFSET] if model_id >= OFFSET else None
+
+
+def _chat_logprobs(pieces: list[tuple[Piece, int]]) -> dict:
+    content = []
+    for piece, _ in pieces:
+        for byte, logprobs, _ in piece.entries:
+            chosen, top = logprobs if logprobs else (None, [])
+            content.append({"token": byte_name(byte), "logprob": chosen, "bytes": [byte],
+                            "top_logprobs": [{"token": id_name(i), "logprob": v, "bytes": _id_bytes(i)}
+                                             for i, v in top]})
+    return {"content": content}
 
 
 def _logprobs(pieces: list[tuple[Piece, int]]) -> dict:

@@ -119,12 +119,14 @@ def truncated(prompts: list[bytes], keep: int | None, max_bytes: int, max_model_
     return [p[len(p) - keep:] if len(p) > keep else p for p in prompts]
 
 
-def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int, name: str = "max_tokens") -> None:
-    """Each prompt, BOS and `max_bytes` fit in the context (`name`: the field that asks for them)."""
+def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int, name: str = "max_tokens",
+                  prompt_name: str = "prompt") -> None:
+    """Each prompt, BOS and `max_bytes` fit in the context (`name`: the field that asks for them;
+    `prompt_name`: the one the prompt comes from)."""
     for p in prompts:
         if len(p) + 1 > max_model_len:
             raise ApiError(400, f"the prompt is {len(p)} bytes; this model's context is {max_model_len} bytes "
-                                "(BOS included)", "prompt", "context_length_exceeded")
+                                "(BOS included)", prompt_name, "context_length_exceeded")
         if len(p) + 1 + max_bytes > max_model_len:
             raise ApiError(400, f"prompt ({len(p)} bytes) + {name} ({max_bytes}) exceeds this model's context "
                                 f"of {max_model_len} bytes (BOS included)", name, "context_length_exceeded")
@@ -136,9 +138,11 @@ MAX_COALESCED = 4096  # engine outputs merged into the events of one write, at m
 class Completion:
     """One HTTP request's sequences: choice `prompt_index * n + i` is sequence f"{id}-{index}"."""
 
+    ID_PREFIX, OBJECT, CHUNK_OBJECT, CHOICE = "cmpl-", "text_completion", "text_completion", ChoiceState
+
     def __init__(self, req: CompletionRequest, state: AppState, prompts: list[bytes], params: SamplingParams):
         self.req, self.state, self.prompts, self.guide = req, state, prompts, params.guide
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.id = f"{self.ID_PREFIX}{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
         stops = params.stop
@@ -147,7 +151,7 @@ class Completion:
             prefix = prompt.decode("utf-8", "replace") if req.echo else ""
             for i in range(req.n):
                 index = p * req.n + i
-                self.choices[f"{self.id}-{index}"] = ChoiceState(index, stops, prefix, req.logprobs is not None,
+                self.choices[f"{self.id}-{index}"] = self.CHOICE(index, stops, prefix, req.logprobs is not None,
                                                                  req.return_patches, req.stream,
                                                                  req.include_stop_str_in_output)
         # streamed choices whose echo waits for their prompt's scores -> pieces held back meanwhile
@@ -225,7 +229,7 @@ class Completion:
                 "completion_patches": sum(u.completion_patches for u in usages)}
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": self.id, "object": "text_completion", "created": self.created,
+        body = {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created,
                 "model": self.state.model_name, "choices": choices}
         if usage is None and self.running_usage and choices:
             usage = {"prompt_tokens": self.prompt_bytes, "completion_tokens": self.generated,
@@ -239,9 +243,8 @@ class Completion:
         watcher = asyncio.create_task(self.watch_disconnect(request))
         quiet = self.state.keepalive.open(self.queue)  # TICK arrives in the queue after a quiet interval
         try:
-            if self.req.echo and not self.held:  # else each goes once its prompt is scored (_events)
-                for c in self.choices.values():
-                    yield self.chunk([c.echo_delta()])
+            for event in self.opening():
+                yield event
             while self.unfinished:
                 item = await self.queue.get()
                 if item is TICK:
@@ -268,6 +271,13 @@ class Completion:
             self.state.keepalive.close(quiet)
             watcher.cancel()
             self.on_disconnect()  # a no-op when every choice finished
+
+    def opening(self) -> list[str]:
+        """The events a stream begins with: each choice's echo (unless it waits for its prompt's scores:
+        _events sends it then)."""
+        if self.req.echo and not self.held:
+            return [self.chunk([c.echo_delta()]) for c in self.choices.values()]
+        return []
 
     def _coalesce(self, items: list) -> tuple[str, Failure | None]:
         """The events for outputs that arrived together, one per choice that has new text or finished
@@ -332,18 +342,24 @@ class Completion:
             self.on_disconnect()
         if self.disconnected:  # nobody is listening; the sequences were aborted
             return JSONResponse(error_body(400, "client disconnected"), status_code=499)
-        return JSONResponse({"id": self.id, "object": "text_completion", "created": self.created,
+        return JSONResponse({"id": self.id, "object": self.OBJECT, "created": self.created,
                              "model": self.state.model_name,
                              "choices": [c.whole() for c in sorted(self.choices.values(), key=lambda c: c.index)],
                              "usage": self.usage()})
 
 
-async def create_completion(req: CompletionRequest, request: Request, state: AppState):
+def admit(req, state: AppState, kind: str) -> None:
+    """What every generation request passes first: the model it names, a server that admits, and a log line
+    for the fields it sent that nobody reads."""
     state.check_model(req.model)
     state.check_admitting()
     extra = sorted((req.model_extra or {}).keys())
     if extra:
-        log.warning("ignored unknown fields in a completion request: %s", ", ".join(extra))
+        log.warning("ignored unknown fields in a %s request: %s", kind, ", ".join(extra))
+
+
+async def create_completion(req: CompletionRequest, request: Request, state: AppState):
+    admit(req, state, "completion")
     check_supported(req)
     params = sampling_params(req, 0, guide=await request_guide(req))  # a 400 before anything is queued
     prompts = truncated(prompt_bytes(req.prompt), req.truncate_prompt_tokens, params.max_bytes, state.max_model_len)
@@ -352,8 +368,12 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     else:  # the default gives way to what the context leaves, down to min_tokens
         check_context(prompts, params.min_bytes, state.max_model_len, "min_tokens")
     check_capacity(prompts, req.n, state.engine.capacity)
-    completion = Completion(req, state, prompts, params)
+    return await respond(Completion(req, state, prompts, params), request)
+
+
+async def respond(completion: Completion, request: Request):
+    """Queue the completion's sequences, then answer with its stream or its whole body."""
     await completion.submit()
-    if req.stream:
+    if completion.req.stream:
         return StreamingResponse(completion.events(request), media_type="text/event-stream", headers=SSE_HEADERS)
     return await completion.body(request)

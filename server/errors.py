@@ -104,9 +104,6 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-            if request.url.path.rstrip("/").endswith("/chat/completions"):
-                message += ("; BLT checkpoints are base models without a chat template: send the conversation "
-                            "as text to /v1/completions")
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(QueueFull)

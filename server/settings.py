@@ -35,6 +35,7 @@ class Settings:
     no_overlap: bool = False  # queue each engine step only after the last one's outputs are handled
     no_prompt_sharing: bool = False  # prefill every prompt, even a prefix whose state a slot holds
     kept_prefixes: int = 4  # slots of their own for the states of prefixes kept for later prompts
+    chat_template: str | None = None  # a file, or the template itself; default: the model directory's, if any
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -79,6 +80,9 @@ HELP = {
     "kept_prefixes": "cache slots of their own, beyond --max-batch-size, that hold the state after a prefix "
                      "that prompts shared but did not end with (a system prompt before new conversations), for "
                      "later prompts that begin with it (0: none)",
+    "chat_template": "the Jinja template that turns a chat completion's messages into the prompt: a file, or the "
+                     "template itself (default: the model directory's chat_template.jinja, or the chat_template "
+                     "of its tokenizer_config.json; without one, chat completions are refused)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",

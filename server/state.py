@@ -1,11 +1,12 @@
-"""What every handler of one app shares: settings, the engine worker, metrics, readiness, the streams'
-keep-alive ticker, and the one thread that computes /v1/patches beside the engine on a CPU."""
+"""What every handler of one app shares: settings, the engine worker, metrics, the chat template,
+readiness, the streams' keep-alive ticker, and the one thread that computes /v1/patches beside the engine on a CPU."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .chat_template import ChatTemplate
 from .errors import ApiError
 from .keepalive import KeepAlive
 from .metrics import Metrics
@@ -19,6 +20,7 @@ class AppState:
     engine: object  # blt_runtime.Engine, or anything with its interface (tests script one)
     worker: EngineWorker
     metrics: Metrics
+    chat_template: ChatTemplate | None = None  # chat_template.py; None: chat completions are refused
     ready: bool = False
     draining: bool = False
     keepalive: KeepAlive = field(init=False)  # ticks while the app runs (app.py's lifespan)

@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WEB_STACK = {"fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client", "httpx", "server"}
+WEB_STACK = {"fastapi", "starlette", "uvicorn", "pydantic", "prometheus_client", "httpx", "jinja2", "server"}
 
 
 def _imports(path: Path) -> set[str]:

@@ -263,8 +263,10 @@ def test_sigterm_drains_running_streams(tiny):
 
 @pytest.fixture(scope="module")
 def fuzzed(tiny):
-    """A server with a short context, so that fuzzed requests stay small (bounded run time)."""
-    proc = Process(tiny, "--api-key", KEY, "--max-model-len", "48", "--max-batch-size", "16")
+    """A server with a short context, so that fuzzed requests stay small (bounded run time), and a chat
+    template, so that fuzzed conversations are rendered."""
+    proc = Process(tiny, "--api-key", KEY, "--max-model-len", "48", "--max-batch-size", "16", "--chat-template",
+                   "{% for m in messages %}{{ m.role }}: {{ m.content }}{{ m.name or '' }}\n{% endfor %}> ")
     yield proc
     proc.stop()
 

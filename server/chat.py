@@ -1,0 +1,90 @@
+"""POST /v1/chat/completions: a conversation, rendered by the chat template, completed as one prompt.
+
+Owns what is particular to chat: the messages (text content only), the template's options, the
+request's chat-only fields in the completion's terms (max_completion_tokens, logprobs with
+top_logprobs), and the answer's shape (chat.completion, or chat.completion.chunk deltas that begin
+with the assistant's role). Everything else, sampling, guides, stops, streaming, abort on disconnect,
+is completions.py's. Without a chat template (BLT checkpoints are base models, chat_template.py) the
+request is a 400 that says how to give one.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from .chat_template import ChatTemplateError, Conversation
+from .choices import ChatChoiceState
+from .completions import Completion, admit, check_capacity, check_context, respond, sampling_params
+from .errors import ApiError, utf8
+from .guided import request_guide
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from .state import AppState
+
+
+class ChatCompletion(Completion):
+    ID_PREFIX, OBJECT, CHUNK_OBJECT, CHOICE = "chatcmpl-", "chat.completion", "chat.completion.chunk", ChatChoiceState
+
+    def opening(self) -> list[str]:
+        return [self.chunk([c.role_delta()]) for c in self.choices.values()]
+
+
+def message_text(message: ChatMessage, index: int) -> str:
+    """A message's content as text: a string, or its text parts joined by newlines (as vLLM joins them)."""
+    content = message.content
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for j, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise ApiError(400, f"messages[{index}].content[{j}]: a part of type {part.type!r}; this server reads "
+                                "text parts only", f"messages[{index}].content", "unsupported")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def conversation(req: ChatCompletionRequest) -> Conversation:
+    if req.add_generation_prompt and req.continue_final_message:
+        raise ApiError(400, "add_generation_prompt and continue_final_message cannot both be true: the prompt "
+                            "either opens a new assistant message or continues the last one",
+                       "continue_final_message", "invalid_value")
+    tool_choice = req.tool_choice if req.tool_choice is not None else "auto" if req.tools else "none"
+    if tool_choice != "none":
+        raise ApiError(400, "tool calling is not supported: this server completes text (send tool_choice 'none' "
+                            "for a template that describes the tools)", "tool_choice", "unsupported")
+    messages = [{**m.model_dump(exclude_none=True), "content": message_text(m, i)}
+                for i, m in enumerate(req.messages)]
+    return Conversation(messages, req.add_generation_prompt, req.continue_final_message, req.tools,
+                        req.chat_template_kwargs)
+
+
+def as_completion(req: ChatCompletionRequest, prompt: str, max_bytes: int) -> CompletionRequest:
+    """The chat request in a completion request's terms (the sampling fields as they are)."""
+    fields = {name: getattr(req, name) for name in SamplingFields.model_fields if name in req.model_fields_set}
+    return CompletionRequest.model_validate({**fields, "prompt": prompt, "max_tokens": max_bytes,
+                                             "logprobs": (req.top_logprobs or 0) if req.logprobs else None})
+
+
+async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: AppState):
+    admit(req, state, "chat completion")
+    if state.chat_template is None:
+        raise ApiError(400, f"the model {state.model_name!r} has no chat template (BLT checkpoints are base models): "
+                            "start the server with --chat-template FILE, or send the conversation as text to "
+                            "/v1/completions", "messages", "no_chat_template")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
+    try:
+        text = state.chat_template.render(conversation(req))
+    except ChatTemplateError as e:
+        raise ApiError(400, str(e), "messages", "invalid_value") from None
+    prompt = utf8(text, "messages")
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if asked is None:  # the whole rest of the context (vLLM), down to min_tokens
+        check_context([prompt], req.min_tokens, state.max_model_len, "min_tokens", "messages")
+        asked = state.max_model_len - 1 - len(prompt)
+    else:
+        check_context([prompt], asked, state.max_model_len, name, "messages")
+    completion = as_completion(req, text, asked)
+    params = sampling_params(completion, 0, guide=await request_guide(completion))
+    check_capacity([prompt], req.n, state.engine.capacity)
+    return await respond(ChatCompletion(completion, state, [prompt], params), request)
