@@ -4,7 +4,7 @@ Depends on torch and safetensors only; never imports the web stack."""
 from .config import BltConfig, StackConfig
 from .engine import Engine, StepOutput, Usage
 from .errors import BltError, ConfigError, ConversionError, WeightsError
-from .generate import Generation, generate
+from .generate import Generation, generate, generate_batch
 from .model import BltModel
 from .sampling import SamplingParams
 from .scheduler import PromptTooLong, QueueFull
@@ -14,5 +14,5 @@ from .weights import load_model, save_model
 __all__ = [
     "BOS_ID", "EOS_ID", "BltConfig", "BltError", "BltModel", "ConfigError", "ConversionError", "Engine",
     "Generation", "PromptTooLong", "QueueFull", "SamplingParams", "StackConfig", "StepOutput", "Usage",
-    "WeightsError", "decode", "encode", "encode_tensor", "generate", "load_model", "save_model",
+    "WeightsError", "decode", "encode", "encode_tensor", "generate", "generate_batch", "load_model", "save_model",
 ]
