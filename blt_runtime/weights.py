@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from .config import BltConfig
 from .device import resolve_device_dtype
 from .errors import WeightsError
+from .hub import resolve_model_dir
 from .model.blt import BltModel, checkpoint_key
 
 SINGLE_FILE = "model.safetensors"
@@ -79,10 +80,10 @@ def check_checkpoint(cfg: BltConfig, directory: Path) -> dict[str, Path]:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = torch.float32) -> BltModel:
-    """Load a native BLT checkpoint directory onto `device` in `dtype` (either may be "auto", see
-    `resolve_device_dtype`), in eval mode."""
+    """Load a native BLT checkpoint directory (or the Hugging Face Hub model an "org/name" id names, hub.py)
+    onto `device` in `dtype` (either may be "auto", see `resolve_device_dtype`), in eval mode."""
     device, dtype = resolve_device_dtype(device, dtype)
-    directory = Path(path)
+    directory = resolve_model_dir(path)
     cfg = BltConfig.from_file(directory)
     files = check_checkpoint(cfg, directory)
     with torch.device("meta"):

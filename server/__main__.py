@@ -17,7 +17,7 @@ import uvicorn
 
 from blt_runtime.errors import BltError
 
-from .app import build_engine, create_app, drain
+from .app import build_engine, create_app, drain, from_hub
 from .chat_template import ChatTemplateError, find_chat_template
 from .settings import Settings, load_settings
 
@@ -70,6 +70,11 @@ def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
+    try:
+        settings = from_hub(settings)
+    except BltError as e:
+        print(f"blt-serve: cannot load the model: {e}", file=sys.stderr)
+        return 2
     try:
         find_chat_template(settings.chat_template, settings.model_dir)  # before the model's minutes of loading
     except ChatTemplateError as e:

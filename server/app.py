@@ -12,6 +12,7 @@ import gc
 import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +55,20 @@ def get_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(get_state)]
+
+
+def from_hub(settings: Settings) -> Settings:
+    """Settings whose model directory is the local copy of the Hugging Face Hub model they name by id ("org/name",
+    fetched where it is not cached: blt_runtime/hub.py), served under that id; other settings as they are."""
+    from blt_runtime.hub import is_hub_id, resolve_model_dir
+
+    if not is_hub_id(settings.model_dir):
+        return settings
+    log.info("%s is no directory here: looking for it on the Hugging Face Hub", settings.model_dir)
+    directory = resolve_model_dir(settings.model_dir)
+    log.info("%s: %s", settings.model_dir, directory)
+    return replace(settings, model_dir=str(directory), served_model_name=settings.served_model_name or
+                   settings.model_dir)
 
 
 def build_engine(settings: Settings):

@@ -55,7 +55,8 @@ def _split(value: str) -> tuple[str, ...]:
 
 
 HELP = {
-    "model_dir": "model directory (config.json + safetensors); default: the shipped model",
+    "model_dir": "model directory (config.json + safetensors), or a Hugging Face Hub model id (org/name: fetched, "
+                 "or taken from the Hub's cache, with huggingface_hub); default: the shipped model",
     "served_model_name": "the model id clients send and see; default: the directory's name",
     "device": "auto, cpu, cuda or cuda:N", "dtype": "auto, float32, bfloat16 or float16",
     "max_batch_size": "sequences that advance together (cache slots)",

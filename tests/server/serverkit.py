@@ -92,15 +92,18 @@ def metric_value(text: str, name: str, **labels) -> float:
 
 
 class Process:
-    def __init__(self, model_dir, *flags, wait=True):
+    def __init__(self, model_dir, *flags, wait=True, env=None, name="tiny"):
+        """`env`: more environment variables; `name`: the served model's name (None: blt-serve's default)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "BLT_LOG_INTERVAL": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "BLT_LOG_INTERVAL": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        named = ("--served-model-name", name) if name else ()
         self.proc = subprocess.Popen([sys.executable, "-m", "server", str(model_dir), "--port", str(self.port),
-                                      "--served-model-name", "tiny", *flags], cwd=ROOT, env=env,
+                                      *named, *flags], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)  # joined: the process ended, its output read
+        self.reader.start()
         if wait:
             self.wait_ready()
 

@@ -1,0 +1,34 @@
+"""`blt-serve org/name`: the Hugging Face Hub cache's copy of a model, served under its id with the chat
+template it ships (offline here: HF_HUB_OFFLINE=1); an id that cannot be had stops start-up with a message."""
+
+from __future__ import annotations
+
+import shutil
+
+import httpx
+from serverkit import Process
+
+REVISION = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+def test_a_hub_id_is_served_under_its_id(tmp_path, tiny):
+    repo = tmp_path / "hub" / "models--test-org--tiny-blt"
+    shutil.copytree(tiny, repo / "snapshots" / REVISION)
+    (repo / "snapshots" / REVISION / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = Process("test-org/tiny-blt", "--max-model-len", "256", env=env, name=None)
+    try:
+        assert httpx.get(f"{proc.url}/v1/models").json()["data"][0]["id"] == "test-org/tiny-blt"
+        r = httpx.post(f"{proc.url}/v1/chat/completions", timeout=60, json={
+            "model": "test-org/tiny-blt", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len("user: Hi\nassistant:"), r.text
+    finally:
+        proc.stop()
+    missing = Process("test-org/missing", env=env, wait=False)
+    assert missing.proc.wait(60) == 2
+    missing.reader.join(10)
+    out = "".join(missing.lines)
+    assert "test-org/missing: no such directory, and no model of that id" in out, out
