@@ -230,6 +230,9 @@ def ffn_hidden_size(dim: int, multiple_of: int = 256) -> int:
 
 # ---------------------------------------------------------------------- helpers
 def _refuse_unsupported(d: dict[str, Any]) -> None:
+    if "model_type" not in d and isinstance(d.get("args"), dict):
+        raise ConfigError("a checkpoint in Meta's layout (its config holds 'args'): convert it to the native layout "
+                          "first, with `blt-convert SRC DST`")
     if d.get("model_type") != "blt":
         raise ConfigError(f"model_type={d.get('model_type')!r}: this runtime serves only model_type 'blt'")
     if d.get("vocab_size", VOCAB_SIZE) != VOCAB_SIZE:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import BltConfig
 from .errors import BltError, ConversionError
+from .hub import resolve_model_dir
 from .weights import SINGLE_FILE, expected_shapes
 
 # Meta name piece -> native name piece, applied in this order to every key.
@@ -33,6 +34,7 @@ RENAMES = (
     (".w2.", ".down_proj."), (".wq.", ".q_proj."), (".wk.", ".k_proj."), (".wv.", ".v_proj."),
     (".wo.", ".o_proj."), (".output.", ".lm_head."),
 )
+META_FILES = ["*.json", "*.safetensors", "*.pth"]  # what read_meta reads, fetched for a Hub id
 # Buffers Meta saves that are recomputed here, not weights.
 SKIPPED_SUFFIXES = ("freqs_cis", "rope.inv_freq")
 
@@ -226,8 +228,9 @@ def native_weights(weights: dict[str, torch.Tensor], entropy: dict[str, torch.Te
 
 def convert(src: str | Path, dst: str | Path, entropy_model: str | Path | None = None,
             dtype: torch.dtype | None = None) -> BltConfig:
-    """Convert a Meta checkpoint directory to a native one; returns the parsed native config."""
-    src, dst = Path(src), Path(dst)
+    """Convert a Meta checkpoint directory (or the Hugging Face Hub model a "org/name" id names, hub.py) to a
+    native one; returns the parsed native config."""
+    src, dst = resolve_model_dir(src, META_FILES), Path(dst)
     args, weights, entropy_params, entropy = read_meta(src, Path(entropy_model) if entropy_model else None)
     state = native_weights(weights, entropy)
     try:
@@ -251,7 +254,7 @@ def convert(src: str | Path, dst: str | Path, entropy_model: str | Path | None =
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="blt-convert", description=__doc__.split("\n")[0])
-    parser.add_argument("src", help="Meta checkpoint directory")
+    parser.add_argument("src", help="Meta checkpoint directory, or a Hugging Face Hub id (facebook/blt-1b)")
     parser.add_argument("dst", help="output directory (native layout)")
     parser.add_argument("--entropy-model", help="the entropy model's params.json + consolidated.pth directory")
     parser.add_argument("--dtype", choices=["keep", "float32", "bfloat16"], default="keep")

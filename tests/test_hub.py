@@ -61,3 +61,18 @@ def test_without_huggingface_hub_the_message_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
     with pytest.raises(ConfigError, match="install huggingface_hub"):
         resolve_model_dir("org/not-here")
+
+
+def test_a_meta_checkpoint_on_the_hub_is_converted_by_its_id(offline_hub, hf_checkpoint, tmp_path):
+    from test_convert import write_meta_release
+
+    from blt_runtime.convert import main
+
+    hf, native_dir = hf_checkpoint("1b")
+    write_meta_release(hf, native_dir, tmp_path / "meta")
+    hub_cache(offline_hub, "test-org/meta-blt", tmp_path / "meta")
+    with pytest.raises(ConfigError, match="Meta's layout.*blt-convert"):
+        load_model("test-org/meta-blt")
+    assert main(["test-org/meta-blt", str(tmp_path / "out")]) == 0  # its .pth entropy model included
+    for a, b in zip(load_model(tmp_path / "out").state_dict().values(), load_model(native_dir).state_dict().values()):
+        assert torch.equal(a, b)
