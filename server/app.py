@@ -1,6 +1,6 @@
 """The FastAPI app: `create_app(settings, engine=None)` wires routes, middleware, errors and the worker.
 
-Thin on purpose: each route hands its work to completions.py, chat.py or patches.py. With no engine
+Thin on purpose: each route hands its work to completions.py, chat.py, patches.py or tokenizing.py. With no engine
 given, the model named by the settings is loaded (bad weights fail here, before serving). The
 lifespan warms the engine up, starts its worker thread, and stops it at the end.
 """
@@ -35,18 +35,24 @@ from .schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
     PatchesRequest,
     PatchesResponse,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from .settings import Settings
 from .state import AppState
+from .tokenizing import detokenize, tokenize
 from .worker import EngineWorker
 
 log = logging.getLogger("blt.server")
 PLAYGROUND = Path(__file__).resolve().parent / "static" / "playground.html"
+VERSION = "0.1.0"  # pyproject.toml's
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
 
 
@@ -169,7 +175,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         state.patches_thread.shutdown(wait=False, cancel_futures=True)
         gc.unfreeze()  # collectable again once the app is gone (tests run several apps in one process)
 
-    app = FastAPI(title="blt-serve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="blt-serve", version=VERSION, lifespan=lifespan,
                   description="OpenAI-compatible completions from a Byte Latent Transformer; counts are bytes.")
     app.state.blt = state
     errors.install(app)
@@ -208,6 +214,18 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
               responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
     async def chat_completions(req: ChatCompletionRequest, request: Request, state: State):
         return await create_chat_completion(req, request, state)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize_route(req: TokenizeRequest, state: State):
+        return tokenize(req, state)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize_route(req: DetokenizeRequest, state: State):
+        return detokenize(req, state)
+
+    @app.get("/version")
+    async def version():
+        return {"version": VERSION}
 
     @app.post("/v1/patches", response_model=PatchesResponse, responses=ERRORS)
     async def patches_route(req: PatchesRequest, state: State):

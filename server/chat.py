@@ -17,7 +17,7 @@ from .choices import ChatChoiceState
 from .completions import Completion, admit, check_capacity, check_context, respond, sampling_params
 from .errors import ApiError, utf8
 from .guided import request_guide
-from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, TokenizeRequest
 from .state import AppState
 
 
@@ -42,19 +42,25 @@ def message_text(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
-def conversation(req: ChatCompletionRequest) -> Conversation:
+def conversation_prompt(req: ChatCompletionRequest | TokenizeRequest, state: AppState) -> bytes:
+    """The prompt the server's chat template makes of the request's conversation (a 400 without a template,
+    or for a conversation it refuses)."""
+    if state.chat_template is None:
+        raise ApiError(400, f"the model {state.model_name!r} has no chat template (BLT checkpoints are base models): "
+                            "start the server with --chat-template FILE, or send the conversation as text to "
+                            "/v1/completions", "messages", "no_chat_template")
     if req.add_generation_prompt and req.continue_final_message:
         raise ApiError(400, "add_generation_prompt and continue_final_message cannot both be true: the prompt "
                             "either opens a new assistant message or continues the last one",
                        "continue_final_message", "invalid_value")
-    tool_choice = req.tool_choice if req.tool_choice is not None else "auto" if req.tools else "none"
-    if tool_choice != "none":
-        raise ApiError(400, "tool calling is not supported: this server completes text (send tool_choice 'none' "
-                            "for a template that describes the tools)", "tool_choice", "unsupported")
     messages = [{**m.model_dump(exclude_none=True), "content": message_text(m, i)}
-                for i, m in enumerate(req.messages)]
-    return Conversation(messages, req.add_generation_prompt, req.continue_final_message, req.tools,
+                for i, m in enumerate(req.messages or ())]
+    chat = Conversation(messages, req.add_generation_prompt, req.continue_final_message, req.tools,
                         req.chat_template_kwargs)
+    try:
+        return utf8(state.chat_template.render(chat), "messages")
+    except ChatTemplateError as e:
+        raise ApiError(400, str(e), "messages", "invalid_value") from None
 
 
 def as_completion(req: ChatCompletionRequest, prompt: str, max_bytes: int) -> CompletionRequest:
@@ -66,17 +72,14 @@ def as_completion(req: ChatCompletionRequest, prompt: str, max_bytes: int) -> Co
 
 async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: AppState):
     admit(req, state, "chat completion")
-    if state.chat_template is None:
-        raise ApiError(400, f"the model {state.model_name!r} has no chat template (BLT checkpoints are base models): "
-                            "start the server with --chat-template FILE, or send the conversation as text to "
-                            "/v1/completions", "messages", "no_chat_template")
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
-    try:
-        text = state.chat_template.render(conversation(req))
-    except ChatTemplateError as e:
-        raise ApiError(400, str(e), "messages", "invalid_value") from None
-    prompt = utf8(text, "messages")
+    tool_choice = req.tool_choice if req.tool_choice is not None else "auto" if req.tools else "none"
+    if tool_choice != "none":
+        raise ApiError(400, "tool calling is not supported: this server completes text (send tool_choice 'none' "
+                            "for a template that describes the tools)", "tool_choice", "unsupported")
+    prompt = conversation_prompt(req, state)
+    text = prompt.decode("utf-8")
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if asked is None:  # the whole rest of the context (vLLM), down to min_tokens

@@ -263,6 +263,47 @@ class PatchesRequest(BaseModel):
         return self
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or a conversation the chat template renders (with its options)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = Field(True, description="accepted; BOS, which the engine puts before every prompt, "
+                                                       "is never listed or counted (as in usage.prompt_tokens)")
+    return_token_strs: bool = Field(False, description="each byte as text too (as logprobs name them)")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="bytes")
+    max_model_len: int = Field(description="bytes of context, BOS included")
+    tokens: list[int] = Field(description="the prompt's bytes, as /v1/completions takes them in a list")
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    tokens: list[Byte]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str = Field(description="the bytes as UTF-8 text (invalid sequences as U+FFFD)")
+
+
 class Patch(BaseModel):
     start: int
     length: int

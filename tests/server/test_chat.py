@@ -191,3 +191,21 @@ def test_tools_described_by_the_template_with_tool_choice_none(serve, model):
     assert out.usage.prompt_tokens == len("1 tools:Hello, who are you?")
     with pytest.raises(BadRequestError, match="tool calling is not supported"):
         client.chat.completions.create(model="tiny", messages=CHAT, tools=tools, max_tokens=5)
+
+
+def test_the_next_turn_resumes_from_the_last_one(url):
+    """A conversation's next prompt begins with the last prompt and its answer, as the template renders them:
+    its state is taken over from the finished request's slot, not prefilled again (shared prompts)."""
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    # (ASCII: the random model's bytes are seldom valid UTF-8, and the answer sent back is text)
+    first = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=20, temperature=0,
+                                           extra_body={"guided_regex": "[a-z ]{20}"})
+    turn = CHAT + [{"role": "assistant", "content": first.choices[0].message.content},
+                   {"role": "user", "content": "And then?"}]
+    second = client.chat.completions.create(model="tiny", messages=turn, max_tokens=20, temperature=0)
+    shared = second.usage.prompt_tokens_details.cached_tokens
+    assert shared >= len(RENDERED.encode()) + len(first.choices[0].message.content.encode()) - 1
+    plain = client.completions.create(model="tiny", prompt=RENDERED + first.choices[0].message.content
+                                      + "</assistant>\n<user>And then?</user>\n<assistant>", max_tokens=20,
+                                      temperature=0)
+    assert second.choices[0].message.content == plain.choices[0].text
