@@ -19,6 +19,7 @@ from blt_runtime.errors import BltError
 
 from .app import build_engine, create_app, drain, from_hub
 from .chat_template import ChatTemplateError, find_chat_template
+from .generation_defaults import GenerationConfigError, load_generation_defaults
 from .settings import Settings, load_settings
 
 log = logging.getLogger("blt.server")
@@ -75,9 +76,10 @@ def serve(settings: Settings) -> int:
     except BltError as e:
         print(f"blt-serve: cannot load the model: {e}", file=sys.stderr)
         return 2
-    try:
-        find_chat_template(settings.chat_template, settings.model_dir)  # before the model's minutes of loading
-    except ChatTemplateError as e:
+    try:  # before the model's minutes of loading
+        find_chat_template(settings.chat_template, settings.model_dir)
+        load_generation_defaults(settings.generation_config, settings.model_dir)
+    except (ChatTemplateError, GenerationConfigError) as e:
         print(f"blt-serve: {e}", file=sys.stderr)
         return 2
     try:

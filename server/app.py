@@ -27,6 +27,7 @@ from . import errors
 from .chat import create_chat_completion
 from .chat_template import find_chat_template
 from .completions import create_completion
+from .generation_defaults import load_generation_defaults
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from .patches import model_card, patches
@@ -146,12 +147,18 @@ async def drain(state: AppState, timeout: float) -> None:
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
-    chat_template = find_chat_template(settings.chat_template, settings.model_dir)  # a bad one fails first
+    # a bad chat template or generation config fails before the model's loading
+    chat_template = find_chat_template(settings.chat_template, settings.model_dir)
+    defaults, defaults_file = load_generation_defaults(settings.generation_config, settings.model_dir)
     engine = engine if engine is not None else build_engine(settings)
     metrics = Metrics(settings.model_name)
-    state = AppState(settings, engine, EngineWorker(engine, metrics, settings.log_interval), metrics, chat_template)
+    state = AppState(settings, engine, EngineWorker(engine, metrics, settings.log_interval), metrics, chat_template,
+                     defaults)
     if chat_template is not None:
         log.info("chat template: %s", chat_template.origin)
+    if defaults:
+        log.info("requests that leave them out get the defaults of %s: %s", defaults_file,
+                 ", ".join(f"{k}={v}" for k, v in defaults.items()))
     if hasattr(engine, "cache_bytes"):
         metrics.watch_caches(engine.cache_bytes)
     created = int(time.time())

@@ -82,12 +82,13 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     text = prompt.decode("utf-8")
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if asked is None:  # the whole rest of the context (vLLM), down to min_tokens
+    if asked is None:  # the whole rest of the context (vLLM), or the model's max_new_tokens; down to min_tokens
         check_context([prompt], req.min_tokens, state.max_model_len, "min_tokens", "messages")
         asked = state.max_model_len - 1 - len(prompt)
+        asked = max(min(asked, state.generation_defaults.get("max_tokens", asked)), req.min_tokens)
     else:
         check_context([prompt], asked, state.max_model_len, name, "messages")
     completion = as_completion(req, text, asked)
-    params = sampling_params(completion, 0, guide=await request_guide(completion))
+    params = sampling_params(completion, 0, guide=await request_guide(completion), defaults=state.generation_defaults)
     check_capacity([prompt], req.n, state.engine.capacity)
     return await respond(ChatCompletion(completion, state, [prompt], params), request)

@@ -13,7 +13,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from types import MappingProxyType
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -45,6 +46,7 @@ def prompt_bytes(prompt) -> list[bytes]:
 
 API_NAMES = {"max_bytes": "max_tokens", "min_bytes": "min_tokens"}  # the runtime's names -> the request's
 DEFAULT_MAX_BYTES = 256  # max_tokens left out (SERVER.md)
+NO_DEFAULTS: Mapping[str, float | int] = MappingProxyType({})
 
 
 def asked_max_bytes(req: CompletionRequest) -> bool:
@@ -52,24 +54,30 @@ def asked_max_bytes(req: CompletionRequest) -> bool:
     return req.max_tokens is not None and "max_tokens" in req.model_fields_set
 
 
-def sampling_params(req: CompletionRequest, index: int, room: int | None = None,
-                    guide: ByteGuide | None = None) -> SamplingParams:
+def sampling_params(req: CompletionRequest, index: int, room: int | None = None, guide: ByteGuide | None = None,
+                    defaults: Mapping[str, float | int] = NO_DEFAULTS) -> SamplingParams:
     """The runtime's parameters of choice `index`. max_tokens left out (or null) is 256, or the `room` the
     context leaves after the prompt and BOS where that is less (vLLM gives the whole rest). `guide`: the
-    request's (guided.py)."""
+    request's (guided.py). `defaults`: the model's own, for fields the request left out
+    (generation_defaults.py)."""
     seed = None if req.seed is None else (req.seed + index) % 2**63  # n choices draw differently
     if asked_max_bytes(req):
         max_bytes = req.max_tokens
     else:
-        max_bytes = DEFAULT_MAX_BYTES if room is None else max(min(DEFAULT_MAX_BYTES, room), 0)
+        most = defaults.get("max_tokens", DEFAULT_MAX_BYTES)
+        max_bytes = most if room is None else max(min(most, room), 0)
+
+    def field(name: str, api_default: float):
+        value = getattr(req, name)
+        return defaults.get(name, api_default) if value is None or name not in req.model_fields_set else value
+
     try:
         return SamplingParams(
-            max_bytes=max_bytes, min_bytes=req.min_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
-            seed=seed, stop=req.stop or (), presence_penalty=req.presence_penalty or 0.0,
+            max_bytes=max_bytes, min_bytes=req.min_tokens, temperature=field("temperature", 1.0),
+            top_p=field("top_p", 1.0), top_k=field("top_k", 0), min_p=field("min_p", 0.0), seed=seed,
+            stop=req.stop or (), presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            repetition_penalty=field("repetition_penalty", 1.0),
             logprobs=req.logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req.logit_bias), guide=guide,
             # echo with logprobs: the prompt's first choice scores it, for all of them (Completion._take)
             prompt_logprobs=req.logprobs if req.echo and index == 0 else None)
@@ -185,7 +193,8 @@ class Completion:
     async def submit(self) -> None:
         room = [self.state.max_model_len - 1 - len(p) for p in self.prompts]
         items = [(rid, self.prompts[c.index // self.req.n],
-                  sampling_params(self.req, c.index % self.req.n, room[c.index // self.req.n], self.guide))
+                  sampling_params(self.req, c.index % self.req.n, room[c.index // self.req.n], self.guide,
+                                  self.state.generation_defaults))
                  for rid, c in self.choices.items()]
         m = self.state.metrics
         try:
@@ -361,7 +370,8 @@ def admit(req, state: AppState, kind: str) -> None:
 async def create_completion(req: CompletionRequest, request: Request, state: AppState):
     admit(req, state, "completion")
     check_supported(req)
-    params = sampling_params(req, 0, guide=await request_guide(req))  # a 400 before anything is queued
+    # a 400 before anything is queued
+    params = sampling_params(req, 0, guide=await request_guide(req), defaults=state.generation_defaults)
     prompts = truncated(prompt_bytes(req.prompt), req.truncate_prompt_tokens, params.max_bytes, state.max_model_len)
     if asked_max_bytes(req):
         check_context(prompts, params.max_bytes, state.max_model_len)

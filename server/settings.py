@@ -36,6 +36,7 @@ class Settings:
     no_prompt_sharing: bool = False  # prefill every prompt, even a prefix whose state a slot holds
     kept_prefixes: int = 4  # slots of their own for the states of prefixes kept for later prompts
     chat_template: str | None = None  # a file, or the template itself; default: the model directory's, if any
+    generation_config: str = "auto"  # auto: the model directory's generation_config.json; none; or a directory
     api_key: tuple[str, ...] = ()
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
@@ -84,6 +85,9 @@ HELP = {
     "chat_template": "the Jinja template that turns a chat completion's messages into the prompt: a file, or the "
                      "template itself (default: the model directory's chat_template.jinja, or the chat_template "
                      "of its tokenizer_config.json; without one, chat completions are refused)",
+    "generation_config": "auto: the sampling defaults of the model directory's generation_config.json (temperature, "
+                         "top_p, top_k, min_p, repetition_penalty, max_new_tokens) for requests that leave those "
+                         "fields out, as vLLM does; none: the API's defaults; or a directory with that file",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",

@@ -21,6 +21,7 @@ class AppState:
     worker: EngineWorker
     metrics: Metrics
     chat_template: ChatTemplate | None = None  # chat_template.py; None: chat completions are refused
+    generation_defaults: dict = field(default_factory=dict)  # generation_defaults.py: the model's sampling defaults
     ready: bool = False
     draining: bool = False
     keepalive: KeepAlive = field(init=False)  # ticks while the app runs (app.py's lifespan)
