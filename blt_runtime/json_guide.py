@@ -9,22 +9,26 @@ the schema's order, the required ones always and the others where the model choo
 Supported: `type` (one or a list), `enum`, `const`, `properties` with `required`, `items` with
 `minItems` and `maxItems`, `minLength` and `maxLength` of strings, `anyOf` and `oneOf` (as a choice
 among the schemas: oneOf's "exactly one" is not checked), `allOf` of one schema, `$ref` to `#/$defs`
-or `#/definitions` (not recursive), and annotations (`title`, `description`, `default`, ...). An object
-with no `properties` has any keys, their values any JSON or what its `additionalProperties` says (a
-dict of one type). Other constraints (`pattern`, `format`, `minimum`, `multipleOf`, `prefixItems`,
-`additionalProperties` that is a schema beside `properties`, ...) are refused with a GuideError that
-names them, rather than left unchecked.
+or `#/definitions` (not recursive), and annotations (`title`, `description`, `default`, ...). Strings
+take `format` and `pattern` (json_strings.py); integers and numbers `minimum`, `maximum` and their
+exclusive forms (number_range.py; a number's bounds whole numbers). An object with no `properties`
+has any keys, their values any JSON or what its `additionalProperties` says (a dict of one type).
+Other constraints (`multipleOf`, `prefixItems`, `additionalProperties` that is a schema beside
+`properties`, a format beside a pattern, ...) are refused with a GuideError that names them, rather
+than left unchecked.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from .guide import GuideError
+from .json_strings import STRING_CHAR, format_content, pattern_content
+from .number_range import integer_range, number_range
 
 WS = "[ ]?"
-STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
 STRING = f'"{STRING_CHAR}*"'
 INTEGER = r"-?(?:0|[1-9][0-9]{0,17})"
 NUMBER = INTEGER + r"(?:\.[0-9]{1,17})?(?:[eE][+-]?[0-9]{1,3})?"
@@ -34,7 +38,8 @@ MAX_DEPTH = 24  # schemas nested (or $ref followed) deeper are refused: recursiv
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly", "$defs", "definitions", "additionalProperties"}
 HANDLED = {"type", "enum", "const", "properties", "required", "items", "minItems", "maxItems", "minLength",
-           "maxLength", "anyOf", "oneOf", "allOf", "$ref"}
+           "maxLength", "anyOf", "oneOf", "allOf", "$ref", "format", "pattern", "minimum", "maximum",
+           "exclusiveMinimum", "exclusiveMaximum"}
 
 
 def _any_value(depth: int) -> str:
@@ -108,10 +113,9 @@ class _Builder:
 
     def typed(self, kind: str, schema: dict, depth: int) -> str:
         if kind == "string":
-            least, most = schema.get("minLength", 0), schema.get("maxLength")
-            if least == 0 and most is None:
-                return STRING
-            return f'"{STRING_CHAR}{{{least},{"" if most is None else most}}}"'
+            return self.string(schema)
+        if kind in ("integer", "number"):
+            return self.number(kind, schema)
         if kind in SCALARS:
             return SCALARS[kind]
         if kind == "array":
@@ -139,6 +143,56 @@ class _Builder:
                      for name, sub in properties.items()]
             return rf"\{{{_members(items)}\}}"
         self.fail(f"type {kind!r} not supported")
+
+
+    def string(self, schema: dict) -> str:
+        least, most = schema.get("minLength", 0), schema.get("maxLength")
+        fmt, pattern = schema.get("format"), schema.get("pattern")
+        if fmt is not None and pattern is not None:
+            self.fail("format and pattern together not supported")
+        if fmt is not None:
+            return f'"{format_content(fmt, least, most)}"'
+        if pattern is not None:
+            if least or most is not None:
+                self.fail("pattern with minLength or maxLength not supported")
+            return f'"{pattern_content(pattern)}"'
+        if least == 0 and most is None:
+            return STRING
+        return f'"{STRING_CHAR}{{{least},{"" if most is None else most}}}"'
+
+    def number(self, kind: str, schema: dict) -> str:
+        """An integer or a number, between its minimum and maximum (inclusive or exclusive) if it has them."""
+        (lo, lo_open), (hi, hi_open) = self.bound(schema, "minimum", max), self.bound(schema, "maximum", min)
+        if lo is None and hi is None:
+            return SCALARS[kind]
+        if kind == "integer":  # the whole numbers inside
+            lo = None if lo is None else math.floor(lo) + 1 if lo_open and lo == int(lo) else math.ceil(lo)
+            hi = None if hi is None else math.ceil(hi) - 1 if hi_open and hi == int(hi) else math.floor(hi)
+            pattern = integer_range(lo, hi)
+        else:
+            if any(b is not None and b != int(b) for b in (lo, hi)):
+                self.fail("minimum or maximum of a number that is not a whole number not supported")
+            pattern = number_range(None if lo is None else int(lo), None if hi is None else int(hi), lo_open, hi_open)
+        if pattern is None:
+            self.fail(f"no {kind} lies between minimum and maximum")
+        return pattern
+
+    def bound(self, schema: dict, name: str, tighter) -> tuple[float | None, bool]:
+        """(value, exclusive) of the tighter of `name` and its exclusive form (a number, or draft 4's boolean)."""
+        exclusive_name = "exclusive" + name[0].upper() + name[1:]
+        plain, exclusive = schema.get(name), schema.get(exclusive_name)
+        for key, value in ((name, plain), (exclusive_name, exclusive)):
+            if value is None or (key == exclusive_name and isinstance(value, bool)):  # (draft 4's boolean)
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                self.fail(f"{key}={value!r} is not a number")
+        if isinstance(exclusive, bool):  # draft 4: makes minimum (maximum) exclusive
+            return plain, exclusive and plain is not None
+        candidates = [(v, open_) for v, open_ in ((plain, False), (exclusive, True)) if v is not None]
+        if not candidates:
+            return None, False
+        best = tighter(v for v, _ in candidates)
+        return best, any(v == best and open_ for v, open_ in candidates)
 
 
 def _members(items: list[tuple[str, bool]]) -> str:

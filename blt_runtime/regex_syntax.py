@@ -81,6 +81,8 @@ class Parser:
         return c
 
     def parse(self):
+        """The tree; `self.anchored` then says whether the pattern began with ^ (or \\A) and ended with $ (or
+        \\Z, \\z): matches are always whole texts here, but a search (JSON Schema's pattern) tells them apart."""
         pattern = self.p
         start, end = 0, len(pattern)
         if pattern.startswith("^"):
@@ -91,6 +93,7 @@ class Parser:
             if pattern.endswith(anchor) and end - len(anchor) >= start and not _escaped(pattern, end - len(anchor)):
                 end -= len(anchor)
                 break
+        self.anchored = (start > 0, end < len(pattern))
         self.p, self.i = pattern[:end], start
         node = self.alternation()
         if self.peek() is not None:
@@ -253,3 +256,31 @@ def _escaped(pattern: str, at: int) -> bool:
 def parse(pattern: str):
     """The tree of a pattern (Chars, Cat, Alt, Repeat); a GuideError for what is not supported."""
     return Parser(pattern).parse()
+
+
+def parse_search(pattern: str) -> tuple[object, bool, bool]:
+    """(tree, anchored at the start, anchored at the end): a search for the pattern matches any text with a
+    match of the tree inside, that begins or ends the text where anchored."""
+    parser = Parser(pattern)
+    node = parser.parse()
+    return node, *parser.anchored
+
+
+def _char(c: int) -> str:
+    return f"\\U{c:08x}"
+
+
+def to_regex(node) -> str:
+    """A pattern (this module's syntax) for a tree: parse(to_regex(tree)) matches what the tree does."""
+    if isinstance(node, Chars):
+        if not node.ranges:
+            return f"[^\\x00-{_char(MAX_CHAR)}]"  # matches nothing
+        return "[" + "".join(_char(lo) if lo == hi else f"{_char(lo)}-{_char(hi)}" for lo, hi in node.ranges) + "]"
+    if isinstance(node, Cat):
+        return "".join(f"(?:{to_regex(p)})" for p in node.parts)
+    if isinstance(node, Alt):
+        return "(?:" + "|".join(to_regex(o) for o in node.options) + ")"
+    if isinstance(node, Repeat):
+        most = "" if node.most is None else node.most
+        return f"(?:{to_regex(node.node)}){{{node.least},{most}}}"
+    raise TypeError(f"not a pattern's tree: {node!r}")

@@ -32,7 +32,28 @@ SCHEMAS = {
     "dict_of_integers": {"type": "object", "additionalProperties": {"type": "integer"}},
     "empty_object": {"type": "object", "additionalProperties": False},
     "anything": True,
+    "formats": {"type": "object", "properties": {
+        "day": {"type": "string", "format": "date"}, "at": {"type": "string", "format": "time"},
+        "when": {"type": "string", "format": "date-time"}, "id": {"type": "string", "format": "uuid"},
+        "ip": {"type": "string", "format": "ipv4"}, "mail": {"type": "string", "format": "email"},
+        "site": {"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083}},  # pydantic's HttpUrl
+        "required": ["day", "at", "when", "id", "ip", "mail", "site"]},
+    "patterns": {"type": "object", "properties": {
+        "code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2,4}$"},
+        "inside": {"type": "string", "pattern": "x(yz)+"},  # searched for: anything around it
+        "escaped": {"type": "string", "pattern": '^(["\\\\\t]|\\n|é)+$'},  # what JSON writes escaped
+        "tail": {"type": "string", "pattern": "^ab"}}, "required": ["code", "inside", "escaped", "tail"]},
+    "bounds": {"type": "object", "properties": {
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "level": {"type": "integer", "minimum": -3.5, "exclusiveMaximum": 10},
+        "big": {"type": "integer", "exclusiveMinimum": 99999},
+        "temperature": {"type": "number", "exclusiveMinimum": -5, "maximum": 40},
+        "ratio": {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+        "positive": {"type": ["number", "null"], "exclusiveMinimum": 0},
+        "debt": {"type": "number", "maximum": -2}},
+        "required": ["age", "level", "big", "temperature", "ratio", "positive", "debt"]},
 }
+FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
 
 
 def walk(guide: ByteGuide, rng: random.Random, stop: float = 0.3) -> bytes:
@@ -66,7 +87,7 @@ def test_every_text_a_schema_guide_allows_is_json_it_validates(name):
     rng = random.Random(name)
     for _ in range(40):
         text = walk(guide, rng, stop=0.05)
-        jsonschema.validate(json.loads(text.decode("utf-8")), schema)
+        jsonschema.validate(json.loads(text.decode("utf-8")), schema, format_checker=FORMATS)
 
 
 def test_the_texts_a_schema_should_take_it_takes():
@@ -80,15 +101,49 @@ def test_the_texts_a_schema_should_take_it_takes():
                 '{"name": "A", "age": 3, "extra": 1}', '{"name": "A", "age": 03}',
                 '{"name": "A", "age": 3, "tags": []}'):
         assert not guide.matches(bad.encode()), bad
+    strings = ByteGuide.regex(schema_regex(SCHEMAS["formats"]))
+    good = {"day": "2024-02-28", "at": "23:59:59.5+01:00", "when": "1999-12-31T00:00:00Z",
+            "id": "123e4567-e89b-12d3-A456-426614174000", "ip": "192.168.0.1", "mail": "a.b+c@mail.example.org",
+            "site": "https://example.com/a?b=1"}
+    assert strings.matches(json.dumps(good).encode())
+    for key, bad in (("day", "2024-02-30"), ("day", "2024-13-01"), ("at", "24:00:00Z"), ("at", "12:00:00"),
+                     ("ip", "256.1.1.1"), ("ip", "01.1.1.1"), ("id", "123e4567e89b12d3a456426614174000"),
+                     ("mail", "no-at.example.com"), ("site", "ftp://x"), ("site", "https://a/" + "x" * 2074),
+                     ("site", "https://a.1"), ("site", "https://a%20b")):
+        assert not strings.matches(json.dumps({**good, key: bad}).encode()), (key, bad)
+    numbers = ByteGuide.regex(schema_regex(SCHEMAS["bounds"]))
+    good = {"age": 120, "level": -3, "big": 100000, "temperature": -4.99, "ratio": 0, "positive": 0.001, "debt": -2}
+    assert numbers.matches(json.dumps(good).encode())
+    for key, bad in (("age", -1), ("age", 121), ("level", -4), ("level", 10), ("big", 99999), ("temperature", -5),
+                     ("temperature", 40.5), ("ratio", 1), ("positive", 0), ("positive", "0.0"), ("debt", -1.5)):
+        text = json.dumps({**good, key: bad}).replace('"0.0"', "0.0")
+        assert not numbers.matches(text.encode()), (key, bad)
+    patterns = ByteGuide.regex(schema_regex(SCHEMAS["patterns"]))
+    good = {"code": "ABC-123", "inside": 'a "quoted" xyzyz\n', "escaped": '"\\\t\n"é', "tail": "ab\u0000c"}
+    assert patterns.matches(json.dumps(good, ensure_ascii=False).encode()), good
+    # (a pattern's own characters are written as themselves, é and not \\u00e9; the text around a match as either)
+    assert not patterns.matches(json.dumps(good, ensure_ascii=True).encode())
+    assert patterns.matches(json.dumps({**good, "inside": "é xyz", "escaped": '"\t'}, ensure_ascii=True).encode())
+    for key, bad in (("code", "AB-123"), ("code", "ABC-12345"), ("inside", "xy"), ("escaped", "a"), ("tail", "b")):
+        assert not patterns.matches(json.dumps({**good, key: bad}).encode()), (key, bad)
+    draft4 = ByteGuide.regex(schema_regex({"type": "integer", "minimum": 5, "exclusiveMinimum": True}))
+    assert draft4.matches(b"6") and not draft4.matches(b"5")
     any_value = ByteGuide.regex(JSON_VALUE)
     for text in ('{"a": [1, {"b": null}]}', '"x"', "[]", "-0.5e10", '{"k": "\\u00e9\\n"}'):
         assert any_value.matches(text.encode()), text
 
 
 @pytest.mark.parametrize("schema, words", [
-    ({"type": "string", "pattern": "^a"}, "pattern"), ({"type": "string", "format": "date"}, "format"),
-    ({"type": "integer", "minimum": 0}, "minimum"), ({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}},
-                                                     "$ref": "#/$defs/n"}, "recursive"),
+    ({"type": "string", "pattern": "^a", "maxLength": 3}, "pattern with minLength or maxLength"),
+    ({"type": "string", "format": "hostname"}, "format 'hostname' not supported"),
+    ({"type": "string", "format": "date", "maxLength": 8}, "cut its texts"),
+    ({"type": "string", "format": "uri", "maxLength": 100}, "maxLength under"),
+    ({"type": "string", "format": "date", "pattern": "^1"}, "together"),
+    ({"type": "string", "pattern": "(?=a)"}, "look-around"),
+    ({"type": "number", "minimum": 0.5}, "not a whole number"), ({"type": "integer", "minimum": "0"}, "not a number"),
+    ({"type": "integer", "minimum": 5, "exclusiveMaximum": 5}, "no integer lies"),
+    ({"type": "integer", "multipleOf": 2}, "multipleOf"),
+    ({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}, "recursive"),
     ({"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "string"}}, "additionalProperties"),
     ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "allOf"), ({"enum": []}, "empty enum"),
     ({"$ref": "http://example.com/s"}, "must name a schema under"),
@@ -99,3 +154,13 @@ def test_the_texts_a_schema_should_take_it_takes():
 def test_what_a_schema_guide_cannot_express_is_refused_by_name(schema, words):
     with pytest.raises(GuideError, match=words):
         schema_regex(schema)
+
+
+def test_urls_a_uri_guide_allows_parse_as_pydantics_http_urls():
+    """jsonschema has no uri check here: pydantic's URL parser (WHATWG's rules, as browsers) is the oracle."""
+    pydantic = pytest.importorskip("pydantic", reason="the server's dependencies install pydantic")
+    url = pydantic.TypeAdapter(pydantic.HttpUrl)
+    guide = ByteGuide.regex(schema_regex({"type": "string", "format": "uri", "maxLength": 2083}))
+    rng = random.Random(7)
+    for _ in range(60):
+        url.validate_python(json.loads(walk(guide, rng, stop=0.1)))

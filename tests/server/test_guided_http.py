@@ -59,6 +59,32 @@ def test_json_completions_parse_and_validate(url):
         json.loads(out.choices[0].text)
 
 
+def test_a_pydantic_models_schema_gives_text_the_model_validates(url):
+    """What pydantic writes for datetime, date, UUID, HttpUrl and bounded fields: formats, lengths, bounds."""
+    from datetime import date, datetime
+    from uuid import UUID
+
+    from pydantic import BaseModel, Field, HttpUrl
+
+    class Event(BaseModel):
+        name: str = Field(max_length=10)
+        when: datetime
+        day: date
+        id: UUID
+        url: HttpUrl
+        attendees: int = Field(ge=1, le=500)
+        price: float = Field(gt=0)
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    for seed in range(3):
+        out = client.completions.create(model="tiny", prompt="An event: ", max_tokens=1500, seed=seed, extra_body={
+            "response_format": {"type": "json_schema", "json_schema": {"name": "event",
+                                                                       "schema": Event.model_json_schema()}}})
+        assert out.choices[0].finish_reason == "stop", out
+        event = Event.model_validate_json(out.choices[0].text)
+        assert 1 <= event.attendees <= 500 and event.price > 0
+
+
 def test_the_openai_client_sends_a_guide_in_extra_body(url):
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
     out = client.completions.create(model="tiny", prompt="Answer: ", max_tokens=20,
@@ -72,7 +98,7 @@ def test_the_openai_client_sends_a_guide_in_extra_body(url):
     ({"guided_choice": []}, "guided_choice", "non-empty"),
     ({"guided_regex": "(a{0})?"}, "guided_regex", "only the empty text"),
     ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs", "matches no text"),
-    ({"guided_json": {"type": "string", "format": "date"}}, "guided_json", "format not supported"),
+    ({"guided_json": {"type": "string", "format": "hostname"}}, "guided_json", "format 'hostname' not supported"),
     ({"structured_outputs": {"json": "{oops"}}, "structured_outputs", "not valid JSON"),
     ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "grammars"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema.schema"),
