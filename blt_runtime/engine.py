@@ -73,7 +73,9 @@ class StepOutput:
     usage: Usage | None = None  # on the last output of a request
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per prompt byte, as
     # `logprobs` (SamplingParams.prompt_logprobs): on the request's first output
-    error: str | None = None  # with finish_reason "error": what stopped it (the caches ran out of memory)
+    error: str | None = None  # with finish_reason "error": what stopped it (the caches ran out of memory, the
+    # logits were not finite)
+    error_code: str | None = None  # the same in a word: "out_of_memory" or "not_finite"
 
 
 ONE_BYTE = [bytes([b]) for b in range(256)]
@@ -427,7 +429,7 @@ class Engine:
     def _fail(self, seq: Sequence, message: str) -> None:
         """Stop a sequence the engine cannot go on with (nothing is queued for it): reported with the step's
         outputs, finish_reason "error"."""
-        seq.finish_reason, seq.error = "error", message
+        seq.finish_reason, seq.error, seq.error_code = "error", message, "out_of_memory"
         self._release(seq)
         self._aborted.append(seq)
 
@@ -440,7 +442,7 @@ class Engine:
         self.scheduler.remove(seq)
 
     def _finish(self, seq: Sequence, new: bytes, patch_start: bool, logprobs=None) -> StepOutput:
-        if self.share_prompts:
+        if self.share_prompts and seq.finish_reason != "error":  # (a state that gave non-finite logits is no use)
             self.sharing.retain(seq)  # before its slot is released
         self._release(seq)
         return self._final(seq, new, patch_start, logprobs)
@@ -451,4 +453,4 @@ class Engine:
         usage = Usage(seq.prompt_len - 1, len(seq.generated), len(prompt_patches), len(completion_patches),
                       seq.num_patches, max(seq.shared - 1, 0))  # BOS is not a prompt byte
         return StepOutput(seq.request_id, new, patch_start, logprobs, True, seq.finish_reason, seq.stop_reason, usage,
-                          error=seq.error)
+                          error=seq.error, error_code=seq.error_code)

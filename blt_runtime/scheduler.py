@@ -76,6 +76,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: bytes | None = None
     error: str | None = None  # with finish_reason "error": why the engine stopped it
+    error_code: str | None = None  # and in a word: "out_of_memory" or "not_finite"
     guide_state: int = 0  # with params.guide: the automaton's state after the bytes generated so far
 
     prompt_scores: list = field(default_factory=list, repr=False, compare=False)  # runner.PromptScores per chunk
@@ -102,21 +103,27 @@ class Sequence:
             self.patch_starts.append(position + 1)
 
     def accept(self, byte_id: int, max_len: int) -> None:
-        """Append a sampled id and decide whether the sequence stops here."""
+        """Append a sampled id and decide whether the sequence stops here. An id the sampler could not have
+        chosen (a special id, a byte the guide forbids, EOS where it is not allowed) ends it with
+        finish_reason "error": only non-finite logits (NaN or inf) lead there, and they mean nothing."""
         p = self.params
         if byte_id == EOS_ID:
+            if not self.eos_allowed(len(self.ids)):
+                self._unsampleable(byte_id, "EOS where it is not allowed")
+                return
             self.finish_reason = "stop"
             return
-        self.ids.append(byte_id)
         byte = byte_id - OFFSET
+        if byte < 0 or (p.guide is not None and p.guide.next[self.guide_state][byte] < 0):
+            self._unsampleable(byte_id, "a special id" if byte < 0 else f"byte {byte}, which its guide forbids there")
+            return
+        self.ids.append(byte_id)
         self.generated.append(byte)
         continues_char = self.utf8_missing > 0 and 0x80 <= byte < 0xC0
         self.utf8_missing = self.utf8_missing - 1 if continues_char else utf8_continuations(byte)
         n = len(self.generated)
         if p.guide is not None:
             self.guide_state = p.guide.next[self.guide_state][byte]
-            if self.guide_state < 0:
-                raise AssertionError(f"byte {byte} was sampled where the guide does not allow it")
             if p.guide.ends(self.guide_state):  # a whole match, and nothing may follow it
                 self.finish_reason = "stop"
                 return
@@ -126,6 +133,11 @@ class Sequence:
                 return
         if (n >= p.max_bytes and self.utf8_missing == 0) or n >= p.max_bytes + 3 or len(self.ids) >= max_len:
             self.finish_reason = "length"
+
+    def _unsampleable(self, byte_id: int, what: str) -> None:
+        self.finish_reason, self.error_code = "error", "not_finite"
+        self.error = (f"the sampler chose {what} (id {byte_id}) after {len(self.generated)} bytes: the model's "
+                      "logits were not finite (NaN or inf)")
 
     def patch_lengths(self) -> tuple[list[int], list[int]]:
         """Lengths of the patches that start in the prompt (BOS's own first; the last may reach into

@@ -38,6 +38,7 @@ class Metrics:
         self.rejected = Counter("blt_requests_rejected", "Requests refused, by reason.", m + ["reason"], registry=r)
         self.failed = Counter("blt_requests_failed", "Requests accepted but ended by the server with an error, by "
                               "reason: out_of_memory (the global model's cache could not grow to hold it), "
+                              "not_finite (its logits were NaN or inf), "
                               "engine_error (a step failed: every request in flight), shutdown (still running "
                               "when the drain timed out).", m + ["reason"], registry=r)
         self.disconnects = Counter("blt_client_disconnects", "Clients gone before their request ended.", m,
@@ -69,7 +70,7 @@ class Metrics:
             self.patches.labels(model, phase)
         for reason in ("queue_full", "draining", "invalid"):
             self.rejected.labels(model, reason)
-        for reason in ("out_of_memory", "engine_error", "shutdown"):
+        for reason in ("out_of_memory", "not_finite", "engine_error", "shutdown"):
             self.failed.labels(model, reason)
 
     def watch_caches(self, cache_bytes) -> None:

@@ -204,10 +204,11 @@ class EngineWorker:
                     m.of(m.failed, reason="shutdown").inc()
                     out = Failure(out.request_id, "the server is shutting down; the request was stopped", 503,
                                   "shutting_down")
-                elif out.finish_reason == "error":  # the engine could not go on with it (out of memory)
+                elif out.finish_reason == "error":  # the engine could not go on with it (out of memory, NaN)
                     log.warning("request %s failed: %s", out.request_id, out.error)
-                    m.of(m.failed, reason="out_of_memory").inc()
-                    out = Failure(out.request_id, out.error or "the engine stopped the request", 500, "out_of_memory")
+                    code = out.error_code or "engine_error"
+                    m.of(m.failed, reason=code).inc()
+                    out = Failure(out.request_id, out.error or "the engine stopped the request", 500, code)
             deliveries.append((tracked.queue, out))
         if generated:  # one increment per step, not per byte
             m.of(m.generation_bytes).inc(generated)

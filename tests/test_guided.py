@@ -94,3 +94,41 @@ def test_a_slot_that_held_a_guided_request_forgets_its_guide(model):
 def test_a_guide_that_allows_only_the_empty_text_is_refused():
     with pytest.raises(ValueError, match="only the empty text"):
         SamplingParams(guide=ByteGuide.regex("()"))
+
+
+def test_an_id_the_sampler_could_not_have_chosen_ends_its_request_with_an_error():
+    """Only non-finite logits lead there: the request ends (finish_reason "error", code "not_finite"), and
+    nothing is raised into the step that would fail every request in flight."""
+    from blt_runtime.scheduler import Sequence
+    from blt_runtime.tokenizer import EOS_ID, OFFSET, encode
+
+    def accepted(byte_id, **params):
+        seq = Sequence("r", encode(b"x"), SamplingParams(max_bytes=10, **params), 0)
+        seq.accept(byte_id, 100)
+        return seq
+
+    for seq in (accepted(OFFSET + ord("z"), guide=CHOICE), accepted(1), accepted(EOS_ID, ignore_eos=True),
+                accepted(EOS_ID, guide=CHOICE), accepted(EOS_ID, min_bytes=3)):
+        assert (seq.finish_reason, seq.error_code, bytes(seq.generated)) == ("error", "not_finite", b""), seq.error
+        assert "not finite" in seq.error
+    assert accepted(OFFSET + ord("a"), guide=CHOICE).finish_reason is None
+    assert accepted(EOS_ID).finish_reason == "stop"
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_model_that_gives_nan_fails_its_requests_one_by_one(hf_checkpoint, static):
+    broken = load_model(hf_checkpoint("1b")[1])
+    for p in broken.parameters():
+        p.data.fill_(float("nan"))
+    engine = Engine(broken, max_batch_size=4, static=static)
+    for name, (prompt, params) in requests().items():
+        engine.add_request(name, prompt, params)
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()  # never raises
+    finals = {o.request_id: o for o in outputs if o.finished}
+    assert set(finals) == set(requests())
+    guided = [name for name, (_, params) in requests().items() if params.guide is not None]
+    # a NaN row's argmax is its first NaN: sooner or later an id the guide forbids ("free" takes any byte: its
+    # bytes mean nothing, and no check that costs nothing tells them from others)
+    assert all((finals[n].finish_reason, finals[n].error_code) == ("error", "not_finite") for n in guided), finals

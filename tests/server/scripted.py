@@ -101,7 +101,7 @@ class ScriptedEngine:
             lp = (-0.5, [(byte + OFFSET, -0.5), (2, -1.5)]) if seq.params.logprobs is not None else None
             if seq.finish_reason is not None:
                 self.running.remove(seq)
-                out = self._final(seq, bytes([byte]), lp)
+                out = self._final(seq, b"" if seq.finish_reason == "error" else bytes([byte]), lp)
             else:
                 out = StepOutput(seq.request_id, bytes([byte]), n % 4 == 0, lp, False)
             outputs.append(self._scored(seq, out) if n == 0 else out)
@@ -118,4 +118,4 @@ class ScriptedEngine:
         usage = Usage(seq.prompt_len - 1, len(seq.generated), 1, (len(seq.generated) + 3) // 4,
                       (len(seq.generated) + 3) // 4)
         return StepOutput(seq.request_id, new, bool(new) and (len(seq.generated) - 1) % 4 == 0, lp, True,
-                          seq.finish_reason, seq.stop_reason, usage)
+                          seq.finish_reason, seq.stop_reason, usage, error=seq.error, error_code=seq.error_code)

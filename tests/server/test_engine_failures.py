@@ -7,6 +7,8 @@ go on, and blt_requests_failed_total{reason} counts them.
   row (cache._allocate), as CUDA's would past the free memory; the real engine runs behind the app.
 - An engine step that raises fails every request in flight (500, "internal_error"), and the server
   serves the next ones.
+- A byte the sampler could not have chosen (a guide forbids it: the logits were NaN) fails its request
+  alone (500, "not_finite").
 """
 
 from __future__ import annotations
@@ -76,3 +78,14 @@ def test_a_step_that_raises_fails_the_requests_in_flight_and_no_more(serve):
         after = c.post(f"{url}/v1/completions", json={"prompt": "y", "max_tokens": 10})
         assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 10
     assert metric_value(metrics_text(url), "blt_requests_failed_total", reason="engine_error") == 1
+
+
+def test_a_byte_no_sampler_would_choose_fails_its_request_alone(serve):
+    """The scripted engine's bytes ignore the guide, as NaN logits would (blt_runtime/scheduler.py, accept)."""
+    url, _ = serve(ScriptedEngine({b"Pick: ": b"maybe"}, default=b"ok"))
+    with httpx.Client(timeout=60) as c:
+        r = c.post(f"{url}/v1/completions", json={"prompt": "Pick: ", "guided_choice": ["yes", "no"]})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "not_finite", r.text
+        assert "not finite" in r.json()["error"]["message"]
+        assert c.post(f"{url}/v1/completions", json={"prompt": "other"}).json()["choices"][0]["text"] == "ok"
+    assert metric_value(metrics_text(url), "blt_requests_failed_total", reason="not_finite") == 1
