@@ -123,7 +123,7 @@ def test_sampled_chat_choices_stops_and_patches(url):
     starts: dict[int, list[int]] = {ch["index"]: [] for ch in whole["choices"]}
     roles = [e["choices"][0]["index"] for e in events[:3]]
     assert roles == [0, 1, 2] and all(e["choices"][0]["delta"]["role"] == "assistant" for e in events[:3])
-    assert events[-1] == "[DONE]"
+    assert events[-1] == "[DONE]" and any(ch["patch_starts"] for ch in whole["choices"])
     for e in events[3:-1]:
         for ch in e["choices"]:
             texts[ch["index"]] += ch["delta"].get("content", "")
@@ -132,7 +132,7 @@ def test_sampled_chat_choices_stops_and_patches(url):
         assert texts[ch["index"]] == ch["message"]["content"] and "e" not in ch["message"]["content"]
         # stopped by "e", or by EOS (stop_reason None), or out of bytes
         assert (ch["finish_reason"], ch["stop_reason"]) in (("stop", "e"), ("stop", None), ("length", None))
-        assert ch["patch_starts"] == starts[ch["index"]] and ch["patch_starts"]
+        assert ch["patch_starts"] == starts[ch["index"]]
 
 
 def test_continue_final_message_and_the_default_length(url):
@@ -209,3 +209,21 @@ def test_the_next_turn_resumes_from_the_last_one(url):
                                       + "</assistant>\n<user>And then?</user>\n<assistant>", max_tokens=20,
                                       temperature=0)
     assert second.choices[0].message.content == plain.choices[0].text
+
+
+def test_the_openai_clients_parse_helper_gets_its_pydantic_model(url):
+    """client.chat.completions.parse(response_format=Model): the strict JSON schema the client sends is the
+    guide, and the answer parses into the model."""
+    from datetime import datetime
+
+    from pydantic import BaseModel, Field
+
+    class Meeting(BaseModel):
+        topic: str = Field(max_length=12)
+        start: datetime
+        seats: int = Field(ge=1, le=40)
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    out = client.chat.completions.parse(model="tiny", messages=CHAT, response_format=Meeting, max_tokens=200, seed=1)
+    meeting = out.choices[0].message.parsed
+    assert isinstance(meeting, Meeting) and 1 <= meeting.seats <= 40
