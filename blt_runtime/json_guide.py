@@ -6,14 +6,16 @@ objects and arrays nested up to ANY_DEPTH deep: `response_format` "json_object")
 
 The text is compact JSON, with at most one space after a ":" or a ",". Objects list their properties in
 the schema's order, the required ones always and the others where the model chooses; no others.
-Supported: `type` (one or a list), `enum`, `const`, `properties` with `required`, `items` with
-`minItems` and `maxItems`, `minLength` and `maxLength` of strings, `anyOf` and `oneOf` (as a choice
-among the schemas: oneOf's "exactly one" is not checked), `allOf` of one schema, `$ref` to `#/$defs`
+Supported: `type` (one or a list), `enum`, `const`, `properties` with `required`, `prefixItems` (a
+tuple's elements; draft 7's list of `items` with `additionalItems` too) and `items` with `minItems` and
+`maxItems`, `minLength` and `maxLength` of strings, `anyOf` and `oneOf` (as a choice among the schemas:
+oneOf's "exactly one" is not checked; a schema among them that cannot be expressed is left out, where
+another can), `allOf` of one schema, `$ref` to `#/$defs`
 or `#/definitions` (not recursive), and annotations (`title`, `description`, `default`, ...). Strings
 take `format` and `pattern` (json_strings.py); integers and numbers `minimum`, `maximum` and their
 exclusive forms (number_range.py; a number's bounds whole numbers). An object with no `properties`
 has any keys, their values any JSON or what its `additionalProperties` says (a dict of one type).
-Other constraints (`multipleOf`, `prefixItems`, `additionalProperties` that is a schema beside
+Other constraints (`multipleOf`, `uniqueItems`, `additionalProperties` that is a schema beside
 `properties`, a format beside a pattern, ...) are refused with a GuideError that names them, rather
 than left unchecked.
 """
@@ -25,21 +27,29 @@ import math
 import re
 
 from .guide import GuideError
-from .json_strings import STRING_CHAR, format_content, pattern_content
+from .json_strings import ANNOTATION_FORMATS, STRING_CHAR, format_content, pattern_content
 from .number_range import integer_range, number_range
 
 WS = "[ ]?"
 STRING = f'"{STRING_CHAR}*"'
 INTEGER = r"-?(?:0|[1-9][0-9]{0,17})"
-NUMBER = INTEGER + r"(?:\.[0-9]{1,17})?(?:[eE][+-]?[0-9]{1,3})?"
+# exponents of two digits at most: a reader's double stays finite (1e999 would be read as infinity, which
+# pydantic refuses, among others)
+NUMBER = INTEGER + r"(?:\.[0-9]{1,17})?(?:[eE][+-]?[0-9]{1,2})?"
 SCALARS = {"string": STRING, "integer": INTEGER, "number": NUMBER, "boolean": "(?:true|false)", "null": "null"}
 ANY_DEPTH = 3  # objects and arrays inside "any JSON value", nested this deep at most (8,590 states)
 MAX_DEPTH = 24  # schemas nested (or $ref followed) deeper are refused: recursive schemas have no regex
+MAX_PATTERN = 1_000_000  # characters of pattern: a schema whose $refs fan out (each definition using the next
+# twice) would double it at every level; ByteGuide would refuse it anyway, after much longer
+
+
+class _Refused(GuideError):
+    """A schema refused as a whole, never left out of an anyOf: too deep (recursive), or too large."""
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly", "$defs", "definitions", "additionalProperties"}
 HANDLED = {"type", "enum", "const", "properties", "required", "items", "minItems", "maxItems", "minLength",
            "maxLength", "anyOf", "oneOf", "allOf", "$ref", "format", "pattern", "minimum", "maximum",
-           "exclusiveMinimum", "exclusiveMaximum"}
+           "exclusiveMinimum", "exclusiveMaximum", "prefixItems", "additionalItems"}
 
 
 def _any_value(depth: int) -> str:
@@ -75,7 +85,14 @@ class _Builder:
 
     def regex(self, schema, depth: int = 0) -> str:
         if depth > MAX_DEPTH:
-            self.fail("nested too deeply (a recursive $ref has no regular expression)")
+            raise _Refused("JSON schema: nested too deeply (a recursive $ref has no regular expression)")
+        pattern = self._regex(schema, depth)
+        if len(pattern) > MAX_PATTERN:
+            raise _Refused(f"JSON schema: too large (its pattern passes {MAX_PATTERN:,} characters: $refs that "
+                           "fan out?)")
+        return pattern
+
+    def _regex(self, schema, depth: int) -> str:
         if schema is True or schema == {}:
             return JSON_VALUE
         if schema is False:
@@ -98,7 +115,7 @@ class _Builder:
             return "(?:" + "|".join(_literal(v) for v in schema["enum"]) + ")"
         for key in ("anyOf", "oneOf"):
             if key in schema:
-                return "(?:" + "|".join(self.regex(s, depth + 1) for s in schema[key]) + ")"
+                return self.any_of(key, schema[key], depth)
         if "allOf" in schema:
             if len(schema["allOf"]) != 1:
                 self.fail("allOf of more than one schema not supported")
@@ -119,12 +136,7 @@ class _Builder:
         if kind in SCALARS:
             return SCALARS[kind]
         if kind == "array":
-            least, most = schema.get("minItems", 0), schema.get("maxItems")
-            if most == 0:
-                return r"\[\]"
-            item = self.regex(schema.get("items", True), depth + 1)
-            body = item + f"(?:,{WS}{item}){{{max(least - 1, 0)},{'' if most is None else most - 1}}}"
-            return rf"\[{body}\]" if least > 0 else rf"\[(?:{body})?\]"
+            return self.array(schema, depth)
         if kind == "object":
             properties = schema.get("properties") or {}
             required = set(schema.get("required", []))
@@ -145,9 +157,59 @@ class _Builder:
         self.fail(f"type {kind!r} not supported")
 
 
+    def any_of(self, key: str, options: list, depth: int) -> str:
+        """A choice among the schemas; one this cannot express is left out (fewer texts, each still valid: a
+        pydantic Decimal's string with a look-ahead pattern, beside its number), unless all are."""
+        if not isinstance(options, list) or not options:
+            self.fail(f"{key} must be a non-empty list of schemas")
+        patterns, refused = [], []
+        for option in options:
+            try:
+                patterns.append(self.regex(option, depth + 1))
+            except _Refused:
+                raise
+            except GuideError as e:
+                refused.append(e)
+        if not patterns:
+            raise refused[0]
+        return "(?:" + "|".join(patterns) + ")"
+
+    def array(self, schema: dict, depth: int) -> str:
+        """`prefixItems` (a tuple's elements, in order), then `items` for the rest (none if false), between
+        minItems and maxItems elements."""
+        least, most = schema.get("minItems", 0), schema.get("maxItems")
+        prefix, items = schema.get("prefixItems", []), schema.get("items", True)
+        if isinstance(items, list):  # draft 7's tuple: items as a list, then additionalItems
+            prefix, items = items, schema.get("additionalItems", True)
+        if not isinstance(prefix, list):
+            self.fail("prefixItems must be a list of schemas")
+        if items is False:
+            most = len(prefix) if most is None else min(most, len(prefix))
+        if (most is not None and most < least) or least > len(prefix) and items is False:
+            self.fail("minItems leaves no array")
+        if most == 0:
+            return r"\[\]"
+        parts = [self.regex(s, depth + 1) for s in prefix[:most]]
+        rest = None if most is None else most - len(parts)
+        after = ""  # the elements from i on, once one has been written
+        if items is not False and (rest is None or rest > 0):
+            item = self.regex(items, depth + 1)
+            first = not parts  # no tuple: the first element is an item, and the repeats follow it
+            low, high = max(least - len(parts) - first, 0), "" if rest is None else rest - first
+            after = f"(?:,{WS}{item}){{{low},{high}}}"
+            if first:
+                parts = [item]
+        for i in range(len(parts) - 1, 0, -1):
+            element = f",{WS}{parts[i]}{after}"
+            after = element if i < least else f"(?:{element})?"
+        body = parts[0] + after
+        return rf"\[{body}\]" if least > 0 else rf"\[(?:{body})?\]"
+
     def string(self, schema: dict) -> str:
         least, most = schema.get("minLength", 0), schema.get("maxLength")
         fmt, pattern = schema.get("format"), schema.get("pattern")
+        if fmt in ANNOTATION_FORMATS:
+            fmt = None
         if fmt is not None and pattern is not None:
             self.fail("format and pattern together not supported")
         if fmt is not None:

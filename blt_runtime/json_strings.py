@@ -11,8 +11,9 @@ Formats (the texts of each are a subset of what the format allows, so every one 
   digits and - (1 to 63 each);
 - `uri`: an http or https URL: a host of up to 4 labels of lowercase letters and digits (the last one
   beginning with a letter), then a path and query of characters that no URL parser escapes.
-`minLength` and `maxLength` with a format are taken where they leave its texts as they are, and for
-`uri` a maxLength of 280 or more (it bounds the path; pydantic's HttpUrl says 2083); else refused.
+`password` (pydantic's SecretStr) constrains nothing: any string. `minLength` and `maxLength` with a
+format are taken where they leave its texts as they are, and for `uri` a maxLength of 280 or more (it
+bounds the path; pydantic's HttpUrl says 2083); else refused.
 
 `pattern` is searched for, as JSON Schema says: a pattern without ^ matches anywhere after any
 characters, one without $ before any. It is read in Python's syntax (regex_syntax.py; JSON Schema's is
@@ -52,6 +53,9 @@ FORMATS = {
     "ipv4": (rf"{OCTET}(?:\.{OCTET}){{3}}", 7, 15),
     "email": (rf"[A-Za-z0-9._%+\-]{{1,64}}@{LABEL}(?:\.{LABEL}){{1,4}}", 5, 64 + 1 + 5 * 63 + 4),
 }
+
+
+ANNOTATION_FORMATS = {"password"}  # formats that say what a string is for, not what it holds
 
 
 def _fail(why: str):

@@ -52,6 +52,18 @@ SCHEMAS = {
         "positive": {"type": ["number", "null"], "exclusiveMinimum": 0},
         "debt": {"type": "number", "maximum": -2}},
         "required": ["age", "level", "big", "temperature", "ratio", "positive", "debt"]},
+    "tuples": {"type": "object", "properties": {
+        "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string", "maxLength": 3}],
+                 "minItems": 2, "maxItems": 2},  # pydantic's tuple[int, str]
+        "open": {"type": "array", "prefixItems": [{"type": "boolean"}, {"const": "x"}], "items": {"type": "null"},
+                 "maxItems": 4},
+        "short": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "integer"}], "items": False}},
+        "required": ["pair", "open", "short"]},
+    "draft7_tuple": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "array",
+                     "items": [{"const": 1}, {"enum": ["a", "b"]}], "additionalItems": False, "minItems": 1},
+    # pydantic's Decimal: a number, or a string whose pattern looks ahead (refused, so left out of the anyOf)
+    "decimal": {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]},
+    "secret": {"type": "string", "format": "password", "writeOnly": True},  # pydantic's SecretStr
 }
 FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
 
@@ -143,6 +155,8 @@ def test_the_texts_a_schema_should_take_it_takes():
     ({"type": "number", "minimum": 0.5}, "not a whole number"), ({"type": "integer", "minimum": "0"}, "not a number"),
     ({"type": "integer", "minimum": 5, "exclusiveMaximum": 5}, "no integer lies"),
     ({"type": "integer", "multipleOf": 2}, "multipleOf"),
+    ({"anyOf": [{"type": "integer", "multipleOf": 2}, {"type": "string", "format": "idn-email"}]}, "multipleOf"),
+    ({"type": "array", "prefixItems": [{"type": "integer"}], "items": False, "minItems": 2}, "no array"),
     ({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}, "recursive"),
     ({"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "string"}}, "additionalProperties"),
     ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "allOf"), ({"enum": []}, "empty enum"),
@@ -164,3 +178,19 @@ def test_urls_a_uri_guide_allows_parse_as_pydantics_http_urls():
     rng = random.Random(7)
     for _ in range(60):
         url.validate_python(json.loads(walk(guide, rng, stop=0.1)))
+
+
+def test_schemas_that_would_take_long_to_refuse_are_refused_at_once():
+    import time
+
+    fan_out = {"$defs": {f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"},
+                                                                     "b": {"$ref": f"#/$defs/d{i + 1}"}},
+                                   "required": ["a", "b"]} for i in range(11)}, "$ref": "#/$defs/d0"}
+    fan_out["$defs"]["d11"] = {}  # any JSON value: 2**11 of them
+    node = {"anyOf": [{"$ref": "#/$defs/tree"}, {"type": "null"}]}
+    tree = {"$defs": {"tree": {"type": "object", "properties": {"left": node, "right": node}}}, "$ref": "#/$defs/tree"}
+    for schema, words in ((fan_out, "too large"), (tree, "nested too deeply")):
+        start = time.perf_counter()
+        with pytest.raises(GuideError, match=words):
+            schema_regex(schema)
+        assert time.perf_counter() - start < 5  # not every path of the recursion: the first that fails

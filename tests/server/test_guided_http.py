@@ -60,11 +60,13 @@ def test_json_completions_parse_and_validate(url):
 
 
 def test_a_pydantic_models_schema_gives_text_the_model_validates(url):
-    """What pydantic writes for datetime, date, UUID, HttpUrl and bounded fields: formats, lengths, bounds."""
+    """What pydantic writes for datetime, date, UUID, HttpUrl, tuples, Decimal, SecretStr and bounded fields:
+    formats, lengths, bounds, prefixItems, an anyOf with a pattern that looks ahead."""
     from datetime import date, datetime
+    from decimal import Decimal
     from uuid import UUID
 
-    from pydantic import BaseModel, Field, HttpUrl
+    from pydantic import BaseModel, Field, HttpUrl, SecretStr
 
     class Event(BaseModel):
         name: str = Field(max_length=10)
@@ -74,6 +76,9 @@ def test_a_pydantic_models_schema_gives_text_the_model_validates(url):
         url: HttpUrl
         attendees: int = Field(ge=1, le=500)
         price: float = Field(gt=0)
+        seat: tuple[int, bool]
+        amount: Decimal
+        code: SecretStr = Field(max_length=8)
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
     for seed in range(3):
