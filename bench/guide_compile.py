@@ -1,0 +1,69 @@
+"""How long guides take to build, and how many automaton states they have: patterns and JSON schemas.
+
+    python bench/guide_compile.py [--repeats 3]
+
+Each guide is built `--repeats` times (the fastest is reported); blt-serve builds one off the event loop
+on a request's first use and keeps the last 8. A guide's bias rows take 1 KB per state on the device.
+The schemas are what pydantic writes for common fields (its output, kept here as JSON: this needs only
+torch). The last line printed is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from blt_runtime.guide import ByteGuide  # noqa: E402
+from blt_runtime.json_guide import JSON_VALUE, schema_regex  # noqa: E402
+
+# pydantic's model_json_schema() of a model with str (max_length 10), datetime, date, UUID, HttpUrl, int
+# (1..500), float (> 0), tuple[int, bool], Decimal and SecretStr (max_length 8) fields
+EVENT = {"properties": {
+    "name": {"maxLength": 10, "title": "Name", "type": "string"},
+    "when": {"format": "date-time", "title": "When", "type": "string"},
+    "day": {"format": "date", "title": "Day", "type": "string"},
+    "id": {"format": "uuid", "title": "Id", "type": "string"},
+    "url": {"format": "uri", "maxLength": 2083, "minLength": 1, "title": "Url", "type": "string"},
+    "attendees": {"maximum": 500, "minimum": 1, "title": "Attendees", "type": "integer"},
+    "price": {"exclusiveMinimum": 0, "title": "Price", "type": "number"},
+    "seat": {"maxItems": 2, "minItems": 2, "prefixItems": [{"type": "integer"}, {"type": "boolean"}],
+             "title": "Seat", "type": "array"},
+    "amount": {"anyOf": [{"type": "number"}, {"pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$", "type": "string"}],
+               "title": "Amount"},
+    "code": {"format": "password", "maxLength": 8, "title": "Code", "type": "string", "writeOnly": True}},
+    "required": ["name", "when", "day", "id", "url", "attendees", "price", "seat", "amount", "code"],
+    "title": "Event", "type": "object"}
+GUIDES = {
+    "regex .{0,600}": ".{0,600}",
+    "regex words": r"(\w+\s?){1,50}",
+    "json any value (json_object)": JSON_VALUE,
+    "json pydantic model, 10 fields": schema_regex(EVENT),
+    "json HttpUrl": schema_regex(EVENT["properties"]["url"]),
+    "json date-time": schema_regex(EVENT["properties"]["when"]),
+    "json number > 0": schema_regex(EVENT["properties"]["price"]),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    results = {}
+    for name, pattern in GUIDES.items():
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            guide = ByteGuide.regex(pattern)
+            times.append(time.perf_counter() - start)
+        results[name] = {"states": guide.num_states, "seconds": round(min(times), 3)}
+        print(f"{name}: {guide.num_states:,} states in {min(times):.3f} s", flush=True)
+    print(json.dumps({"guides": results}))
+
+
+if __name__ == "__main__":
+    main()
