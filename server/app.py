@@ -1,8 +1,9 @@
 """The FastAPI app: `create_app(settings, engine=None)` wires routes, middleware, errors and the worker.
 
-Thin on purpose: each route hands its work to completions.py, chat.py, patches.py or tokenizing.py. With no engine
-given, the model named by the settings is loaded (bad weights fail here, before serving). The
-lifespan warms the engine up, starts its worker thread, and stops it at the end.
+Thin on purpose: each route hands its work to completions.py, chat.py, patches.py or tokenizing.py.
+With no engine given, the model named by the settings is loaded (bad weights fail here, before
+serving; a bad chat template or generation config before that). The lifespan warms the engine up,
+starts its worker thread, and stops it at the end.
 """
 
 from __future__ import annotations

@@ -49,12 +49,14 @@ def conversation_prompt(req: ChatCompletionRequest | TokenizeRequest, state: App
         raise ApiError(400, f"the model {state.model_name!r} has no chat template (BLT checkpoints are base models): "
                             "start the server with --chat-template FILE, or send the conversation as text to "
                             "/v1/completions", "messages", "no_chat_template")
+    if not req.messages:
+        raise ApiError(400, "messages: give at least one message", "messages", "invalid_value")
     if req.add_generation_prompt and req.continue_final_message:
         raise ApiError(400, "add_generation_prompt and continue_final_message cannot both be true: the prompt "
                             "either opens a new assistant message or continues the last one",
                        "continue_final_message", "invalid_value")
     messages = [{**m.model_dump(exclude_none=True), "content": message_text(m, i)}
-                for i, m in enumerate(req.messages or ())]
+                for i, m in enumerate(req.messages)]
     chat = Conversation(messages, req.add_generation_prompt, req.continue_final_message, req.tools,
                         req.chat_template_kwargs)
     try:

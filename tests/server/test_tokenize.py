@@ -31,7 +31,7 @@ def test_tokenize_counts_the_bytes_a_completion_would(serve):
 def test_what_tokenize_refuses(serve):
     url, _ = serve(ScriptedEngine({}, default=b"ok"))  # no chat template
     for body, param in (({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
-                        ({"prompt": "a", "messages": []}, None), ({}, None),
+                        ({"prompt": "a", "messages": []}, None), ({}, None), ({"messages": []}, "messages"),
                         ({"prompt": "x", "model": "other"}, "model")):
         r = httpx.post(f"{url}/tokenize", json=body)
         assert r.status_code in (400, 404) and (param is None or r.json()["error"]["param"] == param), r.text
