@@ -153,13 +153,18 @@ class Logprobs(BaseModel):
     bytes: list[list[int]] = Field(description="the raw bytes of each entry")
 
 
-class CompletionChoice(BaseModel):
+class ChoiceEnd(BaseModel):
+    """What a choice of either kind says besides its text: its index, why it ended, where its patches begin."""
+
     index: int
-    text: str
-    logprobs: Logprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
     stop_reason: str | None = None
     patch_starts: list[int] | None = Field(None, description="completion byte offsets where patches begin")
+
+
+class CompletionChoice(ChoiceEnd):
+    text: str
+    logprobs: Logprobs | None = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -205,13 +210,9 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(ChoiceEnd):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-    stop_reason: str | None = None
-    patch_starts: list[int] | None = Field(None, description="completion byte offsets where patches begin")
 
 
 class ChatCompletionResponse(BaseModel):
