@@ -43,6 +43,7 @@ GUIDES = {
     "regex words": r"(\w+\s?){1,50}",
     "json any value (json_object)": JSON_VALUE,
     "json pydantic model, 10 fields": schema_regex(EVENT),
+    "json the same, whitespace [ \\n]* (pretty-printed)": schema_regex(EVENT, "[ \n]*"),
     "json HttpUrl": schema_regex(EVENT["properties"]["url"]),
     "json date-time": schema_regex(EVENT["properties"]["when"]),
     "json number > 0": schema_regex(EVENT["properties"]["price"]),

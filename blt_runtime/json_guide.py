@@ -4,8 +4,10 @@ that the schema validates.
 Owns `schema_regex` (a schema -> a pattern ByteGuide.regex compiles) and `JSON_VALUE` (any JSON value,
 objects and arrays nested up to ANY_DEPTH deep: `response_format` "json_object").
 
-The text is compact JSON, with at most one space after a ":" or a ",". Objects list their properties in
-the schema's order, the required ones always and the others where the model chooses; no others.
+The text is compact JSON, with at most one space after a ":" or a ","; or, with a whitespace pattern
+(vLLM's whitespace_pattern), what it matches there and inside brackets, so that "[ \\n]*" takes
+pretty-printed JSON. Objects list their properties in the schema's order, the required ones always and
+the others where the model chooses; no others.
 Supported: `type` (one or a list), `enum`, `const`, `properties` with `required`, `prefixItems` (a
 tuple's elements; draft 7's list of `items` with `additionalItems` too) and `items` with `minItems` and
 `maxItems`, `minLength` and `maxLength` of strings, `anyOf` and `oneOf` (as a choice among the schemas:
@@ -22,6 +24,7 @@ than left unchecked.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -29,6 +32,7 @@ import re
 from .guide import GuideError
 from .json_strings import ANNOTATION_FORMATS, STRING_CHAR, format_content, pattern_content
 from .number_range import integer_range, number_range
+from .regex_syntax import Alt, Cat, Chars, parse
 
 WS = "[ ]?"
 STRING = f'"{STRING_CHAR}*"'
@@ -41,10 +45,7 @@ ANY_DEPTH = 3  # objects and arrays inside "any JSON value", nested this deep at
 MAX_DEPTH = 24  # schemas nested (or $ref followed) deeper are refused: recursive schemas have no regex
 MAX_PATTERN = 1_000_000  # characters of pattern: a schema whose $refs fan out (each definition using the next
 # twice) would double it at every level; ByteGuide would refuse it anyway, after much longer
-
-
-class _Refused(GuideError):
-    """A schema refused as a whole, never left out of an anyOf: too deep (recursive), or too large."""
+JSON_SPACE = {0x09, 0x0A, 0x0D, 0x20}  # the characters JSON allows between its tokens
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly", "$defs", "definitions", "additionalProperties"}
 HANDLED = {"type", "enum", "const", "properties", "required", "items", "minItems", "maxItems", "minLength",
@@ -52,16 +53,41 @@ HANDLED = {"type", "enum", "const", "properties", "required", "items", "minItems
            "exclusiveMinimum", "exclusiveMaximum", "prefixItems", "additionalItems"}
 
 
-def _any_value(depth: int) -> str:
+class _Refused(GuideError):
+    """A schema refused as a whole, never left out of an anyOf: too deep (recursive), or too large."""
+
+
+def layout(whitespace: str | None = None) -> tuple[str, str]:
+    """(what may follow a ":" or a ",", what may follow a "{" or "[" and come before a "}" or "]"): compact
+    JSON's ("[ ]?", nothing), or a pattern of JSON's whitespace for both (vLLM's whitespace_pattern:
+    "[ \\n]*" takes pretty-printed JSON)."""
+    if whitespace is None:
+        return WS, ""
+    chars, stack = [], [parse(whitespace)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Chars):
+            chars += node.ranges
+        else:
+            stack += node.parts if isinstance(node, Cat) else node.options if isinstance(node, Alt) else [node.node]
+    if any(hi - lo > 3 or not JSON_SPACE.issuperset(range(lo, hi + 1)) for lo, hi in chars):
+        raise GuideError(f"whitespace pattern {whitespace!r}: may match only spaces, tabs, newlines and carriage "
+                         "returns")
+    return f"(?:{whitespace})", f"(?:{whitespace})"
+
+
+@functools.lru_cache(maxsize=8)
+def json_value(sep: str = WS, pad: str = "", depth: int = ANY_DEPTH) -> str:
+    """Any JSON value, objects and arrays nested `depth` deep at most, laid out by `sep` and `pad` (layout)."""
     options = list(SCALARS.values())
     if depth > 0:
-        inner = _any_value(depth - 1)
-        options.append(rf"\[{WS}(?:{inner}(?:,{WS}{inner})*)?\]")
-        options.append(rf"\{{(?:{STRING}:{WS}{inner}(?:,{WS}{STRING}:{WS}{inner})*)?\}}")
+        inner = json_value(sep, pad, depth - 1)
+        options.append(rf"\[{pad}(?:{inner}(?:,{sep}{inner})*{pad})?\]")
+        options.append(rf"\{{{pad}(?:{STRING}:{sep}{inner}(?:,{sep}{STRING}:{sep}{inner})*{pad})?\}}")
     return "(?:" + "|".join(options) + ")"
 
 
-JSON_VALUE = _any_value(ANY_DEPTH)
+JSON_VALUE = json_value()
 
 
 def _literal(value) -> str:
@@ -69,8 +95,10 @@ def _literal(value) -> str:
 
 
 class _Builder:
-    def __init__(self, root):
+    def __init__(self, root, whitespace: str | None = None):
         self.root = root
+        self.sep, self.pad = layout(whitespace)
+        self.any_value = json_value(self.sep, self.pad)
 
     def fail(self, why: str):
         raise GuideError(f"JSON schema: {why}")
@@ -94,7 +122,7 @@ class _Builder:
 
     def _regex(self, schema, depth: int) -> str:
         if schema is True or schema == {}:
-            return JSON_VALUE
+            return self.any_value
         if schema is False:
             self.fail("false matches nothing")
         if not isinstance(schema, dict):
@@ -146,14 +174,15 @@ class _Builder:
             extra = schema.get("additionalProperties", True)
             if not properties:  # any keys: their values any JSON, or what additionalProperties says
                 if extra is False:
-                    return r"\{\}"
-                value = JSON_VALUE if extra is True else self.regex(extra, depth + 1)
-                return rf"\{{(?:{STRING}:{WS}{value}(?:,{WS}{STRING}:{WS}{value})*)?\}}"
+                    return rf"\{{{self.pad}\}}"
+                value = self.any_value if extra is True else self.regex(extra, depth + 1)
+                sep, pad = self.sep, self.pad
+                return rf"\{{{pad}(?:{STRING}:{sep}{value}(?:,{sep}{STRING}:{sep}{value})*{pad})?\}}"
             if extra not in (True, False):
                 self.fail("additionalProperties that is a schema beside properties not supported")
-            items = [(f"{_literal(name)}:{WS}{self.regex(sub, depth + 1)}", name in required)
+            items = [(f"{_literal(name)}:{self.sep}{self.regex(sub, depth + 1)}", name in required)
                      for name, sub in properties.items()]
-            return rf"\{{{_members(items)}\}}"
+            return rf"\{{{self.pad}{_members(items, self.sep)}{self.pad}\}}"
         self.fail(f"type {kind!r} not supported")
 
 
@@ -188,7 +217,7 @@ class _Builder:
         if (most is not None and most < least) or least > len(prefix) and items is False:
             self.fail("minItems leaves no array")
         if most == 0:
-            return r"\[\]"
+            return rf"\[{self.pad}\]"
         parts = [self.regex(s, depth + 1) for s in prefix[:most]]
         rest = None if most is None else most - len(parts)
         after = ""  # the elements from i on, once one has been written
@@ -196,14 +225,14 @@ class _Builder:
             item = self.regex(items, depth + 1)
             first = not parts  # no tuple: the first element is an item, and the repeats follow it
             low, high = max(least - len(parts) - first, 0), "" if rest is None else rest - first
-            after = f"(?:,{WS}{item}){{{low},{high}}}"
+            after = f"(?:,{self.sep}{item}){{{low},{high}}}"
             if first:
                 parts = [item]
         for i in range(len(parts) - 1, 0, -1):
-            element = f",{WS}{parts[i]}{after}"
+            element = f",{self.sep}{parts[i]}{after}"
             after = element if i < least else f"(?:{element})?"
-        body = parts[0] + after
-        return rf"\[{body}\]" if least > 0 else rf"\[(?:{body})?\]"
+        body, pad = parts[0] + after, self.pad
+        return rf"\[{pad}{body}{pad}\]" if least > 0 else rf"\[{pad}(?:{body}{pad})?\]"
 
     def string(self, schema: dict) -> str:
         least, most = schema.get("minLength", 0), schema.get("maxLength")
@@ -257,12 +286,13 @@ class _Builder:
         return best, any(v == best and open_ for v, open_ in candidates)
 
 
-def _members(items: list[tuple[str, bool]]) -> str:
-    """The object's members in order, comma-separated: required ones always, optional ones or not."""
+def _members(items: list[tuple[str, bool]], sep: str) -> str:
+    """The object's members in order, comma-separated (`sep` after each comma): required ones always,
+    optional ones or not."""
     after = [""] * (len(items) + 1)  # after[k]: members k.. once one has been written (each after a comma)
     for k in range(len(items) - 1, -1, -1):
         member, required = items[k]
-        after[k] = (f",{WS}{member}" if required else f"(?:,{WS}{member})?") + after[k + 1]
+        after[k] = (f",{sep}{member}" if required else f"(?:,{sep}{member})?") + after[k + 1]
     first = ""  # members k.. when none has been written yet
     for k in range(len(items) - 1, -1, -1):
         member, required = items[k]
@@ -270,12 +300,12 @@ def _members(items: list[tuple[str, bool]]) -> str:
     return first
 
 
-def schema_regex(schema) -> str:
-    """A regular expression (guide.py's syntax) whose matches are the compact JSON texts `schema` validates
-    (module docstring); a GuideError names what it cannot express."""
+def schema_regex(schema, whitespace: str | None = None) -> str:
+    """A regular expression (guide.py's syntax) whose matches are the JSON texts `schema` validates, compact or
+    laid out with `whitespace` (layout; module docstring); a GuideError names what it cannot express."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise GuideError(f"JSON schema: not valid JSON ({e})") from None
-    return _Builder(schema).regex(schema)
+    return _Builder(schema, whitespace).regex(schema)

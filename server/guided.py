@@ -2,7 +2,9 @@
 
 Owns which fields ask for a guide: vLLM's `guided_regex`, `guided_choice` and `guided_json`, its newer
 `structured_outputs` (`regex`, `choice`, `json`, `json_object`), and OpenAI's `response_format`
-(`json_object`: any JSON value; `json_schema`: a schema, blt_runtime/json_guide.py). It refuses with a
+(`json_object`: any JSON value; `json_schema`: a schema, blt_runtime/json_guide.py), and the whitespace a
+JSON guide allows (`guided_whitespace_pattern`, `structured_outputs.whitespace_pattern`; compact JSON
+without one). It refuses with a
 400 what this server does not do (grammars, two guides at once, a schema it cannot express) rather
 than ignoring it, and compiles the guide off the event loop (a large one takes a while), keeping the
 last ones compiled for the next requests that ask for them.
@@ -15,7 +17,7 @@ import functools
 import json
 
 from blt_runtime.guide import ByteGuide, GuideError
-from blt_runtime.json_guide import JSON_VALUE, schema_regex
+from blt_runtime.json_guide import layout, schema_regex
 
 from .errors import ApiError
 from .schemas import CompletionRequest
@@ -54,14 +56,14 @@ def asked_guide(req: CompletionRequest) -> tuple[str, str, str | tuple[str, ...]
             raise _refuse("structured_outputs", "grammars")
         asked += _asked(("structured_outputs",) * 3, so.regex, so.choice, so.json_schema)
         if so.json_object:
-            asked.append(("structured_outputs", "regex", JSON_VALUE))
+            asked.append(("structured_outputs", "json", "{}"))
         if not any(field == "structured_outputs" for field, _, _ in asked):
             raise ApiError(400, f"structured_outputs asks for nothing this server does; {UNSUPPORTED}",
                            "structured_outputs", "unsupported")
     rf = req.response_format
     if rf is not None and rf.type != "text":
         if rf.type == "json_object":
-            asked.append(("response_format", "regex", JSON_VALUE))
+            asked.append(("response_format", "json", "{}"))
         elif rf.type == "json_schema" and isinstance(rf.json_schema, dict) and "schema" in rf.json_schema:
             asked.append(("response_format", "json", _schema(rf.json_schema["schema"])))
         else:
@@ -73,10 +75,19 @@ def asked_guide(req: CompletionRequest) -> tuple[str, str, str | tuple[str, ...]
 
 
 @functools.lru_cache(maxsize=8)  # each guide keeps its bias rows on the device while it is cached
-def compiled(kind: str, source: str | tuple[str, ...]) -> ByteGuide:
+def compiled(kind: str, source: str | tuple[str, ...], whitespace: str | None = None) -> ByteGuide:
     if kind == "json":
-        return ByteGuide.regex(schema_regex(source))
+        return ByteGuide.regex(schema_regex(source, whitespace))
     return ByteGuide.regex(source) if kind == "regex" else ByteGuide.choice(list(source))
+
+
+def asked_whitespace(req: CompletionRequest) -> tuple[str, str | None]:
+    """(field, pattern) of the whitespace a JSON guide allows: vLLM's guided_whitespace_pattern, or
+    structured_outputs' whitespace_pattern; None: compact JSON."""
+    so = req.structured_outputs
+    if so is not None and so.whitespace_pattern is not None:
+        return "structured_outputs", so.whitespace_pattern
+    return "guided_whitespace_pattern", req.guided_whitespace_pattern
 
 
 async def request_guide(req: CompletionRequest) -> ByteGuide | None:
@@ -86,8 +97,17 @@ async def request_guide(req: CompletionRequest) -> ByteGuide | None:
     if asked is None:
         return None
     field, kind, source = asked
+    ws_field, whitespace = asked_whitespace(req)
+    if whitespace is not None:
+        if kind != "json":
+            raise ApiError(400, f"{ws_field}: a whitespace pattern applies to JSON guides only", ws_field,
+                           "invalid_value")
+        try:
+            layout(whitespace)
+        except GuideError as e:
+            raise ApiError(400, f"{ws_field}: {e}", ws_field, "invalid_value") from None
     try:
-        guide = await asyncio.to_thread(compiled, kind, source)
+        guide = await asyncio.to_thread(compiled, kind, source, whitespace)
     except GuideError as e:
         raise ApiError(400, f"{field}: {e}", field, "invalid_value") from None
     if guide.ends(0):

@@ -31,6 +31,7 @@ class StructuredOutputs(BaseModel):
     json_schema: Any = Field(None, alias="json")  # (pydantic's BaseModel has a method called json)
     grammar: str | None = None
     json_object: bool | None = None
+    whitespace_pattern: str | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -80,6 +81,9 @@ class SamplingFields(BaseModel):
     guided_json: Any = Field(None, description="the completion must be JSON this schema validates (a subset of "
                                                "JSON Schema: blt_runtime/json_guide.py; vLLM's)")
     guided_grammar: str | None = Field(None, description="refused: grammars are not supported")
+    guided_whitespace_pattern: str | None = Field(
+        None, description="what a JSON guide allows after ':' and ',' and inside brackets, a pattern of JSON's "
+                          "whitespace (vLLM's; '[ \\n]*' takes pretty-printed JSON); default: compact JSON")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
 
     @model_validator(mode="after")

@@ -194,3 +194,23 @@ def test_schemas_that_would_take_long_to_refuse_are_refused_at_once():
         with pytest.raises(GuideError, match=words):
             schema_regex(schema)
         assert time.perf_counter() - start < 5  # not every path of the recursion: the first that fails
+
+
+def test_a_whitespace_pattern_takes_pretty_printed_json():
+    """vLLM's whitespace_pattern: what it matches may follow ":" and "," and pad brackets; compact is default."""
+    value = {"name": "Ann", "age": 3, "email": None, "tags": ["a", "é"]}  # in the schema's order
+    pretty = ByteGuide.regex(schema_regex(PERSON, "[ \\n]*"))
+    for text in (json.dumps(value, indent=2, ensure_ascii=False), json.dumps(value, ensure_ascii=False),
+                 json.dumps(value, separators=(",", ":"), ensure_ascii=False), '{ "name":"A",\n"age":0 }'):
+        assert pretty.matches(text.encode()), text
+    assert not ByteGuide.regex(schema_regex(PERSON)).matches(json.dumps(value, indent=2).encode())
+    assert not pretty.matches(b'{"name": "A", "age": 0}\n')  # nothing after the value
+    rng = random.Random(3)
+    for schema in (PERSON, SCHEMAS["tuples"], True):
+        guide = ByteGuide.regex(schema_regex(schema, "[ \\t\\n]{0,4}"))
+        for _ in range(20):
+            jsonschema.validate(json.loads(walk(guide, rng, stop=0.05).decode("utf-8")), schema,
+                                format_checker=FORMATS)
+    for bad in ("x*", ".", "[ \\u00a0]"):
+        with pytest.raises(GuideError, match="only spaces, tabs, newlines and carriage returns"):
+            schema_regex(PERSON, bad)

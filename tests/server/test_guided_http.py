@@ -90,6 +90,22 @@ def test_a_pydantic_models_schema_gives_text_the_model_validates(url):
         assert 1 <= event.attendees <= 500 and event.price > 0
 
 
+def test_a_whitespace_pattern_lets_json_breathe(url):
+    import json
+
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}, "maxItems": 3},
+                                               "b": {"type": "boolean"}}, "required": ["a", "b"]}
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    for how in ({"guided_json": schema, "guided_whitespace_pattern": "[ \n]{0,3}"},
+                {"structured_outputs": {"json": schema, "whitespace_pattern": "[ \n]{0,3}"}},
+                {"response_format": {"type": "json_object"}, "guided_whitespace_pattern": "[\n]?"}):
+        out = client.completions.create(model="tiny", prompt="JSON:", max_tokens=400, seed=5, extra_body=how)
+        if "guided_json" in how or "structured_outputs" in how:
+            assert out.choices[0].finish_reason == "stop", out
+        if out.choices[0].finish_reason == "stop":
+            json.loads(out.choices[0].text)
+
+
 def test_the_openai_client_sends_a_guide_in_extra_body(url):
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
     out = client.completions.create(model="tiny", prompt="Answer: ", max_tokens=20,
@@ -112,6 +128,11 @@ def test_the_openai_client_sends_a_guide_in_extra_body(url):
      "one guide at a time"),
     ({"structured_outputs": {}}, "structured_outputs", "asks for nothing"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one guide at a time"),
+    ({"guided_regex": "a", "guided_whitespace_pattern": " *"}, "guided_whitespace_pattern", "JSON guides only"),
+    ({"guided_json": {"type": "integer"}, "guided_whitespace_pattern": "x*"}, "guided_whitespace_pattern",
+     "only spaces, tabs"),
+    ({"structured_outputs": {"json_object": True, "whitespace_pattern": "(?=x)"}}, "structured_outputs",
+     "look-around"),
 ])
 def test_what_cannot_guide_is_a_400_naming_the_field(url, body, param, words):
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5} | body, timeout=60)
