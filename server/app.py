@@ -243,5 +243,6 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key, metrics_open=settings.metrics_without_key)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_credentials=False,
-                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"])
+                           allow_methods=["GET", "POST", "OPTIONS"], expose_headers=["X-Request-Id"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"])
     return app

@@ -14,7 +14,15 @@ from fastapi import Request
 
 from .chat_template import ChatTemplateError, Conversation
 from .choices import ChatChoiceState
-from .completions import Completion, admit, check_capacity, check_context, respond, sampling_params
+from .completions import (
+    Completion,
+    admit,
+    check_capacity,
+    check_context,
+    client_request_id,
+    respond,
+    sampling_params,
+)
 from .errors import ApiError, utf8
 from .guided import request_guide
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, TokenizeRequest
@@ -93,4 +101,4 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     completion = as_completion(req, text, asked)
     params = sampling_params(completion, 0, guide=await request_guide(completion), defaults=state.generation_defaults)
     check_capacity([prompt], req.n, state.engine.capacity)
-    return await respond(ChatCompletion(completion, state, [prompt], params), request)
+    return await respond(ChatCompletion(completion, state, [prompt], params, client_request_id(request)), request)

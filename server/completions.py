@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -143,14 +144,29 @@ def check_context(prompts: list[bytes], max_bytes: int, max_model_len: int, name
 MAX_COALESCED = 4096  # engine outputs merged into the events of one write, at most
 
 
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def client_request_id(request: Request) -> str | None:
+    """The client's X-Request-Id header, where it is a plain id (128 characters of letters, digits and ._:-)."""
+    value = request.headers.get("x-request-id")
+    return value if value is not None and REQUEST_ID.fullmatch(value) else None
+
+
 class Completion:
-    """One HTTP request's sequences: choice `prompt_index * n + i` is sequence f"{id}-{index}"."""
+    """One HTTP request's sequences: choice `prompt_index * n + i` is sequence f"{key}-{index}", where the key is
+    the completion's id, with 8 random hex digits after it when the client named the request (X-Request-Id:
+    two requests may share a name, never a key)."""
 
     ID_PREFIX, OBJECT, CHUNK_OBJECT, CHOICE = "cmpl-", "text_completion", "text_completion", ChoiceState
 
-    def __init__(self, req: CompletionRequest, state: AppState, prompts: list[bytes], params: SamplingParams):
+    def __init__(self, req: CompletionRequest, state: AppState, prompts: list[bytes], params: SamplingParams,
+                 request_id: str | None = None):
+        """`request_id`: the client's name for the request (client_request_id), else one is drawn."""
         self.req, self.state, self.prompts, self.guide = req, state, prompts, params.guide
-        self.id = f"{self.ID_PREFIX}{uuid.uuid4().hex}"
+        self.request_id = request_id or uuid.uuid4().hex
+        self.id = f"{self.ID_PREFIX}{self.request_id}"
+        key = self.id if request_id is None else f"{self.id}.{uuid.uuid4().hex[:8]}"
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
         stops = params.stop
@@ -159,7 +175,7 @@ class Completion:
             prefix = prompt.decode("utf-8", "replace") if req.echo else ""
             for i in range(req.n):
                 index = p * req.n + i
-                self.choices[f"{self.id}-{index}"] = self.CHOICE(index, stops, prefix, req.logprobs is not None,
+                self.choices[f"{key}-{index}"] = self.CHOICE(index, stops, prefix, req.logprobs is not None,
                                                                  req.return_patches, req.stream,
                                                                  req.include_stop_str_in_output)
         # streamed choices whose echo waits for their prompt's scores -> pieces held back meanwhile
@@ -354,7 +370,7 @@ class Completion:
         return JSONResponse({"id": self.id, "object": self.OBJECT, "created": self.created,
                              "model": self.state.model_name,
                              "choices": [c.whole() for c in sorted(self.choices.values(), key=lambda c: c.index)],
-                             "usage": self.usage()})
+                             "usage": self.usage()}, headers={"X-Request-Id": self.request_id})
 
 
 def admit(req, state: AppState, kind: str) -> None:
@@ -378,12 +394,14 @@ async def create_completion(req: CompletionRequest, request: Request, state: App
     else:  # the default gives way to what the context leaves, down to min_tokens
         check_context(prompts, params.min_bytes, state.max_model_len, "min_tokens")
     check_capacity(prompts, req.n, state.engine.capacity)
-    return await respond(Completion(req, state, prompts, params), request)
+    return await respond(Completion(req, state, prompts, params, client_request_id(request)), request)
 
 
 async def respond(completion: Completion, request: Request):
-    """Queue the completion's sequences, then answer with its stream or its whole body."""
+    """Queue the completion's sequences, then answer with its stream or its whole body; either says the
+    request's id in an X-Request-Id header (the client's own, where it sent one)."""
     await completion.submit()
     if completion.req.stream:
-        return StreamingResponse(completion.events(request), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(completion.events(request), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, "X-Request-Id": completion.request_id})
     return await completion.body(request)
