@@ -15,6 +15,7 @@
 #   BLT_KEPT_PREFIXES (4: cache slots that keep a shared prefix's state, a system prompt's, for later prompts)
 #   BLT_CHAT_TEMPLATE (a Jinja file for /v1/chat/completions; default: the model directory's, if any)
 #   BLT_GENERATION_CONFIG (auto: sampling defaults from the model's generation_config.json; none)
+#   BLT_SCHEDULING_POLICY (fcfs; priority: the waiting queue ordered by the requests' priority)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve

@@ -150,7 +150,10 @@ class Engine:
         self._failed: BaseException | None = None  # raised by the next step(): queueing failed after a step
 
     # ------------------------------------------------------------------ API
-    def add_request(self, request_id: str, prompt: bytes, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: bytes, params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Queue a request. `priority`: lower leaves the waiting queue first, before requests of higher values
+        that came earlier (vLLM's priority scheduling); running requests are never stopped for one."""
         params = params or SamplingParams()
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -159,7 +162,7 @@ class Engine:
             raise PromptTooLong(f"prompt of {len(ids) - 1} bytes plus max_bytes={params.max_bytes} exceeds the "
                                 f"model's context of {self.max_model_len} bytes (BOS included)")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        seq = Sequence(request_id, ids, params, seed)
+        seq = Sequence(request_id, ids, params, seed, priority=priority)
         self.scheduler.add(seq)
         self.sequences[request_id] = seq
 

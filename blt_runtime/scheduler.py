@@ -59,6 +59,7 @@ class Sequence:
     params: SamplingParams
     seed: int
     arrival: float = field(default_factory=time.monotonic)
+    priority: int = 0  # lower goes first out of the waiting queue (vLLM's); equal ones in arrival order
     status: Status = Status.WAITING
     slot: int | None = None
     processed: int = 0  # positions run through the encoder and decoder
@@ -175,7 +176,11 @@ class Scheduler:
         admissible = max(0, self.max_running - len(self.active))
         if len(self.waiting) >= self.max_waiting + admissible:
             raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests)")
-        self.waiting.append(seq)
+        if self.waiting and self.waiting[-1].priority > seq.priority:  # before every waiting one of a higher value
+            at = next(i for i, w in enumerate(self.waiting) if w.priority > seq.priority)
+            self.waiting.insert(at, seq)
+        else:
+            self.waiting.append(seq)
 
     def admit(self, allocate) -> list[Sequence]:
         """Move waiting sequences into free slots; `allocate(seq)` returns a slot or None."""

@@ -214,7 +214,7 @@ class Completion:
                  for rid, c in self.choices.items()]
         m = self.state.metrics
         try:
-            await self.state.worker.submit(items, self.queue)
+            await self.state.worker.submit(items, self.queue, self.req.priority)
         except QueueFull as e:
             m.of(m.rejected, reason="queue_full").inc()
             raise queue_full(str(e)) from None
@@ -374,10 +374,13 @@ class Completion:
 
 
 def admit(req, state: AppState, kind: str) -> None:
-    """What every generation request passes first: the model it names, a server that admits, and a log line
-    for the fields it sent that nobody reads."""
+    """What every generation request passes first: the model it names, a server that admits, a priority the
+    scheduling policy takes, and a log line for the fields it sent that nobody reads."""
     state.check_model(req.model)
     state.check_admitting()
+    if req.priority != 0 and state.settings.scheduling_policy != "priority":
+        raise ApiError(400, f"priority={req.priority}: the server schedules first come, first served; start it "
+                            "with --scheduling-policy priority", "priority", "invalid_value")
     extra = sorted((req.model_extra or {}).keys())
     if extra:
         log.warning("ignored unknown fields in a %s request: %s", kind, ", ".join(extra))

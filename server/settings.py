@@ -35,6 +35,7 @@ class Settings:
     no_overlap: bool = False  # queue each engine step only after the last one's outputs are handled
     no_prompt_sharing: bool = False  # prefill every prompt, even a prefix whose state a slot holds
     kept_prefixes: int = 4  # slots of their own for the states of prefixes kept for later prompts
+    scheduling_policy: str = "fcfs"  # fcfs, or priority: the waiting queue ordered by the requests' priority
     chat_template: str | None = None  # a file, or the template itself; default: the model directory's, if any
     generation_config: str = "auto"  # auto: the model directory's generation_config.json; none; or a directory
     api_key: tuple[str, ...] = ()
@@ -88,6 +89,8 @@ HELP = {
     "generation_config": "auto: the sampling defaults of the model directory's generation_config.json (temperature, "
                          "top_p, top_k, min_p, repetition_penalty, max_new_tokens) for requests that leave those "
                          "fields out, as vLLM does; none: the API's defaults; or a directory with that file",
+    "scheduling_policy": "fcfs: requests leave the waiting queue in the order they came (a request's priority "
+                         "must be 0); priority: lower priority values first, equal ones in order (vLLM's)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",
@@ -150,6 +153,8 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
         p.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     if settings.kernels not in KERNELS:
         p.error(f"--kernels must be one of {', '.join(KERNELS)}")
+    if settings.scheduling_policy not in ("fcfs", "priority"):
+        p.error("--scheduling-policy must be fcfs or priority")
     for name in ("max_batch_size", "max_body_bytes", "prefill_chunk"):
         if getattr(settings, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -78,11 +78,12 @@ class EngineWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    async def submit(self, requests: list[tuple[str, bytes, SamplingParams]], out: asyncio.Queue) -> None:
-        """Add sequences that share one output queue; all are added or none (the engine's error
-        for the first refused one is raised: QueueFull, PromptTooLong or ValueError)."""
+    async def submit(self, requests: list[tuple[str, bytes, SamplingParams]], out: asyncio.Queue,
+                     priority: int = 0) -> None:
+        """Add sequences that share one output queue (and a priority: Engine.add_request); all are added or
+        none (the engine's error for the first refused one is raised: QueueFull, PromptTooLong or ValueError)."""
         done = self._loop.create_future()
-        self._inbox.put(("add", requests, out, time.monotonic(), done))
+        self._inbox.put(("add", requests, out, time.monotonic(), done, priority))
         await done  # the ids are in self.open before any of their outputs can be delivered
 
     def abort(self, request_ids, reason: str | None = None) -> None:
@@ -159,11 +160,11 @@ class EngineWorker:
             except Exception as e:  # noqa: BLE001 - handed to the caller
                 self._resolve(done, error=e)
 
-    def _add(self, requests, out: asyncio.Queue, arrival: float, done: asyncio.Future) -> None:
+    def _add(self, requests, out: asyncio.Queue, arrival: float, done: asyncio.Future, priority: int) -> None:
         added = []
         try:
             for rid, prompt, params in requests:
-                self.engine.add_request(rid, prompt, params)
+                self.engine.add_request(rid, prompt, params, priority)
                 added.append(rid)
                 self._tracked[rid] = Tracked(out, arrival, len(prompt))
         except Exception as e:  # noqa: BLE001 - QueueFull, PromptTooLong, ValueError go to the handler

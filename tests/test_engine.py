@@ -448,3 +448,20 @@ def test_first_bytes_at_once_change_no_output(models, static):
     assert runs[True] == runs[False]
     assert runs[True]["n1"][-1][5].shared_prompt_bytes == 120  # it forked from n0 at its prompt's end
     assert all(firsts[True][rid] == firsts[False][rid] - 1 for rid in ("g", "s", "n0", "n1", "late"))
+
+
+def test_priority_orders_the_waiting_queue(models):
+    """Lower priority values leave the waiting queue first, equal ones in the order they came; the running
+    request is not stopped for them."""
+    engine = Engine(models["1b"], max_batch_size=1, share_prompts=False)
+    params = SamplingParams(max_bytes=3, temperature=0.0, ignore_eos=True)
+    engine.add_request("first", b"a", params)
+    engine.step()
+    for name, priority in (("late", 5), ("later", 5), ("urgent", -2), ("normal", 0)):
+        engine.add_request(name, name.encode(), params, priority=priority)
+    admitted, finished = [], []
+    while engine.has_work():
+        finished += [o.request_id for o in engine.step() if o.finished]
+        admitted += engine.last_admitted
+    assert admitted == ["urgent", "normal", "late", "later"]
+    assert finished == ["first", "urgent", "normal", "late", "later"]

@@ -28,10 +28,13 @@ class ScriptedEngine:
         self.waiting: list[Sequence] = []
         self.aborted: list[Sequence] = []
         self.last_admitted: list[str] = []
+        self.admitted: list[str] = []  # every request admitted, in order
+        self.prompt_of: dict[str, bytes] = {}  # request id -> its prompt
         self.steps = 0
         self.paused = threading.Event()  # set: running sequences do not advance (they stay "in flight")
 
-    def add_request(self, request_id: str, prompt: bytes, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: bytes, params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
         params = params or SamplingParams()
         ids = encode(prompt)
         if len(ids) + params.max_bytes > self.max_model_len:
@@ -39,9 +42,12 @@ class ScriptedEngine:
         free = self.max_batch_size - len(self.running)
         if len(self.waiting) >= self.max_queue + free:
             raise QueueFull(f"the waiting queue is full ({self.max_queue} requests)")
-        seq = Sequence(request_id, ids, params, 0)
+        seq = Sequence(request_id, ids, params, 0, priority=priority)
+        self.prompt_of[request_id] = prompt
         seq.script = self.scripts.get(prompt, self.default)
-        self.waiting.append(seq)
+        # as the engine's scheduler: before every waiting one of a higher priority value
+        at = next((i for i, w in enumerate(self.waiting) if w.priority > priority), len(self.waiting))
+        self.waiting.insert(at, seq)
 
     def abort(self, request_id: str) -> bool:
         for group in (self.running, self.waiting):
@@ -81,6 +87,7 @@ class ScriptedEngine:
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting.pop(0)
             self.last_admitted.append(seq.request_id)
+            self.admitted.append(seq.request_id)
             if seq.params.max_bytes == 0:  # as the engine does: finished on admission
                 seq.finish_reason = "length"
                 outputs.append(self._scored(seq, self._final(seq, b"")))

@@ -20,9 +20,9 @@ class RecordingEngine(ScriptedEngine):
         super().__init__({}, default=b"ok", **kwargs)
         self.params = []
 
-    def add_request(self, request_id, prompt, params=None):
+    def add_request(self, request_id, prompt, params=None, priority=0):
         self.params.append(params)
-        super().add_request(request_id, prompt, params)
+        super().add_request(request_id, prompt, params, priority)
 
 
 def test_what_a_generation_config_gives(tmp_path):

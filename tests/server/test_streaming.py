@@ -317,3 +317,33 @@ def test_requests_that_end_at_once_leave_nothing_open(serve):
             assert r.status_code == 200
     assert r.json()["choices"][0]["text"] == "" and r.json()["choices"][0]["finish_reason"] == "length"
     wait_until(lambda: not state.worker.open)
+
+
+def test_priority_orders_the_waiting_queue_when_the_server_is_asked_to(serve):
+    """--scheduling-policy priority: lower values leave the waiting queue first (vLLM's); under the default
+    fcfs a priority other than 0 is a 400."""
+    engine = ScriptedEngine({b"long": b"x" * 40}, default=b"ok", max_batch_size=1)
+    url, _ = serve(engine, scheduling_policy="priority")
+    results = {}
+
+    def send(name, priority):
+        body = {"prompt": name, "priority": priority, "max_tokens": 50}
+        results[name] = httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code
+
+    engine.paused.set()  # the long one holds the only slot meanwhile
+    threads = [threading.Thread(target=send, args=("long", 0))]
+    threads[0].start()
+    wait_until(lambda: engine.num_running == 1)
+    for waiting, (name, priority) in enumerate((("late", 5), ("later", 5), ("urgent", -3), ("normal", 0)), 1):
+        threads.append(threading.Thread(target=send, args=(name, priority)))
+        threads[-1].start()
+        wait_until(lambda waiting=waiting: engine.num_waiting == waiting)
+    engine.paused.clear()
+    for t in threads:
+        t.join(30)
+    assert set(results.values()) == {200}
+    assert [engine.prompt_of[i] for i in engine.admitted] == [b"long", b"urgent", b"normal", b"late", b"later"]
+    fcfs_url, _ = serve(ScriptedEngine({}, default=b"ok"))
+    r = httpx.post(f"{fcfs_url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                            "priority": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
