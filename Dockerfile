@@ -16,6 +16,7 @@
 #   BLT_CHAT_TEMPLATE (a Jinja file for /v1/chat/completions; default: the model directory's, if any)
 #   BLT_GENERATION_CONFIG (auto: sampling defaults from the model's generation_config.json; none)
 #   BLT_SCHEDULING_POLICY (fcfs; priority: the waiting queue ordered by the requests' priority)
+#   BLT_SSL_KEYFILE, BLT_SSL_CERTFILE (HTTPS)   BLT_ROOT_PATH (a reverse proxy's path prefix)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve

@@ -66,7 +66,9 @@ def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
     the interpreter's switch interval forces it. With uvloop, the scripted engine of
     bench/http_overhead.py stepped less than half as often (bench/RESULTS.md)."""
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                          access_log=False, timeout_graceful_shutdown=5, lifespan="on", loop="asyncio")
+                          access_log=False, timeout_graceful_shutdown=5, lifespan="on", loop="asyncio",
+                          ssl_keyfile=settings.ssl_keyfile, ssl_certfile=settings.ssl_certfile,
+                          root_path=settings.root_path)
 
 
 def serve(settings: Settings) -> int:

@@ -39,6 +39,9 @@ class Settings:
     chat_template: str | None = None  # a file, or the template itself; default: the model directory's, if any
     generation_config: str = "auto"  # auto: the model directory's generation_config.json; none; or a directory
     api_key: tuple[str, ...] = ()
+    ssl_keyfile: str | None = None  # with ssl_certfile: serve HTTPS
+    ssl_certfile: str | None = None
+    root_path: str = ""  # the path prefix a proxy serves the app under
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
@@ -91,6 +94,9 @@ HELP = {
                          "fields out, as vLLM does; none: the API's defaults; or a directory with that file",
     "scheduling_policy": "fcfs: requests leave the waiting queue in the order they came (a request's priority "
                          "must be 0); priority: lower priority values first, equal ones in order (vLLM's)",
+    "ssl_keyfile": "serve HTTPS with this private key (PEM; with --ssl-certfile)",
+    "ssl_certfile": "serve HTTPS with this certificate (PEM; with --ssl-keyfile)",
+    "root_path": "the path prefix a reverse proxy serves the app under (ASGI root_path: the OpenAPI docs' links)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",
@@ -155,6 +161,12 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
         p.error(f"--kernels must be one of {', '.join(KERNELS)}")
     if settings.scheduling_policy not in ("fcfs", "priority"):
         p.error("--scheduling-policy must be fcfs or priority")
+    if (settings.ssl_keyfile is None) != (settings.ssl_certfile is None):
+        p.error("--ssl-keyfile and --ssl-certfile go together")
+    for name in ("ssl_keyfile", "ssl_certfile"):
+        path = getattr(settings, name)
+        if path is not None and not os.path.isfile(path):
+            p.error(f"--{name.replace('_', '-')} {path}: no such file")
     for name in ("max_batch_size", "max_body_bytes", "prefill_chunk"):
         if getattr(settings, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -92,10 +92,11 @@ def metric_value(text: str, name: str, **labels) -> float:
 
 
 class Process:
-    def __init__(self, model_dir, *flags, wait=True, env=None, name="tiny"):
-        """`env`: more environment variables; `name`: the served model's name (None: blt-serve's default)."""
+    def __init__(self, model_dir, *flags, wait=True, env=None, name="tiny", scheme="http"):
+        """`env`: more environment variables; `name`: the served model's name (None: blt-serve's default);
+        `scheme`: "https" where the flags give a key and certificate (self-signed: not verified)."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         env = {**os.environ, "BLT_LOG_INTERVAL": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         named = ("--served-model-name", name) if name else ()
         self.proc = subprocess.Popen([sys.executable, "-m", "server", str(model_dir), "--port", str(self.port),
@@ -116,7 +117,7 @@ class Process:
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, "".join(self.lines)
             try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=1, verify=False).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
