@@ -152,7 +152,7 @@ class _Builder:
         if types is None:
             types = ["object"] if "properties" in schema else ["array"] if "items" in schema else None
             if types is None:
-                return JSON_VALUE
+                return self.any_value
         types = [types] if isinstance(types, str) else list(types)
         return "(?:" + "|".join(self.typed(t, schema, depth) for t in types) + ")"
 
@@ -184,7 +184,6 @@ class _Builder:
                      for name, sub in properties.items()]
             return rf"\{{{self.pad}{_members(items, self.sep)}{self.pad}\}}"
         self.fail(f"type {kind!r} not supported")
-
 
     def any_of(self, key: str, options: list, depth: int) -> str:
         """A choice among the schemas; one this cannot express is left out (fewer texts, each still valid: a

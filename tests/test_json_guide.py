@@ -211,6 +211,8 @@ def test_a_whitespace_pattern_takes_pretty_printed_json():
         for _ in range(20):
             jsonschema.validate(json.loads(walk(guide, rng, stop=0.05).decode("utf-8")), schema,
                                 format_checker=FORMATS)
+    untyped = ByteGuide.regex(schema_regex({"description": "anything"}, "[ \\n]*"))  # no type: any value, laid out
+    assert untyped.matches(json.dumps({"a": [1, 2]}, indent=1).encode())
     for bad in ("x*", ".", "[ \\u00a0]"):
         with pytest.raises(GuideError, match="only spaces, tabs, newlines and carriage returns"):
             schema_regex(PERSON, bad)
