@@ -1,5 +1,6 @@
-"""What every handler of one app shares: settings, the engine worker, metrics, the chat template,
-readiness, the streams' keep-alive ticker, and the one thread that computes /v1/patches beside the engine on a CPU."""
+"""What every handler of one app shares: settings, the engine worker, metrics, the chat template, the
+model's sampling defaults, readiness, the streams' keep-alive ticker, and the one thread that computes
+/v1/patches beside the engine on a CPU."""
 
 from __future__ import annotations
 
