@@ -12,7 +12,7 @@ Formats (the texts of each are a subset of what the format allows, so every one 
 - `uri`: an http or https URL: a host of up to 4 labels of lowercase letters and digits (the last one
   beginning with a letter), then a path and query of characters that no URL parser escapes.
 `password` (pydantic's SecretStr) constrains nothing: any string. `minLength` and `maxLength` with a
-format are taken where they leave its texts as they are, and for `uri` a maxLength of 280 or more (it
+format are taken where they leave its texts as they are, and for `uri` a maxLength of 279 or more (it
 bounds the path; pydantic's HttpUrl says 2083); else refused.
 
 `pattern` is searched for, as JSON Schema says: a pattern without ^ matches anywhere after any
@@ -43,7 +43,8 @@ HOST = "(?:[a-z0-9]{1,63}\\.){0,3}[a-z][a-z0-9]{0,62}"
 HOST_MOST = 4 * 64 - 1
 PATH_CHAR = r"[A-Za-z0-9\-._~:/?@!$&'()*+,;=]"
 URI_SHORTEST = len("http://a")
-URI_SCHEMES = ("http://", "https://")
+URI_HEAD_MOST = len("https://") + HOST_MOST  # the longest scheme and host
+URI_MOST_LEAST = URI_HEAD_MOST + 16  # the smallest maxLength taken: it leaves a path of 15 characters
 # format -> (pattern, shortest, longest text; None: unbounded)
 FORMATS = {
     "date": (DATE, 10, 10),
@@ -64,10 +65,9 @@ def _fail(why: str):
 
 def _uri(least: int, most: int | None) -> str:
     """http(s) URLs of `least` to `most` characters: a host, then a path of at most what `most` leaves."""
-    if least > URI_SHORTEST or (most is not None and most < len(URI_SCHEMES[-1]) + HOST_MOST + 16):
-        _fail(f"format 'uri' with minLength above {URI_SHORTEST} or a maxLength under "
-              f"{len(URI_SCHEMES[-1]) + HOST_MOST + 16} not supported")
-    path = f"{PATH_CHAR}*" if most is None else f"{PATH_CHAR}{{0,{most - len(URI_SCHEMES[-1]) - HOST_MOST - 1}}}"
+    if least > URI_SHORTEST or (most is not None and most < URI_MOST_LEAST):
+        _fail(f"format 'uri' with minLength above {URI_SHORTEST} or a maxLength under {URI_MOST_LEAST} not supported")
+    path = f"{PATH_CHAR}*" if most is None else f"{PATH_CHAR}{{0,{most - URI_HEAD_MOST - 1}}}"
     return f"https?://{HOST}(?:/{path})?"
 
 
