@@ -94,10 +94,13 @@ async def request_guide(req: CompletionRequest) -> ByteGuide | None:
     """The request's guide, compiled (in a thread), or None; a 400 naming the field for one that cannot
     guide (GuideError's reason)."""
     asked = asked_guide(req)
+    ws_field, whitespace = asked_whitespace(req)
     if asked is None:
+        if whitespace is not None:
+            raise ApiError(400, f"{ws_field}: a whitespace pattern applies to JSON guides only, and the request "
+                                "asks for none", ws_field, "invalid_value")
         return None
     field, kind, source = asked
-    ws_field, whitespace = asked_whitespace(req)
     if whitespace is not None:
         if kind != "json":
             raise ApiError(400, f"{ws_field}: a whitespace pattern applies to JSON guides only", ws_field,

@@ -129,6 +129,7 @@ def test_the_openai_client_sends_a_guide_in_extra_body(url):
     ({"structured_outputs": {}}, "structured_outputs", "asks for nothing"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one guide at a time"),
     ({"guided_regex": "a", "guided_whitespace_pattern": " *"}, "guided_whitespace_pattern", "JSON guides only"),
+    ({"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern", "asks for none"),
     ({"guided_json": {"type": "integer"}, "guided_whitespace_pattern": "x*"}, "guided_whitespace_pattern",
      "only spaces, tabs"),
     ({"structured_outputs": {"json_object": True, "whitespace_pattern": "(?=x)"}}, "structured_outputs",
