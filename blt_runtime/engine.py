@@ -24,6 +24,13 @@ prompt's bytes scored by its prefill chunks, or up to a fork by its leader's (th
 that scores its own); the scores come with its first output, or its only one with max_bytes 0.
 A request with max_bytes 0 is prefilled like any other (its state is then left for a prompt that
 begins with it) and finishes without a byte.
+
+Requests have priorities (vLLM's priority scheduling; lower values are more urgent). The waiting queue
+is ordered by them, and a waiting request more urgent than a running one, with no slot free for it,
+preempts it: the running one gives its slot up and waits again, in its place by priority and arrival.
+Readmitted, it prefills its prompt and the bytes it generated again (what a slot holds of them already
+is copied, as for any prompt: sharing.py) and goes on with the bytes it would have generated anyway:
+greedy or seeded, its output is what it would have been without the preemption.
 """
 
 from __future__ import annotations
@@ -143,6 +150,8 @@ class Engine:
         self.share_prompts = share_prompts
         self.sharing = PromptSharing(self.scheduler, self.slots, self.runner, self._first_logits)
         self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step() call
+        # (for the first time: not after a preemption)
+        self.last_preempted: list[str] = []  # request ids that gave their slots up in the last step() call
         self._rng = random.Random()
         self.overlap = on_cuda if overlap is None else overlap
         self.first_byte_at_once = not on_cuda and not self.overlap if first_byte_at_once is None else first_byte_at_once
@@ -153,7 +162,8 @@ class Engine:
     def add_request(self, request_id: str, prompt: bytes, params: SamplingParams | None = None,
                     priority: int = 0) -> None:
         """Queue a request. `priority`: lower leaves the waiting queue first, before requests of higher values
-        that came earlier (vLLM's priority scheduling); running requests are never stopped for one."""
+        that came earlier, and preempts a running request of a higher value where no slot is free (vLLM's
+        priority scheduling; module docstring)."""
         params = params or SamplingParams()
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -216,7 +226,7 @@ class Engine:
         if self._failed is not None:
             failed, self._failed = self._failed, None
             raise failed
-        self.last_admitted = []
+        self.last_admitted, self.last_preempted = [], []
         queued, self._queued = self._queued or self._queue(), None
         outputs = self._complete(queued)
         if self.overlap and (self.scheduler.num_waiting or self.scheduler.num_running):
@@ -232,11 +242,15 @@ class Engine:
         sharing, share = self.sharing, self.share_prompts
         if share:
             sharing.look_again()
+        for _, running in self.scheduler.preemptible():
+            self._preempt(running)
         # a request that scores its prompt computes every byte's score: it follows only a leader that scores
         # its own (sharing.scores_cover), and never resumes from a finished request's slot
         for seq in self.scheduler.admit(lambda seq: sharing.allocate(seq, resume=share and not seq.scores_prompt)):
-            self.last_admitted.append(seq.request_id)
-            self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0)
+            if not seq.preemptions:
+                self.last_admitted.append(seq.request_id)
+            self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0, generated=seq.generated,
+                              guide_state=seq.guide_state)
             if share:
                 sharing.follow(seq)
         plan = self._plan()
@@ -348,7 +362,7 @@ class Engine:
     def _prefill_rows(plan: Plan) -> list[tuple[Sequence, int, int]]:
         """(sequence, start, end) of each row of the step's prefill: the chunk, or the batch's rests."""
         if plan.batch:
-            return [(s, s.processed, s.prompt_len) for s in plan.batch]
+            return [(s, s.processed, s.prefill_len) for s in plan.batch]
         return [(plan.prefill, *plan.chunk)]
 
     def _prefill_finish(self, plan: Plan, chunk: PrefillStart, transfer: HostTransfer) -> None:
@@ -370,7 +384,7 @@ class Engine:
         for i, closes in enumerate(result.closes):
             seq.record_close(start + i, closes)
         seq.processed, seq.num_patches, seq.open_len = end, seq.num_patches + result.completed, result.open_len
-        if end == seq.prompt_len:  # its first byte is sampled with the next step's work (or at once)
+        if end == seq.prefill_len:  # its first byte is sampled with the next step's work (or at once)
             seq.status = Status.PREFILLED
             self._first_logits[seq.request_id] = result.last_logits
         self.sharing.prefilled(seq, result.last_logits)
@@ -436,6 +450,18 @@ class Engine:
         self._release(seq)
         self._aborted.append(seq)
 
+    def _preempt(self, seq: Sequence) -> None:
+        """A running sequence gives its slot up to a more urgent request and waits again (nothing is queued for
+        it). What its slot holds is retained as a finished request's is, for a prompt that begins with it (its own,
+        where nobody took the slot since)."""
+        if self.share_prompts:
+            self.sharing.retain(seq)
+        self._first_logits.pop(seq.request_id, None)
+        self.slots.release(seq.slot)
+        self.sharing.release(seq)
+        self.scheduler.preempt(seq)
+        self.last_preempted.append(seq.request_id)
+
     def _release(self, seq: Sequence) -> None:
         self._first_logits.pop(seq.request_id, None)
         if seq.slot is not None:
@@ -454,6 +480,6 @@ class Engine:
         self.sequences.pop(seq.request_id, None)
         prompt_patches, completion_patches = seq.patch_lengths()
         usage = Usage(seq.prompt_len - 1, len(seq.generated), len(prompt_patches), len(completion_patches),
-                      seq.num_patches, max(seq.shared - 1, 0))  # BOS is not a prompt byte
+                      seq.num_patches, max(min(seq.shared, seq.prompt_len) - 1, 0))  # BOS is not a prompt byte
         return StepOutput(seq.request_id, new, patch_start, logprobs, True, seq.finish_reason, seq.stop_reason, usage,
                           error=seq.error, error_code=seq.error_code)

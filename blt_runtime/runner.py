@@ -203,13 +203,18 @@ class Runner:
             cache.rotations = RotationTable.of(cache.max_len, stack_cfg.head_dim, stack_cfg.rope_theta,
                                                self.model.device)
 
-    def admit(self, slot: int, prompt_ids: list[int], params: SamplingParams, resumed: bool = False) -> None:
+    def admit(self, slot: int, prompt_ids: list[int], params: SamplingParams, resumed: bool = False,
+              generated: bytes | bytearray = b"", guide_state: int = 0) -> None:
         """Clear a slot's per-sequence state (caches are overwritten position by position) and give it the
         request's logit bias. `resumed`: the slot holds the state after a prefix of the prompt already
-        (sharing.py), hash history included."""
+        (sharing.py), hash history included. A sequence readmitted after a preemption: `prompt_ids` end with
+        the bytes it `generated` (counted for the penalties), and its guide is in `guide_state`."""
         if not resumed:
             self.history[slot] = 0
         self.output_counts[slot] = 0
+        if generated:
+            counts = torch.bincount(self._tensor([b + OFFSET for b in generated]), minlength=self.cfg.vocab_size)
+            self.output_counts[slot] = counts.to(self.output_counts.dtype)
         self.seen[slot] = False
         self.seen[slot, self._tensor(prompt_ids[1:])] = True
         self.guides.pop(slot, None)
@@ -218,7 +223,7 @@ class Runner:
             if params.logit_bias:
                 rows = rows + self._tensor(bias_row(params, self.cfg.vocab_size), torch.float32)
             self.guides[slot] = rows
-            self.logit_bias[slot].copy_(rows[0])
+            self.logit_bias[slot].copy_(rows[guide_state])
         elif params.logit_bias:
             self.logit_bias[slot].copy_(self._tensor(bias_row(params, self.cfg.vocab_size), torch.float32))
         else:

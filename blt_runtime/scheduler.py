@@ -5,11 +5,13 @@ chunk per engine step, while running sequences keep decoding; what is left of se
 short, in one step as the rows of one batch, up to a chunk's bytes together; those go before the
 next chunk of a long prompt admitted earlier, every other step at most), then PREFILLED for
 one step (its first byte is sampled with the next step's other work, or at the end of this one:
-engine.py's first_byte_at_once), then RUNNING (one byte per
-step), then FINISHED. A PREFILLING sequence with a `leader` is not prefilled: it waits until the
-leader's prefill reaches the end of the prefix their prompts share (`fork_at`, where the leader's
-chunk is cut), and takes a copy of its state (sharing.py); one admitted into a slot that holds a
-prefix of its prompt starts with `processed` > 0; one whose prefill keeps a copy of its state for
+engine.py's first_byte_at_once), then RUNNING (one byte per step), then FINISHED. One preempted
+for a more urgent request before that (`preemptible`) goes back to WAITING, to prefill its prompt
+and the bytes it generated again (`Sequence.restart`). A PREFILLING sequence with a `leader` is not
+prefilled: it waits until the leader's prefill reaches the end of the prefix their prompts share
+(`fork_at`, where the leader's chunk is cut), and takes a copy of its state (sharing.py); one
+admitted into a slot that holds a prefix of its prompt starts with `processed` > 0; one whose
+prefill keeps a copy of its state for
 later prompts is cut there too (`keep_at`).
 Stops are decided here on bytes: EOS, a guide's whole match that nothing may follow, stop strings, the
 byte limit (with up to three more bytes to finish a UTF-8 character) and the model's context.
@@ -79,17 +81,31 @@ class Sequence:
     error: str | None = None  # with finish_reason "error": why the engine stopped it
     error_code: str | None = None  # and in a word: "out_of_memory" or "not_finite"
     guide_state: int = 0  # with params.guide: the automaton's state after the bytes generated so far
+    preemptions: int = 0  # how often it gave its slot up to a more urgent request (Engine)
 
     prompt_scores: list = field(default_factory=list, repr=False, compare=False)  # runner.PromptScores per chunk
 
     def __post_init__(self):
         self.prompt_len = len(self.ids)
+        self.prefill_len = self.prompt_len  # positions its prefill runs through: the prompt, or after a
+        # preemption everything it holds (`restart`)
         self.scores_prompt = self.params.prompt_logprobs is not None  # its prefill scores its prompt bytes
 
     def resume(self, positions: int, num_patches: int, open_len: int, patch_starts: list[int]) -> None:
         """Its first `positions` come from another slot's state, not its own prefill (sharing.py)."""
         self.processed, self.num_patches, self.open_len, self.shared = positions, num_patches, open_len, positions
         self.patch_starts = list(patch_starts)
+
+    def restart(self) -> None:
+        """Preempted (Engine): its slot and state are gone. Readmitted, it prefills its prompt and the bytes it
+        generated so far, and goes on from there with what it would have sampled next (the noise of a seeded
+        row depends on the position alone). Scores of its prompt, once reported, are not computed again."""
+        self.status, self.slot, self.processed, self.closes_last = Status.WAITING, None, 0, False
+        self.num_patches, self.open_len, self.patch_starts = 0, 0, [0]
+        self.leader, self.fork_at, self.followers, self.keep_at = None, 0, [], 0
+        self.prefill_len, self.prompt_scores = len(self.ids), []
+        self.scores_prompt = self.scores_prompt and not self.generated
+        self.preemptions += 1
 
     def eos_allowed(self, position: int) -> bool:
         """May the byte chosen for `position` (an index into ids) be EOS: not with ignore_eos, nor before
@@ -176,11 +192,41 @@ class Scheduler:
         admissible = max(0, self.max_running - len(self.active))
         if len(self.waiting) >= self.max_waiting + admissible:
             raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests)")
-        if self.waiting and self.waiting[-1].priority > seq.priority:  # before every waiting one of a higher value
-            at = next(i for i, w in enumerate(self.waiting) if w.priority > seq.priority)
-            self.waiting.insert(at, seq)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Into the waiting queue, ordered by priority, then arrival."""
+        key = (seq.priority, seq.arrival)
+        if self.waiting and (self.waiting[-1].priority, self.waiting[-1].arrival) > key:
+            self.waiting.insert(next(i for i, w in enumerate(self.waiting) if (w.priority, w.arrival) > key), seq)
         else:
             self.waiting.append(seq)
+
+    def preempt(self, seq: Sequence) -> None:
+        """An active sequence (its slot released by the engine) goes back to the waiting queue, to start over
+        (Sequence.restart) in its place there: whatever the queue's bound."""
+        self.active.remove(seq)
+        seq.restart()
+        self._enqueue(seq)
+
+    def preemptible(self) -> list[tuple[Sequence, Sequence]]:
+        """vLLM's priority scheduling: (waiting, running) pairs in which the running sequence should give its
+        slot up to the waiting one. The next admission takes waiting sequences in order into the free slots;
+        each one beyond them that is more urgent (a lower priority value) than the least urgent running
+        sequence (the highest value; of those, the one that came last) is paired with it, and so on."""
+        free = self.max_running - len(self.active)
+        if len(self.waiting) <= free:  # (every step)
+            return []
+        running = sorted(self.active, key=lambda s: (s.priority, s.arrival))
+        pairs = []
+        for seq in self.waiting:
+            if free > 0:
+                free -= 1
+            elif running and running[-1].priority > seq.priority:
+                pairs.append((seq, running.pop()))
+            else:
+                break
+        return pairs
 
     def admit(self, allocate) -> list[Sequence]:
         """Move waiting sequences into free slots; `allocate(seq)` returns a slot or None."""
@@ -197,13 +243,13 @@ class Scheduler:
 
     def rest(self, seq: Sequence) -> int:
         """Prompt bytes it has still to prefill (BOS rides with the first chunk)."""
-        return seq.prompt_len - seq.processed - (seq.processed == 0)
+        return seq.prefill_len - seq.processed - (seq.processed == 0)
 
     def batchable(self, seq: Sequence) -> bool:
         """What is left of its prompt fits in one chunk and in one row, and neither a follower nor a kept copy
         needs it cut short."""
-        return (self.batch_prompt is not None and seq.prompt_len - seq.processed <= self.batch_prompt
-                and self.rest(seq) <= self.prefill_chunk and all(f.fork_at == seq.prompt_len for f in seq.followers)
+        return (self.batch_prompt is not None and seq.prefill_len - seq.processed <= self.batch_prompt
+                and self.rest(seq) <= self.prefill_chunk and all(f.fork_at == seq.prefill_len for f in seq.followers)
                 and seq.keep_at <= seq.processed)
 
     def plan(self) -> Plan:
@@ -229,10 +275,10 @@ class Scheduler:
         self.jumped = jump
         prefill = batch[0] if jump else head
         if len(batch) > 1 and prefill is batch[0]:
-            return Plan(decode, prefill, (prefill.processed, prefill.prompt_len), first, batch)
+            return Plan(decode, prefill, (prefill.processed, prefill.prefill_len), first, batch)
         # prefill_chunk counts prompt bytes: BOS rides with the first chunk (a 1,024-byte prompt is two
         # chunks of 512, not three with a last one of one byte, a whole step longer to the first byte)
-        end = min(prefill.processed + self.prefill_chunk + (prefill.processed == 0), prefill.prompt_len)
+        end = min(prefill.processed + self.prefill_chunk + (prefill.processed == 0), prefill.prefill_len)
         end = min([end] + [f.fork_at for f in prefill.followers])  # a follower copies the state at its fork
         if prefill.keep_at > prefill.processed:  # and so does a kept prefix (sharing.keep)
             end = min(end, prefill.keep_at)

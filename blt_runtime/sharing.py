@@ -104,7 +104,7 @@ class PromptSharing:
         best = None
         for slot, held in self.retained.items() if resume else ():
             n = len(held.ids)
-            if (n < seq.prompt_len and n - 1 >= MIN_SHARED_PREFIX and (best is None or n > len(best[1].ids))
+            if (n < seq.prefill_len and n - 1 >= MIN_SHARED_PREFIX and (best is None or n > len(best[1].ids))
                     and seq.ids[:n] == held.ids):
                 best = slot, held
         if best is not None and not best[1].kept:
@@ -133,7 +133,7 @@ class PromptSharing:
         the copy, and prefills only that byte for the logits of its first."""
         at = max([common_prefix(held.ids, seq.ids) for held in self.retained.values()]
                  + [common_prefix(s.ids, seq.ids) for s in self.scheduler.active], default=0)
-        at = min(at, seq.prompt_len - 1)
+        at = min(at, seq.prefill_len - 1)
         if at - max(seq.processed, 1) >= MIN_SHARED_PREFIX:
             seq.keep_at = at
 
@@ -187,15 +187,15 @@ class PromptSharing:
         itself: its state then jumps to its own fork, so a follower's fork must lie beyond that, and a
         sequence that has followers already (whose leader left) must not jump past theirs."""
         leader, fork_at = None, seq.processed
-        limit = min([f.fork_at for f in seq.followers] + [seq.prompt_len])
+        limit = min([f.fork_at for f in seq.followers] + [seq.prefill_len])
         for s in self.scheduler.active:
             if s is seq:
                 break
             if s.status is not Status.PREFILLING or not scores_cover(s, seq):
                 continue
-            shared = common_prefix(s.ids, seq.ids)  # positions, BOS included; s.ids is its prompt alone yet
+            shared = common_prefix(s.ids, seq.ids)  # positions, BOS included; s.ids is what it prefills
             # a whole earlier prompt of some bytes, or a long enough prefix (BOS alone is not worth a copy)
-            worth = shared == s.prompt_len > 1 or shared - 1 >= MIN_SHARED_PREFIX
+            worth = shared == s.prefill_len > 1 or shared - 1 >= MIN_SHARED_PREFIX
             if worth and limit >= shared > max(s.processed, s.fork_at, fork_at):
                 leader, fork_at = s, shared
         if leader is not None:
@@ -223,9 +223,9 @@ class PromptSharing:
             seq.keep_at = 0
         if seq.scores_prompt:
             seq.prompt_scores = self.runner.fork_scores(leader.prompt_scores, at, last_logits,
-                                                        seq.ids[at] if at < seq.prompt_len else None,
+                                                        seq.ids[at] if at < seq.prefill_len else None,
                                                         seq.params.prompt_logprobs)
-        if at == seq.prompt_len:  # its first byte is sampled with the next step's work (or at once)
+        if at == seq.prefill_len:  # its first byte is sampled with the next step's work (or at once)
             seq.status = Status.PREFILLED
             self.first_logits[seq.request_id] = last_logits
         for follower in [f for f in seq.followers if f.fork_at == at]:  # its own followers forking there

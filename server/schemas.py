@@ -70,7 +70,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    priority: int = Field(0, description="with --scheduling-policy priority: lower leaves the waiting queue first "
+    priority: int = Field(0, description="with --scheduling-policy priority: lower leaves the waiting queue first, "
+                                         "and preempts a running request of a higher value where no slot is free "
                                          "(vLLM's); else it must be 0")
     return_patches: bool = Field(False, description="report where each choice's patches begin (BLT extension)")
     guided_regex: str | None = Field(None, description="the completion must match this regular expression "

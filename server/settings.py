@@ -93,7 +93,9 @@ HELP = {
                          "top_p, top_k, min_p, repetition_penalty, max_new_tokens) for requests that leave those "
                          "fields out, as vLLM does; none: the API's defaults; or a directory with that file",
     "scheduling_policy": "fcfs: requests leave the waiting queue in the order they came (a request's priority "
-                         "must be 0); priority: lower priority values first, equal ones in order (vLLM's)",
+                         "must be 0); priority: lower priority values first, equal ones in order, and a running "
+                         "request of a higher value gives its slot up to one that finds none free, and goes on "
+                         "later (vLLM's)",
     "ssl_keyfile": "serve HTTPS with this private key (PEM; with --ssl-certfile)",
     "ssl_certfile": "serve HTTPS with this certificate (PEM; with --ssl-keyfile)",
     "root_path": "the path prefix a reverse proxy serves the app under (ASGI root_path: the OpenAPI docs' links)",

@@ -188,6 +188,9 @@ class EngineWorker:
         for rid in engine.last_admitted:
             if rid in self._tracked:
                 m.of(m.queue_time).observe(now - self._tracked[rid].arrival)
+        if engine.last_preempted:
+            m.of(m.preemptions).inc(len(engine.last_preempted))
+            log.info("preempted for more urgent requests: %s", ", ".join(engine.last_preempted))
         if batch:
             m.of(m.batch_size).observe(batch)
         deliveries, generated = [], 0

@@ -451,11 +451,11 @@ def test_first_bytes_at_once_change_no_output(models, static):
 
 
 def test_priority_orders_the_waiting_queue(models):
-    """Lower priority values leave the waiting queue first, equal ones in the order they came; the running
-    request is not stopped for them."""
+    """Lower priority values leave the waiting queue first, equal ones in the order they came; a running request
+    more urgent than all of them is not stopped for them (test_preemption.py: one less urgent is)."""
     engine = Engine(models["1b"], max_batch_size=1, share_prompts=False)
     params = SamplingParams(max_bytes=3, temperature=0.0, ignore_eos=True)
-    engine.add_request("first", b"a", params)
+    engine.add_request("first", b"a", params, priority=-2)
     engine.step()
     for name, priority in (("late", 5), ("later", 5), ("urgent", -2), ("normal", 0)):
         engine.add_request(name, name.encode(), params, priority=priority)

@@ -28,6 +28,7 @@ class ScriptedEngine:
         self.waiting: list[Sequence] = []
         self.aborted: list[Sequence] = []
         self.last_admitted: list[str] = []
+        self.last_preempted: list[str] = []  # never: running requests are not preempted here
         self.admitted: list[str] = []  # every request admitted, in order
         self.prompt_of: dict[str, bytes] = {}  # request id -> its prompt
         self.steps = 0
