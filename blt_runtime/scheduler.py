@@ -11,8 +11,7 @@ and the bytes it generated again (`Sequence.restart`). A PREFILLING sequence wit
 prefilled: it waits until the leader's prefill reaches the end of the prefix their prompts share
 (`fork_at`, where the leader's chunk is cut), and takes a copy of its state (sharing.py); one
 admitted into a slot that holds a prefix of its prompt starts with `processed` > 0; one whose
-prefill keeps a copy of its state for
-later prompts is cut there too (`keep_at`).
+prefill keeps a copy of its state for later prompts is cut there too (`keep_at`).
 Stops are decided here on bytes: EOS, a guide's whole match that nothing may follow, stop strings, the
 byte limit (with up to three more bytes to finish a UTF-8 character) and the model's context.
 """
