@@ -5,12 +5,15 @@ request's chat-only fields in the completion's terms (max_completion_tokens, log
 top_logprobs), and the answer's shape (chat.completion, or chat.completion.chunk deltas that begin
 with the assistant's role). Everything else, sampling, guides, stops, streaming, abort on disconnect,
 is completions.py's. Without a chat template (BLT checkpoints are base models, chat_template.py) the
-request is a 400 that says how to give one.
+request is a 400 that says how to give one. A tool choice that calls a tool (tools.py) guides the
+completion to the calls' JSON, and the answer reads the calls out of it.
 """
 
 from __future__ import annotations
 
 from fastapi import Request
+
+from blt_runtime.guide import ByteGuide
 
 from .chat_template import ChatTemplateError, Conversation
 from .choices import ChatChoiceState
@@ -24,13 +27,19 @@ from .completions import (
     sampling_params,
 )
 from .errors import ApiError, utf8
-from .guided import request_guide
+from .guided import asked_guide, asked_whitespace, compile_guide, request_guide, schema_text
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, TokenizeRequest
 from .state import AppState
+from .tools import CallStream, ToolCalling, tool_calling
 
 
 class ChatCompletion(Completion):
     ID_PREFIX, OBJECT, CHUNK_OBJECT, CHOICE = "chatcmpl-", "chat.completion", "chat.completion.chunk", ChatChoiceState
+
+    def __init__(self, *args, calls: ToolCalling | None = None, **kw):
+        super().__init__(*args, **kw)
+        for choice in self.choices.values() if calls is not None else ():
+            choice.calls = CallStream(calls.name)
 
     def opening(self) -> list[str]:
         return [self.chunk([c.role_delta()]) for c in self.choices.values()]
@@ -84,10 +93,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     admit(req, state, "chat completion")
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
-    tool_choice = req.tool_choice if req.tool_choice is not None else "auto" if req.tools else "none"
-    if tool_choice != "none":
-        raise ApiError(400, "tool calling is not supported: this server completes text (send tool_choice 'none' "
-                            "for a template that describes the tools)", "tool_choice", "unsupported")
+    calls = tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls)
     prompt = conversation_prompt(req, state)
     text = prompt.decode("utf-8")
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -99,6 +105,20 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     else:
         check_context([prompt], asked, state.max_model_len, name, "messages")
     completion = as_completion(req, text, asked)
-    params = sampling_params(completion, 0, guide=await request_guide(completion), defaults=state.generation_defaults)
+    guide = await chat_guide(completion, calls)
+    params = sampling_params(completion, 0, guide=guide, defaults=state.generation_defaults)
     check_capacity([prompt], req.n, state.engine.capacity)
-    return await respond(ChatCompletion(completion, state, [prompt], params, client_request_id(request)), request)
+    return await respond(ChatCompletion(completion, state, [prompt], params, client_request_id(request), calls=calls),
+                         request)
+
+
+async def chat_guide(completion: CompletionRequest, calls: ToolCalling | None) -> ByteGuide | None:
+    """The request's own guide, or its tool calls' (never both)."""
+    if calls is None:
+        return await request_guide(completion)
+    asked = asked_guide(completion)
+    if asked is not None:
+        raise ApiError(400, f"{asked[0]}: a tool call guides the completion to the tool's arguments; send either",
+                       asked[0], "invalid_value")
+    return await compile_guide("tool_choice" if calls.name else "tools", "json", schema_text(calls.schema),
+                               asked_whitespace(completion))

@@ -13,6 +13,7 @@ from blt_runtime import EOS_ID, StepOutput
 from blt_runtime.tokenizer import OFFSET
 
 from .textstream import ChoiceStream, Piece
+from .tools import CallStream
 
 
 def byte_name(byte: int) -> str:
@@ -93,7 +94,10 @@ class ChoiceState:
 
 class ChatChoiceState(ChoiceState):
     """A choice of a chat completion: the same text as an assistant message, with logprobs in the chat
-    API's shape (an entry per byte, with its top alternatives as a list)."""
+    API's shape (an entry per byte, with its top alternatives as a list); or, with `calls` (tools.py), the
+    text read as tool calls."""
+
+    calls: CallStream | None = None
 
     def role_delta(self) -> dict:
         """A stream's first chunk for this choice (as OpenAI and vLLM send it)."""
@@ -102,25 +106,38 @@ class ChatChoiceState(ChoiceState):
 
     def delta(self, new: int) -> dict:
         pieces = self.pieces[-new:] if new else []
-        choice = {"index": self.index, "delta": {"content": "".join(p.text for p, _ in pieces)} if pieces else {},
+        text = "".join(p.text for p, _ in pieces)
+        if self.calls is not None:
+            entries = self.calls.feed(text) if pieces else []
+            delta = {"tool_calls": entries} if entries else {}
+        else:
+            delta = {"content": text} if pieces else {}
+        choice = {"index": self.index, "delta": delta,
                   "logprobs": _chat_logprobs(pieces) if self.want_logprobs else None,
                   "finish_reason": None, "stop_reason": None}
         if self.want_patches:
             choice["patch_starts"] = _patch_starts(pieces)
         if self.done:
-            choice["finish_reason"], choice["stop_reason"] = self.finish_reason, self.stop_reason
+            choice["finish_reason"], choice["stop_reason"] = self._finish_reason(), self.stop_reason
         if self.streamed:
             self.pieces.clear()
         return choice
 
     def whole(self) -> dict:
-        choice = {"index": self.index,
-                  "message": {"role": "assistant", "content": "".join(p.text for p, _ in self.pieces)},
+        text = "".join(p.text for p, _ in self.pieces)
+        message = {"role": "assistant", "content": text}
+        if self.calls is not None:  # the text is the calls' (vLLM's content is empty then)
+            self.calls.feed(text)
+            message = {"role": "assistant", "content": "", "tool_calls": self.calls.whole()}
+        choice = {"index": self.index, "message": message,
                   "logprobs": _chat_logprobs(self.pieces) if self.want_logprobs else None,
-                  "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
+                  "finish_reason": self._finish_reason(), "stop_reason": self.stop_reason}
         if self.want_patches:
             choice["patch_starts"] = _patch_starts(self.pieces)
         return choice
+
+    def _finish_reason(self) -> str | None:
+        return self.finish_reason if self.calls is None else self.calls.finish_reason(self.finish_reason)
 
 
 def _id_bytes(model_id: int) -> list[int] | None:

@@ -30,7 +30,7 @@ def _refuse(field: str, what: str) -> ApiError:
     return ApiError(400, f"{field}: {what} are not supported; {UNSUPPORTED}", field, "unsupported")
 
 
-def _schema(value) -> str:
+def schema_text(value) -> str:
     """A schema as the cache's key: its JSON text (a client may send either), its keys in the order sent:
     the properties of an object come in that order."""
     return value if isinstance(value, str) else json.dumps(value)
@@ -38,7 +38,7 @@ def _schema(value) -> str:
 
 def _asked(fields: tuple[str, str, str], regex, choice, schema) -> list[tuple[str, str, str | tuple[str, ...]]]:
     """(field, kind, source) of each of a regex, choices and a JSON schema that is given."""
-    sources = (regex, None if choice is None else tuple(choice), None if schema is None else _schema(schema))
+    sources = (regex, None if choice is None else tuple(choice), None if schema is None else schema_text(schema))
     return [(field, kind, source) for field, kind, source in zip(fields, ("regex", "choice", "json"), sources)
             if source is not None]
 
@@ -65,7 +65,7 @@ def asked_guide(req: CompletionRequest) -> tuple[str, str, str | tuple[str, ...]
         if rf.type == "json_object":
             asked.append(("response_format", "json", "{}"))
         elif rf.type == "json_schema" and isinstance(rf.json_schema, dict) and "schema" in rf.json_schema:
-            asked.append(("response_format", "json", _schema(rf.json_schema["schema"])))
+            asked.append(("response_format", "json", schema_text(rf.json_schema["schema"])))
         else:
             raise ApiError(400, "response_format: the type must be text, json_object or json_schema (with "
                                 "json_schema.schema)", "response_format", "invalid_value")
@@ -101,10 +101,18 @@ async def request_guide(req: CompletionRequest) -> ByteGuide | None:
                                 "asks for none", ws_field, "invalid_value")
         return None
     field, kind, source = asked
+    if whitespace is not None and kind != "json":
+        raise ApiError(400, f"{ws_field}: a whitespace pattern applies to JSON guides only", ws_field,
+                       "invalid_value")
+    return await compile_guide(field, kind, source, (ws_field, whitespace))
+
+
+async def compile_guide(field: str, kind: str, source: str | tuple[str, ...],
+                        whitespace: tuple[str, str | None] = ("", None)) -> ByteGuide:
+    """A guide compiled (in a thread; the last ones kept), `field` named in a 400 for one that cannot guide;
+    `whitespace`: (field, pattern) of what a JSON guide allows between its tokens (asked_whitespace)."""
+    ws_field, whitespace = whitespace
     if whitespace is not None:
-        if kind != "json":
-            raise ApiError(400, f"{ws_field}: a whitespace pattern applies to JSON guides only", ws_field,
-                           "invalid_value")
         try:
             layout(whitespace)
         except GuideError as e:
