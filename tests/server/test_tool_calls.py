@@ -135,6 +135,12 @@ def test_a_named_tool_choice_calls_that_function(client, seed):
     calls, finish = streamed_calls(client, **kw)
     assert [(name, arguments) for _, name, arguments in calls] == [("get_weather", call.function.arguments)]
     assert finish == "stop" and calls[0][0].startswith("chatcmpl-tool-")
+    # the conversation goes on with the call and its result, which the template renders
+    result = {"role": "tool", "tool_call_id": call.id, "content": "21 C"}
+    conversation = CHAT + [message.model_dump(exclude_none=True), result]
+    follow = client.chat.completions.create(model="tiny", messages=conversation, tools=TOOLS, tool_choice="none",
+                                            max_tokens=4, temperature=0)
+    assert follow.usage.prompt_tokens > out.usage.prompt_tokens + len(call.function.arguments)
 
 
 @pytest.mark.parametrize("parallel", [False, None])
