@@ -19,7 +19,8 @@ from blt_runtime import Engine, load_model
 from server.errors import ApiError
 from server.tools import CallStream, tool_calling
 
-TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<tools>{{ tools | tojson }}\n<assistant>"
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ m.tool_calls | tojson if m.tool_calls }}\n"
+            "{% endfor %}<tools>{{ tools | tojson }}\n<assistant>")
 CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                             "unit": {"enum": ["celsius", "fahrenheit"]}},
