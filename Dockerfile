@@ -15,7 +15,9 @@
 #   BLT_KEPT_PREFIXES (4: cache slots that keep a shared prefix's state, a system prompt's, for later prompts)
 #   BLT_CHAT_TEMPLATE (a Jinja file for /v1/chat/completions; default: the model directory's, if any)
 #   BLT_GENERATION_CONFIG (auto: sampling defaults from the model's generation_config.json; none)
-#   BLT_SCHEDULING_POLICY (fcfs; priority: the waiting queue ordered by the requests' priority)
+#   BLT_SCHEDULING_POLICY (fcfs; priority: the waiting queue ordered by the requests' priority, and a
+#   more urgent request preempts a less urgent running one where no slot is free)
+#   BLT_REVISION (with BLT_MODEL_DIR a Hugging Face Hub id: the branch, tag or commit; default main)
 #   BLT_SSL_KEYFILE, BLT_SSL_CERTFILE (HTTPS)   BLT_ROOT_PATH (a reverse proxy's path prefix)
 #
 #   docker build -t blt-serve .

@@ -227,10 +227,10 @@ def native_weights(weights: dict[str, torch.Tensor], entropy: dict[str, torch.Te
 
 
 def convert(src: str | Path, dst: str | Path, entropy_model: str | Path | None = None,
-            dtype: torch.dtype | None = None) -> BltConfig:
-    """Convert a Meta checkpoint directory (or the Hugging Face Hub model a "org/name" id names, hub.py) to a
-    native one; returns the parsed native config."""
-    src, dst = resolve_model_dir(src, META_FILES), Path(dst)
+            dtype: torch.dtype | None = None, revision: str | None = None) -> BltConfig:
+    """Convert a Meta checkpoint directory (or the Hugging Face Hub model a "org/name" id names, hub.py, at
+    `revision`) to a native one; returns the parsed native config."""
+    src, dst = resolve_model_dir(src, META_FILES, revision), Path(dst)
     args, weights, entropy_params, entropy = read_meta(src, Path(entropy_model) if entropy_model else None)
     state = native_weights(weights, entropy)
     try:
@@ -258,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="output directory (native layout)")
     parser.add_argument("--entropy-model", help="the entropy model's params.json + consolidated.pth directory")
     parser.add_argument("--dtype", choices=["keep", "float32", "bfloat16"], default="keep")
+    parser.add_argument("--revision", help="with a Hub id: the branch, tag or commit (default: main)")
     opts = parser.parse_args(argv)
     dtype = None if opts.dtype == "keep" else getattr(torch, opts.dtype)
     try:
-        cfg = convert(opts.src, opts.dst, opts.entropy_model, dtype)
+        cfg = convert(opts.src, opts.dst, opts.entropy_model, dtype, opts.revision)
     except BltError as e:
         print(f"blt-convert: error: {e}", file=sys.stderr)
         return 2

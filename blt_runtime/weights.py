@@ -79,11 +79,12 @@ def check_checkpoint(cfg: BltConfig, directory: Path) -> dict[str, Path]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype = torch.float32) -> BltModel:
-    """Load a native BLT checkpoint directory (or the Hugging Face Hub model an "org/name" id names, hub.py)
-    onto `device` in `dtype` (either may be "auto", see `resolve_device_dtype`), in eval mode."""
+               dtype: str | torch.dtype = torch.float32, revision: str | None = None) -> BltModel:
+    """Load a native BLT checkpoint directory (or the Hugging Face Hub model an "org/name" id names, hub.py, at
+    `revision`: a branch, tag or commit, main by default) onto `device` in `dtype` (either may be "auto", see
+    `resolve_device_dtype`), in eval mode."""
     device, dtype = resolve_device_dtype(device, dtype)
-    directory = resolve_model_dir(path)
+    directory = resolve_model_dir(path, revision=revision)
     cfg = BltConfig.from_file(directory)
     files = check_checkpoint(cfg, directory)
     with torch.device("meta"):

@@ -68,12 +68,16 @@ State = Annotated[AppState, Depends(get_state)]
 def from_hub(settings: Settings) -> Settings:
     """Settings whose model directory is the local copy of the Hugging Face Hub model they name by id ("org/name",
     fetched where it is not cached: blt_runtime/hub.py), served under that id; other settings as they are."""
+    from blt_runtime.errors import ConfigError
     from blt_runtime.hub import is_hub_id, resolve_model_dir
 
     if not is_hub_id(settings.model_dir):
+        if settings.revision is not None:
+            raise ConfigError(f"--revision {settings.revision}: {settings.model_dir} is a directory, not a Hugging "
+                              "Face Hub model id; a revision picks a version of a Hub model")
         return settings
     log.info("%s is no directory here: looking for it on the Hugging Face Hub", settings.model_dir)
-    directory = resolve_model_dir(settings.model_dir)
+    directory = resolve_model_dir(settings.model_dir, revision=settings.revision)
     log.info("%s: %s", settings.model_dir, directory)
     return replace(settings, model_dir=str(directory), served_model_name=settings.served_model_name or
                    settings.model_dir)

@@ -20,6 +20,7 @@ KERNELS = ("auto", "torch", "triton", "triton-gemv")  # blt_runtime.kernels.CHOI
 class Settings:
     model_dir: str = str(SHIPPED_MODEL)
     served_model_name: str | None = None  # default: the model directory's name
+    revision: str | None = None  # of a Hub model id: a branch, tag or commit; default: main
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -63,6 +64,7 @@ HELP = {
     "model_dir": "model directory (config.json + safetensors), or a Hugging Face Hub model id (org/name: fetched, "
                  "or taken from the Hub's cache, with huggingface_hub); default: the shipped model",
     "served_model_name": "the model id clients send and see; default: the directory's name",
+    "revision": "with a Hub model id: the branch, tag or commit to serve (default: main)",
     "device": "auto, cpu, cuda or cuda:N", "dtype": "auto, float32, bfloat16 or float16",
     "max_batch_size": "sequences that advance together (cache slots)",
     "max_queue": "requests that may wait for a slot; beyond it, 429",

@@ -44,6 +44,22 @@ def test_a_hub_id_loads_the_cached_model(offline_hub, hf_checkpoint):
         load_model("test-org/missing")
 
 
+def test_a_revision_picks_a_branch_tag_or_commit(offline_hub, hf_checkpoint):
+    hub_cache(offline_hub, "test-org/tiny-blt", hf_checkpoint("1b")[1])
+    repo = offline_hub / "models--test-org--tiny-blt"
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    shutil.copytree(hf_checkpoint("7b")[1], repo / "snapshots" / other)
+    (repo / "refs" / "v2").write_text(other)
+    want = load_model(hf_checkpoint("7b")[1]).state_dict()
+    for revision in ("v2", other):
+        assert resolve_model_dir("test-org/tiny-blt", revision=revision).name == other
+        got = load_model("test-org/tiny-blt", revision=revision).state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert resolve_model_dir("test-org/tiny-blt", revision="main").name == REVISION
+    with pytest.raises(ConfigError, match="test-org/tiny-blt: no such directory, and no model"):
+        load_model("test-org/tiny-blt", revision="v3")
+
+
 def test_paths_are_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "model").mkdir(parents=True)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import shutil
 
 import httpx
+import pytest
 from serverkit import Process
+
+from blt_runtime import ConfigError
+from server.app import from_hub
+from server.settings import load_settings
 
 REVISION = "89abcdef0123456789abcdef0123456789abcdef"
 
@@ -32,3 +37,19 @@ def test_a_hub_id_is_served_under_its_id(tmp_path, tiny):
     missing.reader.join(10)
     out = "".join(missing.lines)
     assert "test-org/missing: no such directory, and no model of that id" in out, out
+
+
+def test_a_revision_is_for_hub_ids(tmp_path, tiny, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants", reason="huggingface_hub (a test extra) missing")
+    repo = tmp_path / "hub" / "models--test-org--tiny-blt"
+    shutil.copytree(tiny, repo / "snapshots" / REVISION)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "stable").write_text(REVISION)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    settings = from_hub(load_settings(["test-org/tiny-blt", "--revision", "stable"], environ={}))
+    assert settings.model_dir == str(repo / "snapshots" / REVISION) and settings.model_name == "test-org/tiny-blt"
+    with pytest.raises(ConfigError, match="test-org/tiny-blt: no such directory"):
+        from_hub(load_settings(["test-org/tiny-blt"], environ={}))  # no main branch
+    with pytest.raises(ConfigError, match="--revision stable: .* is a directory, not a Hugging Face Hub model id"):
+        from_hub(load_settings([str(tiny), "--revision", "stable"], environ={}))
