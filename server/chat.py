@@ -36,13 +36,15 @@ from .tools import CallStream, ToolCalling, tool_calling
 class ChatCompletion(Completion):
     ID_PREFIX, OBJECT, CHUNK_OBJECT, CHOICE = "chatcmpl-", "chat.completion", "chat.completion.chunk", ChatChoiceState
 
-    def __init__(self, *args, calls: ToolCalling | None = None, **kw):
+    def __init__(self, *args, calls: ToolCalling | None = None, echo: str = "", **kw):
+        """`calls`: the text is read as tool calls; `echo`: the text the answer begins with."""
         super().__init__(*args, **kw)
-        for choice in self.choices.values() if calls is not None else ():
-            choice.calls = CallStream(calls.name)
+        for choice in self.choices.values():
+            choice.calls = CallStream(calls.name) if calls is not None else None
+            choice.prefix = echo if calls is None else ""
 
     def opening(self) -> list[str]:
-        return [self.chunk([c.role_delta()]) for c in self.choices.values()]
+        return [self.chunk([delta]) for c in self.choices.values() for delta in c.opening()]
 
 
 def message_text(message: ChatMessage, index: int) -> str:
@@ -108,8 +110,10 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     guide = await chat_guide(completion, calls)
     params = sampling_params(completion, 0, guide=guide, defaults=state.generation_defaults)
     check_capacity([prompt], req.n, state.engine.capacity)
-    return await respond(ChatCompletion(completion, state, [prompt], params, client_request_id(request), calls=calls),
-                         request)
+    last = req.messages[-1]
+    echo = message_text(last, len(req.messages) - 1) if req.echo and last.role == "assistant" else ""
+    return await respond(ChatCompletion(completion, state, [prompt], params, client_request_id(request), calls=calls,
+                                        echo=echo), request)
 
 
 async def chat_guide(completion: CompletionRequest, calls: ToolCalling | None) -> ByteGuide | None:

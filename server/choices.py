@@ -99,10 +99,12 @@ class ChatChoiceState(ChoiceState):
 
     calls: CallStream | None = None
 
-    def role_delta(self) -> dict:
-        """A stream's first chunk for this choice (as OpenAI and vLLM send it)."""
-        return {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+    def opening(self) -> list[dict]:
+        """A stream's first chunks for this choice: the assistant's role with no content (as OpenAI and vLLM
+        send it), then the echoed text, if any."""
+        role = {"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
+        return [role] + ([{**role, "delta": {"content": self.prefix}}] if self.prefix else [])
 
     def delta(self, new: int) -> dict:
         pieces = self.pieces[-new:] if new else []
@@ -125,7 +127,7 @@ class ChatChoiceState(ChoiceState):
 
     def whole(self) -> dict:
         text = "".join(p.text for p, _ in self.pieces)
-        message = {"role": "assistant", "content": text}
+        message = {"role": "assistant", "content": self.prefix + text}
         if self.calls is not None:  # the text is the calls' (vLLM's content is empty then)
             self.calls.feed(text)
             message = {"role": "assistant", "content": "", "tool_calls": self.calls.whole()}

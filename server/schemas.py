@@ -165,6 +165,8 @@ class ChatCompletionRequest(TemplateFields, SamplingFields):
                                                      "parameters schema. 'auto' (the default with tools) is not "
                                                      "supported: BLT checkpoints have no tool-call format")
     parallel_tool_calls: bool | None = Field(None, description="with tool_choice 'required': false, one call only")
+    echo: bool = Field(False, description="the answer begins with the last message's content where that is the "
+                                          "assistant's (with continue_final_message: the whole message; vLLM)")
 
 
 class Logprobs(BaseModel):

@@ -143,6 +143,17 @@ def test_continue_final_message_and_the_default_length(url):
                                          extra_body={"add_generation_prompt": False, "continue_final_message": True})
     plain = client.completions.create(model="tiny", prompt=RENDERED + prefix, max_tokens=30, temperature=0)
     assert out.choices[0].message.content == plain.choices[0].text
+    # vLLM's echo: the answer begins with the message it continues, streamed or not
+    echo = {"add_generation_prompt": False, "continue_final_message": True, "echo": True}
+    kw = dict(model="tiny", messages=CHAT + [{"role": "assistant", "content": prefix}], temperature=0, max_tokens=30,
+              extra_body=echo)
+    assert client.chat.completions.create(**kw).choices[0].message.content == prefix + plain.choices[0].text
+    chunks = [c.choices[0].delta for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    assert chunks[0].role == "assistant" and chunks[1].content == prefix
+    assert "".join(d.content or "" for d in chunks) == prefix + plain.choices[0].text
+    kw = dict(model="tiny", messages=CHAT, temperature=0, max_tokens=30)  # the last message is the user's: no echo
+    assert client.chat.completions.create(**kw, extra_body={"echo": True}).choices[0].message.content == \
+        client.chat.completions.create(**kw).choices[0].message.content
     long = client.chat.completions.create(model="tiny", messages=CHAT, temperature=0,
                                           extra_body={"ignore_eos": True})  # no max_tokens: what the context leaves
     assert long.usage.completion_tokens >= 400 - 1 - len(RENDERED.encode())
