@@ -240,9 +240,10 @@ def test_random_prefixes_joins_and_aborts(model, seed):
     """Prompts that share prefixes of every length with each other, joining at random steps, and short
     ones of their own arriving together (prefilled together); some aborted at random steps (leaders
     among them), some scoring their prompts, and a few late, which start from copies of prefixes kept
-    from the others: every request that is not aborted ends with the bytes
-    and the prompt scores that an engine without sharing, prefilling one prompt a step, gives it, and
-    nothing waits forever."""
+    from the others; with priorities, so that more urgent requests preempt others (leaders, followers,
+    requests keeping prefixes among them): every request that is not aborted ends with the bytes
+    and the prompt scores that an engine without sharing or priorities, prefilling one prompt a step,
+    gives it, and nothing waits forever."""
     rng = random.Random(seed)
     stems = [PARITY_TEXT[:rng.randrange(50, 400)] for _ in range(3)]
     requests, joins, aborts = {}, {}, {}
@@ -266,7 +267,8 @@ def test_random_prefixes_joins_and_aborts(model, seed):
         requests[f"late{j}"] = (stem[:rng.randrange(len(stem) // 2, len(stem) + 1)] + PARITY_TEXT[900 + 20 * j:][:20],
                                 replace(GREEDY, max_bytes=rng.randrange(1, 8)))
         joins[f"late{j}"] = rng.randrange(40, 80)
-    results, scores, shared = {}, {}, 0
+    priorities = {rid: rng.choice([0, 0, 1, 2]) for rid in requests}
+    results, scores, shared, preempted = {}, {}, 0, 0
     for share in (False, True):
         engine = Engine(model, max_batch_size=6, prefill_chunk=48, overlap=bool(seed % 2), share_prompts=share)
         if not share:
@@ -275,23 +277,25 @@ def test_random_prefixes_joins_and_aborts(model, seed):
         for step in range(400):
             for rid, at in joins.items():
                 if at == step:
-                    engine.add_request(rid, *requests[rid])
+                    engine.add_request(rid, *requests[rid], priority=priorities[rid] if share else 0)
             for rid, at in aborts.items():
                 if at == step:
                     engine.abort(rid)
             for o in engine.step():
                 out[o.request_id] += o.new_bytes
                 if o.prompt_logprobs is not None:
+                    assert o.request_id not in scores[share], "prompt scores reported twice"
                     scores[share][o.request_id] = o.prompt_logprobs
                 if o.finished:
                     done.add(o.request_id)
                     shared += o.usage.shared_prompt_bytes
+            preempted += len(engine.last_preempted)
             if len(done) == len(requests):
                 break
         assert len(done) == len(requests), f"still waiting after 400 steps: {set(requests) - done}"
         assert engine.slots.num_free == 6 and not engine.sequences
         results[share] = out
-    assert shared > 0
+    assert shared > 0 and preempted > 0
     for rid, (prompt, params) in requests.items():
         if rid not in aborts:
             assert results[True][rid] == results[False][rid], rid
