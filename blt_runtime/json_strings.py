@@ -2,8 +2,8 @@
 text between the quotes (json_guide.py puts them there).
 
 Formats (the texts of each are a subset of what the format allows, so every one validates):
-- `date`: years 1000 to 9999, days within their month; February never has a 29th (a leap year is no
-  regular language worth its states);
+- `date`: years 1000 to 9999, days within their month, February's 29th in leap years only (a year's last
+  two digits a multiple of 4 but not 00, or a multiple of 400);
 - `time`: RFC 3339's full-time, HH:MM:SS with up to 6 fractional digits, then Z or an offset (no leap second);
 - `date-time`: a date, "T", a time;
 - `uuid`: 8-4-4-4-12 hex digits; `ipv4`: four decimal octets without leading zeros;
@@ -31,7 +31,9 @@ from .regex_syntax import Alt, Cat, Chars, Repeat, parse_search, to_regex
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'  # any character, as JSON writes it
 DAY = ("(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
        "|02-(?:0[1-9]|1[0-9]|2[0-8]))")
-DATE = "[1-9][0-9]{3}-" + DAY
+MULTIPLE_OF_4 = "(?:[2468][048]|[13579][26])"  # of two digits, the first not 0 (with 0[48]: all but 00)
+LEAP_YEAR = f"(?:[1-9][0-9](?:0[48]|{MULTIPLE_OF_4})|{MULTIPLE_OF_4}00)"
+DATE = f"(?:[1-9][0-9]{{3}}-{DAY}|{LEAP_YEAR}-02-29)"
 HOUR = "(?:[01][0-9]|2[0-3])"
 TIME = rf"{HOUR}:[0-5][0-9]:[0-5][0-9](?:\.[0-9]{{1,6}})?(?:Z|[+-]{HOUR}:[0-5][0-9])"
 OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"

@@ -118,7 +118,11 @@ def test_the_texts_a_schema_should_take_it_takes():
             "id": "123e4567-e89b-12d3-A456-426614174000", "ip": "192.168.0.1", "mail": "a.b+c@mail.example.org",
             "site": "https://example.com/a?b=1"}
     assert strings.matches(json.dumps(good).encode())
-    for key, bad in (("day", "2024-02-30"), ("day", "2024-13-01"), ("at", "24:00:00Z"), ("at", "12:00:00"),
+    for day in ("2024-02-29", "2000-02-29", "1996-02-29", "1200-02-29", "9996-02-29"):  # leap years
+        assert strings.matches(json.dumps({**good, "day": day}).encode()), day
+    for key, bad in (("day", "2024-02-30"), ("day", "2024-13-01"), ("day", "2023-02-29"), ("day", "1900-02-29"),
+                     ("day", "2100-02-29"), ("day", "1002-02-29"), ("day", "0400-02-29"), ("at", "24:00:00Z"),
+                     ("at", "12:00:00"),
                      ("ip", "256.1.1.1"), ("ip", "01.1.1.1"), ("id", "123e4567e89b12d3a456426614174000"),
                      ("mail", "no-at.example.com"), ("site", "ftp://x"), ("site", "https://a/" + "x" * 2074),
                      ("site", "https://a.1"), ("site", "https://a%20b")):
@@ -216,3 +220,23 @@ def test_a_whitespace_pattern_takes_pretty_printed_json():
     for bad in ("x*", ".", "[ \\u00a0]"):
         with pytest.raises(GuideError, match="only spaces, tabs, newlines and carriage returns"):
             schema_regex(PERSON, bad)
+
+
+def test_a_date_is_a_day_of_the_calendar():
+    """Every year's February 29th, and every day of a leap year and of a common one, against datetime's
+    calendar: the `date` format takes exactly the days that are."""
+    import datetime
+
+    from blt_runtime.json_strings import DATE
+
+    guide = ByteGuide.regex(DATE)
+
+    def real(y: int, m: int, d: int) -> bool:
+        try:
+            return bool(datetime.date(y, m, d))
+        except ValueError:
+            return False
+    days = [(y, 2, 29) for y in range(1000, 10000)]
+    days += [(y, m, d) for y in (2000, 2023) for m in range(1, 14) for d in range(0, 33)]
+    for y, m, d in days:
+        assert guide.matches(f"{y:04d}-{m:02d}-{d:02d}".encode()) == real(y, m, d), (y, m, d)
