@@ -1,7 +1,8 @@
 """Guided generation: a completion held to a regular expression, or to one of a list of choices, byte by byte.
 
 Owns `ByteGuide`: a deterministic automaton over bytes (a DFA), compiled from a regular expression in
-Python's syntax (`ByteGuide.regex`) or from choices (`ByteGuide.choice`). Since a byte-level model
+Python's syntax (`ByteGuide.regex`) or from choices (`ByteGuide.choice`), or made of a set of bytes
+(`of_bytes`) or of words that must not occur (`avoiding`); two guides intersect (`intersect`). Since a byte-level model
 chooses bytes, the automaton constrains each choice exactly: at every step the model may only take the
 bytes that keep the text a prefix of some match, and may end (EOS) only where the text so far is a
 whole match. Where nothing more can follow, the completion ends there. Character classes and `.` are
@@ -244,9 +245,13 @@ class ByteGuide:
                     sets.append(target)
                 row[lo:hi] = [index[target]] * (hi - lo)
             next_.append(row)
-        accepting = [exit_ in s for s in sets]
-        # keep only the states from which a match can still be reached
-        back: list[set[int]] = [set() for _ in sets]
+        return cls._live(next_, [exit_ in s for s in sets], source)
+
+    @classmethod
+    def _live(cls, next_: list[list[int]], accepting: list[bool], source: str) -> ByteGuide:
+        """The guide of an automaton (state 0 the start), but for the states from which no match can be reached
+        (a GuideError if the start is one)."""
+        back: list[set[int]] = [set() for _ in next_]
         for s, row in enumerate(next_):
             for t in set(row) - {-1}:
                 back[t].add(s)
@@ -263,3 +268,63 @@ class ByteGuide:
         renumber = {s: k for k, s in enumerate(order)}
         rows = [[renumber.get(t, -1) for t in next_[s]] for s in order]
         return cls(rows, [accepting[s] for s in order], source)
+
+    @classmethod
+    def of_bytes(cls, allowed: set[int] | frozenset[int]) -> ByteGuide:
+        """Any text of these bytes (vLLM's allowed_token_ids, the ids being bytes): one state, always a match.
+        Bytes beyond them can make invalid UTF-8, as any byte can where nothing guides the completion."""
+        if not all(isinstance(b, int) and 0 <= b <= 255 for b in allowed):
+            raise GuideError("allowed bytes must be integers 0..255")
+        return cls([[0 if b in allowed else -1 for b in range(256)]], [True], f"{len(allowed)} allowed bytes")
+
+    @classmethod
+    def avoiding(cls, words: list[bytes]) -> ByteGuide:
+        """Any text in which none of `words` occurs (vLLM's bad_words, as bytes): an Aho-Corasick automaton over
+        the words' prefixes, without the states where one has just been completed."""
+        if not words or not all(isinstance(w, bytes) and w for w in words):
+            raise GuideError("bad words must be non-empty")
+        goto: list[dict[int, int]] = [{}]
+        banned = [False]
+        for word in words:
+            s = 0
+            for b in word:
+                if b not in goto[s]:
+                    goto[s][b] = len(goto)
+                    goto.append({})
+                    banned.append(False)
+                s = goto[s][b]
+            banned[s] = True
+        fail, next_ = [0] * len(goto), [[0] * 256 for _ in goto]  # breadth first: a state's failure is shallower
+        for b, t in goto[0].items():
+            next_[0][b] = t
+        queue = list(goto[0].values())
+        for s in queue:
+            banned[s] = banned[s] or banned[fail[s]]  # a word ends here, or a shorter one inside it
+            next_[s] = list(next_[fail[s]])
+            for b, t in goto[s].items():
+                fail[t] = next_[fail[s]][b]
+                next_[s][b] = t
+                queue.append(t)
+            if len(queue) > MAX_STATES:
+                raise GuideError(f"bad words of {sum(map(len, words))} bytes need more than {MAX_STATES} states")
+        rows = [[-1 if banned[t] else t for t in row] for row in next_]
+        return cls._live(rows, [not b for b in banned], f"{len(words)} bad words")
+
+    def intersect(self, other: ByteGuide) -> ByteGuide:
+        """The texts both guides allow (a product automaton over the pairs of states reachable together)."""
+        index, pairs, next_ = {(0, 0): 0}, [(0, 0)], []
+        source = f"{self.source} and {other.source}"
+        while len(next_) < len(pairs):
+            a, b = pairs[len(next_)]
+            row, ra, rb = [-1] * 256, self.next[a], other.next[b]
+            for byte in self.allowed[a]:
+                if rb[byte] >= 0:
+                    pair = (ra[byte], rb[byte])
+                    if pair not in index:
+                        if len(pairs) >= MAX_STATES:
+                            raise GuideError(f"{source} need more than {MAX_STATES} automaton states together")
+                        index[pair] = len(pairs)
+                        pairs.append(pair)
+                    row[byte] = index[pair]
+            next_.append(row)
+        return self._live(next_, [self.accepting[a] and other.accepting[b] for a, b in pairs], source)

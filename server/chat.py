@@ -27,7 +27,7 @@ from .completions import (
     sampling_params,
 )
 from .errors import ApiError, utf8
-from .guided import asked_guide, asked_whitespace, compile_guide, request_guide, schema_text
+from .guided import asked_guide, asked_limits, asked_whitespace, compile_guide, request_guide, schema_text
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, TokenizeRequest
 from .state import AppState
 from .tools import CallStream, ToolCalling, tool_calling
@@ -125,4 +125,4 @@ async def chat_guide(completion: CompletionRequest, calls: ToolCalling | None) -
         raise ApiError(400, f"{asked[0]}: a tool call guides the completion to the tool's arguments; send either",
                        asked[0], "invalid_value")
     return await compile_guide("tool_choice" if calls.name else "tools", "json", schema_text(calls.schema),
-                               asked_whitespace(completion))
+                               asked_whitespace(completion), asked_limits(completion))

@@ -4,7 +4,8 @@ Owns which fields ask for a guide: vLLM's `guided_regex`, `guided_choice` and `g
 `structured_outputs` (`regex`, `choice`, `json`, `json_object`), and OpenAI's `response_format`
 (`json_object`: any JSON value; `json_schema`: a schema, blt_runtime/json_guide.py), and the whitespace a
 JSON guide allows (`guided_whitespace_pattern`, `structured_outputs.whitespace_pattern`; compact JSON
-without one). It refuses with a
+without one); and vLLM's `allowed_token_ids` (bytes) and `bad_words`, which hold the completion with
+its guide, if any, or alone (the guides intersect). It refuses with a
 400 what this server does not do (grammars, two guides at once, a schema it cannot express) rather
 than ignoring it, and compiles the guide off the event loop (a large one takes a while), keeping the
 last ones compiled for the next requests that ask for them.
@@ -19,7 +20,7 @@ import json
 from blt_runtime.guide import ByteGuide, GuideError
 from blt_runtime.json_guide import layout, schema_regex
 
-from .errors import ApiError
+from .errors import ApiError, utf8
 from .schemas import CompletionRequest
 
 UNSUPPORTED = ("this server guides completions by a regular expression, a list of choices or a JSON schema "
@@ -74,11 +75,33 @@ def asked_guide(req: CompletionRequest) -> tuple[str, str, str | tuple[str, ...]
     return asked[0] if asked else None
 
 
+Limits = tuple[tuple[int, ...] | None, tuple[bytes, ...] | None]  # allowed bytes, bad words
+NO_LIMITS: Limits = (None, None)
+
+
 @functools.lru_cache(maxsize=8)  # each guide keeps its bias rows on the device while it is cached
-def compiled(kind: str, source: str | tuple[str, ...], whitespace: str | None = None) -> ByteGuide:
+def compiled(kind: str | None, source: str | tuple[str, ...] | None, whitespace: str | None = None,
+             limits: Limits = NO_LIMITS) -> ByteGuide:
+    """A guide of `kind` ("json", "regex", "choice"; None: none), within the bytes and without the words of
+    `limits`."""
+    guide = None
     if kind == "json":
-        return ByteGuide.regex(schema_regex(source, whitespace))
-    return ByteGuide.regex(source) if kind == "regex" else ByteGuide.choice(list(source))
+        guide = ByteGuide.regex(schema_regex(source, whitespace))
+    elif kind is not None:
+        guide = ByteGuide.regex(source) if kind == "regex" else ByteGuide.choice(list(source))
+    allowed, bad = limits
+    for limit in (None if allowed is None else ByteGuide.of_bytes(set(allowed)),
+                  None if bad is None else ByteGuide.avoiding(list(bad))):
+        if limit is not None:
+            guide = limit if guide is None else guide.intersect(limit)
+    return guide
+
+
+def asked_limits(req: CompletionRequest) -> Limits:
+    """The bytes a request allows (allowed_token_ids) and the words it bans (bad_words), or None for each."""
+    allowed = None if req.allowed_token_ids is None else tuple(sorted(set(req.allowed_token_ids)))
+    bad = None if not req.bad_words else tuple(sorted({utf8(w, "bad_words") for w in req.bad_words}))
+    return allowed, bad
 
 
 def asked_whitespace(req: CompletionRequest) -> tuple[str, str | None]:
@@ -95,22 +118,27 @@ async def request_guide(req: CompletionRequest) -> ByteGuide | None:
     guide (GuideError's reason)."""
     asked = asked_guide(req)
     ws_field, whitespace = asked_whitespace(req)
+    limits = asked_limits(req)
     if asked is None:
         if whitespace is not None:
             raise ApiError(400, f"{ws_field}: a whitespace pattern applies to JSON guides only, and the request "
                                 "asks for none", ws_field, "invalid_value")
-        return None
+        if limits == NO_LIMITS:
+            return None
+        return await compile_guide("allowed_token_ids" if limits[0] is not None else "bad_words", None, None,
+                                   limits=limits)
     field, kind, source = asked
     if whitespace is not None and kind != "json":
         raise ApiError(400, f"{ws_field}: a whitespace pattern applies to JSON guides only", ws_field,
                        "invalid_value")
-    return await compile_guide(field, kind, source, (ws_field, whitespace))
+    return await compile_guide(field, kind, source, (ws_field, whitespace), limits)
 
 
-async def compile_guide(field: str, kind: str, source: str | tuple[str, ...],
-                        whitespace: tuple[str, str | None] = ("", None)) -> ByteGuide:
+async def compile_guide(field: str, kind: str | None, source: str | tuple[str, ...] | None,
+                        whitespace: tuple[str, str | None] = ("", None), limits: Limits = NO_LIMITS) -> ByteGuide:
     """A guide compiled (in a thread; the last ones kept), `field` named in a 400 for one that cannot guide;
-    `whitespace`: (field, pattern) of what a JSON guide allows between its tokens (asked_whitespace)."""
+    `whitespace`: (field, pattern) of what a JSON guide allows between its tokens (asked_whitespace);
+    `limits`: the request's allowed bytes and bad words (asked_limits), which hold the completion too."""
     ws_field, whitespace = whitespace
     if whitespace is not None:
         try:
@@ -118,7 +146,7 @@ async def compile_guide(field: str, kind: str, source: str | tuple[str, ...],
         except GuideError as e:
             raise ApiError(400, f"{ws_field}: {e}", ws_field, "invalid_value") from None
     try:
-        guide = await asyncio.to_thread(compiled, kind, source, whitespace)
+        guide = await asyncio.to_thread(compiled, kind, source, whitespace, limits)
     except GuideError as e:
         raise ApiError(400, f"{field}: {e}", field, "invalid_value") from None
     if guide.ends(0):

@@ -88,6 +88,10 @@ class SamplingFields(BaseModel):
         None, description="what a JSON guide allows after ':' and ',' and inside brackets, a pattern of JSON's "
                           "whitespace (vLLM's; '[ \\n]*' takes pretty-printed JSON); default: compact JSON")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
+    allowed_token_ids: list[Byte] | None = Field(None, max_length=256, description="only these bytes are generated "
+                                                                               "(vLLM's; EOS stays allowed)")
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, max_length=64, description="never generated: none of these occurs in the completion (vLLM's)")
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):

@@ -174,3 +174,52 @@ def test_a_pattern_too_deep_or_too_slow_to_build_is_refused(monkeypatch):
     monkeypatch.setattr(guide_module, "MAX_SECONDS", 0.0)
     with pytest.raises(GuideError, match="too complex"):
         ByteGuide.regex("[a-z]{1,1000}")
+
+
+# ---------------------------------------------------------------------- bytes, bad words, intersections
+WORDS = st.lists(st.binary(min_size=1, max_size=4).map(lambda b: bytes(x % 3 + 97 for x in b)), min_size=1,
+                 max_size=4)
+TEXTS = st.binary(max_size=12).map(lambda b: bytes(x % 4 + 97 for x in b))  # "a".."d": "d" is in no word
+
+
+def prefix_ok(guide: ByteGuide, text: bytes) -> bool:
+    """Does the guide let the text be generated (each byte allowed where it comes)?"""
+    return guide.state_after(text) >= 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=WORDS, text=TEXTS)
+def test_bad_words_never_occur_and_nothing_else_is_kept_out(words, text):
+    guide = ByteGuide.avoiding(words)
+    assert prefix_ok(guide, text) == (not any(w in text for w in words))
+    assert guide.matches(text) == prefix_ok(guide, text)  # every text without them may end anywhere
+    assert all(guide.allowed[s] for s in range(guide.num_states))  # never a dead end: "d" is always allowed
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=WORDS, text=TEXTS, pattern=st.sampled_from(["[a-c]*d?", "(ab|c)+d", "a*b*c*d*", "[abd]{2,6}"]),
+       allowed=st.sets(st.sampled_from(b"abcd"), min_size=1))
+def test_an_intersection_takes_what_both_take(words, text, pattern, allowed):
+    regex_guide, bad, only = ByteGuide.regex(pattern), ByteGuide.avoiding(words), ByteGuide.of_bytes(allowed)
+    for a, b in ((regex_guide, bad), (regex_guide, only), (bad, only)):
+        try:
+            both = a.intersect(b)
+        except GuideError:  # they share no text
+            assert not any(a.matches(t) and b.matches(t) for t in (text, b"", b"d", b"abd", b"cd"))
+            continue
+        assert both.matches(text) == (a.matches(text) and b.matches(text))
+        if prefix_ok(both, text):
+            assert prefix_ok(a, text) and prefix_ok(b, text)
+        state = both.state_after(text)  # every state it reaches can still end in a match (pruned)
+        assert state < 0 or both.accepting[state] or both.allowed[state]
+
+
+def test_bytes_and_bad_words_are_checked():
+    only = ByteGuide.of_bytes({0x41, 0xFF})
+    assert only.matches(b"A\xffA") and not only.matches(b"AB") and only.num_states == 1
+    with pytest.raises(GuideError, match="0..255"):
+        ByteGuide.of_bytes({256})
+    with pytest.raises(GuideError, match="non-empty"):
+        ByteGuide.avoiding([b""])
+    with pytest.raises(GuideError, match="matches no text"):
+        ByteGuide.regex("a+").intersect(ByteGuide.of_bytes({0x62}))

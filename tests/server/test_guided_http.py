@@ -134,12 +134,36 @@ def test_the_openai_client_sends_a_guide_in_extra_body(url):
      "only spaces, tabs"),
     ({"structured_outputs": {"json_object": True, "whitespace_pattern": "(?=x)"}}, "structured_outputs",
      "look-around"),
+    ({"allowed_token_ids": []}, "allowed_token_ids", "only the empty text"),
+    ({"allowed_token_ids": [256]}, "allowed_token_ids", "less than or equal to 255"),
+    ({"guided_regex": "ab+", "bad_words": ["b"]}, "guided_regex", "matches no text"),
+    ({"bad_words": [""]}, "bad_words", "at least 1 character"),
+    ({"guided_choice": ["yes", "no"], "allowed_token_ids": [121, 101]}, "guided_choice", "matches no text"),
 ])
 def test_what_cannot_guide_is_a_400_naming_the_field(url, body, param, words):
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5} | body, timeout=60)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and words in error["message"], error
+
+
+def test_allowed_bytes_and_bad_words_hold_with_a_guide_or_alone(url):
+    """vLLM's allowed_token_ids (here bytes) and bad_words: alone, or with a guide (the texts both allow)."""
+    lower = list(range(ord("a"), ord("z") + 1)) + [ord(" ")]
+    with httpx.Client(timeout=120) as c:
+        for seed in range(3):
+            body = {"prompt": "The ", "max_tokens": 60, "temperature": 1.5, "seed": seed, "ignore_eos": True}
+            text = c.post(f"{url}/v1/completions", json={**body, "allowed_token_ids": lower}).json()["choices"][0]
+            assert re.fullmatch("[a-z ]{60}", text["text"]), text
+            bad = ["e", "th", "in ", "é"]
+            r = c.post(f"{url}/v1/completions", json={**body, "bad_words": bad, "stream": seed == 1})
+            events = sse_events(r.text) if seed == 1 else [r.json()]
+            raw = "".join(e["choices"][0]["text"] for e in events if isinstance(e, dict) and e["choices"])
+            assert len(raw.encode()) >= 60 and not any(w in raw for w in bad), raw
+            guided = c.post(f"{url}/v1/completions", json={**body, "guided_regex": r"[a-z]+( [a-z]+)*\.",
+                                                            "bad_words": ["e"], "allowed_token_ids": lower + [46]})
+            text = guided.json()["choices"][0]["text"]
+            assert re.fullmatch(r"[a-z]+( [a-z]+)*\.?", text) and "e" not in text, text
 
 
 def test_a_text_response_format_is_plain_completion(url):
