@@ -28,9 +28,12 @@ def id_name(model_id: int) -> str:
 
 class ChoiceState:
     def __init__(self, index: int, stops: tuple[bytes, ...], prefix: str = "", logprobs: bool = False,
-                 patches: bool = False, streamed: bool = False, keep_stop: bool = False):
+                 patches: bool = False, streamed: bool = False, keep_stop: bool = False,
+                 stop_ids: frozenset[int] = frozenset()):
         """`streamed`: the pieces are sent as deltas and then dropped (a whole body keeps them all).
-        `keep_stop`: a matched stop string stays in the text (nothing is held back for it)."""
+        `keep_stop`: a matched stop string stays in the text (nothing is held back for it). `stop_ids`: bytes
+        that stop it as stop_token_ids (the stop_reason is then the byte's value)."""
+        self.stop_ids = stop_ids
         self.index, self.prefix, self.want_logprobs, self.want_patches = index, prefix, logprobs, patches
         self.streamed, self.keep_stop = streamed, keep_stop
         self.stream = ChoiceStream(() if keep_stop else stops)
@@ -38,7 +41,7 @@ class ChoiceState:
         self.pieces: list[tuple[Piece, int]] = []  # with the character offset of each piece's text
         self.chars = len(prefix)  # characters of text produced so far, echo included
         self.finish_reason: str | None = None
-        self.stop_reason: str | None = None
+        self.stop_reason: str | int | None = None
         self.usage = None
         self.done = False
 
@@ -51,7 +54,9 @@ class ChoiceState:
         if out.finished:
             self.done, self.usage = True, out.usage
             self.finish_reason = out.finish_reason
-            self.stop_reason = out.stop_reason.decode("utf-8", "replace") if out.stop_reason else None
+            stop = out.stop_reason
+            self.stop_reason = None if not stop else stop[0] if len(stop) == 1 and stop[0] in self.stop_ids else \
+                stop.decode("utf-8", "replace")
             piece = self.stream.finish(out.new_bytes, extra, None if self.keep_stop else out.stop_reason)
         else:
             piece = self.stream.feed(out.new_bytes, extra)

@@ -76,7 +76,7 @@ def sampling_params(req: CompletionRequest, index: int, room: int | None = None,
         return SamplingParams(
             max_bytes=max_bytes, min_bytes=req.min_tokens, temperature=field("temperature", 1.0),
             top_p=field("top_p", 1.0), top_k=field("top_k", 0), min_p=field("min_p", 0.0), seed=seed,
-            stop=req.stop or (), presence_penalty=req.presence_penalty or 0.0,
+            stop=stop_strings(req), presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=field("repetition_penalty", 1.0),
             logprobs=req.logprobs, ignore_eos=req.ignore_eos, logit_bias=logit_bias(req.logit_bias), guide=guide,
@@ -87,6 +87,19 @@ def sampling_params(req: CompletionRequest, index: int, room: int | None = None,
         for name, api_name in API_NAMES.items():
             message = message.replace(name, api_name)
         raise ApiError(400, message, message.split("=")[0], "invalid_value") from None
+
+
+def stop_strings(req: CompletionRequest) -> tuple[str | bytes, ...]:
+    """The request's stop strings, and each byte of its stop_token_ids as one more."""
+    strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+    return tuple(strings) + tuple(bytes([b]) for b in sorted(set(req.stop_token_ids or ())))
+
+
+def stop_ids(req: CompletionRequest) -> frozenset[int]:
+    """The bytes of stop_token_ids that no stop string is alone: where one of them stops a choice, its stop_reason
+    is that byte's value, as vLLM reports a stop token's id."""
+    strings = {s.encode("utf-8") for s in ([req.stop] if isinstance(req.stop, str) else req.stop or ())}
+    return frozenset(b for b in req.stop_token_ids or () if bytes([b]) not in strings)
 
 
 def logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
@@ -177,7 +190,7 @@ class Completion:
                 index = p * req.n + i
                 self.choices[f"{key}-{index}"] = self.CHOICE(index, stops, prefix, req.logprobs is not None,
                                                                  req.return_patches, req.stream,
-                                                                 req.include_stop_str_in_output)
+                                                                 req.include_stop_str_in_output, stop_ids(req))
         # streamed choices whose echo waits for their prompt's scores -> pieces held back meanwhile
         self.held = {rid: 0 for rid in self.choices} if req.stream and req.echo and req.logprobs is not None else {}
         opts = req.stream_options

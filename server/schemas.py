@@ -56,6 +56,9 @@ class SamplingFields(BaseModel):
     min_p: float | None = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = Field(None, description="stop strings, matched on bytes")
+    stop_token_ids: list[Byte] | None = Field(None, max_length=256, description="bytes that stop the completion, as "
+                                                                            "one-byte stop strings (vLLM's, the ids "
+                                                                            "being bytes); stop_reason is the byte")
     n: int = Field(1, ge=1, le=64)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -186,7 +189,8 @@ class ChoiceEnd(BaseModel):
 
     index: int
     finish_reason: Literal["stop", "length"] | None = None
-    stop_reason: str | None = None
+    stop_reason: str | int | None = Field(None, description="the stop string matched, or the byte of "
+                                                              "stop_token_ids")
     patch_starts: list[int] | None = Field(None, description="completion byte offsets where patches begin")
 
 

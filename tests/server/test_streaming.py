@@ -50,6 +50,23 @@ def test_stop_string_across_steps_never_leaks(serve):
     assert body["choices"][0]["text"] == "Once upon " and body["choices"][0]["stop_reason"] == "<END>"
 
 
+def test_stop_token_ids_are_bytes_that_stop(serve):
+    """vLLM's stop_token_ids, the ids being bytes: a one-byte stop string each, whose stop_reason is the byte's
+    value (a stop string that is the same byte says the string)."""
+    url, _ = serve(ScriptedEngine({b"s": b"Once upon <END> a time"}))
+    with httpx.Client(timeout=30) as client:
+        def choice(**body):
+            return client.post(f"{url}/v1/completions", json={"prompt": "s", **body}).json()["choices"][0]
+        got = choice(stop_token_ids=[ord("<"), ord("p")])
+        assert got["text"] == "Once u" and got["stop_reason"] == ord("p") and got["finish_reason"] == "stop"
+        got = choice(stop_token_ids=[ord("p")], include_stop_str_in_output=True)
+        assert got["text"] == "Once up" and got["stop_reason"] == ord("p")
+        assert choice(stop_token_ids=[ord("p")], stop="p")["stop_reason"] == "p"
+        assert choice(stop_token_ids=[ord("<")], stop=["n "])["stop_reason"] == "n "  # what comes first
+    events = stream(url, {"prompt": "s", "stop_token_ids": [ord("<")], "max_tokens": 100})
+    assert "".join(texts(events)) == "Once upon " and events[-2]["choices"][0]["stop_reason"] == ord("<")
+
+
 def test_invalid_bytes_become_replacement_only_at_the_end(serve):
     url, _ = serve(ScriptedEngine({b"bad": b"ok \xe4\xb8"}))
     parts = texts(stream(url, {"prompt": "bad"}))
