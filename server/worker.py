@@ -38,6 +38,7 @@ class Tracked:
     queue: asyncio.Queue
     arrival: float
     prompt_bytes: int
+    admitted: float | None = None  # when it first took a cache slot
     first_byte: float | None = None
     last_byte: float | None = None
     open_patch: int | None = None  # bytes of the completion's newest patch so far
@@ -186,8 +187,10 @@ class EngineWorker:
         outputs = engine.step()
         now = time.monotonic()
         for rid in engine.last_admitted:
-            if rid in self._tracked:
-                m.of(m.queue_time).observe(now - self._tracked[rid].arrival)
+            tracked = self._tracked.get(rid)
+            if tracked is not None:
+                tracked.admitted = now
+                m.of(m.queue_time).observe(now - tracked.arrival)
         if engine.last_preempted:
             m.of(m.preemptions).inc(len(engine.last_preempted))
             log.info("preempted for more urgent requests: %s", ", ".join(engine.last_preempted))
@@ -238,6 +241,10 @@ class EngineWorker:
     def _observe_finish(self, t: Tracked, out: StepOutput, now: float) -> None:
         m, u = self.metrics, out.usage
         m.of(m.e2e).observe(now - t.arrival)
+        if t.admitted is not None and t.first_byte is not None:  # vLLM's phases of a request that generated
+            m.of(m.prefill_time).observe(t.first_byte - t.admitted)
+            m.of(m.decode_time).observe(t.last_byte - t.first_byte)
+            m.of(m.inference_time).observe(t.last_byte - t.admitted)
         if out.finish_reason in ("stop", "length"):
             m.of(m.success, finish_reason=out.finish_reason).inc()
         if u is None:

@@ -175,8 +175,14 @@ def test_metrics_exist_and_move(server):
     after = httpx.get(f"{server.url}/metrics", headers=AUTH).text
     for name in ("blt_generation_bytes_total", "blt_prompt_bytes_total", "blt_global_steps_total",
                  "blt_time_to_first_byte_seconds_count", "blt_e2e_request_latency_seconds_count",
-                 "blt_batch_size_count", "blt_request_queue_time_seconds_count"):
+                 "blt_batch_size_count", "blt_request_queue_time_seconds_count",
+                 "blt_request_prefill_time_seconds_count", "blt_request_decode_time_seconds_count",
+                 "blt_request_inference_time_seconds_count"):
         assert metric_value(after, name) > metric_value(before, name), name
+    phases = [metric_value(after, f"blt_request_{p}_time_seconds_sum") - metric_value(before, f"blt_request_{p}_time_"
+                                                                                       "seconds_sum")
+              for p in ("prefill", "decode", "inference")]
+    assert phases[0] + phases[1] == pytest.approx(phases[2]) and min(phases) >= 0
     assert metric_value(after, "blt_generation_bytes_total") - metric_value(before, "blt_generation_bytes_total") >= 20
     assert 'model="tiny"' in after
     assert all(metric_value(after, "blt_cache_memory_bytes", part=part) > 0 for part in ("local", "global"))
