@@ -151,6 +151,64 @@ class _Nfa:
         return frozenset(seen)
 
 
+MOST_ROUNDS = 24  # of refinement; an automaton whose classes still split after them is kept as it is
+
+
+def _distinct_columns(nxt, weights):
+    """`nxt` without the columns (bytes) that repeat another: bytes that lead to the same state from every
+    state (hashed, then checked)."""
+    import numpy as np
+
+    _, keep, inverse = np.unique(weights @ nxt, return_index=True, return_inverse=True)
+    if (nxt[:, keep[inverse.reshape(-1)]] == nxt).all():
+        return nxt[:, keep]
+    return np.unique(nxt, axis=1)
+
+
+def _minimal(nxt, accepting, weights=None) -> tuple[list[list[int]], list[bool]]:
+    """The smallest automaton that takes the same texts as the one of rows `nxt` ((n, 256) int64 array, -1
+    where a byte cannot follow; every state live) and `accepting` ((n,) bool array), its start still state
+    0. Moore's refinement: states are told apart by whether they accept, then by the classes their bytes
+    lead to, until no class splits. The subset construction leaves many states alike (any JSON value:
+    8,484 states, 1,100 after 18 rounds), and each is a row of biases on the device. Where the classes
+    still split after MOST_ROUNDS rounds (long chains of states, such as a string of up to 600
+    characters, split one state a round), the automaton is kept as it is: the rounds would take longer
+    than the compilation. Rows are grouped by a 64-bit hash (`weights`: its factors, random by default)
+    of the columns of bytes that differ somewhere, and every class is checked to be one signature (else
+    grouped by the rows themselves), so the result is exact."""
+    import numpy as np
+
+    rng = np.random.default_rng(0x5EED)
+    columns = _distinct_columns(nxt, rng.integers(1, 2**62, size=len(nxt), dtype=np.int64))
+    if weights is None:
+        weights = rng.integers(1, 2**62, size=columns.shape[1] + 1, dtype=np.int64)
+    _, classes = np.unique(accepting, return_inverse=True)  # classes are numbered 0 .. count - 1
+    classes = classes.reshape(-1).astype(np.int64)
+    count = int(classes.max()) + 1
+    for _ in range(MOST_ROUNDS):
+        sig = np.concatenate([classes[:, None], np.append(classes, -1)[columns]], axis=1)  # -1 stays -1
+        _, new = np.unique(sig @ weights[:sig.shape[1]], return_inverse=True)  # (wrapping int64 sums)
+        new = new.reshape(-1)
+        first = np.zeros(new.max() + 1, dtype=np.int64)
+        first[new[::-1]] = np.arange(len(new))[::-1]  # each class's first member
+        if not (sig == sig[first[new]]).all():  # two signatures met in one hash: group by the rows themselves
+            _, new = np.unique(sig, axis=0, return_inverse=True)
+            new = new.reshape(-1)
+        if new.max() + 1 == count:  # no class split (the new classes refine the old)
+            break
+        classes, count = new, int(new.max()) + 1
+    else:
+        return nxt.tolist(), accepting.tolist()
+    first = np.full(count, len(classes), dtype=np.int64)
+    np.minimum.at(first, classes, np.arange(len(classes)))
+    order = np.argsort(first)  # classes by their first member: the start's class first
+    number = np.empty(count + 1, dtype=np.int64)
+    number[order], number[count] = np.arange(count), -1
+    reps = first[order]
+    rows = number[np.where(nxt[reps] >= 0, classes[nxt[reps]], count)]
+    return rows.tolist(), accepting[reps].tolist()
+
+
 class ByteGuide:
     """A DFA over bytes whose every state can still reach a match. `next[s][b]`: the state after byte b,
     or -1 where b cannot follow; `accepting[s]`: the bytes so far are a whole match."""
@@ -249,8 +307,10 @@ class ByteGuide:
 
     @classmethod
     def _live(cls, next_: list[list[int]], accepting: list[bool], source: str) -> ByteGuide:
-        """The guide of an automaton (state 0 the start), but for the states from which no match can be reached
-        (a GuideError if the start is one)."""
+        """The smallest guide of an automaton (state 0 the start) without the states from which no match can
+        be reached (a GuideError if the start is one)."""
+        import numpy as np
+
         back: list[set[int]] = [set() for _ in next_]
         for s, row in enumerate(next_):
             for t in set(row) - {-1}:
@@ -264,10 +324,11 @@ class ByteGuide:
                     stack.append(s)
         if 0 not in live:
             raise GuideError(f"the {source} matches no text")
-        order = sorted(live)  # the start state stays 0
-        renumber = {s: k for k, s in enumerate(order)}
-        rows = [[renumber.get(t, -1) for t in next_[s]] for s in order]
-        return cls(rows, [accepting[s] for s in order], source)
+        order = np.array(sorted(live), dtype=np.int64)  # the start state stays 0
+        number = np.full(len(next_) + 1, -1, dtype=np.int64)  # and -1 (no state) stays -1
+        number[order] = np.arange(len(order))
+        rows = number[np.asarray(next_, dtype=np.int64)[order]]
+        return cls(*_minimal(rows, np.asarray(accepting, dtype=bool)[order]), source)
 
     @classmethod
     def of_bytes(cls, allowed: set[int] | frozenset[int]) -> ByteGuide:

@@ -223,3 +223,21 @@ def test_bytes_and_bad_words_are_checked():
         ByteGuide.avoiding([b""])
     with pytest.raises(GuideError, match="matches no text"):
         ByteGuide.regex("a+").intersect(ByteGuide.of_bytes({0x62}))
+
+
+@pytest.mark.parametrize("pattern", ["(ab|cd)*e?", "[0-9]{1,6}(\\.[0-9]{1,3})?", "(x|xy|xyz)+", "é+|[^a]{2}"])
+def test_a_guide_is_the_smallest_automaton_of_its_language(pattern):
+    """No two states of a compiled guide take the same texts: minimizing again changes nothing, and grouping
+    the states by their rows alone (as where hashes meet) gives the same automaton."""
+    import numpy as np
+
+    from blt_runtime.guide import _minimal
+
+    guide = ByteGuide.regex(pattern)
+    rows, accepting = np.asarray(guide.next, dtype=np.int64), np.asarray(guide.accepting)
+    assert _minimal(rows, accepting) == (guide.next, guide.accepting)
+    assert _minimal(rows, accepting, weights=np.zeros(257, dtype=np.int64)) == (guide.next, guide.accepting)
+    doubled = np.concatenate([rows, np.where(rows >= 0, rows + len(rows), -1)])  # two copies of every state
+    doubled[0] = rows[0]  # the start leads into the first copy; the second is reached from nowhere, but alike
+    smallest = _minimal(doubled, np.concatenate([accepting, accepting]))
+    assert len(smallest[0]) == guide.num_states
