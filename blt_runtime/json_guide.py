@@ -41,7 +41,7 @@ INTEGER = r"-?(?:0|[1-9][0-9]{0,17})"
 # pydantic refuses, among others)
 NUMBER = INTEGER + r"(?:\.[0-9]{1,17})?(?:[eE][+-]?[0-9]{1,2})?"
 SCALARS = {"string": STRING, "integer": INTEGER, "number": NUMBER, "boolean": "(?:true|false)", "null": "null"}
-ANY_DEPTH = 3  # objects and arrays inside "any JSON value", nested this deep at most (8,590 states)
+ANY_DEPTH = 3  # objects and arrays inside "any JSON value", nested this deep at most (1,100 states)
 MAX_DEPTH = 24  # schemas nested (or $ref followed) deeper are refused: recursive schemas have no regex
 MAX_PATTERN = 1_000_000  # characters of pattern: a schema whose $refs fan out (each definition using the next
 # twice) would double it at every level; ByteGuide would refuse it anyway, after much longer
