@@ -13,7 +13,7 @@ stops the server at start-up.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 
 RESERVED = ("messages", "tools", "add_generation_prompt")  # set by the request's own fields
+MARK = "\ue000continue\ue000"  # in place of an empty message to continue (private-use characters)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,16 @@ class ChatTemplate:
 
     def render(self, chat: Conversation) -> str:
         """The prompt's text; a ChatTemplateError says why the template refused the conversation."""
+        final = chat.messages[-1] if chat.messages else {}
+        if chat.continue_final_message and not (final.get("content") or "").strip():
+            # nothing to find in the text: where a marker in its place lands is where the message is continued
+            marked = self._render(replace(chat, messages=chat.messages[:-1] + [{**final, "content": MARK}]))
+            if marked.count(MARK) == 1:
+                return marked[:marked.index(MARK)] + (final.get("content") or "")
+        text = self._render(chat)
+        return _cut_after_final(text, final) if chat.continue_final_message else text
+
+    def _render(self, chat: Conversation) -> str:
         variables = {k: v for k, v in (chat.kwargs or {}).items() if k not in RESERVED}
         variables.update(bos_token="", eos_token="")
         try:
@@ -76,7 +87,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"the chat template refused the conversation: {e.message or e}") from None
         except Exception as e:  # noqa: BLE001 - a template's own error on this input (a None added to a string)
             raise ChatTemplateError(f"the chat template failed on the conversation: {type(e).__name__}: {e}") from None
-        return _cut_after_final(text, chat.messages[-1]) if chat.continue_final_message else text
+        return text
 
 
 def _cut_after_final(text: str, final: dict[str, Any]) -> str:

@@ -111,6 +111,9 @@ HELP = {
 }
 
 
+ALIASES = {"max_batch_size": ["--max-num-seqs"]}  # vLLM's names for the same settings
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blt-serve", description="Serve a BLT model over an OpenAI-compatible HTTP API.",
                                 epilog="Every flag can also be set as an env var BLT_<FLAG>, e.g. BLT_PORT=8080.")
@@ -118,12 +121,13 @@ def parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "model_dir":
             p.add_argument("model_dir", nargs="?", default=None, help=HELP[f.name])
+            p.add_argument("--model", dest="model_flag", default=None, help="the same as MODEL_DIR (vLLM's)")
         elif f.type == "bool":
             p.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
         elif f.name in ("api_key", "allowed_origins"):
             p.add_argument(flag, action="append", default=None, help=HELP[f.name])
         else:
-            p.add_argument(flag, default=None, help=HELP.get(f.name))
+            p.add_argument(flag, *ALIASES.get(f.name, []), default=None, help=HELP.get(f.name))
     return p
 
 
@@ -146,6 +150,11 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
     """Flags, then `BLT_*` env vars, then defaults. A bad value exits with argparse's message."""
     p = parser()
     args = vars(p.parse_args(argv))
+    flag = args.pop("model_flag")
+    if flag is not None:
+        if args["model_dir"] is not None and args["model_dir"] != flag:
+            p.error(f"the model is given twice: {args['model_dir']} and --model {flag}")
+        args["model_dir"] = flag
     environ = os.environ if environ is None else environ
     values = {}
     for f in fields(Settings):

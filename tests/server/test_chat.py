@@ -30,6 +30,8 @@ def test_a_template_renders_as_transformers_does():
     assert t.render(Conversation(CHAT, add_generation_prompt=False)) == RENDERED.removesuffix("<assistant>")
     cont = CHAT + [{"role": "assistant", "content": "I am "}]
     assert t.render(Conversation(cont, False, True)) == RENDERED + "I am "  # its closing tag cut
+    empty = CHAT + [{"role": "assistant", "content": ""}]  # nothing to find: cut where the content would be
+    assert t.render(Conversation(empty, False, True)) == RENDERED
     with pytest.raises(ChatTemplateError, match="must not be the assistant's"):
         t.render(Conversation([{"role": "assistant", "content": "hi"}]))
     tools = ChatTemplate("{{ tools | tojson }}|{{ bos_token }}|{{ greeting }}|{{ messages | length }}", "test")

@@ -76,3 +76,11 @@ def test_start_up_logs_what_the_caches_take_and_warns_where_a_full_context_would
     monkeypatch.setattr("blt_runtime.device.free_memory", lambda device: 1024 * per_patch - 1)
     log_caches(engine)  # 4096 bytes in patches of 4: 1,024 patches, one byte more than is free
     assert "lower --max-batch-size or --max-model-len" in caplog.text
+
+
+def test_vllms_names_for_the_same_settings():
+    settings = load_settings(["--model", "some/dir", "--max-num-seqs", "48"], environ={})
+    assert settings.model_dir == "some/dir" and settings.max_batch_size == 48
+    assert load_settings(["some/dir", "--model", "some/dir"], environ={}).model_dir == "some/dir"
+    with pytest.raises(SystemExit):
+        load_settings(["one/dir", "--model", "other/dir"], environ={})
