@@ -2,11 +2,13 @@
 
 Owns `ByteGuide`: a deterministic automaton over bytes (a DFA), compiled from a regular expression in
 Python's syntax (`ByteGuide.regex`) or from choices (`ByteGuide.choice`), or made of a set of bytes
-(`of_bytes`) or of words that must not occur (`avoiding`); two guides intersect (`intersect`). Since a byte-level model
-chooses bytes, the automaton constrains each choice exactly: at every step the model may only take the
-bytes that keep the text a prefix of some match, and may end (EOS) only where the text so far is a
-whole match. Where nothing more can follow, the completion ends there. Character classes and `.` are
-Unicode: their characters are encoded as UTF-8, so a guided completion is always valid UTF-8.
+(`of_bytes`) or of words that must not occur (`avoiding`); two guides intersect (`intersect`), and
+each is the smallest automaton of its texts (`_minimal`). Since a byte-level model chooses bytes, the
+automaton constrains each choice exactly: at every step the model may only take the bytes that keep
+the text a prefix of some match, and may end (EOS) only where the text so far is a whole match. Where
+nothing more can follow, the completion ends there. Character classes and `.` are Unicode: their
+characters are encoded as UTF-8, so a completion a regex or choices guide is valid UTF-8 (a set of
+bytes, or bad words alone, leave that to the model, as unguided generation does).
 
 The syntax (regex_syntax.py): literals and escapes (`\\n`, `\\t`, `\\xHH`, `\\uHHHH`, escaped punctuation),
 `.` (any character but a newline), classes (`[a-z]`, `[^"]`, with `\\d`, `\\w` and `\\s` inside, these

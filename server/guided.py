@@ -5,10 +5,10 @@ Owns which fields ask for a guide: vLLM's `guided_regex`, `guided_choice` and `g
 (`json_object`: any JSON value; `json_schema`: a schema, blt_runtime/json_guide.py), and the whitespace a
 JSON guide allows (`guided_whitespace_pattern`, `structured_outputs.whitespace_pattern`; compact JSON
 without one); and vLLM's `allowed_token_ids` (bytes) and `bad_words`, which hold the completion with
-its guide, if any, or alone (the guides intersect). It refuses with a
-400 what this server does not do (grammars, two guides at once, a schema it cannot express) rather
-than ignoring it, and compiles the guide off the event loop (a large one takes a while), keeping the
-last ones compiled for the next requests that ask for them.
+its guide, if any, or alone (the guides intersect). It refuses with a 400 what this server does not do
+(grammars, two guides at once, a schema it cannot express) rather than ignoring it, and compiles the
+guide off the event loop (a large one takes a while), keeping the last ones compiled for the next
+requests that ask for them.
 """
 
 from __future__ import annotations
