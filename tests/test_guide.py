@@ -54,7 +54,9 @@ def test_the_guide_matches_what_re_fullmatch_matches(pattern, texts):
     compiled = regex.compile(pattern, regex.ASCII)
     try:
         guide = ByteGuide.regex(pattern)
-    except GuideError as e:  # only one that matches nothing
+    except GuideError as e:  # one that matches nothing, or one too large to build (refused, as documented)
+        if too_large(e):
+            return
         assert "matches no text" in str(e)
         assert not any(fullmatch(compiled, text) for text in texts)
         return
@@ -62,6 +64,11 @@ def test_the_guide_matches_what_re_fullmatch_matches(pattern, texts):
         want = fullmatch(compiled, text)
         if want is not None:
             assert guide.matches(text.encode()) == want, (pattern, text)
+
+
+def too_large(e: GuideError) -> bool:
+    """A pattern refused for the size or the time its automaton takes (hypothesis nests repeats of `.`)."""
+    return "needs more than" in str(e) or "too complex" in str(e)
 
 
 def fullmatch(compiled, text: str) -> bool | None:
@@ -78,7 +85,9 @@ def test_every_path_the_guide_allows_is_utf8_that_matches(pattern, seed):
     """Random walks: bytes chosen among those allowed, ending where a state accepts (always reachable)."""
     try:
         guide = ByteGuide.regex(pattern)
-    except GuideError:  # a pattern that matches nothing (e.g. "[^\\W\\w]"), if hypothesis finds one
+    except GuideError as e:  # a pattern that matches nothing (e.g. "[^\\W\\w]"), if hypothesis finds one
+        if too_large(e):
+            return
         assert not any(fullmatch(regex.compile(pattern, regex.ASCII), t) for t in CHARS + [""])
         return
     rng = random.Random(seed)
