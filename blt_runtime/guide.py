@@ -13,11 +13,12 @@ bytes, or bad words alone, leave that to the model, as unguided generation does)
 The syntax (regex_syntax.py): literals and escapes (`\\n`, `\\t`, `\\xHH`, `\\uHHHH`, escaped punctuation),
 `.` (any character but a newline), classes (`[a-z]`, `[^"]`, with `\\d`, `\\w` and `\\s` inside, these
 three in their ASCII sense, as under `re.ASCII`), groups (capturing, `(?:...)` and `(?P<name>...)`), `|`,
-and the quantifiers `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}` (lazy ones too: the same texts match). The
-whole completion must match, as with `re.fullmatch`: `^` and `$` are accepted only at the pattern's
-ends. Anything else (look-around, back references, word boundaries, inline flags, possessive
-quantifiers) is refused with a GuideError that says what, as is a pattern whose automaton grows past
-MAX_STATES or takes more than MAX_SECONDS to build.
+the quantifiers `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}` (lazy ones too: the same texts match), and the
+flags `i` (ASCII letters in either case, as under `re.ASCII`), `s` and `a`, for the whole pattern or a
+group (`(?i)...`, `(?i:...)`). The whole completion must match, as with `re.fullmatch`: `^` and `$` are
+accepted only at the pattern's ends. Anything else (look-around, back references, word boundaries,
+other flags, possessive quantifiers) is refused with a GuideError that says what, as is a pattern whose
+automaton grows past MAX_STATES or takes more than MAX_SECONDS to build.
 
 Pure Python: the engine turns a state into a row of logit biases (`bias_rows`) and follows the
 sampled bytes (`next`).

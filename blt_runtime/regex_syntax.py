@@ -1,12 +1,15 @@
 """Python's regular-expression syntax (the subset guide.py supports) -> a tree of character ranges.
 
 Owns the parser: literals and escapes, `.`, classes with ranges and `\\d` `\\w` `\\s` (ASCII, as under
-`re.ASCII`), groups, `|`, and quantifiers, as code points; `^` and `$` only at the pattern's ends. What it
-does not support is a GuideError naming it. guide.py turns the tree into an automaton over bytes.
+`re.ASCII`), groups, `|`, and quantifiers, as code points; `^` and `$` only at the pattern's ends; the
+flags `i` (ASCII letters match either case, as under `re.ASCII`), `s` (`.` matches a newline too) and
+`a`, for the whole pattern (`(?i)` at its start) or a group (`(?i:...)`, `(?-i:...)`). What it does not
+support is a GuideError naming it. guide.py turns the tree into an automaton over bytes.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import GuideError
@@ -16,6 +19,9 @@ DIGIT = [(0x30, 0x39)]
 WORD = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
 SPACE = [(0x09, 0x0D), (0x20, 0x20)]
 NOT_NEWLINE = [(0, 0x09), (0x0B, MAX_CHAR)]
+ANY = [(0, MAX_CHAR)]
+FLAGS = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]+))?([:)])")  # (?flags), (?flags:, (?flags-flags:
+SUPPORTED_FLAGS = "ias"
 SIMPLE_ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B, "a": 0x07, "0": 0x00}
 
 
@@ -27,6 +33,17 @@ def _normalised(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((lo, hi))
     return out
+
+
+def _either_case(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges with the other case of every ASCII letter they hold (IGNORECASE under re.ASCII)."""
+    out = list(ranges)
+    for lo, hi in ranges:
+        for start, end, shift in ((0x41, 0x5A, 0x20), (0x61, 0x7A, -0x20)):
+            a, b = max(lo, start), min(hi, end)
+            if a <= b:
+                out.append((a + shift, b + shift))
+    return _normalised(out)
 
 
 def _complement(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -66,6 +83,21 @@ class Repeat:
 class Parser:
     def __init__(self, pattern: str):
         self.p, self.i = pattern, 0
+        self.flags = ""  # those in effect: "i" and "s" matter
+
+    def set_flags(self, on: str, off: str) -> str:
+        """Turn flags on and off (a GuideError for one not supported) -> the flags before."""
+        bad = sorted(set(on + off) - set(SUPPORTED_FLAGS))
+        if bad:
+            self.fail(f"the flag{'s' if len(bad) > 1 else ''} {''.join(bad)} {'are' if len(bad) > 1 else 'is'} not "
+                      "supported (i, s and a are)")
+        before = self.flags
+        self.flags = "".join(sorted(set(before + on) - set(off)))
+        return before
+
+    def chars(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """A literal's or an escape's ranges under the flags in effect."""
+        return _either_case(ranges) if "i" in self.flags else ranges
 
     def fail(self, why: str):
         raise GuideError(f"regex {self.p!r}: {why} (at offset {self.i})")
@@ -85,10 +117,14 @@ class Parser:
         \\Z, \\z): matches are always whole texts here, but a search (JSON Schema's pattern) tells them apart."""
         pattern = self.p
         start, end = 0, len(pattern)
-        if pattern.startswith("^"):
-            start = 1
-        elif pattern.startswith("\\A"):
-            start = 2
+        while (flags := FLAGS.match(pattern, start)) and flags.group(3) == ")":  # the whole pattern's flags
+            self.i = start
+            self.set_flags(flags.group(1), flags.group(2) or "")
+            start = flags.end()
+        if pattern.startswith("^", start):
+            start += 1
+        elif pattern.startswith("\\A", start):
+            start += 2
         for anchor in ("$", "\\Z", "\\z"):
             if pattern.endswith(anchor) and end - len(anchor) >= start and not _escaped(pattern, end - len(anchor)):
                 end -= len(anchor)
@@ -156,6 +192,8 @@ class Parser:
             self.fail("nothing to repeat")
         c = self.take()
         if c == "(":
+            flags_before = self.flags
+            scoped = FLAGS.match(self.p, self.i - 1)
             if self.p.startswith("?:", self.i):
                 self.i += 2
             elif self.p.startswith("?P<", self.i):
@@ -163,27 +201,32 @@ class Parser:
                 if close < 0:
                     self.fail("unterminated group name")
                 self.i = close + 1
+            elif scoped and scoped.group(3) == ":":  # flags for this group alone
+                self.set_flags(scoped.group(1), scoped.group(2) or "")
+                self.i = scoped.end()
+            elif scoped:
+                self.fail("flags for the whole pattern go at its start ((?i)...); for a group, (?i:...)")
             elif self.peek() == "?":
-                self.fail("look-around, inline flags and other (?...) groups are not supported")
+                self.fail("look-around and other (?...) groups are not supported")
             node = self.alternation()
             if self.peek() != ")":
                 self.fail("missing ')'")
             self.i += 1
+            self.flags = flags_before
             return node
         if c == "[":
             return Chars(self.char_class())
         if c == ".":
-            return Chars(NOT_NEWLINE)
+            return Chars(ANY if "s" in self.flags else NOT_NEWLINE)
         if c == "\\":
-            ranges = self.escape(in_class=False)
-            return Chars(ranges)
+            return Chars(self.chars(self.escape(in_class=False)))
         if c in "^$":
             self.fail(f"'{c}' is supported only at the pattern's {'start' if c == '^' else 'end'}")
         if c in "*+?":
             self.fail("nothing to repeat")
         if c == ")":
             self.fail("unbalanced ')'")
-        return Chars([(ord(c), ord(c))])
+        return Chars(self.chars([(ord(c), ord(c))]))
 
     def escape(self, in_class: bool) -> list[tuple[int, int]]:
         c = self.take()
@@ -241,7 +284,7 @@ class Parser:
                     self.fail("bad character range")
                 items = [(items[0][0], high[0][0])]
             ranges += items
-        ranges = _normalised(ranges)
+        ranges = _normalised(self.chars(ranges))
         return _complement(ranges) if negate else ranges
 
 

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from blt_runtime.guide import ByteGuide, GuideError, utf8_sequences
 
-CHARS = ["a", "b", "c", "1", "7", " ", "\n", "_", "-", ".", "é", "ß", "中", "\u2028", "😀", "\x00", "\x7f"]
+CHARS = ["a", "b", "c", "A", "C", "1", "7", " ", "\n", "_", "-", ".", "é", "É", "ß", "中", "\u2028", "😀", "\x00",
+         "\x7f"]
 
 
 def literal() -> st.SearchStrategy[str]:
@@ -37,15 +38,16 @@ def quantify(x: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
         lambda t: f"(?:{t[0]}){t[1]}" if t[1] else t[0])
 
 
-patterns = st.recursive(
+patterns = st.tuples(st.sampled_from(["", "", "", "(?i)", "(?s)", "(?is)"]), st.recursive(
     quantify(atoms()),
     lambda inner: st.one_of(
         st.lists(quantify(inner), min_size=1, max_size=3).map("".join),
         st.lists(inner, min_size=2, max_size=3).map("|".join),
         quantify(inner.map(lambda p: f"({p})")),
+        quantify(st.tuples(st.sampled_from(["i", "s", "-i", "i-s"]), inner).map(lambda t: f"(?{t[0]}:{t[1]})")),
     ),
     max_leaves=6,
-)
+)).map("".join)  # flags for the whole pattern, and for groups: Python's, under re.ASCII
 
 
 @settings(max_examples=300, deadline=None)
@@ -145,7 +147,8 @@ def test_choices_end_where_nothing_can_follow():
 
 
 @pytest.mark.parametrize("pattern, why", [
-    ("(?=a)b", "look-around"), ("(?i)a", "inline flags"), (r"(a)\1", "back references"),
+    ("(?=a)b", "look-around"), ("(?m)a", "the flag m is not supported"), ("a(?i)b", "at its start"),
+    ("(?x:a)", "the flag x"), (r"(a)\1", "back references"),
     ("a**", "multiple repeat"), ("a*+", "possessive"), ("(a", "missing"), ("a)", "unbalanced"),
     (r"\bword", r"\\b"), ("[z-a]", "bad character range"), ("a{3,2}", "min repeat"), ("a^b", "start"),
     ("a$b", "end"), ("*a", "nothing to repeat"), ("[^\\s\\S]", "matches no"), (r"\q", "bad escape"),
