@@ -210,12 +210,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def models(state: State):
-        return {"object": "list", "data": [model_card(state, created)]}
+        return {"object": "list", "data": [model_card(state, created, name) for name in state.settings.model_names]}
 
     @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=ERRORS)
     async def model(model_id: str, state: State):
         state.check_model(model_id)
-        return model_card(state, created)
+        return model_card(state, created, model_id)
 
     @app.post("/v1/completions", response_model=CompletionResponse,
               responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})

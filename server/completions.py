@@ -177,6 +177,7 @@ class Completion:
                  request_id: str | None = None):
         """`request_id`: the client's name for the request (client_request_id), else one is drawn."""
         self.req, self.state, self.prompts, self.guide = req, state, prompts, params.guide
+        self.model = req.model or state.model_name  # the name the client used (admit checked it), as vLLM answers
         self.request_id = request_id or uuid.uuid4().hex
         self.id = f"{self.ID_PREFIX}{self.request_id}"
         key = self.id if request_id is None else f"{self.id}.{uuid.uuid4().hex[:8]}"
@@ -268,7 +269,7 @@ class Completion:
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         body = {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created,
-                "model": self.state.model_name, "choices": choices}
+                "model": self.model, "choices": choices}
         if usage is None and self.running_usage and choices:
             usage = {"prompt_tokens": self.prompt_bytes, "completion_tokens": self.generated,
                      "total_tokens": self.prompt_bytes + self.generated}
@@ -381,7 +382,7 @@ class Completion:
         if self.disconnected:  # nobody is listening; the sequences were aborted
             return JSONResponse(error_body(400, "client disconnected"), status_code=499)
         return JSONResponse({"id": self.id, "object": self.OBJECT, "created": self.created,
-                             "model": self.state.model_name,
+                             "model": self.model,
                              "choices": [c.whole() for c in sorted(self.choices.values(), key=lambda c: c.index)],
                              "usage": self.usage()}, headers={"X-Request-Id": self.request_id})
 

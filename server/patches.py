@@ -38,8 +38,8 @@ async def patches(req: PatchesRequest, state: AppState) -> dict:
                         for s, n in spans]}
 
 
-def model_card(state: AppState, created: int) -> dict:
-    card = {"id": state.model_name, "object": "model", "created": created, "owned_by": "blt-serve",
+def model_card(state: AppState, created: int, name: str) -> dict:
+    card = {"id": name, "object": "model", "created": created, "owned_by": "blt-serve",
             "root": state.settings.model_dir, "max_model_len": state.max_model_len, "blt": None}
     model = getattr(state.engine, "model", None)
     if model is not None:

@@ -19,7 +19,7 @@ KERNELS = ("auto", "torch", "triton", "triton-gemv")  # blt_runtime.kernels.CHOI
 @dataclass(frozen=True)
 class Settings:
     model_dir: str = str(SHIPPED_MODEL)
-    served_model_name: str | None = None  # default: the model directory's name
+    served_model_name: str | None = None  # default: the model directory's name; "a,b": a, which b names too
     revision: str | None = None  # of a Hub model id: a branch, tag or commit; default: main
     host: str = "127.0.0.1"
     port: int = 8000
@@ -53,7 +53,13 @@ class Settings:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model_dir).resolve().name
+        """The name the server's answers and metrics use: the first served name."""
+        return self.model_names[0]
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name clients may send (vLLM's --served-model-name takes several)."""
+        return _split(self.served_model_name or "") or (Path(self.model_dir).resolve().name,)
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -63,7 +69,8 @@ def _split(value: str) -> tuple[str, ...]:
 HELP = {
     "model_dir": "model directory (config.json + safetensors), or a Hugging Face Hub model id (org/name: fetched, "
                  "or taken from the Hub's cache, with huggingface_hub); default: the shipped model",
-    "served_model_name": "the model id clients send and see; default: the directory's name",
+    "served_model_name": "the model id clients send and see; default: the directory's name. Several (space- or "
+                         "comma-separated): clients may send any, and answers use the first",
     "revision": "with a Hub model id: the branch, tag or commit to serve (default: main)",
     "device": "auto, cpu, cuda or cuda:N", "dtype": "auto, float32, bfloat16 or float16",
     "max_batch_size": "sequences that advance together (cache slots)",
@@ -126,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
         elif f.name in ("api_key", "allowed_origins"):
             p.add_argument(flag, action="append", default=None, help=HELP[f.name])
+        elif f.name == "served_model_name":  # vLLM's: --served-model-name NAME [ALIAS ...]
+            p.add_argument(flag, nargs="+", default=None, help=HELP[f.name])
         else:
             p.add_argument(flag, *ALIASES.get(f.name, []), default=None, help=HELP.get(f.name))
     return p
@@ -135,6 +144,8 @@ def _convert(f, raw):
     if f.name in ("api_key", "allowed_origins"):
         items = raw if isinstance(raw, list) else [raw]
         return tuple(v for item in items for v in _split(item))
+    if f.name == "served_model_name" and isinstance(raw, list):
+        return ",".join(raw)
     if f.type == "bool":
         return raw if isinstance(raw, bool) else raw.strip().lower() in ("1", "true", "yes", "on")
     if raw in ("", "none", "None") and "None" in f.type:

@@ -43,9 +43,11 @@ class AppState:
         return self.engine.max_model_len
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "model_not_found")
+        names = self.settings.model_names
+        if model is not None and model not in names:
+            served = " or ".join(repr(n) for n in names)
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {served}", "model",
+                           "model_not_found")
 
     def check_admitting(self) -> None:
         if self.draining:

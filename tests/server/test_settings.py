@@ -84,3 +84,10 @@ def test_vllms_names_for_the_same_settings():
     assert load_settings(["some/dir", "--model", "some/dir"], environ={}).model_dir == "some/dir"
     with pytest.raises(SystemExit):
         load_settings(["one/dir", "--model", "other/dir"], environ={})
+
+
+def test_several_served_names():
+    settings = load_settings(["--served-model-name", "blt-1b", "blt"], environ={})
+    assert settings.model_name == "blt-1b" and settings.model_names == ("blt-1b", "blt")
+    assert load_settings([], environ={"BLT_SERVED_MODEL_NAME": "a,b"}).model_names == ("a", "b")
+    assert load_settings(["some/dir"], environ={}).model_names == ("dir",)

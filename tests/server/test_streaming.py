@@ -309,6 +309,23 @@ def test_api_keys(serve):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
 
 
+def test_a_model_served_under_several_names(serve):
+    """vLLM's --served-model-name with aliases: each is listed and taken, and an answer says the name it was
+    sent (the first where none was); another name is a 404 that lists them."""
+    url, _ = serve(ScriptedEngine({}, default=b"ok"), served_model_name="blt-1b,blt")
+    with httpx.Client(timeout=30) as c:
+        assert [m["id"] for m in c.get(f"{url}/v1/models").json()["data"]] == ["blt-1b", "blt"]
+        assert c.get(f"{url}/v1/models/blt").json()["id"] == "blt"
+        for sent, said in (("blt", "blt"), ("blt-1b", "blt-1b"), (None, "blt-1b")):
+            body = {"prompt": "x", "max_tokens": 2} | ({"model": sent} if sent else {})
+            assert c.post(f"{url}/v1/completions", json=body).json()["model"] == said
+        events = sse_events(c.post(f"{url}/v1/completions", json={"prompt": "x", "model": "blt", "stream": True}))
+        assert {e["model"] for e in events[:-1]} == {"blt"}
+        r = c.post(f"{url}/v1/completions", json={"prompt": "x", "model": "other"})
+        assert r.status_code == 404 and "'blt-1b' or 'blt'" in r.json()["error"]["message"]
+    assert 'model="blt-1b"' in metrics_text(url)
+
+
 def test_metrics_open_flag_and_cors(serve):
     url, _ = serve(ScriptedEngine({}, default=b"ok"), api_key=("k",), metrics_without_key=True,
                    allowed_origins=("http://example.test",))
