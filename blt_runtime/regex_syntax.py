@@ -85,15 +85,13 @@ class Parser:
         self.p, self.i = pattern, 0
         self.flags = ""  # those in effect: "i" and "s" matter
 
-    def set_flags(self, on: str, off: str) -> str:
-        """Turn flags on and off (a GuideError for one not supported) -> the flags before."""
+    def set_flags(self, on: str, off: str) -> None:
+        """Turn flags on and off (a GuideError for one not supported)."""
         bad = sorted(set(on + off) - set(SUPPORTED_FLAGS))
         if bad:
             self.fail(f"the flag{'s' if len(bad) > 1 else ''} {''.join(bad)} {'are' if len(bad) > 1 else 'is'} not "
                       "supported (i, s and a are)")
-        before = self.flags
-        self.flags = "".join(sorted(set(before + on) - set(off)))
-        return before
+        self.flags = "".join(sorted(set(self.flags + on) - set(off)))
 
     def chars(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """A literal's or an escape's ranges under the flags in effect."""

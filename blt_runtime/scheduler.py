@@ -214,7 +214,10 @@ class Scheduler:
         each one beyond them that is more urgent (a lower priority value) than the least urgent running
         sequence (the highest value; of those, the one that came last) is paired with it, and so on."""
         free = self.max_running - len(self.active)
-        if len(self.waiting) <= free:  # (every step)
+        # (every step; with one priority for all, as under fcfs, no waiting one is more urgent than any running)
+        if len(self.waiting) <= free:
+            return []
+        if max((s.priority for s in self.active), default=0) <= self.waiting[free].priority:
             return []
         running = sorted(self.active, key=lambda s: (s.priority, s.arrival))
         pairs = []

@@ -89,16 +89,19 @@ def sampling_params(req: CompletionRequest, index: int, room: int | None = None,
         raise ApiError(400, message, message.split("=")[0], "invalid_value") from None
 
 
+def _stop_texts(req: CompletionRequest) -> list[str]:
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+
+
 def stop_strings(req: CompletionRequest) -> tuple[str | bytes, ...]:
     """The request's stop strings, and each byte of its stop_token_ids as one more."""
-    strings = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
-    return tuple(strings) + tuple(bytes([b]) for b in sorted(set(req.stop_token_ids or ())))
+    return tuple(_stop_texts(req)) + tuple(bytes([b]) for b in sorted(set(req.stop_token_ids or ())))
 
 
 def stop_ids(req: CompletionRequest) -> frozenset[int]:
     """The bytes of stop_token_ids that no stop string is alone: where one of them stops a choice, its stop_reason
     is that byte's value, as vLLM reports a stop token's id."""
-    strings = {s.encode("utf-8") for s in ([req.stop] if isinstance(req.stop, str) else req.stop or ())}
+    strings = {s.encode("utf-8") for s in _stop_texts(req)}
     return frozenset(b for b in req.stop_token_ids or () if bytes([b]) not in strings)
 
 
