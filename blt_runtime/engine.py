@@ -31,10 +31,18 @@ preempts it: the running one gives its slot up and waits again, in its place by 
 Readmitted, it prefills its prompt and the bytes it generated again (what a slot holds of them already
 is copied, as for any prompt: sharing.py) and goes on with the bytes it would have generated anyway:
 greedy or seeded, its output is what it would have been without the preemption.
+
+Guided jump-forward (`jump_forward`): where a request's guide allows a single byte next, and the next after
+it, sampling would choose that byte whatever the logits, so the bytes the guide forces are appended at once
+(Sequence.force) and prefilled as one chunk with the byte sampled before them, instead of a decode step
+each; the byte after them is sampled from the chunk's last logits. They are reported once run through the
+models (their patch starts known), each as an output of its own, before that byte: a request may have
+several outputs in one step. Outputs do not change.
 """
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,7 +79,7 @@ class Usage:
 @dataclass(slots=True)
 class StepOutput:
     request_id: str
-    new_bytes: bytes  # zero or one byte
+    new_bytes: bytes  # zero or one byte (a request has several outputs in a step where its guide forced bytes)
     patch_start: bool  # the new byte begins a patch
     logprobs: tuple[float, list[tuple[int, float]]] | None  # (logprob of the byte, top [(byte id, logprob)])
     finished: bool
@@ -107,7 +115,7 @@ class Engine:
                  max_queue: int = 256, prefill_chunk: int = 512, static: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto",
                  overlap: bool | None = None, share_prompts: bool = True, kept_prefixes: int = 4,
-                 first_byte_at_once: bool | None = None):
+                 first_byte_at_once: bool | None = None, jump_forward: int | None = None):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
@@ -122,9 +130,16 @@ class Engine:
         share_prompts, slots of their own (beyond max_batch_size) that hold the states of prefixes kept
         for later prompts. `first_byte_at_once`: a prompt's first byte is sampled in the step that
         finishes its prefill, with a second wait for the device (on by default on a CPU without
-        overlap, where that wait costs nothing); else with the next step's work, the step's one wait."""
+        overlap, where that wait costs nothing); else with the next step's work, the step's one wait.
+        `jump_forward`: where a guide forces that many bytes or more (one byte allowed at each, no EOS), they
+        are prefilled as one chunk instead of sampled one step each (guided jump-forward: Sequence.force;
+        outputs do not change); 0: never. By default 2 on a CPU, where a chunk of a few bytes takes about as
+        long as two steps, and 0 on CUDA, where a decode step replays a graph and a chunk does not (not timed
+        there yet)."""
         if kept_prefixes < 0:
             raise ValueError(f"kept_prefixes={kept_prefixes}: must be >= 0")
+        if jump_forward is not None and jump_forward < 0:
+            raise ValueError(f"jump_forward={jump_forward}: must be >= 0")
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
@@ -144,6 +159,10 @@ class Engine:
         self.static = StaticDecoder(self.runner, graphs=cuda_graphs) if static else None
         self.slots = SlotAllocator(max_batch_size)
         self.scheduler = Scheduler(max_batch_size, max_queue, prefill_chunk, self.runner.batch_window())
+        self.jump_forward = (0 if on_cuda else 2) if jump_forward is None else jump_forward
+        # forced bytes at once at most: with the byte before them one chunk, which fits a row of a prefill batch
+        self.most_forced = min(prefill_chunk, self.runner.batch_window() or prefill_chunk) - 1
+        self.forced_bytes = 0  # bytes that guides forced so far (prefilled as chunks, not sampled a step each)
         self.sequences: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []
         self._first_logits: dict[str, torch.Tensor] = {}  # prompt's last logits of PREFILLED sequences
@@ -173,6 +192,7 @@ class Engine:
                                 f"model's context of {self.max_model_len} bytes (BOS included)")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seq = Sequence(request_id, ids, params, seed, priority=priority)
+        self._force(seq)  # what its guide forces first is prefilled with its prompt
         self.scheduler.add(seq)
         self.sequences[request_id] = seq
 
@@ -398,9 +418,11 @@ class Engine:
         return transfer.add(s.chosen), transfer.add(s.values), transfer.add(s.ids)
 
     def _with_prompt_logprobs(self, outputs: list[StepOutput], q: Queued) -> list[StepOutput]:
-        """Attach the prompt scores that came with the step to their requests' outputs."""
-        for out in outputs if q.scored else ():
-            handles = q.scored.get(out.request_id)
+        """Attach the prompt scores that came with the step to their requests' first outputs (a request whose guide
+        forced its first bytes has an output for each)."""
+        scored = dict(q.scored)
+        for out in outputs if scored else ():
+            handles = scored.pop(out.request_id, None)
             if handles is not None:
                 chosen, values, ids = (q.transfer.get(h) for h in handles)
                 n = len(values) // max(len(chosen), 1)
@@ -424,6 +446,8 @@ class Engine:
         for b, seq in enumerate(seqs):
             if seq.status is Status.FINISHED:  # aborted after its step was queued: reported already
                 continue
+            if seq.pending:
+                outputs += self._forced_outputs(seq)
             position = len(seq.ids)
             patch_start = seq.patch_starts[-1] == position
             seq.accept(sampled.ids[b], self.max_model_len)
@@ -436,10 +460,44 @@ class Engine:
                 outputs.append(self._finish(seq, new, patch_start and bool(new), logprobs))
             else:
                 if seq.params.guide is not None:
+                    if self._force(seq):
+                        self._jump(seq, position)
                     guided.append(seq)
                 outputs.append(StepOutput(seq.request_id, new, patch_start, logprobs, False))
         if guided:  # the bytes their guides allow next
             self.runner.follow_guides([s.slot for s in guided], [s.guide_state for s in guided])
+        return outputs
+
+    # ------------------------------------------------------------------ guided jump-forward
+    def _force(self, seq: Sequence) -> int:
+        """Append the bytes its guide forces next, if enough (Sequence.force). Not for a request that asks for
+        logprobs: a forced byte has no sampling step to score it."""
+        p = seq.params
+        if not self.jump_forward or p.guide is None or p.logprobs is not None:
+            return 0
+        n = seq.force(self.jump_forward, self.most_forced, self.max_model_len)
+        self.forced_bytes += n
+        return n
+
+    def _jump(self, seq: Sequence, position: int) -> None:
+        """A running sequence's guide forced bytes after the one it sampled for `position`: that byte and those are
+        prefilled as one chunk (the scheduler plans it with other prompts' rests), and the byte after them is
+        sampled from the chunk's last logits as a prompt's first byte is."""
+        seq.status = Status.PREFILLING
+        if seq.patch_starts[-1] == position + 1:  # its chunk records whether the sampled byte closes its patch
+            seq.patch_starts.pop()
+        seq.scores_prompt = False  # (reported with its first byte)
+        self.runner.count_forced(seq.slot, seq.generated[-seq.pending:])
+
+    @staticmethod
+    def _forced_outputs(seq: Sequence) -> list[StepOutput]:
+        """Report a sequence's forced bytes, run through the models now (their patch starts known), before the
+        byte sampled after them: an output each, as if each had taken a step."""
+        first = len(seq.ids) - seq.pending
+        starts = set(seq.patch_starts[bisect.bisect_left(seq.patch_starts, first):])
+        outputs = [StepOutput(seq.request_id, ONE_BYTE[b], first + i in starts, None, False)
+                   for i, b in enumerate(seq.generated[-seq.pending:])]
+        seq.pending = 0
         return outputs
 
     # ------------------------------------------------------------------ bookkeeping
@@ -478,6 +536,7 @@ class Engine:
 
     def _final(self, seq: Sequence, new: bytes, patch_start: bool, logprobs=None) -> StepOutput:
         self.sequences.pop(seq.request_id, None)
+        seq.drop_pending()  # aborted or failed before its forced bytes were reported
         prompt_patches, completion_patches = seq.patch_lengths()
         usage = Usage(seq.prompt_len - 1, len(seq.generated), len(prompt_patches), len(completion_patches),
                       seq.num_patches, max(min(seq.shared, seq.prompt_len) - 1, 0))  # BOS is not a prompt byte

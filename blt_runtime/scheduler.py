@@ -5,8 +5,10 @@ chunk per engine step, while running sequences keep decoding; what is left of se
 short, in one step as the rows of one batch, up to a chunk's bytes together; those go before the
 next chunk of a long prompt admitted earlier, every other step at most), then PREFILLED for
 one step (its first byte is sampled with the next step's other work, or at the end of this one:
-engine.py's first_byte_at_once), then RUNNING (one byte per step), then FINISHED. One preempted
-for a more urgent request before that (`preemptible`) goes back to WAITING, to prefill its prompt
+engine.py's first_byte_at_once), then RUNNING (one byte per step), then FINISHED. A guided one whose
+guide forces its next bytes (one byte allowed at each, and no EOS) is PREFILLING again, for them and the
+byte before them as one chunk (`force`: guided jump-forward). One preempted for a more urgent request
+before that (`preemptible`) goes back to WAITING, to prefill its prompt
 and the bytes it generated again (`Sequence.restart`). A PREFILLING sequence with a `leader` is not
 prefilled: it waits until the leader's prefill reaches the end of the prefix their prompts share
 (`fork_at`, where the leader's chunk is cut), and takes a copy of its state (sharing.py); one
@@ -81,6 +83,8 @@ class Sequence:
     error_code: str | None = None  # and in a word: "out_of_memory" or "not_finite"
     guide_state: int = 0  # with params.guide: the automaton's state after the bytes generated so far
     preemptions: int = 0  # how often it gave its slot up to a more urgent request (Engine)
+    pending: int = 0  # the last bytes of `generated` that its guide forced (`force`): prefilled as a chunk, not
+    # sampled one step each, and reported before the byte sampled after them
 
     prompt_scores: list = field(default_factory=list, repr=False, compare=False)  # runner.PromptScores per chunk
 
@@ -103,15 +107,59 @@ class Sequence:
         self.num_patches, self.open_len, self.patch_starts = 0, 0, [0]
         self.leader, self.fork_at, self.followers, self.keep_at = None, 0, [], 0
         self.prefill_len, self.prompt_scores = len(self.ids), []
-        self.scores_prompt = self.scores_prompt and not self.generated
+        self.scores_prompt = self.scores_prompt and len(self.generated) == self.pending  # none reported yet
         self.preemptions += 1
 
-    def eos_allowed(self, position: int) -> bool:
+    def eos_allowed(self, position: int, guide_state: int | None = None) -> bool:
         """May the byte chosen for `position` (an index into ids) be EOS: not with ignore_eos, nor before
-        min_bytes bytes were generated, nor with a guide before the bytes so far are a whole match."""
+        min_bytes bytes were generated, nor with a guide before the bytes so far (that reach `guide_state`, by
+        default its own) are a whole match."""
         p = self.params
+        state = self.guide_state if guide_state is None else guide_state
         return (not p.ignore_eos and position - self.prompt_len >= p.min_bytes
-                and (p.guide is None or p.guide.accepting[self.guide_state]))
+                and (p.guide is None or p.guide.accepting[state]))
+
+    def force(self, least: int, most: int, max_len: int) -> int:
+        """Guided jump-forward: where its guide allows a single byte next, and no EOS, that byte is what sampling
+        would choose whatever the logits (and the seeded noise of later bytes depends on their positions
+        alone), so the bytes the guide forces from here are appended at once, `most` at most and none unless
+        `least`, and its prefill is extended through them (`prefill_len`): one chunk instead of a step each.
+        Only bytes that do not end it: the one that would (the guide's end, a stop string, the byte limit or
+        the context) is sampled as usual. -> how many were appended (`pending` until reported)."""
+        p, guide = self.params, self.params.guide
+        if len(guide.allowed[self.guide_state]) != 1:  # (asked after every byte of a guided sequence)
+            return 0
+        state, chain = self.guide_state, bytearray()
+        room = min(most, p.max_bytes - len(self.generated) - 1, max_len - len(self.ids) - 1)
+        longest = max(map(len, p.stop), default=0)
+        tail = self.generated[max(len(self.generated) - longest, 0):]  # with the chain: what a stop may end with
+        while len(chain) < room:
+            allowed = guide.allowed[state]
+            if len(allowed) != 1 or self.eos_allowed(len(self.ids) + len(chain), state):
+                break
+            after = guide.next[state][allowed[0]]
+            if guide.ends(after):
+                break
+            tail.append(allowed[0])
+            if (len(self.generated) + len(chain) + 1 >= p.min_bytes
+                    and any(tail.endswith(stop) for stop in p.stop)):
+                break
+            chain.append(allowed[0])
+            state = after
+        if not chain or len(chain) < least:
+            return 0
+        for byte in chain:
+            self.accept(byte + OFFSET, max_len)
+        assert self.finish_reason is None, "a forced byte ended the sequence"
+        self.pending += len(chain)
+        self.prefill_len = len(self.ids)
+        return len(chain)
+
+    def drop_pending(self) -> None:
+        """It ends (aborted, failed) before its forced bytes were reported: they were never part of its output."""
+        if self.pending:
+            del self.ids[-self.pending:], self.generated[-self.pending:]
+            self.pending = 0
 
     def record_close(self, position: int, closes: bool) -> None:
         """The entropy model said whether `position` closes its patch."""

@@ -26,5 +26,5 @@ if [ $# -eq 0 ] && [ -z "${BLT_TEST_SEED:-}" ]; then
   BLT_TEST_SEED=1 .venv/bin/python -m pytest -n 2 -q -p no:cacheprovider tests/test_parity_transformers.py \
     tests/test_model.py tests/test_engine.py tests/test_static.py tests/test_overlap.py tests/test_shared_prompts.py \
     tests/test_prompt_scores.py tests/test_batched_prefill.py tests/test_kept_prefixes.py tests/test_guided.py \
-    tests/test_cache_memory.py
+    tests/test_cache_memory.py tests/test_preemption.py tests/test_jump_forward.py
 fi

@@ -62,6 +62,7 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._summary = Summary()
+        self._forced = 0  # engine.forced_bytes when the last step was counted
 
     # ------------------------------------------------------------------ event-loop side
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -217,6 +218,9 @@ class EngineWorker:
                     m.of(m.failed, reason=code).inc()
                     out = Failure(out.request_id, out.error or "the engine stopped the request", 500, code)
             deliveries.append((tracked.queue, out))
+        forced, self._forced = engine.forced_bytes - self._forced, engine.forced_bytes
+        if forced:
+            m.of(m.forced_bytes).inc(forced)
         if generated:  # one increment per step, not per byte
             m.of(m.generation_bytes).inc(generated)
             self._summary.generated += generated

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from blt_runtime import encode
 from blt_runtime.engine import Engine
+from blt_runtime.model.blt import BltModel
 from blt_runtime.sampling import SamplingBatch, SamplingParams, bias_row, sample
 from blt_runtime.tokenizer import EOS_ID, OFFSET
+
+
+def with_local_window(model: BltModel, window: int | None) -> BltModel:
+    """The same weights with another sliding window for the entropy model, encoder and decoder."""
+    cfg = model.config
+    cfg = replace(cfg, patcher=replace(cfg.patcher, window=window), encoder=replace(cfg.encoder, window=window),
+                  decoder=replace(cfg.decoder, window=window))
+    other = BltModel(cfg).eval()
+    other.load_state_dict(model.state_dict())
+    return other
 
 
 def run_engine(engine: Engine, requests: dict[str, tuple[bytes, SamplingParams]], join_at: dict[str, int] = None):

@@ -19,6 +19,7 @@ from factory import MODEL_SEED, PARITY_TEXT
 
 from blt_runtime import encode, load_model
 from blt_runtime.engine import Engine
+from blt_runtime.guide import ByteGuide
 from blt_runtime.patcher import patch_starts
 from blt_runtime.runner import Runner
 from blt_runtime.sampling import SamplingParams
@@ -26,6 +27,7 @@ from blt_runtime.sharing import MIN_SHARED_PREFIX, PromptSharing
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = PARITY_TEXT[:697]
+FORCING = ByteGuide.regex(r"(the|a) (king|queen) (is|was) (dead|alive)\. Long live (the king|the queen)!")
 GREEDY = SamplingParams(max_bytes=60, temperature=0.0, ignore_eos=True, logprobs=1)
 
 
@@ -239,18 +241,20 @@ def test_followers_of_an_aborted_leader_look_again_only_once_queued_chunks_are_d
 def test_random_prefixes_joins_and_aborts(model, seed):
     """Prompts that share prefixes of every length with each other, joining at random steps, and short
     ones of their own arriving together (prefilled together); some aborted at random steps (leaders
-    among them), some scoring their prompts, and a few late, which start from copies of prefixes kept
-    from the others; with priorities, so that more urgent requests preempt others (leaders, followers,
-    requests keeping prefixes among them): every request that is not aborted ends with the bytes
-    and the prompt scores that an engine without sharing or priorities, prefilling one prompt a step,
-    gives it, and nothing waits forever."""
-    rng = random.Random(seed)
+    among them), some scoring their prompts, some guided by a pattern that forces bytes, and a few late,
+    which start from copies of prefixes kept from the others; with priorities, so that more urgent requests
+    preempt others (leaders, followers, requests keeping prefixes, requests whose forced bytes wait among
+    them): every request that is not aborted ends with the bytes and the prompt scores that an engine
+    without sharing, priorities or jump-forward, prefilling one prompt a step, gives it, and nothing waits
+    forever."""
+    rng, guides = random.Random(seed), random.Random(-1 - seed)  # (the guides drawn apart: the rest as it was)
     stems = [PARITY_TEXT[:rng.randrange(50, 400)] for _ in range(3)]
     requests, joins, aborts = {}, {}, {}
     for i in range(12):
         stem = rng.choice(stems)
         prompt = stem[:rng.randrange(1, len(stem) + 1)] + PARITY_TEXT[500:500 + rng.randrange(0, 3) * 40]
-        params = GREEDY if i % 2 else sampled(i)
+        guide = guides.choice([None, FORCING])  # (a forced byte has no logprobs: they are asked for the others)
+        params = GREEDY if i % 2 else replace(sampled(i), guide=guide, logprobs=None if guide else 1)
         requests[f"r{i}"] = (prompt, replace(params, max_bytes=rng.randrange(1, 16),
                                              prompt_logprobs=rng.choice([None, None, 1, 2])))
         joins[f"r{i}"] = rng.randrange(0, 12)
@@ -268,9 +272,10 @@ def test_random_prefixes_joins_and_aborts(model, seed):
                                 replace(GREEDY, max_bytes=rng.randrange(1, 8)))
         joins[f"late{j}"] = rng.randrange(40, 80)
     priorities = {rid: rng.choice([0, 0, 1, 2]) for rid in requests}
-    results, scores, shared, preempted = {}, {}, 0, 0
+    results, scores, shared, preempted, forced = {}, {}, 0, 0, 0
     for share in (False, True):
-        engine = Engine(model, max_batch_size=6, prefill_chunk=48, overlap=bool(seed % 2), share_prompts=share)
+        engine = Engine(model, max_batch_size=6, prefill_chunk=48, overlap=bool(seed % 2), share_prompts=share,
+                        jump_forward=2 if share else 0)
         if not share:
             engine.scheduler.batch_prompt = None  # and no prompts prefilled together
         out, done, scores[share] = {rid: bytearray() for rid in requests}, set(), {}
@@ -294,8 +299,8 @@ def test_random_prefixes_joins_and_aborts(model, seed):
                 break
         assert len(done) == len(requests), f"still waiting after 400 steps: {set(requests) - done}"
         assert engine.slots.num_free == 6 and not engine.sequences
-        results[share] = out
-    assert shared > 0 and preempted > 0
+        results[share], forced = out, forced + engine.forced_bytes
+    assert shared > 0 and preempted > 0 and forced > 0
     for rid, (prompt, params) in requests.items():
         if rid not in aborts:
             assert results[True][rid] == results[False][rid], rid

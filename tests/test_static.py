@@ -4,31 +4,19 @@ CPU, fp32, random tiny models. The CUDA graph replay of the same pieces is check
 """
 
 import copy
-from dataclasses import replace
 
 import pytest
 import torch
-from enginekit import replay_full_recompute, run_engine
+from enginekit import replay_full_recompute, run_engine, with_local_window
 from factory import PARITY_TEXT
 
 from blt_runtime import load_model
 from blt_runtime.cache import KVCache
 from blt_runtime.engine import Engine
 from blt_runtime.graphs import StepGraphs
-from blt_runtime.model.blt import BltModel
 from blt_runtime.model.local_encoder import PATCH_BLOCK
 from blt_runtime.sampling import SamplingParams
 from blt_runtime.static import StaticDecoder, batch_buckets, bucket, span_bucket
-
-
-def with_local_window(model: BltModel, window: int | None) -> BltModel:
-    """The same weights with another sliding window for the entropy model, encoder and decoder."""
-    cfg = model.config
-    cfg = replace(cfg, patcher=replace(cfg.patcher, window=window), encoder=replace(cfg.encoder, window=window),
-                  decoder=replace(cfg.decoder, window=window))
-    other = BltModel(cfg).eval()
-    other.load_state_dict(model.state_dict())
-    return other
 
 
 @pytest.fixture(scope="module")

@@ -112,3 +112,29 @@ def test_kept_prefixes_on_cuda(hf_checkpoint):
         runs[device] = got
     assert runs["cuda"] == runs["cpu"]
     assert [shared for _, shared in runs["cuda"]] == [0, 0, len(instructions), len(instructions)]
+
+
+def test_guided_jump_forward_on_cuda(hf_checkpoint):
+    """Bytes a guide forces, prefilled as chunks between graph-replayed decode steps (overlapped): the bytes of
+    CUDA without jump-forward (its default there), and greedy, the CPU engine's."""
+    from blt_runtime.engine import Engine
+    from blt_runtime.guide import ByteGuide
+    from blt_runtime.sampling import SamplingParams
+
+    _, directory = hf_checkpoint("1b")
+    guide = ByteGuide.regex(r"(yes|no|maybe), (the|a) [a-z]{2,6}( [a-z0-9]{1,5}){0,3}\. (Done|Over and out)\.")
+    runs = {}
+    for device, least in (("cpu", 2), ("cuda", 0), ("cuda", 2)):
+        engine = Engine(load_model(directory, device=device), max_batch_size=4, jump_forward=least)
+        for i in range(4):
+            engine.add_request(str(i), PARITY_TEXT[40 * i:40 * i + 60], SamplingParams(
+                max_bytes=90, temperature=0.0 if i % 2 else 0.9, seed=i, guide=guide))
+        out = {str(i): b"" for i in range(4)}
+        while engine.has_work():
+            for o in engine.step():
+                out[o.request_id] += o.new_bytes
+        runs[device, least] = out
+        assert (engine.forced_bytes > 0) == bool(least)
+    assert runs["cuda", 2] == runs["cuda", 0]
+    assert all(runs["cuda", 2][rid] == runs["cpu", 2][rid] for rid in ("1", "3"))  # greedy (sampled ones could
+    # part where fp32 sums on the two devices differ)

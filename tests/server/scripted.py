@@ -29,6 +29,7 @@ class ScriptedEngine:
         self.aborted: list[Sequence] = []
         self.last_admitted: list[str] = []
         self.last_preempted: list[str] = []  # never: running requests are not preempted here
+        self.forced_bytes = 0  # nor does a guide force bytes
         self.admitted: list[str] = []  # every request admitted, in order
         self.prompt_of: dict[str, bytes] = {}  # request id -> its prompt
         self.steps = 0
