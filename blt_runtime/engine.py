@@ -32,8 +32,8 @@ Readmitted, it prefills its prompt and the bytes it generated again (what a slot
 is copied, as for any prompt: sharing.py) and goes on with the bytes it would have generated anyway:
 greedy or seeded, its output is what it would have been without the preemption.
 
-Guided jump-forward (`jump_forward`): where a request's guide allows a single byte next, and the next after
-it, sampling would choose that byte whatever the logits, so the bytes the guide forces are appended at once
+Guided jump-forward (`jump_forward`): where a request's guide allows a single byte (and no EOS) at each of
+its next positions, sampling would choose those bytes whatever the logits, so they are appended at once
 (Sequence.force) and prefilled as one chunk with the byte sampled before them, instead of a decode step
 each; the byte after them is sampled from the chunk's last logits. They are reported once run through the
 models (their patch starts known), each as an output of its own, before that byte: a request may have
@@ -134,7 +134,7 @@ class Engine:
         `jump_forward`: where a guide forces that many bytes or more (one byte allowed at each, no EOS), they
         are prefilled as one chunk instead of sampled one step each (guided jump-forward: Sequence.force;
         outputs do not change); 0: never. By default 2 on a CPU, where a chunk of a few bytes takes about as
-        long as two steps, and 0 on CUDA, where a decode step replays a graph and a chunk does not (not timed
+        long as two or three steps, and 0 on CUDA, where a decode step replays a graph and a chunk does not (not timed
         there yet)."""
         if kept_prefixes < 0:
             raise ValueError(f"kept_prefixes={kept_prefixes}: must be >= 0")
