@@ -33,9 +33,11 @@ from .model.layers import BoundNorm, _inv_freq, apply_rope, rope_rotation
 
 
 class StepOps:
-    """The stretches as the eager step runs them."""
+    """The stretches as the eager step runs them. `linear`: the step's matrix products (the runner sets
+    cpu_gemm's on a CPU)."""
 
     compiled = False
+    linear = staticmethod(F.linear)
 
     def add_norm(self, h: torch.Tensor, delta: torch.Tensor | None,
                  n: BoundNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,19 +57,19 @@ class StepOps:
         """add_norm, then the projection that reads the norm: (h + delta, F.linear(n(h + delta), weight)).
         (The norm and the product are separate kernels here; gemv.GemvOps fuses them.)"""
         h, x = self.add_norm(h, delta, n)
-        return h, F.linear(x, weight)
+        return h, self.linear(x, weight)
 
     def add_norm_swiglu(self, h: torch.Tensor, delta: torch.Tensor | None, n: BoundNorm,
                         gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """add_norm, then the MLP's gate/up projection and SwiGLU's gate: (h + delta, silu(gate) * up)."""
         h, x = self.add_norm(h, delta, n)
-        return h, self.silu_mul(F.linear(x, gate_up))
+        return h, self.silu_mul(self.linear(x, gate_up))
 
     def double_residual_norm_linear(self, x: torch.Tensor, attended: torch.Tensor, n: BoundNorm,
                                     weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """double_residual_norm, then the projection that reads the norm."""
         h, normed = self.double_residual_norm(x, attended, n)
-        return h, F.linear(normed, weight)
+        return h, self.linear(normed, weight)
 
     def heads(self, qkv: torch.Tensor, rotation: torch.Tensor, heads: int, kv_heads: int,
               head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

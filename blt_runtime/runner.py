@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .attention import ChunkBand, RotationTable, band_attention, decode_attention, sdpa_attention
 from .byte_embedding import embed_new_bytes
 from .cache import KVCache, RowBuffer
+from .cpu_gemm import linear_for
 from .device import host_tensor
 from .fused import StepOps
 from .model.blt import BltModel
@@ -128,8 +129,8 @@ def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache:
 
 def _block_rest(b: BlockStep, h: torch.Tensor, o: torch.Tensor, ops: StepOps) -> tuple[torch.Tensor, torch.Tensor]:
     """A block after its attention o (B, T, H * D): output projection, residual, MLP (block_step)."""
-    h, gated = ops.add_norm_swiglu(h, F.linear(o, b.o), b.norm2, b.gate_up)
-    return h, F.linear(gated, b.down)
+    h, gated = ops.add_norm_swiglu(h, ops.linear(o, b.o), b.norm2, b.gate_up)
+    return h, ops.linear(gated, b.down)
 
 
 class Runner:
@@ -144,6 +145,8 @@ class Runner:
         the kernels are Triton's)."""
         self.model, self.cfg = model, model.config
         self.ops = ops or StepOps()
+        if ops is None:  # on a CPU in fp32, products of many rows by oneDNN (cpu_gemm.py)
+            self.ops.linear = linear_for(model.device, model.dtype)
         self.kernels = kernels
         self.sample_kernel = kernels != "torch" if sample_kernel is None else sample_kernel
         self.num_slots, self.kept_slots, self.scratch = slots, range(slots, slots + kept), slots + kept
@@ -295,7 +298,7 @@ class Runner:
         normed, _ = self._run_stack(self.model.patcher, self.entropy_kv, embedded, slots, lengths, max_length,
                                     read_slots, min_length, self.entropy_norm, real)
         # EntropyModel.head: the output head in fp32, so that entropies are fp32 end to end
-        return F.linear(normed.float(), self.entropy_head)
+        return self.ops.linear(normed.float(), self.entropy_head)
 
     def encode(self, ids: torch.Tensor, slots, lengths, max_length: int, read_slots=None, min_length=None,
                ends: torch.Tensor | None = None) -> tuple[torch.Tensor, Positions]:
@@ -345,7 +348,7 @@ class Runner:
                 if slot_patch is None:  # every byte reads the k slots given: plain attention over them
                     cross = self.cross_steps[i]
                     h, q = self.ops.add_norm_linear(h, delta, cross.q_norm, cross.q)
-                    attended = cross(q, keys, values)
+                    attended = cross(q, keys, values, self.ops.linear)
                 else:
                     h = h if delta is None else h + delta
                     attended = attend_gathered(ca, h, keys, values, slot_patch, dec.k)
@@ -357,7 +360,7 @@ class Runner:
         return self.ops.add_norm(h, delta, self.decoder_norm)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.lm_head).float()
+        return self.ops.linear(h, self.lm_head).float()
 
     def store_latest(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Keep the k decoder slots of each row's newest completed patch (kv from global_step)."""

@@ -94,11 +94,12 @@ class CrossStep:
     def of(cls, ca: CrossAttention, device: torch.device) -> CrossStep:
         return cls(ca.q_norm.bound(device), ca.q_proj.weight, ca.o_proj.weight, ca.num_heads, ca.head_dim)
 
-    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """`q`: the queries of the bytes' states (their q_norm times the q weight), (B, T, H * D)."""
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        """`q`: the queries of the bytes' states (their q_norm times the q weight), (B, T, H * D); `linear`: the
+        output projection's product (cpu_gemm.py)."""
         q = q.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, keys, values)
-        return F.linear(o.transpose(1, 2).flatten(2), self.o)
+        return linear(o.transpose(1, 2).flatten(2), self.o)
 
 
 @dataclass(frozen=True)
