@@ -2,11 +2,13 @@
 chunk instead of sampled a step each. Nothing a client sees may change: every output (its byte, patch start,
 finish and stop reasons, usage) the same as with jump_forward=0, in dynamic, static and overlapped steps,
 through ring buffers that wrap, penalties (the forced bytes counted), stops and byte limits that fall among
-forced bytes, preemptions and aborts while forced bytes wait; and the bytes equal full recompute's.
+forced bytes, preemptions and aborts while forced bytes wait, random patterns and limits; and the bytes equal
+full recompute's.
 
 CPU, fp32, random tiny models.
 """
 
+import random
 from dataclasses import replace
 
 import pytest
@@ -230,3 +232,34 @@ def test_forced_bytes_at_most_as_many_as_asked_or_the_context_allows():
     assert seq.force(2, 100, len(seq.ids) + 6) == 5  # the context's last position is sampled, and ends it
     seq.drop_pending()
     assert bytes(seq.generated) == b"" and len(seq.ids) == 2
+
+
+PIECES = ["abc", "é", "中文", "😀", "(x|yz)", "[0-9]{1,3}", "(hello|help) world", " ", "\\.", "(ab)?", "k+", "[a-c]",
+          "(one|two|three)", "q{2,4}"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_guides_stops_and_limits(model, seed):
+    """Random patterns of literals (multi-byte characters among them), choices and repeats, and random stops,
+    limits, min_bytes, ignore_eos and penalties, four requests at a time: the same bytes, patch starts,
+    finish and stop reasons and usage (but for the prompt bytes shared, which depend on the steps) with
+    jump_forward 0, 1 and 2, and with prefill chunks of 16, 64 or 512 bytes."""
+    rng = random.Random(seed)
+    for _ in range(12):
+        guide = ByteGuide.regex("".join(rng.choice(PIECES) for _ in range(rng.randint(2, 8))))
+        reqs = {}
+        for i in range(4):
+            most = rng.randint(1, 40)
+            stops = [rng.choice(PIECES).encode()[:rng.randint(1, 3)] for _ in range(rng.randint(0, 2))]
+            reqs[str(i)] = (PARITY_TEXT[rng.randint(0, 500):][:rng.randint(1, 80)], SamplingParams(
+                max_bytes=most, temperature=rng.choice([0.0, 0.8, 1.5]), seed=rng.randint(0, 9),
+                min_bytes=min(most, rng.choice([0, 0, 3, 10])), ignore_eos=rng.random() < 0.3,
+                stop=[s for s in stops if not set(s) & set(b"()[]{}|+?\\")],
+                repetition_penalty=rng.choice([1.0, 1.3]), guide=guide))
+        runs = []
+        for least in (0, 1, 2):
+            engine = Engine(model, max_batch_size=4, prefill_chunk=rng.choice([16, 64, 512]), jump_forward=least)
+            outputs, _, _ = drive(engine, reqs)
+            runs.append({rid: [o[:5] for o in outs] + [replace(outs[-1][5], shared_prompt_bytes=0)]
+                         for rid, outs in outputs.items()})
+        assert runs[0] == runs[1] == runs[2], guide
