@@ -14,6 +14,7 @@
 #   BLT_NO_PROMPT_SHARING (prefill every prompt, even a prefix whose state a cache slot holds)
 #   BLT_KEPT_PREFIXES (4: cache slots that keep a shared prefix's state, a system prompt's, for later prompts)
 #   BLT_JUMP_FORWARD (0 on CUDA, 2 on a CPU: bytes a guide forces, at least, prefilled as one chunk)
+#   BLT_SEED (seeds the requests sent without a seed: the same text after a restart)
 #   BLT_CHAT_TEMPLATE (a Jinja file for /v1/chat/completions; default: the model directory's, if any)
 #   BLT_GENERATION_CONFIG (auto: sampling defaults from the model's generation_config.json; none)
 #   BLT_SCHEDULING_POLICY (fcfs; priority: the waiting queue ordered by the requests' priority, and a

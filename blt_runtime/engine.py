@@ -115,7 +115,7 @@ class Engine:
                  max_queue: int = 256, prefill_chunk: int = 512, static: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto",
                  overlap: bool | None = None, share_prompts: bool = True, kept_prefixes: int = 4,
-                 first_byte_at_once: bool | None = None, jump_forward: int | None = None):
+                 first_byte_at_once: bool | None = None, jump_forward: int | None = None, seed: int | None = None):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
@@ -135,7 +135,8 @@ class Engine:
         are prefilled as one chunk instead of sampled one step each (guided jump-forward: Sequence.force;
         outputs do not change); 0: never. By default 2 on a CPU, where a chunk of a few bytes takes about as
         long as two or three steps, and 0 on CUDA, where a decode step replays a graph and a chunk does not (not timed
-        there yet)."""
+        there yet). `seed`: of the generator that gives requests without a seed of their own theirs (vLLM's
+        --seed): the same requests added in the same order then draw the same bytes in another engine."""
         if kept_prefixes < 0:
             raise ValueError(f"kept_prefixes={kept_prefixes}: must be >= 0")
         if jump_forward is not None and jump_forward < 0:
@@ -171,7 +172,7 @@ class Engine:
         self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step() call
         # (for the first time: not after a preemption)
         self.last_preempted: list[str] = []  # request ids that gave their slots up in the last step() call
-        self._rng = random.Random()
+        self._rng = random.Random(seed)
         self.overlap = on_cuda if overlap is None else overlap
         self.first_byte_at_once = not on_cuda and not self.overlap if first_byte_at_once is None else first_byte_at_once
         self._queued: Queued | None = None

@@ -101,7 +101,7 @@ def build_engine(settings: Settings):
                     compile=settings.compile, kernels=settings.kernels,
                     overlap=False if settings.no_overlap else None,  # None: overlap where CUDA is
                     share_prompts=not settings.no_prompt_sharing, kept_prefixes=settings.kept_prefixes,
-                    jump_forward=settings.jump_forward)
+                    jump_forward=settings.jump_forward, seed=settings.seed)
     log.info("decode steps: %s%s, %s kernels%s; %s", "CUDA graphs" if engine.uses_cuda_graphs else
              "static shapes, eager" if engine.static is not None else "dynamic shapes, eager",
              ", element-wise stretches compiled" if settings.compile else "", engine.kernels,

@@ -38,6 +38,7 @@ class Settings:
     kept_prefixes: int = 4  # slots of their own for the states of prefixes kept for later prompts
     jump_forward: int | None = None  # bytes a guide forces, at least, prefilled as a chunk; default 2 on CPU, 0 on CUDA
     scheduling_policy: str = "fcfs"  # fcfs, or priority: the waiting queue ordered by the requests' priority
+    seed: int | None = None  # of the generator that seeds requests sent without a seed; default: random
     chat_template: str | None = None  # a file, or the template itself; default: the model directory's, if any
     generation_config: str = "auto"  # auto: the model directory's generation_config.json; none; or a directory
     api_key: tuple[str, ...] = ()
@@ -99,6 +100,8 @@ HELP = {
     "jump_forward": "where a guided request's guide (a regex, JSON schema, choice, tool call) forces this many "
                     "bytes or more, one byte allowed at each, prefill them as one chunk instead of sampling them a "
                     "step each; outputs do not change (0: never; default: 2 on a CPU, 0 on CUDA)",
+    "seed": "seed of the generator that gives requests sent without a seed theirs (vLLM's --seed): the same "
+            "requests in the same order then give the same text after a restart (default: a random seed)",
     "chat_template": "the Jinja template that turns a chat completion's messages into the prompt: a file, or the "
                      "template itself (default: the model directory's chat_template.jinja, or the chat_template "
                      "of its tokenizer_config.json; without one, chat completions are refused)",
@@ -141,6 +144,11 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument(flag, nargs="+", default=None, help=HELP[f.name])
         else:
             p.add_argument(flag, *ALIASES.get(f.name, []), default=None, help=HELP.get(f.name))
+    # vLLM's names for prompt sharing (its prefix caching, also on by default)
+    p.add_argument("--no-enable-prefix-caching", dest="no_prompt_sharing", action="store_true", default=None,
+                   help="the same as --no-prompt-sharing (vLLM's)")
+    p.add_argument("--enable-prefix-caching", dest="no_prompt_sharing", action="store_false", default=None,
+                   help="share prompts' prefixes: the default (vLLM's)")
     return p
 
 

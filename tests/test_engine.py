@@ -117,6 +117,17 @@ def test_seeded_sampling_reproducible_alone_and_batched(models):
     assert other_seed["s"][0] != alone
 
 
+def test_an_engines_seed_seeds_the_requests_sent_without_one(models):
+    """Engine(seed=) (blt-serve --seed): unseeded requests added in the same order draw the same bytes in two
+    engines of one seed, and other bytes under another seed."""
+    unseeded = {f"u{i}": (PARITY_TEXT[i * 30:i * 30 + 40], SamplingParams(max_bytes=40, temperature=1.0,
+                                                                         ignore_eos=True)) for i in range(3)}
+
+    def texts(seed):
+        return {rid: out for rid, (out, _) in run_engine(Engine(models["1b"], seed=seed), unseeded).items()}
+    assert texts(5) == texts(5) != texts(6)
+
+
 def test_abort_frees_slot(models):
     engine = Engine(models["1b"], max_batch_size=2)
     engine.add_request("a", b"abc", SamplingParams(max_bytes=500, temperature=0.0, ignore_eos=True))

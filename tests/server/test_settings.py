@@ -85,6 +85,10 @@ def test_vllms_names_for_the_same_settings():
     assert load_settings(["some/dir", "--model", "some/dir"], environ={}).model_dir == "some/dir"
     with pytest.raises(SystemExit):
         load_settings(["one/dir", "--model", "other/dir"], environ={})
+    assert load_settings(["--no-enable-prefix-caching"], environ={}).no_prompt_sharing
+    assert not load_settings(["--enable-prefix-caching"], environ={"BLT_NO_PROMPT_SHARING": "1"}).no_prompt_sharing
+    assert not load_settings([], environ={}).no_prompt_sharing
+    assert load_settings(["--seed", "7"], environ={}).seed == 7 and load_settings([], environ={}).seed is None
 
 
 def test_several_served_names():
