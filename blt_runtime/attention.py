@@ -59,6 +59,15 @@ class Visible:
                              self.stack_window, dtype)
 
 
+class Causal:
+    """The mask of a chunk that starts at position 0, no longer than its stack's window: causal, which SDPA
+    applies itself (is_causal), leaving out the work above the diagonal that a mask tensor would make it do
+    (a prompt of up to a window's bytes, prefilled in one chunk: bench/RESULTS.md)."""
+
+
+CAUSAL = Causal()
+
+
 @dataclass(frozen=True)
 class ChunkBand:
     """A prefill chunk of more than twice its stack's window, attended a window of queries at a time
@@ -314,8 +323,10 @@ def next_power_of_2(n: int) -> int:
 
 
 def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   mask: torch.Tensor | None) -> torch.Tensor:
+                   mask: torch.Tensor | Causal | None) -> torch.Tensor:
     """The reference: q (B, H, T, D) over keys and values (B, H_kv, S, D) -> (B, T, H * D)."""
     groups = q.shape[1] // keys.shape[1]
-    o = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups), attn_mask=mask)
+    causal = mask is CAUSAL
+    o = F.scaled_dot_product_attention(q, repeat_kv(keys, groups), repeat_kv(values, groups),
+                                       attn_mask=None if causal else mask, is_causal=causal)
     return o.transpose(1, 2).flatten(2)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import ChunkBand, RotationTable, Visible
+from .attention import CAUSAL, Causal, ChunkBand, RotationTable, Visible
 from .cache import KVCache, entry_positions
 from .fused import EAGER, StepOps
 from .model.layers import Stack
@@ -27,9 +27,9 @@ class Positions:
     span: int  # cache entries to read
     rotation: torch.Tensor | RotationTable  # (B, T, 1, D/2) complex: RoPE is applied before heads are
     # transposed; or the cache's table, which the attention kernel reads at each row's length
-    mask: torch.Tensor | Visible | ChunkBand | None  # (B, 1, T, keys) additive, or for the attention kernel
-    # to work out (attention.Visible), or a long chunk's positions (attention.ChunkBand); None when every
-    # row sees every entry read
+    mask: torch.Tensor | Visible | ChunkBand | Causal | None  # (B, 1, T, keys) additive, or for the attention
+    # kernel to work out (attention.Visible), or a long chunk's positions (attention.ChunkBand), or causal over
+    # the chunk alone (attention.CAUSAL); None when every row sees every entry read
     write_rows: torch.Tensor  # (B, kept) slot of each new entry
     write_index: torch.Tensor | None  # (B, kept) cache index of each new entry; None: the attention
     # kernel works it out from each row's length (with a RotationTable)
@@ -69,12 +69,17 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
     # a chunk of more than twice the window is attended a window of queries at a time: not through one
     # (T, span + T) mask, whose work and memory grow with the chunk's square (bench/RESULTS.md)
     banded = stack.cfg.window is not None and 2 * stack.cfg.window < T
+    # a chunk from position 0 (nothing cached) inside the window: causal, which SDPA applies itself; its rows,
+    # right-padded in a batch, see none of the padding after them
+    causal = not write_first and max_length == 0 and (stack.cfg.window is None or stack.cfg.window >= T)
     kept = T if cache.window is None else min(T, cache.window)
     rotation, mask, index = (ops or EAGER).positions(
-        lengths, T, span, kept, masked and not in_kernel and not banded, cache.window, stack.cfg.window,
+        lengths, T, span, kept, masked and not in_kernel and not banded and not causal, cache.window, stack.cfg.window,
         stack.cfg.head_dim, stack.cfg.rope_theta, cache.kv.dtype)
     if in_kernel:
         mask = Visible(lengths, cache.window, stack.cfg.window)
+    if causal:
+        mask = CAUSAL
     if banded:
         new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]
         mask = ChunkBand(torch.cat([entry_positions(lengths, span, cache.window), new], dim=1), stack.cfg.window)

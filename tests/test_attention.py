@@ -10,7 +10,15 @@ import pytest
 import torch
 from interpreter import interpreted
 
-from blt_runtime.attention import ChunkBand, RotationTable, Visible, band_attention, decode_attention, sdpa_attention
+from blt_runtime.attention import (
+    CAUSAL,
+    ChunkBand,
+    RotationTable,
+    Visible,
+    band_attention,
+    decode_attention,
+    sdpa_attention,
+)
 from blt_runtime.cache import entry_positions
 from blt_runtime.fused import EAGER, additive_mask
 from blt_runtime.model.layers import rope_rotation
@@ -190,3 +198,42 @@ def test_a_long_chunk_attended_a_window_at_a_time_equals_the_whole_mask(H, H_kv,
     want = sdpa_attention(q, torch.cat([cached_k, k], 2), torch.cat([cached_v, v], 2), mask)
     band = ChunkBand(torch.cat([entry_positions(lengths, span, cache_window), new], 1), stack_window)
     torch.testing.assert_close(band_attention(q, cached_k, cached_v, k, v, band), want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("H, H_kv", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("T, stack_window", [(7, 16), (16, 16), (9, None)])
+def test_a_chunk_from_position_0_inside_its_window_is_causal(H, H_kv, T, stack_window):
+    """sdpa_attention under CAUSAL (SDPA's is_causal) weighs what it does under the chunk's whole mask, for a
+    chunk that starts at position 0 and fits its window; positions_for gives CAUSAL for such chunks only."""
+    g = torch.Generator().manual_seed(5)
+    B, D = 2, 8
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = torch.randn(2, B, H_kv, T, D, generator=g)
+    lengths = torch.zeros(B, dtype=torch.long)
+    mask = additive_mask(lengths, torch.arange(T)[None, :].expand(B, T), T, 0, True, stack_window, stack_window,
+                         torch.float32)
+    torch.testing.assert_close(sdpa_attention(q, k, v, CAUSAL), sdpa_attention(q, k, v, mask), atol=1e-6, rtol=1e-5)
+
+
+def test_prefill_chunks_from_position_0_inside_the_window_are_causal(hf_checkpoint, monkeypatch):
+    """The engine's prefill attends its first chunk under CAUSAL where it fits the window, and the chunks after
+    it (which see cached entries) under their masks."""
+    import blt_runtime.runner as runner
+    from blt_runtime import load_model
+    from blt_runtime.engine import Engine
+    from blt_runtime.sampling import SamplingParams
+
+    masks = []
+
+    def recording(q, k, v, mask):
+        masks.append(mask)
+        return sdpa_attention(q, k, v, mask)
+    monkeypatch.setattr(runner, "sdpa_attention", recording)
+    engine = Engine(load_model(hf_checkpoint("1b")[1]), prefill_chunk=100)
+    engine.add_request("r", bytes(range(65, 91)) * 6, SamplingParams(max_bytes=1, ignore_eos=True))  # 156 bytes
+    engine.step()  # the first chunk: BOS and 100 bytes
+    assert masks and all(m is CAUSAL for m in masks)
+    masks.clear()
+    while engine.has_work():
+        engine.step()
+    assert masks and not any(m is CAUSAL for m in masks)
