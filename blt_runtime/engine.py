@@ -106,6 +106,7 @@ class Queued:
     decoded: Callable[[], Sampled] | None
     firsts: Callable[[], Sampled] | None
     scored: dict[str, tuple[int, int, int]]  # by request: transfer handles of its prompt's PromptScores
+    forced: dict[str, tuple[int, int, int]]  # and of its forced bytes' (logprobs asked for)
     prefill_only: list[Sequence]  # prefilled requests with max_bytes=0: they finish without a byte (their
     # prompt scored, if asked, and their state left for a prompt that begins with it)
 
@@ -322,15 +323,17 @@ class Engine:
 
     def _queue_firsts(self, plan: Plan, transfer: HostTransfer):
         """The first bytes of the prefilled sequences in `plan.first` (those with max_bytes 0 leave it: they
-        finish without one), and their prompts' scores -> (firsts, scored, prefill_only) of a Queued."""
+        finish without one), their prompts' scores and their forced bytes' -> (firsts, scored, forced,
+        prefill_only) of a Queued."""
         scored = {s.request_id: self._prompt_scores(s, transfer) for s in plan.first if s.scores_prompt}
+        forced = {s.request_id: self._forced_scores(s, transfer) for s in plan.first if s.forced_scores}
         prefill_only = [s for s in plan.first if s.params.max_bytes == 0]
         if prefill_only:
             plan.first = [s for s in plan.first if s.params.max_bytes]
             for s in prefill_only:
                 self._first_logits.pop(s.request_id, None)
         firsts = self._sample(plan.first, [self._first_logits.pop(s.request_id) for s in plan.first], transfer)
-        return firsts, scored, prefill_only
+        return firsts, scored, forced, prefill_only
 
     def _first_bytes_now(self) -> list[StepOutput]:
         """With first_byte_at_once: the first bytes of the prompts whose prefill this step finished (followers
@@ -353,7 +356,8 @@ class Engine:
             for seq in q.plan.first:
                 if seq.status is Status.PREFILLED:
                     seq.status = Status.RUNNING
-            outputs += self._with_prompt_logprobs(self._report(q.plan.first, q.firsts()), q)
+            outputs += self._with_forced_logprobs(self._with_prompt_logprobs(self._report(q.plan.first, q.firsts()), q),
+                                                  q)
         for seq in q.prefill_only:
             if seq.status is Status.PREFILLED:  # else aborted since, and reported
                 seq.status, seq.finish_reason = Status.RUNNING, "length"
@@ -390,18 +394,38 @@ class Engine:
         """Every row is finished: one aborted during the step leaves writes in its freed slot that no
         later reader sees (a new occupant's prefill starts over), and is not bookkept."""
         rows = self._prefill_rows(plan)
-        scoring = [s.ids[a + 1:min(b + 1, s.prompt_len)] if s.scores_prompt else None for s, a, b in rows]
+        scoring = [self._scored_rows(s, a, b) for s, a, b in rows]
         results = self.runner.prefill_finish(chunk, transfer, [s.num_patches for s, _, _ in rows],
-                                             [s.open_len for s, _, _ in rows], scoring,
-                                             [s.params.prompt_logprobs or 0 for s, _, _ in rows])
+                                             [s.open_len for s, _, _ in rows],
+                                             [s.ids[a + 1:a + 1 + n] if n else None for (s, a, _), (n, _) in
+                                              zip(rows, scoring)], [top for _, top in scoring])
         for (seq, start, end), result in zip(rows, results):
             if seq.status is Status.PREFILLING:  # else aborted during the step
                 self._prefilled(seq, start, end, result)
 
+    @staticmethod
+    def _scored_rows(seq: Sequence, start: int, end: int) -> tuple[int, int]:
+        """How many of a chunk's first rows [start, end) its prefill scores, and with how many alternatives: those
+        before its prompt's bytes (prompt_logprobs), and those before its forced bytes (with logprobs; after a
+        preemption the rows between, of bytes it reported, are scored too, and left out)."""
+        rows, top = 0, 0
+        if seq.scores_prompt:
+            rows, top = max(min(end, seq.prompt_len - 1) - start, 0), seq.params.prompt_logprobs
+        first = seq.scores_forced_from
+        if first is not None and min(end, len(seq.ids) - 1) > max(start, first):
+            rows, top = min(end, len(seq.ids) - 1) - start, max(top, seq.params.logprobs)
+        return rows, top
+
     def _prefilled(self, seq: Sequence, start: int, end: int, result: ChunkResult) -> None:
         """A prefill chunk of positions [start, end) is done: its patches, scores and first logits."""
         if result.scores is not None:
-            seq.prompt_scores.append(result.scores)
+            prompt_rows = max(min(end, seq.prompt_len - 1) - start, 0) if seq.scores_prompt else 0
+            if prompt_rows:
+                seq.prompt_scores.append(result.scores.rows(0, prompt_rows, seq.params.prompt_logprobs))
+            first = seq.scores_forced_from
+            if first is not None and min(end, len(seq.ids) - 1) > max(start, first):
+                seq.forced_scores.append(result.scores.rows(max(start, first) - start, min(end, len(seq.ids) - 1)
+                                                            - start, seq.params.logprobs))
         for i, closes in enumerate(result.closes):
             seq.record_close(start + i, closes)
         seq.processed, seq.num_patches, seq.open_len = end, seq.num_patches + result.completed, result.open_len
@@ -412,8 +436,15 @@ class Engine:
 
     def _prompt_scores(self, seq: Sequence, transfer: HostTransfer) -> tuple[int, int, int]:
         """Register a prefilled sequence's prompt scores with the step's transfer."""
-        n = seq.params.prompt_logprobs or 0
         parts, seq.prompt_scores = seq.prompt_scores, []
+        return self._register_scores(parts, seq.params.prompt_logprobs or 0, transfer)
+
+    def _forced_scores(self, seq: Sequence, transfer: HostTransfer) -> tuple[int, int, int]:
+        """Register the scores of a prefilled sequence's forced bytes with the step's transfer."""
+        parts, seq.forced_scores = seq.forced_scores, []
+        return self._register_scores(parts, seq.params.logprobs, transfer)
+
+    def _register_scores(self, parts: list[PromptScores], n: int, transfer: HostTransfer) -> tuple[int, int, int]:
         empty = PromptScores(*(torch.zeros(0, *shape, device=self.model.device) for shape in ((), (n,), (n,))))
         s = PromptScores.join(parts) if parts else empty  # a prompt of no bytes
         return transfer.add(s.chosen), transfer.add(s.values), transfer.add(s.ids)
@@ -429,6 +460,21 @@ class Engine:
                 n = len(values) // max(len(chosen), 1)
                 out.prompt_logprobs = [(c, [(int(ids[i]), values[i]) for i in range(t * n, t * n + n)])
                                        for t, c in enumerate(chosen)]
+        return outputs
+
+    def _with_forced_logprobs(self, outputs: list[StepOutput], q: Queued) -> list[StepOutput]:
+        """Give the outputs of forced bytes that came with the step their logprobs, scored by their prefill: a
+        request's first outputs, one per forced byte."""
+        for rid, handles in q.forced.items():
+            chosen, values, ids = (q.transfer.get(h) for h in handles)
+            n = len(values) // max(len(chosen), 1)
+            forced = iter(range(len(chosen)))
+            for out in outputs:
+                if out.request_id == rid:
+                    t = next(forced, None)
+                    if t is None:
+                        break
+                    out.logprobs = (chosen[t], [(int(ids[i]), values[i]) for i in range(t * n, t * n + n)])
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: list[torch.Tensor],
@@ -471,10 +517,10 @@ class Engine:
 
     # ------------------------------------------------------------------ guided jump-forward
     def _force(self, seq: Sequence) -> int:
-        """Append the bytes its guide forces next, if enough (Sequence.force). Not for a request that asks for
-        logprobs: a forced byte has no sampling step to score it."""
+        """Append the bytes its guide forces next, if enough (Sequence.force). With logprobs asked for, its
+        prefill scores them (the model's distribution, as a sampled byte's are)."""
         p = seq.params
-        if not self.jump_forward or p.guide is None or p.logprobs is not None:
+        if not self.jump_forward or p.guide is None:
             return 0
         n = seq.force(self.jump_forward, self.most_forced, self.max_model_len)
         self.forced_bytes += n

@@ -64,6 +64,10 @@ class PromptScores:
     def join(cls, parts: list[PromptScores]) -> PromptScores:
         return cls(*(torch.cat(tensors) for tensors in zip(*((p.chosen, p.values, p.ids) for p in parts))))
 
+    def rows(self, start: int, end: int, top_n: int) -> PromptScores:
+        """Rows [start, end), with their top `top_n` alternatives (of at least as many)."""
+        return PromptScores(self.chosen[start:end], self.values[start:end, :top_n], self.ids[start:end, :top_n])
+
 
 @dataclass
 class PrefillStart:

@@ -87,6 +87,8 @@ class Sequence:
     # sampled one step each, and reported before the byte sampled after them
 
     prompt_scores: list = field(default_factory=list, repr=False, compare=False)  # runner.PromptScores per chunk
+    forced_scores: list = field(default_factory=list, repr=False, compare=False)  # and of its forced bytes, with
+    # logprobs asked for: the logprobs of their outputs
 
     def __post_init__(self):
         self.prompt_len = len(self.ids)
@@ -106,9 +108,17 @@ class Sequence:
         self.status, self.slot, self.processed, self.closes_last = Status.WAITING, None, 0, False
         self.num_patches, self.open_len, self.patch_starts = 0, 0, [0]
         self.leader, self.fork_at, self.followers, self.keep_at = None, 0, [], 0
-        self.prefill_len, self.prompt_scores = len(self.ids), []
+        self.prefill_len, self.prompt_scores, self.forced_scores = len(self.ids), [], []
         self.scores_prompt = self.scores_prompt and len(self.generated) == self.pending  # none reported yet
         self.preemptions += 1
+
+    @property
+    def scores_forced_from(self) -> int | None:
+        """With forced bytes whose logprobs are asked for: the position before the first of them, from which its
+        prefill scores them (it must run those positions itself: sharing.py copies no state past it); else None."""
+        if self.pending and self.params.logprobs is not None:
+            return len(self.ids) - self.pending - 1
+        return None
 
     def eos_allowed(self, position: int, guide_state: int | None = None) -> bool:
         """May the byte chosen for `position` (an index into ids) be EOS: not with ignore_eos, nor before

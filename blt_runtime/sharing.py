@@ -23,7 +23,9 @@ caches in place, static.py).
 A common prefix shorter than MIN_SHARED_PREFIX bytes is not worth a cut chunk: it is shared only
 where it is a whole earlier prompt. A request that scores its prompt (prompt_logprobs) follows only
 a leader that scores its own, and takes the leader's scores up to the fork with the state
-(`scores_cover`); it never resumes in a retained slot, which keeps no scores. Outputs do not change
+(`scores_cover`); it never resumes in a retained slot, which keeps no scores. One whose guide forced
+bytes that need logprobs (scheduler.Sequence.force) copies no state past the position before the first
+of them: its own prefill scores them. Outputs do not change
 (up to rounding where a follower's chunks would have been cut elsewhere). Pure bookkeeping but for
 the copies, which the runner makes.
 """
@@ -102,9 +104,10 @@ class PromptSharing:
         prefix in the lowest free slot; and where its prompt shares more with a state seen before than
         that, its prefill will keep a copy of its own state there (`keep_at`). Else the lowest free slot."""
         best = None
+        most = seq.prefill_len - 1 if seq.scores_forced_from is None else seq.scores_forced_from
         for slot, held in self.retained.items() if resume else ():
             n = len(held.ids)
-            if (n < seq.prefill_len and n - 1 >= MIN_SHARED_PREFIX and (best is None or n > len(best[1].ids))
+            if (n <= most and n - 1 >= MIN_SHARED_PREFIX and (best is None or n > len(best[1].ids))
                     and seq.ids[:n] == held.ids):
                 best = slot, held
         if best is not None and not best[1].kept:
@@ -185,15 +188,20 @@ class PromptSharing:
         before it whose prefill has not passed the prefix it shares with them, with which it shares the
         longest prefix beyond what it holds already, if any is worth it. A leader may follow another
         itself: its state then jumps to its own fork, so a follower's fork must lie beyond that, and a
-        sequence that has followers already (whose leader left) must not jump past theirs."""
+        sequence that has followers already (whose leader left) must not jump past theirs, nor one whose
+        forced bytes need logprobs past the position from which its own prefill scores them (it forks there,
+        where the prefix shared goes on)."""
         leader, fork_at = None, seq.processed
         limit = min([f.fork_at for f in seq.followers] + [seq.prefill_len])
+        if seq.scores_forced_from is not None:  # its forced bytes are scored by its own prefill
+            limit = min(limit, seq.scores_forced_from)
         for s in self.scheduler.active:
             if s is seq:
                 break
             if s.status is not Status.PREFILLING or not scores_cover(s, seq):
                 continue
-            shared = common_prefix(s.ids, seq.ids)  # positions, BOS included; s.ids is what it prefills
+            # positions, BOS included (s.ids is what it prefills), up to where it may take a copy
+            shared = min(common_prefix(s.ids, seq.ids), limit)
             # a whole earlier prompt of some bytes, or a long enough prefix (BOS alone is not worth a copy)
             worth = shared == s.prefill_len > 1 or shared - 1 >= MIN_SHARED_PREFIX
             if worth and limit >= shared > max(s.processed, s.fork_at, fork_at):

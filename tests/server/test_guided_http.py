@@ -175,22 +175,26 @@ def test_a_text_response_format_is_plain_completion(url):
 
 
 def test_bytes_a_guide_forces_stream_as_sampled_ones_would(serve, tiny):
-    """Guided jump-forward changes no text: streamed, each choice's text is the same as with --jump-forward 0, in
-    fewer chunks (the bytes forced together come in one); the bytes forced are counted
+    """Guided jump-forward changes no text and no logprob: streamed, each choice's text is the same as with
+    --jump-forward 0, in fewer chunks (the bytes forced together come in one); the bytes forced are counted
     (blt_guided_forced_bytes_total)."""
     schema = {"type": "object", "properties": {"mood": {"enum": ["angry", "merry", "sorrowful"]},
                                                "line": {"type": "string", "maxLength": 20}},
               "required": ["mood", "line"]}
-    body = {"prompt": "A line: ", "max_tokens": 120, "stream": True, "seed": 7, "n": 2, "guided_json": schema}
-    texts, chunks = {}, {}
+    body = {"prompt": "A line: ", "max_tokens": 120, "stream": True, "seed": 7, "n": 2, "guided_json": schema,
+            "logprobs": 1}
+    texts, chunks, scores = {}, {}, {}
     for least in (0, 2):
         url, _ = serve(Engine(load_model(tiny), max_batch_size=4, jump_forward=least))
         with httpx.Client(timeout=120) as c, c.stream("POST", f"{url}/v1/completions", json=body) as r:
             events = [e for e in sse_events(r.read().decode()) if isinstance(e, dict) and e["choices"]]
         texts[least] = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i)
                         for i in (0, 1)]
+        scores[least] = [v for i in (0, 1) for e in events if e["choices"][0]["index"] == i
+                         for v in e["choices"][0]["logprobs"]["token_logprobs"]]
         chunks[least] = len(events)
         forced = metric_value(metrics_text(url), "blt_guided_forced_bytes_total")
         assert forced == 0 if least == 0 else forced >= 2 * len('{"mood":'), forced
     assert texts[0] == texts[2] and chunks[2] < chunks[0]
+    assert scores[2] == pytest.approx(scores[0], abs=1e-4) and len(scores[0]) == sum(len(t.encode()) for t in texts[0])
     assert all(text.startswith('{"mood":') for text in texts[2])
