@@ -404,28 +404,31 @@ class Engine:
                 self._prefilled(seq, start, end, result)
 
     @staticmethod
-    def _scored_rows(seq: Sequence, start: int, end: int) -> tuple[int, int]:
-        """How many of a chunk's first rows [start, end) its prefill scores, and with how many alternatives: those
-        before its prompt's bytes (prompt_logprobs), and those before its forced bytes (with logprobs; after a
-        preemption the rows between, of bytes it reported, are scored too, and left out)."""
-        rows, top = 0, 0
-        if seq.scores_prompt:
-            rows, top = max(min(end, seq.prompt_len - 1) - start, 0), seq.params.prompt_logprobs
-        first = seq.scores_forced_from
-        if first is not None and min(end, len(seq.ids) - 1) > max(start, first):
-            rows, top = min(end, len(seq.ids) - 1) - start, max(top, seq.params.logprobs)
-        return rows, top
+    def _score_ranges(seq: Sequence, start: int, end: int) -> tuple[int, tuple[int, int] | None]:
+        """Which rows of a chunk of positions [start, end) its prefill scores, counted from the chunk's first: the
+        first n, before its prompt's bytes (prompt_logprobs), and [a, b), before its forced bytes (with
+        logprobs) -> (n, (a, b) or None)."""
+        prompt_rows = max(min(end, seq.prompt_len - 1) - start, 0) if seq.scores_prompt else 0
+        first, last = seq.scores_forced_from, min(end, len(seq.ids) - 1)
+        if first is None or last <= max(start, first):
+            return prompt_rows, None
+        return prompt_rows, (max(start, first) - start, last - start)
+
+    def _scored_rows(self, seq: Sequence, start: int, end: int) -> tuple[int, int]:
+        """How many of a chunk's first rows its prefill scores, and with how many alternatives (after a preemption
+        the rows between its prompt's and its forced bytes', of bytes it reported, are scored too, and left out)."""
+        prompt_rows, forced = self._score_ranges(seq, start, end)
+        top = seq.params.prompt_logprobs if prompt_rows else 0
+        return (prompt_rows, top) if forced is None else (forced[1], max(top, seq.params.logprobs))
 
     def _prefilled(self, seq: Sequence, start: int, end: int, result: ChunkResult) -> None:
         """A prefill chunk of positions [start, end) is done: its patches, scores and first logits."""
         if result.scores is not None:
-            prompt_rows = max(min(end, seq.prompt_len - 1) - start, 0) if seq.scores_prompt else 0
+            prompt_rows, forced = self._score_ranges(seq, start, end)
             if prompt_rows:
                 seq.prompt_scores.append(result.scores.rows(0, prompt_rows, seq.params.prompt_logprobs))
-            first = seq.scores_forced_from
-            if first is not None and min(end, len(seq.ids) - 1) > max(start, first):
-                seq.forced_scores.append(result.scores.rows(max(start, first) - start, min(end, len(seq.ids) - 1)
-                                                            - start, seq.params.logprobs))
+            if forced is not None:
+                seq.forced_scores.append(result.scores.rows(*forced, seq.params.logprobs))
         for i, closes in enumerate(result.closes):
             seq.record_close(start + i, closes)
         seq.processed, seq.num_patches, seq.open_len = end, seq.num_patches + result.completed, result.open_len
