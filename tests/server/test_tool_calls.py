@@ -144,21 +144,32 @@ def test_a_named_tool_choice_calls_that_function(client, seed):
     assert follow.usage.prompt_tokens > out.usage.prompt_tokens + len(call.function.arguments)
 
 
-@pytest.mark.parametrize("parallel", [False, None])
-def test_required_calls_one_or_more_of_the_tools(client, parallel):
+CLOSE, KEEP_OPEN = {"93": 100}, {"44": 100}  # logit_bias on "]" and on ",": the list of calls ends, or goes on
+
+
+@pytest.mark.parametrize("parallel, bias", [(False, None), (None, CLOSE), (None, KEEP_OPEN), (None, None)])
+def test_required_calls_one_or_more_of_the_tools(client, parallel, bias):
+    """A list of one call with parallel_tool_calls false; else of one or more, as many as the model writes (a
+    random model may go on until max_tokens, so logit_bias steers it): closed, finish_reason "tool_calls" and
+    every call valid; cut by max_tokens, "length", every call valid but the last, whose arguments are what was
+    written. Streamed, the deltas add up to the same calls."""
     for seed in range(3):
-        kw = dict(model="tiny", messages=CHAT, tools=TOOLS, tool_choice="required", max_tokens=400, seed=seed,
-                  temperature=1.0, **({"parallel_tool_calls": parallel} if parallel is not None else {}))
+        kw = dict(model="tiny", messages=CHAT, tools=TOOLS, tool_choice="required", max_tokens=300, seed=seed,
+                  temperature=1.0, **({"parallel_tool_calls": parallel} if parallel is not None else {}),
+                  **({"logit_bias": bias} if bias else {}))
         out = client.chat.completions.create(**kw)
-        calls = out.choices[0].message.tool_calls
-        assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.content == ""
-        assert len(calls) == 1 if parallel is False else len(calls) >= 1
-        for call in calls:
+        calls, reason = out.choices[0].message.tool_calls, out.choices[0].finish_reason
+        assert out.choices[0].message.content == "" and reason in ("tool_calls", "length")
+        if parallel is False or bias is CLOSE:
+            assert reason == "tool_calls" and len(calls) == 1
+        if bias is KEEP_OPEN:
+            assert reason == "length" and len(calls) >= 2
+        for call in calls if reason == "tool_calls" else calls[:-1]:
             jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
         assert len({c.id for c in calls}) == len(calls)
         streamed, finish = streamed_calls(client, **kw)
         assert [(n, a) for _, n, a in streamed] == [(c.function.name, c.function.arguments) for c in calls]
-        assert finish == "tool_calls"
+        assert finish == reason
 
 
 def test_the_openai_clients_parse_helper_gets_the_arguments_as_its_model(client):
