@@ -194,8 +194,8 @@ class Engine:
                                 f"model's context of {self.max_model_len} bytes (BOS included)")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seq = Sequence(request_id, ids, params, seed, priority=priority)
-        self._force(seq)  # what its guide forces first is prefilled with its prompt
         self.scheduler.add(seq)
+        self._force(seq)  # what its guide forces first is prefilled with its prompt (once the queue took it)
         self.sequences[request_id] = seq
 
     def abort(self, request_id: str) -> bool:
