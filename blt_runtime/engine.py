@@ -452,6 +452,14 @@ class Engine:
         s = PromptScores.join(parts) if parts else empty  # a prompt of no bytes
         return transfer.add(s.chosen), transfer.add(s.values), transfer.add(s.ids)
 
+    @staticmethod
+    def _scores_read(q: Queued, handles: tuple[int, int, int]) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Scores registered with a step's transfer (_register_scores), on the host: (logprob, top [(id, logprob)])
+        per row, as StepOutput.logprobs."""
+        chosen, values, ids = (q.transfer.get(h) for h in handles)
+        n = len(values) // max(len(chosen), 1)
+        return [(c, [(int(ids[i]), values[i]) for i in range(t * n, t * n + n)]) for t, c in enumerate(chosen)]
+
     def _with_prompt_logprobs(self, outputs: list[StepOutput], q: Queued) -> list[StepOutput]:
         """Attach the prompt scores that came with the step to their requests' first outputs (a request whose guide
         forced its first bytes has an output for each)."""
@@ -459,25 +467,20 @@ class Engine:
         for out in outputs if scored else ():
             handles = scored.pop(out.request_id, None)
             if handles is not None:
-                chosen, values, ids = (q.transfer.get(h) for h in handles)
-                n = len(values) // max(len(chosen), 1)
-                out.prompt_logprobs = [(c, [(int(ids[i]), values[i]) for i in range(t * n, t * n + n)])
-                                       for t, c in enumerate(chosen)]
+                out.prompt_logprobs = self._scores_read(q, handles)
         return outputs
 
     def _with_forced_logprobs(self, outputs: list[StepOutput], q: Queued) -> list[StepOutput]:
         """Give the outputs of forced bytes that came with the step their logprobs, scored by their prefill: a
         request's first outputs, one per forced byte."""
         for rid, handles in q.forced.items():
-            chosen, values, ids = (q.transfer.get(h) for h in handles)
-            n = len(values) // max(len(chosen), 1)
-            forced = iter(range(len(chosen)))
+            rows = iter(self._scores_read(q, handles))
             for out in outputs:
                 if out.request_id == rid:
-                    t = next(forced, None)
-                    if t is None:
+                    row = next(rows, None)
+                    if row is None:
                         break
-                    out.logprobs = (chosen[t], [(int(ids[i]), values[i]) for i in range(t * n, t * n + n)])
+                    out.logprobs = row
         return outputs
 
     def _sample(self, seqs: list[Sequence], logits: list[torch.Tensor],
