@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from blt_runtime import encode
@@ -21,6 +22,16 @@ def with_local_window(model: BltModel, window: int | None) -> BltModel:
     other = BltModel(cfg).eval()
     other.load_state_dict(model.state_dict())
     return other
+
+
+def assert_close_scores(got, want, label: str) -> None:
+    """One byte's (logprob, top [(id, logprob)]), or None, as an output gives it: the same, to within fp32 noise
+    (rows batched, chunked or stepped otherwise sum in another order), with the same alternatives in order."""
+    assert (got is None) == (want is None), label
+    if got is not None:
+        assert got[0] == pytest.approx(want[0], abs=1e-4), label
+        assert [i for i, _ in got[1]] == [i for i, _ in want[1]], label
+        assert [v for _, v in got[1]] == pytest.approx([v for _, v in want[1]], abs=1e-4), label
 
 
 def run_engine(engine: Engine, requests: dict[str, tuple[bytes, SamplingParams]], join_at: dict[str, int] = None):

@@ -7,6 +7,7 @@ CPU, fp32, a random tiny model, in dynamic, static and overlapped steps.
 """
 
 import pytest
+from enginekit import assert_close_scores
 from factory import PARITY_TEXT
 
 from blt_runtime import load_model
@@ -77,10 +78,7 @@ def assert_same_outputs(got: list[tuple], want: list[tuple], rid: str) -> None:
     for g, w in zip(got, want):
         assert g[:6] == w[:6], rid
         for a, b in ((g[6], w[6]), *zip(g[7] or [], w[7] or [])):
-            assert (a is None) == (b is None), rid
-            if a is not None:
-                assert a[0] == pytest.approx(b[0], abs=1e-4), rid
-                assert [i for i, _ in a[1]] == [i for i, _ in b[1]], rid
+            assert_close_scores(a, b, rid)
         assert (g[7] is None) == (w[7] is None), rid
 
 
