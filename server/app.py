@@ -164,6 +164,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
                      defaults)
     if chat_template is not None:
         log.info("chat template: %s", chat_template.origin)
+    if state.tool_call_parser is not None:
+        log.info("tool_choice 'auto': calls read by the %s tool-call parser%s", state.tool_call_parser,
+                 "" if chat_template is not None else " (but without a chat template, chat completions are refused)")
     if defaults:
         log.info("requests that leave them out get the defaults of %s: %s", defaults_file,
                  ", ".join(f"{k}={v}" for k, v in defaults.items()))

@@ -6,7 +6,8 @@ top_logprobs), and the answer's shape (chat.completion, or chat.completion.chunk
 with the assistant's role). Everything else, sampling, guides, stops, streaming, abort on disconnect,
 is completions.py's. Without a chat template (BLT checkpoints are base models, chat_template.py) the
 request is a 400 that says how to give one. A tool choice that calls a tool (tools.py) guides the
-completion to the calls' JSON, and the answer reads the calls out of it.
+completion to the calls' JSON, and the answer reads the calls out of it; "auto" reads the model's own text
+as content and calls (tool_parser.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .errors import ApiError, utf8
 from .guided import asked_guide, asked_limits, asked_whitespace, compile_guide, request_guide, schema_text
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, TokenizeRequest
 from .state import AppState
+from .tool_parser import PARSERS
 from .tools import CallStream, ToolCalling, tool_calling
 
 
@@ -40,8 +42,9 @@ class ChatCompletion(Completion):
         """`calls`: the text is read as tool calls; `echo`: the text the answer begins with."""
         super().__init__(*args, **kw)
         for choice in self.choices.values():
-            choice.calls = CallStream(calls.name) if calls is not None else None
-            choice.prefix = echo if calls is None else ""
+            if calls is not None:
+                choice.calls = PARSERS[calls.parser]() if calls.parser else CallStream(calls.name)
+            choice.prefix = echo if calls is None or calls.parser else ""
 
     def opening(self) -> list[str]:
         return [self.chunk([delta]) for c in self.choices.values() for delta in c.opening()]
@@ -95,7 +98,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     admit(req, state, "chat completion")
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
-    calls = tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls)
+    calls = tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls, state.tool_call_parser)
     prompt = conversation_prompt(req, state)
     text = prompt.decode("utf-8")
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -107,6 +110,9 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     else:
         check_context([prompt], asked, state.max_model_len, name, "messages")
     completion = as_completion(req, text, asked)
+    if calls is not None and calls.one_call:  # the text ends with the call's end tag
+        stop = [completion.stop] if isinstance(completion.stop, str) else completion.stop or []
+        completion = completion.model_copy(update={"stop": [*stop, PARSERS[calls.parser].END]})
     guide = await chat_guide(completion, calls)
     params = sampling_params(completion, 0, guide=guide, defaults=state.generation_defaults)
     check_capacity([prompt], req.n, state.engine.capacity)
@@ -117,8 +123,8 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
 
 
 async def chat_guide(completion: CompletionRequest, calls: ToolCalling | None) -> ByteGuide | None:
-    """The request's own guide, or its tool calls' (never both)."""
-    if calls is None:
+    """The request's own guide, or its tool calls' (never both; "auto" has none)."""
+    if calls is None or calls.schema is None:
         return await request_guide(completion)
     asked = asked_guide(completion)
     if asked is not None:

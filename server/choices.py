@@ -13,6 +13,7 @@ from blt_runtime import EOS_ID, StepOutput
 from blt_runtime.tokenizer import OFFSET
 
 from .textstream import ChoiceStream, Piece
+from .tool_parser import HermesCalls
 from .tools import CallStream
 
 
@@ -99,10 +100,10 @@ class ChoiceState:
 
 class ChatChoiceState(ChoiceState):
     """A choice of a chat completion: the same text as an assistant message, with logprobs in the chat
-    API's shape (an entry per byte, with its top alternatives as a list); or, with `calls` (tools.py), the
-    text read as tool calls."""
+    API's shape (an entry per byte, with its top alternatives as a list); or, with `calls`, the text read as
+    tool calls (tools.py), or as content and calls ("auto", tool_parser.py)."""
 
-    calls: CallStream | None = None
+    calls: CallStream | HermesCalls | None = None
 
     def opening(self) -> list[dict]:
         """A stream's first chunks for this choice: the assistant's role with no content (as OpenAI and vLLM
@@ -114,9 +115,12 @@ class ChatChoiceState(ChoiceState):
     def delta(self, new: int) -> dict:
         pieces = self.pieces[-new:] if new else []
         text = "".join(p.text for p, _ in pieces)
-        if self.calls is not None:
+        if isinstance(self.calls, CallStream):
             entries = self.calls.feed(text) if pieces else []
             delta = {"tool_calls": entries} if entries else {}
+        elif self.calls is not None:
+            text, entries = self._parsed(text, self.done)
+            delta = {**({"content": text} if text else {}), **({"tool_calls": entries} if entries else {})}
         else:
             delta = {"content": text} if pieces else {}
         choice = {"index": self.index, "delta": delta,
@@ -133,15 +137,28 @@ class ChatChoiceState(ChoiceState):
     def whole(self) -> dict:
         text = "".join(p.text for p, _ in self.pieces)
         message = {"role": "assistant", "content": self.prefix + text}
-        if self.calls is not None:  # the text is the calls' (vLLM's content is empty then)
+        if isinstance(self.calls, CallStream):  # the text is the calls' (vLLM's content is empty then)
             self.calls.feed(text)
             message = {"role": "assistant", "content": "", "tool_calls": self.calls.whole()}
+        elif self.calls is not None:
+            message["content"] = self.prefix + self._parsed(text, True)[0]
+            if self.calls.calls:
+                message["tool_calls"] = self.calls.whole()
         choice = {"index": self.index, "message": message,
                   "logprobs": _chat_logprobs(self.pieces) if self.want_logprobs else None,
                   "finish_reason": self._finish_reason(), "stop_reason": self.stop_reason}
         if self.want_patches:
             choice["patch_starts"] = _patch_starts(self.pieces)
         return choice
+
+    def _parsed(self, text: str, end: bool) -> tuple[str, list[dict]]:
+        """More text, read by the tool-call parser -> (content, tool-call entries); at the `end`, with what the
+        parser held."""
+        content, entries = self.calls.feed(text)
+        if end:
+            rest, more = self.calls.finish()
+            content, entries = content + rest, entries + more
+        return content, entries
 
     def _finish_reason(self) -> str | None:
         return self.finish_reason if self.calls is None else self.calls.finish_reason(self.finish_reason)

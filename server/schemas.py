@@ -169,9 +169,11 @@ class ChatCompletionRequest(TemplateFields, SamplingFields):
                                                      "tools are for the template; 'required': one or more calls "
                                                      "of the tools; {'type': 'function', 'function': {'name': N}}: "
                                                      "a call of N; each call's arguments held to the function's "
-                                                     "parameters schema. 'auto' (the default with tools) is not "
-                                                     "supported: BLT checkpoints have no tool-call format")
-    parallel_tool_calls: bool | None = Field(None, description="with tool_choice 'required': false, one call only")
+                                                     "parameters schema. 'auto' (the default with tools): text, "
+                                                     "calls or both, as the model writes them, read by the server's "
+                                                     "tool-call parser (--enable-auto-tool-choice; else a 400)")
+    parallel_tool_calls: bool | None = Field(None, description="with tool_choice 'required' or 'auto': false, one call "
+                                                               "only")
     echo: bool = Field(False, description="the answer begins with the last message's content where that is the "
                                           "assistant's (with continue_final_message: the whole message; vLLM)")
 
@@ -250,8 +252,9 @@ class ToolCall(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str = Field(description="the text generated; empty with tool calls")
-    tool_calls: list[ToolCall] | None = Field(None, description="with tool_choice 'required' or a function's name")
+    content: str = Field(description="the text generated; with tool calls, the text outside them ('auto') or empty")
+    tool_calls: list[ToolCall] | None = Field(None, description="with tool_choice 'required' or a function's name; "
+                                                                "with 'auto', the calls the model wrote, if any")
 
 
 class ChatChoice(ChoiceEnd):

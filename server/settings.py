@@ -14,6 +14,7 @@ from pathlib import Path
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "blt-shakespeare"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 KERNELS = ("auto", "torch", "triton", "triton-gemv")  # blt_runtime.kernels.CHOICES (this module imports no torch)
+TOOL_CALL_PARSERS = ("hermes",)  # tool_parser.PARSERS (this module imports no FastAPI)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Settings:
     scheduling_policy: str = "fcfs"  # fcfs, or priority: the waiting queue ordered by the requests' priority
     seed: int | None = None  # of the generator that seeds requests sent without a seed; default: random
     chat_template: str | None = None  # a file, or the template itself; default: the model directory's, if any
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": calls read out of the text by tool_call_parser
+    tool_call_parser: str | None = None  # hermes
     generation_config: str = "auto"  # auto: the model directory's generation_config.json; none; or a directory
     api_key: tuple[str, ...] = ()
     ssl_keyfile: str | None = None  # with ssl_certfile: serve HTTPS
@@ -105,6 +108,12 @@ HELP = {
     "chat_template": "the Jinja template that turns a chat completion's messages into the prompt: a file, or the "
                      "template itself (default: the model directory's chat_template.jinja, or the chat_template "
                      "of its tokenizer_config.json; without one, chat completions are refused)",
+    "enable_auto_tool_choice": "serve tool_choice 'auto' (the default of a chat completion with tools): the model "
+                               "writes text, tool calls or both, unguided, and --tool-call-parser reads the calls out "
+                               "of the text (vLLM's; without it, 'auto' is a 400)",
+    "tool_call_parser": "the format of the model's tool calls, for --enable-auto-tool-choice: hermes (each call a JSON "
+                        "object {\"name\": ..., \"arguments\": ...} between <tool_call> and </tool_call>, as "
+                        "Hermes and Qwen chat templates ask for)",
     "generation_config": "auto: the sampling defaults of the model directory's generation_config.json (temperature, "
                          "top_p, top_k, min_p, repetition_penalty, max_new_tokens) for requests that leave those "
                          "fields out, as vLLM does; none: the API's defaults; or a directory with that file",
@@ -197,6 +206,10 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
         p.error(f"--kernels must be one of {', '.join(KERNELS)}")
     if settings.scheduling_policy not in ("fcfs", "priority"):
         p.error("--scheduling-policy must be fcfs or priority")
+    if settings.tool_call_parser is not None and settings.tool_call_parser not in TOOL_CALL_PARSERS:
+        p.error(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSERS)}")
+    if settings.enable_auto_tool_choice and settings.tool_call_parser is None:
+        p.error(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})")
     if (settings.ssl_keyfile is None) != (settings.ssl_certfile is None):
         p.error("--ssl-keyfile and --ssl-certfile go together")
     for name in ("ssl_keyfile", "ssl_certfile"):

@@ -42,6 +42,11 @@ class AppState:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def tool_call_parser(self) -> str | None:
+        """The parser that reads tool_choice "auto"'s calls (tool_parser.py), where the server serves it."""
+        return self.settings.tool_call_parser if self.settings.enable_auto_tool_choice else None
+
     def check_model(self, model: str | None) -> None:
         names = self.settings.model_names
         if model is not None and model not in names:

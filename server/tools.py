@@ -6,8 +6,10 @@ Owns the request's `tools` and `tool_choice` in the server's terms and the calls
 - "required": the completion is a JSON list of one or more calls (one with `parallel_tool_calls` false),
   each {"name": ..., "parameters": ...} of one of the tools, held to its schema; the answer lists them,
   with finish_reason "tool_calls".
-- "none" (the default without tools): the tools reach the template only. "auto" (the default with
-  tools) needs a parser of the model's own tool-call format, which BLT checkpoints do not have: a 400.
+- "none" (the default without tools): the tools reach the template only.
+- "auto" (the default with tools): the model writes text, calls or both, unguided, in the format of the
+  server's tool-call parser (tool_parser.py; --enable-auto-tool-choice --tool-call-parser, as vLLM's); a
+  400 without one.
 A call's `arguments` is the text the model generated for it, as generated: the same in a stream's
 deltas (`CallStream`, which reads the calls as the bytes come) as in a whole answer.
 """
@@ -28,10 +30,14 @@ NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": Fal
 @dataclass(frozen=True)
 class ToolCalling:
     """What a request's tool choice asks the completion to be: `schema` guides it; `name`: the one function
-    called (named tool choice), else a list of calls ("required")."""
+    called (named tool choice), else a list of calls ("required"). Or, with `parser` ("auto"), no guide: the
+    text is read as content and calls in that parser's format (tool_parser.py), one at most with `one_call`
+    (parallel_tool_calls false)."""
 
-    schema: dict[str, Any]
+    schema: dict[str, Any] | None
     name: str | None
+    parser: str | None = None
+    one_call: bool = False
 
 
 def _functions(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
@@ -70,17 +76,21 @@ def _hoisted(schemas: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, An
 
 
 def tool_calling(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None,
-                 parallel_tool_calls: bool | None) -> ToolCalling | None:
-    """What the request's tool choice asks for, or None (none: the tools are for the template only)."""
+                 parallel_tool_calls: bool | None, parser: str | None = None) -> ToolCalling | None:
+    """What the request's tool choice asks for, or None (none: the tools are for the template only).
+    `parser`: the server's tool-call parser for "auto" (--enable-auto-tool-choice), if any."""
     functions = _functions(tools)
     choice = tool_choice if tool_choice is not None else "auto" if functions else "none"
-    if choice == "none":
+    if choice == "none" or choice == "auto" and parser is not None and not functions:
         return None
     if choice == "auto":
-        raise ApiError(400, "tool_choice 'auto' (the default with tools) needs a parser of the model's own "
-                            "tool-call format, which this server does not have: send tool_choice 'required', "
-                            "name a function ({'type': 'function', 'function': {'name': ...}}), or 'none'",
-                       "tool_choice", "unsupported")
+        if parser is None:
+            raise ApiError(400, "tool_choice 'auto' (the default with tools) reads calls out of the model's text "
+                                "in its own format: start the server with --enable-auto-tool-choice and "
+                                "--tool-call-parser (hermes), or send tool_choice 'required', name a function "
+                                "({'type': 'function', 'function': {'name': ...}}), or 'none'",
+                           "tool_choice", "unsupported")
+        return ToolCalling(None, None, parser, parallel_tool_calls is False)
     if not functions:
         raise ApiError(400, "tool_choice: a tool call needs tools", "tools", "invalid_value")
     if choice == "required":
@@ -113,6 +123,44 @@ class Call:
 
 
 @dataclass
+class ValueScan:
+    """The text of one JSON value as its characters come, after a member's colon: which belong to it. `done` once
+    the value is whole: at its last character, or (a number, true, false, null) at the first one past it."""
+
+    done: bool = False
+    _began: bool = False
+    _depth: int = 0  # brackets open inside the value
+    _string: bool = False  # inside a string there
+    _escape: bool = False  # after its backslash
+
+    @classmethod
+    def inside_object(cls) -> ValueScan:
+        """A scan of the rest of an object, from after one of its members: done at its closing brace."""
+        return cls(_began=True, _depth=1)
+
+    def take(self, c: str) -> bool:
+        """Is `c` part of the value (else space before it, or what ends a scalar)?"""
+        if self._string:
+            if self._escape:
+                self._escape = False
+            elif c == BACKSLASH:
+                self._escape = True
+            elif c == '"':
+                self._string = False
+                self.done = self._depth == 0
+            return True
+        if c in SPACE and (not self._began or self._depth == 0) or c in ",]}" and self._began and self._depth == 0:
+            self.done = self._began  # a scalar ended
+            return False
+        if c == '"':
+            self._string = True
+        self._depth += (c in "[{") - (c in "]}")
+        self._began = True
+        self.done = self._depth == 0 and c in "]}"
+        return True
+
+
+@dataclass
 class CallStream:
     """The calls in a completion's text as it comes: one call of `name` whose arguments are the whole text, or
     (name None) a JSON list of {"name": ..., "parameters": ...} that the guide made (those members in that
@@ -122,17 +170,15 @@ class CallStream:
     calls: list[Call] = field(default_factory=list)
     _state: str = "head"  # reading a call up to its arguments ("head"), its arguments ("value"), the rest of it
     _head: str = ""  # the text of the call being read, up to its arguments
-    _depth: int = 0  # brackets open inside the arguments
-    _string: bool = False  # inside a string there
-    _escape: bool = False  # after its backslash
+    _scan: ValueScan = field(default_factory=ValueScan)  # of the arguments being read
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         """More of the text -> the entries of a stream delta's `tool_calls` it makes: a new call with its id
         and name, then its arguments as they come."""
         if self.name is not None:
             if not self.calls:
-                self.calls.append(Call(_call_id(), self.name, text))
-                return [self._opening(0)]
+                self.calls.append(Call(call_id(), self.name, text))
+                return [call_opening(self.calls, 0)]
             self.calls[0].arguments += text
             return [{"index": 0, "function": {"arguments": text}}] if text else []
         deltas: dict[int, dict[str, Any]] = {}
@@ -141,63 +187,55 @@ class CallStream:
                 self._head += c
                 match = HEAD.match(self._head)
                 if match:
-                    self.calls.append(Call(_call_id(), json.loads(match.group(1))))
-                    deltas[len(self.calls) - 1] = self._opening(len(self.calls) - 1)
+                    self._scan = open_call(self.calls, json.loads(match.group(1)), deltas)
                     self._head, self._state = "", "value"
             elif self._state == "value":
-                if self._value(c):
-                    index = len(self.calls) - 1
-                    deltas.setdefault(index, {"index": index, "function": {"arguments": ""}})["function"][
-                        "arguments"] += c
+                part = take_argument(self.calls, self._scan, c, deltas)
+                if self._scan.done:  # the call's own closing brace, right after a scalar, ends the call too
+                    self._state = "head" if not part and c in "]}" else "rest"
             elif c == "}":  # the end of the call
                 self._state = "head"
         return list(deltas.values())
-
-    def _value(self, c: str) -> bool:
-        """One character after a call's "parameters": is it part of the arguments' text (else space before it, or
-        what ends a number, true, false or null)? Moves on to the rest of the call once the value is whole."""
-        call = self.calls[-1]
-        if self._string:
-            call.arguments += c
-            if self._escape:
-                self._escape = False
-            elif c == BACKSLASH:
-                self._escape = True
-            elif c == '"':
-                self._string = False
-                self._state = "rest" if self._depth == 0 else "value"
-            return True
-        if c in SPACE and (not call.arguments or self._depth == 0) or c == "," and self._depth == 0:
-            if call.arguments:  # a scalar ended
-                self._state = "rest"
-            return False
-        if c in "]}" and self._depth == 0:  # the call's own closing brace, right after a scalar
-            self._state = "head"
-            return False
-        if c == '"':
-            self._string = True
-        self._depth += (c in "[{") - (c in "]}")
-        call.arguments += c
-        if self._depth == 0 and c in "]}":
-            self._state = "rest"
-        return True
-
-    def _opening(self, index: int) -> dict[str, Any]:
-        call = self.calls[index]
-        return {"index": index, "id": call.id, "type": "function",
-                "function": {"name": call.name, "arguments": call.arguments}}
 
     def whole(self) -> list[dict[str, Any]]:
         """Every call read, as a whole answer's `tool_calls` (named: its one call, arguments empty or not)."""
         if self.name is not None and not self.calls:
             self.feed("")
-        return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                for c in self.calls]
+        return answer_calls(self.calls)
 
     def finish_reason(self, reason: str | None) -> str | None:
         """vLLM's (and OpenAI's): "tool_calls" where a list of calls was finished, the engine's reason else."""
         return "tool_calls" if self.name is None and reason == "stop" else reason
 
 
-def _call_id() -> str:
+def answer_calls(calls: list[Call]) -> list[dict[str, Any]]:
+    """Calls as a whole answer's `tool_calls`."""
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+def open_call(calls: list[Call], name: str, deltas: dict[int, dict[str, Any]]) -> ValueScan:
+    """A new call of `name`, read from its arguments on: its entry in `deltas`; the scan of its arguments."""
+    calls.append(Call(call_id(), name))
+    deltas[len(calls) - 1] = call_opening(calls, len(calls) - 1)
+    return ValueScan()
+
+
+def take_argument(calls: list[Call], scan: ValueScan, c: str, deltas: dict[int, dict[str, Any]]) -> bool:
+    """One more character after the last call's arguments began: is it theirs (then in `deltas` too)?"""
+    part = scan.take(c)
+    if part:
+        index = len(calls) - 1
+        calls[index].arguments += c
+        deltas.setdefault(index, {"index": index, "function": {"arguments": ""}})["function"]["arguments"] += c
+    return part
+
+
+def call_opening(calls: list[Call], index: int) -> dict[str, Any]:
+    """A stream delta's entry that opens a call: its id, type, name and the arguments read so far."""
+    call = calls[index]
+    return {"index": index, "id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}

@@ -202,7 +202,7 @@ def test_tools_described_by_the_template_with_tool_choice_none(serve, model):
     out = client.chat.completions.create(model="tiny", messages=CHAT, tools=tools, tool_choice="none", max_tokens=5,
                                          temperature=0)
     assert out.usage.prompt_tokens == len("1 tools:Hello, who are you?")
-    with pytest.raises(BadRequestError, match="needs a parser of the model's own tool-call format"):
+    with pytest.raises(BadRequestError, match="--enable-auto-tool-choice and --tool-call-parser"):
         client.chat.completions.create(model="tiny", messages=CHAT, tools=tools, max_tokens=5)
 
 

@@ -1,0 +1,136 @@
+"""Tool calls read out of free text, for tool_choice "auto": vLLM's `--tool-call-parser hermes`.
+
+Owns the Hermes format (NousResearch's, Qwen's): a call is a JSON object {"name": ..., "arguments": ...} between
+`<tool_call>` and `</tool_call>`, after the message's text, if any. The model writes it unguided (a chat template
+that lists the tools tells it how), so the text is read as it comes (`HermesCalls`):
+- Text outside the calls is the message's content, as it comes, but for a stretch that may begin `<tool_call>`,
+  held until it does or does not, and whitespace after a call, held until text follows it (the newlines
+  between calls are the format's, not the message's).
+- A call that begins {"name": "...", "arguments": (or "parameters":) streams as it comes: its id and name,
+  then its arguments' text as generated, the same in a stream's deltas as in a whole answer (as the guided
+  calls of tools.py). The rest of its object (its closing brace, members after the arguments) is skipped.
+  Text after the object that is not `</tool_call>` is content again (the model did not close the call).
+- A call in any other form (arguments first, say) is read whole at `</tool_call>` or at the end of the text:
+  its arguments are then the JSON of their value (json.dumps, as vLLM gives them). What is not a JSON
+  object with a string "name" is not a call: it stays in the content, tags and all.
+A stop string `</tool_call>` (parallel_tool_calls false: one call at most) ends the text inside a call, which is
+then whole. Where the model stops (EOS, a stop string) after one call or more, the finish reason is
+"tool_calls" (vLLM's).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from .tools import SPACE, Call, ValueScan, answer_calls, call_id, call_opening, open_call, take_argument
+
+START, END = "<tool_call>", "</tool_call>"
+HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:')
+
+
+class HermesCalls:
+    """A completion's text, as it comes, read as content and Hermes tool calls (see the module's docstring)."""
+
+    END = END  # a stop string that ends the text after a call
+
+    def __init__(self):
+        self.calls: list[Call] = []
+        self._state = "text"  # "text"; in a call: "head" (up to its arguments), "value" (them), "object" (the
+        # rest of the call's object), "end" (up to the end tag)
+        self._held = ""  # text not given out yet: what may begin the start tag, whitespace after a call
+        self._after_call = False  # the last of the text was a call (whitespace now is the format's)
+        self._body = ""  # the call's text since its start tag (head), or since its object closed (end)
+        self._scan = ValueScan()  # of the arguments being read
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """More of the text -> (the content it adds, the entries of a stream delta's `tool_calls`)."""
+        content: list[str] = []
+        deltas: dict[int, dict[str, Any]] = {}
+        for c in text:
+            self._take(c, content, deltas)
+        return "".join(content), list(deltas.values())
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """The end of the text -> what was held: content, or a call read whole."""
+        content: list[str] = []
+        deltas: dict[int, dict[str, Any]] = {}
+        if self._state == "text" and not (self._after_call and self._held.isspace()):
+            content.append(self._held)
+        elif self._state == "head":
+            self._whole_call(self._body, content, deltas, closed=False)
+        self._state, self._held, self._body = "text", "", ""
+        return "".join(content), list(deltas.values())
+
+    def whole(self) -> list[dict[str, Any]]:
+        """Every call read, as a whole answer's `tool_calls`."""
+        return answer_calls(self.calls)
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if self.calls and reason == "stop" else reason
+
+    # ------------------------------------------------------------------ one character at a time
+    def _take(self, c: str, content: list[str], deltas: dict[int, dict[str, Any]]) -> None:
+        if self._state == "text":
+            self._text(c, content)
+        elif self._state == "head":
+            self._body += c
+            if self._body.endswith(END):
+                self._whole_call(self._body[:-len(END)], content, deltas, closed=True)
+                self._state, self._body = "text", ""
+            elif match := HEAD.match(self._body):
+                self._scan = open_call(self.calls, json.loads(match.group(1)), deltas)
+                self._state, self._body = "value", ""
+        elif self._state == "value":
+            part = take_argument(self.calls, self._scan, c, deltas)
+            if self._scan.done:  # on to the rest of the call's object, from inside it
+                self._state, self._scan = "object", ValueScan.inside_object()
+                if not part:
+                    self._take(c, content, deltas)
+        elif self._state == "object":
+            self._scan.take(c)
+            if self._scan.done:
+                self._state, self._body = "end", ""
+        else:  # "end": space, then the end tag; else the model did not close the call, and this is content
+            self._body += c
+            tail = self._body.lstrip(SPACE)
+            if tail == END:
+                self._state, self._body, self._after_call = "text", "", True
+            elif not END.startswith(tail):
+                body, self._state, self._body, self._after_call = self._body, "text", "", True
+                for t in body:
+                    self._text(t, content)
+
+    def _text(self, c: str, content: list[str]) -> None:
+        self._held += c
+        if self._held.endswith(START):
+            before = self._held[:-len(START)]
+            if before and not (self._after_call and before.isspace()):
+                content.append(before)
+            self._state, self._held, self._body = "head", "", ""
+            return
+        partial = next((k for k in range(min(len(START) - 1, len(self._held)), 0, -1)
+                        if START.startswith(self._held[-k:])), 0)
+        given = self._held[:len(self._held) - partial]
+        if given and not (self._after_call and given.isspace()):  # whitespace after a call waits for what follows
+            content.append(given)
+            self._held, self._after_call = self._held[len(given):], False
+
+    def _whole_call(self, body: str, content: list[str], deltas: dict[int, dict[str, Any]], closed: bool) -> None:
+        """A call in another form, read whole: a call, or else content."""
+        try:
+            call = json.loads(body)
+        except ValueError:
+            call = None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            content.append(START + body + (END if closed else ""))
+            self._after_call = False
+            return
+        arguments = call.get("arguments", call.get("parameters", {}))
+        self.calls.append(Call(call_id(), call["name"], json.dumps(arguments, ensure_ascii=False)))
+        deltas[len(self.calls) - 1] = call_opening(self.calls, len(self.calls) - 1)
+        self._after_call = True
+
+
+PARSERS = {"hermes": HermesCalls}  # --tool-call-parser's choices (settings.TOOL_CALL_PARSERS)
