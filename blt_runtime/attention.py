@@ -16,7 +16,7 @@ RotationTable's row at each row's length), so a step feeds it views of its qkv p
 store at each row's new position's entry, worked out from its length. Which way a step takes is
 the engine's kernels setting (kernels.py). On a CPU the kernel runs in Triton's interpreter
 (TRITON_INTERPRET=1 set before Triton is imported): slow, for tests only. `rounded` is the bf16
-rounding the repository's Triton kernels share. Also a long prefill chunk's attention, a window of
+rounding the repository's Triton kernels share. Also a long prefill chunk's attention, a block of
 queries at a time (`band_attention`). Used by runner.py's block_step; knows nothing about requests
 or patches.
 """
@@ -68,33 +68,58 @@ class Causal:
 CAUSAL = Causal()
 
 
+BAND_BLOCK_CPU = 64  # queries per block of a long chunk on a CPU (a window of them on CUDA; bench/RESULTS.md)
+
+Block = tuple[int, int, int, int, torch.Tensor]  # see ChunkBand.blocks
+
+
 @dataclass(frozen=True)
 class ChunkBand:
-    """A prefill chunk of more than twice its stack's window, attended a window of queries at a time
-    (`band_attention`) instead of through one (T, entries + T) mask: its positions, from which each
-    block's mask is made."""
+    """A prefill chunk of more than two blocks of queries, in a stack with an attention window, attended a block
+    of queries at a time (`band_attention`) instead of through one (T, entries + T) mask, whose work and memory
+    grow with the chunk's square and which weighs every query against every key. A block weighs the keys its
+    queries can see: the latest cache entries by position (the cache is read in position order), as many as its
+    first query sees, and the chunk's own from a window before the block to its end. Built once per stack and
+    step (`of`), for every layer."""
 
-    keys: torch.Tensor  # (B, span + T): the position each cache entry read holds (-1: none), then the new ones
-    window: int  # the stack's attention window
+    order: torch.Tensor | None  # (B, 1, span, 1): the cache entries read, by the position they hold; None: as read
+    blocks: tuple[Block, ...]  # (start, end, cached, first, mask): queries start..end over the last `cached` cache
+    # entries in position order and the chunk's keys first..end, under the additive (B, 1, end - start, keys) mask
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, span: int, window: int, block: int, dtype: torch.dtype) -> ChunkBand:
+        """`keys` (B, span + T): the position each cache entry read holds (-1: none), then the chunk's."""
+        T = keys.shape[1] - span
+        order = torch.argsort(keys[:, :span], dim=1)  # no position (-1) first
+        held, new = keys[:, :span].gather(1, order), keys[:, span:]
+        blocks = []
+        for start in range(0, T, block):
+            end, first = min(start + block, T), max(start - window + 1, 0)
+            cached = min(max(window - 1 - start, 0), span)  # positions from the first query's window start on
+            seen = torch.cat([held[:, span - cached:], new[:, first:end]], dim=1)
+            mask = visible(seen[:, None, :], new[:, start:end, None], window)
+            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            blocks.append((start, end, cached, first, additive[:, None]))
+        whole = all(cached in (0, span) for _, _, cached, _, _ in blocks)  # every block reads all entries or none
+        return cls(None if whole else order[:, None, :, None], tuple(blocks))
 
 
 def band_attention(q: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor, band: ChunkBand) -> torch.Tensor:
-    """sdpa_attention of q (B, H, T, D) over the cache entries read and the chunk's own keys, with the
-    mask `band` stands for, `band.window` queries at a time over the keys they can see: the cache's only
-    for the first block (a later query is a window or more past the chunk's start), and of the chunk's
-    the last window before each block. Every query weighs the same keys as under the whole mask, whose
-    other entries weigh exactly zero. -> (B, T, H * D)."""
-    T, span, w = q.shape[2], cached_k.shape[2], band.window
+    """sdpa_attention of q (B, H, T, D) over the cache entries read and the chunk's own keys, with the mask of
+    the whole chunk, a block of queries at a time over the keys it can see (ChunkBand). Every query weighs the
+    same keys as under the whole mask, whose other entries weigh exactly zero. -> (B, T, H * D)."""
+    span = cached_k.shape[2]
+    if band.order is not None:
+        index = band.order.expand(-1, cached_k.shape[1], -1, cached_k.shape[3])
+        cached_k, cached_v = cached_k.gather(2, index), cached_v.gather(2, index)
     out = []
-    for start in range(0, T, w):
-        end, first = min(start + w, T), max(start - w + 1, 0)
-        keys, values, held = k[:, :, first:end], v[:, :, first:end], band.keys[:, span + first:span + end]
-        if start == 0:
-            keys, values = torch.cat([cached_k, keys], dim=2), torch.cat([cached_v, values], dim=2)
-            held = torch.cat([band.keys[:, :span], held], dim=1)
-        mask = visible(held[:, None, :], band.keys[:, span + start:span + end, None], w)
-        out.append(sdpa_attention(q[:, :, start:end], keys, values, mask[:, None]))
+    for start, end, cached, first, mask in band.blocks:
+        keys, values = k[:, :, first:end], v[:, :, first:end]
+        if cached:
+            keys = torch.cat([cached_k[:, :, span - cached:], keys], dim=2)
+            values = torch.cat([cached_v[:, :, span - cached:], values], dim=2)
+        out.append(sdpa_attention(q[:, :, start:end], keys, values, mask))
     return torch.cat(out, dim=1)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import CAUSAL, Causal, ChunkBand, RotationTable, Visible
+from .attention import BAND_BLOCK_CPU, CAUSAL, Causal, ChunkBand, RotationTable, Visible
 from .cache import KVCache, entry_positions
 from .fused import EAGER, StepOps
 from .model.layers import Stack
@@ -66,9 +66,12 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
                          slots[:, None], None, 1, True, None, min_length)
     masked = not (write_first and min_length is not None and min_length + 1 >= span)
     in_kernel = masked and write_first and kernels != "torch"
-    # a chunk of more than twice the window is attended a window of queries at a time: not through one
-    # (T, span + T) mask, whose work and memory grow with the chunk's square (bench/RESULTS.md)
-    banded = stack.cfg.window is not None and 2 * stack.cfg.window < T
+    # a chunk of more than two blocks is attended a block of queries at a time (attention.ChunkBand): on a CPU
+    # blocks of 64, a third less work than the whole mask's; on CUDA, where each block is a few more kernels,
+    # a window's (bench/RESULTS.md)
+    window = stack.cfg.window
+    block = window if window is None or cache.kv.device.type == "cuda" else min(BAND_BLOCK_CPU, window)
+    banded = window is not None and 2 * block < T
     # a chunk from position 0 (nothing cached) inside the window: causal, which SDPA applies itself; its rows,
     # right-padded in a batch, see none of the padding after them
     causal = not write_first and max_length == 0 and (stack.cfg.window is None or stack.cfg.window >= T)
@@ -82,7 +85,8 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
         mask = CAUSAL
     if banded:
         new = lengths[:, None] + torch.arange(T, device=lengths.device)[None, :]
-        mask = ChunkBand(torch.cat([entry_positions(lengths, span, cache.window), new], dim=1), stack.cfg.window)
+        keys = torch.cat([entry_positions(lengths, span, cache.window), new], dim=1)
+        mask = ChunkBand.of(keys, span, window, block, cache.kv.dtype)
     rows = slots[:, None].expand_as(index)
     if real is not None:
         rows = torch.where(real[:, T - kept:], rows, scratch)

@@ -183,12 +183,14 @@ def test_kernel_reads_strided_queries():
 
 
 @pytest.mark.parametrize("H, H_kv", [(4, 4), (4, 2)])
-@pytest.mark.parametrize("cache_window, stack_window", [(16, 16), (16, 6)])
-def test_a_long_chunk_attended_a_window_at_a_time_equals_the_whole_mask(H, H_kv, cache_window, stack_window):
-    """band_attention (a prefill chunk of more than twice the window) weighs what SDPA under the chunk's whole
-    (T, entries + T) mask does: rows whose ring is empty, partly and wholly filled, and wrapped."""
+@pytest.mark.parametrize("cache_window, stack_window", [(16, 16), (16, 6), (20, 16)])
+@pytest.mark.parametrize("block, T", [(16, 53), (4, 53), (4, 9), (5, 16), (1, 7)])
+def test_a_long_chunk_attended_a_block_at_a_time_equals_the_whole_mask(H, H_kv, cache_window, stack_window, block, T):
+    """band_attention (a prefill chunk of more than two blocks of queries) weighs what SDPA under the chunk's
+    whole (T, entries + T) mask does: rows whose ring is empty, partly and wholly filled, and wrapped, read in
+    position order or as they lie; blocks of a window and smaller, the last one short."""
     g = torch.Generator().manual_seed(3)
-    lengths, T, D = torch.tensor([0, 5, 16, 40]), 3 * stack_window + 5, 8
+    lengths, D = torch.tensor([0, 5, 16, 40]), 8
     B, span = len(lengths), cache_window
     q = torch.randn(B, H, T, D, generator=g)
     k, v = torch.randn(2, B, H_kv, T, D, generator=g)
@@ -196,7 +198,10 @@ def test_a_long_chunk_attended_a_window_at_a_time_equals_the_whole_mask(H, H_kv,
     new = lengths[:, None] + torch.arange(T)[None, :]
     mask = additive_mask(lengths, new, T, span, True, cache_window, stack_window, torch.float32)
     want = sdpa_attention(q, torch.cat([cached_k, k], 2), torch.cat([cached_v, v], 2), mask)
-    band = ChunkBand(torch.cat([entry_positions(lengths, span, cache_window), new], 1), stack_window)
+    band = ChunkBand.of(torch.cat([entry_positions(lengths, span, cache_window), new], 1), span, stack_window,
+                        block, torch.float32)
+    assert [b[:2] for b in band.blocks] == [(s, min(s + block, T)) for s in range(0, T, block)]
+    assert all(b[2] <= stack_window - 1 and b[4].shape[-1] == b[2] + b[1] - b[3] for b in band.blocks)
     torch.testing.assert_close(band_attention(q, cached_k, cached_v, k, v, band), want, atol=1e-6, rtol=1e-5)
 
 
