@@ -6,6 +6,7 @@
 #   BLT_METRICS_WITHOUT_KEY     BLT_ALLOWED_ORIGINS      BLT_MAX_BODY_BYTES (1048576)
 #   BLT_SHUTDOWN_TIMEOUT (30)   BLT_KEEPALIVE_INTERVAL   BLT_LOG_LEVEL (info)   BLT_SERVED_MODEL_NAME
 #   BLT_LOG_INTERVAL (5)        BLT_PREFILL_CHUNK (512)  BLT_MODEL_DIR (the shipped model)
+#   BLT_DISABLE_LOG_REQUESTS, BLT_DISABLE_LOG_STATS (no line per request; no throughput lines)
 #   BLT_THREADS (CPU threads; default all cores but one)   BLT_ENFORCE_EAGER (no CUDA graphs)
 #   BLT_COMPILE (torch.compile the step's element-wise stretches)
 #   BLT_KERNELS (auto: the project's Triton kernels for attention, RoPE, norms and SwiGLU where they

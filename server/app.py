@@ -160,8 +160,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     defaults, defaults_file = load_generation_defaults(settings.generation_config, settings.model_dir)
     engine = engine if engine is not None else build_engine(settings)
     metrics = Metrics(settings.model_name)
-    state = AppState(settings, engine, EngineWorker(engine, metrics, settings.log_interval), metrics, chat_template,
-                     defaults)
+    worker = EngineWorker(engine, metrics, settings.log_interval, not settings.disable_log_requests,
+                          not settings.disable_log_stats)
+    state = AppState(settings, engine, worker, metrics, chat_template, defaults)
     if chat_template is not None:
         log.info("chat template: %s", chat_template.origin)
     if state.tool_call_parser is not None:

@@ -55,6 +55,8 @@ class Settings:
     keepalive_interval: float = 15.0
     log_level: str = "info"
     log_interval: float = 5.0  # seconds between throughput summaries while busy
+    disable_log_requests: bool = False  # no line per finished request
+    disable_log_stats: bool = False  # no throughput summaries
 
     @property
     def model_name(self) -> str:
@@ -131,6 +133,9 @@ HELP = {
     "shutdown_timeout": "seconds running requests may finish after SIGTERM",
     "keepalive_interval": "seconds between ': keep-alive' comments on a waiting stream",
     "log_level": "|".join(LOG_LEVELS), "log_interval": "seconds between throughput summaries",
+    "disable_log_requests": "log no line per finished request (vLLM's; its id, bytes in and out, patches, time to "
+                            "first byte, bytes/s, finish reason); metrics count them still",
+    "disable_log_stats": "log no throughput summaries while busy (vLLM's); metrics count still",
 }
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
+import httpx
 import pytest
+from scripted import ScriptedEngine
+from serverkit import metric_value, metrics_text, wait_until
 
 from server.settings import KERNELS, SHIPPED_MODEL, Settings, load_settings
 
@@ -96,3 +99,19 @@ def test_several_served_names():
     assert settings.model_name == "blt-1b" and settings.model_names == ("blt-1b", "blt")
     assert load_settings([], environ={"BLT_SERVED_MODEL_NAME": "a,b"}).model_names == ("a", "b")
     assert load_settings(["some/dir"], environ={}).model_names == ("dir",)
+
+
+@pytest.mark.parametrize("flags", [[], ["--disable-log-requests"], ["--disable-log-stats"]])
+def test_request_and_throughput_lines_can_be_turned_off(serve, caplog, flags):
+    """vLLM's --disable-log-requests and --disable-log-stats: no line per finished request, no throughput
+    summaries; the metrics count the request either way."""
+    settings = load_settings(["--log-interval", "0", *flags], environ={})
+    caplog.set_level("INFO", logger="blt.server")
+    url, _ = serve(ScriptedEngine({}, default=b"ok"), log_interval=0.0,
+                   disable_log_requests=settings.disable_log_requests, disable_log_stats=settings.disable_log_stats)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 5}, timeout=30)
+    assert r.status_code == 200
+    wait_until(lambda: metric_value(metrics_text(url), "blt_request_success_total", finish_reason="stop") == 1,
+               what="the request counted")
+    assert (" bytes in, " in caplog.text) == ("--disable-log-requests" not in flags)
+    assert ("throughput:" in caplog.text) == ("--disable-log-stats" not in flags)
