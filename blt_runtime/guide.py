@@ -1,7 +1,8 @@
 """Guided generation: a completion held to a regular expression, or to one of a list of choices, byte by byte.
 
 Owns `ByteGuide`: a deterministic automaton over bytes (a DFA), compiled from a regular expression in
-Python's syntax (`ByteGuide.regex`) or from choices (`ByteGuide.choice`), or made of a set of bytes
+Python's syntax (`ByteGuide.regex`), from choices (`ByteGuide.choice`) or from a GBNF grammar whose recursion
+is unrolled (`ByteGuide.grammar`, grammar.py), or made of a set of bytes
 (`of_bytes`) or of words that must not occur (`avoiding`); two guides intersect (`intersect`), and
 each is the smallest automaton of its texts (`_minimal`). Since a byte-level model chooses bytes, the
 automaton constrains each choice exactly: at every step the model may only take the bytes that keep
@@ -270,6 +271,16 @@ class ByteGuide:
             return cls._compile(parse(pattern), f"regex {pattern[:60]!r}")
         except RecursionError:
             raise GuideError(f"regex {pattern[:60]!r}: groups nested too deeply") from None
+
+    @classmethod
+    def grammar(cls, text: str) -> ByteGuide:
+        """A GBNF grammar's `root` (grammar.py: llama.cpp's format, vLLM's guided_grammar)."""
+        from .grammar import grammar_tree
+
+        try:
+            return cls._compile(grammar_tree(text), "grammar")
+        except RecursionError:
+            raise GuideError("grammar: rules nested too deeply") from None
 
     @classmethod
     def choice(cls, choices: list[str]) -> ByteGuide:

@@ -1,12 +1,13 @@
 """Guided generation's request fields -> the runtime's ByteGuide (blt_runtime/guide.py).
 
-Owns which fields ask for a guide: vLLM's `guided_regex`, `guided_choice` and `guided_json`, its newer
-`structured_outputs` (`regex`, `choice`, `json`, `json_object`), and OpenAI's `response_format`
+Owns which fields ask for a guide: vLLM's `guided_regex`, `guided_choice`, `guided_json` and `guided_grammar`
+(GBNF, blt_runtime/grammar.py), its newer `structured_outputs` (`regex`, `choice`, `json`, `grammar`,
+`json_object`), and OpenAI's `response_format`
 (`json_object`: any JSON value; `json_schema`: a schema, blt_runtime/json_guide.py), and the whitespace a
 JSON guide allows (`guided_whitespace_pattern`, `structured_outputs.whitespace_pattern`; compact JSON
 without one); and vLLM's `allowed_token_ids` (bytes) and `bad_words`, which hold the completion with
 its guide, if any, or alone (the guides intersect). It refuses with a 400 what this server does not do
-(grammars, two guides at once, a schema it cannot express) rather than ignoring it, and compiles the
+(two guides at once, a schema or grammar it cannot express) rather than ignoring it, and compiles the
 guide off the event loop (a large one takes a while), keeping the last ones compiled for the next
 requests that ask for them.
 """
@@ -23,12 +24,9 @@ from blt_runtime.json_guide import layout, schema_regex
 from .errors import ApiError, utf8
 from .schemas import CompletionRequest
 
-UNSUPPORTED = ("this server guides completions by a regular expression, a list of choices or a JSON schema "
-               "(guided_regex, guided_choice, guided_json, structured_outputs, response_format)")
-
-
-def _refuse(field: str, what: str) -> ApiError:
-    return ApiError(400, f"{field}: {what} are not supported; {UNSUPPORTED}", field, "unsupported")
+UNSUPPORTED = ("this server guides completions by a regular expression, a list of choices, a JSON schema or a "
+               "GBNF grammar (guided_regex, guided_choice, guided_json, guided_grammar, structured_outputs, "
+               "response_format)")
 
 
 def schema_text(value) -> str:
@@ -37,25 +35,22 @@ def schema_text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _asked(fields: tuple[str, str, str], regex, choice, schema) -> list[tuple[str, str, str | tuple[str, ...]]]:
-    """(field, kind, source) of each of a regex, choices and a JSON schema that is given."""
-    sources = (regex, None if choice is None else tuple(choice), None if schema is None else schema_text(schema))
-    return [(field, kind, source) for field, kind, source in zip(fields, ("regex", "choice", "json"), sources)
-            if source is not None]
+def _asked(fields: tuple[str, ...], regex, choice, schema, grammar) -> list[tuple[str, str, str | tuple[str, ...]]]:
+    """(field, kind, source) of each of a regex, choices, a JSON schema and a grammar that is given."""
+    sources = (regex, None if choice is None else tuple(choice), None if schema is None else schema_text(schema),
+               grammar)
+    kinds = ("regex", "choice", "json", "grammar")
+    return [(field, kind, source) for field, kind, source in zip(fields, kinds, sources) if source is not None]
 
 
 def asked_guide(req: CompletionRequest) -> tuple[str, str, str | tuple[str, ...]] | None:
     """(field, kind, pattern or choices) of the guide the request asks for, or None; a 400 for what is not
     supported, or for more than one."""
-    if req.guided_grammar is not None:
-        raise _refuse("guided_grammar", "grammars")
-    asked = _asked(("guided_regex", "guided_choice", "guided_json"), req.guided_regex, req.guided_choice,
-                   req.guided_json)
+    asked = _asked(("guided_regex", "guided_choice", "guided_json", "guided_grammar"), req.guided_regex,
+                   req.guided_choice, req.guided_json, req.guided_grammar)
     so = req.structured_outputs
     if so is not None:
-        if so.grammar is not None:
-            raise _refuse("structured_outputs", "grammars")
-        asked += _asked(("structured_outputs",) * 3, so.regex, so.choice, so.json_schema)
+        asked += _asked(("structured_outputs",) * 4, so.regex, so.choice, so.json_schema, so.grammar)
         if so.json_object:
             asked.append(("structured_outputs", "json", "{}"))
         if not any(field == "structured_outputs" for field, _, _ in asked):
@@ -82,11 +77,13 @@ NO_LIMITS: Limits = (None, None)
 @functools.lru_cache(maxsize=8)  # each guide keeps its bias rows on the device while it is cached
 def compiled(kind: str | None, source: str | tuple[str, ...] | None, whitespace: str | None = None,
              limits: Limits = NO_LIMITS) -> ByteGuide:
-    """A guide of `kind` ("json", "regex", "choice"; None: none), within the bytes and without the words of
-    `limits`."""
+    """A guide of `kind` ("json", "regex", "choice", "grammar"; None: none), within the bytes and without the
+    words of `limits`."""
     guide = None
     if kind == "json":
         guide = ByteGuide.regex(schema_regex(source, whitespace))
+    elif kind == "grammar":
+        guide = ByteGuide.grammar(source)
     elif kind is not None:
         guide = ByteGuide.regex(source) if kind == "regex" else ByteGuide.choice(list(source))
     allowed, bad = limits

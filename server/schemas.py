@@ -22,7 +22,7 @@ class StreamOptions(BaseModel):
 
 
 class StructuredOutputs(BaseModel):
-    """vLLM's structured_outputs: one of these constrains the completion (grammars are refused)."""
+    """vLLM's structured_outputs: one of these constrains the completion (a grammar in GBNF)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -86,7 +86,9 @@ class SamplingFields(BaseModel):
                                                                            "{\"json_object\": true}")
     guided_json: Any = Field(None, description="the completion must be JSON this schema validates (a subset of "
                                                "JSON Schema: blt_runtime/json_guide.py; vLLM's)")
-    guided_grammar: str | None = Field(None, description="refused: grammars are not supported")
+    guided_grammar: str | None = Field(None, description="the completion must be text this GBNF grammar's root "
+                                                         "derives (llama.cpp's format, vLLM's; recursive rules "
+                                                         "unrolled 3 levels deep: blt_runtime/grammar.py)")
     guided_whitespace_pattern: str | None = Field(
         None, description="what a JSON guide allows after ':' and ',' and inside brackets, a pattern of JSON's "
                           "whitespace (vLLM's; '[ \\n]*' takes pretty-printed JSON); default: compact JSON")

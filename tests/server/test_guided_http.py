@@ -40,6 +40,29 @@ def test_guided_completions_match_their_guide(url):
         assert re.fullmatch(r"(ab|cd|é){3,8}!", text) and events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+SQL = """
+root ::= "SELECT " column " FROM " table (" WHERE " condition)? ";"
+column ::= "id" | "name" | "age"   # vLLM's example, a little larger
+table ::= "users" | "orders"
+condition ::= column " = " ([0-9]+ | "'" [a-z]{1,8} "'")
+"""
+SQL_RE = r"SELECT (id|name|age) FROM (users|orders)( WHERE (id|name|age) = ([0-9]+|'[a-z]{1,8}'))?;"
+
+
+def test_grammar_completions_are_what_the_grammar_derives(url):
+    """vLLM's guided_grammar (and structured_outputs.grammar): a GBNF grammar; whole and streamed, through the
+    official client."""
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    for seed in range(3):
+        for how in ({"guided_grammar": SQL}, {"structured_outputs": {"grammar": SQL}}):
+            out = client.completions.create(model="tiny", prompt="Query: ", max_tokens=100, seed=seed,
+                                            temperature=1.2, extra_body=how)
+            assert re.fullmatch(SQL_RE, out.choices[0].text) and out.choices[0].finish_reason == "stop", out
+    stream = client.completions.create(model="tiny", prompt="Query: ", max_tokens=100, seed=7, stream=True,
+                                       extra_body={"guided_grammar": SQL})
+    assert re.fullmatch(SQL_RE, "".join(chunk.choices[0].text for chunk in stream))
+
+
 def test_json_completions_parse_and_validate(url):
     import json
 
@@ -121,7 +144,8 @@ def test_the_openai_client_sends_a_guide_in_extra_body(url):
     ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs", "matches no text"),
     ({"guided_json": {"type": "string", "format": "hostname"}}, "guided_json", "format 'hostname' not supported"),
     ({"structured_outputs": {"json": "{oops"}}, "structured_outputs", "not valid JSON"),
-    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "grammars"),
+    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "unexpected \"'\" (line 1, column 10)"),
+    ({"structured_outputs": {"grammar": 'root ::= "a" x'}}, "structured_outputs", "no rule named 'x'"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema.schema"),
     ({"response_format": {"type": "yaml"}}, "response_format", "must be text, json_object or json_schema"),
     ({"guided_json": {"type": "integer"}, "response_format": {"type": "json_object"}}, "response_format",

@@ -1,0 +1,273 @@
+"""GBNF grammars (llama.cpp's format, which vLLM's `guided_grammar` takes) -> the syntax tree guide.py compiles.
+
+Owns the grammar's syntax and its rules' expansion:
+- Rules `name ::= alternatives`, one after another; `root` is the whole completion. Names of letters, digits,
+  `-` and `_`. A rule ends at a newline, but inside parentheses or after `::=` or `|`. `#` comments to the
+  end of the line.
+- Terminals are characters (Unicode code points, encoded as UTF-8): literals `"..."`, classes `[a-z]` and
+  `[^...]`, and `.` (any character). Escapes in both: `\\n` `\\r` `\\t` `\\\\` `\\"` `\\[` `\\]` `\\-` `\\xHH`
+  `\\uHHHH` `\\UHHHHHHHH`.
+- Sequences, `|`, groups `( )`, and the quantifiers `*` `+` `?` `{m}` `{m,}` `{m,n}`.
+A guide is an automaton with finitely many states, so a rule that refers to itself, directly or through
+others (nested brackets, `expr ::= expr "+" term`), is unrolled: a rule is expanded at most `DEPTH` times
+inside itself, and an alternative that would need more is left out. What the guide allows is then always
+text the grammar derives; text nested deeper than that is not generated. Errors (syntax, a rule defined
+twice, a rule never defined, no root, nothing left to derive) are GuideErrors that say where.
+"""
+
+from __future__ import annotations
+
+from .errors import GuideError
+from .regex_syntax import ANY, MAX_CHAR, Alt, Cat, Chars, Repeat, _complement, _normalised
+
+DEPTH = 3  # a rule inside itself at most this many times (as JSON values nest in json_guide.ANY_DEPTH)
+ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "\\": 0x5C, '"': 0x22, "[": 0x5B, "]": 0x5D, "-": 0x2D}
+HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+MAX_REPEAT = 1000  # a {m,n} bound beyond this is refused (each repetition is a copy in the automaton)
+
+
+class Ref:
+    """A reference to a rule, by name (resolved when the rules are expanded)."""
+
+    def __init__(self, name: str, at: int):
+        self.name, self.at = name, at
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text, self.i = text, 0
+        self.rules: dict[str, object] = {}
+
+    def fail(self, why: str):
+        line = self.text.count("\n", 0, self.i) + 1
+        column = self.i - (self.text.rfind("\n", 0, self.i) + 1) + 1
+        raise GuideError(f"grammar: {why} (line {line}, column {column})")
+
+    def peek(self) -> str | None:
+        return self.text[self.i] if self.i < len(self.text) else None
+
+    def space(self, newlines: bool) -> None:
+        """Skip spaces, tabs and comments; newlines too where a rule goes on past them."""
+        while (c := self.peek()) is not None:
+            if c == "#":
+                end = self.text.find("\n", self.i)
+                self.i = len(self.text) if end < 0 else end
+            elif c in " \t" or newlines and c in "\r\n":
+                self.i += 1
+            else:
+                return
+
+    def parse(self) -> dict[str, object]:
+        self.space(True)
+        while self.peek() is not None:
+            start = self.i
+            name = self.name()
+            self.space(False)
+            if not self.text.startswith("::=", self.i):
+                self.fail(f"'::=' expected after the rule name {name!r}")
+            self.i += 3
+            self.space(True)
+            if name in self.rules:
+                self.i = start
+                self.fail(f"the rule {name!r} is defined twice")
+            self.rules[name] = self.alternatives(nested=False)
+            if self.peek() not in (None, "\n", "\r"):
+                self.fail(f"unexpected {self.peek()!r}")
+            self.space(True)
+        if not self.rules:
+            self.fail("no rules")
+        return self.rules
+
+    def name(self) -> str:
+        start = self.i
+        while self.peek() is not None and self.peek() in NAME_CHARS:
+            self.i += 1
+        if self.i == start:
+            self.fail(f"a rule name expected, not {self.peek()!r}" if self.peek() else "a rule name expected")
+        return self.text[start:self.i]
+
+    def alternatives(self, nested: bool):
+        options = [self.sequence(nested)]
+        while self.peek() == "|":
+            self.i += 1
+            self.space(True)
+            options.append(self.sequence(nested))
+        return options[0] if len(options) == 1 else Alt(options)
+
+    def sequence(self, nested: bool):
+        parts = []
+        while (c := self.peek()) is not None and c not in "|)\r\n":
+            parts.append(self.quantified(self.element()))
+            self.space(nested)
+        return parts[0] if len(parts) == 1 else Cat(parts)
+
+    def element(self):
+        c = self.peek()
+        if c == '"':
+            self.i += 1
+            chars = []
+            while self.peek() != '"':
+                if self.peek() is None or self.peek() in "\r\n":
+                    self.fail("a literal not closed by '\"'")
+                c = self.char()
+                chars.append(Chars([(c, c)]))
+            self.i += 1
+            return Cat(chars)
+        if c == "[":
+            return self.char_class()
+        if c == ".":
+            self.i += 1
+            return Chars(ANY)
+        if c == "(":
+            self.i += 1
+            self.space(True)
+            node = self.alternatives(nested=True)
+            if self.peek() != ")":
+                self.fail("')' expected")
+            self.i += 1
+            return node
+        if c is not None and c in NAME_CHARS:
+            at = self.i
+            return Ref(self.name(), at)
+        self.fail(f"unexpected {c!r}")
+
+    def char(self) -> int:
+        """One character of a literal or a class, escapes read."""
+        c = self.text[self.i]
+        self.i += 1
+        if c != "\\":
+            return ord(c)
+        e = self.peek()
+        if e is None:
+            self.fail("an escape at the end")
+        self.i += 1
+        if e in ESCAPES:
+            return ESCAPES[e]
+        if e in HEX_ESCAPES:
+            digits = self.text[self.i:self.i + HEX_ESCAPES[e]]
+            if len(digits) != HEX_ESCAPES[e] or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                self.fail(f"\\{e} takes {HEX_ESCAPES[e]} hex digits")
+            self.i += len(digits)
+            value = int(digits, 16)
+            if value > MAX_CHAR or 0xD800 <= value <= 0xDFFF:
+                self.fail(f"\\{e}{digits} is no character")
+            return value
+        self.i -= 1
+        self.fail(f"unknown escape \\{e}")
+
+    def char_class(self) -> Chars:
+        self.i += 1
+        negated = self.peek() == "^"
+        if negated:
+            self.i += 1
+        ranges = []
+        while self.peek() != "]":
+            if self.peek() is None or self.peek() in "\r\n":
+                self.fail("a class not closed by ']'")
+            lo = self.char()
+            hi = lo
+            if self.peek() == "-" and self.text[self.i + 1:self.i + 2] not in ("]", ""):
+                self.i += 1
+                hi = self.char()
+                if hi < lo:
+                    self.fail(f"the range {chr(lo)!r}-{chr(hi)!r} runs backwards")
+            ranges.append((lo, hi))
+        self.i += 1
+        if not ranges and not negated:
+            self.fail("an empty class")
+        ranges = _normalised(ranges)
+        return Chars(_complement(ranges) if negated else ranges)
+
+    def quantified(self, node):
+        c = self.peek()
+        if c in ("*", "+", "?"):
+            self.i += 1
+            return Repeat(node, 1 if c == "+" else 0, 1 if c == "?" else None)
+        if c != "{":
+            return node
+        start = self.i
+        self.i += 1
+        least = self.number()
+        most: int | None = least
+        if self.peek() == ",":
+            self.i += 1
+            most = None if self.peek() == "}" else self.number()
+        if self.peek() != "}":
+            self.fail("'}' expected")
+        self.i += 1
+        if most is not None and most < least:
+            self.i = start
+            self.fail(f"{{{least},{most}}}: the most is less than the least")
+        if max(least, most or 0) > MAX_REPEAT:
+            self.i = start
+            self.fail(f"a repetition bound above {MAX_REPEAT}")
+        return Repeat(node, least, most)
+
+    def number(self) -> int:
+        start = self.i
+        while self.peek() is not None and self.peek().isdigit():
+            self.i += 1
+        if self.i == start:
+            self.fail("a number expected")
+        return int(self.text[start:self.i])
+
+
+def grammar_tree(text: str, depth: int = DEPTH):
+    """The tree of what the grammar's `root` derives (recursion unrolled `depth` times: the module's
+    docstring); a GuideError for a grammar that cannot guide."""
+    if not isinstance(text, str):
+        raise GuideError("a grammar must be a string")
+    parser = _Parser(text)
+    rules = parser.parse()
+    if "root" not in rules:
+        raise GuideError("grammar: no rule named 'root' (the whole completion)")
+    for node in rules.values():  # every reference names a rule
+        for ref in _refs(node):
+            if ref.name not in rules:
+                parser.i = ref.at
+                parser.fail(f"no rule named {ref.name!r}")
+    tree = _expand(rules, rules["root"], {"root": 1}, depth)
+    if tree is None:
+        raise GuideError(f"grammar: 'root' derives nothing within {depth} levels of its rules' recursion")
+    return tree
+
+
+def _refs(node):
+    if isinstance(node, Ref):
+        yield node
+    elif isinstance(node, (Cat, Alt)):
+        for part in node.parts if isinstance(node, Cat) else node.options:
+            yield from _refs(part)
+    elif isinstance(node, Repeat):
+        yield from _refs(node.node)
+
+
+def _expand(rules: dict, node, inside: dict[str, int], depth: int):
+    """`node` with its references replaced by their rules' trees, each rule at most `depth` times inside
+    itself; None where nothing is left (every alternative needs a deeper expansion)."""
+    if isinstance(node, Chars):
+        return node
+    if isinstance(node, Ref):
+        if inside.get(node.name, 0) >= depth:
+            return None
+        inside[node.name] = inside.get(node.name, 0) + 1
+        try:
+            return _expand(rules, rules[node.name], inside, depth)
+        finally:
+            inside[node.name] -= 1
+    if isinstance(node, Cat):
+        parts = []
+        for part in node.parts:
+            expanded = _expand(rules, part, inside, depth)
+            if expanded is None:
+                return None
+            parts.append(expanded)
+        return Cat(parts)
+    if isinstance(node, Alt):
+        options = [o for o in (_expand(rules, o, inside, depth) for o in node.options) if o is not None]
+        return None if not options else options[0] if len(options) == 1 else Alt(options)
+    expanded = _expand(rules, node.node, inside, depth)  # Repeat
+    if expanded is None:  # none of it can be derived: only its empty repetition, if any
+        return Cat([]) if node.least == 0 else None
+    return Repeat(expanded, node.least, node.most)

@@ -1,0 +1,151 @@
+"""GBNF grammars (blt_runtime/grammar.py, ByteGuide.grammar): each construct guides as the regular expression it
+stands for does (Python's re decides, on random texts); a recursive grammar is unrolled, and every text its
+guide lets a random walk write is one the grammar derives (JSON: json.loads decides); what is not a grammar
+is a GuideError that says where."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blt_runtime.grammar import DEPTH, grammar_tree
+from blt_runtime.guide import ByteGuide, GuideError
+
+# grammar -> the regular expression it stands for
+CASES = [
+    ('root ::= "ab" | "c"', r"ab|c"),
+    ('root ::= a b\na ::= "x"+\nb ::= [0-9]{2,3}', r"x+[0-9]{2,3}"),
+    ('root ::= ("a" | "b")* "c"?', r"[ab]*c?"),
+    ('root ::= [^a-c\\n]{1,2}', r"[^a-c\n]{1,2}"),
+    ('root ::= . "."', r"(?s:.)\."),
+    ('root ::= "\\x41\\u00e9\\U0001F600\\t\\"\\\\"', "A\u00e9\U0001F600\t\"\\\\"),
+    ('root ::= [\\[\\]\\-]+ "é"', r"[\[\]\-]+é"),
+    ('root ::= x{2}\nx ::= "ab"{0,}', r"(ab)*(ab)*"),
+    ("# a comment\nroot ::= (\n  \"a\"   # inside\n  | \"b\"\n) tail\ntail ::= | \"!\"  # empty or !\n",
+     r"[ab]!?"),
+    ('root ::= item ("," item)*\nitem ::= [a-z]+', r"[a-z]+(,[a-z]+)*"),
+]
+ALPHABET = "abcxyz019!,.[]-\n\t\"\\éA\U0001F600"
+
+
+@pytest.mark.parametrize("grammar, regex", CASES)
+@settings(max_examples=150, deadline=None)
+@given(texts=st.lists(st.text(alphabet=ALPHABET, max_size=8), min_size=5, max_size=5))
+def test_a_grammar_guides_as_its_regular_expression(grammar, regex, texts):
+    guide, pattern = ByteGuide.grammar(grammar), re.compile(regex)
+    for text in texts:
+        assert guide.matches(text.encode()) == bool(pattern.fullmatch(text)), (grammar, text)
+
+
+@pytest.mark.parametrize("grammar, regex", CASES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_a_grammar_guides_to_every_text_of_its_regular_expression(grammar, regex, data):
+    text = data.draw(st.from_regex(regex, fullmatch=True))
+    assert ByteGuide.grammar(grammar).matches(text.encode()), (grammar, text)
+
+
+def test_the_grammar_examples_match():
+    sql = ('root ::= select\nselect ::= "SELECT " column " from " table " where " condition\n'
+           'column ::= "col_1 " | "col_2 "\ntable ::= "table_1 " | "table_2 "\ncondition ::= column "= " number\n'
+           'number ::= "1 " | "2 "\n')
+    guide = ByteGuide.grammar(sql)
+    assert guide.matches(b"SELECT col_1  from table_2  where col_2 = 1 ")
+    assert not guide.matches(b"SELECT col_3  from table_2  where col_2 = 1 ")
+
+
+ARITHMETIC = """
+root  ::= expr
+expr  ::= term ([-+*/] term)*
+term  ::= num | "(" space expr ")" space
+num   ::= [0-9]+ space
+space ::= [ \\t\\n]*
+"""
+
+
+def test_recursion_is_unrolled_depth_levels_deep():
+    guide = ByteGuide.grammar(ARITHMETIC)
+    nested = [b"1", b"(1)", b"((1+2)*3)", b"(((1)))"]
+    # root -> expr (1) -> term -> expr (2) ...: with DEPTH 3, two levels of brackets
+    assert [guide.matches(t) for t in nested] == [True, True, True, False]
+    deeper = ByteGuide._compile(grammar_tree(ARITHMETIC, depth=5), "deeper")
+    assert all(deeper.matches(t) for t in nested) and DEPTH == 3
+    left = ByteGuide.grammar('root ::= list\nlist ::= list "," "x" | "x"')  # left recursion, unrolled
+    assert [left.matches(t) for t in (b"x", b"x,x", b"x,x,x", b"x,x,x,x")] == [True, True, True, False]
+
+
+JSON_GBNF = r'''
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9]{1,2})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+'''
+
+
+def random_walk(guide: ByteGuide, rng: random.Random, most: int = 400) -> bytes | None:
+    """A text the guide allows, byte by byte at random, ending where it may (None: not ended in `most`)."""
+    state, out = 0, bytearray()
+    while len(out) < most:
+        allowed = guide.allowed[state]
+        if guide.accepting[state] and (not allowed or rng.random() < 0.15):
+            return bytes(out)
+        byte = rng.choice(list(allowed))
+        out.append(byte)
+        state = guide.next[state][byte]
+    return None
+
+
+def test_every_text_the_json_grammar_guides_to_is_json():
+    guide, rng = ByteGuide.grammar(JSON_GBNF), random.Random(0)
+    assert guide.matches(b'{"a": [1, {"b": null}], "c": "\\u00e9"}')
+    assert not guide.matches(b'{"a": [[[1]]]}')  # nested deeper than the unrolling
+    texts = [t for t in (random_walk(guide, rng) for _ in range(300)) if t is not None]
+    assert len(texts) > 100
+    for text in texts:
+        assert isinstance(json.loads(text), dict), text
+
+
+@pytest.mark.parametrize("grammar, words", [
+    ("root ::= foo", "no rule named 'foo' (line 1, column 10)"),
+    ('root ::= "a', "a literal not closed"),
+    ('x ::= "a"', "no rule named 'root'"),
+    ('root ::= "a"\nroot ::= "b"', "defined twice (line 2, column 1)"),
+    ("root ::= [z-a]", "runs backwards"),
+    ('root ::= "\\q"', "unknown escape \\q"),
+    ('root ::= ("a"', "')' expected"),
+    ('root ::= "a")', "unexpected ')'"),
+    ("root ::= root \"a\"", "derives nothing within 3 levels"),
+    ('root ::= "a"{3,2}', "the most is less than the least"),
+    ('root ::= "a"{2000}', "a repetition bound above 1000"),
+    ('root ::= "\\xZZ"', "\\x takes 2 hex digits"),
+    ('root ::= "\\uD800"', "is no character"),
+    ("root ::= 'a'", "unexpected \"'\""),
+    ("root = \"a\"", "'::=' expected"),
+    ('root ::= "a"\n  "b"', "a rule name expected, not '\"' (line 2, column 3)"),
+    ("", "no rules"),
+    ('root ::= []', "an empty class"),
+])
+def test_what_is_not_a_grammar_is_a_guide_error_that_says_where(grammar, words):
+    with pytest.raises(GuideError) as e:
+        ByteGuide.grammar(grammar)
+    assert words in str(e.value) and str(e.value).startswith("grammar: "), e.value
