@@ -8,10 +8,12 @@ Owns the grammar's syntax and its rules' expansion:
   `[^...]`, and `.` (any character). Escapes in both: `\\n` `\\r` `\\t` `\\\\` `\\"` `\\[` `\\]` `\\-` `\\xHH`
   `\\uHHHH` `\\UHHHHHHHH`.
 - Sequences, `|`, groups `( )`, and the quantifiers `*` `+` `?` `{m}` `{m,}` `{m,n}`.
-A guide is an automaton with finitely many states, so a rule that refers to itself, directly or through
-others (nested brackets, `expr ::= expr "+" term`), is unrolled: a rule is expanded at most `DEPTH` times
-inside itself, and an alternative that would need more is left out. What the guide allows is then always
-text the grammar derives; text nested deeper than that is not generated. Errors (syntax, a rule defined
+A guide is an automaton with finitely many states. A rule that refers to itself only at the end of what it
+derives (`list ::= item ("," list)?`), or only at the start (`expr ::= expr "+" term | term`), is the
+repetition it stands for, exactly. Any other recursion, direct or through other rules (nested brackets), is
+unrolled: a rule is expanded at most `DEPTH` times inside itself, and an alternative that would need more is
+left out. What the guide allows is then always text the grammar derives; text nested deeper than that is
+not generated. Errors (syntax, a rule defined
 twice, a rule never defined, no root, nothing left to derive) are GuideErrors that say where.
 """
 
@@ -227,10 +229,61 @@ def grammar_tree(text: str, depth: int = DEPTH):
             if ref.name not in rules:
                 parser.i = ref.at
                 parser.fail(f"no rule named {ref.name!r}")
+    rules = {name: _linear(name, node) for name, node in rules.items()}
     tree = _expand(rules, rules["root"], {"root": 1}, depth)
     if tree is None:
         raise GuideError(f"grammar: 'root' derives nothing within {depth} levels of its rules' recursion")
     return tree
+
+
+class _NotLinear(Exception):
+    """A rule refers to itself elsewhere than at the end (or the start) of what it derives."""
+
+
+def _linear(name: str, node):
+    """A rule that refers to itself only at the end of its alternatives (`list ::= item ("," list)?`), or only at
+    their start (`expr ::= expr "+" term | term`), as the repetition it stands for (Arden's lemma: R = A R | B is
+    A* B; R = R A | B is B A*), so that it is not unrolled; any other rule as it is."""
+    if not any(ref.name == name for ref in _refs(node)):
+        return node
+    for last in (True, False):
+        try:
+            more, stop = _split(name, node, last)
+        except _NotLinear:
+            continue
+        if stop is None:  # every alternative needs the rule again: nothing to derive (unrolling will say so)
+            return node
+        if more is None:
+            return stop
+        again = Repeat(more, 0, None)
+        return Cat([again, stop]) if last else Cat([stop, again])
+    return node
+
+
+def _split(name: str, node, last: bool):
+    """(what comes before the rule's reference at the end of `node` (after it, at the start, where not `last`),
+    what `node` derives without one): None for nothing; _NotLinear where the reference is elsewhere."""
+    if isinstance(node, Ref) and node.name == name:
+        return Cat([]), None
+    if not any(ref.name == name for ref in _refs(node)):
+        return None, node
+    if isinstance(node, Cat):
+        at = len(node.parts) - 1 if last else 0
+        rest = node.parts[:at] if last else node.parts[1:]
+        if any(ref.name == name for part in rest for ref in _refs(part)):
+            raise _NotLinear
+        more, stop = _split(name, node.parts[at], last)
+        join = (lambda x: Cat(rest + [x])) if last else (lambda x: Cat([x] + rest))
+        return (None if more is None else join(more)), (None if stop is None else join(stop))
+    if isinstance(node, Alt):
+        splits = [_split(name, option, last) for option in node.options]
+        mores = [m for m, _ in splits if m is not None]
+        stops = [s for _, s in splits if s is not None]
+        return (Alt(mores) if mores else None), (Alt(stops) if stops else None)
+    if isinstance(node, Repeat) and node.least == 0 and node.most == 1:  # optional: its end is the end
+        more, stop = _split(name, node.node, last)
+        return more, Alt([stop, Cat([])]) if stop is not None else Cat([])
+    raise _NotLinear
 
 
 def _refs(node):

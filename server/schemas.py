@@ -87,8 +87,9 @@ class SamplingFields(BaseModel):
     guided_json: Any = Field(None, description="the completion must be JSON this schema validates (a subset of "
                                                "JSON Schema: blt_runtime/json_guide.py; vLLM's)")
     guided_grammar: str | None = Field(None, description="the completion must be text this GBNF grammar's root "
-                                                         "derives (llama.cpp's format, vLLM's; recursive rules "
-                                                         "unrolled 3 levels deep: blt_runtime/grammar.py)")
+                                                         "derives (llama.cpp's format, vLLM's; recursion but at "
+                                                         "a rule's end or start unrolled 3 levels deep: "
+                                                         "blt_runtime/grammar.py)")
     guided_whitespace_pattern: str | None = Field(
         None, description="what a JSON guide allows after ':' and ',' and inside brackets, a pattern of JSON's "
                           "whitespace (vLLM's; '[ \\n]*' takes pretty-printed JSON); default: compact JSON")

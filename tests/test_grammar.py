@@ -29,6 +29,10 @@ CASES = [
     ("# a comment\nroot ::= (\n  \"a\"   # inside\n  | \"b\"\n) tail\ntail ::= | \"!\"  # empty or !\n",
      r"[ab]!?"),
     ('root ::= item ("," item)*\nitem ::= [a-z]+', r"[a-z]+(,[a-z]+)*"),
+    # a rule inside itself at the end, or at the start, only: the repetition it stands for, not unrolled
+    ('root ::= list\nlist ::= item ("," list)?\nitem ::= [a-z]+', r"[a-z]+(,[a-z]+)*"),
+    ('root ::= expr\nexpr ::= expr [-+] term | term | "(" ")"\nterm ::= [0-9]+', r"([0-9]+|\(\))([-+][0-9]+)*"),
+    ('root ::= "a" root | "b" root | ""', r"[ab]*"),
 ]
 ALPHABET = "abcxyz019!,.[]-\n\t\"\\éA\U0001F600"
 
@@ -75,8 +79,12 @@ def test_recursion_is_unrolled_depth_levels_deep():
     assert [guide.matches(t) for t in nested] == [True, True, True, False]
     deeper = ByteGuide._compile(grammar_tree(ARITHMETIC, depth=5), "deeper")
     assert all(deeper.matches(t) for t in nested) and DEPTH == 3
-    left = ByteGuide.grammar('root ::= list\nlist ::= list "," "x" | "x"')  # left recursion, unrolled
-    assert [left.matches(t) for t in (b"x", b"x,x", b"x,x,x", b"x,x,x,x")] == [True, True, True, False]
+    # a rule inside itself in the middle is unrolled too, even where it is at the end elsewhere
+    middle = ByteGuide.grammar('root ::= "b" root | "c" | "d" root "e"')
+    assert [middle.matches(t) for t in (b"bc", b"ddcee", b"dddceee", b"bbbc")] == [True, True, False, False]
+    # at the end or the start only: any length
+    for grammar in ('root ::= list\nlist ::= list "," "x" | "x"', 'root ::= "x" ("," root)?'):
+        assert ByteGuide.grammar(grammar).matches(b",".join([b"x"] * 50))
 
 
 JSON_GBNF = r'''
