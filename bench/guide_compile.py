@@ -1,11 +1,12 @@
-"""How long guides take to build, and how many automaton states they have: patterns and JSON schemas.
+"""How long guides take to build, and how many automaton states they have: patterns, JSON schemas, grammars.
 
     python bench/guide_compile.py [--repeats 3]
 
 Each guide is built `--repeats` times (the fastest is reported); blt-serve builds one off the event loop
 on a request's first use and keeps the last 8. A guide's bias rows take 1 KB per state on the device.
 The schemas are what pydantic writes for common fields (its output, kept here as JSON: this needs only
-torch). The last line printed is JSON.
+torch). The grammars are GBNF: JSON (llama.cpp's json.gbnf, recursion unrolled), vLLM's SQL example, and
+arithmetic. The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -49,17 +50,48 @@ GUIDES = {
     "json number > 0": schema_regex(EVENT["properties"]["price"]),
 }
 
+# GBNF (ByteGuide.grammar): JSON as llama.cpp's grammars/json.gbnf writes it (value and object in each other:
+# unrolled), a SQL query as vLLM's example, arithmetic with brackets
+JSON_GBNF = r"""
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"""
+SQL_GBNF = """
+root ::= select_statement
+select_statement ::= "SELECT " column " from " table " where " condition
+column ::= "col_1 " | "col_2 "
+table ::= "table_1 " | "table_2 "
+condition ::= column "= " number
+number ::= "1 " | "2 "
+"""
+ARITHMETIC_GBNF = r"""
+root  ::= expr
+expr  ::= term ([-+*/] term)*
+term  ::= num | "(" space expr ")" space
+num   ::= [0-9]+ space
+space ::= [ \t\n]*
+"""
+GRAMMARS = {"grammar JSON (json.gbnf)": JSON_GBNF, "grammar SQL (vLLM's example)": SQL_GBNF,
+            "grammar arithmetic": ARITHMETIC_GBNF}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     results = {}
-    for name, pattern in GUIDES.items():
+    builds = [(name, ByteGuide.regex, pattern) for name, pattern in GUIDES.items()]
+    builds += [(name, ByteGuide.grammar, text) for name, text in GRAMMARS.items()]
+    for name, build, source in builds:
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            guide = ByteGuide.regex(pattern)
+            guide = build(source)
             times.append(time.perf_counter() - start)
         results[name] = {"states": guide.num_states, "seconds": round(min(times), 3)}
         print(f"{name}: {guide.num_states:,} states in {min(times):.3f} s", flush=True)

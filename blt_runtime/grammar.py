@@ -67,7 +67,8 @@ class _Parser:
             name = self.name()
             self.space(False)
             if not self.text.startswith("::=", self.i):
-                self.fail(f"'::=' expected after the rule name {name!r}")
+                self.fail(f"'::=' expected after the rule name {name!r} (grammars are GBNF, llama.cpp's format; "
+                          "Lark's and other EBNF are not read)")
             self.i += 3
             self.space(True)
             if name in self.rules:

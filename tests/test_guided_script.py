@@ -22,6 +22,7 @@ def test_guide_compile_script_runs():
                          capture_output=True, text=True, timeout=300, check=True).stdout
     guides = json.loads(out.strip().splitlines()[-1])["guides"]
     assert guides["json pydantic model, 10 fields"]["states"] > 100 and all(g["seconds"] >= 0 for g in guides.values())
+    assert guides["grammar JSON (json.gbnf)"]["states"] > 100 and guides["grammar arithmetic"]["states"] > 1
 
 
 def test_jump_forward_script_runs():
