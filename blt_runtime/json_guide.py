@@ -12,8 +12,10 @@ Supported: `type` (one or a list), `enum`, `const`, `properties` with `required`
 tuple's elements; draft 7's list of `items` with `additionalItems` too) and `items` with `minItems` and
 `maxItems`, `minLength` and `maxLength` of strings, `anyOf` and `oneOf` (as a choice among the schemas:
 oneOf's "exactly one" is not checked; a schema among them that cannot be expressed is left out, where
-another can), `allOf` of one schema, `$ref` to `#/$defs`
-or `#/definitions` (not recursive), and annotations (`title`, `description`, `default`, ...). Strings
+another can), `allOf` of one schema, `$ref` to `#/$defs`, `#/definitions` or `#` (a recursive one, a tree of
+nodes, is followed at most REF_DEPTH times inside itself: deeper, the schema matches nothing, so that an
+optional property, an array's items or an anyOf's option that would need it is not generated; every text
+is still one the schema validates), and annotations (`title`, `description`, `default`, ...). Strings
 take `format` and `pattern` (json_strings.py); integers and numbers `minimum`, `maximum` and their
 exclusive forms (number_range.py; a number's bounds whole numbers). An object with no `properties`
 has any keys, their values any JSON or what its `additionalProperties` says (a dict of one type).
@@ -42,7 +44,9 @@ INTEGER = r"-?(?:0|[1-9][0-9]{0,17})"
 NUMBER = INTEGER + r"(?:\.[0-9]{1,17})?(?:[eE][+-]?[0-9]{1,2})?"
 SCALARS = {"string": STRING, "integer": INTEGER, "number": NUMBER, "boolean": "(?:true|false)", "null": "null"}
 ANY_DEPTH = 3  # objects and arrays inside "any JSON value", nested this deep at most (1,100 states)
-MAX_DEPTH = 24  # schemas nested (or $ref followed) deeper are refused: recursive schemas have no regex
+MAX_DEPTH = 24  # schemas nested (or $ref followed) deeper are refused
+REF_DEPTH = 3  # a $ref followed inside itself at most this many times (recursive schemas: a tree this deep)
+NOTHING = r"[^\s\S]"  # a pattern that matches no text (a recursive $ref past REF_DEPTH)
 MAX_PATTERN = 1_000_000  # characters of pattern: a schema whose $refs fan out (each definition using the next
 # twice) would double it at every level; ByteGuide would refuse it anyway, after much longer
 JSON_SPACE = {0x09, 0x0A, 0x0D, 0x20}  # the characters JSON allows between its tokens
@@ -99,21 +103,25 @@ class _Builder:
         self.root = root
         self.sep, self.pad = layout(whitespace)
         self.any_value = json_value(self.sep, self.pad)
+        # $ref -> how many times the schema being built is inside it (the root, inside itself, once)
+        self.following: dict[str, int] = {"#": 1}
 
     def fail(self, why: str):
         raise GuideError(f"JSON schema: {why}")
 
     def resolve(self, ref: str):
+        if ref == "#":
+            return self.root
         for prefix in ("#/$defs/", "#/definitions/"):
             if ref.startswith(prefix) and isinstance(self.root, dict):
                 found = self.root.get(prefix[2:-1], {}).get(ref[len(prefix):])
                 if found is not None:
                     return found
-        self.fail(f"$ref {ref!r} must name a schema under #/$defs or #/definitions")
+        self.fail(f"$ref {ref!r} must name a schema under #/$defs or #/definitions, or be #")
 
     def regex(self, schema, depth: int = 0) -> str:
         if depth > MAX_DEPTH:
-            raise _Refused("JSON schema: nested too deeply (a recursive $ref has no regular expression)")
+            raise _Refused(f"JSON schema: nested more than {MAX_DEPTH} deep")
         pattern = self._regex(schema, depth)
         if len(pattern) > MAX_PATTERN:
             raise _Refused(f"JSON schema: too large (its pattern passes {MAX_PATTERN:,} characters: $refs that "
@@ -134,7 +142,15 @@ class _Builder:
             rest = {k: v for k, v in schema.items() if k not in ANNOTATIONS | {"$ref"}}
             if rest:
                 self.fail(f"$ref beside {', '.join(sorted(rest))} not supported")
-            return self.regex(self.resolve(schema["$ref"]), depth + 1)
+            ref = schema["$ref"]
+            target = self.resolve(ref)
+            if self.following.get(ref, 0) >= REF_DEPTH:  # recursion unrolled this deep: nothing deeper
+                return NOTHING
+            self.following[ref] = self.following.get(ref, 0) + 1
+            try:
+                return self.regex(target, depth + 1)
+            finally:
+                self.following[ref] -= 1
         if "const" in schema:
             return _literal(schema["const"])
         if "enum" in schema:

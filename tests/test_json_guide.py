@@ -64,6 +64,15 @@ SCHEMAS = {
     # pydantic's Decimal: a number, or a string whose pattern looks ahead (refused, so left out of the anyOf)
     "decimal": {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]},
     "secret": {"type": "string", "format": "password", "writeOnly": True},  # pydantic's SecretStr
+    # recursive: unrolled, REF_DEPTH levels (pydantic's Node with children: list[Node]; a binary tree; "#")
+    "tree_of_nodes": {"$defs": {"Node": {"properties": {"name": {"maxLength": 4, "type": "string"}, "children": {
+        "default": [], "items": {"$ref": "#/$defs/Node"}, "type": "array"}}, "required": ["name"],
+        "type": "object"}}, "$ref": "#/$defs/Node"},
+    "binary_tree": {"$defs": {"tree": {"type": "object", "properties": {
+        "left": {"anyOf": [{"$ref": "#/$defs/tree"}, {"type": "null"}]},
+        "right": {"anyOf": [{"$ref": "#/$defs/tree"}, {"type": "null"}]}}, "required": ["left", "right"]}},
+        "$ref": "#/$defs/tree"},
+    "nested_lists": {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"$ref": "#"}]}, "maxItems": 3},
 }
 FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
 
@@ -161,7 +170,6 @@ def test_the_texts_a_schema_should_take_it_takes():
     ({"type": "integer", "multipleOf": 2}, "multipleOf"),
     ({"anyOf": [{"type": "integer", "multipleOf": 2}, {"type": "string", "format": "idn-email"}]}, "multipleOf"),
     ({"type": "array", "prefixItems": [{"type": "integer"}], "items": False, "minItems": 2}, "no array"),
-    ({"$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "$ref": "#/$defs/n"}, "recursive"),
     ({"type": "object", "properties": {"a": {}}, "additionalProperties": {"type": "string"}}, "additionalProperties"),
     ({"allOf": [{"type": "string"}, {"maxLength": 2}]}, "allOf"), ({"enum": []}, "empty enum"),
     ({"$ref": "http://example.com/s"}, "must name a schema under"),
@@ -172,6 +180,27 @@ def test_the_texts_a_schema_should_take_it_takes():
 def test_what_a_schema_guide_cannot_express_is_refused_by_name(schema, words):
     with pytest.raises(GuideError, match=words):
         schema_regex(schema)
+
+
+def test_a_recursive_schema_is_unrolled_ref_depth_levels():
+    """A $ref inside itself is followed REF_DEPTH times: nodes nested that deep are taken, one more is not
+    generated (the schema matches nothing there), and the texts a walk writes validate (above)."""
+    from blt_runtime.json_guide import REF_DEPTH
+
+    def node(depth: int) -> dict:
+        return {"name": "n"} if depth == 1 else {"name": "n", "children": [node(depth - 1)]}
+
+    guide = ByteGuide.regex(schema_regex(SCHEMAS["tree_of_nodes"]))
+    assert REF_DEPTH == 3
+    assert [guide.matches(json.dumps(node(d), separators=(",", ":")).encode()) for d in (1, 2, 3, 4)] == [
+        True, True, True, False]
+    assert guide.matches(b'{"name":"n","children":[{"name":"m","children":[]},{"name":"o"}]}')
+    endless = {"$defs": {"n": {"type": "object", "properties": {"n": {"$ref": "#/$defs/n"}}, "required": ["n"]}},
+               "$ref": "#/$defs/n"}  # no way out of the recursion
+    with pytest.raises(GuideError, match="matches no text"):
+        ByteGuide.regex(schema_regex(endless))
+    lists = ByteGuide.regex(schema_regex(SCHEMAS["nested_lists"]))
+    assert [lists.matches(t) for t in (b"[1,[2,[]]]", b"[[[]]]", b"[[[[]]]]")] == [True, True, False]
 
 
 def test_urls_a_uri_guide_allows_parse_as_pydantics_http_urls():
@@ -191,9 +220,10 @@ def test_schemas_that_would_take_long_to_refuse_are_refused_at_once():
                                                                      "b": {"$ref": f"#/$defs/d{i + 1}"}},
                                    "required": ["a", "b"]} for i in range(11)}, "$ref": "#/$defs/d0"}
     fan_out["$defs"]["d11"] = {}  # any JSON value: 2**11 of them
-    node = {"anyOf": [{"$ref": "#/$defs/tree"}, {"type": "null"}]}
-    tree = {"$defs": {"tree": {"type": "object", "properties": {"left": node, "right": node}}}, "$ref": "#/$defs/tree"}
-    for schema, words in ((fan_out, "too large"), (tree, "nested too deeply")):
+    deep = {"type": "object", "properties": {"a": {}}}
+    for _ in range(30):
+        deep = {"type": "object", "properties": {"a": deep}}
+    for schema, words in ((fan_out, "too large"), (deep, "nested more than 24 deep")):
         start = time.perf_counter()
         with pytest.raises(GuideError, match=words):
             schema_regex(schema)
