@@ -90,18 +90,20 @@ class ChunkBand:
     def of(cls, keys: torch.Tensor, span: int, window: int, block: int, dtype: torch.dtype) -> ChunkBand:
         """`keys` (B, span + T): the position each cache entry read holds (-1: none), then the chunk's."""
         T = keys.shape[1] - span
-        order = torch.argsort(keys[:, :span], dim=1)  # no position (-1) first
-        held, new = keys[:, :span].gather(1, order), keys[:, span:]
+        # (start, end, cached, first) of each block: cached, the positions from its first query's window start on
+        bounds = [(start, min(start + block, T), min(max(window - 1 - start, 0), span), max(start - window + 1, 0))
+                  for start in range(0, T, block)]
+        held, new, order = keys[:, :span], keys[:, span:], None
+        if any(0 < cached < span for _, _, cached, _ in bounds):  # some block reads the latest entries only
+            order = torch.argsort(held, dim=1)  # no position (-1) first
+            held = held.gather(1, order)
         blocks = []
-        for start in range(0, T, block):
-            end, first = min(start + block, T), max(start - window + 1, 0)
-            cached = min(max(window - 1 - start, 0), span)  # positions from the first query's window start on
+        for start, end, cached, first in bounds:
             seen = torch.cat([held[:, span - cached:], new[:, first:end]], dim=1)
             mask = visible(seen[:, None, :], new[:, start:end, None], window)
             additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             blocks.append((start, end, cached, first, additive[:, None]))
-        whole = all(cached in (0, span) for _, _, cached, _, _ in blocks)  # every block reads all entries or none
-        return cls(None if whole else order[:, None, :, None], tuple(blocks))
+        return cls(None if order is None else order[:, None, :, None], tuple(blocks))
 
 
 def band_attention(q: torch.Tensor, cached_k: torch.Tensor, cached_v: torch.Tensor, k: torch.Tensor,

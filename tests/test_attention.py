@@ -184,7 +184,7 @@ def test_kernel_reads_strided_queries():
 
 @pytest.mark.parametrize("H, H_kv", [(4, 4), (4, 2)])
 @pytest.mark.parametrize("cache_window, stack_window", [(16, 16), (16, 6), (20, 16)])
-@pytest.mark.parametrize("block, T", [(16, 53), (4, 53), (4, 9), (5, 16), (1, 7)])
+@pytest.mark.parametrize("block, T", [(16, 53), (4, 53), (4, 9), (5, 16), (1, 7), (2, 5)])
 def test_a_long_chunk_attended_a_block_at_a_time_equals_the_whole_mask(H, H_kv, cache_window, stack_window, block, T):
     """band_attention (a prefill chunk of more than two blocks of queries) weighs what SDPA under the chunk's
     whole (T, entries + T) mask does: rows whose ring is empty, partly and wholly filled, and wrapped, read in
@@ -192,6 +192,9 @@ def test_a_long_chunk_attended_a_block_at_a_time_equals_the_whole_mask(H, H_kv, 
     g = torch.Generator().manual_seed(3)
     lengths, D = torch.tensor([0, 5, 16, 40]), 8
     B, span = len(lengths), cache_window
+    if block == 2:  # a short read of the rings (rows of 0 and 5 positions): every block reads all of it
+        lengths, span = torch.tensor([0, 5, 3, 1]), 5
+        B = len(lengths)
     q = torch.randn(B, H, T, D, generator=g)
     k, v = torch.randn(2, B, H_kv, T, D, generator=g)
     cached_k, cached_v = torch.randn(2, B, H_kv, span, D, generator=g)
@@ -202,6 +205,7 @@ def test_a_long_chunk_attended_a_block_at_a_time_equals_the_whole_mask(H, H_kv, 
                         block, torch.float32)
     assert [b[:2] for b in band.blocks] == [(s, min(s + block, T)) for s in range(0, T, block)]
     assert all(b[2] <= stack_window - 1 and b[4].shape[-1] == b[2] + b[1] - b[3] for b in band.blocks)
+    assert (band.order is None) == (block == 2 and stack_window > 6)  # read as they lie where no block reads part
     torch.testing.assert_close(band_attention(q, cached_k, cached_v, k, v, band), want, atol=1e-6, rtol=1e-5)
 
 

@@ -97,12 +97,15 @@ def test_scores_choices_and_an_abort_in_a_batch(models):
         assert got[rid] == run_engine(Engine(model), {rid: (prompt, params)})[rid][0]
 
 
-def test_the_rests_of_long_and_resumed_prompts_are_prefilled_together(models):
+@pytest.mark.parametrize("x_bytes, z_rest", [(600, b" and on"), (406, PARITY_TEXT[1000:1150])])
+def test_the_rests_of_long_and_resumed_prompts_are_prefilled_together(models, x_bytes, z_rest):
     """A long prompt's first chunks go alone; what is left of it, and of a prompt that resumed from a
     finished request's slot (a next turn), goes with others as rows of one batch: rows that start
-    after cached positions, with an open patch, whose padding must not touch their ring buffers."""
+    after cached positions, with an open patch, whose padding must not touch their ring buffers. A rest of
+    150 bytes after 201 cached positions is attended in blocks (attention.ChunkBand), the cache read as it
+    lies (rows of different lengths in one block batch: test_attention)."""
     model = models["1b"]
-    prompts = {"x": PARITY_TEXT[:600], "y": PARITY_TEXT[:300] + b"!", "z": PARITY_TEXT[:200] + b" and on"}
+    prompts = {"x": PARITY_TEXT[:x_bytes], "y": PARITY_TEXT[:300] + b"!", "z": PARITY_TEXT[:200] + z_rest}
     outs = {}
     for together in (True, False):
         engine = Engine(model, max_batch_size=4, prefill_chunk=256)
