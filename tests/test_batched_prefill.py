@@ -103,7 +103,7 @@ def test_the_rests_of_long_and_resumed_prompts_are_prefilled_together(models, x_
     finished request's slot (a next turn), goes with others as rows of one batch: rows that start
     after cached positions, with an open patch, whose padding must not touch their ring buffers. A rest of
     150 bytes after 201 cached positions is attended in blocks (attention.ChunkBand), the cache read as it
-    lies (rows of different lengths in one block batch: test_attention)."""
+    lies (rows of different lengths in one batch: the test after next)."""
     model = models["1b"]
     prompts = {"x": PARITY_TEXT[:x_bytes], "y": PARITY_TEXT[:300] + b"!", "z": PARITY_TEXT[:200] + z_rest}
     outs = {}
@@ -183,3 +183,37 @@ def test_short_prompts_before_a_long_ones_chunks_equal_full_recompute(models, st
     assert outs[True] == outs[False]
     for rid, prompt in prompts.items():
         replay_full_recompute(model, prompt, params, 0, outs[True][rid])
+
+
+def test_next_turns_of_two_conversations_of_different_lengths_prefilled_together(models, monkeypatch):
+    """Two conversations' next turns resume in their finished requests' slots (201+ and 101+ positions held)
+    and their 150-byte rests go together: a chunk attended in blocks (attention.ChunkBand) whose shorter row
+    reads fewer positions than the span, the cache read as it lies. Bytes as alone and as full recompute."""
+    import blt_runtime.attention as attention
+
+    bands = []
+    of = attention.ChunkBand.of.__func__
+
+    def recorded(cls, keys, span, *rest):
+        band = of(cls, keys, span, *rest)
+        bands.append((keys.shape[0], band.order is None, bool((keys[:, :span] < 0).any())))
+        return band
+
+    monkeypatch.setattr(attention.ChunkBand, "of", classmethod(recorded))
+    model, params = models["1b"], SamplingParams(max_bytes=6, **GREEDY)
+    first = {"a": PARITY_TEXT[:200], "b": PARITY_TEXT[300:400]}
+    outs = {}
+    for together in (True, False):
+        engine = Engine(model, max_batch_size=4)
+        if not together:
+            engine.scheduler.batch_prompt = None
+        answers = run_engine(engine, {rid: (p, params) for rid, p in first.items()})
+        turns = {f"{rid}2": first[rid] + answers[rid][0] + PARITY_TEXT[600 + 200 * i:750 + 200 * i]
+                 for i, rid in enumerate(first)}
+        outs[together] = run_engine(engine, {rid: (p, params) for rid, p in turns.items()})
+        assert all(final.usage.shared_prompt_bytes > 100 for _, final in outs[together].values())
+        if together:
+            assert (2, True, True) in bands  # two rows, the cache read whole as it lies, a row shorter than it
+    for rid, prompt in turns.items():
+        assert outs[True][rid][0] == outs[False][rid][0]
+        replay_full_recompute(model, prompt, params, 0, outs[True][rid][0])
