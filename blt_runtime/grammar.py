@@ -1,6 +1,7 @@
-"""GBNF grammars (llama.cpp's format, which vLLM's `guided_grammar` takes) -> the syntax tree guide.py compiles.
+"""Grammars -> the syntax tree guide.py compiles: GBNF (llama.cpp's format) here, or Lark's (lark_grammar.py,
+told apart by its `name:` definitions), the two that vLLM's `guided_grammar` takes.
 
-Owns the grammar's syntax and its rules' expansion:
+Owns GBNF's syntax and the expansion of either's rules:
 - Rules `name ::= alternatives`, one after another; `root` is the whole completion. Names of letters, digits,
   `-` and `_`. A rule ends at a newline, but inside parentheses or after `::=` or `|`. `#` comments to the
   end of the line.
@@ -42,23 +43,14 @@ class _Parser:
         self.rules: dict[str, object] = {}
 
     def fail(self, why: str):
-        line = self.text.count("\n", 0, self.i) + 1
-        column = self.i - (self.text.rfind("\n", 0, self.i) + 1) + 1
-        raise GuideError(f"grammar: {why} (line {line}, column {column})")
+        raise GuideError(f"grammar: {why} ({where(self.text, self.i)})")
 
     def peek(self) -> str | None:
         return self.text[self.i] if self.i < len(self.text) else None
 
     def space(self, newlines: bool) -> None:
         """Skip spaces, tabs and comments; newlines too where a rule goes on past them."""
-        while (c := self.peek()) is not None:
-            if c == "#":
-                end = self.text.find("\n", self.i)
-                self.i = len(self.text) if end < 0 else end
-            elif c in " \t" or newlines and c in "\r\n":
-                self.i += 1
-            else:
-                return
+        self.i = skip_space(self.text, self.i, newlines, ("#",))
 
     def parse(self) -> dict[str, object]:
         self.space(True)
@@ -67,8 +59,7 @@ class _Parser:
             name = self.name()
             self.space(False)
             if not self.text.startswith("::=", self.i):
-                self.fail(f"'::=' expected after the rule name {name!r} (grammars are GBNF, llama.cpp's format; "
-                          "Lark's and other EBNF are not read)")
+                self.fail(f"'::=' expected after the rule name {name!r}")
             self.i += 3
             self.space(True)
             if name in self.rules:
@@ -216,24 +207,48 @@ class _Parser:
         return int(self.text[start:self.i])
 
 
+def skip_space(text: str, i: int, newlines: bool, comments: tuple[str, ...]) -> int:
+    """The offset past spaces, tabs, comments (each of `comments` begins one, to the end of its line) and, with
+    `newlines`, newlines, from offset i."""
+    while i < len(text):
+        if text.startswith(comments, i):
+            end = text.find("\n", i)
+            i = len(text) if end < 0 else end
+        elif text[i] in " \t" or newlines and text[i] in "\r\n":
+            i += 1
+        else:
+            break
+    return i
+
+
+def where(text: str, i: int) -> str:
+    """Offset i of the text as "line L, column C" (both from 1), for an error."""
+    return f"line {text.count(chr(10), 0, i) + 1}, column {i - (text.rfind(chr(10), 0, i) + 1) + 1}"
+
+
 def grammar_tree(text: str, depth: int = DEPTH):
-    """The tree of what the grammar's `root` derives (recursion unrolled `depth` times: the module's
-    docstring); a GuideError for a grammar that cannot guide."""
+    """The tree of what a GBNF grammar's `root` derives, or a Lark grammar's `start` (lark_grammar.py), its
+    recursion unrolled `depth` times (the module's docstring); a GuideError for a grammar that cannot guide."""
+    from .lark_grammar import is_lark, lark_rules
+
     if not isinstance(text, str):
         raise GuideError("a grammar must be a string")
-    parser = _Parser(text)
-    rules = parser.parse()
-    if "root" not in rules:
-        raise GuideError("grammar: no rule named 'root' (the whole completion)")
+    if is_lark(text):
+        label = "grammar (Lark)"
+        rules, root = lark_rules(text, Ref)
+    else:
+        label, root = "grammar", "root"
+        rules = _Parser(text).parse()
+        if "root" not in rules:
+            raise GuideError("grammar: no rule named 'root' (the whole completion)")
     for node in rules.values():  # every reference names a rule
         for ref in _refs(node):
             if ref.name not in rules:
-                parser.i = ref.at
-                parser.fail(f"no rule named {ref.name!r}")
+                raise GuideError(f"{label}: no rule named {ref.name!r} ({where(text, ref.at)})")
     rules = {name: _linear(name, node) for name, node in rules.items()}
-    tree = _expand(rules, rules["root"], {"root": 1}, depth)
+    tree = _expand(rules, rules[root], {root: 1}, depth)
     if tree is None:
-        raise GuideError(f"grammar: 'root' derives nothing within {depth} levels of its rules' recursion")
+        raise GuideError(f"{label}: {root.strip()!r} derives nothing within {depth} levels of its rules' recursion")
     return tree
 
 

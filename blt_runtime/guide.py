@@ -1,8 +1,8 @@
 """Guided generation: a completion held to a regular expression, or to one of a list of choices, byte by byte.
 
 Owns `ByteGuide`: a deterministic automaton over bytes (a DFA), compiled from a regular expression in
-Python's syntax (`ByteGuide.regex`), from choices (`ByteGuide.choice`) or from a GBNF grammar whose recursion
-is unrolled (`ByteGuide.grammar`, grammar.py), or made of a set of bytes
+Python's syntax (`ByteGuide.regex`), from choices (`ByteGuide.choice`) or from a grammar, GBNF or Lark's, whose
+recursion is unrolled (`ByteGuide.grammar`, grammar.py), or made of a set of bytes
 (`of_bytes`) or of words that must not occur (`avoiding`); two guides intersect (`intersect`), and
 each is the smallest automaton of its texts (`_minimal`). Since a byte-level model chooses bytes, the
 automaton constrains each choice exactly: at every step the model may only take the bytes that keep
@@ -274,7 +274,7 @@ class ByteGuide:
 
     @classmethod
     def grammar(cls, text: str) -> ByteGuide:
-        """A GBNF grammar's `root` (grammar.py: llama.cpp's format, vLLM's guided_grammar)."""
+        """A grammar's texts: GBNF's `root` or Lark's `start` (grammar.py; vLLM's guided_grammar)."""
         from .grammar import grammar_tree
 
         try:

@@ -1,7 +1,7 @@
 """Guided generation's request fields -> the runtime's ByteGuide (blt_runtime/guide.py).
 
 Owns which fields ask for a guide: vLLM's `guided_regex`, `guided_choice`, `guided_json` and `guided_grammar`
-(GBNF, blt_runtime/grammar.py), its newer `structured_outputs` (`regex`, `choice`, `json`, `grammar`,
+(GBNF or Lark's syntax, blt_runtime/grammar.py), its newer `structured_outputs` (`regex`, `choice`, `json`, `grammar`,
 `json_object`), and OpenAI's `response_format`
 (`json_object`: any JSON value; `json_schema`: a schema, blt_runtime/json_guide.py), and the whitespace a
 JSON guide allows (`guided_whitespace_pattern`, `structured_outputs.whitespace_pattern`; compact JSON
@@ -25,7 +25,7 @@ from .errors import ApiError, utf8
 from .schemas import CompletionRequest
 
 UNSUPPORTED = ("this server guides completions by a regular expression, a list of choices, a JSON schema or a "
-               "GBNF grammar (guided_regex, guided_choice, guided_json, guided_grammar, structured_outputs, "
+               "grammar (guided_regex, guided_choice, guided_json, guided_grammar, structured_outputs, "
                "response_format)")
 
 

@@ -22,7 +22,7 @@ class StreamOptions(BaseModel):
 
 
 class StructuredOutputs(BaseModel):
-    """vLLM's structured_outputs: one of these constrains the completion (a grammar in GBNF)."""
+    """vLLM's structured_outputs: one of these constrains the completion (a grammar in GBNF or Lark's syntax)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -86,10 +86,10 @@ class SamplingFields(BaseModel):
                                                                            "{\"json_object\": true}")
     guided_json: Any = Field(None, description="the completion must be JSON this schema validates (a subset of "
                                                "JSON Schema: blt_runtime/json_guide.py; vLLM's)")
-    guided_grammar: str | None = Field(None, description="the completion must be text this GBNF grammar's root "
-                                                         "derives (llama.cpp's format, vLLM's; recursion but at "
-                                                         "a rule's end or start unrolled 3 levels deep: "
-                                                         "blt_runtime/grammar.py)")
+    guided_grammar: str | None = Field(None, description="the completion must be text this grammar derives: GBNF "
+                                                         "(llama.cpp's format, its root) or Lark's (its start), as "
+                                                         "vLLM takes them; recursion but at a rule's end or start "
+                                                         "unrolled 3 levels deep: blt_runtime/grammar.py)")
     guided_whitespace_pattern: str | None = Field(
         None, description="what a JSON guide allows after ':' and ',' and inside brackets, a pattern of JSON's "
                           "whitespace (vLLM's; '[ \\n]*' takes pretty-printed JSON); default: compact JSON")

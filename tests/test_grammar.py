@@ -133,7 +133,7 @@ def test_every_text_the_json_grammar_guides_to_is_json():
         assert isinstance(json.loads(text), dict), text
 
 
-@pytest.mark.parametrize("grammar, words", [
+GBNF_ERRORS = [
     ("root ::= foo", "no rule named 'foo' (line 1, column 10)"),
     ('root ::= "a', "a literal not closed"),
     ('x ::= "a"', "no rule named 'root'"),
@@ -152,8 +152,102 @@ def test_every_text_the_json_grammar_guides_to_is_json():
     ('root ::= "a"\n  "b"', "a rule name expected, not '\"' (line 2, column 3)"),
     ("", "no rules"),
     ('root ::= []', "an empty class"),
-])
-def test_what_is_not_a_grammar_is_a_guide_error_that_says_where(grammar, words):
+]
+
+
+# ------------------------------------------------------------------------------------------- Lark's syntax
+LARK_CASES = [
+    ('start: "ab" | "c"', r"ab|c"),
+    ("start: a b\na: \"x\"+\nb: DIGIT ~ 2..3\n%import common.DIGIT", r"x+[0-9]{2,3}"),
+    ('start: ("a" | "b")* ["c"]', r"[ab]*c?"),
+    ('?start: "a".."c" /[0-9]{2}/ "x"i', r"[a-c][0-9]{2}[xX]"),
+    ("start: item (\",\" item)*  // a comment\n_item: /[a-z]+/\nitem: _item -> word", r"[a-z]+(,[a-z]+)*"),
+    ("start: list\nlist: list \",\" WORD\n    | WORD\n%import common (WORD, WS)", r"[a-zA-Z]+(,[a-zA-Z]+)*"),
+    ('start: "a" N\n%import common.SIGNED_INT -> N', r"a[+-]?[0-9]+"),
+    ("start: SIGNED_NUMBER\n%import common.SIGNED_NUMBER", r"[+-]?([0-9]+[eE][+-]?[0-9]+|([0-9]+\.[0-9]*|\.[0-9]+)"
+                                                             r"([eE][+-]?[0-9]+)?|[0-9]+)"),
+    ('start: "x" ("y" "z")\n%ignore " "', r" *x *y *z *"),
+    ('start: /a.b/s "\\n"', "a(?s:.)b\n"),
+]
+
+
+@pytest.mark.parametrize("grammar, regex", LARK_CASES)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_a_lark_grammar_guides_as_its_regular_expression(grammar, regex, data):
+    guide, pattern = ByteGuide.grammar(grammar), re.compile(regex)
+    text = data.draw(st.from_regex(regex, fullmatch=True))
+    assert guide.matches(text.encode()), (grammar, text)
+    for text in data.draw(st.lists(st.text(alphabet="abcxyzXYZ019 ,.+-eE\n", max_size=8), min_size=5, max_size=5)):
+        assert guide.matches(text.encode()) == bool(pattern.fullmatch(text)), (grammar, text)
+
+
+LARK_JSON = r'''
+?start: value
+?value: dict
+      | list
+      | string
+      | SIGNED_NUMBER      -> number
+      | "true"             -> true
+      | "false"            -> false
+      | "null"             -> null
+
+list : "[" [value ("," value)*] "]"
+
+dict : "{" [pair ("," pair)*] "}"
+pair : string ":" value
+
+string : ESCAPED_STRING
+
+%import common.ESCAPED_STRING
+%import common.SIGNED_NUMBER
+%import common.WS
+%ignore WS
+'''
+# the same with JSON's own terminals (common's take "+1", "\\k" and a form feed, which JSON does not)
+STRICT_JSON = LARK_JSON.split("%import")[0].replace("ESCAPED_STRING", "STRING").replace("SIGNED_NUMBER",
+                                                                                     "NUMBER") + r'''
+STRING: /"([^"\\\x00-\x1f]|\\["\\\/bfnrt]|\\u[0-9a-fA-F]{4})*"/
+NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?/
+%ignore /[ \t\r\n]+/
+'''
+
+
+def test_the_lark_examples_of_vllms_docs():
+    sql = ('?start: select_statement\n?select_statement: "SELECT " column_list " FROM " table_name\n'
+           '?column_list: column_name ("," column_name)*\n?table_name: identifier\n?column_name: identifier\n'
+           '?identifier: /[a-zA-Z_][a-zA-Z0-9_]*/\n')
+    guide = ByteGuide.grammar(sql)
+    assert guide.matches(b"SELECT a,b_2 FROM t") and not guide.matches(b"SELECT a, b FROM t")
+    guide = ByteGuide.grammar(LARK_JSON)
+    assert guide.matches(b' {"a" : [1, -2.5e3, "x\\"y"] }\n') and not guide.matches(b"[[[[1]]]]")
+    guide, rng = ByteGuide.grammar(STRICT_JSON), random.Random(1)
+    texts = [t for t in (random_walk(guide, rng) for _ in range(300)) if t is not None]
+    assert len(texts) > 100
+    for text in texts:
+        json.loads(text)
+
+
+LARK_ERRORS = [
+    ("start: foo", "no rule named 'foo' (line 1, column 8)"),
+    ('start: "a', "a string not closed"),
+    ('x: "a"', "no rule named 'start'"),
+    ('start: "a"\nstart: "b"', "'start' is defined twice (line 2, column 1)"),
+    ("start: /a/m", "flags 'm': i and s are read"),
+    ("start: /(?=a)/", "look-around"),
+    ('%import os.path\nstart: "a"', "only Lark's common terminals"),
+    ('%import common.NOPE\nstart: "a"', "common.NOPE is none of"),
+    ('start: "a" ~ 3..2', "the most is less than the least"),
+    ('%declare X\nstart: "a"', "the directives read are"),
+    ('start: ("a"', "')' expected"),
+    ('start: "ab".."c"', "a range joins two strings of one character each"),
+    ("start: start \"a\" start", "'start' derives nothing within 3 levels"),
+]
+
+
+@pytest.mark.parametrize("grammar, words, label", [(g, w, "grammar: ") for g, w in GBNF_ERRORS]
+                         + [(g, w, "grammar (Lark): ") for g, w in LARK_ERRORS])
+def test_what_is_not_a_grammar_is_a_guide_error_that_says_where(grammar, words, label):
     with pytest.raises(GuideError) as e:
         ByteGuide.grammar(grammar)
-    assert words in str(e.value) and str(e.value).startswith("grammar: "), e.value
+    assert words in str(e.value) and str(e.value).startswith(label), e.value

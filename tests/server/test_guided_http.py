@@ -63,14 +63,20 @@ table ::= "users" | "orders"
 condition ::= column " = " ([0-9]+ | "'" [a-z]{1,8} "'")
 """
 SQL_RE = r"SELECT (id|name|age) FROM (users|orders)( WHERE (id|name|age) = ([0-9]+|'[a-z]{1,8}'))?;"
+LARK_SQL = """
+start: "SELECT " column " FROM " table [" WHERE " condition] ";"
+column: "id" | "name" | "age"  // the same in Lark's syntax
+table: "users" | "orders"
+condition: column " = " (/[0-9]+/ | "'" /[a-z]{1,8}/ "'")
+"""
 
 
 def test_grammar_completions_are_what_the_grammar_derives(url):
-    """vLLM's guided_grammar (and structured_outputs.grammar): a GBNF grammar; whole and streamed, through the
-    official client."""
+    """vLLM's guided_grammar (and structured_outputs.grammar): a GBNF grammar, or Lark's; whole and streamed,
+    through the official client."""
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
     for seed in range(3):
-        for how in ({"guided_grammar": SQL}, {"structured_outputs": {"grammar": SQL}}):
+        for how in ({"guided_grammar": SQL}, {"structured_outputs": {"grammar": SQL}}, {"guided_grammar": LARK_SQL}):
             out = client.completions.create(model="tiny", prompt="Query: ", max_tokens=100, seed=seed,
                                             temperature=1.2, extra_body=how)
             assert re.fullmatch(SQL_RE, out.choices[0].text) and out.choices[0].finish_reason == "stop", out
