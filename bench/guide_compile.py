@@ -6,7 +6,7 @@ Each guide is built `--repeats` times (the fastest is reported); blt-serve build
 on a request's first use and keeps the last 8. A guide's bias rows take 1 KB per state on the device.
 The schemas are what pydantic writes for common fields (its output, kept here as JSON: this needs only
 torch). The grammars are GBNF: JSON (llama.cpp's json.gbnf, recursion unrolled), vLLM's SQL example, and
-arithmetic. The last line printed is JSON.
+arithmetic; and JSON in Lark's syntax (vLLM's docs). The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -76,8 +76,21 @@ term  ::= num | "(" space expr ")" space
 num   ::= [0-9]+ space
 space ::= [ \t\n]*
 """
+# Lark's syntax: the JSON grammar of vLLM's grammar docs, with %ignore WS
+JSON_LARK = r"""
+?start: value
+?value: dict | list | string | SIGNED_NUMBER -> number | "true" -> true | "false" -> false | "null" -> null
+list : "[" [value ("," value)*] "]"
+dict : "{" [pair ("," pair)*] "}"
+pair : string ":" value
+string : ESCAPED_STRING
+%import common.ESCAPED_STRING
+%import common.SIGNED_NUMBER
+%import common.WS
+%ignore WS
+"""
 GRAMMARS = {"grammar JSON (json.gbnf)": JSON_GBNF, "grammar SQL (vLLM's example)": SQL_GBNF,
-            "grammar arithmetic": ARITHMETIC_GBNF}
+            "grammar arithmetic": ARITHMETIC_GBNF, "grammar JSON (Lark, vLLM's docs)": JSON_LARK}
 
 
 def main() -> None:
