@@ -28,6 +28,7 @@ ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "\\": 0x5C, '"': 0x22, "[": 0x5B, "]
 HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 MAX_REPEAT = 1000  # a {m,n} bound beyond this is refused (each repetition is a copy in the automaton)
+MAX_NODES = 200_000  # parts of the expanded tree (its automaton would pass guide.MAX_NFA_STATES long before)
 
 
 class Ref:
@@ -246,7 +247,7 @@ def grammar_tree(text: str, depth: int = DEPTH):
             if ref.name not in rules:
                 raise GuideError(f"{label}: no rule named {ref.name!r} ({where(text, ref.at)})")
     rules = {name: _linear(name, node) for name, node in rules.items()}
-    tree = _expand(rules, rules[root], {root: 1}, depth)
+    tree = _expand(rules, rules[root], {root: 1}, depth, [MAX_NODES], label)
     if tree is None:
         raise GuideError(f"{label}: {root.strip()!r} derives nothing within {depth} levels of its rules' recursion")
     return tree
@@ -312,9 +313,14 @@ def _refs(node):
         yield from _refs(node.node)
 
 
-def _expand(rules: dict, node, inside: dict[str, int], depth: int):
+def _expand(rules: dict, node, inside: dict[str, int], depth: int, left: list[int], label: str):
     """`node` with its references replaced by their rules' trees, each rule at most `depth` times inside
-    itself; None where nothing is left (every alternative needs a deeper expansion)."""
+    itself; None where nothing is left (every alternative needs a deeper expansion). `left[0]`: the nodes
+    it may still make (rules that use the next twice, 25 deep, would make millions: a GuideError at once)."""
+    left[0] -= 1
+    if left[0] < 0:
+        raise GuideError(f"{label}: too large (its rules expand to more than {MAX_NODES:,} parts: rules that use "
+                         "others several times, many levels deep?)")
     if isinstance(node, Chars):
         return node
     if isinstance(node, Ref):
@@ -322,21 +328,21 @@ def _expand(rules: dict, node, inside: dict[str, int], depth: int):
             return None
         inside[node.name] = inside.get(node.name, 0) + 1
         try:
-            return _expand(rules, rules[node.name], inside, depth)
+            return _expand(rules, rules[node.name], inside, depth, left, label)
         finally:
             inside[node.name] -= 1
     if isinstance(node, Cat):
         parts = []
         for part in node.parts:
-            expanded = _expand(rules, part, inside, depth)
+            expanded = _expand(rules, part, inside, depth, left, label)
             if expanded is None:
                 return None
             parts.append(expanded)
         return Cat(parts)
     if isinstance(node, Alt):
-        options = [o for o in (_expand(rules, o, inside, depth) for o in node.options) if o is not None]
+        options = [o for o in (_expand(rules, o, inside, depth, left, label) for o in node.options) if o is not None]
         return None if not options else options[0] if len(options) == 1 else Alt(options)
-    expanded = _expand(rules, node.node, inside, depth)  # Repeat
+    expanded = _expand(rules, node.node, inside, depth, left, label)  # Repeat
     if expanded is None:  # none of it can be derived: only its empty repetition, if any
         return Cat([]) if node.least == 0 else None
     return Repeat(expanded, node.least, node.most)
