@@ -21,7 +21,7 @@ import ast
 import re
 
 from .errors import GuideError
-from .grammar import skip_space, where
+from .grammar import MAX_REPEAT, skip_space, where
 from .regex_syntax import Alt, Cat, Chars, Repeat, _either_case, parse
 
 # Lark's common.lark terminals, as Python regular expressions (a "." in Lark's is any character but a newline)
@@ -274,6 +274,8 @@ class _Parser:
                     most = self.number()
                 if most < least:
                     self.fail(f"~ {least}..{most}: the most is less than the least")
+                if most > MAX_REPEAT:
+                    self.fail(f"a repetition bound above {MAX_REPEAT}")
                 node = Repeat(node, least, most)
             else:
                 return node

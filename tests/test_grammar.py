@@ -238,6 +238,7 @@ LARK_ERRORS = [
     ('%import os.path\nstart: "a"', "only Lark's common terminals"),
     ('%import common.NOPE\nstart: "a"', "common.NOPE is none of"),
     ('start: "a" ~ 3..2', "the most is less than the least"),
+    ('start: "a" ~ 5000', "a repetition bound above 1000"),
     ('%declare X\nstart: "a"', "the directives read are"),
     ('start: ("a"', "')' expected"),
     ('start: "ab".."c"', "a range joins two strings of one character each"),
