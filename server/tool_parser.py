@@ -39,9 +39,11 @@ class HermesCalls:
         self.calls: list[Call] = []
         self._state = "text"  # "text"; in a call: "head" (up to its arguments), "value" (them), "object" (the
         # rest of the call's object), "end" (up to the end tag)
-        self._held = ""  # text not given out yet: what may begin the start tag, whitespace after a call
+        self._held = ""  # text not given out yet that may begin the start tag (a few characters)
+        self._glue = ""  # whitespace right after a call, not given out unless text follows it
         self._after_call = False  # the last of the text was a call (whitespace now is the format's)
         self._body = ""  # the call's text since its start tag (head), or since its object closed (end)
+        self._tail = ""  # in "end": what came after the whitespace
         self._scan = ValueScan()  # of the arguments being read
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -56,11 +58,11 @@ class HermesCalls:
         """The end of the text -> what was held: content, or a call read whole."""
         content: list[str] = []
         deltas: dict[int, dict[str, Any]] = {}
-        if self._state == "text" and not (self._after_call and self._held.isspace()):
-            content.append(self._held)
+        if self._state == "text" and self._held:
+            content.append(self._glue + self._held)
         elif self._state == "head":
             self._whole_call(self._body, content, deltas, closed=False)
-        self._state, self._held, self._body = "text", "", ""
+        self._state, self._held, self._glue, self._body = "text", "", "", ""
         return "".join(content), list(deltas.values())
 
     def whole(self) -> list[dict[str, Any]]:
@@ -79,7 +81,7 @@ class HermesCalls:
             if self._body.endswith(END):
                 self._whole_call(self._body[:-len(END)], content, deltas, closed=True)
                 self._state, self._body = "text", ""
-            elif match := HEAD.match(self._body):
+            elif c == ":" and (match := HEAD.match(self._body)):  # (it ends at a colon: not tried at every character)
                 self._scan = open_call(self.calls, json.loads(match.group(1)), deltas)
                 self._state, self._body = "value", ""
         elif self._state == "value":
@@ -91,31 +93,36 @@ class HermesCalls:
         elif self._state == "object":
             self._scan.take(c)
             if self._scan.done:
-                self._state, self._body = "end", ""
+                self._state, self._body, self._tail = "end", "", ""
         else:  # "end": space, then the end tag; else the model did not close the call, and this is content
             self._body += c
-            tail = self._body.lstrip(SPACE)
-            if tail == END:
+            if self._tail or c not in SPACE:
+                self._tail += c
+            if self._tail == END:
                 self._state, self._body, self._after_call = "text", "", True
-            elif not END.startswith(tail):
+            elif not END.startswith(self._tail):
                 body, self._state, self._body, self._after_call = self._body, "text", "", True
                 for t in body:
                     self._text(t, content)
 
     def _text(self, c: str, content: list[str]) -> None:
+        if self._after_call and not self._held and c in SPACE:  # whitespace after a call waits for what follows
+            self._glue += c
+            return
         self._held += c
-        if self._held.endswith(START):
+        if self._held.endswith(START):  # the glue before it is the format's
             before = self._held[:-len(START)]
-            if before and not (self._after_call and before.isspace()):
-                content.append(before)
-            self._state, self._held, self._body = "head", "", ""
+            if before:
+                content.append(self._glue + before)
+                self._after_call = False
+            self._state, self._held, self._glue, self._body = "head", "", "", ""
             return
         partial = next((k for k in range(min(len(START) - 1, len(self._held)), 0, -1)
                         if START.startswith(self._held[-k:])), 0)
         given = self._held[:len(self._held) - partial]
-        if given and not (self._after_call and given.isspace()):  # whitespace after a call waits for what follows
-            content.append(given)
-            self._held, self._after_call = self._held[len(given):], False
+        if given:
+            content.append(self._glue + given)
+            self._held, self._glue, self._after_call = self._held[len(given):], "", False
 
     def _whole_call(self, body: str, content: list[str], deltas: dict[int, dict[str, Any]], closed: bool) -> None:
         """A call in another form, read whole: a call, or else content."""

@@ -185,7 +185,7 @@ class CallStream:
         for c in text:
             if self._state == "head":
                 self._head += c
-                match = HEAD.match(self._head)
+                match = HEAD.match(self._head) if c == ":" else None  # it ends at a colon: tried there only
                 if match:
                     self._scan = open_call(self.calls, json.loads(match.group(1)), deltas)
                     self._head, self._state = "", "value"

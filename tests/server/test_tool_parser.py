@@ -215,3 +215,16 @@ def test_a_models_text_is_the_same_content_with_auto(serve, tiny):
     auto = client.chat.completions.create(**kw).choices[0]
     assert START not in none and auto.message.content == none and not auto.message.tool_calls
     assert streamed(client, **kw)[0] == none
+
+
+def test_long_runs_of_whitespace_are_read_in_one_pass():
+    """Whitespace before a call's name, after its object and between calls, 200,000 characters of each: read
+    in time linear in the text (a quadratic reading took minutes), and as the short forms are."""
+    import time
+
+    spaces = " \n" * 100_000
+    text = f'{START}{{{spaces}"name": "f", "arguments": 1}}{spaces}{END}{spaces}{START}{{"name": "g"}}{END}{spaces}x'
+    start = time.perf_counter()
+    content, calls, _ = read(text, [4096] * 200)
+    assert time.perf_counter() - start < 10
+    assert content == spaces + "x" and [(n, a) for _, n, a in calls] == [("f", "1"), ("g", "{}")]
