@@ -23,6 +23,7 @@
 #   more urgent request preempts a less urgent running one where no slot is free)
 #   BLT_REVISION (with BLT_MODEL_DIR a Hugging Face Hub id: the branch, tag or commit; default main)
 #   BLT_SSL_KEYFILE, BLT_SSL_CERTFILE (HTTPS)   BLT_ROOT_PATH (a reverse proxy's path prefix)
+#   BLT_DISABLE_FASTAPI_DOCS (no /docs, /redoc or /openapi.json)
 #
 #   docker build -t blt-serve .
 #   docker run --gpus all -p 8000:8000 blt-serve

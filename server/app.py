@@ -194,8 +194,11 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         state.patches_thread.shutdown(wait=False, cancel_futures=True)
         gc.unfreeze()  # collectable again once the app is gone (tests run several apps in one process)
 
+    docs = not settings.disable_fastapi_docs
     app = FastAPI(title="blt-serve", version=VERSION, lifespan=lifespan,
-                  description="OpenAI-compatible completions from a Byte Latent Transformer; counts are bytes.")
+                  description="OpenAI-compatible completions from a Byte Latent Transformer; counts are bytes.",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.blt = state
     errors.install(app)
 

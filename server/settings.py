@@ -48,6 +48,7 @@ class Settings:
     ssl_keyfile: str | None = None  # with ssl_certfile: serve HTTPS
     ssl_certfile: str | None = None
     root_path: str = ""  # the path prefix a proxy serves the app under
+    disable_fastapi_docs: bool = False  # no /docs, /redoc or /openapi.json
     metrics_without_key: bool = False
     allowed_origins: tuple[str, ...] = ()
     max_body_bytes: int = 1 << 20
@@ -126,6 +127,7 @@ HELP = {
     "ssl_keyfile": "serve HTTPS with this private key (PEM; with --ssl-certfile)",
     "ssl_certfile": "serve HTTPS with this certificate (PEM; with --ssl-keyfile)",
     "root_path": "the path prefix a reverse proxy serves the app under (ASGI root_path: the OpenAPI docs' links)",
+    "disable_fastapi_docs": "serve no API docs: /docs, /redoc and /openapi.json answer 404 (vLLM's)",
     "api_key": "require 'Authorization: Bearer KEY' (repeat or comma-separate for several)",
     "metrics_without_key": "leave /metrics open when API keys are set",
     "allowed_origins": "turn CORS on for these origins (comma-separated, or *)",

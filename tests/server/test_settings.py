@@ -115,3 +115,13 @@ def test_request_and_throughput_lines_can_be_turned_off(serve, caplog, flags):
                what="the request counted")
     assert (" bytes in, " in caplog.text) == ("--disable-log-requests" not in flags)
     assert ("throughput:" in caplog.text) == ("--disable-log-stats" not in flags)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_the_api_docs_can_be_turned_off(serve, disabled):
+    """vLLM's --disable-fastapi-docs: /docs, /redoc and /openapi.json answer 404; the API itself does not change."""
+    settings = load_settings(["--disable-fastapi-docs"] if disabled else [], environ={})
+    url, _ = serve(ScriptedEngine({}, default=b"ok"), disable_fastapi_docs=settings.disable_fastapi_docs)
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{url}{path}", timeout=30).status_code == (404 if disabled else 200), path
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30).status_code == 200
