@@ -38,6 +38,12 @@ COMMON = {
 }
 DEFINITION = re.compile(r"[ \t]*[?!]?([A-Za-z_][A-Za-z0-9_]*)(?:\.-?[0-9]+)?[ \t]*:(?!:)")
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NUMBER = re.compile(r"[0-9]+")
+
+
+def _is_terminal(name: str) -> bool:
+    """Lark's terminals are named in capitals (a leading _ aside), its rules in small letters."""
+    return name.lstrip("_")[:1].isupper()
 
 
 def is_lark(text: str) -> bool:
@@ -92,7 +98,7 @@ class _Parser:
             self.fail(f"{name!r} is defined twice")
         self.i = match.end()
         self.space()
-        self.in_terminal = name.lstrip("_")[:1].isupper()
+        self.in_terminal = _is_terminal(name)
         self.rules[name] = self.expansions()
 
     def directive(self) -> None:
@@ -206,8 +212,7 @@ class _Parser:
             at = self.i
             name = self.name()
             ref = self.ref(name, at)
-            terminal = name.lstrip("_")[:1].isupper()
-            return ref if self.in_terminal or not terminal else Token(ref)
+            return ref if self.in_terminal or not _is_terminal(name) else Token(ref)
         self.fail(f"unexpected {c!r}" if c else "unexpected end")
 
     def string(self):
@@ -261,7 +266,7 @@ class _Parser:
         while True:
             self.space()
             c = self.peek()
-            if c in ("?", "*", "+") and c:
+            if c in ("?", "*", "+"):
                 self.i += 1
                 node = Repeat(node, 1 if c == "+" else 0, 1 if c == "?" else None)
             elif c == "~":
@@ -281,7 +286,7 @@ class _Parser:
                 return node
 
     def number(self) -> int:
-        match = re.compile(r"[0-9]+").match(self.text, self.i)
+        match = NUMBER.match(self.text, self.i)
         if match is None:
             self.fail("a number expected")
         self.i = match.end()
