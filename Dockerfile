@@ -18,6 +18,7 @@
 #   BLT_SEED (seeds the requests sent without a seed: the same text after a restart)
 #   BLT_CHAT_TEMPLATE (a Jinja file for /v1/chat/completions; default: the model directory's, if any)
 #   BLT_ENABLE_AUTO_TOOL_CHOICE, BLT_TOOL_CALL_PARSER (hermes: tool_choice "auto" reads the model's calls)
+#   BLT_ENABLE_RESPONSES_API_STORE (keep /v1/responses answers for GET and previous_response_id)
 #   BLT_GENERATION_CONFIG (auto: sampling defaults from the model's generation_config.json; none)
 #   BLT_SCHEDULING_POLICY (fcfs; priority: the waiting queue ordered by the requests' priority, and a
 #   more urgent request preempts a less urgent running one where no slot is free)

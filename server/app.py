@@ -1,6 +1,7 @@
 """The FastAPI app: `create_app(settings, engine=None)` wires routes, middleware, errors and the worker.
 
-Thin on purpose: each route hands its work to completions.py, chat.py, patches.py or tokenizing.py.
+Thin on purpose: each route hands its work to completions.py, chat.py, responses.py, patches.py or
+tokenizing.py.
 With no engine given, the model named by the settings is loaded (bad weights fail here, before
 serving; a bad chat template or generation config before that). The lifespan warms the engine up,
 starts its worker thread, and stops it at the end.
@@ -32,6 +33,8 @@ from .generation_defaults import load_generation_defaults
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from .patches import model_card, patches
+from .response_store import ResponseStore
+from .responses import cancel_stored, create_response, delete_stored, stored
 from .schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -44,6 +47,7 @@ from .schemas import (
     ModelList,
     PatchesRequest,
     PatchesResponse,
+    ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -162,7 +166,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     metrics = Metrics(settings.model_name)
     worker = EngineWorker(engine, metrics, settings.log_interval, not settings.disable_log_requests,
                           not settings.disable_log_stats)
-    state = AppState(settings, engine, worker, metrics, chat_template, defaults)
+    state = AppState(settings, engine, worker, metrics, chat_template, defaults,
+                     ResponseStore() if settings.enable_responses_api_store else None)
     if chat_template is not None:
         log.info("chat template: %s", chat_template.origin)
     if state.tool_call_parser is not None:
@@ -237,6 +242,22 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request, state: State):
         return await create_chat_completion(req, request, state)
 
+    @app.post("/v1/responses", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+    async def responses(req: ResponsesRequest, request: Request, state: State):
+        return await create_response(req, request, state)
+
+    @app.get("/v1/responses/{response_id}", responses=ERRORS)
+    async def get_response(response_id: str, state: State):
+        return stored(response_id, state)
+
+    @app.delete("/v1/responses/{response_id}", responses=ERRORS)
+    async def delete_response(response_id: str, state: State):
+        return delete_stored(response_id, state)
+
+    @app.post("/v1/responses/{response_id}/cancel", responses=ERRORS)
+    async def cancel_response(response_id: str, state: State):
+        return cancel_stored(response_id, state)
+
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize_route(req: TokenizeRequest, state: State):
         return tokenize(req, state)
@@ -257,6 +278,6 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.add_middleware(ApiKeyMiddleware, keys=settings.api_key, metrics_open=settings.metrics_without_key)
     if settings.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_credentials=False,
-                           allow_methods=["GET", "POST", "OPTIONS"], expose_headers=["X-Request-Id"],
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"], expose_headers=["X-Request-Id"],
                            allow_headers=["Authorization", "Content-Type", "X-Request-Id"])
     return app

@@ -12,8 +12,11 @@ as content and calls (tool_parser.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import Request
 
+from blt_runtime import SamplingParams
 from blt_runtime.guide import ByteGuide
 
 from .chat_template import ChatTemplateError, Conversation
@@ -94,8 +97,19 @@ def as_completion(req: ChatCompletionRequest, prompt: str, max_bytes: int) -> Co
                                              "logprobs": (req.top_logprobs or 0) if req.logprobs else None})
 
 
-async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: AppState):
-    admit(req, state, "chat completion")
+@dataclass(frozen=True)
+class ChatJob:
+    """A chat request in the engine's terms: the completion it asks for, its prompt, the sampling parameters of
+    its choices (their guide included) and how its text is read as tool calls, if it is."""
+
+    completion: CompletionRequest
+    prompt: bytes
+    params: SamplingParams
+    calls: ToolCalling | None
+
+
+async def chat_job(req: ChatCompletionRequest, state: AppState) -> ChatJob:
+    """Everything a chat request asks, checked (a 400 naming the field) before anything is queued."""
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs", "invalid_value")
     calls = tool_calling(req.tools, req.tool_choice, req.parallel_tool_calls, state.tool_call_parser)
@@ -116,10 +130,16 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
     guide = await chat_guide(completion, calls)
     params = sampling_params(completion, 0, guide=guide, defaults=state.generation_defaults)
     check_capacity([prompt], req.n, state.engine.capacity)
+    return ChatJob(completion, prompt, params, calls)
+
+
+async def create_chat_completion(req: ChatCompletionRequest, request: Request, state: AppState):
+    admit(req, state, "chat completion")
+    job = await chat_job(req, state)
     last = req.messages[-1]
     echo = message_text(last, len(req.messages) - 1) if req.echo and last.role == "assistant" else ""
-    return await respond(ChatCompletion(completion, state, [prompt], params, client_request_id(request), calls=calls,
-                                        echo=echo), request)
+    return await respond(ChatCompletion(job.completion, state, [job.prompt], job.params, client_request_id(request),
+                                        calls=job.calls, echo=echo), request)
 
 
 async def chat_guide(completion: CompletionRequest, calls: ToolCalling | None) -> ByteGuide | None:

@@ -124,7 +124,7 @@ class ChatChoiceState(ChoiceState):
         else:
             delta = {"content": text} if pieces else {}
         choice = {"index": self.index, "delta": delta,
-                  "logprobs": _chat_logprobs(pieces) if self.want_logprobs else None,
+                  "logprobs": chat_logprobs(pieces) if self.want_logprobs else None,
                   "finish_reason": None, "stop_reason": None}
         if self.want_patches:
             choice["patch_starts"] = _patch_starts(pieces)
@@ -145,7 +145,7 @@ class ChatChoiceState(ChoiceState):
             if self.calls.calls:
                 message["tool_calls"] = self.calls.whole()
         choice = {"index": self.index, "message": message,
-                  "logprobs": _chat_logprobs(self.pieces) if self.want_logprobs else None,
+                  "logprobs": chat_logprobs(self.pieces) if self.want_logprobs else None,
                   "finish_reason": self._finish_reason(), "stop_reason": self.stop_reason}
         if self.want_patches:
             choice["patch_starts"] = _patch_starts(self.pieces)
@@ -168,7 +168,7 @@ def _id_bytes(model_id: int) -> list[int] | None:
     return [model_id - OFFSET] if model_id >= OFFSET else None
 
 
-def _chat_logprobs(pieces: list[tuple[Piece, int]]) -> dict:
+def chat_logprobs(pieces: list[tuple[Piece, int]]) -> dict:
     content = []
     for piece, _ in pieces:
         for byte, logprobs, _ in piece.entries:

@@ -175,6 +175,7 @@ class Completion:
     two requests may share a name, never a key)."""
 
     ID_PREFIX, OBJECT, CHUNK_OBJECT, CHOICE = "cmpl-", "text_completion", "text_completion", ChoiceState
+    DONE = "data: [DONE]\n\n"  # a stream's last event
 
     def __init__(self, req: CompletionRequest, state: AppState, prompts: list[bytes], params: SamplingParams,
                  request_id: str | None = None):
@@ -300,19 +301,33 @@ class Completion:
                     quiet.ticks = 0
                     yield events
                 if failure is not None:
-                    yield f"data: {json.dumps(self._fail(failure))}\n\n"
+                    yield self.failed(self._fail(failure))
                     break
             else:
                 if self.held:
                     yield self._flush_held()
-                opts = self.req.stream_options
-                if opts is not None and opts.include_usage:
-                    yield self.chunk([], self.usage())
-            yield "data: [DONE]\n\n"
+                closing = self.closing()
+                if closing:
+                    yield closing
+            if self.DONE:
+                yield self.DONE
         finally:
             self.state.keepalive.close(quiet)
             watcher.cancel()
             self.on_disconnect()  # a no-op when every choice finished
+
+    def failed(self, error: dict) -> str:
+        """The event that ends a stream with an error (SERVER.md: the error body, then [DONE])."""
+        return f"data: {json.dumps(error)}\n\n"
+
+    def closing(self) -> str:
+        """The events after every choice's last: the usage, where the request asked for it."""
+        opts = self.req.stream_options
+        return self.chunk([], self.usage()) if opts is not None and opts.include_usage else ""
+
+    def choice_events(self, choice: ChoiceState, new: int) -> str:
+        """The event for a choice's `new` latest pieces (and its end, if it ended)."""
+        return self.chunk([choice.delta(new)])
 
     def opening(self) -> list[str]:
         """The events a stream begins with: each choice's echo (unless it waits for its prompt's scores:
@@ -358,7 +373,7 @@ class Completion:
                 n += self.held.pop(rid)
                 if not (n or c.done):
                     continue
-            events.append(self.chunk([c.delta(n)]))
+            events.append(self.choice_events(c, n))
         return "".join(events)
 
     def _fail(self, failure: Failure) -> dict:
@@ -384,10 +399,13 @@ class Completion:
             self.on_disconnect()
         if self.disconnected:  # nobody is listening; the sequences were aborted
             return JSONResponse(error_body(400, "client disconnected"), status_code=499)
-        return JSONResponse({"id": self.id, "object": self.OBJECT, "created": self.created,
-                             "model": self.model,
-                             "choices": [c.whole() for c in sorted(self.choices.values(), key=lambda c: c.index)],
-                             "usage": self.usage()}, headers={"X-Request-Id": self.request_id})
+        return JSONResponse(self.answer(), headers={"X-Request-Id": self.request_id})
+
+    def answer(self) -> dict:
+        """The whole body, once every choice finished."""
+        return {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.model,
+                "choices": [c.whole() for c in sorted(self.choices.values(), key=lambda c: c.index)],
+                "usage": self.usage()}
 
 
 def admit(req, state: AppState, kind: str) -> None:

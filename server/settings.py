@@ -43,6 +43,7 @@ class Settings:
     chat_template: str | None = None  # a file, or the template itself; default: the model directory's, if any
     enable_auto_tool_choice: bool = False  # tool_choice "auto": calls read out of the text by tool_call_parser
     tool_call_parser: str | None = None  # hermes
+    enable_responses_api_store: bool = False  # keep finished /v1/responses answers in memory
     generation_config: str = "auto"  # auto: the model directory's generation_config.json; none; or a directory
     api_key: tuple[str, ...] = ()
     ssl_keyfile: str | None = None  # with ssl_certfile: serve HTTPS
@@ -117,6 +118,10 @@ HELP = {
     "tool_call_parser": "the format of the model's tool calls, for --enable-auto-tool-choice: hermes (each call a JSON "
                         "object {\"name\": ..., \"arguments\": ...} between <tool_call> and </tool_call>, as "
                         "Hermes and Qwen chat templates ask for)",
+    "enable_responses_api_store": "keep finished /v1/responses answers in memory (64 MiB of them at most, the "
+                                  "oldest forgotten first) for GET /v1/responses/{id} and previous_response_id "
+                                  "(vLLM's VLLM_ENABLE_RESPONSES_API_STORE); without it a request's store is "
+                                  "false",
     "generation_config": "auto: the sampling defaults of the model directory's generation_config.json (temperature, "
                          "top_p, top_k, min_p, repetition_penalty, max_new_tokens) for requests that leave those "
                          "fields out, as vLLM does; none: the API's defaults; or a directory with that file",

@@ -11,6 +11,7 @@ from .chat_template import ChatTemplate
 from .errors import ApiError
 from .keepalive import KeepAlive
 from .metrics import Metrics
+from .response_store import ResponseStore
 from .settings import Settings
 from .worker import EngineWorker
 
@@ -23,6 +24,7 @@ class AppState:
     metrics: Metrics
     chat_template: ChatTemplate | None = None  # chat_template.py; None: chat completions are refused
     generation_defaults: dict = field(default_factory=dict)  # generation_defaults.py: the model's sampling defaults
+    responses: ResponseStore | None = None  # finished responses kept (--enable-responses-api-store); None: none
     ready: bool = False
     draining: bool = False
     keepalive: KeepAlive = field(init=False)  # ticks while the app runs (app.py's lifespan)

@@ -80,6 +80,18 @@ class ScriptedEngine:
         """A model with no caches."""
         return {"local": 0, "global": 0}
 
+    def fail_at(self, step: int) -> None:
+        """The `step`-th call of step() from now raises, as a kernel that fails would; the others run."""
+        real, calls = self.step, [0]
+
+        def step_or_fail():
+            calls[0] += 1
+            if calls[0] == step:
+                raise RuntimeError("a kernel failed")
+            return real()
+
+        self.step = step_or_fail
+
     def step(self) -> list[StepOutput]:
         time.sleep(self.step_delay)
         self.steps += 1

@@ -60,15 +60,7 @@ def test_only_the_request_the_cache_cannot_hold_fails(serve, tiny, limited):
 
 def test_a_step_that_raises_fails_the_requests_in_flight_and_no_more(serve):
     engine = ScriptedEngine({}, max_batch_size=4)
-    real, calls = engine.step, [0]
-
-    def step():
-        calls[0] += 1
-        if calls[0] == 5:
-            raise RuntimeError("a kernel failed")
-        return real()
-
-    engine.step = step
+    engine.fail_at(5)
     url, _ = serve(engine)
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 500, "stream": True}) as r:

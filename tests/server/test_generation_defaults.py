@@ -61,8 +61,10 @@ def test_requests_that_leave_a_field_out_get_the_models_default(serve, tmp_path)
     assert httpx.post(f"{url}/v1/chat/completions", json=chat).status_code == 200
     chat_given = {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 40, "top_k": 3}
     assert httpx.post(f"{url}/v1/chat/completions", json=chat_given).status_code == 200
+    response = httpx.post(f"{url}/v1/responses", json={"input": "hi", "top_p": 0.5}).json()
+    assert (response["temperature"], response["top_p"]) == (0.25, 0.5)  # as it was sampled
     got = [(p.temperature, p.top_k, p.repetition_penalty, p.max_bytes) for p in engine.params]
-    assert got == [(0.25, 7, 1.2, 12), (1.0, 0, 1.2, 30), (0.25, 7, 1.2, 9), (0.25, 3, 1.2, 40)]
+    assert got == [(0.25, 7, 1.2, 12), (1.0, 0, 1.2, 30), (0.25, 7, 1.2, 9), (0.25, 3, 1.2, 40), (0.25, 7, 1.2, 12)]
 
 
 def test_generation_config_none_keeps_the_apis_defaults(serve, tmp_path):

@@ -1,0 +1,50 @@
+"""Finished responses kept in memory (--enable-responses-api-store): for GET /v1/responses/{id} and a later
+request's previous_response_id.
+
+Owns the budget: the responses and their conversations are kept up to BUDGET bytes of JSON text in all; beyond
+it the oldest are forgotten first (an id then answers 404, as a deleted one does). A response named again (the
+client's X-Request-Id makes its id) replaces the one kept under that id. Nothing outlives the process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+
+BUDGET = 64 << 20
+
+
+@dataclass(frozen=True)
+class Stored:
+    response: dict  # the response object, as it was answered
+    conversation: list[dict]  # the chat messages it continues, its own output last (its instructions not included)
+    size: int
+
+
+class ResponseStore:
+    def __init__(self, budget: int = BUDGET):
+        self.budget = budget
+        self._kept: OrderedDict[str, Stored] = OrderedDict()
+        self._size = 0
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        size = len(json.dumps(response, ensure_ascii=False)) + len(json.dumps(conversation, ensure_ascii=False))
+        self.delete(response["id"])
+        self._kept[response["id"]] = Stored(response, conversation, size)
+        self._size += size
+        while self._size > self.budget and len(self._kept) > 1:
+            _, oldest = self._kept.popitem(last=False)
+            self._size -= oldest.size
+
+    def get(self, response_id: str) -> Stored | None:
+        return self._kept.get(response_id)
+
+    def delete(self, response_id: str) -> bool:
+        gone = self._kept.pop(response_id, None)
+        if gone is not None:
+            self._size -= gone.size
+        return gone is not None
+
+    def __len__(self) -> int:
+        return len(self._kept)

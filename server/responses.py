@@ -1,0 +1,323 @@
+"""POST /v1/responses (OpenAI's Responses API, as vLLM serves it), and the stored responses' routes.
+
+Owns the translation both ways. A request's input items (messages, function_call and function_call_output
+items), its instructions and the conversation of its previous_response_id become a chat request (chat.py
+renders, checks and guides it: the same prompt and bytes as the chat completion of those messages); its
+functions, tool_choice and text.format become the chat request's tools, tool_choice and response_format. The
+answer is a response object whose output items (response_items.py) are read from the text; a stream is the
+Responses API's typed events (`event:` and `data:` lines, numbered), from response.created to
+response.completed, response.incomplete (max_output_tokens) or response.failed. With
+--enable-responses-api-store, finished responses are kept (response_store.py); otherwise `store` is false in
+every answer and nothing is kept, as vLLM does. Not served: background responses, reasoning, built-in tools
+(web search, files, MCP), input other than text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+
+from .chat import ChatCompletion, chat_job, conversation_prompt
+from .completions import admit, client_request_id, respond
+from .errors import ApiError
+from .response_items import OutputItems, ResponseChoiceState
+from .schemas import ChatCompletionRequest, ResponsesRequest, SamplingFields
+from .state import AppState
+
+ROLES = ("user", "assistant", "system", "developer")
+TEXT_PARTS = ("input_text", "output_text", "text")
+LOGPROBS = "message.output_text.logprobs"
+SENT_AS_IS = {"n", "return_patches", "response_format"}  # SamplingFields this module checks or sets itself
+
+
+class ResponseCompletion(ChatCompletion):
+    ID_PREFIX, OBJECT, CHOICE = "resp_", "response", ResponseChoiceState
+    DONE = ""  # the stream ends with response.completed (or .incomplete, .failed)
+
+    def __init__(self, *args, asked: ResponsesRequest, conversation: list[dict], **kw):
+        """`asked`: the request, echoed in the response; `conversation`: the messages it answers, instructions
+        left out (kept with the response for a later previous_response_id)."""
+        super().__init__(*args, **kw)
+        (self.choice,) = self.choices.values()
+        self.choice.items = OutputItems(self.choice.calls)
+        self.asked, self.conversation, self.sequence = asked, conversation, 0
+
+    def event(self, event: dict) -> str:
+        event = {"type": event["type"], "sequence_number": self.sequence, **event}
+        self.sequence += 1
+        return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+    def opening(self) -> list[str]:
+        started = self.response("in_progress")
+        return [self.event({"type": "response.created", "response": started}),
+                self.event({"type": "response.in_progress", "response": started})]
+
+    def choice_events(self, choice, new: int) -> str:
+        return "".join(self.event(e) for e in choice.delta(new))
+
+    def closing(self) -> str:
+        response = self.finished()
+        return self.event({"type": f"response.{response['status']}", "response": response})
+
+    def failed(self, error: dict) -> str:
+        detail = error["error"]
+        failed = self.response("failed", {"code": detail.get("code") or "server_error", "message": detail["message"]})
+        return self.event({"type": "response.failed", "response": failed})
+
+    def answer(self) -> dict:
+        self.choice.whole()
+        return self.finished()
+
+    def finished(self) -> dict:
+        """The response once its text ended (kept where the store is on and the request asked)."""
+        done = self.response("incomplete" if self.choice.finish_reason == "length" else "completed")
+        store = self.state.responses
+        if store is not None and self.asked.store:
+            store.put(done, self.conversation + [self.choice.items.message()])
+        return done
+
+    def sampled(self, name: str) -> float | None:
+        """The value a sampling field had: the request's, else the model's default, else the API's."""
+        asked = self.asked
+        if name in asked.model_fields_set:
+            return getattr(asked, name)
+        return self.state.generation_defaults.get(name, getattr(asked, name))
+
+    def response(self, status: str, error: dict | None = None) -> dict:
+        asked = self.asked
+        usage = self.usage() if status in ("completed", "incomplete") else None
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
+            "output": self.choice.items.items, "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": asked.instructions, "max_output_tokens": asked.max_output_tokens,
+            "metadata": asked.metadata or {}, "parallel_tool_calls": asked.parallel_tool_calls is not False,
+            "previous_response_id": asked.previous_response_id, "temperature": self.sampled("temperature"),
+            "top_p": self.sampled("top_p"), "top_logprobs": asked.top_logprobs, "tools": asked.tools or [],
+            "tool_choice": asked.tool_choice if asked.tool_choice is not None else "auto" if asked.tools else "none",
+            "text": asked.text or {"format": {"type": "text"}}, "truncation": asked.truncation or "disabled",
+            "store": self.state.responses is not None and asked.store, "background": False, "reasoning": None,
+            "user": asked.user, "usage": usage and {
+                "input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                "total_tokens": usage["total_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
+                "output_tokens_details": {"reasoning_tokens": 0}, "input_patches": usage["prompt_patches"],
+                "output_patches": usage["completion_patches"]},
+        }
+
+
+async def create_response(req: ResponsesRequest, request: Request, state: AppState):
+    admit(req, state, "responses")
+    check_asked(req)
+    earlier = previous_conversation(req, state)
+    conversation = earlier + input_messages(req.input)
+    first = int(req.instructions is not None)  # the conversation's first message after the instructions
+    try:
+        chat = fitted(chat_request(req, conversation), req, state, first)
+        job = await chat_job(chat, state)
+    except ApiError as e:  # named as this request names the field
+        raise renamed(e, req) from None
+    return await respond(ResponseCompletion(job.completion, state, [job.prompt], job.params, client_request_id(request),
+                                            calls=job.calls, asked=req,
+                                            conversation=[m.model_dump(exclude_none=True)
+                                                          for m in chat.messages[first:]]), request)
+
+
+def renamed(e: ApiError, req: ResponsesRequest) -> ApiError:
+    """A chat request's error in the Responses API's names: max_output_tokens, input, text.format."""
+    names = {"max_completion_tokens": "max_output_tokens", "messages": "input"}
+    if req.response_format is None:
+        names["response_format"] = "text.format"
+    if e.param is None or e.param.split(".")[0] not in names:
+        return e
+    old = e.param.split(".")[0]
+    return ApiError(e.status, e.message.replace(old, names[old]), names[old] + e.param[len(old):], e.code, e.headers)
+
+
+def check_asked(req: ResponsesRequest) -> None:
+    """What the Responses API cannot ask of this server: a 400 naming the field."""
+    if req.background:
+        raise ApiError(400, "background: this server answers a response while the request waits (or streams it); "
+                            "background responses are not served", "background", "unsupported")
+    if req.n != 1:
+        raise ApiError(400, "n: a response has one output; ask for several with /v1/chat/completions", "n",
+                       "invalid_value")
+    if req.return_patches:
+        raise ApiError(400, "return_patches: a response's output has no place for them; ask /v1/completions or "
+                            "/v1/chat/completions", "return_patches", "unsupported")
+    if req.tools and logprobs_asked(req):
+        raise ApiError(400, "include: logprobs are given for a message's text only, not with tools (a call's bytes "
+                            "are not the message's)", "include", "unsupported")
+
+
+def logprobs_asked(req: ResponsesRequest) -> bool:
+    return LOGPROBS in (req.include or []) or bool(req.top_logprobs)
+
+
+def previous_conversation(req: ResponsesRequest, state: AppState) -> list[dict]:
+    """The messages of the stored response the request continues, its output included ([] without one)."""
+    if req.previous_response_id is None:
+        return []
+    if state.responses is None:
+        raise ApiError(400, "previous_response_id: this server keeps no responses; start it with "
+                            "--enable-responses-api-store, or send the whole conversation as input",
+                       "previous_response_id", "unsupported")
+    stored = state.responses.get(req.previous_response_id)
+    if stored is None:
+        raise ApiError(400, f"previous_response_id: no response {req.previous_response_id!r} is kept (never "
+                            "stored, deleted, or forgotten for the store's budget)", "previous_response_id",
+                       "previous_response_not_found")
+    return [dict(m) for m in stored.conversation]
+
+
+def input_messages(given: str | list[dict[str, Any]]) -> list[dict]:
+    """The request's input as chat messages: a function_call item joins the assistant message before it (a chat
+    message's tool_calls), a function_call_output item is a tool message."""
+    if isinstance(given, str):
+        return [{"role": "user", "content": given}]
+    if not given:
+        raise ApiError(400, "input: give text or at least one item", "input", "invalid_value")
+    messages: list[dict] = []
+    for i, item in enumerate(given):
+        kind, where = item.get("type", "message"), f"input[{i}]"
+        if kind == "message":
+            role = item.get("role")
+            if role not in ROLES:
+                raise ApiError(400, f"{where}.role: {role!r} is none of {', '.join(ROLES)}", f"{where}.role",
+                               "invalid_value")
+            messages.append({"role": "system" if role == "developer" else role,
+                             "content": item_text(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            call = {"id": field(item, "call_id", where), "type": "function",
+                    "function": {"name": field(item, "name", where), "arguments": field(item, "arguments", where)}}
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": field(item, "call_id", where),
+                             "content": output if isinstance(output, str) else item_text(output, f"{where}.output")})
+        else:
+            raise ApiError(400, f"{where}.type: {kind!r}; this server reads message, function_call and "
+                                "function_call_output items", f"{where}.type", "unsupported")
+    return messages
+
+
+def field(item: dict, name: str, where: str) -> str:
+    value = item.get(name)
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where}.{name}: a string is needed", f"{where}.{name}", "invalid_value")
+    return value
+
+
+def item_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or its text parts joined by newlines (as chat.py joins them)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}: a string or a list of text parts is needed", where, "invalid_value")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ApiError(400, f"{where}[{j}]: a part of type {kind!r}; this server reads text parts only "
+                                f"({', '.join(TEXT_PARTS)})", where, "unsupported")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def chat_request(req: ResponsesRequest, conversation: list[dict]) -> ChatCompletionRequest:
+    """The request in a chat completion's terms."""
+    fields = {name: getattr(req, name) for name in SamplingFields.model_fields
+              if name in req.model_fields_set and name not in SENT_AS_IS}
+    system = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
+    return ChatCompletionRequest.model_validate({
+        **fields, "messages": system + conversation, "max_completion_tokens": req.max_output_tokens,
+        "logprobs": logprobs_asked(req), "top_logprobs": req.top_logprobs if logprobs_asked(req) else None,
+        "tools": chat_tools(req.tools), "tool_choice": chat_tool_choice(req.tool_choice),
+        "parallel_tool_calls": req.parallel_tool_calls, "response_format": response_format(req),
+        "chat_template_kwargs": req.chat_template_kwargs})
+
+
+def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Function tools, {'type': 'function', 'name', ...}, as chat's {'type': 'function', 'function': {...}}."""
+    if tools is None:
+        return None
+    functions = []
+    for i, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise ApiError(400, f"tools[{i}]: a tool of type {tool.get('type')!r}; this server calls functions "
+                                "only", f"tools[{i}].type", "unsupported")
+        functions.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
+    return functions
+
+
+def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def response_format(req: ResponsesRequest) -> dict | None:
+    """text.format as a chat request's response_format (vLLM's response_format is refused beside it)."""
+    form = (req.text or {}).get("format") or {"type": "text"}
+    if req.response_format is not None:
+        if form.get("type") != "text":
+            raise ApiError(400, "response_format: give text.format or response_format, not both", "response_format",
+                           "invalid_value")
+        return req.response_format.model_dump(exclude_none=True)
+    kind = form.get("type")
+    if kind == "json_schema":
+        if not isinstance(form.get("schema"), dict):
+            raise ApiError(400, "text.format.schema: a JSON schema (an object) is needed", "text.format.schema",
+                           "invalid_value")
+        return {"type": "json_schema", "json_schema": {k: form[k] for k in ("name", "schema", "strict") if k in form}}
+    if kind in ("text", "json_object"):
+        return None if kind == "text" else {"type": "json_object"}
+    raise ApiError(400, f"text.format.type: {kind!r} is none of text, json_object, json_schema", "text.format.type",
+                   "invalid_value")
+
+
+def fitted(chat: ChatCompletionRequest, req: ResponsesRequest, state: AppState, first: int) -> ChatCompletionRequest:
+    """With truncation "auto", the conversation without its oldest messages (from `first`, after the
+    instructions), as few left out as let the prompt and the bytes asked for fit in the context; the last
+    message always stays. A tool message whose call was left out goes with it."""
+    if req.truncation != "auto":
+        return chat
+    room = req.max_output_tokens if req.max_output_tokens is not None else max(req.min_tokens, 1)
+    messages = list(chat.messages)
+    while len(messages) - first > 1:
+        candidate = chat.model_copy(update={"messages": messages})
+        if len(conversation_prompt(candidate, state)) + room <= state.max_model_len - 1:
+            return candidate
+        del messages[first]
+        while len(messages) - first > 1 and messages[first].role == "tool":
+            del messages[first]
+    return chat.model_copy(update={"messages": messages})
+
+
+def stored(response_id: str, state: AppState) -> dict:
+    """GET /v1/responses/{id}: the response as it was answered, or a 404."""
+    return _kept(response_id, state).response
+
+
+def delete_stored(response_id: str, state: AppState) -> dict:
+    _kept(response_id, state)
+    state.responses.delete(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+def cancel_stored(response_id: str, state: AppState) -> dict:
+    _kept(response_id, state)
+    raise ApiError(400, "only background responses can be cancelled, and this one has finished", "response_id",
+                   "invalid_value")
+
+
+def _kept(response_id: str, state: AppState):
+    kept = state.responses.get(response_id) if state.responses is not None else None
+    if kept is None:
+        why = "" if state.responses is not None else " (this server keeps none: --enable-responses-api-store)"
+        raise ApiError(404, f"no response {response_id!r} is kept{why}", "response_id", "not_found")
+    return kept

@@ -1,0 +1,326 @@
+"""POST /v1/responses (server/responses.py, response_items.py, response_store.py): OpenAI's Responses API. Its
+input becomes the conversation a chat completion would render, so the same model gives the same bytes; the
+official client reads the answer, whole and streamed (its stream helper rebuilds the response from the events);
+tools, text formats, logprobs, the store and truncation; a 400 naming the field for what it cannot ask."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from openai import OpenAI
+from pydantic import BaseModel, Field
+from scripted import ScriptedEngine
+
+from blt_runtime import Engine, load_model
+from server.errors import ApiError
+from server.response_store import ResponseStore
+from server.responses import input_messages
+
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+            "{% for c in m.tool_calls or [] %}[call {{ c.id }} {{ c.function.name }} {{ c.function.arguments }}]"
+            "{% endfor %}{% if m.tool_call_id %}[for {{ m.tool_call_id }}]{% endif %}</{{ m.role }}>\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, who are you?"}]
+TOOLS = [{"type": "function", "name": "get_weather", "description": "the weather in a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+
+
+def sse(text: str) -> list[dict]:
+    """A Responses stream's events: each an `event:` line naming its type, then its data."""
+    events = []
+    for block in text.split("\n\n"):
+        if block:
+            head, data = block.split("\n", 1)
+            event = json.loads(data.removeprefix("data: "))
+            assert head == f"event: {event['type']}"
+            events.append(event)
+    return events
+
+
+def built(events: list[dict]) -> list[dict]:
+    """The output items the events build, as a client that reads only the deltas would."""
+    items: dict[int, dict] = {}
+    for e in events:
+        if e["type"] == "response.output_item.added":
+            items[e["output_index"]] = {**e["item"], "text": "", "arguments": e["item"].get("arguments", "")}
+        elif e["type"] == "response.output_text.delta":
+            items[e["output_index"]]["text"] += e["delta"]
+        elif e["type"] == "response.function_call_arguments.delta":
+            items[e["output_index"]]["arguments"] += e["delta"]
+    return [items[i] for i in sorted(items)]
+
+
+# ------------------------------------------------------------------------------------------- input
+def test_input_items_become_chat_messages():
+    assert input_messages("Hi") == [{"role": "user", "content": "Hi"}]
+    items = [{"role": "developer", "content": "Be brief."},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                             {"type": "input_text", "text": "b"}]},
+             {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Looking."}]},
+             {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+             {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "[]"},
+             {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+             {"type": "function_call", "call_id": "c3", "name": "f", "arguments": "{}"}]
+    assert input_messages(items) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": "Looking.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+            {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "[]"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c3", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
+
+
+@pytest.mark.parametrize("items, param, words", [
+    ([{"role": "robot", "content": "x"}], "input[0].role", "none of"),
+    ([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}], "input[0].content", "text parts"),
+    ([{"role": "user", "content": 7}], "input[0].content", "a string or a list"),
+    ([{"type": "function_call", "name": "f", "arguments": "{}"}], "input[0].call_id", "a string"),
+    ([{"role": "user", "content": "x"}, {"type": "reasoning", "summary": []}], "input[1].type", "'reasoning'"),
+])
+def test_input_items_this_server_cannot_read(items, param, words):
+    with pytest.raises(ApiError) as e:
+        input_messages(items)
+    assert e.value.param == param and words in e.value.message and e.value.status == 400
+
+
+def test_the_store_forgets_the_oldest_past_its_budget():
+    store = ResponseStore(budget=3000)
+    for i in range(10):
+        store.put({"id": f"r{i}", "text": "x" * 500}, [{"role": "user", "content": "y" * 100}])
+    assert 3 <= len(store) < 10 and store.get("r9") is not None and store.get("r0") is None
+    assert store.delete("r9") and store.get("r9") is None and not store.delete("r9")
+
+
+# ------------------------------------------------------------------------------------------- over HTTP
+@pytest.fixture(scope="module")
+def model(tiny):
+    return load_model(tiny)
+
+
+@pytest.fixture
+def url(serve, model):
+    url, _ = serve(Engine(model, max_batch_size=4, max_model_len=400), chat_template=TEMPLATE,
+                   enable_responses_api_store=True)
+    return url
+
+
+def test_a_response_is_the_chat_completion_of_its_conversation(url):
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=60, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    kw = dict(model="tiny", instructions="Be brief.", input="Hello, who are you?", max_output_tokens=60,
+              temperature=0, top_logprobs=2, include=["message.output_text.logprobs"])
+    r = client.responses.create(**kw)
+    assert r.object == "response" and r.id.startswith("resp_") and r.model == "tiny"
+    assert r.output_text == chat.choices[0].message.content and len(r.output) == 1
+    message = r.output[0]
+    assert message.type == "message" and message.role == "assistant" and message.id.startswith("msg_")
+    length = chat.choices[0].finish_reason == "length"
+    assert r.status == ("incomplete" if length else "completed") == message.status
+    assert (r.incomplete_details.reason if length else r.incomplete_details) == ("max_output_tokens" if length
+                                                                                else None)
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    entries = message.content[0].logprobs
+    assert [e.token for e in entries] == [e.token for e in chat.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in chat.choices[0].logprobs.content],
+                                                         abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in entries)
+    assert r.instructions == "Be brief." and r.max_output_tokens == 60 and r.temperature == 0 and r.store
+
+    with httpx.Client(timeout=120) as c:  # the stream: numbered events that build the same output
+        body = {**kw, "stream": True}
+        with c.stream("POST", f"{url}/v1/responses", json=body) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            events = sse(s.read().decode())
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events[:4]] == ["response.created", "response.in_progress",
+                                               "response.output_item.added", "response.content_part.added"]
+    assert events[0]["response"]["status"] == "in_progress" and events[0]["response"]["output"] == []
+    assert [e["type"] for e in events[-4:]] == ["response.output_text.done", "response.content_part.done",
+                                                "response.output_item.done", f"response.{r.status}"]
+    (item,) = built(events)
+    final = events[-1]["response"]
+    assert item["text"] == r.output_text == final["output"][0]["content"][0]["text"] == events[-4]["text"]
+    assert [e["token"] for e in final["output"][0]["content"][0]["logprobs"]] == [e.token for e in entries]
+    assert final["usage"]["output_tokens"] == r.usage.output_tokens and final["id"] != r.id
+
+
+def test_the_client_stream_helper_and_parse(url):
+    """The official client's helpers: stream() rebuilds the response from the events (it checks their
+    indices), parse() reads text.format's JSON into a pydantic model."""
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    kw = dict(model="tiny", input="Yes or no?", max_output_tokens=40, extra_body={"guided_choice": ["yes", "no"]})
+    with client.responses.stream(**kw) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text in ("yes", "no") and "".join(deltas) == final.output_text
+
+    class City(BaseModel):  # short: a random model's string runs on as long as it may
+        name: str = Field(max_length=8)
+        population: int = Field(ge=0, le=10**6)
+
+    out = client.responses.parse(model="tiny", input="A city?", text_format=City, max_output_tokens=200,
+                                  extra_body={"seed": 3})
+    assert isinstance(out.output_parsed, City), out.output_text
+    assert out.text.format.type == "json_schema"
+
+
+def test_function_calls(url):
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    for choice in ("required", {"type": "function", "name": "get_weather"}):
+        r = client.responses.create(model="tiny", input="Weather in Köln?", tools=TOOLS, tool_choice=choice,
+                                    max_output_tokens=200, extra_body={"seed": 1})
+        calls = [o for o in r.output if o.type == "function_call"]
+        assert calls and calls[0].name == "get_weather" and calls[0].id.startswith("fc_") and calls[0].call_id
+        if r.status == "completed":
+            assert isinstance(json.loads(calls[0].arguments)["city"], str)
+        assert r.tool_choice in ("required", choice) or r.tool_choice.name == "get_weather"
+    with httpx.Client(timeout=120) as c:
+        body = {"input": "Weather in Köln?", "tools": TOOLS, "tool_choice": "required", "max_output_tokens": 200,
+                "seed": 1, "stream": True}
+        with c.stream("POST", f"{url}/v1/responses", json=body) as s:
+            events = sse(s.read().decode())
+        whole = c.post(f"{url}/v1/responses", json={**body, "stream": False}).json()
+    items = built(events)
+    assert [(i["name"], i["arguments"]) for i in items] == [(o["name"], o["arguments"]) for o in whole["output"]]
+    assert [e["arguments"] for e in events if e["type"] == "response.function_call_arguments.done"] == [
+        o["arguments"] for o in whole["output"]]
+
+
+def test_the_store_and_previous_response_id(url):
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    first = client.responses.create(model="tiny", instructions="Be brief.", input="Hello", max_output_tokens=20,
+                                    temperature=0)
+    assert client.responses.retrieve(first.id).model_dump() == first.model_dump()
+    second = client.responses.create(model="tiny", input="And then?", previous_response_id=first.id,
+                                     max_output_tokens=20, temperature=0)
+    assert second.previous_response_id == first.id
+    # the same bytes as the chat completion of the whole conversation (the first instructions not carried over)
+    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "And then?"}]
+    chat = client.chat.completions.create(model="tiny", messages=history, max_tokens=20, temperature=0)
+    assert second.output_text == chat.choices[0].message.content
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    unstored = client.responses.create(model="tiny", input="Hello", max_output_tokens=5, store=False)
+    assert not unstored.store
+    with httpx.Client(timeout=60) as c:
+        assert c.get(f"{url}/v1/responses/{unstored.id}").status_code == 404
+        cancel = c.post(f"{url}/v1/responses/{first.id}/cancel")
+        assert cancel.status_code == 400 and "background" in cancel.json()["error"]["message"]
+        gone = c.delete(f"{url}/v1/responses/{first.id}")
+        assert gone.json() == {"id": first.id, "object": "response", "deleted": True}
+        assert c.get(f"{url}/v1/responses/{first.id}").status_code == 404
+        r = c.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": first.id})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found"
+
+
+def test_tool_outputs_reach_the_template(url):
+    """A function_call and its output, sent back as input, are the assistant's call and a tool message."""
+    with httpx.Client(timeout=60) as c:
+        items = [{"role": "user", "content": "Weather?"},
+                 {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+                 {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
+        r = c.post(f"{url}/v1/responses", json={"input": items, "tools": TOOLS, "tool_choice": "none",
+                                                "max_output_tokens": 1})
+        rendered = ('<user>Weather?</user>\n<assistant>[call c1 get_weather {"city": "Oslo"}]</assistant>\n'
+                    '<tool>sunny[for c1]</tool>\n<assistant>')
+        assert r.status_code == 200 and r.json()["usage"]["input_tokens"] == len(rendered.encode())
+        tokenized = c.post(f"{url}/tokenize", json={"prompt": rendered}).json()
+        assert tokenized["count"] == len(rendered.encode())
+
+
+def test_truncation_auto_leaves_out_the_oldest_messages(url):
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "x" * 40} for i in range(9)]
+    with httpx.Client(timeout=60) as c:
+        body = {"input": turns, "instructions": "Be brief.", "max_output_tokens": 30, "temperature": 0}
+        refused = c.post(f"{url}/v1/responses", json=body)
+        assert refused.status_code == 400 and "context" in refused.json()["error"]["message"]
+        r = c.post(f"{url}/v1/responses", json={**body, "truncation": "auto"}).json()
+        assert r["truncation"] == "auto" and r["usage"]["input_tokens"] + 30 <= 400 - 1
+        # as few as needed left out: the instructions and the newest turns whose rendering fits
+        kept = next(k for k in range(len(turns), 0, -1)
+                    if len(render(turns[-k:])) + 30 <= 400 - 1)
+        assert r["usage"]["input_tokens"] == len(render(turns[-kept:]))
+
+
+def render(turns: list[dict]) -> bytes:
+    messages = [{"role": "system", "content": "Be brief."}] + turns
+    return ("".join(f"<{m['role']}>{m['content']}</{m['role']}>\n" for m in messages) + "<assistant>").encode()
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"background": True}, "background", "not served"),
+    ({"n": 2}, "n", "one output"),
+    ({"return_patches": True}, "return_patches", "/v1/completions"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type", "functions only"),
+    ({"tools": TOOLS}, "tool_choice", "--enable-auto-tool-choice"),
+    ({"tools": TOOLS, "tool_choice": "none", "include": ["message.output_text.logprobs"]}, "include", "not with"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format.type", "none of"),
+    ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", "is needed"),
+    ({"text": {"format": {"type": "json_object"}}, "response_format": {"type": "json_object"}}, "response_format",
+     "not both"),
+    ({"previous_response_id": "resp_nothing"}, "previous_response_id", "no response"),
+    ({"max_output_tokens": 400}, "max_output_tokens", "prompt (27 bytes) + max_output_tokens (400) exceeds"),
+    ({"input": "x" * 500}, "input", "context"),
+    ({"input": []}, "input", "at least one item"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer", "multipleOf": 3}}}},
+     "text.format", "multipleOf"),
+    ({"top_logprobs": 21}, "top_logprobs", "less than or equal"),
+    ({"model": "other"}, "model", "does not exist"),
+])
+def test_what_a_response_request_cannot_ask(url, body, param, words):
+    r = httpx.post(f"{url}/v1/responses", json={"input": "Hi", **body}, timeout=60)
+    error = r.json()["error"]
+    assert r.status_code == (404 if param == "model" else 400), r.text
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_without_the_store_nothing_is_kept(serve):
+    url, _ = serve(ScriptedEngine({}, default=b"ok"), chat_template=TEMPLATE)
+    with httpx.Client(timeout=60) as c:
+        r = c.post(f"{url}/v1/responses", json={"input": "Hi"}).json()
+        assert r["store"] is False and r["output"][0]["content"][0]["text"] == "ok" and r["status"] == "completed"
+        missing = c.get(f"{url}/v1/responses/{r['id']}")
+        assert missing.status_code == 404 and "--enable-responses-api-store" in missing.json()["error"]["message"]
+        again = c.post(f"{url}/v1/responses", json={"input": "Hi", "previous_response_id": r["id"]})
+        assert again.status_code == 400 and "--enable-responses-api-store" in again.json()["error"]["message"]
+
+
+HERMES = ('I will look it up.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Köln"}}\n</tool_call>\n'
+          'Then <tool_call>\n{"arguments": {"city": "Oslo"}, "name": "get_weather"}\n</tool_call>\n').encode()
+
+
+def test_auto_calls_after_text_and_a_stream_that_fails(serve):
+    """The model's own text and calls (--tool-call-parser hermes): a message item, then the calls, whole and
+    streamed; an engine step that raises ends a stream with response.failed."""
+    prompt = b"<user>Weather?</user>\n<assistant>"
+    engine = ScriptedEngine({prompt: HERMES}, default=b"x" * 500)
+    url, _ = serve(engine, chat_template=TEMPLATE, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    with httpx.Client(timeout=60) as c:
+        body = {"input": "Weather?", "tools": TOOLS, "max_output_tokens": 500}
+        whole = c.post(f"{url}/v1/responses", json=body).json()
+        with c.stream("POST", f"{url}/v1/responses", json={**body, "stream": True}) as s:
+            events = sse(s.read().decode())
+    assert [o["type"] for o in whole["output"]] == ["message", "function_call", "function_call"]
+    # the whitespace after a call is the message's where text follows it
+    assert whole["output"][0]["content"][0]["text"] == "I will look it up.\n\nThen "
+    assert [(o["name"], o["arguments"]) for o in whole["output"][1:]] == [
+        ("get_weather", '{"city": "Köln"}'), ("get_weather", '{"city": "Oslo"}')]
+    items = built(events)
+    assert [i["type"] for i in items] == ["message", "function_call", "function_call"]
+    assert items[0]["text"] == whole["output"][0]["content"][0]["text"]
+    assert [i["arguments"] for i in items[1:]] == [o["arguments"] for o in whole["output"][1:]]
+    assert events[-1]["type"] == "response.completed"
+
+    engine.fail_at(5)
+    with httpx.Client(timeout=60) as c, c.stream("POST", f"{url}/v1/responses",
+                                                 json={"input": "other", "stream": True}) as s:
+        events = sse(s.read().decode())
+    assert events[-1]["type"] == "response.failed"
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "internal_error"
+    assert "Traceback" not in failed["error"]["message"]
