@@ -1,9 +1,9 @@
 """ASGI middleware in front of every route: API keys and the request-body size limit.
 
 Pure ASGI (no BaseHTTPMiddleware) so streaming responses and disconnects pass through untouched.
-Keys are compared in constant time; /health and the playground page (/) are always open, /metrics
-when asked. The body is read
-in full before the app sees it; past the limit the answer is 413 without reading the rest.
+Keys are compared in constant time; /health (and /ping) and the playground page (/) are always open, /metrics
+when asked. The body is read in full before the app sees it; past the limit the answer is 413 without reading
+the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 
 from .errors import error_body
 
-OPEN_PATHS = ("/health", "/")  # the playground page holds no data; its requests send the key
+OPEN_PATHS = ("/health", "/ping", "/")  # the playground page holds no data; its requests send the key
 
 
 async def _send_error(send, status: int, message: str, code: str, headers=()) -> None:

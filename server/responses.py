@@ -263,6 +263,8 @@ def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any
 def response_format(req: ResponsesRequest) -> dict | None:
     """text.format as a chat request's response_format (vLLM's response_format is refused beside it)."""
     form = (req.text or {}).get("format") or {"type": "text"}
+    if not isinstance(form, dict):
+        raise ApiError(400, "text.format: an object with a type is needed", "text.format", "invalid_value")
     if req.response_format is not None:
         if form.get("type") != "text":
             raise ApiError(400, "response_format: give text.format or response_format, not both", "response_format",

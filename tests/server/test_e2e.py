@@ -148,6 +148,7 @@ def test_max_tokens_left_out_gives_way_to_the_context(server):
 
 def test_models_patches_and_health(server, tiny):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # open without a key
+    assert httpx.get(f"{server.url}/ping").json() == httpx.post(f"{server.url}/ping").json() == {"status": "ok"}
     card = httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"][0]
     assert card["id"] == "tiny" and card["object"] == "model" and card["max_model_len"] == 512
     assert card["blt"]["parameters"] > 0 and card["blt"]["global_layers"] == 2
@@ -258,7 +259,7 @@ def test_sigterm_drains_running_streams(tiny):
     time.sleep(0.3)
     refused = httpx.post(f"{proc.url}/v1/completions", json={"prompt": "late"}, timeout=10)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
-    assert httpx.get(f"{proc.url}/health").status_code == 503
+    assert httpx.get(f"{proc.url}/health").status_code == 503 == httpx.get(f"{proc.url}/ping").status_code
     for t in threads:
         t.join(60)
     assert proc.proc.wait(30) == 0, "".join(proc.lines)

@@ -260,6 +260,7 @@ def render(turns: list[dict]) -> bytes:
     ({"tools": TOOLS}, "tool_choice", "--enable-auto-tool-choice"),
     ({"tools": TOOLS, "tool_choice": "none", "include": ["message.output_text.logprobs"]}, "include", "not with"),
     ({"text": {"format": {"type": "xml"}}}, "text.format.type", "none of"),
+    ({"text": {"format": "json"}}, "text.format", "an object"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", "is needed"),
     ({"text": {"format": {"type": "json_object"}}, "response_format": {"type": "json_object"}}, "response_format",
      "not both"),
