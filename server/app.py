@@ -212,7 +212,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
-    @app.api_route("/ping", methods=["GET", "POST"], responses={503: {"model": ErrorResponse}})
+    @app.api_route("/ping", methods=["GET", "POST"], include_in_schema=False)
     async def health(state: State):  # /ping: vLLM's name for it (SageMaker's health check)
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
