@@ -1,7 +1,7 @@
 """The FastAPI app: `create_app(settings, engine=None)` wires routes, middleware, errors and the worker.
 
-Thin on purpose: each route hands its work to completions.py, chat.py, responses.py, patches.py or
-tokenizing.py.
+Thin on purpose: each route hands its work to completions.py, chat.py, responses.py, invocations.py,
+patches.py or tokenizing.py.
 With no engine given, the model named by the settings is loaded (bad weights fail here, before
 serving; a bad chat template or generation config before that). The lifespan warms the engine up,
 starts its worker thread, and stops it at the end.
@@ -16,9 +16,9 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -30,6 +30,7 @@ from .chat import create_chat_completion
 from .chat_template import find_chat_template
 from .completions import create_completion
 from .generation_defaults import load_generation_defaults
+from .invocations import invoke
 from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from .patches import model_card, patches
@@ -258,6 +259,10 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     @app.post("/v1/responses/{response_id}/cancel", responses=ERRORS)
     async def cancel_response(response_id: str, state: State):
         return cancel_stored(response_id, state)
+
+    @app.post("/invocations", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+    async def invocations(body: Annotated[Any, Body()], request: Request, state: State):
+        return await invoke(body, request, state)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize_route(req: TokenizeRequest, state: State):

@@ -270,10 +270,11 @@ def test_sigterm_drains_running_streams(tiny):
 
 @pytest.fixture(scope="module")
 def fuzzed(tiny):
-    """A server with a short context, so that fuzzed requests stay small (bounded run time), and a chat
-    template, so that fuzzed conversations are rendered."""
+    """A server with a short context, so that fuzzed requests stay small (bounded run time), a chat template,
+    so that fuzzed conversations are rendered, and the responses' store."""
     proc = Process(tiny, "--api-key", KEY, "--max-model-len", "48", "--max-batch-size", "16", "--chat-template",
-                   "{% for m in messages %}{{ m.role }}: {{ m.content }}{{ m.name or '' }}\n{% endfor %}> ")
+                   "{% for m in messages %}{{ m.role }}: {{ m.content }}{{ m.name or '' }}\n{% endfor %}> ",
+                   "--enable-responses-api-store")
     yield proc
     proc.stop()
 
