@@ -116,8 +116,9 @@ class ResponseChoiceState(ChatChoiceState):
     items: OutputItems
 
     def delta(self, new: int) -> list[dict]:  # type: ignore[override]
-        """The events of the `new` latest pieces, and at the end, the items' last events."""
-        events = [e for piece, _ in (self.pieces[-new:] if new else []) for e in self._feed(piece)]
+        """The events of the `new` latest pieces (one delta where pieces that came together add to one item),
+        and at the end, the items' last events."""
+        events = merged([e for piece, _ in (self.pieces[-new:] if new else []) for e in self._feed(piece)])
         if self.done:
             events += self.items.finish(self.finish_reason)
         if self.streamed:
@@ -133,3 +134,22 @@ class ResponseChoiceState(ChatChoiceState):
 
     def _feed(self, piece) -> list[dict]:
         return self.items.feed(piece.text, chat_logprobs([(piece, 0)])["content"] if self.want_logprobs else None)
+
+
+DELTAS = ("response.output_text.delta", "response.function_call_arguments.delta")
+
+
+def merged(events: list[dict]) -> list[dict]:
+    """Events with each run of deltas to the same item as one (a client that falls behind gets fewer, larger
+    events, as a completion's stream gives them)."""
+    out: list[dict] = []
+    for event in events:
+        last = out[-1] if out else None
+        if last is not None and event["type"] in DELTAS and last["type"] == event["type"] and \
+                last["item_id"] == event["item_id"]:
+            last["delta"] += event["delta"]
+            if "logprobs" in event:
+                last["logprobs"] = last["logprobs"] + event["logprobs"]
+        else:
+            out.append(event)
+    return out

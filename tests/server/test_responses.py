@@ -15,8 +15,10 @@ from scripted import ScriptedEngine
 
 from blt_runtime import Engine, load_model
 from server.errors import ApiError
+from server.response_items import DELTAS, OutputItems, merged
 from server.response_store import ResponseStore
 from server.responses import input_messages
+from server.tool_parser import HermesCalls
 
 TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}"
             "{% for c in m.tool_calls or [] %}[call {{ c.id }} {{ c.function.name }} {{ c.function.arguments }}]"
@@ -92,6 +94,23 @@ def test_the_store_forgets_the_oldest_past_its_budget():
         store.put({"id": f"r{i}", "text": "x" * 500}, [{"role": "user", "content": "y" * 100}])
     assert 3 <= len(store) < 10 and store.get("r9") is not None and store.get("r0") is None
     assert store.delete("r9") and store.get("r9") is None and not store.delete("r9")
+
+
+def test_deltas_that_come_together_are_one_event():
+    """Pieces released together (a client that fell behind) make one delta per run of the same item: the same
+    items, fewer events."""
+    text = HERMES.decode()
+    one_by_one, together = OutputItems(HermesCalls()), OutputItems(HermesCalls())
+    singly = [e for c in text for e in one_by_one.feed(c)] + one_by_one.finish("stop")
+    at_once = merged([e for c in text for e in together.feed(c)]) + together.finish("stop")
+
+    def without_ids(events):
+        return [{k: v for k, v in i.items() if k not in ("id", "call_id")} for i in built(events)]
+
+    assert without_ids(at_once) == without_ids(singly) and len(built(singly)) == 3
+    kinds = [e["type"] for e in at_once if e["type"] in DELTAS]
+    # the message's text before the first call, the calls' arguments, then "Then " (the message again)
+    assert kinds == [DELTAS[0], DELTAS[1], DELTAS[0], DELTAS[1]] and len(singly) > 3 * len(at_once)
 
 
 # ------------------------------------------------------------------------------------------- over HTTP
