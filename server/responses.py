@@ -146,9 +146,10 @@ def check_asked(req: ResponsesRequest) -> None:
     if req.return_patches:
         raise ApiError(400, "return_patches: a response's output has no place for them; ask /v1/completions or "
                             "/v1/chat/completions", "return_patches", "unsupported")
-    if req.tools and logprobs_asked(req):
-        raise ApiError(400, "include: logprobs are given for a message's text only, not with tools (a call's bytes "
-                            "are not the message's)", "include", "unsupported")
+    if req.tools and req.tool_choice != "none" and logprobs_asked(req):
+        raise ApiError(400, "include: logprobs are given for a message's text only, not where tools may be called "
+                            "(a call's bytes are not the message's); tool_choice 'none' allows them",
+                       "include", "unsupported")
 
 
 def logprobs_asked(req: ResponsesRequest) -> bool:

@@ -244,10 +244,12 @@ def test_tool_outputs_reach_the_template(url):
                  {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
                  {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]
         r = c.post(f"{url}/v1/responses", json={"input": items, "tools": TOOLS, "tool_choice": "none",
-                                                "max_output_tokens": 1})
+                                                "max_output_tokens": 1, "top_logprobs": 1, "ignore_eos": True})
         rendered = ('<user>Weather?</user>\n<assistant>[call c1 get_weather {"city": "Oslo"}]</assistant>\n'
                     '<tool>sunny[for c1]</tool>\n<assistant>')
         assert r.status_code == 200 and r.json()["usage"]["input_tokens"] == len(rendered.encode())
+        # tool_choice none: no calls to read, so logprobs are given (a byte each; up to 3 more end a character)
+        assert len(r.json()["output"][0]["content"][0]["logprobs"]) == r.json()["usage"]["output_tokens"]
         tokenized = c.post(f"{url}/tokenize", json={"prompt": rendered}).json()
         assert tokenized["count"] == len(rendered.encode())
 
@@ -277,7 +279,8 @@ def render(turns: list[dict]) -> bytes:
     ({"return_patches": True}, "return_patches", "/v1/completions"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type", "functions only"),
     ({"tools": TOOLS}, "tool_choice", "--enable-auto-tool-choice"),
-    ({"tools": TOOLS, "tool_choice": "none", "include": ["message.output_text.logprobs"]}, "include", "not with"),
+    ({"tools": TOOLS, "tool_choice": "required", "include": ["message.output_text.logprobs"]}, "include",
+     "where tools may be called"),
     ({"text": {"format": {"type": "xml"}}}, "text.format.type", "none of"),
     ({"text": {"format": "json"}}, "text.format", "an object"),
     ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", "is needed"),
