@@ -254,11 +254,11 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     @app.delete("/v1/responses/{response_id}", responses=ERRORS)
     async def delete_response(response_id: str, state: State):
-        return delete_stored(response_id, state)
+        return await delete_stored(response_id, state)
 
     @app.post("/v1/responses/{response_id}/cancel", responses=ERRORS)
     async def cancel_response(response_id: str, state: State):
-        return cancel_stored(response_id, state)
+        return await cancel_stored(response_id, state)
 
     @app.post("/invocations", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
     async def invocations(body: Annotated[Any, Body()], request: Request, state: State):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 BUDGET = 64 << 20
 
@@ -27,6 +28,7 @@ class ResponseStore:
         self.budget = budget
         self._kept: OrderedDict[str, Stored] = OrderedDict()
         self._size = 0
+        self.running: dict[str, Any] = {}  # background responses still generating: id -> their completion
 
     def put(self, response: dict, conversation: list[dict]) -> None:
         size = len(json.dumps(response, ensure_ascii=False)) + len(json.dumps(conversation, ensure_ascii=False))

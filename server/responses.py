@@ -7,25 +7,32 @@ functions, tool_choice and text.format become the chat request's tools, tool_cho
 answer is a response object whose output items (response_items.py) are read from the text; a stream is the
 Responses API's typed events (`event:` and `data:` lines, numbered), from response.created to
 response.completed, response.incomplete (max_output_tokens) or response.failed. With
---enable-responses-api-store, finished responses are kept (response_store.py); otherwise `store` is false in
-every answer and nothing is kept, as vLLM does. Not served: background responses, reasoning, built-in tools
-(web search, files, MCP), input other than text.
+--enable-responses-api-store, finished responses are kept (response_store.py), and a background response is
+answered at once (queued) and generated with no client waiting, until GET finds it finished or cancel stops it;
+without the store, `store` is false in every answer and nothing is kept, as vLLM does. Not served: background
+streams, reasoning, built-in tools (web search, files, MCP), input other than text.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from .chat import ChatCompletion, chat_job, conversation_prompt
 from .completions import admit, client_request_id, respond
 from .errors import ApiError
+from .keepalive import TICK
 from .response_items import OutputItems, ResponseChoiceState
 from .schemas import ChatCompletionRequest, ResponsesRequest, SamplingFields
 from .state import AppState
+from .worker import Failure
 
+log = logging.getLogger("blt.server")
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
 LOGPROBS = "message.output_text.logprobs"
@@ -43,6 +50,8 @@ class ResponseCompletion(ChatCompletion):
         (self.choice,) = self.choices.values()
         self.choice.items = OutputItems(self.choice.calls)
         self.asked, self.conversation, self.sequence = asked, conversation, 0
+        self.started = self.cancelled = False  # (background: the first output came; cancel was asked)
+        self.task: asyncio.Task | None = None  # background: the task that reads the outputs
 
     def event(self, event: dict) -> str:
         event = {"type": event["type"], "sequence_number": self.sequence, **event}
@@ -70,13 +79,48 @@ class ResponseCompletion(ChatCompletion):
         self.choice.whole()
         return self.finished()
 
-    def finished(self) -> dict:
+    def finished(self, status: str | None = None) -> dict:
         """The response once its text ended (kept where the store is on and the request asked)."""
-        done = self.response("incomplete" if self.choice.finish_reason == "length" else "completed")
+        done = self.response(status or ("incomplete" if self.choice.finish_reason == "length" else "completed"))
         store = self.state.responses
         if store is not None and self.asked.store:
             store.put(done, self.conversation + [self.choice.items.message()])
         return done
+
+    # ------------------------------------------------------------------ background
+    async def detached(self) -> None:
+        """A background response: its outputs read with no client waiting, the store saying how it stands
+        (queued, in_progress, then completed, incomplete, cancelled or failed)."""
+        store = self.state.responses
+        try:
+            while self.unfinished:
+                item = await self.queue.get()
+                if isinstance(item, Failure):
+                    detail = self._fail(item)["error"]
+                    store.put(self.response("failed", {"code": detail.get("code") or "server_error",
+                                                       "message": detail["message"]}), self.conversation)
+                    return
+                if item is not TICK:
+                    if not self.started:
+                        self.started = True
+                        store.put(self.response("in_progress"), self.conversation)
+                    self._take(item)
+            self.choice.whole()
+            self.finished("cancelled" if self.cancelled else None)
+        except Exception:  # nobody waits to be told: logged, and kept as failed
+            log.exception("background response %s failed", self.id)
+            store.put(self.response("failed", {"code": "server_error", "message": "internal server error"}),
+                      self.conversation)
+        finally:
+            store.running.pop(self.id, None)
+
+    async def cancel(self) -> dict:
+        """Stop a background response where it is: its text so far, status cancelled."""
+        self.cancelled = True
+        if self.unfinished:
+            self.state.worker.abort(self.unfinished)
+        await asyncio.shield(self.task)
+        return self.state.responses.get(self.id).response
 
     def sampled(self, name: str) -> float | None:
         """The value a sampling field had: the request's, else the model's default, else the API's."""
@@ -87,7 +131,7 @@ class ResponseCompletion(ChatCompletion):
 
     def response(self, status: str, error: dict | None = None) -> dict:
         asked = self.asked
-        usage = self.usage() if status in ("completed", "incomplete") else None
+        usage = self.usage() if status in ("completed", "incomplete", "cancelled") else None
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
             "output": self.choice.items.items, "error": error,
@@ -98,7 +142,8 @@ class ResponseCompletion(ChatCompletion):
             "top_p": self.sampled("top_p"), "top_logprobs": asked.top_logprobs, "tools": asked.tools or [],
             "tool_choice": asked.tool_choice if asked.tool_choice is not None else "auto" if asked.tools else "none",
             "text": asked.text or {"format": {"type": "text"}}, "truncation": asked.truncation or "disabled",
-            "store": self.state.responses is not None and asked.store, "background": False, "reasoning": None,
+            "store": self.state.responses is not None and asked.store, "background": asked.background,
+            "reasoning": None,
             "user": asked.user, "usage": usage and {
                 "input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
                 "total_tokens": usage["total_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
@@ -109,7 +154,7 @@ class ResponseCompletion(ChatCompletion):
 
 async def create_response(req: ResponsesRequest, request: Request, state: AppState):
     admit(req, state, "responses")
-    check_asked(req)
+    check_asked(req, state)
     earlier = previous_conversation(req, state)
     conversation = earlier + input_messages(req.input)
     first = int(req.instructions is not None)  # the conversation's first message after the instructions
@@ -118,10 +163,17 @@ async def create_response(req: ResponsesRequest, request: Request, state: AppSta
         job = await chat_job(chat, state)
     except ApiError as e:  # named as this request names the field
         raise renamed(e, req) from None
-    return await respond(ResponseCompletion(job.completion, state, [job.prompt], job.params, client_request_id(request),
-                                            calls=job.calls, asked=req,
-                                            conversation=[m.model_dump(exclude_none=True)
-                                                          for m in chat.messages[first:]]), request)
+    completion = ResponseCompletion(job.completion, state, [job.prompt], job.params, client_request_id(request),
+                                    calls=job.calls, asked=req,
+                                    conversation=[m.model_dump(exclude_none=True) for m in chat.messages[first:]])
+    if not req.background:
+        return await respond(completion, request)
+    await completion.submit()
+    queued = completion.response("queued")
+    state.responses.put(queued, completion.conversation)
+    state.responses.running[completion.id] = completion
+    completion.task = asyncio.create_task(completion.detached())
+    return JSONResponse(queued, headers={"X-Request-Id": completion.request_id})
 
 
 def renamed(e: ApiError, req: ResponsesRequest) -> ApiError:
@@ -135,11 +187,14 @@ def renamed(e: ApiError, req: ResponsesRequest) -> ApiError:
     return ApiError(e.status, e.message.replace(old, names[old]), names[old] + e.param[len(old):], e.code, e.headers)
 
 
-def check_asked(req: ResponsesRequest) -> None:
+def check_asked(req: ResponsesRequest, state: AppState) -> None:
     """What the Responses API cannot ask of this server: a 400 naming the field."""
-    if req.background:
-        raise ApiError(400, "background: this server answers a response while the request waits (or streams it); "
-                            "background responses are not served", "background", "unsupported")
+    if req.background and (state.responses is None or not req.store):
+        raise ApiError(400, "background: a background response is kept until it is fetched: it needs store true, "
+                            "on a server started with --enable-responses-api-store", "background", "invalid_value")
+    if req.background and req.stream:
+        raise ApiError(400, "stream: a background response is not streamed here; fetch it with GET "
+                            "/v1/responses/{id}", "stream", "unsupported")
     if req.n != 1:
         raise ApiError(400, "n: a response has one output; ask for several with /v1/chat/completions", "n",
                        "invalid_value")
@@ -165,6 +220,9 @@ def previous_conversation(req: ResponsesRequest, state: AppState) -> list[dict]:
                             "--enable-responses-api-store, or send the whole conversation as input",
                        "previous_response_id", "unsupported")
     stored = state.responses.get(req.previous_response_id)
+    if req.previous_response_id in state.responses.running:
+        raise ApiError(400, f"previous_response_id: the background response {req.previous_response_id!r} is still "
+                            "generating; continue it once it has finished", "previous_response_id", "invalid_value")
     if stored is None:
         raise ApiError(400, f"previous_response_id: no response {req.previous_response_id!r} is kept (never "
                             "stored, deleted, or forgotten for the store's budget)", "previous_response_id",
@@ -306,16 +364,24 @@ def stored(response_id: str, state: AppState) -> dict:
     return _kept(response_id, state).response
 
 
-def delete_stored(response_id: str, state: AppState) -> dict:
+async def delete_stored(response_id: str, state: AppState) -> dict:
+    """DELETE /v1/responses/{id}: forgotten (a background response still generating is cancelled first)."""
     _kept(response_id, state)
+    running = state.responses.running.get(response_id)
+    if running is not None:
+        await running.cancel()
     state.responses.delete(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
-def cancel_stored(response_id: str, state: AppState) -> dict:
+async def cancel_stored(response_id: str, state: AppState) -> dict:
+    """POST /v1/responses/{id}/cancel: a background response still generating stops; its response, cancelled."""
     _kept(response_id, state)
-    raise ApiError(400, "only background responses can be cancelled, and this one has finished", "response_id",
-                   "invalid_value")
+    running = state.responses.running.get(response_id)
+    if running is None:
+        raise ApiError(400, "only a background response still generating can be cancelled; this one has finished",
+                       "response_id", "invalid_value")
+    return await running.cancel()
 
 
 def _kept(response_id: str, state: AppState):

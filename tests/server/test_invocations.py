@@ -39,7 +39,7 @@ def test_the_body_says_which_route_answers(url):
     ([1, 2], None, "a JSON object"),
     ({"prompt": 5}, "prompt", "prompt"),
     ({"messages": [], "max_tokens": 3}, "messages", "at least 1"),
-    ({"input": "Hi", "background": True}, "background", "not served"),
+    ({"input": "Hi", "background": True}, "background", "--enable-responses-api-store"),
 ])
 def test_a_body_no_route_takes_is_a_400(url, body, param, words):
     r = httpx.post(f"{url}/invocations", json=body, timeout=60)

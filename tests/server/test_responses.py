@@ -12,6 +12,7 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
 from scripted import ScriptedEngine
+from serverkit import wait_until
 
 from blt_runtime import Engine, load_model
 from server.errors import ApiError
@@ -274,7 +275,8 @@ def render(turns: list[dict]) -> bytes:
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"background": True}, "background", "not served"),
+    ({"background": True, "store": False}, "background", "needs store true"),
+    ({"background": True, "stream": True}, "stream", "not streamed here"),
     ({"n": 2}, "n", "one output"),
     ({"return_patches": True}, "return_patches", "/v1/completions"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type", "functions only"),
@@ -300,6 +302,45 @@ def test_what_a_response_request_cannot_ask(url, body, param, words):
     error = r.json()["error"]
     assert r.status_code == (404 if param == "model" else 400), r.text
     assert error["param"] == param and words in error["message"], error
+
+
+def test_background_responses(serve):
+    """Answered at once (queued), generated with no client waiting; GET finds them in progress, then finished;
+    cancel stops one where it is; DELETE of a running one cancels it first."""
+    engine = ScriptedEngine({b"<user>Hi</user>\n<assistant>": b"Hello there."}, default=b"x" * 5000,
+                            step_delay=0.002)
+    url, state = serve(engine, chat_template=TEMPLATE, enable_responses_api_store=True)
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    queued = client.responses.create(model="tiny", input="Hi", background=True)
+    assert queued.status == "queued" and queued.background and queued.output == []
+    assert wait_until_done(client, queued.id).output_text == "Hello there."
+    assert client.responses.create(model="tiny", input="Hi").output_text == "Hello there."  # as in the foreground
+
+    engine.paused.set()  # the long one holds still: queued until its first byte
+    long = client.responses.create(model="tiny", input="Go on", background=True, max_output_tokens=4000)
+    assert client.responses.retrieve(long.id).status == "queued"
+    with httpx.Client(timeout=60) as c:
+        r = c.post(f"{url}/v1/responses", json={"input": "x", "previous_response_id": long.id})
+        assert r.status_code == 400 and "still generating" in r.json()["error"]["message"]
+    engine.paused.clear()
+    wait_until(lambda: client.responses.retrieve(long.id).status == "in_progress", what="in progress")
+    cancelled = client.responses.cancel(long.id)
+    assert cancelled.status == "cancelled" and 0 < cancelled.usage.output_tokens < 4000
+    assert cancelled.output_text == "x" * cancelled.usage.output_tokens
+    assert client.responses.retrieve(long.id).status == "cancelled" and not state.responses.running
+    with httpx.Client(timeout=60) as c:
+        again = c.post(f"{url}/v1/responses/{long.id}/cancel")
+        assert again.status_code == 400 and "has finished" in again.json()["error"]["message"]
+        running = client.responses.create(model="tiny", input="more", background=True, max_output_tokens=4000)
+        assert c.delete(f"{url}/v1/responses/{running.id}").json()["deleted"]
+        assert c.get(f"{url}/v1/responses/{running.id}").status_code == 404 and not state.responses.running
+    assert not engine.running and not engine.waiting  # nothing left generating
+
+
+def wait_until_done(client: OpenAI, response_id: str):
+    wait_until(lambda: client.responses.retrieve(response_id).status not in ("queued", "in_progress"),
+               what="the background response")
+    return client.responses.retrieve(response_id)
 
 
 def test_without_the_store_nothing_is_kept(serve):
