@@ -125,8 +125,12 @@ async def chat_job(req: ChatCompletionRequest, state: AppState) -> ChatJob:
         check_context([prompt], asked, state.max_model_len, name, "messages")
     completion = as_completion(req, text, asked)
     if calls is not None and calls.one_call:  # the text ends with the call's end tag
+        end = PARSERS[calls.parser].END
+        if end is None:
+            raise ApiError(400, f"parallel_tool_calls: false stops the text at the end tag of its first call; the "
+                                f"{calls.parser} format has none", "parallel_tool_calls", "unsupported")
         stop = [completion.stop] if isinstance(completion.stop, str) else completion.stop or []
-        completion = completion.model_copy(update={"stop": [*stop, PARSERS[calls.parser].END]})
+        completion = completion.model_copy(update={"stop": [*stop, end]})
     guide = await chat_guide(completion, calls)
     params = sampling_params(completion, 0, guide=guide, defaults=state.generation_defaults)
     check_capacity([prompt], req.n, state.engine.capacity)

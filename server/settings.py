@@ -14,7 +14,7 @@ from pathlib import Path
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "blt-shakespeare"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 KERNELS = ("auto", "torch", "triton", "triton-gemv")  # blt_runtime.kernels.CHOICES (this module imports no torch)
-TOOL_CALL_PARSERS = ("hermes",)  # tool_parser.PARSERS (this module imports no FastAPI)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "llama4_json")  # tool_parser.PARSERS (this module imports no FastAPI)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Settings:
     seed: int | None = None  # of the generator that seeds requests sent without a seed; default: random
     chat_template: str | None = None  # a file, or the template itself; default: the model directory's, if any
     enable_auto_tool_choice: bool = False  # tool_choice "auto": calls read out of the text by tool_call_parser
-    tool_call_parser: str | None = None  # hermes
+    tool_call_parser: str | None = None  # hermes, llama3_json (llama4_json)
     enable_responses_api_store: bool = False  # keep finished /v1/responses answers in memory
     generation_config: str = "auto"  # auto: the model directory's generation_config.json; none; or a directory
     api_key: tuple[str, ...] = ()
@@ -117,7 +117,9 @@ HELP = {
                                "of the text (vLLM's; without it, 'auto' is a 400)",
     "tool_call_parser": "the format of the model's tool calls, for --enable-auto-tool-choice: hermes (each call a JSON "
                         "object {\"name\": ..., \"arguments\": ...} between <tool_call> and </tool_call>, as "
-                        "Hermes and Qwen chat templates ask for)",
+                        "Hermes and Qwen chat templates ask for), or llama3_json (llama4_json: the same; a text that "
+                        "begins with { or <|python_tag|> is calls, such objects separated by ';', as Llama 3's JSON "
+                        "tool template asks for)",
     "enable_responses_api_store": "keep finished /v1/responses answers in memory (64 MiB of them at most, the "
                                   "oldest forgotten first) for GET /v1/responses/{id} and previous_response_id "
                                   "(vLLM's VLLM_ENABLE_RESPONSES_API_STORE); without it a request's store is "

@@ -21,16 +21,15 @@ then whole. Where the model stops (EOS, a stop string) after one call or more, t
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
-from .tools import SPACE, Call, ValueScan, answer_calls, call_id, call_opening, open_call, take_argument
+from .llama_tool_parser import Llama3JsonCalls
+from .tools import FREE_HEAD, SPACE, Call, TextCalls, ValueScan, open_call, take_argument
 
 START, END = "<tool_call>", "</tool_call>"
-HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:')
 
 
-class HermesCalls:
+class HermesCalls(TextCalls):
     """A completion's text, as it comes, read as content and Hermes tool calls (see the module's docstring)."""
 
     END = END  # a stop string that ends the text after a call
@@ -46,31 +45,12 @@ class HermesCalls:
         self._tail = ""  # in "end": what came after the whitespace
         self._scan = ValueScan()  # of the arguments being read
 
-    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """More of the text -> (the content it adds, the entries of a stream delta's `tool_calls`)."""
-        content: list[str] = []
-        deltas: dict[int, dict[str, Any]] = {}
-        for c in text:
-            self._take(c, content, deltas)
-        return "".join(content), list(deltas.values())
-
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """The end of the text -> what was held: content, or a call read whole."""
-        content: list[str] = []
-        deltas: dict[int, dict[str, Any]] = {}
+    def _end(self, content: list[str], deltas: dict[int, dict[str, Any]]) -> None:
         if self._state == "text" and self._held:
             content.append(self._glue + self._held)
         elif self._state == "head":
             self._whole_call(self._body, content, deltas, closed=False)
         self._state, self._held, self._glue, self._body = "text", "", "", ""
-        return "".join(content), list(deltas.values())
-
-    def whole(self) -> list[dict[str, Any]]:
-        """Every call read, as a whole answer's `tool_calls`."""
-        return answer_calls(self.calls)
-
-    def finish_reason(self, reason: str | None) -> str | None:
-        return "tool_calls" if self.calls and reason == "stop" else reason
 
     # ------------------------------------------------------------------ one character at a time
     def _take(self, c: str, content: list[str], deltas: dict[int, dict[str, Any]]) -> None:
@@ -81,7 +61,7 @@ class HermesCalls:
             if self._body.endswith(END):
                 self._whole_call(self._body[:-len(END)], content, deltas, closed=True)
                 self._state, self._body = "text", ""
-            elif c == ":" and (match := HEAD.match(self._body)):  # (it ends at a colon: not tried at every character)
+            elif c == ":" and (match := FREE_HEAD.match(self._body)):  # (it ends at a colon: tried there only)
                 self._scan = open_call(self.calls, json.loads(match.group(1)), deltas)
                 self._state, self._body = "value", ""
         elif self._state == "value":
@@ -125,19 +105,11 @@ class HermesCalls:
             self._held, self._glue, self._after_call = self._held[len(given):], "", False
 
     def _whole_call(self, body: str, content: list[str], deltas: dict[int, dict[str, Any]], closed: bool) -> None:
-        """A call in another form, read whole: a call, or else content."""
-        try:
-            call = json.loads(body)
-        except ValueError:
-            call = None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        """A call in another form, read whole: a call, or else content, tags and all."""
+        self._after_call = self._read_whole(body, deltas)
+        if not self._after_call:
             content.append(START + body + (END if closed else ""))
-            self._after_call = False
-            return
-        arguments = call.get("arguments", call.get("parameters", {}))
-        self.calls.append(Call(call_id(), call["name"], json.dumps(arguments, ensure_ascii=False)))
-        deltas[len(self.calls) - 1] = call_opening(self.calls, len(self.calls) - 1)
-        self._after_call = True
 
 
-PARSERS = {"hermes": HermesCalls}  # --tool-call-parser's choices (settings.TOOL_CALL_PARSERS)
+# --tool-call-parser's choices (settings.TOOL_CALL_PARSERS); llama4_json is vLLM's other name for the same format
+PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls, "llama4_json": Llama3JsonCalls}

@@ -111,6 +111,8 @@ def tool_calling(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str
 
 
 HEAD = re.compile(r'[\s\[,\]]*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:')
+# the head of a call a model wrote itself (tool_parser.py, llama_tool_parser.py): its name, then its arguments
+FREE_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:')
 SPACE = " \t\n\r"
 BACKSLASH = "\\"
 
@@ -206,6 +208,58 @@ class CallStream:
     def finish_reason(self, reason: str | None) -> str | None:
         """vLLM's (and OpenAI's): "tool_calls" where a list of calls was finished, the engine's reason else."""
         return "tool_calls" if self.name is None and reason == "stop" else reason
+
+
+class TextCalls:
+    """A reader of the calls a model writes in its own format (tool_parser.py, llama_tool_parser.py): the text as it
+    comes, a character at a time (`_take`), into content and tool-call entries; `_end` says what the end of the
+    text makes of what was held."""
+
+    END: str | None = None  # a stop string that ends the text after a call, where the format has one
+    calls: list[Call]
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """More of the text -> (the content it adds, the entries of a stream delta's `tool_calls`)."""
+        content: list[str] = []
+        deltas: dict[int, dict[str, Any]] = {}
+        for c in text:
+            self._take(c, content, deltas)
+        return "".join(content), list(deltas.values())
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """The end of the text -> what was held: content, or a call read whole."""
+        content: list[str] = []
+        deltas: dict[int, dict[str, Any]] = {}
+        self._end(content, deltas)
+        return "".join(content), list(deltas.values())
+
+    def whole(self) -> list[dict[str, Any]]:
+        """Every call read, as a whole answer's `tool_calls`."""
+        return answer_calls(self.calls)
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        """"tool_calls" where the model stopped after a call (vLLM's), the engine's reason else."""
+        return "tool_calls" if self.calls and reason == "stop" else reason
+
+    def _read_whole(self, text: str, deltas: dict[int, dict[str, Any]]) -> bool:
+        """A call in another form than the one streamed (arguments first, say), read whole: a JSON object with a
+        string "name" is a call (in `deltas` too), its arguments the JSON of their value (as vLLM gives them)."""
+        try:
+            call = json.loads(text)
+        except ValueError:
+            return False
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return False
+        arguments = call.get("arguments", call.get("parameters", {}))
+        self.calls.append(Call(call_id(), call["name"], json.dumps(arguments, ensure_ascii=False)))
+        deltas[len(self.calls) - 1] = call_opening(self.calls, len(self.calls) - 1)
+        return True
+
+    def _take(self, c: str, content: list[str], deltas: dict[int, dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def _end(self, content: list[str], deltas: dict[int, dict[str, Any]]) -> None:
+        raise NotImplementedError
 
 
 def answer_calls(calls: list[Call]) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """tool_choice "auto" (server/tool_parser.py, --enable-auto-tool-choice --tool-call-parser hermes): the model's
-own text is read as content and Hermes calls, <tool_call>{"name": ..., "arguments": ...}</tool_call>. However the
-text comes, a stream's deltas add up to the whole answer; over HTTP a scripted engine writes the calls, and the
-official OpenAI client reads them, whole and streamed."""
+own text is read as content and Hermes calls, <tool_call>{"name": ..., "arguments": ...}</tool_call>; or
+(llama_tool_parser.py, llama3_json) as Llama 3's JSON calls, {"name": ..., "arguments": ...} objects separated by
+';'. However the text comes, a stream's deltas add up to the whole answer; over HTTP a scripted engine writes the
+calls, and the official OpenAI client reads them, whole and streamed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from scripted import ScriptedEngine
 
 from blt_runtime import Engine, load_model
 from server.errors import ApiError
+from server.llama_tool_parser import PYTHON_TAG, Llama3JsonCalls
 from server.settings import TOOL_CALL_PARSERS
 from server.tool_parser import END, PARSERS, START, HermesCalls
 from server.tools import tool_calling
@@ -24,9 +26,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
-def read(text: str, cuts: list[int] = ()) -> tuple[str, list[tuple[str, str, str]], dict]:
-    """The text fed in pieces -> (content, [(id, name, arguments)] the deltas add up to, the parser)."""
-    parser, content, added, pieces, at = HermesCalls(), "", {}, [], 0
+def read(text: str, cuts: list[int] = (), kind=HermesCalls) -> tuple[str, list[tuple[str, str, str]], dict]:
+    """The text fed in pieces to a parser of `kind` -> (content, [(id, name, arguments)] the deltas add up to, the
+    parser)."""
+    parser, content, added, pieces, at = kind(), "", {}, [], 0
     for cut in list(cuts) + [len(text)]:
         pieces.append(text[at:at + cut])
         at += cut
@@ -114,6 +117,46 @@ def test_the_forms_a_model_may_write(text, content, calls):
         assert (got, [(n, a) for _, n, a in streamed]) == (content, calls), cuts
 
 
+LLAMA_AFTER = TEXT.filter(lambda t: t[:1] not in tuple(" \t\n\r;{"))  # begins no object, no separator
+
+
+@settings(max_examples=300, deadline=None)
+@given(tag=st.booleans(), calls=st.lists(st.tuples(st.text(min_size=1, max_size=6), JSON_VALUES,
+                                                   st.sampled_from(["name first", "arguments first", "extra member"]),
+                                                   st.sampled_from([None, 2])), min_size=1, max_size=3),
+       glue=st.sampled_from(["; ", ";", " ;\n", "\n"]), after=LLAMA_AFTER,
+       cuts=st.lists(st.integers(1, 9), max_size=50))
+def test_llama3_json_calls_are_read_however_the_text_comes(tag, calls, glue, after, cuts):
+    text = (PYTHON_TAG if tag else "") + glue.join(call_text(*c) for c in calls) + (glue + after if after else "")
+    content, streamed, parser = read(text, cuts, Llama3JsonCalls)
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in parser.whole()] == streamed
+    assert len(streamed) == len(calls) and content == after
+    for (_, name, arguments), (n, a, order, _) in zip(streamed, calls):
+        assert name == n and json.loads(arguments) == a
+        assert arguments == json.dumps(a, ensure_ascii=False) if order == "arguments first" else arguments in text
+    assert parser.finish_reason("stop") == "tool_calls" and read(text, [], Llama3JsonCalls)[0] == content
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ("no calls at all", "no calls at all", []),
+    ('Sure: {"name": "f", "arguments": {}}', 'Sure: {"name": "f", "arguments": {}}', []),  # not at the start
+    (' {"name": "f", "arguments": {}}', ' {"name": "f", "arguments": {}}', []),
+    ("<|python", "<|python", []),
+    ("<|python_tag|>", "", []),
+    ('{"name": "f", "arguments": {"a": [1, 2', "", [("f", '{"a": [1, 2')]),  # cut by max_tokens
+    ('{"arguments": {"a": 1}, "name": "f"', '{"arguments": {"a": 1}, "name": "f"', []),  # cut before it is
+    # whole: no call can be read, so the text stays content
+    ('{"answer": 42} and more', '{"answer": 42} and more', []),  # JSON, but no call
+    ('{"name": "f"}; {"name": "g", "parameters": [1]};', "", [("f", "{}"), ("g", "[1]")]),
+    ('{"name": "f", "arguments": {"s": "};{"}}\nDone.', "Done.", [("f", '{"s": "};{"}')]),
+    ('{"name": "f", "arguments": 1}; {"x": 1} tail', '{"x": 1} tail', [("f", "1")]),
+])
+def test_the_llama3_json_forms_a_model_may_write(text, content, calls):
+    for cuts in ([], [1] * len(text), [3, 5] * len(text)):
+        got, streamed, _ = read(text, cuts, Llama3JsonCalls)
+        assert (got, [(n, a) for _, n, a in streamed]) == (content, calls), cuts
+
+
 def test_what_tool_choice_auto_asks_for():
     assert tuple(PARSERS) == TOOL_CALL_PARSERS
     with pytest.raises(ApiError, match="--enable-auto-tool-choice"):
@@ -185,6 +228,28 @@ def test_parallel_tool_calls_false_stops_after_the_first_call(scripted):
     assert out.choices[0].finish_reason == "tool_calls"
     assert out.usage.completion_tokens == SCRIPT.index(END.encode()) + len(END)
     assert streamed(client, **kw)[1][0][2] == '{"city": "Köln"}'
+
+
+LLAMA_SCRIPT = ('<|python_tag|>{"name": "get_weather", "arguments": {"city": "Köln"}}; '
+                '{"parameters": {"city": "Oslo"}, "name": "get_weather"}').encode()
+
+
+def test_llama3_json_calls_over_http(serve):
+    url, _ = serve(ScriptedEngine({PROMPT: LLAMA_SCRIPT}, default=b"plain"), chat_template=TEMPLATE,
+                   enable_auto_tool_choice=True, tool_call_parser="llama3_json")
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    kw = dict(model="tiny", messages=CHAT, tools=TOOLS, max_tokens=500)
+    out = client.chat.completions.create(**kw).choices[0]
+    assert out.message.content == "" and out.finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in out.message.tool_calls] == [
+        ("get_weather", '{"city": "Köln"}'), ("get_weather", '{"city": "Oslo"}')]
+    content, calls, finish = streamed(client, **kw)
+    assert content == "" and finish == "tool_calls"
+    assert [(n, a) for _, n, a in calls] == [(c.function.name, c.function.arguments) for c in out.message.tool_calls]
+    plain = client.chat.completions.create(**{**kw, "messages": [{"role": "user", "content": "Hi"}]}).choices[0]
+    assert plain.message.content == "plain" and not plain.message.tool_calls and plain.finish_reason == "stop"
+    r = httpx.post(f"{url}/v1/chat/completions", json={**kw, "parallel_tool_calls": False}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "parallel_tool_calls", r.text
 
 
 def test_text_without_calls_is_content_and_none_reads_nothing(scripted):
