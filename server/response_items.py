@@ -13,12 +13,11 @@ import copy
 import uuid
 
 from .choices import ChatChoiceState, chat_logprobs
-from .tool_parser import HermesCalls
-from .tools import CallStream
+from .tools import CallStream, TextCalls
 
 
 class OutputItems:
-    def __init__(self, calls: CallStream | HermesCalls | None):
+    def __init__(self, calls: CallStream | TextCalls | None):
         """`calls`: how the text is read as tool calls (None: it is all the message's)."""
         self.calls = calls
         self.items: list[dict] = []
@@ -41,10 +40,10 @@ class OutputItems:
         events = []
         if isinstance(self.calls, CallStream) and self.calls.name is not None and not self.calls.calls:
             events += [e for entry in self.calls.feed("") for e in self._call(entry)]  # a call with no arguments
-        if isinstance(self.calls, HermesCalls):
+        if isinstance(self.calls, TextCalls):
             content, entries = self.calls.finish()
             events += self._content(content, None) + [e for entry in entries for e in self._call(entry)]
-        status = "incomplete" if finish_reason == "length" else "completed"
+        status = "incomplete" if finish_reason in ("length", "abort") else "completed"
         for index, item in enumerate(self.items):
             item["status"] = status
             if item["type"] == "message":

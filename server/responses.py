@@ -26,7 +26,6 @@ from fastapi.responses import JSONResponse
 from .chat import ChatCompletion, chat_job, conversation_prompt
 from .completions import admit, client_request_id, respond
 from .errors import ApiError
-from .keepalive import TICK
 from .response_items import OutputItems, ResponseChoiceState
 from .schemas import ChatCompletionRequest, ResponsesRequest, SamplingFields
 from .state import AppState
@@ -37,6 +36,7 @@ ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
 LOGPROBS = "message.output_text.logprobs"
 SENT_AS_IS = {"n", "return_patches", "response_format"}  # SamplingFields this module checks or sets itself
+CANCEL_WAIT = 30.0  # seconds a cancel waits for the engine to stop a background response
 
 
 class ResponseCompletion(ChatCompletion):
@@ -52,6 +52,7 @@ class ResponseCompletion(ChatCompletion):
         self.asked, self.conversation, self.sequence = asked, conversation, 0
         self.started = self.cancelled = False  # (background: the first output came; cancel was asked)
         self.task: asyncio.Task | None = None  # background: the task that reads the outputs
+        self.final: dict | None = None  # the response as it ended
 
     def event(self, event: dict) -> str:
         event = {"type": event["type"], "sequence_number": self.sequence, **event}
@@ -72,7 +73,8 @@ class ResponseCompletion(ChatCompletion):
 
     def failed(self, error: dict) -> str:
         detail = error["error"]
-        failed = self.response("failed", {"code": detail.get("code") or "server_error", "message": detail["message"]})
+        failed = self.keep(self.response("failed", {"code": detail.get("code") or "server_error",
+                                                    "message": detail["message"]}))
         return self.event({"type": "response.failed", "response": failed})
 
     def answer(self) -> dict:
@@ -80,47 +82,54 @@ class ResponseCompletion(ChatCompletion):
         return self.finished()
 
     def finished(self, status: str | None = None) -> dict:
-        """The response once its text ended (kept where the store is on and the request asked)."""
-        done = self.response(status or ("incomplete" if self.choice.finish_reason == "length" else "completed"))
+        """The response once its text ended."""
+        return self.keep(self.response(status or ("incomplete" if self.choice.finish_reason == "length"
+                                                  else "completed")))
+
+    def keep(self, response: dict) -> dict:
+        """The response, kept where the store is on and the request asked (once it ended, with its output as the
+        conversation's last message)."""
         store = self.state.responses
+        ended = response["status"] not in ("queued", "in_progress")
         if store is not None and self.asked.store:
-            store.put(done, self.conversation + [self.choice.items.message()])
-        return done
+            store.put(response, self.conversation + ([self.choice.items.message()] if ended else []))
+        if ended:
+            self.final = response
+        return response
 
     # ------------------------------------------------------------------ background
     async def detached(self) -> None:
         """A background response: its outputs read with no client waiting, the store saying how it stands
         (queued, in_progress, then completed, incomplete, cancelled or failed)."""
-        store = self.state.responses
         try:
             while self.unfinished:
-                item = await self.queue.get()
+                item = await self.queue.get()  # (no keep-alive ticks: nobody listens)
                 if isinstance(item, Failure):
-                    detail = self._fail(item)["error"]
-                    store.put(self.response("failed", {"code": detail.get("code") or "server_error",
-                                                       "message": detail["message"]}), self.conversation)
+                    self.failed(self._fail(item))
                     return
-                if item is not TICK:
-                    if not self.started:
-                        self.started = True
-                        store.put(self.response("in_progress"), self.conversation)
-                    self._take(item)
+                if not self.started:
+                    self.started = True
+                    self.keep(self.response("in_progress"))
+                self._take(item)
             self.choice.whole()
             self.finished("cancelled" if self.cancelled else None)
         except Exception:  # nobody waits to be told: logged, and kept as failed
             log.exception("background response %s failed", self.id)
-            store.put(self.response("failed", {"code": "server_error", "message": "internal server error"}),
-                      self.conversation)
+            self.keep(self.response("failed", {"code": "server_error", "message": "internal server error"}))
         finally:
-            store.running.pop(self.id, None)
+            self.state.responses.running.pop(self.id, None)
 
     async def cancel(self) -> dict:
-        """Stop a background response where it is: its text so far, status cancelled."""
+        """Stop a background response where it is: its text so far, status cancelled (or how it stands after
+        CANCEL_WAIT seconds, where the engine has not stopped it by then)."""
         self.cancelled = True
         if self.unfinished:
             self.state.worker.abort(self.unfinished)
-        await asyncio.shield(self.task)
-        return self.state.responses.get(self.id).response
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), CANCEL_WAIT)
+        except asyncio.TimeoutError:
+            return self.response("in_progress")
+        return self.final
 
     def sampled(self, name: str) -> float | None:
         """The value a sampling field had: the request's, else the model's default, else the API's."""
@@ -134,7 +143,7 @@ class ResponseCompletion(ChatCompletion):
         usage = self.usage() if status in ("completed", "incomplete", "cancelled") else None
         return {
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
-            "output": self.choice.items.items, "error": error,
+            "output": list(self.choice.items.items), "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
             "instructions": asked.instructions, "max_output_tokens": asked.max_output_tokens,
             "metadata": asked.metadata or {}, "parallel_tool_calls": asked.parallel_tool_calls is not False,
@@ -169,8 +178,7 @@ async def create_response(req: ResponsesRequest, request: Request, state: AppSta
     if not req.background:
         return await respond(completion, request)
     await completion.submit()
-    queued = completion.response("queued")
-    state.responses.put(queued, completion.conversation)
+    queued = completion.keep(completion.response("queued"))
     state.responses.running[completion.id] = completion
     completion.task = asyncio.create_task(completion.detached())
     return JSONResponse(queued, headers={"X-Request-Id": completion.request_id})
@@ -184,7 +192,8 @@ def renamed(e: ApiError, req: ResponsesRequest) -> ApiError:
     if e.param is None or e.param.split(".")[0] not in names:
         return e
     old = e.param.split(".")[0]
-    return ApiError(e.status, e.message.replace(old, names[old]), names[old] + e.param[len(old):], e.code, e.headers)
+    message = e.message if old == "messages" else e.message.replace(old, names[old])  # (a template's own words stay)
+    return ApiError(e.status, message, names[old] + e.param[len(old):], e.code, e.headers)
 
 
 def check_asked(req: ResponsesRequest, state: AppState) -> None:

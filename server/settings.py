@@ -121,9 +121,9 @@ HELP = {
                         "begins with { or <|python_tag|> is calls, such objects separated by ';', as Llama 3's JSON "
                         "tool template asks for)",
     "enable_responses_api_store": "keep finished /v1/responses answers in memory (64 MiB of them at most, the "
-                                  "oldest forgotten first) for GET /v1/responses/{id} and previous_response_id "
-                                  "(vLLM's VLLM_ENABLE_RESPONSES_API_STORE); without it a request's store is "
-                                  "false",
+                                  "oldest forgotten first) for GET /v1/responses/{id}, previous_response_id and "
+                                  "background responses (vLLM's VLLM_ENABLE_RESPONSES_API_STORE); without it a "
+                                  "request's store is false",
     "generation_config": "auto: the sampling defaults of the model directory's generation_config.json (temperature, "
                          "top_p, top_k, min_p, repetition_penalty, max_new_tokens) for requests that leave those "
                          "fields out, as vLLM does; none: the API's defaults; or a directory with that file",

@@ -304,6 +304,23 @@ def test_what_a_response_request_cannot_ask(url, body, param, words):
     assert error["param"] == param and words in error["message"], error
 
 
+def test_llama3_json_calls_and_held_text(serve):
+    """With --tool-call-parser llama3_json: calls as function_call items; a text that ends in what could have begun
+    the python tag gives it back at the end."""
+    scripts = {b"<user>Weather?</user>\n<assistant>": b'{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+               b"<user>Hi</user>\n<assistant>": b"<|python"}
+    url, _ = serve(ScriptedEngine(scripts, default=b"x"), chat_template=TEMPLATE, enable_auto_tool_choice=True,
+                   tool_call_parser="llama3_json")
+    with httpx.Client(timeout=60) as c:
+        calls = c.post(f"{url}/v1/responses", json={"input": "Weather?", "tools": TOOLS}).json()
+        held = c.post(f"{url}/v1/responses", json={"input": "Hi", "tools": TOOLS}).json()
+        with c.stream("POST", f"{url}/v1/responses", json={"input": "Hi", "tools": TOOLS, "stream": True}) as s:
+            events = sse(s.read().decode())
+    assert [(o["type"], o["name"], o["arguments"]) for o in calls["output"]] == [
+        ("function_call", "get_weather", '{"city": "Oslo"}')]
+    assert held["output"][0]["content"][0]["text"] == "<|python" == built(events)[0]["text"]
+
+
 def test_background_responses(serve):
     """Answered at once (queued), generated with no client waiting; GET finds them in progress, then finished;
     cancel stops one where it is; DELETE of a running one cancels it first."""
@@ -363,7 +380,8 @@ def test_auto_calls_after_text_and_a_stream_that_fails(serve):
     streamed; an engine step that raises ends a stream with response.failed."""
     prompt = b"<user>Weather?</user>\n<assistant>"
     engine = ScriptedEngine({prompt: HERMES}, default=b"x" * 500)
-    url, _ = serve(engine, chat_template=TEMPLATE, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    url, _ = serve(engine, chat_template=TEMPLATE, enable_auto_tool_choice=True, tool_call_parser="hermes",
+                   enable_responses_api_store=True)
     with httpx.Client(timeout=60) as c:
         body = {"input": "Weather?", "tools": TOOLS, "max_output_tokens": 500}
         whole = c.post(f"{url}/v1/responses", json=body).json()
@@ -388,3 +406,4 @@ def test_auto_calls_after_text_and_a_stream_that_fails(serve):
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"] == "internal_error"
     assert "Traceback" not in failed["error"]["message"]
+    assert httpx.get(f"{url}/v1/responses/{failed['id']}").json() == failed  # kept as it ended
