@@ -24,6 +24,7 @@
 #   BLT_SCHEDULING_POLICY (fcfs; priority: the waiting queue ordered by the requests' priority, and a
 #   more urgent request preempts a less urgent running one where no slot is free)
 #   BLT_REVISION (with BLT_MODEL_DIR a Hugging Face Hub id: the branch, tag or commit; default main)
+#   BLT_DOWNLOAD_DIR (with a Hub id: the cache it is fetched to; default HF_HUB_CACHE)
 #   BLT_SSL_KEYFILE, BLT_SSL_CERTFILE (HTTPS)   BLT_ROOT_PATH (a reverse proxy's path prefix)
 #   BLT_DISABLE_FASTAPI_DOCS (no /docs, /redoc or /openapi.json)
 #

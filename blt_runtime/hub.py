@@ -22,9 +22,10 @@ def is_hub_id(name: str | Path) -> bool:
     return isinstance(name, str) and HUB_ID.fullmatch(name) is not None and not Path(name).exists()
 
 
-def resolve_model_dir(name: str | Path, files: list[str] = FILES, revision: str | None = None) -> Path:
+def resolve_model_dir(name: str | Path, files: list[str] = FILES, revision: str | None = None,
+                      cache_dir: str | None = None) -> Path:
     """The directory of a model: `name` itself, or the local copy of the Hub model it names (the files that
-    match `files`)."""
+    match `files`), in `cache_dir` (default: the Hub's cache)."""
     if not is_hub_id(name):
         return Path(name)
     try:
@@ -33,7 +34,7 @@ def resolve_model_dir(name: str | Path, files: list[str] = FILES, revision: str 
         raise ConfigError(f"{name}: no such directory; to load the model of that id from the Hugging Face Hub, "
                           "install huggingface_hub (pip install huggingface_hub)") from None
     try:
-        return Path(snapshot_download(str(name), revision=revision, allow_patterns=files))
+        return Path(snapshot_download(str(name), revision=revision, allow_patterns=files, cache_dir=cache_dir))
     except Exception as e:  # noqa: BLE001 - the Hub's errors are many (not found, gated, offline); each says why
         reason = " ".join(str(e).split())
         raise ConfigError(f"{name}: no such directory, and no model of that id could be had from the Hugging Face "

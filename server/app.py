@@ -82,7 +82,7 @@ def from_hub(settings: Settings) -> Settings:
                               "Face Hub model id; a revision picks a version of a Hub model")
         return settings
     log.info("%s is no directory here: looking for it on the Hugging Face Hub", settings.model_dir)
-    directory = resolve_model_dir(settings.model_dir, revision=settings.revision)
+    directory = resolve_model_dir(settings.model_dir, revision=settings.revision, cache_dir=settings.download_dir)
     log.info("%s: %s", settings.model_dir, directory)
     return replace(settings, model_dir=str(directory), served_model_name=settings.served_model_name or
                    settings.model_dir)

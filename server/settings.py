@@ -22,6 +22,7 @@ class Settings:
     model_dir: str = str(SHIPPED_MODEL)
     served_model_name: str | None = None  # default: the model directory's name; "a,b": a, which b names too
     revision: str | None = None  # of a Hub model id: a branch, tag or commit; default: main
+    download_dir: str | None = None  # where a Hub model is fetched to and looked for; default: the Hub's cache
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -81,6 +82,8 @@ HELP = {
     "served_model_name": "the model id clients send and see; default: the directory's name. Several (space- or "
                          "comma-separated): clients may send any, and answers use the first",
     "revision": "with a Hub model id: the branch, tag or commit to serve (default: main)",
+    "download_dir": "with a Hub model id: the cache directory it is fetched to and looked for in (vLLM's; default: "
+                    "the Hugging Face Hub's, HF_HUB_CACHE)",
     "device": "auto, cpu, cuda or cuda:N", "dtype": "auto, float32, bfloat16 or float16",
     "max_batch_size": "sequences that advance together (cache slots)",
     "max_queue": "requests that may wait for a slot; beyond it, 429",
@@ -148,12 +151,15 @@ HELP = {
 }
 
 
-ALIASES = {"max_batch_size": ["--max-num-seqs"]}  # vLLM's names for the same settings
+# vLLM's names for the same settings (its --max-num-batched-tokens is a step's budget of prompt and generated
+# tokens; here a step's prompt bytes, each running request's one byte besides)
+ALIASES = {"max_batch_size": ["--max-num-seqs"], "prefill_chunk": ["--max-num-batched-tokens"]}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blt-serve", description="Serve a BLT model over an OpenAI-compatible HTTP API.",
-                                epilog="Every flag can also be set as an env var BLT_<FLAG>, e.g. BLT_PORT=8080.")
+                                epilog="Every flag but vLLM's group can also be set as an env var BLT_<FLAG>, e.g. "
+                                       "BLT_PORT=8080.")
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "model_dir":
@@ -172,7 +178,28 @@ def parser() -> argparse.ArgumentParser:
                    help="the same as --no-prompt-sharing (vLLM's)")
     p.add_argument("--enable-prefix-caching", dest="no_prompt_sharing", action="store_false", default=None,
                    help="share prompts' prefixes: the default (vLLM's)")
+    vllm_flags(p)
     return p
+
+
+PARALLEL = ("tensor", "pipeline", "data")
+
+
+def vllm_flags(p: argparse.ArgumentParser) -> None:
+    """vLLM's flags that a command line written for `vllm serve` often carries and that mean nothing else here:
+    taken where what they ask holds anyway, refused (load_settings) where it cannot."""
+    g = p.add_argument_group("vLLM's flags", "taken so that a `vllm serve` command line runs, where what they ask "
+                                             "holds here; refused with the reason where it cannot")
+    g.add_argument("--trust-remote-code", action="store_true", help="taken: BLT's code is this server's own, and "
+                                                                    "nothing in a model directory is run")
+    g.add_argument("--enable-chunked-prefill", action="store_true", help="taken: prompts are always prefilled in "
+                                                                         "chunks (--prefill-chunk)")
+    for kind in PARALLEL:
+        g.add_argument(f"--{kind}-parallel-size", f"-{kind[0]}p", type=int, default=1, metavar="N",
+                       help="1 only: blt-serve runs a model on one device (scale out with replicas)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                   help="refused: no share of the GPU is reserved; --max-batch-size and --max-model-len size the "
+                        "caches (start-up says whether they fit)")
 
 
 def _convert(f, raw):
@@ -214,6 +241,13 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
         except ValueError:
             p.error(f"--{f.name.replace('_', '-')}: {raw!r} is not a valid {f.type}")
     settings = Settings(**values)
+    for kind in PARALLEL:
+        if args[f"{kind}_parallel_size"] != 1:
+            p.error(f"--{kind}-parallel-size {args[f'{kind}_parallel_size']}: blt-serve runs a model on one device; "
+                    "serve more with more replicas (README: Scaling out)")
+    if args["gpu_memory_utilization"] is not None:
+        p.error("--gpu-memory-utilization: blt-serve reserves no share of the GPU's memory; its caches are sized by "
+                "--max-batch-size and --max-model-len (start-up says whether they fit): leave it out")
     if settings.log_level not in LOG_LEVELS:
         p.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     if settings.kernels not in KERNELS:

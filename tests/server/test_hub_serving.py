@@ -51,5 +51,12 @@ def test_a_revision_is_for_hub_ids(tmp_path, tiny, monkeypatch):
     assert settings.model_dir == str(repo / "snapshots" / REVISION) and settings.model_name == "test-org/tiny-blt"
     with pytest.raises(ConfigError, match="test-org/tiny-blt: no such directory"):
         from_hub(load_settings(["test-org/tiny-blt"], environ={}))  # no main branch
+    # --download-dir (vLLM's): another cache than the Hub's
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    settings = from_hub(load_settings(["test-org/tiny-blt", "--revision", "stable", "--download-dir",
+                                       str(tmp_path / "hub")], environ={}))
+    assert settings.model_dir == str(repo / "snapshots" / REVISION)
+    with pytest.raises(ConfigError, match="test-org/tiny-blt: no such directory"):
+        from_hub(load_settings(["test-org/tiny-blt", "--revision", "stable"], environ={}))
     with pytest.raises(ConfigError, match="--revision stable: .* is a directory, not a Hugging Face Hub model id"):
         from_hub(load_settings([str(tiny), "--revision", "stable"], environ={}))

@@ -92,6 +92,18 @@ def test_vllms_names_for_the_same_settings():
     assert not load_settings(["--enable-prefix-caching"], environ={"BLT_NO_PROMPT_SHARING": "1"}).no_prompt_sharing
     assert not load_settings([], environ={}).no_prompt_sharing
     assert load_settings(["--seed", "7"], environ={}).seed == 7 and load_settings([], environ={}).seed is None
+    assert load_settings(["--max-num-batched-tokens", "2048"], environ={}).prefill_chunk == 2048
+
+
+def test_a_vllm_command_line_runs_or_says_why_not(capsys):
+    line = ["some/dir", "--trust-remote-code", "--enable-chunked-prefill", "--tensor-parallel-size", "1", "-pp", "1"]
+    assert load_settings(line, environ={}) == load_settings(["some/dir"], environ={})
+    for flags, words in ((["-tp", "2"], "--tensor-parallel-size 2: blt-serve runs a model on one device"),
+                         (["--data-parallel-size", "4"], "--data-parallel-size 4"),
+                         (["--gpu-memory-utilization", "0.9"], "reserves no share of the GPU")):
+        with pytest.raises(SystemExit):
+            load_settings(flags, environ={})
+        assert words in capsys.readouterr().err
 
 
 def test_several_served_names():
