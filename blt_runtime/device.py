@@ -10,7 +10,8 @@ import torch
 from .errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+          "float16": torch.float16, "fp16": torch.float16,
+          "float": torch.float32, "half": torch.float16}  # (the last two: vLLM's names)
 
 
 def resolve_device_dtype(device: str | torch.device = "auto",

@@ -84,7 +84,7 @@ HELP = {
     "revision": "with a Hub model id: the branch, tag or commit to serve (default: main)",
     "download_dir": "with a Hub model id: the cache directory it is fetched to and looked for in (vLLM's; default: "
                     "the Hugging Face Hub's, HF_HUB_CACHE)",
-    "device": "auto, cpu, cuda or cuda:N", "dtype": "auto, float32, bfloat16 or float16",
+    "device": "auto, cpu, cuda or cuda:N", "dtype": "auto, float32 (float), bfloat16 or float16 (half)",
     "max_batch_size": "sequences that advance together (cache slots)",
     "max_queue": "requests that may wait for a slot; beyond it, 429",
     "max_model_len": "bytes of context per sequence (prompt + completion + BOS)",

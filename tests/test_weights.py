@@ -114,6 +114,8 @@ def test_device_and_dtype_resolution():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device_dtype("cuda", "auto")
     assert resolve_device_dtype("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    assert resolve_device_dtype("cpu", "half")[1] == torch.float16 and resolve_device_dtype("cpu", "float")[1] == \
+        torch.float32  # vLLM's names
     with pytest.raises(ConfigError, match="dtype 'int8'"):
         resolve_device_dtype("cpu", "int8")
     with pytest.raises(ConfigError, match="device 'gpu0'"):
