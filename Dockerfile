@@ -21,6 +21,7 @@
 #   model's calls)
 #   BLT_ENABLE_RESPONSES_API_STORE (keep /v1/responses answers for GET and previous_response_id)
 #   BLT_GENERATION_CONFIG (auto: sampling defaults from the model's generation_config.json; none)
+#   BLT_OVERRIDE_GENERATION_CONFIG (a JSON object of those defaults, set over them)
 #   BLT_SCHEDULING_POLICY (fcfs; priority: the waiting queue ordered by the requests' priority, and a
 #   more urgent request preempts a less urgent running one where no slot is free)
 #   BLT_REVISION (with BLT_MODEL_DIR a Hugging Face Hub id: the branch, tag or commit; default main)

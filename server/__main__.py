@@ -80,7 +80,7 @@ def serve(settings: Settings) -> int:
         return 2
     try:  # before the model's minutes of loading
         find_chat_template(settings.chat_template, settings.model_dir)
-        load_generation_defaults(settings.generation_config, settings.model_dir)
+        load_generation_defaults(settings.generation_config, settings.model_dir, settings.override_generation_config)
     except (ChatTemplateError, GenerationConfigError) as e:
         print(f"blt-serve: {e}", file=sys.stderr)
         return 2

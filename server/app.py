@@ -162,7 +162,8 @@ async def drain(state: AppState, timeout: float) -> None:
 def create_app(settings: Settings, engine=None) -> FastAPI:
     # a bad chat template or generation config fails before the model's loading
     chat_template = find_chat_template(settings.chat_template, settings.model_dir)
-    defaults, defaults_file = load_generation_defaults(settings.generation_config, settings.model_dir)
+    defaults, defaults_file = load_generation_defaults(settings.generation_config, settings.model_dir,
+                                                       settings.override_generation_config)
     engine = engine if engine is not None else build_engine(settings)
     metrics = Metrics(settings.model_name)
     worker = EngineWorker(engine, metrics, settings.log_interval, not settings.disable_log_requests,

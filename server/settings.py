@@ -46,6 +46,7 @@ class Settings:
     tool_call_parser: str | None = None  # hermes, llama3_json (llama4_json)
     enable_responses_api_store: bool = False  # keep finished /v1/responses answers in memory
     generation_config: str = "auto"  # auto: the model directory's generation_config.json; none; or a directory
+    override_generation_config: str | None = None  # a JSON object of generation-config keys over those
     api_key: tuple[str, ...] = ()
     ssl_keyfile: str | None = None  # with ssl_certfile: serve HTTPS
     ssl_certfile: str | None = None
@@ -130,6 +131,8 @@ HELP = {
     "generation_config": "auto: the sampling defaults of the model directory's generation_config.json (temperature, "
                          "top_p, top_k, min_p, repetition_penalty, max_new_tokens) for requests that leave those "
                          "fields out, as vLLM does; none: the API's defaults; or a directory with that file",
+    "override_generation_config": "a JSON object of the same keys (e.g. '{\"temperature\": 0.5}') set over what "
+                                  "--generation-config gives (vLLM's)",
     "scheduling_policy": "fcfs: requests leave the waiting queue in the order they came (a request's priority "
                          "must be 0); priority: lower priority values first, equal ones in order, and a running "
                          "request of a higher value gives its slot up to one that finds none free, and goes on "

@@ -49,6 +49,21 @@ def test_what_a_generation_config_gives(tmp_path):
     assert main(["--generation-config", str(other), str(tmp_path / "no-model")]) == 2  # before any loading
 
 
+def test_override_generation_config(tmp_path):
+    """vLLM's --override-generation-config: its keys over the model's file (or over nothing, with none)."""
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_k": 20}))
+    defaults, source = load_generation_defaults("auto", str(tmp_path), '{"temperature": 0.5, "max_new_tokens": 9}')
+    assert defaults == {"temperature": 0.5, "top_k": 20, "max_tokens": 9}
+    assert source.endswith("generation_config.json and --override-generation-config")
+    assert load_generation_defaults("none", str(tmp_path), '{"top_p": 0.9}') == (
+        {"top_p": 0.9}, "--override-generation-config")
+    for bad, words in (("{temperature: 1}", "not JSON"), ('{"temp": 1}', "temp not read; the keys are"),
+                       ('{"top_p": 2}', "top_p=2"), ("[1]", "expected a JSON object")):
+        with pytest.raises(GenerationConfigError, match=words):
+            load_generation_defaults("auto", str(tmp_path), bad)
+    assert main(["--override-generation-config", "{", str(tmp_path / "no-model")]) == 2  # before any loading
+
+
 def test_requests_that_leave_a_field_out_get_the_models_default(serve, tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"temperature": 0.25, "top_k": 7, "repetition_penalty": 1.2, "max_new_tokens": 12}))
