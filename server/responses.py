@@ -110,8 +110,10 @@ class ResponseCompletion(ChatCompletion):
                 if not self.started:
                     self.started = True
                     self.keep(self.response("in_progress"))
-                self._take(item)
-            self.choice.whole()
+                piece, _ = self._take(item)
+                if piece is not None:
+                    self.choice.follow(piece)
+            self.choice.items.finish(self.choice.finish_reason)
             self.finished("cancelled" if self.cancelled else None)
         except Exception:  # nobody waits to be told: logged, and kept as failed
             log.exception("background response %s failed", self.id)
@@ -369,8 +371,12 @@ def fitted(chat: ChatCompletionRequest, req: ResponsesRequest, state: AppState, 
 
 
 def stored(response_id: str, state: AppState) -> dict:
-    """GET /v1/responses/{id}: the response as it was answered, or a 404."""
-    return _kept(response_id, state).response
+    """GET /v1/responses/{id}: the response as it was answered (a background one still generating: as it stands,
+    its output so far), or a 404."""
+    kept = _kept(response_id, state)
+    running = state.responses.running.get(response_id)
+    return running.response("in_progress" if running.started else "queued") if running is not None else \
+        kept.response
 
 
 async def delete_stored(response_id: str, state: AppState) -> dict:

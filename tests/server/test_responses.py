@@ -341,6 +341,8 @@ def test_background_responses(serve):
         assert r.status_code == 400 and "still generating" in r.json()["error"]["message"]
     engine.paused.clear()
     wait_until(lambda: client.responses.retrieve(long.id).status == "in_progress", what="in progress")
+    so_far = wait_until(lambda: client.responses.retrieve(long.id).output_text, what="some text")
+    assert set(so_far) == {"x"}  # its output so far
     cancelled = client.responses.cancel(long.id)
     assert cancelled.status == "cancelled" and 0 < cancelled.usage.output_tokens < 4000
     assert cancelled.output_text == "x" * cancelled.usage.output_tokens
