@@ -238,7 +238,7 @@ class TextCalls:
         return answer_calls(self.calls)
 
     def finish_reason(self, reason: str | None) -> str | None:
-        """"tool_calls" where the model stopped after a call (vLLM's), the engine's reason else."""
+        """The finish reason: "tool_calls" where the model stopped after a call (vLLM's), the engine's else."""
         return "tool_calls" if self.calls and reason == "stop" else reason
 
     def _read_whole(self, text: str, deltas: dict[int, dict[str, Any]]) -> bool:
