@@ -249,9 +249,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     async def responses(req: ResponsesRequest, request: Request, state: State):
         return await create_response(req, request, state)
 
-    @app.get("/v1/responses/{response_id}", responses=ERRORS)
-    async def get_response(response_id: str, state: State):
-        return stored(response_id, state)
+    @app.get("/v1/responses/{response_id}", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+    async def get_response(response_id: str, state: State, stream: bool = False, starting_after: int | None = None):
+        return stored(response_id, state, stream, starting_after)
 
     @app.delete("/v1/responses/{response_id}", responses=ERRORS)
     async def delete_response(response_id: str, state: State):

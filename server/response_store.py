@@ -21,6 +21,7 @@ class Stored:
     response: dict  # the response object, as it was answered
     conversation: list[dict]  # the chat messages it continues, its own output last (its instructions not included)
     size: int
+    events: list[str] | None = None  # a background stream's events, for a reader who comes back for them
 
 
 class ResponseStore:
@@ -30,10 +31,11 @@ class ResponseStore:
         self._size = 0
         self.running: dict[str, Any] = {}  # background responses still generating: id -> their completion
 
-    def put(self, response: dict, conversation: list[dict]) -> None:
-        size = len(json.dumps(response, ensure_ascii=False)) + len(json.dumps(conversation, ensure_ascii=False))
+    def put(self, response: dict, conversation: list[dict], events: list[str] | None = None) -> None:
+        size = len(json.dumps(response, ensure_ascii=False)) + len(json.dumps(conversation, ensure_ascii=False)) + \
+            sum(len(e) for e in events or ())
         self.delete(response["id"])
-        self._kept[response["id"]] = Stored(response, conversation, size)
+        self._kept[response["id"]] = Stored(response, conversation, size, events)
         self._size += size
         while self._size > self.budget and len(self._kept) > 1:
             _, oldest = self._kept.popitem(last=False)

@@ -8,9 +8,11 @@ answer is a response object whose output items (response_items.py) are read from
 Responses API's typed events (`event:` and `data:` lines, numbered), from response.created to
 response.completed, response.incomplete (max_output_tokens) or response.failed. With
 --enable-responses-api-store, finished responses are kept (response_store.py), and a background response is
-answered at once (queued) and generated with no client waiting, until GET finds it finished or cancel stops it;
-without the store, `store` is false in every answer and nothing is kept, as vLLM does. Not served: background
-streams, reasoning, built-in tools (web search, files, MCP), input other than text.
+answered at once (queued) and generated with no client waiting, until GET finds it finished or cancel stops it
+(with stream true, its events are logged: the POST streams them, and GET ?stream=true&starting_after=N streams them
+again from N on, however often a reader goes away); without the store, `store` is false in every answer and
+nothing is kept, as vLLM does. Not served: reasoning, built-in tools (web search, files, MCP), input other than
+text.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from .chat import ChatCompletion, chat_job, conversation_prompt
-from .completions import admit, client_request_id, respond
+from .completions import SSE_HEADERS, admit, client_request_id, respond
 from .errors import ApiError
 from .response_items import OutputItems, ResponseChoiceState
 from .schemas import ChatCompletionRequest, ResponsesRequest, SamplingFields
@@ -53,11 +56,18 @@ class ResponseCompletion(ChatCompletion):
         self.started = self.cancelled = False  # (background: the first output came; cancel was asked)
         self.task: asyncio.Task | None = None  # background: the task that reads the outputs
         self.final: dict | None = None  # the response as it ended
+        # a background stream: every event sent, in order (index = sequence number), for readers that come and go
+        self.log: list[str] | None = None
+        self.grew = asyncio.Event()  # set (and replaced) whenever the log grows or the response ends
+        self.ended = False
 
     def event(self, event: dict) -> str:
         event = {"type": event["type"], "sequence_number": self.sequence, **event}
         self.sequence += 1
-        return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+        text = f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+        if self.log is not None:
+            self.log.append(text)
+        return text
 
     def opening(self) -> list[str]:
         started = self.response("in_progress")
@@ -69,7 +79,8 @@ class ResponseCompletion(ChatCompletion):
 
     def closing(self) -> str:
         response = self.finished()
-        return self.event({"type": f"response.{response['status']}", "response": response})
+        ended = "incomplete" if response["status"] == "cancelled" else response["status"]  # (the SDK's event types)
+        return self.event({"type": f"response.{ended}", "response": response})
 
     def failed(self, error: dict) -> str:
         detail = error["error"]
@@ -81,10 +92,11 @@ class ResponseCompletion(ChatCompletion):
         self.choice.whole()
         return self.finished()
 
-    def finished(self, status: str | None = None) -> dict:
+    def finished(self) -> dict:
         """The response once its text ended."""
-        return self.keep(self.response(status or ("incomplete" if self.choice.finish_reason == "length"
-                                                  else "completed")))
+        reason = self.choice.finish_reason
+        return self.keep(self.response("cancelled" if self.cancelled else "incomplete" if reason == "length"
+                                       else "completed"))
 
     def keep(self, response: dict) -> dict:
         """The response, kept where the store is on and the request asked (once it ended, with its output as the
@@ -92,7 +104,7 @@ class ResponseCompletion(ChatCompletion):
         store = self.state.responses
         ended = response["status"] not in ("queued", "in_progress")
         if store is not None and self.asked.store:
-            store.put(response, self.conversation + ([self.choice.items.message()] if ended else []))
+            store.put(response, self.conversation + ([self.choice.items.message()] if ended else []), self.log)
         if ended:
             self.final = response
         return response
@@ -102,6 +114,9 @@ class ResponseCompletion(ChatCompletion):
         """A background response: its outputs read with no client waiting, the store saying how it stands
         (queued, in_progress, then completed, incomplete, cancelled or failed)."""
         try:
+            if self.log is not None:
+                self.opening()
+                self._grown()
             while self.unfinished:
                 item = await self.queue.get()  # (no keep-alive ticks: nobody listens)
                 if isinstance(item, Failure):
@@ -110,16 +125,48 @@ class ResponseCompletion(ChatCompletion):
                 if not self.started:
                     self.started = True
                     self.keep(self.response("in_progress"))
+                if self.log is not None:  # the events, as a stream's
+                    self._coalesce([item])
+                    self._grown()
+                    continue
                 piece, _ = self._take(item)
                 if piece is not None:
                     self.choice.follow(piece)
-            self.choice.items.finish(self.choice.finish_reason)
-            self.finished("cancelled" if self.cancelled else None)
+            if self.log is not None:
+                self.closing()
+            else:
+                self.choice.items.finish(self.choice.finish_reason)
+                self.finished()
         except Exception:  # nobody waits to be told: logged, and kept as failed
             log.exception("background response %s failed", self.id)
-            self.keep(self.response("failed", {"code": "server_error", "message": "internal server error"}))
+            failure = self.response("failed", {"code": "server_error", "message": "internal server error"})
+            self.keep(failure)
+            if self.log is not None:
+                self.event({"type": "response.failed", "response": failure})
         finally:
             self.state.responses.running.pop(self.id, None)
+            self.ended = True
+            self._grown()
+
+    def _grown(self) -> None:
+        self.grew.set()
+        self.grew = asyncio.Event()
+
+    async def replay(self, after: int) -> AsyncIterator[str]:
+        """A background stream's events after sequence number `after`, then each as it comes until the response
+        ends (a reader that goes away stops nothing); a keep-alive comment after a quiet interval."""
+        at = max(after + 1, 0)
+        while True:
+            while at < len(self.log):
+                yield self.log[at]
+                at += 1
+            if self.ended:
+                return
+            grew = self.grew
+            try:
+                await asyncio.wait_for(grew.wait(), self.state.settings.keepalive_interval)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
 
     async def cancel(self) -> dict:
         """Stop a background response where it is: its text so far, status cancelled (or how it stands after
@@ -180,10 +227,16 @@ async def create_response(req: ResponsesRequest, request: Request, state: AppSta
     if not req.background:
         return await respond(completion, request)
     await completion.submit()
+    if req.stream:
+        completion.log = []
     queued = completion.keep(completion.response("queued"))
     state.responses.running[completion.id] = completion
     completion.task = asyncio.create_task(completion.detached())
-    return JSONResponse(queued, headers={"X-Request-Id": completion.request_id})
+    headers = {"X-Request-Id": completion.request_id}
+    if req.stream:
+        return StreamingResponse(completion.replay(-1), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **headers})
+    return JSONResponse(queued, headers=headers)
 
 
 def renamed(e: ApiError, req: ResponsesRequest) -> ApiError:
@@ -203,9 +256,6 @@ def check_asked(req: ResponsesRequest, state: AppState) -> None:
     if req.background and (state.responses is None or not req.store):
         raise ApiError(400, "background: a background response is kept until it is fetched: it needs store true, "
                             "on a server started with --enable-responses-api-store", "background", "invalid_value")
-    if req.background and req.stream:
-        raise ApiError(400, "stream: a background response is not streamed here; fetch it with GET "
-                            "/v1/responses/{id}", "stream", "unsupported")
     if req.n != 1:
         raise ApiError(400, "n: a response has one output; ask for several with /v1/chat/completions", "n",
                        "invalid_value")
@@ -370,11 +420,19 @@ def fitted(chat: ChatCompletionRequest, req: ResponsesRequest, state: AppState, 
     return chat.model_copy(update={"messages": messages})
 
 
-def stored(response_id: str, state: AppState) -> dict:
+def stored(response_id: str, state: AppState, stream: bool = False, starting_after: int | None = None):
     """GET /v1/responses/{id}: the response as it was answered (a background one still generating: as it stands,
-    its output so far), or a 404."""
+    its output so far), or a 404. With `stream`, a background stream's events after `starting_after` (all of
+    them without it), then, where it still runs, each as it comes."""
     kept = _kept(response_id, state)
     running = state.responses.running.get(response_id)
+    if stream:
+        if (running.log if running is not None else kept.events) is None:
+            raise ApiError(400, "stream: only a response created with background and stream true can be streamed "
+                                "again", "stream", "invalid_value")
+        after = -1 if starting_after is None else starting_after
+        events = running.replay(after) if running is not None else iter(kept.events[after + 1:])
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     return running.response("in_progress" if running.started else "queued") if running is not None else \
         kept.response
 

@@ -276,7 +276,6 @@ def render(turns: list[dict]) -> bytes:
 
 @pytest.mark.parametrize("body, param, words", [
     ({"background": True, "store": False}, "background", "needs store true"),
-    ({"background": True, "stream": True}, "stream", "not streamed here"),
     ({"n": 2}, "n", "one output"),
     ({"return_patches": True}, "return_patches", "/v1/completions"),
     ({"tools": [{"type": "web_search"}]}, "tools[0].type", "functions only"),
@@ -354,6 +353,42 @@ def test_background_responses(serve):
         assert c.delete(f"{url}/v1/responses/{running.id}").json()["deleted"]
         assert c.get(f"{url}/v1/responses/{running.id}").status_code == 404 and not state.responses.running
     assert not engine.running and not engine.waiting  # nothing left generating
+
+
+def test_a_background_stream_is_read_again_from_where_a_reader_left(serve):
+    """background and stream: the events go on without a reader; GET ?stream=true&starting_after=N gives them
+    again from N on (while it runs, and after), numbered as first sent; a response not streamed is a 400 there."""
+    engine = ScriptedEngine({}, default=b"ab" * 300, step_delay=0.002)
+    url, _ = serve(engine, chat_template=TEMPLATE, enable_responses_api_store=True)
+    body = {"input": "Hi", "background": True, "stream": True, "max_output_tokens": 400}
+    with httpx.Client(timeout=60) as c:
+        first = []
+        with c.stream("POST", f"{url}/v1/responses", json=body) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():  # the reader leaves after a few deltas
+                if line.startswith("data: "):
+                    first.append(json.loads(line[len("data: "):]))
+                if len(first) == 8:
+                    break
+        rid, last = first[0]["response"]["id"], first[-1]["sequence_number"]
+        with c.stream("GET", f"{url}/v1/responses/{rid}", params={"stream": "true", "starting_after": last}) as r:
+            rest = sse(r.read().decode())
+        events = first + rest
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[-1]["type"] == "response.incomplete" and built(events)[0]["text"] == "ab" * 200
+        again = c.get(f"{url}/v1/responses/{rid}", params={"stream": "true", "starting_after": 3}).text
+        assert sse(again) == events[4:]  # after it ended: the same events
+        plain = c.post(f"{url}/v1/responses", json={"input": "Hi", "background": True}).json()
+        refused = c.get(f"{url}/v1/responses/{plain['id']}", params={"stream": "true"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
+        engine.paused.set()  # cancelled while a reader waits: its stream ends with the cancelled response
+        with c.stream("POST", f"{url}/v1/responses", json={**body, "max_output_tokens": 4000}) as r:
+            lines = r.iter_lines()
+            created = json.loads(next(line for line in lines if line.startswith("data: "))[len("data: "):])
+            c.post(f"{url}/v1/responses/{created['response']['id']}/cancel")
+            tail = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    engine.paused.clear()
+    assert tail[-1]["type"] == "response.incomplete" and tail[-1]["response"]["status"] == "cancelled"
 
 
 def wait_until_done(client: OpenAI, response_id: str):
