@@ -131,12 +131,6 @@ class ResponseChoiceState(ChatChoiceState):
         self.items.finish(self.finish_reason)
         return self.items.items
 
-    def follow(self, piece) -> None:
-        """A background response's piece, read into the items as it comes (so that it shows its output so far),
-        then dropped."""
-        self._feed(piece)
-        self.pieces.clear()
-
     def _feed(self, piece) -> list[dict]:
         return self.items.feed(piece.text, chat_logprobs([(piece, 0)])["content"] if self.want_logprobs else None)
 

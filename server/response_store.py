@@ -1,5 +1,5 @@
-"""Finished responses kept in memory (--enable-responses-api-store): for GET /v1/responses/{id} and a later
-request's previous_response_id.
+"""Responses kept in memory (--enable-responses-api-store): for GET /v1/responses/{id} and a later request's
+previous_response_id; and the background responses still generating (`running`), which GET reads as they stand.
 
 Owns the budget: the responses and their conversations are kept up to BUDGET bytes of JSON text in all; beyond
 it the oldest are forgotten first (an id then answers 404, as a deleted one does). A response named again (the

@@ -30,6 +30,7 @@ from .chat import ChatCompletion, chat_job, conversation_prompt
 from .completions import SSE_HEADERS, admit, client_request_id, respond
 from .errors import ApiError
 from .response_items import OutputItems, ResponseChoiceState
+from .response_store import Stored
 from .schemas import ChatCompletionRequest, ResponsesRequest, SamplingFields
 from .state import AppState
 from .worker import Failure
@@ -125,18 +126,9 @@ class ResponseCompletion(ChatCompletion):
                 if not self.started:
                     self.started = True
                     self.keep(self.response("in_progress"))
-                if self.log is not None:  # the events, as a stream's
-                    self._coalesce([item])
-                    self._grown()
-                    continue
-                piece, _ = self._take(item)
-                if piece is not None:
-                    self.choice.follow(piece)
-            if self.log is not None:
-                self.closing()
-            else:
-                self.choice.items.finish(self.choice.finish_reason)
-                self.finished()
+                self._coalesce([item])  # its items grow as a stream's do (the events logged where it streams)
+                self._grown()
+            self.closing()
         except Exception:  # nobody waits to be told: logged, and kept as failed
             log.exception("background response %s failed", self.id)
             failure = self.response("failed", {"code": "server_error", "message": "internal server error"})
@@ -227,6 +219,7 @@ async def create_response(req: ResponsesRequest, request: Request, state: AppSta
     if not req.background:
         return await respond(completion, request)
     await completion.submit()
+    completion.choice.streamed = True  # its pieces dropped once read into its items (GET shows them as they grow)
     if req.stream:
         completion.log = []
     queued = completion.keep(completion.response("queued"))
@@ -458,7 +451,13 @@ async def cancel_stored(response_id: str, state: AppState) -> dict:
 
 
 def _kept(response_id: str, state: AppState):
-    kept = state.responses.get(response_id) if state.responses is not None else None
+    """What is kept of a response (a background one still generating may have been forgotten for the budget: it is
+    kept again when it ends)."""
+    store = state.responses
+    kept = store.get(response_id) if store is not None else None
+    if kept is None and store is not None and response_id in store.running:
+        running = store.running[response_id]
+        kept = Stored(running.response("in_progress"), running.conversation, 0, running.log)
     if kept is None:
         why = "" if state.responses is not None else " (this server keeps none: --enable-responses-api-store)"
         raise ApiError(404, f"no response {response_id!r} is kept{why}", "response_id", "not_found")
