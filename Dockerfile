@@ -17,8 +17,8 @@
 #   BLT_JUMP_FORWARD (0 on CUDA, 2 on a CPU: bytes a guide forces, at least, prefilled as one chunk)
 #   BLT_SEED (seeds the requests sent without a seed: the same text after a restart)
 #   BLT_CHAT_TEMPLATE (a Jinja file for /v1/chat/completions; default: the model directory's, if any)
-#   BLT_ENABLE_AUTO_TOOL_CHOICE, BLT_TOOL_CALL_PARSER (hermes or llama3_json: tool_choice "auto" reads the
-#   model's calls)
+#   BLT_ENABLE_AUTO_TOOL_CHOICE, BLT_TOOL_CALL_PARSER (hermes, llama3_json or pythonic: tool_choice "auto"
+#   reads the model's calls)
 #   BLT_ENABLE_RESPONSES_API_STORE (keep /v1/responses answers for GET and previous_response_id)
 #   BLT_GENERATION_CONFIG (auto: sampling defaults from the model's generation_config.json; none)
 #   BLT_OVERRIDE_GENERATION_CONFIG (a JSON object of those defaults, set over them)

@@ -14,7 +14,8 @@ from pathlib import Path
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "weights" / "blt-shakespeare"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 KERNELS = ("auto", "torch", "triton", "triton-gemv")  # blt_runtime.kernels.CHOICES (this module imports no torch)
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "llama4_json")  # tool_parser.PARSERS (this module imports no FastAPI)
+# tool_parser.PARSERS (this module imports no FastAPI)
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "llama4_json", "pythonic")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Settings:
     seed: int | None = None  # of the generator that seeds requests sent without a seed; default: random
     chat_template: str | None = None  # a file, or the template itself; default: the model directory's, if any
     enable_auto_tool_choice: bool = False  # tool_choice "auto": calls read out of the text by tool_call_parser
-    tool_call_parser: str | None = None  # hermes, llama3_json (llama4_json)
+    tool_call_parser: str | None = None  # hermes, llama3_json (llama4_json), pythonic
     enable_responses_api_store: bool = False  # keep finished /v1/responses answers in memory
     generation_config: str = "auto"  # auto: the model directory's generation_config.json; none; or a directory
     override_generation_config: str | None = None  # a JSON object of generation-config keys over those
@@ -123,7 +124,8 @@ HELP = {
                         "object {\"name\": ..., \"arguments\": ...} between <tool_call> and </tool_call>, as "
                         "Hermes and Qwen chat templates ask for), or llama3_json (llama4_json: the same; a text that "
                         "begins with { or <|python_tag|> is calls, such objects separated by ';', as Llama 3's JSON "
-                        "tool template asks for)",
+                        "tool template asks for), or pythonic (a text that begins with [ is a Python list of calls, "
+                        "[f(a=1), g(b='x')], as Llama 3.2's and 4's pythonic templates ask for)",
     "enable_responses_api_store": "keep finished /v1/responses answers in memory (64 MiB of them at most, the "
                                   "oldest forgotten first) for GET /v1/responses/{id}, previous_response_id and "
                                   "background responses (vLLM's VLLM_ENABLE_RESPONSES_API_STORE); without it a "

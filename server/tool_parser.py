@@ -24,6 +24,7 @@ import json
 from typing import Any
 
 from .llama_tool_parser import Llama3JsonCalls
+from .pythonic_tool_parser import PythonicCalls
 from .tools import FREE_HEAD, SPACE, Call, TextCalls, ValueScan, open_call, take_argument
 
 START, END = "<tool_call>", "</tool_call>"
@@ -112,4 +113,5 @@ class HermesCalls(TextCalls):
 
 
 # --tool-call-parser's choices (settings.TOOL_CALL_PARSERS); llama4_json is vLLM's other name for the same format
-PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls, "llama4_json": Llama3JsonCalls}
+PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls, "llama4_json": Llama3JsonCalls,
+           "pythonic": PythonicCalls}

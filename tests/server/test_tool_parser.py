@@ -1,12 +1,14 @@
 """tool_choice "auto" (server/tool_parser.py, --enable-auto-tool-choice --tool-call-parser hermes): the model's
 own text is read as content and Hermes calls, <tool_call>{"name": ..., "arguments": ...}</tool_call>; or
 (llama_tool_parser.py, llama3_json) as Llama 3's JSON calls, {"name": ..., "arguments": ...} objects separated by
-';'. However the text comes, a stream's deltas add up to the whole answer; over HTTP a scripted engine writes the
-calls, and the official OpenAI client reads them, whole and streamed."""
+';'; or (pythonic_tool_parser.py) as a Python list of calls, [f(a=1), g(b="x")]. However the text comes, a
+stream's deltas add up to the whole answer; over HTTP a scripted engine writes the calls, and the official OpenAI
+client reads them, whole and streamed."""
 
 from __future__ import annotations
 
 import json
+import keyword
 
 import httpx
 import pytest
@@ -18,6 +20,7 @@ from scripted import ScriptedEngine
 from blt_runtime import Engine, load_model
 from server.errors import ApiError
 from server.llama_tool_parser import PYTHON_TAG, Llama3JsonCalls
+from server.pythonic_tool_parser import PythonicCalls
 from server.settings import TOOL_CALL_PARSERS
 from server.tool_parser import END, PARSERS, START, HermesCalls
 from server.tools import tool_calling
@@ -157,6 +160,48 @@ def test_the_llama3_json_forms_a_model_may_write(text, content, calls):
         assert (got, [(n, a) for _, n, a in streamed]) == (content, calls), cuts
 
 
+IDENTIFIERS = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True).filter(lambda n: not keyword.iskeyword(n))
+
+
+@settings(max_examples=300, deadline=None)
+@given(calls=st.lists(st.tuples(IDENTIFIERS, st.dictionaries(IDENTIFIERS, JSON_VALUES, max_size=3)), min_size=1,
+                      max_size=3),
+       glue=st.sampled_from([", ", ",", ",\n  "]), after=TEXT, cuts=st.lists(st.integers(1, 9), max_size=50))
+def test_pythonic_calls_are_read_however_the_text_comes(calls, glue, after, cuts):
+    text = "[" + glue.join(f"{name}({', '.join(f'{k}={v!r}' for k, v in kw.items())})" for name, kw in calls) + \
+        "]" + after
+    content, streamed, parser = read(text, cuts, PythonicCalls)
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in parser.whole()] == streamed
+    assert content == after and [(n, json.loads(a)) for _, n, a in streamed] == calls
+    assert parser.finish_reason("stop") == "tool_calls" and read(text, [], PythonicCalls)[0] == content
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    ("no calls at all", "no calls at all", []),
+    ('Sure: [f(a=1)]', 'Sure: [f(a=1)]', []),  # not at the start
+    ("[f()]", "", [("f", "{}")]),
+    ('[f(s="a)b", t=\'c"\', u=[1, (2, 3)], v={"k": None}, w=True)]', "",
+     [("f", '{"s": "a)b", "t": "c\\"", "u": [1, [2, 3]], "v": {"k": null}, "w": true}')]),
+    ('[f(a=1), g(b="x")] done', " done", [("f", '{"a": 1}'), ("g", '{"b": "x"}')]),
+    ("[f(a=1), g(b=2", ", g(b=2", [("f", '{"a": 1}')]),  # cut by max_tokens: what is not a whole call is text
+    ("[f(a=x)] then", "[f(a=x)] then", []),  # not a literal: no call, the text from there on
+    ("[f(1)]", "[f(1)]", []),  # positional: no call
+    ("[f(a=1e999)]", "[f(a=1e999)]", []),  # no JSON for it
+    ("[print(open('x').read())]", "[print(open('x').read())]", []),  # nothing is run: no literal, no call
+    ("[f(a=1), 7]", ", 7]", [("f", '{"a": 1}')]),
+    ("[]", "[]", []),
+    ("[link text](https://x.org) and more", "[link text](https://x.org) and more", []),  # content at the space
+    ("[f(a=1)] [x]", " [x]", [("f", '{"a": 1}')]),
+    ("[f(a=1), x]", ", x]", [("f", '{"a": 1}')]),
+    ("[f(a=[1, 2)]", "[f(a=[1, 2)]", []),
+    ("[ ", "[ ", []),
+])
+def test_the_pythonic_forms_a_model_may_write(text, content, calls):
+    for cuts in ([], [1] * len(text), [3, 5] * len(text)):
+        got, streamed, _ = read(text, cuts, PythonicCalls)
+        assert (got, [(n, a) for _, n, a in streamed]) == (content, calls), cuts
+
+
 def test_what_tool_choice_auto_asks_for():
     assert tuple(PARSERS) == TOOL_CALL_PARSERS
     with pytest.raises(ApiError, match="--enable-auto-tool-choice"):
@@ -234,9 +279,11 @@ LLAMA_SCRIPT = ('<|python_tag|>{"name": "get_weather", "arguments": {"city": "KÃ
                 '{"parameters": {"city": "Oslo"}, "name": "get_weather"}').encode()
 
 
-def test_llama3_json_calls_over_http(serve):
-    url, _ = serve(ScriptedEngine({PROMPT: LLAMA_SCRIPT}, default=b"plain"), chat_template=TEMPLATE,
-                   enable_auto_tool_choice=True, tool_call_parser="llama3_json")
+@pytest.mark.parametrize("parser, script", [
+    ("llama3_json", LLAMA_SCRIPT), ("pythonic", '[get_weather(city="KÃ¶ln"), get_weather(city=\'Oslo\')]'.encode())])
+def test_llama3_json_and_pythonic_calls_over_http(serve, parser, script):
+    url, _ = serve(ScriptedEngine({PROMPT: script}, default=b"plain"), chat_template=TEMPLATE,
+                   enable_auto_tool_choice=True, tool_call_parser=parser)
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
     kw = dict(model="tiny", messages=CHAT, tools=TOOLS, max_tokens=500)
     out = client.chat.completions.create(**kw).choices[0]
