@@ -24,7 +24,7 @@ PYTHON_TAG = "<|python_tag|>"
 
 
 class Llama3JsonCalls(TextCalls):
-    END = None  # no end tag: no stop string ends the text after a call
+    """Llama 3's JSON calls, as the text comes (see the module's docstring; no end tag: END stays None)."""
 
     def __init__(self):
         self.calls: list[Call] = []

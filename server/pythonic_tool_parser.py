@@ -22,7 +22,7 @@ QUOTES = "'\""
 
 
 class PythonicCalls(TextCalls):
-    END = None  # no end tag: no stop string ends the text after a call
+    """A Python list of calls, as the text comes (see the module's docstring; no end tag: END stays None)."""
 
     def __init__(self):
         self.calls: list[Call] = []

@@ -39,7 +39,7 @@ log = logging.getLogger("blt.server")
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
 LOGPROBS = "message.output_text.logprobs"
-SENT_AS_IS = {"n", "return_patches", "response_format"}  # SamplingFields this module checks or sets itself
+NOT_COPIED = {"n", "return_patches", "response_format"}  # SamplingFields this module checks or sets itself
 CANCEL_WAIT = 30.0  # seconds a cancel waits for the engine to stop a background response
 
 
@@ -344,7 +344,7 @@ def item_text(content: Any, where: str) -> str:
 def chat_request(req: ResponsesRequest, conversation: list[dict]) -> ChatCompletionRequest:
     """The request in a chat completion's terms."""
     fields = {name: getattr(req, name) for name in SamplingFields.model_fields
-              if name in req.model_fields_set and name not in SENT_AS_IS}
+              if name in req.model_fields_set and name not in NOT_COPIED}
     system = [{"role": "system", "content": req.instructions}] if req.instructions is not None else []
     return ChatCompletionRequest.model_validate({
         **fields, "messages": system + conversation, "max_completion_tokens": req.max_output_tokens,
