@@ -262,4 +262,5 @@ def resolve(choice: str, device: torch.device, dtype: torch.dtype) -> str:
         if problem is not None:
             log.warning("Triton kernels disabled, using PyTorch's: %s", problem)
             return "torch"
+        return "triton"
     return choice

@@ -170,6 +170,23 @@ def test_self_check_and_resolve():
         resolve("sdpa", cpu, torch.float32)
 
 
+def test_auto_on_cuda_picks_the_triton_kernels_that_pass_their_check(monkeypatch, caplog):
+    """On a CUDA device "auto" is "triton" where the kernels pass their check, else "torch" with a
+    warning; never "auto" itself, which the engine would run as neither (the first H200 run found
+    that: PyTorch's operators around the Triton tail, slower than both)."""
+    from blt_runtime import kernels
+
+    cuda = torch.device("cuda")  # only named: the checks that would run on it are stood in for
+    monkeypatch.setattr(kernels, "triton_importable", lambda: True)
+    monkeypatch.setattr(kernels, "self_check", lambda device, dtype: None)
+    assert resolve("auto", cuda, torch.bfloat16) == "triton"
+    monkeypatch.setattr(kernels, "self_check", lambda device, dtype: "norm differs")
+    assert resolve("auto", cuda, torch.bfloat16) == "torch"
+    assert "Triton kernels disabled" in caplog.text and "norm differs" in caplog.text
+    monkeypatch.setattr(kernels, "triton_importable", lambda: False)
+    assert resolve("auto", cuda, torch.bfloat16) == "torch"
+
+
 def test_a_failing_sampling_kernel_leaves_the_other_kernels_on(monkeypatch, caplog):
     """Under "auto", a sampling kernel that fails its check only sends sampling back to PyTorch's
     operators (with a warning); an explicit choice is taken as asked, and "torch" never samples in Triton."""
