@@ -22,7 +22,7 @@ class StepGraphs:
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.device = device
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None  # the graphs' memory pool, made at the first capture (and after clear())
         self.side = torch.cuda.Stream(device)  # where first runs go, outside the capture
         self.captures = 0  # how many graphs were recorded (a capture per new key, and again after clear())
 
@@ -45,13 +45,18 @@ class StepGraphs:
     def _record(self, piece: Callable[[], None]):
         """The piece's kernels, recorded (not run); `.replay()` runs them."""
         graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
             piece()
         return graph
 
     def clear(self) -> None:
-        """Forget every graph (a buffer they were captured on has been replaced)."""
+        """Forget every graph (a buffer they were captured on has been replaced), and their memory pool:
+        PyTorch frees a pool once no graph holds it, and refuses to capture into a freed one (an internal
+        assertion, use_count > 0, seen on an H200 with torch 2.11)."""
         self.graphs.clear()
+        self.pool = None
 
     def __len__(self) -> int:
         return len(self.graphs)

@@ -543,7 +543,9 @@ class Runner:
         ids = sample(logits, batch, positions, self.output_counts[reads], self.seen[reads], EOS_ID,
                      self.logit_bias[reads])
         self.output_counts[slots, ids] += 1
-        self.seen[slots, ids] = True
+        # a tensor on the device, not True: a Python scalar would be copied from the host, which a CUDA
+        # graph's capture refuses
+        self.seen[slots, ids] = torch.ones_like(ids, dtype=torch.bool)
         out[:, 0].copy_(ids)
         return ids, F.embedding(ids[:, None], self.entropy_embed)
 
