@@ -31,7 +31,7 @@ class Settings:
     max_batch_size: int = 16
     max_queue: int = 256
     max_model_len: int | None = None  # bytes, BOS included; default: the model's max_seq_len
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None  # default: 2048 on CUDA, 512 on a CPU (blt_runtime/engine.py)
     threads: int | None = None  # CPU intra-op threads; default: all cores but one
     enforce_eager: bool = False  # no CUDA graphs (static steps run eagerly)
     compile: bool = False  # element-wise stretches of each step compiled (torch.compile)
@@ -90,7 +90,7 @@ HELP = {
     "max_batch_size": "sequences that advance together (cache slots)",
     "max_queue": "requests that may wait for a slot; beyond it, 429",
     "max_model_len": "bytes of context per sequence (prompt + completion + BOS)",
-    "prefill_chunk": "prompt bytes prefilled per engine step",
+    "prefill_chunk": "prompt bytes prefilled per engine step (default: 2048 on CUDA, 512 on a CPU)",
     "threads": "CPU threads for the model (default: all cores but one, left to HTTP)",
     "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs",
     "compile": "compile the element-wise stretches of each step into one kernel each (torch.compile; "
@@ -270,7 +270,7 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
         if path is not None and not os.path.isfile(path):
             p.error(f"--{name.replace('_', '-')} {path}: no such file")
     for name in ("max_batch_size", "max_body_bytes", "prefill_chunk"):
-        if getattr(settings, name) < 1:
+        if getattr(settings, name) is not None and getattr(settings, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("max_queue", "kept_prefixes", "jump_forward"):
         if (getattr(settings, name) or 0) < 0:

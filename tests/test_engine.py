@@ -87,6 +87,16 @@ def test_prefill_chunks_count_prompt_bytes(models, prompt_bytes, chunks, at_once
     assert steps == chunks + (not at_once)
 
 
+def test_default_prefill_chunk_depends_on_the_device(models):
+    """512 prompt bytes a step on a CPU, 2,048 on CUDA (measured there: bench/RESULTS.md, "GPU"); the one
+    asked for, on either."""
+    from blt_runtime import engine as engine_module
+
+    assert Engine(models["first_layer"]).scheduler.prefill_chunk == engine_module.PREFILL_CHUNK_CPU == 512
+    assert Engine(models["first_layer"], prefill_chunk=100).scheduler.prefill_chunk == 100
+    assert engine_module.PREFILL_CHUNK_CUDA == 2048
+
+
 def test_batched_equals_alone(models):
     """The same request gives the same bytes alone and among 7 others joining at different steps."""
     model = models["1b"]
