@@ -10,46 +10,45 @@ and timed in one run. Prints a table and, last, one JSON line.
    steps (the next one queued before a step's outputs go back, the CUDA default); the primary one
    also runs without ("overlap_equal_no_overlap", and `..._no_overlap` bytes/s at batch 1 and at
    the largest stream count).
-3. Times batch-1 bytes/s (graphs and eager), time to first byte for a 1 KB prompt (in two chunks of
-   512 bytes, the default, and in one: `ttfb_1kb_prompt_ms_one_chunk`), aggregate bytes/s
-   at 8, 32 and 64 streams, and peak memory; and batch 1 and the largest stream count sampling with
-   temperature 0.8 and top-p 0.95 (`..._sampled`; seeded, so also checked against the comparison
-   engine and against itself), and 64 bytes at batch 1 with penalties and a logit bias as well,
-   checked against the comparison engine (`..._penalised`). Each timed run follows an identical
-   untimed one, so graph captures (one per new step shape) are not in the figures.
-4. Times transformers' BltForCausalLM.generate(use_cache=False) on the same weights, same run. Then
-   8 choices of the 1 KB prompt, sampled, with shared prompts (the default: one prefill, copied) and
-   with each prefilling its own, on one engine (`shared_prompts`: the time until every choice has
-   its first byte, and whether the bytes are the same both ways), and four new conversations after
-   the same 1 KB of instructions, one after the other, with and without shared prompts (the third
-   and fourth start from the copy of the instructions' state the second kept:
-   `conversation_first_byte_ms`, `conversations_equal`). Then echo's scoring: the engine's
-   prefill scores the 1 KB prompt, against the full forward's scores in the same dtype
-   (`prompt_scores`: largest difference, top-1 agreement, milliseconds of each). Then as many
-   requests as the largest stream count, with 100-byte prompts, arriving together (`burst`: the
-   first bytes, first, median and last, with the prompts prefilled together, 512 bytes a step and
-   four times that (`together_4x_bytes`), and one per step; and
-   8 of them a step after a 3,000-byte prompt, before its next chunk and after all of them:
-   `burst.behind`). Then the largest stream count again, greedy and guided by a pattern of words and
-   punctuation (`guided`: bytes/s against the same streams free, and whether graphs and eager steps
-   agree on the guided bytes).
-5. On CUDA, profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall
-   time per step, the costliest kernels.
-6. Kernels (kernels.py): the engine runs the repository's Triton kernels (attention with RoPE,
-   norms, SwiGLU's gate) where they pass their check on the device ("auto"). On CUDA, times the
-   attention kernel against SDPA on rows read from a cache at the step's shapes (`attention_us`),
-   the norm and gate kernels against the eager stretches (`stretch_us`), the sampling kernel against
-   the eager sampler (`sample_us`), and measures the engine
-   with PyTorch's kernels as in 2-3 at the largest stream count (`torch` in the JSON). Then, where
-   they pass their check ("gemv_self_check"), the projections with their norms and gate inside
-   (gemv.py): per call against what the default runs in their place (`gemv_us`), and the engine
-   with `--kernels triton-gemv` as with `torch` (`triton_gemv` in the JSON).
-7. Runs the engine again with its element-wise stretches compiled (fused.py, `compiled` in the
-   JSON): compile time, graphs against eager, determinism, top-1 agreement, batch 1, the largest
-   stream count, its profile. A JSON line is printed before 6, within 6 and before 7, so a run
-   that times out still reports what came before.
+3. Times batch-1 bytes/s (graphs and eager), time to first byte for a 1 KB prompt (at the default
+   `prefill_chunk`, 2,048 on CUDA; in one chunk: `..._one_chunk`; in chunks of 512: `..._512_chunks`),
+   aggregate bytes/s at 8, 32 and 64 streams, and peak memory; and batch 1 and the largest stream
+   count sampling with temperature 0.8 and top-p 0.95 (`..._sampled`; seeded, so also checked against
+   the comparison engine and against itself), and 64 bytes at batch 1 with penalties and a logit bias
+   as well, checked against the comparison engine (`..._penalised`). Each timed run follows an
+   identical untimed one, so graph captures (one per new step shape) are not in the figures. On CUDA,
+   profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall time per
+   step, the costliest kernels.
+4. Then the later parts, in this order, each timed (`parts_s`) and followed by a JSON line with all so
+   far; one that would start after `--budget-s` is skipped and named in `skipped`, so the last line is
+   whole within gpu_check.sh's 6 minutes:
+   - `transformers`: BltForCausalLM.generate(use_cache=False) on the same weights.
+   - `compiled`: the engine again with its element-wise stretches compiled (fused.py): compile time,
+     graphs against eager, determinism, top-1 agreement, batch 1, the largest stream count, profile.
+   - `kernel_calls` (CUDA, where "auto" picked the Triton kernels, kernels.py): per call, the sampling
+     kernel against the eager sampler (`sample_us`), the attention kernel against SDPA on rows read
+     from a cache at the step's shapes (`attention_us`), the norm and gate kernels against the eager
+     stretches (`stretch_us`).
+   - `guided`: the largest stream count, greedy, free and guided by a pattern of words and punctuation
+     (bytes/s, and whether graphs and eager steps agree on the guided bytes).
+   - `shared_prompts`: 8 choices of the 1 KB prompt, sampled, with shared prompts (one prefill,
+     copied) and with each prefilling its own (the time until every choice has its first byte, and
+     whether the bytes are the same both ways), and four new conversations after the same 1 KB of
+     instructions, one after the other, with and without shared prompts (the third and fourth start
+     from the copy of the instructions' state the second kept: `conversation_first_byte_ms`,
+     `conversations_equal`).
+   - `prompt_scores`: echo's scoring, the engine's prefill scoring the 1 KB prompt against the full
+     forward's scores in the same dtype (largest difference, top-1 agreement, milliseconds of each).
+   - `burst`: as many requests as the largest stream count, with 100-byte prompts, arriving together:
+     the first bytes (first, median, last) with the prompts prefilled together at the default bytes a
+     step, at 512 and at 2,048, and one per step; and 8 of them a step after a 3,000-byte prompt,
+     before its next chunk and after all of them (`burst.behind`).
+   - `torch_kernels` (CUDA): the engine with PyTorch's kernels, as in 2-3 at the largest stream count.
+   - `triton_gemv` (CUDA): where they pass their check (`gemv_self_check`), the projections with their
+     norms and gate inside (gemv.py) per call against what the default runs in their place
+     (`gemv_us`), and the engine with `--kernels triton-gemv` as with `torch_kernels`.
 
-Needs torch (and transformers for step 4), never the web stack. `--small` runs tiny shapes, which
+Needs torch (and transformers for `transformers`), never the web stack. `--small` runs tiny shapes, which
 is how the script itself is tested on a CPU:
 
     python3 bench/gpu_check.py                      # on the GPU machine (bench/gpu_check.sh)
@@ -363,7 +362,7 @@ def _sample_case(B: int, how: dict, device: torch.device, dtype: torch.dtype) ->
     def eager():
         ids = sample(logits, batch, positions, counts[slots], seen[slots], EOS_ID, bias[slots])
         counts[slots, ids] += 1
-        seen[slots, ids] = True
+        seen[slots, ids] = torch.ones_like(ids, dtype=torch.bool)  # as runner.choose: no host scalar in a graph
         out[:, 0].copy_(ids)
         return torch.nn.functional.embedding(ids[:, None], embed)
 
@@ -383,7 +382,7 @@ def measure_torch(model: BltModel, prompt: bytes, args, result: dict) -> None:
     measure(model, make_engine(model, graphs=True, kernels="torch"),
             make_engine(model, graphs=False, kernels="torch"), ("graphs", "eager"), prompt, args, out,
             streams=[largest_streams(args)])
-    result["torch"] = out
+    result["torch_kernels"] = out
 
 
 def attempt(measure_part, key: str, model: BltModel, prompt: bytes, args, result: dict, reraise: bool = False) -> None:
@@ -406,6 +405,19 @@ def measure_gemv(model: BltModel, prompt: bytes, args, result: dict) -> None:
             make_engine(model, graphs=False, kernels="triton-gemv"), ("graphs", "eager"), prompt, args, out,
             streams=[largest_streams(args)])
     result["triton_gemv"] = out
+
+
+def measure_kernel_calls(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The Triton kernels per call against what they replace (sample_us, attention_us, stretch_us)."""
+    result.update(sample_us=sample_us(model), attention_us=attention_us(model), stretch_us=stretch_us(model))
+
+
+def measure_gemv_part(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The projections of `--kernels triton-gemv` per call and in the engine, where they pass their check."""
+    result["gemv_self_check"] = gemv_check(model.device, model.dtype) or "passed"
+    if result["gemv_self_check"] == "passed":
+        result["gemv_us"] = gemv_us(model)
+        attempt(measure_gemv, "triton_gemv", model, prompt, args, result)
 
 
 def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None:
@@ -490,8 +502,10 @@ def measure_burst(model: BltModel, prompt: bytes, args, result: dict) -> None:
     prompts, long = [text[100 * i:100 * i + 100] for i in range(n)], text[-3000:]
     together, figures = engine.scheduler.batch_prompt, {}
     chunk = engine.scheduler.prefill_chunk
-    # (name, rows of several prompts, bytes a step): 4x the bytes a step, as --prefill-chunk 2048 gives
-    ways = (("together", together, chunk), ("one_per_step", None, chunk), ("together_4x_bytes", together, 4 * chunk))
+    # (name, rows of several prompts, bytes a step): the default, and 512 and 2,048 bytes a step (a CPU's
+    # and CUDA's defaults)
+    ways = (("together", together, chunk), ("one_per_step", None, chunk), ("together_512_bytes", together, 512),
+            ("together_2048_bytes", together, 2048))
     for way, limit, budget in ways * 2:  # the second round is kept
         engine.scheduler.batch_prompt, engine.scheduler.prefill_chunk = limit, budget
         figures[way] = {k: round(v, 2) for k, v in burst(engine, prompts, 16, model.device).items()}
@@ -581,9 +595,12 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     result[f"batch1_bytes_per_s_{names[1]}"] = round(slow["bytes_per_s"], 1)
     result["first_run_bytes_per_s"] = round(first_run["bytes_per_s"], 1)  # includes graph capture
     result["ttfb_1kb_prompt_ms"] = round(one["ttfb_s"] * 1000, 2)
-    chunk, primary.scheduler.prefill_chunk = primary.scheduler.prefill_chunk, len(prompt)  # the prompt in one chunk
-    run_engine(primary, [prompt], 8)
-    result["ttfb_1kb_prompt_ms_one_chunk"] = round(run_engine(primary, [prompt], 8)[0]["ttfb_s"] * 1000, 2)
+    chunk = primary.scheduler.prefill_chunk  # the default, the prompt in one chunk, and in chunks of 512
+    result["prefill_chunk"] = chunk
+    for name, size in (("one_chunk", len(prompt)), ("512_chunks", 512)):
+        primary.scheduler.prefill_chunk = size
+        run_engine(primary, [prompt], 8)
+        result[f"ttfb_1kb_prompt_ms_{name}"] = round(run_engine(primary, [prompt], 8)[0]["ttfb_s"] * 1000, 2)
     primary.scheduler.prefill_chunk = chunk
     result["bytes_per_patch"] = round(one["bytes"] / max(one["completion_patches"], 1), 2)
     result["top1_agreement_full_recompute"] = round(top1_agreement(model, prompt, greedy), 4)
@@ -637,6 +654,8 @@ def main() -> None:
     p.add_argument("--hf-bytes", type=int, default=8, help="bytes transformers generates (it recomputes all)")
     p.add_argument("--no-compiled", dest="compiled", action="store_false",
                    help="skip the engine with compiled element-wise stretches (fused.py)")
+    p.add_argument("--budget-s", type=float, default=330.0,
+                   help="start no later part after this many seconds (gpu_check.sh stops the run at 360)")
     args = p.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -672,26 +691,25 @@ def main() -> None:
                     args, result)
     if device.type == "cuda":
         result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    result["parts_s"] = {"build_and_primary": round(time.perf_counter() - t0, 1)}
     print(json.dumps(result), flush=True)
-    attempt(measure_transformers, "transformers", model, prompt, args, result, reraise=not cuda)
-    attempt(measure_shared, "shared_prompts", model, prompt, args, result, reraise=not cuda)
-    attempt(measure_scores, "prompt_scores", model, prompt, args, result, reraise=not cuda)
-    attempt(measure_burst, "burst", model, prompt, args, result, reraise=not cuda)
-    attempt(measure_guided, "guided", model, prompt, args, result, reraise=not cuda)
-    print(json.dumps(result), flush=True)  # what is known so far, should a later part run out of time
-    if cuda and result.get("kernels") == "triton":
-        result["attention_us"] = attention_us(model)
-        result["stretch_us"] = stretch_us(model)
-        result["sample_us"] = sample_us(model)
-        attempt(measure_torch, "torch", model, prompt, args, result)
+    # The later parts, most wanted first. Each is timed into parts_s, a JSON line with everything so far
+    # follows each, and a part that would start after --budget-s is skipped (named in "skipped"), so that
+    # the last line is a whole result within gpu_check.sh's limit.
+    triton = cuda and result.get("kernels") == "triton"  # the per-call timings and comparisons are CUDA's
+    parts = [("transformers", measure_transformers)] + [("compiled", measure_compiled)] * args.compiled
+    parts += [("kernel_calls", measure_kernel_calls)] * triton
+    parts += [("guided", measure_guided), ("shared_prompts", measure_shared), ("prompt_scores", measure_scores),
+              ("burst", measure_burst)]
+    parts += [("torch_kernels", measure_torch), ("triton_gemv", measure_gemv_part)] * triton
+    for name, measure_part in parts:
+        if time.perf_counter() - t0 > args.budget_s:
+            result.setdefault("skipped", []).append(name)
+            continue
+        started = time.perf_counter()
+        attempt(measure_part, name, model, prompt, args, result, reraise=not cuda)
+        result["parts_s"][name] = round(time.perf_counter() - started, 1)
         print(json.dumps(result), flush=True)
-        result["gemv_self_check"] = gemv_check(device, dtype) or "passed"
-        if result["gemv_self_check"] == "passed":
-            result["gemv_us"] = gemv_us(model)
-            attempt(measure_gemv, "triton_gemv", model, prompt, args, result)
-        print(json.dumps(result), flush=True)
-    if args.compiled:
-        attempt(measure_compiled, "compiled", model, prompt, args, result, reraise=not cuda)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     for key, value in result.items():
         print(f"{key:>34}: {value}")

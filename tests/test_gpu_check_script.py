@@ -33,8 +33,12 @@ def test_gpu_check_small_on_cpu():
     assert scores["bytes"] == 1024 and scores["max_abs_diff"] < 1e-3 and scores["top1_agreement"] >= 0.99
     burst = result["burst"]  # short prompts arriving together: prefilled together, and one per step
     assert burst["requests"] == 2 and burst["together"]["steps"] < burst["one_per_step"]["steps"]
-    assert burst["together_4x_bytes"]["steps"] == burst["together"]["steps"]  # 2 x 100 bytes fit in 512
-    assert result["ttfb_1kb_prompt_ms_one_chunk"] > 0
+    for way in ("together_512_bytes", "together_2048_bytes"):
+        assert burst[way]["steps"] == burst["together"]["steps"]  # 2 x 100 bytes fit in 512
+    assert result["prefill_chunk"] == 512  # a CPU's default
+    assert result["ttfb_1kb_prompt_ms_one_chunk"] > 0 and result["ttfb_1kb_prompt_ms_512_chunks"] > 0
+    assert "skipped" not in result and set(result["parts_s"]) == {
+        "build_and_primary", "transformers", "compiled", "guided", "shared_prompts", "prompt_scores", "burst"}
     behind = burst["behind"]  # 2 short prompts a step after a long one: before its next chunk, and after it
     assert behind["short_first"]["last_ms"] < behind["short_first"]["long_first_ms"]
     assert behind["in_order"]["first_ms"] > 0 and behind["in_order"]["long_first_ms"] > 0
