@@ -29,9 +29,10 @@ from .model.layers import BoundNorm
 from .triton_ops import ADD, DOUBLE, PLAIN, TritonOps
 
 # Rows up to which GemvOps fuses. Every program norms all the rows it multiplies, so the norm's work
-# grows with rows x programs: at 64 rows (64 streams) it is estimated to cost more than the launch it
-# saves (not measured yet: the GPU check's gemv_us times 1, 16 and 64 rows), so such a step runs
-# triton_ops' norm kernel once and cuBLAS instead.
+# grows with rows x programs: at 64 rows (64 streams) it costs more than the launch it saves, so such
+# a step runs triton_ops' norm kernel once and cuBLAS instead. On an H200 the fused products were slower
+# than the norm kernel and cuBLAS at 1, 16 and 64 rows alike (bench/RESULTS.md, "GPU"), which is why
+# "auto" never picks them.
 FUSED_ROWS = 16
 
 
