@@ -251,9 +251,10 @@ def time_in_graph(fn, calls: int = 20, replays: int = 10) -> float:
 
 
 def attention_us(model: BltModel) -> dict:
-    """The Triton kernel against SDPA on rows read from a cache (in place, or gathered: a patch step's
-    closing rows), one layer's attention at the step's shapes: the local models' 512-entry ring at 1
-    and 64 streams, the global model's cache for 16 closing rows of 64 and for 1."""
+    """The Triton kernel (its default splits, and unsplit) against SDPA on rows read from a cache (in
+    place, or gathered: a patch step's closing rows), one layer's attention at the step's shapes: the
+    local models' 512-entry ring at 1 and 64 streams, the global model's cache for 16 closing rows of
+    64 and for 1."""
     cfg, device, dtype = model.config, model.device, model.dtype
     local, glob = cfg.decoder, cfg.global_model
     cases = {"local_b1_in_place": (local, 512, 1, False), "local_b64_in_place": (local, 512, 64, False),
@@ -284,6 +285,8 @@ def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.devi
     mask[..., span * 3 // 4:] = float("-inf")  # rows that have not filled their span
     rows = torch.arange(B, device=device) * 4 if gathered else slice(0, B)
     return {"triton": round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask)), 2),
+            "triton_unsplit": round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask,
+                                                                           splits=1)), 2),
             "sdpa": round(time_in_graph(lambda: sdpa_attention(q, *cache.read(0, rows, span), mask)), 2)}
 
 

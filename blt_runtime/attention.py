@@ -4,10 +4,11 @@ A decode step attends one new position per row to that row's cached keys and val
 ring for the local models, the patches so far for the global one). Two ways to run it:
 - "sdpa": the rows are read from the cache (in place when they are consecutive slots, otherwise as a
   gathered copy of every row's keys and values) and handed to F.scaled_dot_product_attention;
-- "triton": one Triton kernel per layer (`decode_attention`), one program per row and query head,
-  stores the row's new key and value, reads the row's entries where they lie in the cache (a slot
-  index per row, or consecutive slots), adds the step's additive mask, and keeps a running softmax
-  in fp32. Nothing is gathered or copied:
+- "triton": one Triton kernel per layer (`decode_attention`), one program per row and query head
+  (on a GPU at few rows, one per split of the span too, and a second kernel that combines the
+  splits: flash-decoding), stores the row's new key and value, reads the row's entries where they
+  lie in the cache (a slot index per row, or consecutive slots), adds the step's additive mask, and
+  keeps a running softmax in fp32. Nothing is gathered or copied:
   a patch step's closing rows are scattered over the slots, and SDPA's gathered copy of their global
   cache is 8 MB per row and layer at the 1B widths and 1,024 patches of context (3.4 GB written per
   patch step for 16 closing rows of 64 streams).
@@ -23,6 +24,7 @@ or patches.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -189,22 +191,26 @@ def _visible(n, length, CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr):
     return seen
 
 
-def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, row_offset, span, scale,
-                       sq_b, sq_h, skv_kv, skv_row, skv_head, skv_entry, sm_b, so_b, so_h,
-                       skn_b, skn_h, svn_b, svn_h, swr_b, swi_b, srot_b,
+def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, Part, row_offset, span, per_split,
+                       scale, sq_b, sq_h, skv_kv, skv_row, skv_head, skv_entry, sm_b, so_b, so_h,
+                       skn_b, skn_h, svn_b, svn_h, swr_b, swi_b, srot_b, sp_b, sp_h, sp_s,
                        GROUPS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
                        GATHER: tl.constexpr, MASK: tl.constexpr, STORE: tl.constexpr, ROPE: tl.constexpr,
-                       CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr):
-    """One (row, query head): a running softmax over the row's first `span` cache entries, BLOCK at a
-    time, in fp32 (decode_attention). MASK: 0 every entry read is visible, 1 an additive mask at Mask,
-    2 the visible entries worked out from the row's length at Mask (Visible). ROPE: the query and the
-    new key are rotated first, by the row's cos and sin at Rot (1) or by row `length` of a
-    RotationTable (2). STORE: the row's new key and value are first stored (by the first query head
-    of their kv head), at the entry WIndex gives (1) or at the row's new position (2), and, where the
-    row reads that entry, taken from registers: what other programs of the kv head store there
-    meanwhile is never read. ROPE 2 and STORE 2 need MASK 2, which gives the length."""
+                       CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr, SPLIT: tl.constexpr):
+    """One (row, query head, split): a running softmax over the row's cache entries from split x
+    `per_split` to the next split's or `span`, BLOCK at a time, in fp32 (decode_attention). Without
+    SPLIT there is one split, and the result is stored; with it, the split's running maximum, sum and
+    unnormalised output go to Part, which _combine_program reduces. MASK: 0 every entry read is
+    visible, 1 an additive mask at Mask, 2 the visible entries worked out from the row's length at
+    Mask (Visible). ROPE: the query and the new key are rotated first, by the row's cos and sin at
+    Rot (1) or by row `length` of a RotationTable (2). STORE: the row's new key and value are first
+    stored (by the first query head of their kv head, in its first split), at the entry WIndex gives
+    (1) or at the row's new position (2), and, where the row reads that entry, taken from registers:
+    what other programs of the kv head store there meanwhile is never read. ROPE 2 and STORE 2 need
+    MASK 2, which gives the length."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     row = row_of(Rows, b, row_offset, GATHER)
     d = tl.arange(0, D_PAD)
     in_head = d < D
@@ -231,7 +237,9 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, r
             w_index = length % CACHE_WINDOW
         k_new = _rotated(KNew + b * skn_b + kvh * skn_h, d, in_head, cos, sin, ROPE)
         v_new = tl.load(VNew + b * svn_b + kvh * svn_h + d, mask=in_head, other=0.0)
-        first = d < tl.where(h % GROUPS == 0, D, 0)  # the kv head's first query head stores it
+        # the kv head's first query head stores it, in its first split; every split of every head takes
+        # the new entry from registers
+        first = d < tl.where((h % GROUPS == 0) & (split == 0), D, 0)
         at = KV + w_row * skv_row + kvh * skv_head + w_index * skv_entry + d
         tl.store(at, k_new, mask=first)
         tl.store(at + skv_kv, v_new, mask=first)
@@ -239,9 +247,11 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, r
     m_i = float("-inf")
     l_i = 0.0
     acc = tl.zeros([D_PAD], dtype=tl.float32)
-    for start in tl.range(0, span, BLOCK):
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, span)
+    for start in tl.range(lo, hi, BLOCK):
         n = start + tl.arange(0, BLOCK)
-        inside = n < span
+        inside = n < hi
         where = n[:, None] * skv_entry + d[None, :]
         both = inside[:, None] & in_head[None, :]
         k = tl.load(k_base + where, mask=both, other=0.0)
@@ -263,7 +273,32 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, r
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-    tl.store(Out + b * so_b + h * so_h + d, rounded(acc / l_i, Out.dtype.element_ty), mask=in_head)
+    if SPLIT:
+        part = Part + b * sp_b + h * sp_h + split * sp_s
+        tl.store(part + d, acc)
+        tl.store(part + D_PAD, m_i)
+        tl.store(part + D_PAD + 1, l_i)
+    else:
+        tl.store(Out + b * so_b + h * so_h + d, rounded(acc / l_i, Out.dtype.element_ty), mask=in_head)
+
+
+def _combine_program(Part, Out, splits, sp_b, sp_h, sp_s, so_b, so_h,
+                     D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """One (row, query head): the splits' partial softmaxes (_attention_program with SPLIT) made one,
+    each scaled by exp(its maximum - the largest)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, D_PAD)
+    real = s < splits
+    at = Part + b * sp_b + h * sp_h + s * sp_s
+    m = tl.load(at + D_PAD, mask=real, other=float("-inf"))
+    l_s = tl.load(at + D_PAD + 1, mask=real, other=0.0)
+    m_all = tl.max(m, 0)
+    weight = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # a split that saw nothing: 0
+    acc = tl.load(at[:, None] + d[None, :], mask=real[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
+    tl.store(Out + b * so_b + h * so_h + d, rounded(out, Out.dtype.element_ty), mask=d < D)
 
 
 if triton is not None:
@@ -272,13 +307,15 @@ if triton is not None:
     _visible = triton.jit(_visible)
     row_of = triton.jit(row_of)
     _kernel = triton.jit(_attention_program)
+    _combine = triton.jit(_combine_program)
 else:
-    _kernel = None
+    _kernel = _combine = None
 
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.Tensor | slice, span: int,
                      mask: torch.Tensor | Visible | None, block: int | None = None, store: Store | None = None,
-                     rotation: torch.Tensor | RotationTable | None = None) -> torch.Tensor:
+                     rotation: torch.Tensor | RotationTable | None = None, splits: int | None = None
+                     ) -> torch.Tensor:
     """q (B, H, 1, D); kv a cache's (2, layers, slots, H_kv, capacity, D) keys and values; `rows` the
     cache row of each query (a tensor of slots, or consecutive slots as a slice); the first `span`
     entries are read; mask (B, 1, 1, span) additive, or Visible (the kernel works the mask out), or
@@ -294,7 +331,11 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     (with a Visible mask; every length below its rows, which the caller makes sure of: the kernel
     cannot tell the host), by which q and the new key are rotated first, so that they come unrotated
     from the qkv projection (views of it): the kernel replaces the step's RoPE too
-    (fused.StepOps.heads)."""
+    (fused.StepOps.heads). `splits`: programs per row and head, each over its own consecutive blocks of
+    the span, whose partial results a second kernel combines (flash-decoding): by default, on a GPU,
+    as many as fill the multiprocessors that B x H programs leave idle (`default_splits`), and one
+    (no second kernel) in the interpreter. The split is fixed by B, H and the span, so a step shape
+    always runs the same sums."""
     B, H, T, D = q.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query position per row, not {T}")
@@ -333,16 +374,42 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
         if rotation.shape != (B, 1, 1, D // 2):
             raise ValueError(f"rotation must be (B, 1, 1, D / 2) = {(B, 1, 1, D // 2)}, not {tuple(rotation.shape)}")
         rot, rope = torch.view_as_real(rotation if rotation.stride(3) == 1 else rotation.contiguous()), 1
-    _kernel[(B, H)](
+    blocks = -(-span // block)
+    splits = max(1, min(default_splits(B * H, blocks, q.device) if splits is None else splits, blocks))
+    per_split = -(-blocks // splits) * block
+    splits = -(-span // per_split)  # none left empty
+    part = torch.empty(B, H, splits, d_pad + 2, device=q.device, dtype=torch.float32) if splits > 1 else out
+    _kernel[(B, H, splits)](
         q, cache, rows if gather else q, mask if mask is not None else q, out, k_new, v_new, w_rows, w_index, rot,
-        0 if gather else rows.start, span, D ** -0.5,
+        part, 0 if gather else rows.start, span, per_split, D ** -0.5,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         mask.stride(0) if mask is not None else 0, out.stride(0), D,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), w_rows.stride(0), w_index.stride(0),
-        rot.stride(0), GROUPS=H // cache.shape[2], D=D, D_PAD=d_pad, BLOCK=block, GATHER=gather,
-        MASK=kind, STORE=stored, ROPE=rope, CACHE_WINDOW=windows[0],
-        STACK_WINDOW=windows[1])
+        rot.stride(0), *(part.stride()[:3] if splits > 1 else (0, 0, 0)), GROUPS=H // cache.shape[2], D=D,
+        D_PAD=d_pad, BLOCK=block, GATHER=gather, MASK=kind, STORE=stored, ROPE=rope, CACHE_WINDOW=windows[0],
+        STACK_WINDOW=windows[1], SPLIT=splits > 1)
+    if splits > 1:
+        _combine[(B, H)](part, out, splits, *part.stride()[:3], out.stride(0), D, D=D, D_PAD=d_pad,
+                         SPLITS_PAD=next_power_of_2(splits))
     return out
+
+
+MAX_SPLITS = 16
+
+
+@functools.lru_cache(maxsize=8)
+def multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_splits(programs: int, blocks: int, device: torch.device) -> int:
+    """Splits of each row and head's span for `programs` rows x heads: on CUDA as many as keep every
+    multiprocessor busy (an H200 has 132; at batch 1 the 12 or 16 heads of a layer left the rest idle,
+    and SDPA was twice as fast as the unsplit kernel: bench/RESULTS.md, "GPU"), at most one per block
+    and MAX_SPLITS; else one."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(blocks, MAX_SPLITS, multiprocessors(device) // max(programs, 1)))
 
 
 def next_power_of_2(n: int) -> int:

@@ -36,13 +36,14 @@ def cache_and_query(B, H, H_kv, D, slots, capacity, dtype, seed=0):
 @pytest.mark.parametrize("H, H_kv, D, span", [(4, 4, 64, 512), (4, 2, 48, 70), (2, 1, 128, 1), (3, 3, 16, 129)])
 @pytest.mark.parametrize("rows", ["gathered", "consecutive"])
 @pytest.mark.parametrize("masked", [True, False])
-@pytest.mark.parametrize("block", [None, 32])
-def test_kernel_equals_sdpa(dtype, H, H_kv, D, span, rows, masked, block):
+@pytest.mark.parametrize("block, splits", [(None, None), (32, None), (32, 3)])
+def test_kernel_equals_sdpa(dtype, H, H_kv, D, span, rows, masked, block, splits):
     """Gathered slots (in any order, repeated) or consecutive ones read in place; an additive mask with
     windows of visible entries (some rows seeing one entry), or none; grouped heads; head sizes and
     spans that are not powers of two or multiples of the block; the whole span in one block (the
     interpreter's default) or many (as on a GPU: the running softmax across blocks, blocks that
-    are wholly masked)."""
+    are wholly masked); and the span split among programs, combined by a second kernel (a GPU's at
+    few rows: splits with nothing visible, a last split shorter than the others)."""
     B = 3
     kv, q = cache_and_query(B, H, H_kv, D, 6, 520, dtype, seed=H * D + span)
     picked = torch.tensor([5, 0, 5]) if rows == "gathered" else slice(2, 5)
@@ -51,7 +52,7 @@ def test_kernel_equals_sdpa(dtype, H, H_kv, D, span, rows, masked, block):
         mask = torch.zeros(B, 1, 1, span, dtype=dtype)
         mask[0, ..., :span // 2] = float("-inf")
         mask[1, ..., :span - 1] = float("-inf")  # the newest entry alone
-    got = decode_attention(q, kv, 1, picked, span, mask, block)
+    got = decode_attention(q, kv, 1, picked, span, mask, block, splits=splits)
     read = kv[:, 1, picked, :, :span]
     want = sdpa_attention(q, read[0], read[1], mask)
     assert got.shape == (B, 1, H * D) and got.dtype == dtype
@@ -63,10 +64,13 @@ def test_kernel_equals_sdpa(dtype, H, H_kv, D, span, rows, masked, block):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H, H_kv", [(4, 4), (4, 2)])
 @pytest.mark.parametrize("rows", ["gathered", "consecutive"])
-def test_kernel_stores_then_attends(dtype, H, H_kv, rows):
+@pytest.mark.parametrize("splits", [None, 4])
+def test_kernel_stores_then_attends(dtype, H, H_kv, rows, splits):
     """With `store`, the kernel leaves the cache and the output as KVCache.write followed by SDPA over
     the rows read: new entries at ring indices inside and outside the first block, a padding row
-    that writes to the scratch slot (5) while it reads another row, grouped heads (stored once)."""
+    that writes to the scratch slot (5) while it reads another row, grouped heads (stored once); with
+    the span split, the new entries fall in the first, third and fourth splits (stored by the
+    first, read from registers by each)."""
     B, D, span = 3, 32, 100
     kv, q = cache_and_query(B, H, H_kv, D, 6, 128, dtype, seed=H + H_kv)
     g = torch.Generator().manual_seed(1)
@@ -81,7 +85,8 @@ def test_kernel_stores_then_attends(dtype, H, H_kv, rows):
     want_kv[:, 1][:, write_rows, :, write_index] = torch.stack((k_new, v_new), dim=1).permute(0, 3, 1, 2, 4)
     read = want_kv[:, 1, picked, :, :span]
     want = sdpa_attention(q, read[0], read[1], mask)
-    got = decode_attention(q, kv, 1, picked, span, mask, 32, store=(k_new, v_new, write_rows, write_index))
+    got = decode_attention(q, kv, 1, picked, span, mask, 32, store=(k_new, v_new, write_rows, write_index),
+                           splits=splits)
     assert torch.equal(kv, want_kv)
     tolerance = 2e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
@@ -120,7 +125,8 @@ def test_kernel_rotates_queries_and_keys(dtype, H, H_kv, D):
 @interpreted
 @pytest.mark.parametrize("cache_window, stack_window, span", [(None, None, 40), (None, 8, 40), (16, None, 16),
                                                                 (16, 6, 16), (16, None, 9)])
-def test_kernel_works_out_the_mask(cache_window, stack_window, span):
+@pytest.mark.parametrize("splits", [None, 5])
+def test_kernel_works_out_the_mask(cache_window, stack_window, span, splits):
     """attention.Visible: the kernel decides from each row's length which entries it sees, as the
     additive mask of fused.StepOps.positions does: rows of length 0, shorter than the span, and
     rings that have wrapped (entries holding positions before the stack's window); the new entry
@@ -136,7 +142,7 @@ def test_kernel_works_out_the_mask(cache_window, stack_window, span):
     read = want_kv[:, 1, 0:B, :, :span]
     want = sdpa_attention(q, read[0], read[1], visible.additive(span, torch.float32))
     got = decode_attention(q, kv, 1, slice(0, B), span, visible, 8, store=(new[0], new[1], torch.arange(B)[:, None],
-                                                                             index))
+                                                                             index), splits=splits)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
 
 
@@ -168,6 +174,21 @@ def test_kernel_rotates_and_stores_at_each_rows_length(dtype, cache_window, stac
     assert torch.equal(kv, stepped) and torch.equal(got, want)
     with pytest.raises(ValueError, match="Visible"):
         decode_attention(q_raw, kv, 1, rows[:, 0], span, None, rotation=table)
+
+
+def test_default_splits_fill_the_multiprocessors(monkeypatch):
+    """On CUDA, a layer's rows x heads programs are split until they fill the multiprocessors, at most
+    one split per block and MAX_SPLITS; fewer rows, more splits; none on a CPU (the interpreter)."""
+    from blt_runtime import attention
+
+    cuda = torch.device("cuda")  # only named: the multiprocessor count is stood in for
+    monkeypatch.setattr(attention, "multiprocessors", lambda device: 132)
+    assert attention.default_splits(1 * 16, 4, cuda) == 4  # batch 1, a local ring of 512 in blocks of 128
+    assert attention.default_splits(1 * 16, 16, cuda) == 8  # batch 1, 1,024 patches in blocks of 64
+    assert attention.default_splits(1 * 12, 64, cuda) == 11
+    assert attention.default_splits(1 * 2, 64, cuda) == attention.MAX_SPLITS
+    assert attention.default_splits(8 * 16, 16, cuda) == 1 == attention.default_splits(64 * 16, 16, cuda)
+    assert attention.default_splits(1 * 16, 4, torch.device("cpu")) == 1
 
 
 @interpreted

@@ -71,4 +71,5 @@ def test_gpu_only_timings_run_their_cases(monkeypatch):
     for helper in (gpu_check.attention_us, gpu_check.stretch_us, gpu_check.gemv_us, gpu_check.sample_us):
         for case, figures in helper(model).items():
             assert "error" not in figures and figures, (helper.__name__, case, figures)
-    assert len(calls) == 2 * 5 + 4 * 4 + 4 * 8 + 2 * 4  # two ways per case, two stretches or products per way
+    # three ways per attention case, two otherwise; two stretches or products per way
+    assert len(calls) == 3 * 5 + 4 * 4 + 4 * 8 + 2 * 4

@@ -101,14 +101,20 @@ def compile(kernel, program, types, constexprs, default="*bf16", options=None):
     # an H100/H200 gives a block at most 227 KiB of shared memory; more fails at launch, not here
     assert built.metadata.shared <= 232448, (kernel, constexprs, built.metadata.shared)
 
-types = {"Rows": "*i64", "WRows": "*i64", "WIndex": "*i64", "Rot": "*fp32", "scale": "fp32", "skv_kv": "i64"}
-for gather, mask, store, rope, D, groups, windows in [
-        (True, 2, True, True, 64, 1, (0, 0)), (False, 2, True, True, 128, 2, (512, 512)),
-        (False, 0, True, True, 128, 2, (512, 0)), (True, 1, False, False, 48, 1, (0, 0)),
-        (False, 1, False, False, 64, 4, (0, 0)), (True, 2, 2, 2, 64, 1, (512, 512)), (False, 2, 2, 2, 128, 2, (0, 0))]:
+types = {"Rows": "*i64", "WRows": "*i64", "WIndex": "*i64", "Rot": "*fp32", "Part": "*fp32", "scale": "fp32",
+         "skv_kv": "i64"}
+for gather, mask, store, rope, D, groups, windows, split in [
+        (True, 2, True, True, 64, 1, (0, 0), False), (False, 2, True, True, 128, 2, (512, 512), False),
+        (False, 0, True, True, 128, 2, (512, 0), False), (True, 1, False, False, 48, 1, (0, 0), False),
+        (False, 1, False, False, 64, 4, (0, 0), False), (True, 2, 2, 2, 64, 1, (512, 512), False),
+        (False, 2, 2, 2, 128, 2, (0, 0), False), (False, 2, 2, 2, 64, 1, (512, 512), True),
+        (True, 2, 2, 2, 128, 1, (0, 0), True), (True, 1, True, True, 48, 2, (0, 0), True)]:
     compile(attention._kernel, attention._attention_program, types | ({"Mask": "*i64"} if mask == 2 else {}),
             dict(GROUPS=groups, D=D, D_PAD=1 << (D - 1).bit_length(), BLOCK=64, GATHER=gather, MASK=mask,
-                 STORE=store, ROPE=rope, CACHE_WINDOW=windows[0], STACK_WINDOW=windows[1]))
+                 STORE=store, ROPE=rope, CACHE_WINDOW=windows[0], STACK_WINDOW=windows[1], SPLIT=split))
+for D, splits_pad in ((64, 4), (128, 8), (48, 16)):
+    compile(attention._combine, attention._combine_program, {"Part": "*fp32"},
+            dict(D=D, D_PAD=1 << (D - 1).bit_length(), SPLITS_PAD=splits_pad))
 for dtype, torch_dtype in (("*bf16", torch.bfloat16), ("*fp32", torch.float32)):
     for before in (0, 1, 2):
         compile(triton_ops._norm_kernel, triton_ops._norm_program, {"eps": "fp32", "inv_n": "fp32"},
