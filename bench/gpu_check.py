@@ -17,8 +17,8 @@ and timed in one run. Prints a table and, last, one JSON line.
    the comparison engine and against itself), and 64 bytes at batch 1 with penalties and a logit bias
    as well, checked against the comparison engine (`..._penalised`). Each timed run follows an
    identical untimed one, so graph captures (one per new step shape) are not in the figures. On CUDA,
-   profiles 32 batch-1 steps (graphs, and eager): kernels per step, their summed time, wall time per
-   step, the costliest kernels.
+   profiles 32 batch-1 steps (graphs, and eager) and 32 steps of the largest stream count (graphs):
+   kernels per step, their summed time, wall time per step, the costliest kernels.
 4. Then the later parts, in this order, each timed (`parts_s`) and followed by a JSON line with all so
    far; one that would start after `--budget-s` is skipped and named in `skipped`, so the last line is
    whole within gpu_check.sh's 6 minutes:
@@ -35,8 +35,8 @@ and timed in one run. Prints a table and, last, one JSON line.
      copied) and with each prefilling its own (the time until every choice has its first byte, and
      whether the bytes are the same both ways), and four new conversations after the same 1 KB of
      instructions, one after the other, with and without shared prompts (the third and fourth start
-     from the copy of the instructions' state the second kept: `conversation_first_byte_ms`,
-     `conversations_equal`).
+     from the copy of the instructions' state the second kept: `conversation_first_byte_ms`, their
+     median, and each of the four, `conversation_first_bytes_ms`; `conversations_equal`).
    - `prompt_scores`: echo's scoring, the engine's prefill scoring the 1 KB prompt against the full
      forward's scores in the same dtype (largest difference, top-1 agreement, milliseconds of each).
    - `burst`: as many requests as the largest stream count, with 100-byte prompts, arriving together:
@@ -184,9 +184,9 @@ def without_overlap(engine: Engine, prompts: list[bytes], n_bytes: int) -> tuple
         engine.overlap = True
 
 
-def profile_steps(engine: Engine, prompt: bytes, steps: int = 32) -> dict:
+def profile_steps(engine: Engine, prompts: list[bytes], steps: int = 32) -> dict:
     try:
-        return _profile_steps(engine, prompt, steps)
+        return _profile_steps(engine, prompts, steps)
     except Exception as e:  # noqa: BLE001 - a profiler failure must not hide the figures around it
         traceback.print_exc()
         for rid in [rid for rid in engine.sequences if rid.startswith("profile-")]:
@@ -196,15 +196,20 @@ def profile_steps(engine: Engine, prompt: bytes, steps: int = 32) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:400]}
 
 
-def _profile_steps(engine: Engine, prompt: bytes, steps: int) -> dict:
-    """What the device does in a batch-1 decode step: kernels (and copies) launched per step, their
-    summed duration, and the wall time per step, from torch.profiler (CUDA only). Kernel time far
-    below wall time means the step waits on launches, not on the kernels themselves."""
+def _profile_steps(engine: Engine, prompts: list[bytes], steps: int) -> dict:
+    """What the device does in a decode step of as many streams as prompts: kernels (and copies)
+    launched per step, their summed duration, and the wall time per step, from torch.profiler (CUDA
+    only). Kernel time far below wall time means the step waits on launches, not on the kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    rid = f"profile-{RUNS.pop()}"
-    engine.add_request(rid, prompt, SamplingParams(max_bytes=steps + 16, temperature=0.0, ignore_eos=True))
-    for _ in range(8):  # prefill, first byte, a few decode steps: everything captured before the profile
+    rids = [f"profile-{RUNS.pop()}" for _ in prompts]
+    for rid, prompt in zip(rids, prompts):
+        engine.add_request(rid, prompt, SamplingParams(max_bytes=steps + 80, temperature=0.0, ignore_eos=True))
+    for _ in range(64):  # the prefills and first bytes (captured before the profile), then a few steps
+        engine.step()
+        if all(engine.sequences[rid].generated for rid in rids if rid in engine.sequences):
+            break
+    for _ in range(4):
         engine.step()
     device = engine.model.device
     sync(device)
@@ -461,10 +466,13 @@ def measure_shared(model: BltModel, prompt: bytes, args, result: dict) -> None:
         for i in range(4):
             first, _, (answer,) = run_choices(engine, turned(prompt, 3) + f" {i}: a question?".encode(), 1, n_bytes,
                                               device, f"conversation-{share}-{i}")
-            firsts[share] += [first] if i >= 2 else []
+            firsts[share].append(first)
             answers[share].append(answer)
-    out["conversation_first_byte_ms"] = round(statistics.median(firsts[True]), 2)
-    out["conversation_first_byte_ms_unshared"] = round(statistics.median(firsts[False]), 2)
+    out["conversation_first_byte_ms"] = round(statistics.median(firsts[True][2:]), 2)
+    out["conversation_first_byte_ms_unshared"] = round(statistics.median(firsts[False][2:]), 2)
+    # each of the four: on the H200 the median with sharing was slower than without, unexplained
+    out["conversation_first_bytes_ms"] = [round(f, 2) for f in firsts[True]]
+    out["conversation_first_bytes_ms_unshared"] = [round(f, 2) for f in firsts[False]]
     out["conversations_equal"] = answers[True] == answers[False]
 
 
@@ -643,8 +651,11 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     if primary.uses_cuda_graphs:
         result["graph_captures"] = primary.static.graphs.captures
     if model.device.type == "cuda":
-        result[f"profile_batch1_{names[0]}"] = profile_steps(primary, prompt)
-        result[f"profile_batch1_{names[1]}"] = profile_steps(other, prompt)
+        result[f"profile_batch1_{names[0]}"] = profile_steps(primary, [prompt])
+        result[f"profile_batch1_{names[1]}"] = profile_steps(other, [prompt])
+        n = max(counts)  # where the aggregate target is: the streams' step, graphs only (eager is slow)
+        result[f"profile_{n}_streams_{names[0]}"] = profile_steps(primary, [english(200 + 37 * i)[-200:]
+                                                                             for i in range(n)])
 
 
 def main() -> None:
