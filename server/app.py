@@ -16,9 +16,9 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import Body, Depends, FastAPI, Request
+from fastapi import Body, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -35,7 +35,7 @@ from .metrics import Metrics
 from .middleware import ApiKeyMiddleware, BodyLimitMiddleware
 from .patches import model_card, patches
 from .response_store import ResponseStore
-from .responses import cancel_stored, create_response, delete_stored, stored
+from .responses import cancel_stored, create_response, delete_stored, listed_inputs, stored
 from .schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -252,6 +252,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     @app.get("/v1/responses/{response_id}", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
     async def get_response(response_id: str, state: State, stream: bool = False, starting_after: int | None = None):
         return stored(response_id, state, stream, starting_after)
+
+    @app.get("/v1/responses/{response_id}/input_items", responses=ERRORS)
+    async def response_input_items(response_id: str, state: State, after: str | None = None, limit: int = 20,
+                                   order: Literal["asc", "desc"] = "desc",
+                                   include: Annotated[list[str] | None, Query()] = None):
+        return listed_inputs(response_id, state, after, limit, order)  # (include: nothing to add to input items)
 
     @app.delete("/v1/responses/{response_id}", responses=ERRORS)
     async def delete_response(response_id: str, state: State):

@@ -1,6 +1,7 @@
-"""A response's output items as they are read from the generated text, and the stream events that build them.
+"""A response's output items as they are read from the generated text, and the stream events that build them;
+and its input items as they are listed.
 
-Owns the shape of the Responses API's output: the text outside tool calls is one message item (an output_text
+Owns the shape of the Responses API's items: the text outside tool calls is one message item (an output_text
 part), each call a function_call item, in the order they first appear. The text is read a piece at a time
 (a piece: what the choice releases at once, usually one character), the same way whether the pieces are
 streamed or answered whole, so a stream's items are the whole answer's. Events carry no sequence numbers
@@ -14,6 +15,27 @@ import uuid
 
 from .choices import ChatChoiceState, chat_logprobs
 from .tools import CallStream, TextCalls
+
+ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def input_items(given: str | list[dict]) -> list[dict]:
+    """A request's input as GET /v1/responses/{id}/input_items lists it, in the order given: text is a user
+    message; a message's text content becomes a list of parts (input_text, or output_text for an assistant's);
+    every item has a type, a status and an id (its own, or a new one). The items were read already
+    (responses.input_messages): only their kinds appear here."""
+    if isinstance(given, str):
+        given = [{"type": "message", "role": "user", "content": given}]
+    items = []
+    for item in given:
+        item = {"type": "message", **item, "status": item.get("status") or "completed"}
+        if item["type"] == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}
+                               | ({"annotations": []} if part == "output_text" else {})]
+        item["id"] = item.get("id") or f"{ID_PREFIXES[item['type']]}_{uuid.uuid4().hex}"
+        items.append(item)
+    return items
 
 
 class OutputItems:

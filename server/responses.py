@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .chat import ChatCompletion, chat_job, conversation_prompt
 from .completions import SSE_HEADERS, admit, client_request_id, respond
 from .errors import ApiError
-from .response_items import OutputItems, ResponseChoiceState
+from .response_items import OutputItems, ResponseChoiceState, input_items
 from .response_store import Stored
 from .schemas import ChatCompletionRequest, ResponsesRequest, SamplingFields
 from .state import AppState
@@ -54,6 +54,7 @@ class ResponseCompletion(ChatCompletion):
         (self.choice,) = self.choices.values()
         self.choice.items = OutputItems(self.choice.calls)
         self.asked, self.conversation, self.sequence = asked, conversation, 0
+        self.inputs = input_items(asked.input)  # kept with it, for GET .../input_items
         self.started = self.cancelled = False  # (background: the first output came; cancel was asked)
         self.task: asyncio.Task | None = None  # background: the task that reads the outputs
         self.final: dict | None = None  # the response as it ended
@@ -105,7 +106,8 @@ class ResponseCompletion(ChatCompletion):
         store = self.state.responses
         ended = response["status"] not in ("queued", "in_progress")
         if store is not None and self.asked.store:
-            store.put(response, self.conversation + ([self.choice.items.message()] if ended else []), self.log)
+            store.put(response, self.conversation + ([self.choice.items.message()] if ended else []), self.log,
+                      self.inputs)
         if ended:
             self.final = response
         return response
@@ -430,6 +432,25 @@ def stored(response_id: str, state: AppState, stream: bool = False, starting_aft
         kept.response
 
 
+def listed_inputs(response_id: str, state: AppState, after: str | None, limit: int, order: str) -> dict:
+    """GET /v1/responses/{id}/input_items: the request's input items (not those of the responses it continues),
+    `limit` at a time after the item `after`, newest first by default (order "desc"), as OpenAI lists them."""
+    if not 1 <= limit <= 100:
+        raise ApiError(400, f"limit: {limit}; between 1 and 100", "limit", "invalid_value")
+    items = list(_kept(response_id, state).inputs or [])
+    items = items[::-1] if order == "desc" else items
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise ApiError(400, f"after: {after!r} is no input item of response {response_id!r}", "after",
+                           "invalid_value")
+        start = ids.index(after) + 1
+    page = items[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
+
+
 async def delete_stored(response_id: str, state: AppState) -> dict:
     """DELETE /v1/responses/{id}: forgotten (a background response still generating is cancelled first)."""
     _kept(response_id, state)
@@ -457,7 +478,7 @@ def _kept(response_id: str, state: AppState):
     kept = store.get(response_id) if store is not None else None
     if kept is None and store is not None and response_id in store.running:
         running = store.running[response_id]
-        kept = Stored(running.response("in_progress"), running.conversation, 0, running.log)
+        kept = Stored(running.response("in_progress"), running.conversation, 0, running.log, running.inputs)
     if kept is None:
         why = "" if state.responses is not None else " (this server keeps none: --enable-responses-api-store)"
         raise ApiError(404, f"no response {response_id!r} is kept{why}", "response_id", "not_found")

@@ -127,8 +127,9 @@ HELP = {
                         "tool template asks for), or pythonic (a text that begins with [ is a Python list of calls, "
                         "[f(a=1), g(b='x')], as Llama 3.2's and 4's pythonic templates ask for)",
     "enable_responses_api_store": "keep finished /v1/responses answers in memory (64 MiB of them at most, the "
-                                  "oldest forgotten first) for GET /v1/responses/{id}, previous_response_id and "
-                                  "background responses (vLLM's VLLM_ENABLE_RESPONSES_API_STORE); without it a "
+                                  "oldest forgotten first) for GET /v1/responses/{id} (and its input_items), "
+                                  "previous_response_id and background responses (vLLM's "
+                                  "VLLM_ENABLE_RESPONSES_API_STORE); without it a "
                                   "request's store is false",
     "generation_config": "auto: the sampling defaults of the model directory's generation_config.json (temperature, "
                          "top_p, top_k, min_p, repetition_penalty, max_new_tokens) for requests that leave those "

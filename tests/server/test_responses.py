@@ -238,6 +238,39 @@ def test_the_store_and_previous_response_id(url):
         assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_not_found"
 
 
+def test_input_items_are_listed_a_page_at_a_time(url):
+    """GET /v1/responses/{id}/input_items, through the official client's pages: the request's own input (not
+    the conversation it continues), newest first by default, each item with an id (the client's own, kept)."""
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    first = client.responses.create(model="tiny", input="Hello", max_output_tokens=5, temperature=0)
+    (hello,) = client.responses.input_items.list(first.id).data
+    assert hello.type == "message" and hello.role == "user" and hello.id.startswith("msg_")
+    assert hello.content[0].type == "input_text" and hello.content[0].text == "Hello"
+    given = [{"type": "message", "role": "developer", "content": "Be brief."},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Köln"}',
+              "id": "fc_mine"},
+             {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"},
+             {"type": "message", "role": "assistant", "content": "It is sunny."},
+             {"type": "message", "role": "user", "content": "Thanks"}]
+    second = client.responses.create(model="tiny", input=given, previous_response_id=first.id, max_output_tokens=5,
+                                     temperature=0, tools=TOOLS, tool_choice="none")
+    listed = list(client.responses.input_items.list(second.id, order="asc", limit=2))  # three pages, followed
+    assert [i.type for i in listed] == [g["type"] for g in given] and listed[2].id == "fc_mine"
+    assert listed[2].arguments == '{"city": "Köln"}' and listed[3].output == "Sunny"
+    assert listed[4].role == "assistant" and listed[4].content[0].type == "output_text"
+    assert listed[4].content[0].text == "It is sunny."
+    newest = client.responses.input_items.list(second.id, limit=4)
+    assert [i.id for i in newest.data] == [i.id for i in listed[::-1][:4]] and newest.has_more
+    assert [i.id for i in client.responses.input_items.list(second.id, after=newest.data[-1].id).data] == [
+        i.id for i in listed[:2][::-1]]
+    with httpx.Client(timeout=60) as c:
+        for query, param in (("limit=0", "limit"), ("after=msg_nothing", "after")):
+            r = c.get(f"{url}/v1/responses/{second.id}/input_items?{query}")
+            assert r.status_code == 400 and r.json()["error"]["param"] == param
+        assert c.get(f"{url}/v1/responses/resp_nothing/input_items").status_code == 404
+
+
 def test_tool_outputs_reach_the_template(url):
     """A function_call and its output, sent back as input, are the assistant's call and a tool message."""
     with httpx.Client(timeout=60) as c:
