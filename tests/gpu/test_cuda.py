@@ -138,3 +138,31 @@ def test_guided_jump_forward_on_cuda(hf_checkpoint):
     assert runs["cuda", 2] == runs["cuda", 0]
     assert all(runs["cuda", 2][rid] == runs["cpu", 2][rid] for rid in ("1", "3"))  # greedy (sampled ones could
     # part where fp32 sums on the two devices differ)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_attention_on_cuda(dtype):
+    """At the 1B shapes' few rows the decode-attention kernel splits each row's span (attention.default_splits)
+    and gives SDPA's result, as the unsplit kernel does, with a mask and the new entry stored."""
+    from blt_runtime.attention import decode_attention, default_splits, sdpa_attention
+
+    device, g = torch.device("cuda"), torch.Generator().manual_seed(0)
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    for B, H, D, span in ((1, 16, 64, 512), (1, 16, 128, 1024), (3, 12, 64, 512)):
+        kv = torch.randn(2, 1, 4, H, span, D, generator=g).to(device, dtype)
+        q = torch.randn(B, H, 1, D, generator=g).to(device, dtype)
+        new = torch.randn(2, B, H, 1, D, generator=g).to(device, dtype)
+        rows, where = torch.arange(B, device=device), torch.full((B, 1), span // 3, device=device)
+        mask = torch.zeros(B, 1, 1, span, device=device, dtype=dtype)
+        mask[..., span * 3 // 4:] = float("-inf")
+        expected = kv.clone()
+        expected[:, 0][:, rows[:, None], :, where] = new.permute(1, 3, 0, 2, 4)
+        picked = expected[:, 0, rows, :, :span]
+        want = sdpa_attention(q, picked[0], picked[1], mask)
+        assert default_splits(B * H, span // 64, device) > 1
+        for splits in (None, 1):
+            cache = kv.clone()
+            got = decode_attention(q, cache, 0, rows, span, mask, store=(new[0], new[1], rows[:, None], where),
+                                   splits=splits)
+            assert torch.equal(cache, expected)
+            torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
