@@ -97,6 +97,11 @@ def english(n_bytes: int) -> bytes:
     return data.decode("utf-8", "ignore").encode()
 
 
+def stream_prompts(n: int) -> list[bytes]:
+    """The prompts of n streams: 200 bytes of English each, each ending elsewhere."""
+    return [english(200 + 37 * i)[-200:] for i in range(n)]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -533,7 +538,7 @@ def measure_guided(model: BltModel, prompt: bytes, args, result: dict) -> None:
     """The largest stream count, greedy, free and guided (guide.py), on one engine (the second run of each
     kept); then 8 guided streams on eager static steps, which must give the bytes the graphs give."""
     n = largest_streams(args)
-    prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
+    prompts = stream_prompts(n)
     guide = ByteGuide.regex(r"([A-Za-z]+[ ,.;:!?'\n]{1,3}){1," + str(args.bytes) + "}")
     ways = {"free": dict(temperature=0.0), "guided": dict(temperature=0.0, guide=guide)}
     engine, figures, outputs = make_engine(model, graphs=model.device.type == "cuda"), {}, {}
@@ -632,7 +637,7 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     result[f"{names[0]}_equal_{names[1]}_penalised"] = penalised[0] == penalised[1]
     counts = streams or [int(s) for s in args.streams.split(",")]
     for k, n in enumerate(counts):
-        prompts = [english(200 + 37 * i)[-200:] for i in range(n)]
+        prompts = stream_prompts(n)
         _, outputs = run_engine(primary, prompts, args.bytes)  # captures this bucket's graphs
         stats, again = run_engine(primary, prompts, args.bytes)
         result[f"aggregate_bytes_per_s_{n}"] = round(stats["bytes_per_s"], 1)
@@ -655,8 +660,7 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
         result[f"profile_batch1_{names[0]}"] = profile_steps(primary, [prompt])
         result[f"profile_batch1_{names[1]}"] = profile_steps(other, [prompt])
         n = max(counts)  # where the aggregate target is: the streams' step, graphs only (eager is slow)
-        result[f"profile_{n}_streams_{names[0]}"] = profile_steps(primary, [english(200 + 37 * i)[-200:]
-                                                                             for i in range(n)])
+        result[f"profile_{n}_streams_{names[0]}"] = profile_steps(primary, stream_prompts(n))
 
 
 def main() -> None:

@@ -271,7 +271,7 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
         if path is not None and not os.path.isfile(path):
             p.error(f"--{name.replace('_', '-')} {path}: no such file")
     for name in ("max_batch_size", "max_body_bytes", "prefill_chunk"):
-        if getattr(settings, name) is not None and getattr(settings, name) < 1:
+        if (value := getattr(settings, name)) is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("max_queue", "kept_prefixes", "jump_forward"):
         if (getattr(settings, name) or 0) < 0:
