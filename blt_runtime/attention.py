@@ -202,10 +202,12 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, P
     SPLIT there is one split, and the result is stored; with it, the split's running maximum, sum and
     unnormalised output go to Part, which _combine_program reduces. MASK: 0 every entry read is
     visible, 1 an additive mask at Mask, 2 the visible entries worked out from the row's length at
-    Mask (Visible). ROPE: the query and the new key are rotated first, by the row's cos and sin at
-    Rot (1) or by row `length` of a RotationTable (2). STORE: the row's new key and value are first
-    stored (by the first query head of their kv head, in its first split), at the entry WIndex gives
-    (1) or at the row's new position (2), and, where the row reads that entry, taken from registers:
+    Mask (Visible), reading no entry past the row's new position's (a row shorter than a ring's window,
+    or than the global cache's span, reads only what it holds). ROPE: the query and the new key are
+    rotated first, by the row's cos and sin at Rot (1) or by row `length` of a RotationTable (2). STORE:
+    the row's new key and value are first stored (by the first query head of their kv head, in its first
+    split), at the entry WIndex gives (1) or at the row's new position (2), and, where the row reads that
+    entry, taken from registers:
     what other programs of the kv head store there meanwhile is never read. ROPE 2 and STORE 2 need
     MASK 2, which gives the length."""
     b = tl.program_id(0)
@@ -249,6 +251,8 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, P
     acc = tl.zeros([D_PAD], dtype=tl.float32)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, span)
+    if MASK == 2:  # no entry after the new position's holds one the row sees: a row shorter than the span
+        hi = tl.minimum(hi, (length + 1).to(tl.int32))  # reads no further (a split past it, nothing)
     for start in tl.range(lo, hi, BLOCK):
         n = start + tl.arange(0, BLOCK)
         inside = n < hi

@@ -147,6 +147,27 @@ def test_kernel_works_out_the_mask(cache_window, stack_window, span, splits):
 
 
 @interpreted
+@pytest.mark.parametrize("cache_window, splits", [(None, None), (None, 4), (16, None), (16, 3)])
+def test_kernel_reads_nothing_past_each_rows_new_position(cache_window, splits):
+    """With a Visible mask a row reads its entries up to its new position's and stops: a row shorter
+    than the span (a ring not yet full, the global cache's power-of-two span) reads only what it
+    holds. NaN past that entry, which any read would carry into the result (a weight of zero times
+    NaN), changes nothing; the splits that lie wholly past it read nothing and weigh nothing."""
+    B, H, D, span = 3, 2, 16, 16
+    kv, q = cache_and_query(B, H, H, D, 4, 48, torch.float32, seed=11)
+    lengths = torch.tensor([0, 5, 12])
+    visible = Visible(lengths, cache_window, None)
+    clean = decode_attention(q, kv, 1, slice(0, B), span, visible, 4, splits=splits)
+    for b, length in enumerate(lengths.tolist()):
+        kv[:, 1, b, :, length + 1:] = float("nan")
+    got = decode_attention(q, kv, 1, slice(0, B), span, visible, 4, splits=splits)
+    assert not got.isnan().any() and torch.equal(got, clean)
+    want = sdpa_attention(q, kv[0, 1, :B, :, :span].nan_to_num(), kv[1, 1, :B, :, :span].nan_to_num(),
+                          visible.additive(span, torch.float32))
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cache_window, stack_window", [(None, None), (16, 16), (16, 6)])
 def test_kernel_rotates_and_stores_at_each_rows_length(dtype, cache_window, stack_window):
