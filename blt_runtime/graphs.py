@@ -32,7 +32,7 @@ class StepGraphs:
             graph.replay()
             return
         self._run_eagerly(piece)
-        self.graphs[key] = self._record(piece)
+        self.graphs[key] = self._record(key, piece)
         self.captures += 1
 
     def _run_eagerly(self, piece: Callable[[], None]) -> None:
@@ -42,7 +42,7 @@ class StepGraphs:
             piece()
         current.wait_stream(self.side)
 
-    def _record(self, piece: Callable[[], None]):
+    def _record(self, key: Hashable, piece: Callable[[], None]):
         """The piece's kernels, recorded (not run); `.replay()` runs them."""
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
@@ -51,12 +51,17 @@ class StepGraphs:
             piece()
         return graph
 
-    def clear(self) -> None:
-        """Forget every graph (a buffer they were captured on has been replaced), and their memory pool:
-        PyTorch frees a pool once no graph holds it, and refuses to capture into a freed one (an internal
-        assertion, use_count > 0, seen on an H200 with torch 2.11)."""
-        self.graphs.clear()
-        self.pool = None
+    def forget(self, stale: Callable[[Hashable], bool]) -> int:
+        """Forget the graphs whose keys are `stale` (a buffer they were captured on has been replaced) ->
+        how many. With the last graph goes their memory pool: PyTorch frees a pool once no graph holds it,
+        and refuses to capture into a freed one (an internal assertion, use_count > 0, seen on an H200 with
+        torch 2.11)."""
+        keys = [key for key in self.graphs if stale(key)]
+        for key in keys:
+            del self.graphs[key]
+        if not self.graphs:
+            self.pool = None
+        return len(keys)
 
     def __len__(self) -> int:
         return len(self.graphs)

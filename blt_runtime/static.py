@@ -19,7 +19,8 @@ A decode step is three pieces, each a pure function of those buffers and the cac
   global step, the decoder slots of the new patch (bucketed by closing rows, patch bytes, global span);
 - `finish`: the local decoder, sampling, the entropy look-ahead of the sampled bytes.
 `StepGraphs` (graphs.py) captures each piece once per key and replays it; on CPU the pieces run as
-they are. Knows nothing about requests (engine.py) and builds no tensors outside its buffers.
+they are. A cache or the open patch that grows is a new tensor: the graphs of the pieces that use it
+(PIECE_BUFFERS) go, the others stay. Knows nothing about requests (engine.py) and builds no tensors outside its buffers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ INT_FIELDS = ("slots", "lengths", "next", "ids", "open_lens", "top_k", "seeds", 
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 PATCH_FIELDS = ("rows", "counts", "before")
 NUMPY = {torch.long: np.int64, torch.float32: np.float32}
+# the growing buffers (StaticDecoder.growing_buffers) each piece reads or writes; every other buffer a piece
+# touches is made once, with the runner
+PIECE_BUFFERS = {"encode": ("encoder", "open_patch"), "patch": ("open_patch", "global"),
+                 "finish": ("decoder", "entropy")}
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -137,7 +142,7 @@ class StaticDecoder:
         self._bytes: dict[int, ByteBuffers] = {}
         self._patches: dict[int, Staged] = {}
         self.keys_seen: set[tuple] = set()  # every piece and shape run so far
-        self._capacity = None  # capacities of the open patch and the caches the captured graphs were built on
+        self._buffers: dict[str, int] = {}  # the address of each growing buffer the captured graphs were built on
         self._requests: RequestColumns | None = None  # the last step's
 
     # ------------------------------------------------------------------ host side
@@ -159,7 +164,7 @@ class StaticDecoder:
         r.open_patch.reserve(max(max(open_lens) + 1, patch_bytes))
         for cache, span in zip((r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv), spans + (global_span,)):
             cache.reserve(span)  # no-op for a ring buffer
-        self._check_capacity()
+        self._check_buffers()
 
         buf = self._byte_buffers(Bb)
         int_padding = {"slots": r.scratch, "ids": BOS_ID, "next": 1}
@@ -231,14 +236,21 @@ class StaticDecoder:
         else:
             self.graphs.run(key, piece)
 
-    def _check_capacity(self) -> None:
-        """A grown buffer is a new tensor: graphs captured on the old one must go."""
+    def growing_buffers(self) -> dict[str, torch.Tensor]:
+        """The buffers that grow (a new tensor each time), by the names PIECE_BUFFERS gives them."""
         r = self.r
-        capacity = (r.open_patch.data.shape[1],) + tuple(c.kv.shape[4] for c in (r.entropy_kv, r.encoder_kv,
-                                                                                  r.decoder_kv, r.global_kv))
-        if capacity != self._capacity and self.graphs is not None:
-            self.graphs.clear()
-        self._capacity = capacity
+        return {"open_patch": r.open_patch.data, "entropy": r.entropy_kv.kv, "encoder": r.encoder_kv.kv,
+                "decoder": r.decoder_kv.kv, "global": r.global_kv.kv}
+
+    def _check_buffers(self) -> None:
+        """A grown buffer is a new tensor: the graphs of the pieces that use it were captured on the old one
+        and must go; the others stay (the global cache grows as sequences lengthen, and only patch steps
+        read it)."""
+        buffers = {name: t.data_ptr() for name, t in self.growing_buffers().items()}
+        grown = {name for name, address in buffers.items() if self._buffers.get(name, address) != address}
+        if grown and self.graphs is not None:
+            self.graphs.forget(lambda key: not grown.isdisjoint(PIECE_BUFFERS[key[0]]))
+        self._buffers = buffers
 
     def _global_span(self, needed: int) -> int:
         """Entries of the global cache a patch step reads: a power of two (few shapes, few graphs), or the

@@ -16,7 +16,7 @@ from blt_runtime.engine import Engine
 from blt_runtime.graphs import StepGraphs
 from blt_runtime.model.local_encoder import PATCH_BLOCK
 from blt_runtime.sampling import SamplingParams
-from blt_runtime.static import StaticDecoder, batch_buckets, bucket, span_bucket
+from blt_runtime.static import PIECE_BUFFERS, StaticDecoder, batch_buckets, bucket, span_bucket
 
 
 @pytest.fixture(scope="module")
@@ -200,32 +200,34 @@ def test_the_global_cache_grows_no_further_than_a_sequence_can_hold():
 
 class RecordedPiece:
     """A CPU stand-in for a CUDA graph: replay runs the piece recorded at capture time, and fails if a
-    buffer that a real graph would read by address has been replaced since."""
+    buffer that a real graph of that piece would read by address has been replaced since."""
 
-    def __init__(self, piece, runner):
-        self.piece, self.runner = piece, runner
+    def __init__(self, key, piece, static):
+        self.key, self.piece, self.static = key, piece, static
         self.addresses = self.buffers()
 
     def buffers(self):
-        r = self.runner
-        tensors = [r.open_patch.data, r.history, r.latest, r.output_counts, r.seen]
-        tensors += [c.kv for c in (r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv)]
+        r, growing = self.static.r, self.static.growing_buffers()
+        tensors = [r.history, r.latest, r.output_counts, r.seen]
+        tensors += [growing[name] for name in PIECE_BUFFERS[self.key[0]]]
         return [t.data_ptr() for t in tensors]
 
     def replay(self):
-        assert self.buffers() == self.addresses, "replay on a buffer that was replaced after capture"
+        assert self.buffers() == self.addresses, f"replay of {self.key} on a buffer that was replaced after capture"
         self.piece()
 
 
 class CpuStepGraphs(StepGraphs):
-    def __init__(self, runner):
-        self.runner, self.graphs, self.captures = runner, {}, 0
+    def __init__(self, static):
+        self.static, self.graphs, self.captures, self.pool = static, {}, 0, None
+        self.captured: dict[tuple, int] = {}  # captures by key
 
     def _run_eagerly(self, piece):
         piece()
 
-    def _record(self, piece):
-        return RecordedPiece(piece, self.runner)
+    def _record(self, key, piece):
+        self.captured[key] = self.captured.get(key, 0) + 1
+        return RecordedPiece(key, piece, self.static)
 
 
 def test_graph_keys_name_every_shape(models):
@@ -245,13 +247,31 @@ def test_graph_keys_name_every_shape(models):
     for requests, joins in ((mixed, {f"r{i}": 4 * i for i in range(5)}), (one_by_one, {"sampled": 60})):
         eager = run_engine(Engine(model, max_batch_size=8, static=True), requests, joins)
         engine = Engine(model, max_batch_size=8, static=True)
-        engine.static.graphs = graphs = CpuStepGraphs(engine.runner)
+        engine.static.graphs = graphs = CpuStepGraphs(engine.static)
         replayed = run_engine(engine, requests, joins)
         for rid in requests:
             assert replayed[rid][0] == eager[rid][0] and replayed[rid][1].usage == eager[rid][1].usage, rid
         assert {key[0] for key in graphs.graphs} == {"encode", "patch", "finish"}
-        if requests is mixed:
-            assert graphs.captures > len(graphs.graphs), "buffers grew, so some graphs were captured again"
+        if requests is mixed:  # the global cache grew: only patch steps, which read it, were captured again
+            assert {key[0] for key, n in graphs.captured.items() if n > 1} == {"patch"}, graphs.captured
+            assert all(key in graphs.graphs for key in graphs.captured if key[0] != "patch")
+
+
+def test_local_caches_without_a_window_grow_under_their_pieces_graphs(models):
+    """Local caches without a window grow like the global one: the graphs of the byte pieces that read them
+    go with the old buffers (their spans change with them, so new keys are captured), none is kept on a
+    replaced buffer (RecordedPiece would fail its replay), and the bytes stay those of the eager static
+    steps."""
+    model = with_local_window(models["mixed_heads"], None)
+    requests = {"g": (PARITY_TEXT[:30], SamplingParams(max_bytes=150, temperature=0.0, ignore_eos=True))}
+    eager = run_engine(Engine(model, max_batch_size=2, static=True), requests, {"g": 0})
+    engine = Engine(model, max_batch_size=2, static=True)
+    engine.static.graphs = graphs = CpuStepGraphs(engine.static)
+    assert run_engine(engine, requests, {"g": 0})["g"][0] == eager["g"][0]
+    spans = {key[2] for key in graphs.captured if key[0] != "patch"}
+    assert len(spans) == 3  # the local caches grew twice
+    assert {key[2] for key in graphs.graphs if key[0] != "patch"} == {max(spans)}  # the older ones are gone
+    assert all(graph.buffers() == graph.addresses for graph in graphs.graphs.values())
 
 
 @pytest.mark.parametrize("static", [False, True])
