@@ -76,7 +76,7 @@ from bench.burst import burst  # noqa: E402
 from bench.shared_prompts import run as run_choices  # noqa: E402
 from bench.shared_prompts import turned  # noqa: E402
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
-from blt_runtime.attention import decode_attention, sdpa_attention  # noqa: E402
+from blt_runtime.attention import Visible, decode_attention, sdpa_attention  # noqa: E402
 from blt_runtime.cache import KVCache  # noqa: E402
 from blt_runtime.guide import ByteGuide  # noqa: E402
 from blt_runtime.kernels import gemv_check, sampling_check, self_check  # noqa: E402
@@ -261,11 +261,16 @@ def time_in_graph(fn, calls: int = 20, replays: int = 10) -> float:
     return start.elapsed_time(end) * 1000 / (calls * replays)
 
 
+SPLITS = (1, 2, 4, 8, 16)  # the attention kernel's splits timed beside its default (attention.default_splits)
+
+
 def attention_us(model: BltModel) -> dict:
-    """The Triton kernel (its default splits, and unsplit) against SDPA on rows read from a cache (in
-    place, or gathered: a patch step's closing rows), one layer's attention at the step's shapes: the
-    local models' 512-entry ring at 1 and 64 streams, the global model's cache for 16 closing rows of
-    64 and for 1."""
+    """The Triton kernel against SDPA on rows read from a cache (in place, or gathered: a patch step's
+    closing rows), one layer's attention at the step's shapes, with the mask a step gives it (Visible: it
+    reads each row's entries up to its new position): the local models' 512-entry ring, full, at 1 and
+    64 streams, the global model's cache filled to 3/4 of its span for 16 closing rows of 64 and for 1.
+    The kernel with its default splits (`triton`), with each of SPLITS (`splits`, what sets
+    default_splits), and reading the whole span under an additive mask (`triton_additive_mask`)."""
     cfg, device, dtype = model.config, model.device, model.dtype
     local, glob = cfg.decoder, cfg.global_model
     cases = {"local_b1_in_place": (local, 512, 1, False), "local_b64_in_place": (local, 512, 64, False),
@@ -292,12 +297,16 @@ def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.devi
     cache.reserve(span)
     cache.kv.normal_()
     q = torch.randn(B, stack.num_heads, 1, stack.head_dim, device=device, dtype=dtype)
-    mask = torch.zeros(B, 1, 1, span, device=device, dtype=dtype)
-    mask[..., span * 3 // 4:] = float("-inf")  # rows that have not filled their span
+    length = 2 * span if cache.window else span * 3 // 4  # a full ring; the global cache 3/4 of its span
+    visible = Visible(torch.full((B,), length, device=device), cache.window, stack.window)
+    mask = visible.additive(span, dtype)
     rows = torch.arange(B, device=device) * 4 if gathered else slice(0, B)
-    return {"triton": round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask)), 2),
-            "triton_unsplit": round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask,
-                                                                           splits=1)), 2),
+
+    def timed(mask, splits=None) -> float:
+        return round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask, splits=splits)), 2)
+
+    return {"triton": timed(visible), "splits": {str(n): timed(visible, n) for n in SPLITS},
+            "triton_additive_mask": timed(mask),
             "sdpa": round(time_in_graph(lambda: sdpa_attention(q, *cache.read(0, rows, span), mask)), 2)}
 
 

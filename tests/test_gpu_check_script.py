@@ -74,5 +74,6 @@ def test_gpu_only_timings_run_their_cases(monkeypatch):
     engine = gpu_check.make_engine(model, graphs=False)  # the profile's own steps (the profiler itself is CUDA's)
     profiled = gpu_check.profile_steps(engine, [b"one", b"two streams" * 30, b"three"], steps=4)
     assert "error" not in profiled and profiled["device_ops_per_step"] == 0 and not engine.has_work()
-    # three ways per attention case, two otherwise; two stretches or products per way
-    assert len(calls) == 3 * 5 + 4 * 4 + 4 * 8 + 2 * 4
+    # per attention case its default, SPLITS, an additive mask and SDPA; two ways otherwise, two stretches or
+    # products per way
+    assert len(calls) == (3 + len(gpu_check.SPLITS)) * 5 + 4 * 4 + 4 * 8 + 2 * 4
