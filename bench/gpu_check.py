@@ -23,6 +23,8 @@ and timed in one run. Prints a table and, last, one JSON line.
    far; one that would start after `--budget-s` is skipped and named in `skipped`, so the last line is
    whole within gpu_check.sh's 6 minutes:
    - `transformers`: BltForCausalLM.generate(use_cache=False) on the same weights.
+   - `unsplit_attention`: batch 1 and the largest stream count again with the attention kernel unsplit
+     (attention.MAX_SPLITS 1), and whether its batch-1 bytes are the primary engine's.
    - `compiled`: the engine again with its element-wise stretches compiled (fused.py): compile time,
      graphs against eager, determinism, top-1 agreement, batch 1, the largest stream count, profile.
    - `kernel_calls` (CUDA, where "auto" picked the Triton kernels, kernels.py): per call, the sampling
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import statistics
 import sys
@@ -75,7 +78,7 @@ sys.path.insert(0, str(ROOT))
 from bench.burst import burst  # noqa: E402
 from bench.shared_prompts import run as run_choices  # noqa: E402
 from bench.shared_prompts import turned  # noqa: E402
-from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, encode_tensor  # noqa: E402
+from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, attention, encode_tensor  # noqa: E402
 from blt_runtime.attention import Visible, decode_attention, sdpa_attention  # noqa: E402
 from blt_runtime.cache import KVCache  # noqa: E402
 from blt_runtime.guide import ByteGuide  # noqa: E402
@@ -100,6 +103,10 @@ def english(n_bytes: int) -> bytes:
 def stream_prompts(n: int) -> list[bytes]:
     """The prompts of n streams: 200 bytes of English each, each ending elsewhere."""
     return [english(200 + 37 * i)[-200:] for i in range(n)]
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()[:16]
 
 
 def sync(device: torch.device) -> None:
@@ -458,6 +465,26 @@ def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None
     result["compiled"] = out
 
 
+def measure_unsplit(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The primary engine's batch 1 and largest stream count again with the attention kernel unsplit
+    (attention.MAX_SPLITS 1), graphs where there is a GPU: whether the splits pay in whole steps, not
+    only per call (`attention_us`), and whether the bytes are the same (the splits sum in another order)."""
+    saved, attention.MAX_SPLITS = attention.MAX_SPLITS, 1
+    try:
+        engine, out = make_engine(model, graphs=model.device.type == "cuda"), {}
+        run_engine(engine, [prompt], args.bytes)  # captures what batch 1 needs
+        one, (greedy,) = run_engine(engine, [prompt], args.bytes)
+        out["batch1_bytes_per_s"] = round(one["bytes_per_s"], 1)
+        n = largest_streams(args)
+        run_engine(engine, stream_prompts(n), args.bytes)
+        streams, _ = run_engine(engine, stream_prompts(n), args.bytes)
+        out[f"aggregate_bytes_per_s_{n}"] = round(streams["bytes_per_s"], 1)
+        out["batch1_equal_split"] = digest(greedy) == result.get("batch1_greedy_digest")
+    finally:
+        attention.MAX_SPLITS = saved
+    result["unsplit_attention"] = out
+
+
 def measure_shared(model: BltModel, prompt: bytes, args, result: dict) -> None:
     """8 choices of one prompt with shared prompts and without, on one engine (bench/shared_prompts.py)."""
     engine, device, n, n_bytes = make_engine(model, model.device.type == "cuda", share=True), str(model.device), 8, 32
@@ -615,6 +642,7 @@ def measure(model: BltModel, primary: Engine, other: Engine, names: tuple[str, s
     first_run, (greedy,) = run_engine(primary, [prompt], args.bytes)  # captures what batch 1 needs
     one, (again,) = run_engine(primary, [prompt], args.bytes)
     result["deterministic"] = greedy == again
+    result["batch1_greedy_digest"] = digest(greedy)
     slow, (reference,) = run_engine(other, [prompt], args.bytes)
     result[f"{names[0]}_equal_{names[1]}"] = greedy == reference
     result["batch1_bytes_per_s"] = round(one["bytes_per_s"], 1)
@@ -725,7 +753,8 @@ def main() -> None:
     # follows each, and a part that would start after --budget-s is skipped (named in "skipped"), so that
     # the last line is a whole result within gpu_check.sh's limit.
     triton = cuda and result.get("kernels") == "triton"  # the per-call timings and comparisons are CUDA's
-    parts = [("transformers", measure_transformers)] + [("compiled", measure_compiled)] * args.compiled
+    parts = [("transformers", measure_transformers), ("unsplit_attention", measure_unsplit)]
+    parts += [("compiled", measure_compiled)] * args.compiled
     parts += [("kernel_calls", measure_kernel_calls)] * triton
     parts += [("guided", measure_guided), ("shared_prompts", measure_shared), ("prompt_scores", measure_scores),
               ("burst", measure_burst)]
