@@ -269,6 +269,7 @@ def time_in_graph(fn, calls: int = 20, replays: int = 10) -> float:
 
 
 SPLITS = (1, 2, 4, 8, 16)  # the attention kernel's splits timed beside its default (attention.default_splits)
+SWEEP_BLOCKS = (64, 32)  # and its entries per loop iteration, beside its default (attention.default_block)
 
 
 def attention_us(model: BltModel) -> dict:
@@ -276,8 +277,9 @@ def attention_us(model: BltModel) -> dict:
     closing rows), one layer's attention at the step's shapes, with the mask a step gives it (Visible: it
     reads each row's entries up to its new position): the local models' 512-entry ring, full, at 1 and
     64 streams, the global model's cache filled to 3/4 of its span for 16 closing rows of 64 and for 1.
-    The kernel with its default splits (`triton`), with each of SPLITS (`splits`, what sets
-    default_splits), and reading the whole span under an additive mask (`triton_additive_mask`)."""
+    The kernel with its default block and splits (`triton`), with each of SPLITS at its default block and
+    at SWEEP_BLOCKS entries a block (`block_x_splits`, what sets default_splits and default_block), and
+    reading the whole span under an additive mask (`triton_additive_mask`)."""
     cfg, device, dtype = model.config, model.device, model.dtype
     local, glob = cfg.decoder, cfg.global_model
     cases = {"local_b1_in_place": (local, 512, 1, False), "local_b64_in_place": (local, 512, 64, False),
@@ -309,11 +311,14 @@ def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.devi
     mask = visible.additive(span, dtype)
     rows = torch.arange(B, device=device) * 4 if gathered else slice(0, B)
 
-    def timed(mask, splits=None) -> float:
-        return round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask, splits=splits)), 2)
+    def timed(mask, block=None, splits=None) -> float:
+        return round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask, block, splits=splits)),
+                     2)
 
-    return {"triton": timed(visible), "splits": {str(n): timed(visible, n) for n in SPLITS},
-            "triton_additive_mask": timed(mask),
+    block = attention.default_block(stack.head_dim, span, device)
+    sweep = {f"{b}x{n}": timed(visible, b, n) for b in sorted({block, *SWEEP_BLOCKS}, reverse=True) for n in SPLITS
+             if n <= -(-span // b)}  # entries a loop iteration x splits (more splits than blocks: as many as blocks)
+    return {"triton": timed(visible), "block_x_splits": sweep, "triton_additive_mask": timed(mask),
             "sdpa": round(time_in_graph(lambda: sdpa_attention(q, *cache.read(0, rows, span), mask)), 2)}
 
 

@@ -362,8 +362,7 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     out = torch.empty(B, 1, H * D, device=q.device, dtype=q.dtype)
     gather = not isinstance(rows, slice)
     d_pad = next_power_of_2(D)
-    if block is None:
-        block = max(16, min(128, 8192 // d_pad)) if q.device.type == "cuda" else next_power_of_2(max(span, 16))
+    block = default_block(D, span, q.device) if block is None else block
     k_new, v_new, w_rows, w_index = store if store is not None else (q, q, q, q)
     stored = 0 if store is None else 2 if w_index is None else 1
     w_index = q if w_index is None else w_index
@@ -399,6 +398,14 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
 
 
 MAX_SPLITS = 16
+
+
+def default_block(head_dim: int, span: int, device: torch.device) -> int:
+    """Cache entries per loop iteration of the decode-attention kernel: 8192 values of K at a time on a GPU
+    (16 to 128 entries), the whole span at once in the interpreter (its cost is per operation)."""
+    if device.type == "cuda":
+        return max(16, min(128, 8192 // next_power_of_2(head_dim)))
+    return next_power_of_2(max(span, 16))
 
 
 @functools.lru_cache(maxsize=8)

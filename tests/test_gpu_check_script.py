@@ -71,13 +71,18 @@ def test_gpu_only_timings_run_their_cases(monkeypatch):
         return 1.0
 
     monkeypatch.setattr(gpu_check, "time_in_graph", once)
+    monkeypatch.setattr(gpu_check, "SPLITS", (1, 4))  # the interpreter is slow: fewer variants of the kernel
+    monkeypatch.setattr(gpu_check, "SWEEP_BLOCKS", (64,))
     model = gpu_check.build(True, torch.device("cpu"), torch.float32)
+    swept = 0  # the attention cases' block and split variants
     for helper in (gpu_check.attention_us, gpu_check.stretch_us, gpu_check.gemv_us, gpu_check.sample_us):
         for case, figures in helper(model).items():
             assert "error" not in figures and figures, (helper.__name__, case, figures)
+            swept += len(figures.get("block_x_splits", {}))
     engine = gpu_check.make_engine(model, graphs=False)  # the profile's own steps (the profiler itself is CUDA's)
     profiled = gpu_check.profile_steps(engine, [b"one", b"two streams" * 30, b"three"], steps=4)
     assert "error" not in profiled and profiled["device_ops_per_step"] == 0 and not engine.has_work()
-    # per attention case its default, SPLITS, an additive mask and SDPA; two ways otherwise, two stretches or
-    # products per way
-    assert len(calls) == (3 + len(gpu_check.SPLITS)) * 5 + 4 * 4 + 4 * 8 + 2 * 4
+    # per attention case its default, an additive mask, SDPA and the sweep (every split count at one block
+    # or more); two ways otherwise, two stretches or products per way
+    assert swept >= len(gpu_check.SPLITS) * 5
+    assert len(calls) == 3 * 5 + swept + 4 * 4 + 4 * 8 + 2 * 4
