@@ -23,6 +23,8 @@ and timed in one run. Prints a table and, last, one JSON line.
    far; one that would start after `--budget-s` is skipped and named in `skipped`, so the last line is
    whole within gpu_check.sh's 6 minutes:
    - `transformers`: BltForCausalLM.generate(use_cache=False) on the same weights.
+   - `no_lookahead`: batch 1 again without decoding ahead (lookahead_rows 0, static.py), and whether its
+     bytes are the primary engine's.
    - `unsplit_attention`: batch 1 and the largest stream count again with the attention kernel unsplit
      (attention.MAX_SPLITS 1), and whether its batch-1 bytes are the primary engine's.
    - `compiled`: the engine again with its element-wise stretches compiled (fused.py): compile time,
@@ -142,12 +144,12 @@ def set_threshold(model: BltModel, bytes_per_patch: float = 4.5) -> float:
 
 
 def make_engine(model: BltModel, graphs: bool, static: bool = True, compile: bool = False,
-                kernels: str = "auto", share: bool = False) -> Engine:
+                kernels: str = "auto", share: bool = False, lookahead_rows: int | None = None) -> Engine:
     """Overlapped steps (the CUDA default) on any device, so that the CPU test of this script runs
     the same paths. Shared prompts only with `share` (`measure_shared`): the timings run the same
     prompts again, and from the third time a kept copy of a prompt's state would spare its prefill."""
     return Engine(model, max_batch_size=64, max_model_len=4096, static=static, cuda_graphs=graphs, compile=compile,
-                  kernels=kernels, overlap=True, share_prompts=share)
+                  kernels=kernels, overlap=True, share_prompts=share, lookahead_rows=lookahead_rows)
 
 
 SAMPLED = dict(temperature=0.8, top_p=0.95)  # how a client who samples might ask
@@ -470,24 +472,37 @@ def measure_compiled(model: BltModel, prompt: bytes, args, result: dict) -> None
     result["compiled"] = out
 
 
-def measure_unsplit(model: BltModel, prompt: bytes, args, result: dict) -> None:
-    """The primary engine's batch 1 and largest stream count again with the attention kernel unsplit
-    (attention.MAX_SPLITS 1), graphs where there is a GPU: whether the splits pay in whole steps, not
-    only per call (`attention_us`), and whether the bytes are the same (the splits sum in another order)."""
-    saved, attention.MAX_SPLITS = attention.MAX_SPLITS, 1
-    try:
-        engine, out = make_engine(model, graphs=model.device.type == "cuda"), {}
-        run_engine(engine, [prompt], args.bytes)  # captures what batch 1 needs
-        one, (greedy,) = run_engine(engine, [prompt], args.bytes)
-        out["batch1_bytes_per_s"] = round(one["bytes_per_s"], 1)
+def measure_variant(model: BltModel, prompt: bytes, args, result: dict, streams: bool, **engine_args) -> dict:
+    """The primary engine's batch 1 (and with `streams` its largest stream count) with other arguments,
+    graphs where there is a GPU, and whether its batch-1 bytes are the primary engine's."""
+    engine, out = make_engine(model, graphs=model.device.type == "cuda", **engine_args), {}
+    run_engine(engine, [prompt], args.bytes)  # captures what batch 1 needs
+    one, (greedy,) = run_engine(engine, [prompt], args.bytes)
+    out["batch1_bytes_per_s"] = round(one["bytes_per_s"], 1)
+    out["batch1_equal_primary"] = digest(greedy) == result.get("batch1_greedy_digest")
+    if streams:
         n = largest_streams(args)
         run_engine(engine, stream_prompts(n), args.bytes)
-        streams, _ = run_engine(engine, stream_prompts(n), args.bytes)
-        out[f"aggregate_bytes_per_s_{n}"] = round(streams["bytes_per_s"], 1)
-        out["batch1_equal_split"] = digest(greedy) == result.get("batch1_greedy_digest")
+        stats, _ = run_engine(engine, stream_prompts(n), args.bytes)
+        out[f"aggregate_bytes_per_s_{n}"] = round(stats["bytes_per_s"], 1)
+    return out
+
+
+def measure_no_lookahead(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """Batch 1 without decoding ahead (lookahead_rows 0; static.py): what the second branch beside the
+    entropy model's look-ahead gives, and that the bytes are the same."""
+    result["no_lookahead"] = measure_variant(model, prompt, args, result, False, lookahead_rows=0)
+
+
+def measure_unsplit(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """Batch 1 and the largest stream count with the attention kernel unsplit (attention.MAX_SPLITS 1):
+    whether the splits pay in whole steps, not only per call (`attention_us`), and the bytes (the splits
+    sum in another order)."""
+    saved, attention.MAX_SPLITS = attention.MAX_SPLITS, 1
+    try:
+        result["unsplit_attention"] = measure_variant(model, prompt, args, result, True)
     finally:
         attention.MAX_SPLITS = saved
-    result["unsplit_attention"] = out
 
 
 def measure_shared(model: BltModel, prompt: bytes, args, result: dict) -> None:
@@ -758,7 +773,8 @@ def main() -> None:
     # follows each, and a part that would start after --budget-s is skipped (named in "skipped"), so that
     # the last line is a whole result within gpu_check.sh's limit.
     triton = cuda and result.get("kernels") == "triton"  # the per-call timings and comparisons are CUDA's
-    parts = [("transformers", measure_transformers), ("unsplit_attention", measure_unsplit)]
+    parts = [("transformers", measure_transformers), ("no_lookahead", measure_no_lookahead),
+             ("unsplit_attention", measure_unsplit)]
     parts += [("compiled", measure_compiled)] * args.compiled
     parts += [("kernel_calls", measure_kernel_calls)] * triton
     parts += [("guided", measure_guided), ("shared_prompts", measure_shared), ("prompt_scores", measure_scores),

@@ -123,7 +123,8 @@ class Engine:
                  max_queue: int = 256, prefill_chunk: int | None = None, static: bool | None = None,
                  cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto",
                  overlap: bool | None = None, share_prompts: bool = True, kept_prefixes: int = 4,
-                 first_byte_at_once: bool | None = None, jump_forward: int | None = None, seed: int | None = None):
+                 first_byte_at_once: bool | None = None, jump_forward: int | None = None, seed: int | None = None,
+                 lookahead_rows: int | None = None):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
@@ -146,11 +147,15 @@ class Engine:
         there yet). `seed`: of the generator that gives requests without a seed of their own theirs (vLLM's
         --seed): the same requests added in the same order then draw the same bytes in another engine.
         `prefill_chunk`: prompt bytes prefilled per step (and the most that prompts prefilled together
-        take); by default 2,048 on CUDA and 512 elsewhere (PREFILL_CHUNK_CUDA, _CPU)."""
+        take); by default 2,048 on CUDA and 512 elsewhere (PREFILL_CHUNK_CUDA, _CPU). `lookahead_rows`:
+        static decode steps of up to this many rows decode their sampled bytes ahead, beside the entropy
+        model (static.py; outputs do not change); by default 1 on CUDA, 0 (never) on a CPU."""
         if kept_prefixes < 0:
             raise ValueError(f"kept_prefixes={kept_prefixes}: must be >= 0")
         if jump_forward is not None and jump_forward < 0:
             raise ValueError(f"jump_forward={jump_forward}: must be >= 0")
+        if lookahead_rows is not None and lookahead_rows < 0:
+            raise ValueError(f"lookahead_rows={lookahead_rows}: must be >= 0")
         self.model = model
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.max_batch_size = max_batch_size
@@ -169,7 +174,7 @@ class Engine:
             raise ValueError("cuda_graphs needs static=True: graphs replay static-shaped steps")
         if cuda_graphs and not on_cuda:
             raise ValueError(f"cuda_graphs needs a model on a CUDA device, not {model.device}")
-        self.static = StaticDecoder(self.runner, graphs=cuda_graphs) if static else None
+        self.static = StaticDecoder(self.runner, cuda_graphs, lookahead_rows) if static else None
         self.slots = SlotAllocator(max_batch_size)
         self.scheduler = Scheduler(max_batch_size, max_queue, prefill_chunk, self.runner.batch_window())
         self.jump_forward = (0 if on_cuda else 2) if jump_forward is None else jump_forward

@@ -18,6 +18,18 @@ A decode step is three pieces, each a pure function of those buffers and the cac
 - `patch`, only when some row's byte closes its patch: pool and cross-attend the patch's bytes, one
   global step, the decoder slots of the new patch (bucketed by closing rows, patch bytes, global span);
 - `finish`: the local decoder, sampling, the entropy look-ahead of the sampled bytes.
+Decoding ahead (`lookahead_rows`, steps of that many rows at most; on CUDA 1 by default): at batch 1
+each kernel fills a few of the GPU's multiprocessors, so work that does not depend on other work can
+run beside it. The entropy look-ahead of a sampled byte says whether its patch closes; the byte's
+encoder step does not depend on that, nor does its decoder step where the patch stays open (the
+usual case: about 4 bytes in 5). So `finish` then runs, in a second CUDA stream beside the look-ahead,
+the sampled bytes' encoder step (into their open patches; the hash history they move on to is kept
+aside) and decoder step, into logits kept by slot. The next step, if it comes for the same slots with
+those bytes at those positions and nothing else wrote the slots since (Runner.slot_epochs), runs no
+`encode`: its `finish` takes the history over and, unless a patch closes (then the patch step and the
+decoder run again under the new patch), samples from the logits decoded ahead. Any other next step
+starts over from the bytes, which is the same work done again (the encoder's writes the same values),
+so outputs never change; only the hash history, which each step moves on, waited.
 `StepGraphs` (graphs.py) captures each piece once per key and replays it; on CPU the pieces run as
 they are. A cache or the open patch that grows is a new tensor: the graphs of the pieces that use it
 (PIECE_BUFFERS) go, the others stay. Knows nothing about requests (engine.py) and builds no tensors outside its buffers.
@@ -40,14 +52,17 @@ from .tokenizer import BOS_ID
 from .transfer import HostTransfer
 
 MAX_LOGPROBS = 20  # a step that returns logprobs returns this many; the host keeps what each row asked for
-INT_FIELDS = ("slots", "lengths", "next", "ids", "open_lens", "top_k", "seeds", "allow_eos")  # next: lengths + 1
+# next: lengths + 1; next_open: where the sampled byte goes in its open patch (0 after a closing byte)
+INT_FIELDS = ("slots", "lengths", "next", "ids", "open_lens", "next_open", "top_k", "seeds", "allow_eos")
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
 PATCH_FIELDS = ("rows", "counts", "before")
 NUMPY = {torch.long: np.int64, torch.float32: np.float32}
 # the growing buffers (StaticDecoder.growing_buffers) each piece reads or writes; every other buffer a piece
 # touches is made once, with the runner
 PIECE_BUFFERS = {"encode": ("encoder", "open_patch"), "patch": ("open_patch", "global"),
-                 "finish": ("decoder", "entropy")}
+                 "finish": ("decoder", "entropy", "encoder", "open_patch")}  # (encoder, open patch: decoding ahead)
+# On CUDA, steps of up to this many rows decode their sampled bytes ahead (StaticDecoder.lookahead_rows)
+LOOKAHEAD_ROWS_CUDA = 1
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -134,16 +149,32 @@ class RequestColumns:
 class StaticDecoder:
     """Decode steps of a Runner at fixed shapes, optionally replayed from CUDA graphs."""
 
-    def __init__(self, runner: Runner, graphs: bool = False):
+    def __init__(self, runner: Runner, graphs: bool = False, lookahead_rows: int | None = None):
+        """`lookahead_rows`: steps of up to this many rows (their bucket's) decode their sampled bytes ahead
+        (see the module's docstring); by default LOOKAHEAD_ROWS_CUDA on CUDA and none on a CPU, where the
+        two branches would run one after the other and a closing byte's decoder twice."""
         self.r = runner
         self.sizes = batch_buckets(runner.num_slots)
         self.device = runner.model.device
         self.graphs = StepGraphs(self.device) if graphs else None
+        cuda = self.device.type == "cuda"
+        self.lookahead_rows = (LOOKAHEAD_ROWS_CUDA if cuda else 0) if lookahead_rows is None else lookahead_rows
+        self._ahead: dict[int, tuple[int, int, int]] = {}  # slot -> its byte decoded ahead: (position, id, epoch)
+        self._ahead_logits: torch.Tensor | None = None  # (slots, V) by slot: the logits after each one's byte ahead
+        self._ahead_history: torch.Tensor | None = None  # by slot: the hash history that byte moves on to
+        self._branch = torch.cuda.Stream(self.device) if cuda else None  # the second branch of a look-ahead
         self._bytes: dict[int, ByteBuffers] = {}
         self._patches: dict[int, Staged] = {}
         self.keys_seen: set[tuple] = set()  # every piece and shape run so far
         self._buffers: dict[str, int] = {}  # the address of each growing buffer the captured graphs were built on
         self._requests: RequestColumns | None = None  # the last step's
+        if self.lookahead_rows:
+            self._make_ahead_buffers()
+
+    def _make_ahead_buffers(self) -> None:
+        r = self.r
+        self._ahead_logits = torch.zeros(r.history.shape[0], r.cfg.vocab_size, device=self.device, dtype=r.model.dtype)
+        self._ahead_history = torch.zeros_like(r.history)
 
     # ------------------------------------------------------------------ host side
     def step(self, slots: list[int], lengths: list[int], ids: list[int], closes: list[bool],
@@ -161,7 +192,15 @@ class StaticDecoder:
         patch_bytes = span_bucket(max(open_lens[i] + 1 for i in rows), 16) if rows else 0
         global_span = self._global_span(max(num_patches[i] for i in rows) + 1) if rows else 0
         spans = self._local_spans(max(lengths))
-        r.open_patch.reserve(max(max(open_lens) + 1, patch_bytes))
+        fork = Bb <= self.lookahead_rows
+        if fork and self._ahead_logits is None:
+            self._make_ahead_buffers()
+        epochs = r.slot_epochs
+        # every row's byte was decoded ahead by the last step, and nothing else has written its slot since
+        ahead = bool(self._ahead) and all(self._ahead.get(slot) == (n, i, epochs[slot])
+                                          for slot, n, i in zip(slots, lengths, ids))
+        decode = not ahead or bool(rows)  # else the logits decoded ahead stand: no patch closed under them
+        r.open_patch.reserve(max(max(open_lens) + 1 + fork, patch_bytes))  # (+1: the byte decoded ahead's entry)
         for cache, span in zip((r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv), spans + (global_span,)):
             cache.reserve(span)  # no-op for a ring buffer
         self._check_buffers()
@@ -184,9 +223,11 @@ class StaticDecoder:
         requests = self._request_columns((Bb, tuple(order), tuple(params), tuple(seeds), tuple(allow_eos)), params,
                                          seeds, allow_eos, by_row, buf)
         buf.ints.fill(by_row({"slots": slots, "lengths": lengths, "next": [n + 1 for n in lengths], "ids": ids,
-                              "open_lens": open_lens}, int_padding)
+                              "open_lens": open_lens,
+                              "next_open": [0 if c else o + 1 for c, o in zip(closes, open_lens)]}, int_padding)
                       | requests.ints, int_padding)
-        self._run(("encode", Bb, spans, in_place), lambda: self._encode(buf, spans, in_place))
+        if not ahead:
+            self._run(("encode", Bb, spans, in_place), lambda: self._encode(buf, spans, in_place))
         if rows:
             Rb = bucket(len(rows), self.sizes)
             staged = self._patch_inputs(Rb)
@@ -194,14 +235,18 @@ class StaticDecoder:
                          "before": [num_patches[i] for i in rows]}, {"rows": r.scratch, "counts": 1})
             self._run(("patch", Rb, patch_bytes, global_span),
                       lambda: self._patch(staged, patch_bytes, global_span))
-        n_top, mode = requests.n_top, requests.mode
-        self._run(("finish", Bb, spans, mode, in_place), lambda: self._finish(buf, spans, in_place, *mode))
+        n_top, mode, way = requests.n_top, requests.mode, (ahead, decode, fork)
+        self._run(("finish", Bb, spans, mode, way, in_place), lambda: self._finish(buf, spans, in_place, *mode, *way))
         handle = transfer.add(buf.out[:n])
         logprobs = transfer.add(buf.logprobs[:n]) if n_top is not None else None
+        marks = [epochs[slot] for slot in slots]
 
         def result() -> Sampled:
             flat = transfer.get(handle)
             sampled = Sampled([int(flat[2 * row]) for row in order], [flat[2 * row + 1] > 0 for row in order], None)
+            if fork:  # what the next step finds decoded ahead, if it comes with these bytes at these positions
+                for slot, n, i, mark in zip(slots, lengths, sampled.ids, marks):
+                    self._ahead[slot] = (n + 1, i, mark)
             if logprobs is not None:
                 lp, k = transfer.get(logprobs), MAX_LOGPROBS
                 width = 1 + 2 * k
@@ -295,24 +340,68 @@ class StaticDecoder:
         r.store_latest(v["rows"], r.global_step(vecs, v["rows"], v["before"], global_span - 1))
 
     def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], in_place: bool, greedy: bool, penalty: bool,
-                logprobs: bool) -> None:
+                logprobs: bool, ahead: bool = False, decode: bool = True, fork: bool = False) -> None:
+        """The decoder (unless the logits of the bytes `ahead` stand: no patch closed), sampling, then the
+        entropy look-ahead of the sampled bytes, and with `fork` in a second branch beside it their encoder
+        and decoder steps ahead of the next step."""
         r = self.r
         reads = b.rows if in_place else None  # None: gather each row's slot
         own = b.rows if in_place else b.slots
-        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, reads, ops=r.ops,
-                          kernels=r.kernels)
-        logits = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1, logits=True)[:, 0]
+        if ahead:  # the bytes decoded ahead are the rows' now: so is the hash history they moved on to
+            r.history[b.slots] = self._ahead_history[b.slots]
+        if decode:
+            if ahead:  # encoded ahead: the states are in the open patch
+                b.states.copy_(r.open_patch.data[b.slots, b.open_lens][:, None])
+            p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, reads,
+                              ops=r.ops, kernels=r.kernels)
+            logits = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1, logits=True)[:, 0]
+        else:
+            logits = self._ahead_logits[b.slots]
         position = b.next  # the sampled bytes' (staged: no kernel)
         ids, embedded = r.choose(logits, b.sampling(greedy, penalty), position, b.slots, b.out, own)
-        triton = r.kernels != "torch"  # the patch flag in one kernel (tail_kernels.py)
-        entropy_logits = r.entropy_logits(embedded, b.slots, position, spans[0] - 1, reads)
-        if triton:
-            entropy_flags(entropy_logits[:, 0], position, r.cfg.patching_threshold, b.out)
-        else:
-            b.out[:, 1].copy_(r.boundary_flags(r.ops.entropy(entropy_logits)[:, 0], position))
         if logprobs:
             chosen, values, top = top_logprobs(logits, ids, MAX_LOGPROBS)
             k = MAX_LOGPROBS
             b.logprobs[:, 0].copy_(chosen)
             b.logprobs[:, 1:1 + k].copy_(values)
             b.logprobs[:, 1 + k:].copy_(top)
+
+        def look_ahead() -> None:
+            entropy_logits = r.entropy_logits(embedded, b.slots, position, spans[0] - 1, reads)
+            if r.kernels != "torch":  # the patch flag in one kernel (tail_kernels.py)
+                entropy_flags(entropy_logits[:, 0], position, r.cfg.patching_threshold, b.out)
+            else:
+                b.out[:, 1].copy_(r.boundary_flags(r.ops.entropy(entropy_logits)[:, 0], position))
+
+        if fork:
+            self._branches(look_ahead, lambda: self._decode_ahead(b, ids, spans, in_place))
+        else:
+            look_ahead()
+
+    def _decode_ahead(self, b: ByteBuffers, ids: torch.Tensor, spans: tuple[int, int, int], in_place: bool) -> None:
+        """The sampled bytes through the encoder (into their open patches; the hash history they move on to
+        kept aside until the next step takes them) and the decoder, under the rows' newest patches: the
+        next step's logits, unless a patch closes before them (the entropy look-ahead beside this says)."""
+        r = self.r
+        reads = b.rows if in_place else None
+        states, _ = r.encode(ids[:, None], b.slots, b.next, spans[1] - 1, reads, history_out=self._ahead_history)
+        r.open_patch.data[b.slots, b.next_open] = states[:, 0]
+        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.next, 1, spans[2] - 1, reads, ops=r.ops,
+                          kernels=r.kernels)
+        own = b.rows if in_place else b.slots
+        self._ahead_logits[b.slots] = r.decode_bytes(states, p, r.latest_tables(own), None, spans[2] - 1,
+                                                     logits=True)[:, 0]
+
+    def _branches(self, first: Callable[[], None], second: Callable[[], None]) -> None:
+        """Two pieces of work that share no buffer: on CUDA the second on a stream of its own, joined before
+        what follows (a CUDA graph records them as parallel branches); elsewhere one after the other."""
+        if self._branch is None:
+            first()
+            second()
+            return
+        current = torch.cuda.current_stream(self.device)
+        self._branch.wait_stream(current)
+        with torch.cuda.stream(self._branch):
+            second()
+        first()
+        current.wait_stream(self._branch)

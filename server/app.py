@@ -106,11 +106,13 @@ def build_engine(settings: Settings):
                     compile=settings.compile, kernels=settings.kernels,
                     overlap=False if settings.no_overlap else None,  # None: overlap where CUDA is
                     share_prompts=not settings.no_prompt_sharing, kept_prefixes=settings.kept_prefixes,
-                    jump_forward=settings.jump_forward, seed=settings.seed)
-    log.info("decode steps: %s%s, %s kernels%s; %s", "CUDA graphs" if engine.uses_cuda_graphs else
+                    jump_forward=settings.jump_forward, seed=settings.seed, lookahead_rows=settings.lookahead_rows)
+    log.info("decode steps: %s%s, %s kernels%s%s; %s", "CUDA graphs" if engine.uses_cuda_graphs else
              "static shapes, eager" if engine.static is not None else "dynamic shapes, eager",
              ", element-wise stretches compiled" if settings.compile else "", engine.kernels,
              ", each queued before the last one's outputs are handled" if engine.overlap else "",
+             f", bytes decoded ahead at up to {engine.static.lookahead_rows} rows"
+             if engine.static is not None and engine.static.lookahead_rows else "",
              f"{engine.jump_forward} or more bytes a guide forces prefilled as one chunk" if engine.jump_forward
              else "bytes a guide forces sampled a step each")
     log_caches(engine)

@@ -37,6 +37,7 @@ class Settings:
     compile: bool = False  # element-wise stretches of each step compiled (torch.compile)
     kernels: str = "auto"  # auto, torch, triton or triton-gemv (blt_runtime/kernels.py)
     no_overlap: bool = False  # queue each engine step only after the last one's outputs are handled
+    lookahead_rows: int | None = None  # decode steps of up to this many rows decode ahead; default 1 on CUDA, 0 on CPU
     no_prompt_sharing: bool = False  # prefill every prompt, even a prefix whose state a slot holds
     kept_prefixes: int = 4  # slots of their own for the states of prefixes kept for later prompts
     jump_forward: int | None = None  # bytes a guide forces, at least, prefilled as a chunk; default 2 on CPU, 0 on CUDA
@@ -102,6 +103,9 @@ HELP = {
     "no_overlap": "on CUDA, queue each engine step only once the last step's outputs are handled (by "
                   "default the next step is queued first, so that the device computes while the host "
                   "handles outputs)",
+    "lookahead_rows": "on CUDA, decode steps of up to this many sequences also run each sampled byte through the "
+                      "encoder and decoder beside the entropy model's look-ahead, so that the next step only "
+                      "samples where no patch closes (default 1; 0: never; outputs do not change)",
     "no_prompt_sharing": "prefill every request's prompt itself (by default a prompt that shares a prefix "
                          "with one still being prefilled, as the n choices of a completion do, with a finished "
                          "request's prompt and completion, or with a prefix kept from earlier prompts, takes "
@@ -273,7 +277,7 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
     for name in ("max_batch_size", "max_body_bytes", "prefill_chunk"):
         if (value := getattr(settings, name)) is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name in ("max_queue", "kept_prefixes", "jump_forward"):
+    for name in ("max_queue", "kept_prefixes", "jump_forward", "lookahead_rows"):
         if (getattr(settings, name) or 0) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0")
     return settings

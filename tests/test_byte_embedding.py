@@ -45,9 +45,15 @@ def test_kernel_equals_eager_embedding_and_history(dtype, groups, functions, voc
     want_history = history.clone()
     want_history[slots] = context[:, 1:]
 
-    got = embed_new_bytes(ids, history, rows, powers, model.encoder_hash_tok_embedding.weight,
-                          model.local_encoder.embed_tokens.weight, vocab)
-    assert torch.equal(history, want_history)
+    tables = (model.encoder_hash_tok_embedding.weight, model.local_encoder.embed_tokens.weight)
+    before, elsewhere = history.clone(), torch.full_like(history, -1)
+    aside = embed_new_bytes(ids, history, rows, powers, *tables, vocab, history_out=elsewhere)
+    assert torch.equal(history, before)  # moved on into the other table only, at the same rows
+    others = torch.ones(len(history), dtype=torch.bool)
+    others[slots] = False
+    assert torch.equal(elsewhere[slots], want_history[slots]) and (elsewhere[others] == -1).all()
+    got = embed_new_bytes(ids, history, rows, powers, *tables, vocab)
+    assert torch.equal(history, want_history) and torch.equal(got, aside)
     assert got.shape == want.shape and got.dtype == dtype
     if dtype == torch.bfloat16:
         assert torch.equal(got, want)

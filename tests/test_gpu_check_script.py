@@ -38,11 +38,12 @@ def test_gpu_check_small_on_cpu():
     assert result["prefill_chunk"] == 512  # a CPU's default
     assert result["ttfb_1kb_prompt_ms_one_chunk"] > 0 and result["ttfb_1kb_prompt_ms_512_chunks"] > 0
     assert "skipped" not in result and set(result["parts_s"]) == {
-        "build_and_primary", "transformers", "unsplit_attention", "compiled", "guided", "shared_prompts",
-        "prompt_scores", "burst"}
+        "build_and_primary", "transformers", "no_lookahead", "unsplit_attention", "compiled", "guided",
+        "shared_prompts", "prompt_scores", "burst"}
     unsplit = result["unsplit_attention"]  # one split is a CPU's default anyway: the same bytes
-    assert unsplit["batch1_equal_split"]
+    assert unsplit["batch1_equal_primary"]
     assert unsplit["batch1_bytes_per_s"] > 0 and unsplit["aggregate_bytes_per_s_2"] > 0
+    assert result["no_lookahead"]["batch1_equal_primary"] and result["no_lookahead"]["batch1_bytes_per_s"] > 0
     behind = burst["behind"]  # 2 short prompts a step after a long one: before its next chunk, and after it
     assert behind["short_first"]["last_ms"] < behind["short_first"]["long_first_ms"]
     assert behind["in_order"]["first_ms"] > 0 and behind["in_order"]["long_first_ms"] > 0

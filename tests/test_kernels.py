@@ -128,7 +128,7 @@ for dtype, torch_dtype in (("*bf16", torch.bfloat16), ("*fp32", torch.float32)):
                 dtype)
     for gather, tables, width, d in ((True, 6, 8, 1024), (False, 18, 5, 1280)):
         compile(byte_embedding._embed_kernel, byte_embedding._embed_program,
-                {"Ids": "*i64", "History": "*i64", "Rows": "*i64", "Powers": "*i64"},
+                {"Ids": "*i64", "History": "*i64", "HistoryOut": "*i64", "Rows": "*i64", "Powers": "*i64"},
                 dict(TABLES=tables, WIDTH=width, W_PAD=1 << (width - 1).bit_length(), D=d,
                      D_PAD=1 << (d - 1).bit_length(), GATHER=gather), dtype)
     compile(tail_kernels._greedy_kernel, tail_kernels._greedy_program,
@@ -210,20 +210,24 @@ def test_a_failing_sampling_kernel_leaves_the_other_kernels_on(monkeypatch, capl
 
 
 @interpreted
-@pytest.mark.parametrize("kernels, ops", [("triton", TritonOps), ("triton-gemv", GemvOps)])
-def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops):
+@pytest.mark.parametrize("kernels, ops, lookahead", [("triton", TritonOps, 0), ("triton-gemv", GemvOps, 0),
+                                                    ("triton", TritonOps, 4)])
+def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops, lookahead):
     """Static steps with every self-attention (entropy model, encoder, global model, decoder) through the
     attention kernel, and every norm and gate through theirs (triton-gemv: inside the projections), on
     grouped-query heads: three requests sharing steps (the first two prompts prefilled together), the first
     finishing early so that the rest are gathered from high slots, and patch steps reading gathered global rows.
     Bytes and patches as the PyTorch engine's; greedy rows that may and may not end with EOS (the greedy
-    choice's kernel masks it per row). (Triton's interpreter is slow: few bytes.)"""
+    choice's kernel masks it per row). (Triton's interpreter is slow: few bytes.)
+    With `lookahead`, every step decodes its sampled bytes ahead (static.py: the byte embedding kernel moves
+    the hash history into a table aside)."""
     model = load_model(hf_checkpoint("gqa")[1])
     requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 30 + 20 * i],
                           SamplingParams(max_bytes=6 + 6 * i, temperature=0.0, ignore_eos=i != 1))
                 for i in range(3)}
     joins = {"r0": 0, "r1": 0, "r2": 2}
-    triton = Engine(model, max_batch_size=4, prefill_chunk=80, static=True, kernels=kernels)  # r0, r1 together
+    triton = Engine(model, max_batch_size=4, prefill_chunk=80, static=True, kernels=kernels,  # r0, r1 together
+                    lookahead_rows=lookahead)
     assert triton.kernels == kernels and type(triton.runner.ops) is ops
     batches, start = [], triton.runner.prefill_start
     triton.runner.prefill_start = lambda *a: batches.append(len(a[1])) or start(*a)
@@ -234,7 +238,9 @@ def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops):
     for rid in requests:
         assert got[rid][0] == want[rid][0], rid
         assert got[rid][1].usage == want[rid][1].usage, rid
-    assert any(not key[-1] for key in triton.static.keys_seen if key[0] == "encode"), "no step gathered its rows"
+    assert any(not key[-1] for key in triton.static.keys_seen if key[0] != "patch"), "no step gathered its rows"
+    assert not lookahead or any(key[-2] == (True, False, True) for key in triton.static.keys_seen
+                                if key[0] == "finish"), "no step sampled from logits decoded ahead"
     assert sum(o.usage.global_steps for _, o in got.values()) > 0
 
 

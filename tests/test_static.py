@@ -4,10 +4,11 @@ CPU, fp32, random tiny models. The CUDA graph replay of the same pieces is check
 """
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
-from enginekit import replay_full_recompute, run_engine, with_local_window
+from enginekit import assert_close_scores, replay_full_recompute, run_engine, with_local_window
 from factory import PARITY_TEXT
 
 from blt_runtime import load_model
@@ -210,6 +211,8 @@ class RecordedPiece:
         r, growing = self.static.r, self.static.growing_buffers()
         tensors = [r.history, r.latest, r.output_counts, r.seen]
         tensors += [growing[name] for name in PIECE_BUFFERS[self.key[0]]]
+        if self.static._ahead_logits is not None:
+            tensors += [self.static._ahead_logits, self.static._ahead_history]
         return [t.data_ptr() for t in tensors]
 
     def replay(self):
@@ -246,15 +249,18 @@ def test_graph_keys_name_every_shape(models):
                   "sampled": (b"one", SamplingParams(max_bytes=40, temperature=3.0, seed=5, repetition_penalty=1.5))}
     for requests, joins in ((mixed, {f"r{i}": 4 * i for i in range(5)}), (one_by_one, {"sampled": 60})):
         eager = run_engine(Engine(model, max_batch_size=8, static=True), requests, joins)
-        engine = Engine(model, max_batch_size=8, static=True)
-        engine.static.graphs = graphs = CpuStepGraphs(engine.static)
-        replayed = run_engine(engine, requests, joins)
-        for rid in requests:
-            assert replayed[rid][0] == eager[rid][0] and replayed[rid][1].usage == eager[rid][1].usage, rid
-        assert {key[0] for key in graphs.graphs} == {"encode", "patch", "finish"}
-        if requests is mixed:  # the global cache grew: only patch steps, which read it, were captured again
-            assert {key[0] for key, n in graphs.captured.items() if n > 1} == {"patch"}, graphs.captured
-            assert all(key in graphs.graphs for key in graphs.captured if key[0] != "patch")
+        for lookahead in (0, 2):  # and with steps of up to 2 rows decoding ahead
+            engine = Engine(model, max_batch_size=8, static=True, lookahead_rows=lookahead)
+            engine.static.graphs = graphs = CpuStepGraphs(engine.static)
+            replayed = run_engine(engine, requests, joins)
+            for rid in requests:
+                assert replayed[rid][0] == eager[rid][0] and replayed[rid][1].usage == eager[rid][1].usage, rid
+            assert {key[0] for key in graphs.graphs} == {"encode", "patch", "finish"}
+            if lookahead:
+                assert {key[-2] for key in graphs.graphs if key[0] == "finish"} > {(True, False, True)}
+            if requests is mixed:  # the global cache grew: only patch steps, which read it, were captured again
+                assert {key[0] for key, n in graphs.captured.items() if n > 1} == {"patch"}, graphs.captured
+                assert all(key in graphs.graphs for key in graphs.captured if key[0] != "patch")
 
 
 def test_local_caches_without_a_window_grow_under_their_pieces_graphs(models):
@@ -272,6 +278,43 @@ def test_local_caches_without_a_window_grow_under_their_pieces_graphs(models):
     assert len(spans) == 3  # the local caches grew twice
     assert {key[2] for key in graphs.graphs if key[0] != "patch"} == {max(spans)}  # the older ones are gone
     assert all(graph.buffers() == graph.addresses for graph in graphs.graphs.values())
+
+
+def run_counting_ways(engine, requests, joins):
+    """run_engine, and how many finish pieces ran each way: (ahead, decode, fork) -> count."""
+    ways = Counter()
+    run = engine.static._run
+
+    def counted(key, piece):
+        if key[0] == "finish":
+            ways[key[-2]] += 1
+        run(key, piece)
+
+    engine.static._run = counted
+    return run_engine(engine, requests, joins), ways
+
+
+@pytest.mark.parametrize("structure, window", [("1b", 512), ("gqa", 48), ("mixed_heads", None)])
+def test_decoding_ahead_changes_no_output(models, structure, window):
+    """Static steps that decode their sampled bytes ahead (lookahead_rows; on CUDA beside the entropy
+    model) give the bytes, patches and logprobs of the plain static steps, with requests joining and
+    leaving (steps of one row and of several), greedy, sampled with logprobs, and penalised: among them
+    steps that sample from the logits decoded ahead, steps whose patch closed under them (decoded
+    again), and steps after a join (encoded again)."""
+    model = models[structure] if window == 512 else with_local_window(models[structure], window)
+    requests = {"g": (PARITY_TEXT[:60], SamplingParams(max_bytes=150, temperature=0.0, ignore_eos=True)),
+                "s": (PARITY_TEXT[100:130], SamplingParams(max_bytes=90, temperature=0.9, seed=3, logprobs=2,
+                                                            ignore_eos=True)),
+                "p": (b"penalised", SamplingParams(max_bytes=40, temperature=0.7, seed=4, repetition_penalty=1.3,
+                                                   presence_penalty=0.5, ignore_eos=True))}
+    joins = {"g": 0, "s": 40, "p": 60}
+    plain = run_engine(Engine(model, max_batch_size=4, static=True), requests, joins)
+    ahead, ways = run_counting_ways(Engine(model, max_batch_size=4, static=True, lookahead_rows=4), requests, joins)
+    for rid in requests:
+        assert ahead[rid][0] == plain[rid][0], rid
+        assert ahead[rid][1].usage == plain[rid][1].usage, rid
+        assert_close_scores(ahead[rid][1].logprobs, plain[rid][1].logprobs, rid)  # rows batched otherwise: fp32 noise
+    assert ways[(True, False, True)] > 20 and ways[(True, True, True)] > 20 and ways[(False, True, True)] >= 3, ways
 
 
 @pytest.mark.parametrize("static", [False, True])

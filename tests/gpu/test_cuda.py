@@ -166,3 +166,29 @@ def test_split_attention_on_cuda(dtype):
                                    splits=splits)
             assert torch.equal(cache, expected)
             torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+def test_decoding_ahead_on_cuda(hf_checkpoint):
+    """Steps that decode their sampled bytes ahead in a second CUDA stream beside the entropy model's
+    look-ahead (static.py), captured into CUDA graphs as two branches, give the bytes and patches of the
+    same engine without decoding ahead: one request at a time (a bucket of one row throughout), then two
+    together (lookahead_rows 2)."""
+    from enginekit import run_engine
+
+    from blt_runtime.engine import Engine
+    from blt_runtime.sampling import SamplingParams
+
+    _, directory = hf_checkpoint("gqa")
+    model = load_model(directory, device="cuda")
+    greedy = SamplingParams(max_bytes=200, temperature=0.0, ignore_eos=True)
+    cases = [({"a": (PARITY_TEXT[:80], greedy)}, {"a": 0}, 1),
+             ({"s": (b"seeded", SamplingParams(max_bytes=200, temperature=0.8, seed=7, logprobs=2))}, {"s": 0}, 1),
+             ({"a": (PARITY_TEXT[:80], greedy), "b": (PARITY_TEXT[100:140], greedy)}, {"a": 0, "b": 0}, 2)]
+    for requests, joins, rows in cases:
+        ahead = Engine(model, max_batch_size=2, static=True, cuda_graphs=True, lookahead_rows=rows)
+        got = run_engine(ahead, requests, joins)
+        want = run_engine(Engine(model, max_batch_size=2, static=True, cuda_graphs=True, lookahead_rows=0),
+                          requests, joins)
+        for rid in requests:
+            assert got[rid][0] == want[rid][0] and got[rid][1].usage == want[rid][1].usage, rid
+        assert any(key[0] == "finish" and key[-2] == (True, False, True) for key in ahead.static.graphs.graphs)

@@ -35,7 +35,7 @@ def test_flags_beat_env_and_env_beats_defaults():
 
 @pytest.mark.parametrize("argv", [["--port", "eighty"], ["--max-batch-size", "0"], ["--log-level", "loud"],
                                   ["--max-queue", "-1"], ["--kept-prefixes", "-1"], ["--kernels", "sdpa"],
-                                  ["--jump-forward", "-2"], ["--prefill-chunk", "0"]])
+                                  ["--jump-forward", "-2"], ["--prefill-chunk", "0"], ["--lookahead-rows", "-1"]])
 def test_bad_values_exit_with_a_message(argv, capsys):
     with pytest.raises(SystemExit) as e:
         load_settings(argv, environ={})
