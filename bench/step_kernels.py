@@ -20,7 +20,9 @@ memory (a new tensor, or in place), not views and not same-dtype casts, and the 
   inductor's CPU output is one function for each stretch, Triton may need a kernel per shape). The
   GPU check's profile confirms it there;
 - compiled_triton: `--compile`, the stretches compiled and the attention kernel.
-It also counts, eager and with `triton`, a step whose rows sample (temperature 0.8, top-p 0.95: with
+It also counts, with `triton`, steps that decode their sampled bytes ahead (static.py): the kernels per
+byte in all, and on the critical path (all but the shorter of the two branches that run side by side
+on CUDA). And, eager and with `triton`, a step whose rows sample (temperature 0.8, top-p 0.95: with
 `triton` the choice is sample_kernel.py's one kernel), and the kernels from a 1,024-byte prompt's arrival to its first
 byte, per engine step (prefill chunks of 512, then the step that samples the first byte; these run
 eagerly, not from CUDA graphs): what the GPU check's time to first byte scales with.
@@ -196,12 +198,12 @@ def counted_embedding(counter: KernelCount):
     """byte_embedding.embed_new_bytes, counted as its one kernel and what it writes (the embeddings;
     the rows' histories)."""
 
-    def embed(ids, history, rows, powers, hashed, byte_table, vocab):
+    def embed(ids, history, rows, powers, hashed, byte_table, vocab, history_out=None):
         counter.paused = True
         try:
             context = torch.cat([history[rows], ids], dim=1)
             out = embed_with_hashes(context, 1, powers, hashed, byte_table, vocab)
-            history[rows] = context[:, 1:]
+            (history if history_out is None else history_out)[rows] = context[:, 1:]
         finally:
             counter.paused = False
         counter.kernels["embedding kernel"] += 1
@@ -287,11 +289,26 @@ def counted_engine(model: BltModel, batch: int, mode: str, counter: KernelCount)
 SAMPLED = dict(temperature=0.8, top_p=0.95)  # what a client who samples might ask for
 
 
-def count(model: BltModel, batch: int, mode: str, steps: int, sampled: bool = False) -> dict:
+def count(model: BltModel, batch: int, mode: str, steps: int, sampled: bool = False, lookahead: bool = False) -> dict:
     """Kernels per piece of a decode step, over `steps` steps of `batch` greedy sequences (`sampled`:
-    sequences that sample with SAMPLED)."""
+    sequences that sample with SAMPLED). `lookahead`: steps decoding ahead (static.py), with the kernels
+    per byte on the critical path: all but those of the shorter of the two branches, which run beside
+    the longer one on CUDA."""
     counter = KernelCount()
     engine = counted_engine(model, batch, mode, counter)
+    if lookahead:
+        engine.static.lookahead_rows = batch
+    overlapped = []  # per step that branched: the kernels of its shorter branch
+
+    def counted_branches(first, second):
+        sizes = []
+        for branch in (first, second):
+            before = sum(counter.kernels.values())
+            branch()
+            sizes.append(sum(counter.kernels.values()) - before)
+        overlapped.append(min(sizes))
+
+    engine.static._branches = counted_branches
     text = (ROOT / "README.md").read_bytes()
     how = dict(SAMPLED, seed=0) if sampled else dict(temperature=0.0)
     for i in range(batch):
@@ -300,6 +317,7 @@ def count(model: BltModel, batch: int, mode: str, steps: int, sampled: bool = Fa
     while any(s.status.name != "RUNNING" for s in engine.sequences.values()):
         engine.step()
     pieces: dict[str, list[int]] = {}
+    ways: list[tuple] = []  # each finish piece's (ahead, decode, fork)
     details: dict[str, Counter] = {}
     written: dict[str, list[int]] = {}
     run = engine.static._run
@@ -309,18 +327,25 @@ def count(model: BltModel, batch: int, mode: str, steps: int, sampled: bool = Fa
         with counter:
             run(key, piece)
         pieces.setdefault(key[0], []).append(sum(counter.kernels.values()))
+        if key[0] == "finish":
+            ways.append(key[-2])
         written.setdefault(key[0], []).append(counter.bytes_written)
         details.setdefault(key[0], counter.kernels)
 
     engine.static._run = counted
+    overlapped.clear()  # the counted steps' only
     for _ in range(steps):
         engine.step()
     per_piece = {name: max(set(n), key=n.count) for name, n in pieces.items()}  # the usual count
     patches = len(pieces.get("patch", []))
     mb = {name: round(max(set(w), key=w.count) / 2**20, 3) for name, w in written.items()}
-    return {"per_piece": per_piece, "byte_step": per_piece["encode"] + per_piece["finish"],
+    mb.setdefault("encode", 0.0)  # (steps decoding ahead may run none)
+    total = sum(sum(n) for n in pieces.values())
+    critical = {"critical_per_byte": round((total - sum(overlapped)) / steps, 1),
+                "steps_sampling_from_logits_ahead": ways.count((True, False, True))} if lookahead else {}
+    return critical | {"per_piece": per_piece, "byte_step": per_piece.get("encode", 0) + per_piece["finish"],
             "mb_written_byte_step": round(mb["encode"] + mb["finish"], 3),
-            "per_byte_with_patches": round((sum(sum(n) for n in pieces.values())) / steps, 1),
+            "per_byte_with_patches": round(total / steps, 1),
             "mb_written_per_byte_with_patches": round(sum(sum(w) for w in written.values()) / steps / 2**20, 3),
             "patch_steps": patches, "finish_ops": dict(details["finish"].most_common())}
 
@@ -350,6 +375,10 @@ def main() -> None:
             c = result[f"sampled_{mode}"] = count(model, args.batch, mode, args.steps, sampled=True)
             print(f"{mode:15s} kernels per byte step when sampling with {SAMPLED}: {c['byte_step']:4d}  "
                   f"pieces {c['per_piece']}")
+        c = result["lookahead_triton"] = count(model, args.batch, "triton", args.steps, lookahead=True)
+        print(f"{'triton':15s} decoding ahead: kernels per byte {c['per_byte_with_patches']}, on the critical path "
+              f"{c['critical_per_byte']} (against {result['triton']['per_byte_with_patches']} without); "
+              f"{c['steps_sampling_from_logits_ahead']} of {args.steps} steps only sampled")
         for mode in ("eager", "triton"):
             result[f"prefill_{mode}"] = c = count_prefill(model, mode)
             print(f"{mode:15s} kernels from a {c['prompt_bytes']}-byte prompt to its first byte {c['total']:5d}  "

@@ -64,3 +64,11 @@ def test_compiled_stretches_launch_fewer_kernels():
     assert not {"sort", "cumsum", "scatter_", "bitwise_xor"} & set(sampled["finish_ops"]), result
     assert sampled["byte_step"] == default["byte_step"], result
     assert sampled_eager["byte_step"] >= eager["byte_step"] + 100, result
+    # decoding ahead (static.py): where no patch closes, a step samples from the logits decoded ahead and
+    # its entropy look-ahead (about 115 launches) runs beside the next byte's encoder and decoder steps
+    # (about 125): the launches a byte waits for fall (by 21% over these 12 steps, 29% over 40), though
+    # more run (a closing byte's decoder runs twice)
+    ahead = result["lookahead_triton"]
+    assert ahead["steps_sampling_from_logits_ahead"] >= 12 // 2, result
+    assert ahead["critical_per_byte"] <= 0.85 * default["per_byte_with_patches"], result
+    assert ahead["per_byte_with_patches"] > default["per_byte_with_patches"], result
