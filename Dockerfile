@@ -12,6 +12,7 @@
 #   BLT_KERNELS (auto: the project's Triton kernels for attention, RoPE, norms and SwiGLU where they
 #   compile and check out at start-up, else PyTorch's; torch; triton; triton-gemv)
 #   BLT_NO_OVERLAP (queue each engine step only after the last one's outputs are handled)
+#   BLT_LOOKAHEAD_ROWS (1 on CUDA: decode steps of up to this many sequences decode each sampled byte ahead; 0: off)
 #   BLT_NO_PROMPT_SHARING (prefill every prompt, even a prefix whose state a cache slot holds)
 #   BLT_KEPT_PREFIXES (4: cache slots that keep a shared prefix's state, a system prompt's, for later prompts)
 #   BLT_JUMP_FORWARD (0 on CUDA, 2 on a CPU: bytes a guide forces, at least, prefilled as one chunk)

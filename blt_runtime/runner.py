@@ -204,6 +204,7 @@ class Runner:
         self.slot_epochs = [0] * slots
 
     def touched(self, slots) -> None:
+        """The state of these slots is being written outside a static decode step (slot_epochs)."""
         for slot in slots:
             self.slot_epochs[slot] += 1
 
