@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,7 +21,22 @@ import uvicorn
 ROOT = Path(__file__).resolve().parents[2]
 
 
+LISTEN_PORTS = range(20000, 32000)  # below Linux's ephemeral range (32768-60999), where connections get theirs
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a server to bind soon after. Not one the kernel hands out
+    itself (bind to port 0): those are ephemeral ports, which a client connection of another test can be
+    given before the server binds (seen in CI: "address already in use")."""
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.choice(LISTEN_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
