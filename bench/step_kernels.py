@@ -317,7 +317,7 @@ def count(model: BltModel, batch: int, mode: str, steps: int, sampled: bool = Fa
     while any(s.status.name != "RUNNING" for s in engine.sequences.values()):
         engine.step()
     pieces: dict[str, list[int]] = {}
-    ways: list[tuple] = []  # each finish piece's (ahead, decode, fork)
+    ways: list[tuple] = []  # each finish piece's (ahead, fork)
     details: dict[str, Counter] = {}
     written: dict[str, list[int]] = {}
     run = engine.static._run
@@ -342,7 +342,7 @@ def count(model: BltModel, batch: int, mode: str, steps: int, sampled: bool = Fa
     mb.setdefault("encode", 0.0)  # (steps decoding ahead may run none)
     total = sum(sum(n) for n in pieces.values())
     critical = {"critical_per_byte": round((total - sum(overlapped)) / steps, 1),
-                "steps_sampling_from_logits_ahead": ways.count((True, False, True))} if lookahead else {}
+                "steps_ahead": ways.count((True, True))} if lookahead else {}
     return critical | {"per_piece": per_piece, "byte_step": per_piece.get("encode", 0) + per_piece["finish"],
             "mb_written_byte_step": round(mb["encode"] + mb["finish"], 3),
             "per_byte_with_patches": round(total / steps, 1),
@@ -378,7 +378,7 @@ def main() -> None:
         c = result["lookahead_triton"] = count(model, args.batch, "triton", args.steps, lookahead=True)
         print(f"{'triton':15s} decoding ahead: kernels per byte {c['per_byte_with_patches']}, on the critical path "
               f"{c['critical_per_byte']} (against {result['triton']['per_byte_with_patches']} without); "
-              f"{c['steps_sampling_from_logits_ahead']} of {args.steps} steps only sampled")
+              f"{c['steps_ahead']} of {args.steps} steps sampled from logits decoded ahead")
         for mode in ("eager", "triton"):
             result[f"prefill_{mode}"] = c = count_prefill(model, mode)
             print(f"{mode:15s} kernels from a {c['prompt_bytes']}-byte prompt to its first byte {c['total']:5d}  "

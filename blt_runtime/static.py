@@ -26,8 +26,8 @@ usual case: about 4 bytes in 5). So `finish` then runs, in a second CUDA stream 
 the sampled bytes' encoder step (into their open patches; the hash history they move on to is kept
 aside) and decoder step, into logits kept by slot. The next step, if it comes for the same slots with
 those bytes at those positions and nothing else wrote the slots since (Runner.slot_epochs), runs no
-`encode`: its `finish` takes the history over and, unless a patch closes (then the patch step and the
-decoder run again under the new patch), samples from the logits decoded ahead. Any other next step
+`encode`: its `finish` takes the history over and samples from the logits decoded ahead, those of the
+rows whose patch closed decoded again under the new patch by the patch step (closing rows only). Any other next step
 starts over from the bytes, which is the same work done again (the encoder's writes the same values),
 so outputs never change; only the hash history, which each step moves on, waited.
 `StepGraphs` (graphs.py) captures each piece once per key and replays it; on CPU the pieces run as
@@ -55,11 +55,11 @@ MAX_LOGPROBS = 20  # a step that returns logprobs returns this many; the host ke
 # next: lengths + 1; next_open: where the sampled byte goes in its open patch (0 after a closing byte)
 INT_FIELDS = ("slots", "lengths", "next", "ids", "open_lens", "next_open", "top_k", "seeds", "allow_eos")
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
-PATCH_FIELDS = ("rows", "counts", "before")
+PATCH_FIELDS = ("rows", "counts", "before", "lengths")  # lengths: of the closing rows, for their decoder again
 NUMPY = {torch.long: np.int64, torch.float32: np.float32}
 # the growing buffers (StaticDecoder.growing_buffers) each piece reads or writes; every other buffer a piece
 # touches is made once, with the runner
-PIECE_BUFFERS = {"encode": ("encoder", "open_patch"), "patch": ("open_patch", "global"),
+PIECE_BUFFERS = {"encode": ("encoder", "open_patch"), "patch": ("open_patch", "global", "decoder"),
                  "finish": ("decoder", "entropy", "encoder", "open_patch")}  # (encoder, open patch: decoding ahead)
 # On CUDA, steps of up to this many rows decode their sampled bytes ahead (StaticDecoder.lookahead_rows)
 LOOKAHEAD_ROWS_CUDA = 1
@@ -199,7 +199,6 @@ class StaticDecoder:
         # every row's byte was decoded ahead by the last step, and nothing else has written its slot since
         ahead = bool(self._ahead) and all(self._ahead.get(slot) == (n, i, epochs[slot])
                                           for slot, n, i in zip(slots, lengths, ids))
-        decode = not ahead or bool(rows)  # else the logits decoded ahead stand: no patch closed under them
         r.open_patch.reserve(max(max(open_lens) + 1 + fork, patch_bytes))  # (+1: the byte decoded ahead's entry)
         for cache, span in zip((r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv), spans + (global_span,)):
             cache.reserve(span)  # no-op for a ring buffer
@@ -232,10 +231,12 @@ class StaticDecoder:
             Rb = bucket(len(rows), self.sizes)
             staged = self._patch_inputs(Rb)
             staged.fill({"rows": [slots[i] for i in rows], "counts": [open_lens[i] + 1 for i in rows],
-                         "before": [num_patches[i] for i in rows]}, {"rows": r.scratch, "counts": 1})
-            self._run(("patch", Rb, patch_bytes, global_span),
-                      lambda: self._patch(staged, patch_bytes, global_span))
-        n_top, mode, way = requests.n_top, requests.mode, (ahead, decode, fork)
+                         "before": [num_patches[i] for i in rows], "lengths": [lengths[i] for i in rows]},
+                        {"rows": r.scratch, "counts": 1})
+            again = spans[2] if ahead else 0  # the decoder span of the closing rows' decoder step again
+            self._run(("patch", Rb, patch_bytes, global_span, again),
+                      lambda: self._patch(staged, patch_bytes, global_span, again))
+        n_top, mode, way = requests.n_top, requests.mode, (ahead, fork)
         self._run(("finish", Bb, spans, mode, way, in_place), lambda: self._finish(buf, spans, in_place, *mode, *way))
         handle = transfer.add(buf.out[:n])
         logprobs = transfer.add(buf.logprobs[:n]) if n_top is not None else None
@@ -332,31 +333,36 @@ class StaticDecoder:
         r.open_patch.data[b.slots, b.open_lens] = states[:, 0]
         b.states.copy_(states)
 
-    def _patch(self, p: Staged, patch_bytes: int, global_span: int) -> None:
+    def _patch(self, p: Staged, patch_bytes: int, global_span: int, again: int = 0) -> None:
+        """The closing rows' patches through the global model, and (`again`: the decoder's span) their bytes
+        decoded ahead through the decoder again, under the new patch, into the logits kept by slot."""
         r, v = self.r, p.views
         states = r.open_patch.data[v["rows"], :patch_bytes]
         padding = torch.arange(patch_bytes, device=states.device)[None, :] >= v["counts"][:, None]
         vecs = r.model.local_encoder.patch_slots(states, padding.long(), 2, blocked=False)[:, :1]  # padding = patch 1
         r.store_latest(v["rows"], r.global_step(vecs, v["rows"], v["before"], global_span - 1))
+        if again:  # the closing byte is its patch's last: its state at counts - 1
+            closing = states.gather(1, (v["counts"] - 1)[:, None, None].expand(-1, 1, states.shape[2]))
+            positions = positions_for(r.model.local_decoder, r.decoder_kv, v["rows"], v["lengths"], 1, again - 1,
+                                      None, ops=r.ops, kernels=r.kernels)
+            self._ahead_logits[v["rows"]] = r.decode_bytes(closing, positions, r.latest_tables(v["rows"]), None,
+                                                           again - 1, logits=True)[:, 0]
 
     def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], in_place: bool, greedy: bool, penalty: bool,
-                logprobs: bool, ahead: bool = False, decode: bool = True, fork: bool = False) -> None:
-        """The decoder (unless the logits of the bytes `ahead` stand: no patch closed), sampling, then the
-        entropy look-ahead of the sampled bytes, and with `fork` in a second branch beside it their encoder
-        and decoder steps ahead of the next step."""
+                logprobs: bool, ahead: bool = False, fork: bool = False) -> None:
+        """The decoder (for bytes `ahead`, the logits decoded ahead instead: the patch step decoded the
+        closing rows' again), sampling, then the entropy look-ahead of the sampled bytes, and with `fork`
+        in a second branch beside it their encoder and decoder steps ahead of the next step."""
         r = self.r
         reads = b.rows if in_place else None  # None: gather each row's slot
         own = b.rows if in_place else b.slots
         if ahead:  # the bytes decoded ahead are the rows' now: so is the hash history they moved on to
             r.history[b.slots] = self._ahead_history[b.slots]
-        if decode:
-            if ahead:  # encoded ahead: the states are in the open patch
-                b.states.copy_(r.open_patch.data[b.slots, b.open_lens][:, None])
+            logits = self._ahead_logits[b.slots]
+        else:
             p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, reads,
                               ops=r.ops, kernels=r.kernels)
             logits = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1, logits=True)[:, 0]
-        else:
-            logits = self._ahead_logits[b.slots]
         position = b.next  # the sampled bytes' (staged: no kernel)
         ids, embedded = r.choose(logits, b.sampling(greedy, penalty), position, b.slots, b.out, own)
         if logprobs:
