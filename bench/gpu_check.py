@@ -27,12 +27,12 @@ and timed in one run. Prints a table and, last, one JSON line.
      bytes are the primary engine's.
    - `unsplit_attention`: batch 1 and the largest stream count again with the attention kernel unsplit
      (attention.MAX_SPLITS 1), and whether its batch-1 bytes are the primary engine's.
-   - `compiled`: the engine again with its element-wise stretches compiled (fused.py): compile time,
-     graphs against eager, determinism, top-1 agreement, batch 1, the largest stream count, profile.
    - `kernel_calls` (CUDA, where "auto" picked the Triton kernels, kernels.py): per call, the sampling
      kernel against the eager sampler (`sample_us`), the attention kernel against SDPA on rows read
      from a cache at the step's shapes (`attention_us`), the norm and gate kernels against the eager
      stretches (`stretch_us`).
+   - `compiled`: the engine again with its element-wise stretches compiled (fused.py): compile time,
+     graphs against eager, determinism, top-1 agreement, batch 1, the largest stream count, profile.
    - `guided`: the largest stream count, greedy, free and guided by a pattern of words and punctuation
      (bytes/s, and whether graphs and eager steps agree on the guided bytes).
    - `shared_prompts`: 8 choices of the 1 KB prompt, sampled, with shared prompts (one prefill,
@@ -775,8 +775,8 @@ def main() -> None:
     triton = cuda and result.get("kernels") == "triton"  # the per-call timings and comparisons are CUDA's
     parts = [("transformers", measure_transformers), ("no_lookahead", measure_no_lookahead),
              ("unsplit_attention", measure_unsplit)]
+    parts += [("kernel_calls", measure_kernel_calls)] * triton  # (its sweep sets attention's defaults)
     parts += [("compiled", measure_compiled)] * args.compiled
-    parts += [("kernel_calls", measure_kernel_calls)] * triton
     parts += [("guided", measure_guided), ("shared_prompts", measure_shared), ("prompt_scores", measure_scores),
               ("burst", measure_burst)]
     parts += [("torch_kernels", measure_torch), ("triton_gemv", measure_gemv_part)] * triton

@@ -197,8 +197,8 @@ class StaticDecoder:
             self._make_ahead_buffers()
         epochs = r.slot_epochs
         # every row's byte was decoded ahead by the last step, and nothing else has written its slot since
-        ahead = bool(self._ahead) and all(self._ahead.get(slot) == (n, i, epochs[slot])
-                                          for slot, n, i in zip(slots, lengths, ids))
+        ahead = bool(self._ahead) and all(self._ahead.get(slot) == (length, byte, epochs[slot])
+                                          for slot, length, byte in zip(slots, lengths, ids))
         r.open_patch.reserve(max(max(open_lens) + 1 + fork, patch_bytes))  # (+1: the byte decoded ahead's entry)
         for cache, span in zip((r.entropy_kv, r.encoder_kv, r.decoder_kv, r.global_kv), spans + (global_span,)):
             cache.reserve(span)  # no-op for a ring buffer
@@ -246,8 +246,8 @@ class StaticDecoder:
             flat = transfer.get(handle)
             sampled = Sampled([int(flat[2 * row]) for row in order], [flat[2 * row + 1] > 0 for row in order], None)
             if fork:  # what the next step finds decoded ahead, if it comes with these bytes at these positions
-                for slot, n, i, mark in zip(slots, lengths, sampled.ids, marks):
-                    self._ahead[slot] = (n + 1, i, mark)
+                for slot, length, byte, mark in zip(slots, lengths, sampled.ids, marks):
+                    self._ahead[slot] = (length + 1, byte, mark)
             if logprobs is not None:
                 lp, k = transfer.get(logprobs), MAX_LOGPROBS
                 width = 1 + 2 * k
