@@ -207,9 +207,8 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, P
     rotated first, by the row's cos and sin at Rot (1) or by row `length` of a RotationTable (2). STORE:
     the row's new key and value are first stored (by the first query head of their kv head, in its first
     split), at the entry WIndex gives (1) or at the row's new position (2), and, where the row reads that
-    entry, taken from registers:
-    what other programs of the kv head store there meanwhile is never read. ROPE 2 and STORE 2 need
-    MASK 2, which gives the length."""
+    entry, taken from registers: what other programs of the kv head store there meanwhile is never read.
+    ROPE 2 and STORE 2 need MASK 2, which gives the length."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
