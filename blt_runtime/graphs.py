@@ -24,7 +24,8 @@ class StepGraphs:
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
         self.pool = None  # the graphs' memory pool, made at the first capture (and after clear())
         self.side = torch.cuda.Stream(device)  # where first runs go, outside the capture
-        self.captures = 0  # how many graphs were recorded (a capture per new key, and again after clear())
+        self.captures = 0  # how many graphs were recorded (a capture per new key, and again after forget())
+        self.forgotten = 0  # how many forget() dropped
 
     def run(self, key: Hashable, piece: Callable[[], None]) -> None:
         graph = self.graphs.get(key)
@@ -59,6 +60,7 @@ class StepGraphs:
         keys = [key for key in self.graphs if stale(key)]
         for key in keys:
             del self.graphs[key]
+        self.forgotten += len(keys)
         if not self.graphs:
             self.pool = None
         return len(keys)

@@ -222,7 +222,7 @@ class RecordedPiece:
 
 class CpuStepGraphs(StepGraphs):
     def __init__(self, static):
-        self.static, self.graphs, self.captures, self.pool = static, {}, 0, None
+        self.static, self.graphs, self.captures, self.forgotten, self.pool = static, {}, 0, 0, None
         self.captured: dict[tuple, int] = {}  # captures by key
 
     def _run_eagerly(self, piece):
@@ -259,6 +259,7 @@ def test_graph_keys_name_every_shape(models):
             if lookahead:
                 assert {key[-2] for key in graphs.graphs if key[0] == "finish"} > {(True, True)}
                 assert any(key[-1] for key in graphs.graphs if key[0] == "patch")  # closing rows decoded again
+            assert graphs.captures == len(graphs.graphs) + graphs.forgotten
             if requests is mixed:  # the global cache grew: only patch steps, which read it, were captured again
                 assert {key[0] for key, n in graphs.captured.items() if n > 1} == {"patch"}, graphs.captured
                 assert all(key in graphs.graphs for key in graphs.captured if key[0] != "patch")

@@ -62,7 +62,8 @@ def test_graph_replay_equals_eager(hf_checkpoint, compile, kernels):
         assert replayed[rid][0] == eager[rid][0], rid
         assert replayed[rid][1].usage == eager[rid][1].usage, rid
     assert {key[0] for key in graphs.static.graphs.graphs} == {"encode", "patch", "finish"}
-    assert graphs.static.graphs.captures == len(graphs.static.graphs)  # no key captured twice
+    # no key captured twice but after its graph was dropped (a buffer it read had grown)
+    assert graphs.static.graphs.captures == len(graphs.static.graphs) + graphs.static.graphs.forgotten
 
 
 def test_prompts_prefilled_together_and_scored_on_cuda(hf_checkpoint):
