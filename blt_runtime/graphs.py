@@ -52,9 +52,9 @@ class StepGraphs:
             piece()
         return graph
 
-    def forget(self, stale: Callable[[Hashable], bool]) -> int:
-        """Forget the graphs whose keys are `stale` (a buffer they were captured on has been replaced) ->
-        how many. With the last graph goes their memory pool: PyTorch frees a pool once no graph holds it,
+    def forget(self, stale: Callable[[Hashable], bool]) -> None:
+        """Forget the graphs whose keys are `stale` (a buffer they were captured on has been replaced),
+        counted in `forgotten`. With the last graph goes their memory pool: PyTorch frees a pool once no graph holds it,
         and refuses to capture into a freed one (an internal assertion, use_count > 0, seen on an H200 with
         torch 2.11)."""
         keys = [key for key in self.graphs if stale(key)]
@@ -63,7 +63,6 @@ class StepGraphs:
         self.forgotten += len(keys)
         if not self.graphs:
             self.pool = None
-        return len(keys)
 
     def __len__(self) -> int:
         return len(self.graphs)

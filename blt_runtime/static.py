@@ -26,13 +26,14 @@ usual case: about 4 bytes in 5). So `finish` then runs, in a second CUDA stream 
 the sampled bytes' encoder step (into their open patches; the hash history they move on to is kept
 aside) and decoder step, into logits kept by slot. The next step, if it comes for the same slots with
 those bytes at those positions and nothing else wrote the slots since (Runner.slot_epochs), runs no
-`encode`: its `finish` takes the history over and samples from the logits decoded ahead, those of the
-rows whose patch closed decoded again under the new patch by the patch step (closing rows only). Any other next step
-starts over from the bytes, which is the same work done again (the encoder's writes the same values),
-so outputs never change; only the hash history, which each step moves on, waited.
+`encode`: its `finish` takes the history over and samples from the logits decoded ahead (for the rows
+whose patch closed, the patch step decodes their bytes again under the new patch first). Any other next
+step starts over from the bytes, which is the same work done again (the encoder's writes the same
+values), so outputs never change; only the hash history, which each step moves on, waited.
 `StepGraphs` (graphs.py) captures each piece once per key and replays it; on CPU the pieces run as
 they are. A cache or the open patch that grows is a new tensor: the graphs of the pieces that use it
-(PIECE_BUFFERS) go, the others stay. Knows nothing about requests (engine.py) and builds no tensors outside its buffers.
+(PIECE_BUFFERS) go, the others stay. Knows nothing about requests (engine.py) and builds no tensors
+outside its buffers.
 """
 
 from __future__ import annotations
@@ -343,10 +344,8 @@ class StaticDecoder:
         r.store_latest(v["rows"], r.global_step(vecs, v["rows"], v["before"], global_span - 1))
         if again:  # the closing byte is its patch's last: its state at counts - 1
             closing = states.gather(1, (v["counts"] - 1)[:, None, None].expand(-1, 1, states.shape[2]))
-            positions = positions_for(r.model.local_decoder, r.decoder_kv, v["rows"], v["lengths"], 1, again - 1,
-                                      None, ops=r.ops, kernels=r.kernels)
-            self._ahead_logits[v["rows"]] = r.decode_bytes(closing, positions, r.latest_tables(v["rows"]), None,
-                                                           again - 1, logits=True)[:, 0]
+            self._ahead_logits[v["rows"]] = self._decoder_logits(closing, v["rows"], v["lengths"], again, None,
+                                                                 v["rows"])
 
     def _finish(self, b: ByteBuffers, spans: tuple[int, int, int], in_place: bool, greedy: bool, penalty: bool,
                 logprobs: bool, ahead: bool = False, fork: bool = False) -> None:
@@ -360,9 +359,7 @@ class StaticDecoder:
             r.history[b.slots] = self._ahead_history[b.slots]
             logits = self._ahead_logits[b.slots]
         else:
-            p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.lengths, 1, spans[2] - 1, reads,
-                              ops=r.ops, kernels=r.kernels)
-            logits = r.decode_bytes(b.states, p, r.latest_tables(own), None, spans[2] - 1, logits=True)[:, 0]
+            logits = self._decoder_logits(b.states, b.slots, b.lengths, spans[2], reads, own)
         position = b.next  # the sampled bytes' (staged: no kernel)
         ids, embedded = r.choose(logits, b.sampling(greedy, penalty), position, b.slots, b.out, own)
         if logprobs:
@@ -392,11 +389,17 @@ class StaticDecoder:
         reads = b.rows if in_place else None
         states, _ = r.encode(ids[:, None], b.slots, b.next, spans[1] - 1, reads, history_out=self._ahead_history)
         r.open_patch.data[b.slots, b.next_open] = states[:, 0]
-        p = positions_for(r.model.local_decoder, r.decoder_kv, b.slots, b.next, 1, spans[2] - 1, reads, ops=r.ops,
+        self._ahead_logits[b.slots] = self._decoder_logits(states, b.slots, b.next, spans[2], reads,
+                                                           b.rows if in_place else b.slots)
+
+    def _decoder_logits(self, states: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, span: int, reads,
+                        own) -> torch.Tensor:
+        """One byte per row through the decoder, at `lengths`, reading `span` cache entries (at `reads`, or
+        gathered at `slots`) under the newest patch of the rows `own` -> (B, V) byte logits."""
+        r = self.r
+        p = positions_for(r.model.local_decoder, r.decoder_kv, slots, lengths, 1, span - 1, reads, ops=r.ops,
                           kernels=r.kernels)
-        own = b.rows if in_place else b.slots
-        self._ahead_logits[b.slots] = r.decode_bytes(states, p, r.latest_tables(own), None, spans[2] - 1,
-                                                     logits=True)[:, 0]
+        return r.decode_bytes(states, p, r.latest_tables(own), None, span - 1, logits=True)[:, 0]
 
     def _branches(self, first: Callable[[], None], second: Callable[[], None]) -> None:
         """Two pieces of work that share no buffer: on CUDA the second on a stream of its own, joined before
