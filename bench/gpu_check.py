@@ -22,6 +22,9 @@ and timed in one run. Prints a table and, last, one JSON line.
 4. Then the later parts, in this order, each timed (`parts_s`) and followed by a JSON line with all so
    far; one that would start after `--budget-s` is skipped and named in `skipped`, so the last line is
    whole within gpu_check.sh's 6 minutes:
+   - `bandwidth_floor`: the most bytes/s an H200's stated bandwidth allows for the batch-1 run and the
+     largest stream count (bench/roofline.py, at the bytes per patch of the greedy run), and the share
+     of it each of those measured figures is.
    - `transformers`: BltForCausalLM.generate(use_cache=False) on the same weights.
    - `no_lookahead`: batch 1 again without decoding ahead (lookahead_rows 0, static.py), and whether its
      bytes are the primary engine's.
@@ -488,6 +491,19 @@ def measure_variant(model: BltModel, prompt: bytes, args, result: dict, streams:
     return out
 
 
+def measure_floor(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    from bench.roofline import H200_TB_S, floor, measured_reads  # (it imports this module)
+
+    reads, floors = measured_reads(), {"tb_s": H200_TB_S}
+    n, stream_cached = largest_streams(args), len(stream_prompts(1)[0]) + 1  # BOS and the prompt
+    for name, rows, cached, measured in (("batch_1", 1, len(prompt) + 1, "batch1_bytes_per_s"),
+                                         (f"streams_{n}", n, stream_cached, f"aggregate_bytes_per_s_{n}")):
+        f = floor(model.config, reads, rows, cached, args.bytes, result["bytes_per_patch"], H200_TB_S * 1e12)
+        floors[name] = {"floor_bytes_per_s": f["floor_bytes_per_s"],
+                        "measured_share": float(f"{result[measured] / f['floor_bytes_per_s']:.3g}")}
+    result["bandwidth_floor"] = floors
+
+
 def measure_no_lookahead(model: BltModel, prompt: bytes, args, result: dict) -> None:
     """Batch 1 without decoding ahead (lookahead_rows 0; static.py): what the second branch beside the
     entropy model's look-ahead gives, and that the bytes are the same."""
@@ -773,7 +789,8 @@ def main() -> None:
     # follows each, and a part that would start after --budget-s is skipped (named in "skipped"), so that
     # the last line is a whole result within gpu_check.sh's limit.
     triton = cuda and result.get("kernels") == "triton"  # the per-call timings and comparisons are CUDA's
-    parts = [("transformers", measure_transformers), ("no_lookahead", measure_no_lookahead),
+    parts = [("bandwidth_floor", measure_floor), ("transformers", measure_transformers),
+             ("no_lookahead", measure_no_lookahead),
              ("unsplit_attention", measure_unsplit)]
     parts += [("kernel_calls", measure_kernel_calls)] * triton  # (its sweep sets attention's defaults)
     parts += [("compiled", measure_compiled)] * args.compiled

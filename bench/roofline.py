@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -128,6 +129,12 @@ def measured_reads(rows: int = 2, steps: int = 24) -> dict[str, dict]:
             for name, r in pieces.items()}
 
 
+def layerless(name: str) -> str:
+    """A parameter's name with its layer index left out: the same for every layer of a stack, and for
+    models of other layer counts (the GPU check's tiny shapes)."""
+    return re.sub(r"\.\d+\.", ".N.", name)
+
+
 def stack_entry_bytes(stack, dtype_bytes: int) -> int:
     """Bytes of one cache entry (a key and a value) of one layer of a stack."""
     return 2 * stack.num_kv_heads * stack.head_dim * dtype_bytes
@@ -140,13 +147,15 @@ def floor(cfg: BltConfig, reads: dict[str, dict], rows: int, cached: int, genera
     with torch.device("meta"):
         params = dict(BltModel(cfg).named_parameters())
     byte_pieces = [p for p in ("encode", "finish") if p in reads]
-    byte_whole = {n: s for p in byte_pieces for n, s in reads[p]["whole"].items()}
-    patch_whole = reads["patch"]["whole"]
 
-    def size(names: dict[str, int]) -> int:  # bf16 weights; a copy in fp32 twice as large
-        return sum(params[n].numel() * dtype_bytes * s // 2 for n, s in names.items())
+    def size(piece_names: list[str]) -> int:  # bf16 weights read whole; a copy in fp32 twice as large
+        whole = {layerless(n): s for p in piece_names for n, s in reads[p]["whole"].items()}
+        return sum(p.numel() * dtype_bytes * whole[layerless(n)] // 2 for n, p in params.items()
+                   if layerless(n) in whole)
 
-    gathered = sum(k * params[n].shape[-1] * dtype_bytes for p in byte_pieces for n, k in reads[p]["gathered"].items())
+    rows_of = {layerless(n): k for p in byte_pieces for n, k in reads[p]["gathered"].items()}
+    gathered = sum(rows_of[layerless(n)] * p.shape[-1] * dtype_bytes for n, p in params.items()
+                   if layerless(n) in rows_of)
     closing = 1.0 / bytes_per_patch  # the chance that a row's byte closes its patch at a step
     patch_chance = 1.0 - (1.0 - closing) ** rows  # that some row's does: the step reads the global weights
     local = [(cfg.patcher, cfg.patcher.window), (cfg.encoder, cfg.encoder.window), (cfg.decoder, cfg.decoder.window)]
@@ -160,11 +169,12 @@ def floor(cfg: BltConfig, reads: dict[str, dict], rows: int, cached: int, genera
     n_cross = cfg.decoder.num_layers if cfg.decoder_cross_attn_all_layers else 1
     slots = n_cross * cfg.cross_attn_k * stack_entry_bytes(cfg.decoder, dtype_bytes)
     per_row = cache / generated + slots + gathered
-    step = size(byte_whole) + patch_chance * size(patch_whole) + rows * per_row
+    byte_weights, patch_weights = size(byte_pieces), size(["patch"])
+    step = byte_weights + patch_chance * patch_weights + rows * per_row
     seconds = step / bandwidth
     return {"rows": rows, "mb_per_step": round(step / 1e6, 1),
-            "weights_mb": {"byte_step": round(size(byte_whole) / 1e6, 1),
-                           "patch_step": round(size(patch_whole) / 1e6, 1),
+            "weights_mb": {"byte_step": round(byte_weights / 1e6, 1),
+                           "patch_step": round(patch_weights / 1e6, 1),
                            "patch_step_chance": round(patch_chance, 3)},
             "caches_mb_per_row": round(per_row / 1e6, 2), "floor_us_per_step": round(seconds * 1e6, 1),
             "floor_bytes_per_s": round(rows / seconds)}

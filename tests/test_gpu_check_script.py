@@ -38,8 +38,11 @@ def test_gpu_check_small_on_cpu():
     assert result["prefill_chunk"] == 512  # a CPU's default
     assert result["ttfb_1kb_prompt_ms_one_chunk"] > 0 and result["ttfb_1kb_prompt_ms_512_chunks"] > 0
     assert "skipped" not in result and set(result["parts_s"]) == {
-        "build_and_primary", "transformers", "no_lookahead", "unsplit_attention", "compiled", "guided",
-        "shared_prompts", "prompt_scores", "burst"}
+        "build_and_primary", "bandwidth_floor", "transformers", "no_lookahead", "unsplit_attention", "compiled",
+        "guided", "shared_prompts", "prompt_scores", "burst"}
+    floors = result["bandwidth_floor"]  # tiny shapes: a floor far above what a CPU does
+    assert set(floors) == {"tb_s", "batch_1", "streams_2"}
+    assert all(0 < floors[k]["measured_share"] < 1 for k in ("batch_1", "streams_2")), floors
     unsplit = result["unsplit_attention"]  # one split is a CPU's default anyway: the same bytes
     assert unsplit["batch1_equal_primary"]
     assert unsplit["batch1_bytes_per_s"] > 0 and unsplit["aggregate_bytes_per_s_2"] > 0
