@@ -282,7 +282,8 @@ def attention_us(model: BltModel) -> dict:
     closing rows), one layer's attention at the step's shapes, with the mask a step gives it (Visible: it
     reads each row's entries up to its new position): the local models' 512-entry ring, full, at 1 and
     64 streams, the global model's cache filled to 3/4 of its span for 16 closing rows of 64 and for 1.
-    The kernel with its default block and splits (`triton`), with each of SPLITS at its default block and
+    The kernel with its default block and splits (`triton`; `triton_two_launches`: the splits combined by a
+    second kernel, not where they meet in the first), with each of SPLITS at its default block and
     at SWEEP_BLOCKS entries a block (`block_x_splits`, what sets default_splits and default_block), and
     reading the whole span under an additive mask (`triton_additive_mask`)."""
     cfg, device, dtype = model.config, model.device, model.dtype
@@ -307,7 +308,7 @@ def run_cases(cases: dict[str, Callable[[], dict]]) -> dict:
 
 
 def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.device, dtype: torch.dtype) -> dict:
-    cache = KVCache(1, 65, stack.num_kv_heads, stack.head_dim, stack.window, 4096, device, dtype)
+    cache = KVCache(1, 65, stack.num_kv_heads, stack.head_dim, stack.window, 4096, device, dtype, stack.num_heads)
     cache.reserve(span)
     cache.kv.normal_()
     q = torch.randn(B, stack.num_heads, 1, stack.head_dim, device=device, dtype=dtype)
@@ -316,14 +317,15 @@ def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.devi
     mask = visible.additive(span, dtype)
     rows = torch.arange(B, device=device) * 4 if gathered else slice(0, B)
 
-    def timed(mask, block=None, splits=None) -> float:
-        return round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask, block, splits=splits)),
-                     2)
+    def timed(mask, block=None, splits=None, counts=cache.split_counts) -> float:
+        return round(time_in_graph(lambda: decode_attention(q, cache.kv, 0, rows, span, mask, block, splits=splits,
+                                                            counts=counts)), 2)
 
     block = attention.default_block(stack.head_dim, span, device)
     sweep = {f"{b}x{n}": timed(visible, b, n) for b in sorted({block, *SWEEP_BLOCKS}, reverse=True) for n in SPLITS
              if n <= -(-span // b)}  # entries a loop iteration x splits (more splits than blocks: as many as blocks)
-    return {"triton": timed(visible), "block_x_splits": sweep, "triton_additive_mask": timed(mask),
+    return {"triton": timed(visible), "triton_two_launches": timed(visible, counts=None), "block_x_splits": sweep,
+            "triton_additive_mask": timed(mask),
             "sdpa": round(time_in_graph(lambda: sdpa_attention(q, *cache.read(0, rows, span), mask)), 2)}
 
 

@@ -5,10 +5,11 @@ ring for the local models, the patches so far for the global one). Two ways to r
 - "sdpa": the rows are read from the cache (in place when they are consecutive slots, otherwise as a
   gathered copy of every row's keys and values) and handed to F.scaled_dot_product_attention;
 - "triton": one Triton kernel per layer (`decode_attention`), one program per row and query head
-  (on a GPU at few rows, one per split of the span too, and a second kernel that combines the
-  splits: flash-decoding), stores the row's new key and value, reads the row's entries where they
-  lie in the cache (a slot index per row, or consecutive slots), adds the step's additive mask, and
-  keeps a running softmax in fp32. Nothing is gathered or copied:
+  (on a GPU at few rows, one per split of the span too, whose partial results the last split of each
+  row and head to finish combines, or a second kernel where no counters are given: flash-decoding),
+  stores the row's new key and value, reads the row's entries where they lie in the cache (a slot
+  index per row, or consecutive slots), adds the step's additive mask, and keeps a running softmax
+  in fp32. Nothing is gathered or copied:
   a patch step's closing rows are scattered over the slots, and SDPA's gathered copy of their global
   cache is 8 MB per row and layer at the 1B widths and 1,024 patches of context (3.4 GB written per
   patch step for 16 closing rows of 64 streams).
@@ -191,16 +192,20 @@ def _visible(n, length, CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr):
     return seen
 
 
-def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, Part, row_offset, span, per_split,
-                       scale, sq_b, sq_h, skv_kv, skv_row, skv_head, skv_entry, sm_b, so_b, so_h,
+def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, Part, Counts, row_offset, span,
+                       per_split, scale, sq_b, sq_h, skv_kv, skv_row, skv_head, skv_entry, sm_b, so_b, so_h,
                        skn_b, skn_h, svn_b, svn_h, swr_b, swi_b, srot_b, sp_b, sp_h, sp_s,
                        GROUPS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
                        GATHER: tl.constexpr, MASK: tl.constexpr, STORE: tl.constexpr, ROPE: tl.constexpr,
-                       CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr, SPLIT: tl.constexpr):
+                       CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
+                       MEET: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """One (row, query head, split): a running softmax over the row's cache entries from split x
     `per_split` to the next split's or `span`, BLOCK at a time, in fp32 (decode_attention). Without
     SPLIT there is one split, and the result is stored; with it, the split's running maximum, sum and
-    unnormalised output go to Part, which _combine_program reduces. MASK: 0 every entry read is
+    unnormalised output go to Part, which _combine_program reduces, or with MEET the last of the
+    (row, head)'s splits to finish: each split counts itself at Counts[row x heads + head] (an atomic
+    add, after its part is stored), and the one that counts last combines the parts and sets the
+    count back to 0. MASK: 0 every entry read is
     visible, 1 an additive mask at Mask, 2 the visible entries worked out from the row's length at
     Mask (Visible), reading no entry past the row's new position's (a row shorter than a ring's window,
     or than the global cache's span, reads only what it holds). ROPE: the query and the new key are
@@ -277,37 +282,51 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, P
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
     if SPLIT:
-        part = Part + b * sp_b + h * sp_h + split * sp_s
-        tl.store(part + d, acc)
-        tl.store(part + D_PAD, m_i)
-        tl.store(part + D_PAD + 1, l_i)
+        part = Part + b * sp_b + h * sp_h
+        tl.store(part + split * sp_s + d, acc)
+        tl.store(part + split * sp_s + D_PAD, m_i)
+        tl.store(part + split * sp_s + D_PAD + 1, l_i)
+        if MEET:
+            splits = tl.num_programs(2)
+            count = Counts + b * tl.num_programs(1) + h
+            tl.debug_barrier()  # every lane's stores of the part issued before the count says it is there
+            if tl.atomic_add(count, 1, sem="acq_rel") == splits - 1:  # the last: every part is stored
+                _combine_parts(part, Out + b * so_b + h * so_h, splits, sp_s, D, D_PAD, SPLITS_PAD)
+                tl.atomic_xchg(count, 0)
     else:
         tl.store(Out + b * so_b + h * so_h + d, rounded(acc / l_i, Out.dtype.element_ty), mask=in_head)
 
 
-def _combine_program(Part, Out, splits, sp_b, sp_h, sp_s, so_b, so_h,
-                     D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """One (row, query head): the splits' partial softmaxes (_attention_program with SPLIT) made one,
-    each scaled by exp(its maximum - the largest)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+def _combine_parts(part, out, splits, sp_s, D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """A (row, query head)'s splits' partial softmaxes (at `part`, `sp_s` apart) made one, each scaled by
+    exp(its maximum - the largest), stored at `out`. The parts are read past the SM's L1 (".cg"): other
+    programs wrote them."""
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D_PAD)
     real = s < splits
-    at = Part + b * sp_b + h * sp_h + s * sp_s
-    m = tl.load(at + D_PAD, mask=real, other=float("-inf"))
-    l_s = tl.load(at + D_PAD + 1, mask=real, other=0.0)
+    at = part + s * sp_s
+    m = tl.load(at + D_PAD, mask=real, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(at + D_PAD + 1, mask=real, other=0.0, cache_modifier=".cg")
     m_all = tl.max(m, 0)
     weight = tl.exp(m - tl.where(m_all == float("-inf"), 0.0, m_all))  # a split that saw nothing: 0
-    acc = tl.load(at[:, None] + d[None, :], mask=real[:, None], other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
-    tl.store(Out + b * so_b + h * so_h + d, rounded(out, Out.dtype.element_ty), mask=d < D)
+    acc = tl.load(at[:, None] + d[None, :], mask=real[:, None], other=0.0, cache_modifier=".cg")
+    total = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
+    tl.store(out + d, rounded(total, out.dtype.element_ty), mask=d < D)
+
+
+def _combine_program(Part, Out, splits, sp_b, sp_h, sp_s, so_b, so_h,
+                     D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """One (row, query head): _combine_parts, as a kernel of its own after _attention_program's splits."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    _combine_parts(Part + b * sp_b + h * sp_h, Out + b * so_b + h * so_h, splits, sp_s, D, D_PAD, SPLITS_PAD)
 
 
 if triton is not None:
     rounded = triton.jit(rounded)
     _rotated = triton.jit(_rotated)
     _visible = triton.jit(_visible)
+    _combine_parts = triton.jit(_combine_parts)
     row_of = triton.jit(row_of)
     _kernel = triton.jit(_attention_program)
     _combine = triton.jit(_combine_program)
@@ -317,8 +336,8 @@ else:
 
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.Tensor | slice, span: int,
                      mask: torch.Tensor | Visible | None, block: int | None = None, store: Store | None = None,
-                     rotation: torch.Tensor | RotationTable | None = None, splits: int | None = None
-                     ) -> torch.Tensor:
+                     rotation: torch.Tensor | RotationTable | None = None, splits: int | None = None,
+                     counts: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, 1, D); kv a cache's (2, layers, slots, H_kv, capacity, D) keys and values; `rows` the
     cache row of each query (a tensor of slots, or consecutive slots as a slice); the first `span`
     entries are read; mask (B, 1, 1, span) additive, or Visible (the kernel works the mask out), or
@@ -335,10 +354,14 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     cannot tell the host), by which q and the new key are rotated first, so that they come unrotated
     from the qkv projection (views of it): the kernel replaces the step's RoPE too
     (fused.StepOps.heads). `splits`: programs per row and head, each over its own consecutive blocks of
-    the span, whose partial results a second kernel combines (flash-decoding): by default, on a GPU,
-    as many as fill the multiprocessors that B x H programs leave idle (`default_splits`), and one
-    (no second kernel) in the interpreter. The split is fixed by B, H and the span, so a step shape
-    always runs the same sums."""
+    the span, whose partial results are then combined (flash-decoding; see `counts`): by default, on
+    a GPU, as many as fill the multiprocessors that B x H programs leave idle (`default_splits`), and
+    one (nothing to combine) in the interpreter. The split is fixed by B, H and the span, so a step shape
+    always runs the same sums. `counts`: zeroed int32 counters, one per row and query head
+    (KVCache.split_counts; with fewer, the second kernel combines), where each (row, head)'s splits
+    meet: the last to finish combines them, in the same kernel (one launch, not two), and sets its
+    counter back to 0. The same sums as the second kernel's, in the same order. Two kernels that may
+    run at once (on two CUDA streams) must not be given the same counters."""
     B, H, T, D = q.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query position per row, not {T}")
@@ -381,22 +404,26 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     per_split = -(-blocks // splits) * block
     splits = -(-span // per_split)  # none left empty
     part = torch.empty(B, H, splits, d_pad + 2, device=q.device, dtype=torch.float32) if splits > 1 else out
+    if counts is not None and (counts.dtype != torch.int32 or counts.device != q.device):
+        raise ValueError(f"counts must be int32 on {q.device}, not {counts.dtype} on {counts.device}")
+    meet = splits > 1 and counts is not None and counts.numel() >= B * H and ONE_LAUNCH  # (fewer: two kernels)
     _kernel[(B, H, splits)](
         q, cache, rows if gather else q, mask if mask is not None else q, out, k_new, v_new, w_rows, w_index, rot,
-        part, 0 if gather else rows.start, span, per_split, D ** -0.5,
+        part, counts if meet else q, 0 if gather else rows.start, span, per_split, D ** -0.5,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         mask.stride(0) if mask is not None else 0, out.stride(0), D,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), w_rows.stride(0), w_index.stride(0),
         rot.stride(0), *(part.stride()[:3] if splits > 1 else (0, 0, 0)), GROUPS=H // cache.shape[2], D=D,
         D_PAD=d_pad, BLOCK=block, GATHER=gather, MASK=kind, STORE=stored, ROPE=rope, CACHE_WINDOW=windows[0],
-        STACK_WINDOW=windows[1], SPLIT=splits > 1)
-    if splits > 1:
+        STACK_WINDOW=windows[1], SPLIT=splits > 1, MEET=meet, SPLITS_PAD=next_power_of_2(splits))
+    if splits > 1 and not meet:
         _combine[(B, H)](part, out, splits, *part.stride()[:3], out.stride(0), D, D=D, D_PAD=d_pad,
                          SPLITS_PAD=next_power_of_2(splits))
     return out
 
 
 MAX_SPLITS = 16
+ONE_LAUNCH = True  # splits given counters combine in the attention kernel (False: always the second kernel)
 
 
 def default_block(head_dim: int, span: int, device: torch.device) -> int:

@@ -63,7 +63,7 @@ def _grown(t: torch.Tensor, dim: int, needed: int, cap: int | None = None) -> to
 
 class KVCache:
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, window: int | None,
-                 max_len: int, device, dtype):
+                 max_len: int, device, dtype, heads: int | None = None):
         self.window = window
         self.max_len = max_len
         capacity = window if window is not None else min(max_len, 64)
@@ -73,6 +73,10 @@ class KVCache:
         # attention.RotationTable of the positions it holds, set by a runner whose attention kernel
         # rotates each new position by it (positions.positions_for); None otherwise
         self.rotations = None
+        # where the splits of the attention kernel's (row, query head) meet (attention.decode_attention's
+        # `counts`): zeroed, and left zeroed by every kernel; one set per cache, since the kernels of two
+        # stacks may run at once (static.py's two CUDA streams), those of one stack never do
+        self.split_counts = torch.zeros(slots * (heads or kv_heads), device=device, dtype=torch.int32)
         self._refused: tuple[int, float] | None = None  # the smallest capacity refused (out of memory), and when
 
     @property

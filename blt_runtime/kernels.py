@@ -55,6 +55,7 @@ def _check_attention(device: torch.device, dtype: torch.dtype, g: torch.Generato
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     for H, H_kv, D, span in ((4, 4, 64, 300), (4, 2, 48, 70)):
         kv = torch.randn(2, 2, 5, H_kv, 320, D, generator=g).to(device, dtype)
+        counts = torch.zeros(3 * H, device=device, dtype=torch.int32)  # where the splits meet, on a GPU
         qkv = torch.randn(3, 1, (H + 2 * H_kv) * D, generator=g).to(device, dtype)
         raw = qkv.unflatten(-1, (-1, D)).transpose(1, 2).split([H, H_kv, H_kv], 1)
         where = torch.tensor([[0], [span - 1], [7]], device=device)
@@ -78,7 +79,9 @@ def _check_attention(device: torch.device, dtype: torch.dtype, g: torch.Generato
                 expected[:, 1][:, written[:, None], :, where] = torch.stack((k, v), dim=1).permute(0, 3, 1, 2, 4)
                 store = (raw[1] if rope else k, v, written[:, None], None if rope == "table" else where)
             got = decode_attention(raw[0] if rope else q, kv, 1, rows, span, m, store=store,
-                                   rotation={None: None, "rows": rotation, "table": table}[rope])
+                                   rotation={None: None, "rows": rotation, "table": table}[rope], counts=counts)
+            if counts.any():
+                return "attention: the splits' counters were not left at 0"
             picked = expected[:, 1, rows, :, :span]
             want = sdpa_attention(q, picked[0], picked[1], m.additive(span, dtype) if isinstance(m, Visible) else m)
             # stored as given, or rotated as the eager step rotates them (up to the rounding of a fused

@@ -112,7 +112,7 @@ def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache:
         # rotate, store, then read the rows' entries where they are: one kernel, fed views of qkv
         q, k, v = qkv.unflatten(-1, (-1, b.head_dim)).transpose(1, 2).split([b.heads, b.kv_heads, b.kv_heads], 1)
         o = decode_attention(q, cache.kv, layer, p.read_slots or p.slots, p.span, p.mask,
-                             store=(k, v, p.write_rows, p.write_index), rotation=p.rotation)
+                             store=(k, v, p.write_rows, p.write_index), rotation=p.rotation, counts=cache.split_counts)
         return _block_rest(b, h, o, ops)
     q, k, v, kv = ops.heads(qkv, p.rotation, b.heads, b.kv_heads, b.head_dim)  # (B, H, T, D), (B, H_kv, T, D) x 2
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
@@ -177,7 +177,7 @@ class Runner:
 
         def kv(stack_cfg, window):
             return KVCache(stack_cfg.num_layers, slots, stack_cfg.num_kv_heads, stack_cfg.head_dim, window,
-                           max_len, dev, dt)
+                           max_len, dev, dt, heads=stack_cfg.num_heads)
 
         self.entropy_kv = kv(cfg.patcher, cfg.patcher.window)
         self.encoder_kv = kv(cfg.encoder, cfg.encoder.window)

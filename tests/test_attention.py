@@ -197,6 +197,46 @@ def test_kernel_rotates_and_stores_at_each_rows_length(dtype, cache_window, stac
         decode_attention(q_raw, kv, 1, rows[:, 0], span, None, rotation=table)
 
 
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [3, 16])
+@pytest.mark.parametrize("rows", ["gathered", "consecutive"])
+def test_splits_meet_in_one_kernel(dtype, splits, rows):
+    """Given counters (KVCache.split_counts), the last split of each (row, head) to finish combines the
+    parts in the attention kernel itself: the same output, bit for bit, as the second kernel's, with
+    the new entries stored and the mask worked out (splits wholly past a row's position among them);
+    the counters are left zeroed for the next layer, and too few of them fall back to the second
+    kernel. In the interpreter the programs run one after another, so the last is the last split; on
+    a GPU any may be (tests/gpu)."""
+    B, H, H_kv, D, span = 3, 4, 2, 32, 64
+    kv, q = cache_and_query(B, H, H_kv, D, 6, 64, dtype, seed=splits)
+    g = torch.Generator().manual_seed(3)
+    k_new, v_new = (torch.randn(B, H_kv, 1, D, generator=g).to(dtype) for _ in range(2))
+    picked = torch.tensor([3, 0, 1]) if rows == "gathered" else slice(1, 4)
+    write_rows = torch.tensor([3, 0, 1] if rows == "gathered" else [1, 2, 3])[:, None]
+    visible = Visible(torch.tensor([5, 40, 63]), None, 50)
+
+    def attend(counts):
+        cache = kv.clone()
+        out = decode_attention(q, cache, 1, picked, span, visible, 4, store=(k_new, v_new, write_rows, None),
+                               splits=splits, counts=counts)
+        return out, cache
+
+    apart, stored = attend(None)
+    counts = torch.zeros(B * H, dtype=torch.int32)
+    for _ in range(2):  # the counters as the first call left them
+        together, cache = attend(counts)
+        assert torch.equal(together, apart) and torch.equal(cache, stored)
+        assert not counts.any()
+    assert torch.equal(attend(torch.zeros(B * H - 1, dtype=torch.int32))[0], apart)
+    read = stored[:, 1, picked, :, :span]
+    want = sdpa_attention(q, read[0], read[1], visible.additive(span, dtype))
+    tolerance = 2e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(apart, want, atol=tolerance, rtol=tolerance)
+    with pytest.raises(ValueError, match="int32"):
+        attend(torch.zeros(B * H, dtype=torch.int64))
+
+
 def test_default_splits_fill_the_multiprocessors(monkeypatch):
     """On CUDA, a layer's rows x heads programs are split until they fill the multiprocessors, at most
     one split per block and MAX_SPLITS; fewer rows, more splits; none on a CPU (the interpreter)."""

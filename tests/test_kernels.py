@@ -17,7 +17,7 @@ from enginekit import replay_full_recompute, run_engine
 from factory import PARITY_TEXT
 from interpreter import interpreted
 
-from blt_runtime import load_model
+from blt_runtime import attention, load_model
 from blt_runtime.engine import Engine
 from blt_runtime.errors import ConfigError
 from blt_runtime.fused import EAGER
@@ -101,17 +101,19 @@ def compile(kernel, program, types, constexprs, default="*bf16", options=None):
     # an H100/H200 gives a block at most 227 KiB of shared memory; more fails at launch, not here
     assert built.metadata.shared <= 232448, (kernel, constexprs, built.metadata.shared)
 
-types = {"Rows": "*i64", "WRows": "*i64", "WIndex": "*i64", "Rot": "*fp32", "Part": "*fp32", "scale": "fp32",
-         "skv_kv": "i64"}
-for gather, mask, store, rope, D, groups, windows, split in [
-        (True, 2, True, True, 64, 1, (0, 0), False), (False, 2, True, True, 128, 2, (512, 512), False),
-        (False, 0, True, True, 128, 2, (512, 0), False), (True, 1, False, False, 48, 1, (0, 0), False),
-        (False, 1, False, False, 64, 4, (0, 0), False), (True, 2, 2, 2, 64, 1, (512, 512), False),
-        (False, 2, 2, 2, 128, 2, (0, 0), False), (False, 2, 2, 2, 64, 1, (512, 512), True),
-        (True, 2, 2, 2, 128, 1, (0, 0), True), (True, 1, True, True, 48, 2, (0, 0), True)]:
+types = {"Rows": "*i64", "WRows": "*i64", "WIndex": "*i64", "Rot": "*fp32", "Part": "*fp32", "Counts": "*i32",
+         "scale": "fp32", "skv_kv": "i64"}
+for gather, mask, store, rope, D, groups, windows, split, meet in [
+        (True, 2, True, True, 64, 1, (0, 0), False, False), (False, 2, True, True, 128, 2, (512, 512), False, False),
+        (False, 0, True, True, 128, 2, (512, 0), False, False), (True, 1, False, False, 48, 1, (0, 0), False, False),
+        (False, 1, False, False, 64, 4, (0, 0), False, False), (True, 2, 2, 2, 64, 1, (512, 512), False, False),
+        (False, 2, 2, 2, 128, 2, (0, 0), False, False), (False, 2, 2, 2, 64, 1, (512, 512), True, True),
+        (True, 2, 2, 2, 128, 1, (0, 0), True, True), (True, 1, True, True, 48, 2, (0, 0), True, False),
+        (False, 2, 2, 2, 64, 1, (512, 512), True, False)]:
     compile(attention._kernel, attention._attention_program, types | ({"Mask": "*i64"} if mask == 2 else {}),
             dict(GROUPS=groups, D=D, D_PAD=1 << (D - 1).bit_length(), BLOCK=64, GATHER=gather, MASK=mask,
-                 STORE=store, ROPE=rope, CACHE_WINDOW=windows[0], STACK_WINDOW=windows[1], SPLIT=split))
+                 STORE=store, ROPE=rope, CACHE_WINDOW=windows[0], STACK_WINDOW=windows[1], SPLIT=split, MEET=meet,
+                 SPLITS_PAD=8))
 for D, splits_pad in ((64, 4), (128, 8), (48, 16)):
     compile(attention._combine, attention._combine_program, {"Part": "*fp32"},
             dict(D=D, D_PAD=1 << (D - 1).bit_length(), SPLITS_PAD=splits_pad))
@@ -210,9 +212,10 @@ def test_a_failing_sampling_kernel_leaves_the_other_kernels_on(monkeypatch, capl
 
 
 @interpreted
-@pytest.mark.parametrize("kernels, ops, lookahead", [("triton", TritonOps, 0), ("triton-gemv", GemvOps, 0),
-                                                    ("triton", TritonOps, 4)])
-def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops, lookahead):
+@pytest.mark.parametrize("kernels, ops, lookahead, splits",
+                         [("triton", TritonOps, 0, 1), ("triton-gemv", GemvOps, 0, 1), ("triton", TritonOps, 4, 1),
+                          ("triton", TritonOps, 0, 3)])
+def test_triton_engine_equals_torch_engine(hf_checkpoint, monkeypatch, kernels, ops, lookahead, splits):
     """Static steps with every self-attention (entropy model, encoder, global model, decoder) through the
     attention kernel, and every norm and gate through theirs (triton-gemv: inside the projections), on
     grouped-query heads: three requests sharing steps (the first two prompts prefilled together), the first
@@ -220,7 +223,15 @@ def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops, lookahea
     Bytes and patches as the PyTorch engine's; greedy rows that may and may not end with EOS (the greedy
     choice's kernel masks it per row). (Triton's interpreter is slow: few bytes.)
     With `lookahead`, every step decodes its sampled bytes ahead (static.py: the byte embedding kernel moves
-    the hash history into a table aside)."""
+    the hash history into a table aside). With `splits`, the attention kernel splits every span as a GPU
+    does at few rows (blocks of 16 entries, up to 3 splits), and the splits meet in the kernel (the
+    caches' counters, sized for the query heads: the second kernel never runs)."""
+    chosen = [1]
+    if splits > 1:
+        monkeypatch.setattr(attention, "default_block", lambda head_dim, span, device: 16)
+        monkeypatch.setattr(attention, "default_splits",
+                            lambda programs, blocks, device: chosen.append(min(blocks, splits)) or chosen[-1])
+        monkeypatch.setattr(attention, "_combine", None)  # a second kernel would fail
     model = load_model(hf_checkpoint("gqa")[1])
     requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 30 + 20 * i],
                           SamplingParams(max_bytes=6 + 6 * i, temperature=0.0, ignore_eos=i != 1))
@@ -242,6 +253,7 @@ def test_triton_engine_equals_torch_engine(hf_checkpoint, kernels, ops, lookahea
     assert not lookahead or any(key[-2] == (True, True) for key in triton.static.keys_seen
                                 if key[0] == "finish"), "no step sampled from logits decoded ahead"
     assert sum(o.usage.global_steps for _, o in got.values()) > 0
+    assert max(chosen) == splits
 
 
 @interpreted

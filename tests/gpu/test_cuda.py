@@ -144,7 +144,8 @@ def test_guided_jump_forward_on_cuda(hf_checkpoint):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_attention_on_cuda(dtype):
     """At the 1B shapes' few rows the decode-attention kernel splits each row's span (attention.default_splits)
-    and gives SDPA's result, as the unsplit kernel does, with a mask and the new entry stored."""
+    and gives SDPA's result, as the unsplit kernel does, with a mask and the new entry stored; given
+    counters, the splits meet in the kernel, with the second kernel's result bit for bit."""
     from blt_runtime.attention import decode_attention, default_splits, sdpa_attention
 
     device, g = torch.device("cuda"), torch.Generator().manual_seed(0)
@@ -161,12 +162,22 @@ def test_split_attention_on_cuda(dtype):
         picked = expected[:, 0, rows, :, :span]
         want = sdpa_attention(q, picked[0], picked[1], mask)
         assert default_splits(B * H, span // 64, device) > 1
-        for splits in (None, 1):
+        counts = torch.zeros(B * H, device=device, dtype=torch.int32)
+        got = {}
+        for splits, given in ((None, None), (1, None), (None, counts), (16, counts)):
             cache = kv.clone()
-            got = decode_attention(q, cache, 0, rows, span, mask, store=(new[0], new[1], rows[:, None], where),
-                                   splits=splits)
+            got[splits, given is not None] = decode_attention(q, cache, 0, rows, span, mask, splits=splits,
+                                                              store=(new[0], new[1], rows[:, None], where),
+                                                              counts=given)
             assert torch.equal(cache, expected)
-            torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+            torch.testing.assert_close(got[splits, given is not None], want, atol=tolerance, rtol=tolerance)
+        assert torch.equal(got[None, True], got[None, False])  # met in the kernel: the second kernel's sums
+        # the last split to finish, whichever it is, combines: the same bytes however the programs were
+        # scheduled, many times over, and the counters back at 0 after each
+        for _ in range(200):
+            assert torch.equal(decode_attention(q, kv.clone(), 0, rows, span, mask, counts=counts),
+                               decode_attention(q, kv.clone(), 0, rows, span, mask))
+        assert not counts.any()
 
 
 def test_decoding_ahead_on_cuda(hf_checkpoint):
