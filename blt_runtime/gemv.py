@@ -11,7 +11,9 @@ down (and the decoder's cross-attention query gets its norm the same way).
 
 Each program of `norm_linear` takes BLOCK_N output columns of its rows: it sums the rows' squares
 over the full width, then multiplies the normed rows by its columns of the weight, BLOCK_K at a
-time, accumulating in fp32 (on tensor cores from 16 rows). The norm is the eager step's arithmetic
+time, accumulating in fp32 (on tensor cores from 16 rows). At a decode step's few rows BLOCK_K is the
+whole width where it fits (`blocks`): the rows are read once and each program streams a few whole
+rows of the weight in one step. The norm is the eager step's arithmetic
 (triton_ops._norm_program: rounded to the dtype where it rounds); the product rounds once, as
 cuBLAS does, but sums in another order, so values differ from F.linear in the last bit and greedy
 bytes may differ from "triton"'s where two bytes are nearly tied. No atomics: the result is the
@@ -32,7 +34,8 @@ from .triton_ops import ADD, DOUBLE, PLAIN, TritonOps
 # grows with rows x programs: at 64 rows (64 streams) it costs more than the launch it saves, so such
 # a step runs triton_ops' norm kernel once and cuBLAS instead. On an H200 the fused products were slower
 # than the norm kernel and cuBLAS at 1, 16 and 64 rows alike (bench/RESULTS.md, "GPU"), which is why
-# "auto" never picks them.
+# "auto" never picks them; that was with blocks 128 deep below 16 rows (6 to 16 steps of latency a
+# product), which the whole-width blocks replace: not timed yet.
 FUSED_ROWS = 16
 
 
@@ -62,18 +65,39 @@ def _product(x, w, acc, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
     return acc + tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1)
 
 
+def _scale(squares, width, inv_width, eps, dtype):
+    """Each row's 1 / RMS from its sum of squares, as layers.rms_norm computes it (triton_ops._norm_program:
+    in fp32 a multiply by 1 / width, else a divide)."""
+    if dtype == tl.float32:
+        return tl.math.rsqrt(squares * inv_width + eps)
+    return tl.math.rsqrt(squares / width + eps)
+
+
+def _normed(hf, scale, NormW, c, in_k, dtype):
+    """Columns c of the normed rows: h x scale, rounded where the eager step rounds, times the norm's weight."""
+    w = tl.load(NormW + c, mask=in_k, other=0.0).to(tl.float32)[None, :]
+    if dtype == tl.float32:
+        return hf * scale[:, None] * w
+    return rounded(w * rounded(hf * scale[:, None], dtype).to(tl.float32), dtype)
+
+
 def _gemv_program(X, Delta, NormW, H, W, Out, n_rows, width, n_out, eps, inv_width, sx, sd, sh, swn, swk, so, up_offset,
-                  BEFORE: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr,
+                  BEFORE: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, WHOLE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Columns [BLOCK_N * pid(0), ...) of rows [BLOCK_M * pid(1), ...): norm(h) @ W.T, h as BEFORE says
     (stored to H by the first column block); GATED: silu(norm(h) @ gate.T) * (norm(h) @ up.T), the up
-    rows of W `up_offset` rows after the gate rows. UPCAST: see _product."""
+    rows of W `up_offset` rows after the gate rows. UPCAST: see _product. WHOLE: BLOCK_K covers the
+    width, so the rows are read once (the sum of their squares, then the product, from registers);
+    else twice, BLOCK_K at a time (the squares first)."""
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows, in_cols = rows < n_rows, cols < n_out
     rows64 = rows.to(tl.int64)
     dtype = X.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+    hf = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # (WHOLE: the rows, kept from the first pass)
     for k0 in range(0, width, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         inside = in_rows[:, None] & (c < width)[None, :]
@@ -83,22 +107,13 @@ def _gemv_program(X, Delta, NormW, H, W, Out, n_rows, width, n_out, eps, inv_wid
                 tl.store(H + rows64[:, None] * sh + c[None, :], h, mask=inside)
         hf = h.to(tl.float32)
         squares += tl.sum(hf * hf, 1)
-    if dtype == tl.float32:  # layers.rms_norm in fp32 (see triton_ops._norm_program)
-        scale = tl.math.rsqrt(squares * inv_width + eps)
-    else:
-        scale = tl.math.rsqrt(squares / width + eps)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    scale = _scale(squares, width, inv_width, eps, dtype)
     for k0 in range(0, width, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         in_k = c < width
-        inside = in_rows[:, None] & in_k[None, :]
-        hf = _residual(X, Delta, rows64, c, inside, sx, sd, dtype, BEFORE).to(tl.float32)
-        w = tl.load(NormW + c, mask=in_k, other=0.0).to(tl.float32)[None, :]
-        if dtype == tl.float32:
-            x = hf * scale[:, None] * w
-        else:
-            x = rounded(w * rounded(hf * scale[:, None], dtype).to(tl.float32), dtype)
+        if not WHOLE:
+            hf = _residual(X, Delta, rows64, c, in_rows[:, None] & in_k[None, :], sx, sd, dtype, BEFORE).to(tl.float32)
+        x = _normed(hf, scale, NormW, c, in_k, dtype)
         tile = W + cols[None, :].to(tl.int64) * swn + c[:, None] * swk  # (BLOCK_K, BLOCK_N) of W.T
         both = in_k[:, None] & in_cols[None, :]
         acc = _product(x, tl.load(tile, mask=both, other=0.0), acc, UPCAST, BLOCK_M)
@@ -115,26 +130,36 @@ def _gemv_program(X, Delta, NormW, H, W, Out, n_rows, width, n_out, eps, inv_wid
 if triton is not None:
     _residual = triton.jit(_residual)
     _product = triton.jit(_product)
+    _scale = triton.jit(_scale)
+    _normed = triton.jit(_normed)
     _gemv_kernel = triton.jit(_gemv_program)
 
 
-def blocks(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_K for `rows` rows and `cols` output columns. BLOCK_M: the rows, up to 64
-    (more: several row blocks). BLOCK_N: narrow, so that the programs cover the GPU's 132 SMs even for a
-    768-column product; wider for the wide products (fewer programs that each norm the same rows).
-    BLOCK_K: as deep as the registers allow without spilling (ptxas -v for sm_90, Triton 3.9, 4 warps):
-    64 for a 16-row tensor-core tile, 32 for more rows; below 16 rows (products summed on the CUDA
-    cores, rows x depth x columns of them in registers) 2,048 products per program; fp32 tiles half
-    as deep. The interpreter (on a CPU) takes the widest blocks: fewer programs run faster there."""
+PRODUCTS = 8192  # multiply-adds a program holds in registers below 16 rows (8 warps; a gated product's two halves)
+
+
+def blocks(rows: int, width: int, cols: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_K and warps for `rows` rows of `width` inputs and `cols` output columns.
+    BLOCK_M: the rows, up to 64 (more: several row blocks). On a GPU below 16 rows (products summed on
+    the CUDA cores, rows x depth x columns of them in registers; a decode step's rows): the whole width
+    in one block where it fits (up to 2,048 inputs at one row, at least 4 columns: the rows read once,
+    a step of latency where blocks 128 deep took 6 to 16), and as many columns as PRODUCTS allows
+    (half with fp32 tiles; a gated product's two tiles each half, norm_linear), 8 warps; each program
+    then streams BLOCK_N whole rows of the weight.
+    From 16 rows (a tensor-core tile): BLOCK_N narrow, so that the programs cover the GPU's 132 SMs
+    even for a 768-column product, wider for the wide products (fewer programs that each norm the same
+    rows); BLOCK_K 64 for a 16-row tile, 32 for more, fp32 tiles half as deep; 4 warps. The
+    interpreter (on a CPU) takes the widest blocks: fewer programs run faster there."""
     block_m = min(next_power_of_2(rows), 64)
     if device.type != "cuda":
-        return block_m, min(next_power_of_2(cols), 128), 128
+        return block_m, min(next_power_of_2(cols), 128), 128, 4
+    if block_m < 16:
+        products = PRODUCTS if dtype != torch.float32 else PRODUCTS // 2
+        block_k = min(next_power_of_2(width), products // block_m // 4)
+        return block_m, max(1, products // (block_m * block_k)), block_k, 8
     block_n = 16 if cols <= 4096 else 32
-    if block_m >= 16:
-        block_k = 64 if block_m == 16 else 32
-    else:
-        block_k = min(128, max(16, 2048 // (block_m * block_n)))
-    return block_m, block_n, max(16, block_k // 2) if dtype == torch.float32 else block_k
+    block_k = 64 if block_m == 16 else 32
+    return block_m, block_n, max(16, block_k // 2) if dtype == torch.float32 else block_k, 4
 
 
 def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, n: BoundNorm, weight: torch.Tensor,
@@ -159,11 +184,13 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, n: BoundNorm, weigh
     h = x if before == PLAIN else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     hs = xs if before == PLAIN else h.view(-1, K)
     if M:
-        bm, bn, bk = blocks(M, N, x.device, x.dtype)
+        bm, bn, bk, warps = blocks(M, K, N, x.device, x.dtype)
+        bn = max(1, bn // 2) if gated and bm < 16 else bn  # (two tiles a step: the gate's and the up's)
         _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
             xs, ds, n.weight, hs, weight, out.view(-1, N), M, K, N, n.eps, 1.0 / K, xs.stride(0), ds.stride(0),
             hs.stride(0), weight.stride(0), weight.stride(1), N, N, BEFORE=before, GATED=gated,
-            UPCAST=x.device.type != "cuda", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3)
+            UPCAST=x.device.type != "cuda", WHOLE=bk >= K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+            num_stages=3)
     return h, out
 
 
