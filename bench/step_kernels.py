@@ -164,9 +164,9 @@ class CountedOps(StepOps):
 
 def counted_attention(counter: KernelCount):
     """attention.decode_attention, counted as its one kernel and what it writes (the output; the new
-    keys and values it stores)."""
+    keys and values it stores). A GPU's splits meet in that kernel (`counts`): still one."""
 
-    def attend(q, kv, layer, rows, span, mask, block=None, store=None, rotation=None):
+    def attend(q, kv, layer, rows, span, mask, block=None, store=None, rotation=None, splits=None, counts=None):
         counter.paused = True
         try:
             if isinstance(rotation, RotationTable):  # the kernel reads the rows' lengths' rows of the table
