@@ -25,6 +25,7 @@ step); more rows (64 streams, prefill chunks) run as TritonOps runs them.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .attention import next_power_of_2, rounded, tl, triton
 from .model.layers import BoundNorm
@@ -83,12 +84,13 @@ def _normed(hf, scale, NormW, c, in_k, dtype):
 
 def _gemv_program(X, Delta, NormW, H, W, Out, n_rows, width, n_out, eps, inv_width, sx, sd, sh, swn, swk, so, up_offset,
                   BEFORE: tl.constexpr, GATED: tl.constexpr, UPCAST: tl.constexpr, WHOLE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  NORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Columns [BLOCK_N * pid(0), ...) of rows [BLOCK_M * pid(1), ...): norm(h) @ W.T, h as BEFORE says
     (stored to H by the first column block); GATED: silu(norm(h) @ gate.T) * (norm(h) @ up.T), the up
     rows of W `up_offset` rows after the gate rows. UPCAST: see _product. WHOLE: BLOCK_K covers the
     width, so the rows are read once (the sum of their squares, then the product, from registers);
-    else twice, BLOCK_K at a time (the squares first)."""
+    else twice, BLOCK_K at a time (the squares first). Without NORM, h @ W.T (BEFORE 0): a plain
+    product, the rows read once."""
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows, in_cols = rows < n_rows, cols < n_out
@@ -98,22 +100,27 @@ def _gemv_program(X, Delta, NormW, H, W, Out, n_rows, width, n_out, eps, inv_wid
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     squares = tl.zeros([BLOCK_M], dtype=tl.float32)
     hf = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # (WHOLE: the rows, kept from the first pass)
-    for k0 in range(0, width, BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)
-        inside = in_rows[:, None] & (c < width)[None, :]
-        h = _residual(X, Delta, rows64, c, inside, sx, sd, dtype, BEFORE)
-        if BEFORE != 0:  # noqa: SIM102 - BEFORE is known when compiling, the program at run time
-            if tl.program_id(0) == 0:
-                tl.store(H + rows64[:, None] * sh + c[None, :], h, mask=inside)
-        hf = h.to(tl.float32)
-        squares += tl.sum(hf * hf, 1)
-    scale = _scale(squares, width, inv_width, eps, dtype)
+    scale = squares  # (without NORM, none)
+    if NORM:
+        for k0 in range(0, width, BLOCK_K):
+            c = k0 + tl.arange(0, BLOCK_K)
+            inside = in_rows[:, None] & (c < width)[None, :]
+            h = _residual(X, Delta, rows64, c, inside, sx, sd, dtype, BEFORE)
+            if BEFORE != 0:  # noqa: SIM102 - BEFORE is known when compiling, the program at run time
+                if tl.program_id(0) == 0:
+                    tl.store(H + rows64[:, None] * sh + c[None, :], h, mask=inside)
+            hf = h.to(tl.float32)
+            squares += tl.sum(hf * hf, 1)
+        scale = _scale(squares, width, inv_width, eps, dtype)
     for k0 in range(0, width, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         in_k = c < width
-        if not WHOLE:
+        if not (WHOLE and NORM):
             hf = _residual(X, Delta, rows64, c, in_rows[:, None] & in_k[None, :], sx, sd, dtype, BEFORE).to(tl.float32)
-        x = _normed(hf, scale, NormW, c, in_k, dtype)
+        if NORM:
+            x = _normed(hf, scale, NormW, c, in_k, dtype)
+        else:
+            x = hf.to(dtype)  # the rows as they are (their dtype to fp32 and back: exact)
         tile = W + cols[None, :].to(tl.int64) * swn + c[:, None] * swk  # (BLOCK_K, BLOCK_N) of W.T
         both = in_k[:, None] & in_cols[None, :]
         acc = _product(x, tl.load(tile, mask=both, other=0.0), acc, UPCAST, BLOCK_M)
@@ -189,20 +196,47 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, n: BoundNorm, weigh
         _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
             xs, ds, n.weight, hs, weight, out.view(-1, N), M, K, N, n.eps, 1.0 / K, xs.stride(0), ds.stride(0),
             hs.stride(0), weight.stride(0), weight.stride(1), N, N, BEFORE=before, GATED=gated,
-            UPCAST=x.device.type != "cuda", WHOLE=bk >= K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-            num_stages=3)
+            UPCAST=x.device.type != "cuda", WHOLE=bk >= K, NORM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps, num_stages=3)
     return h, out
+
+
+def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) (no bias) by the same kernel without a norm: at a decode step's rows, blocks of the
+    whole width where it fits (`blocks`) instead of cuBLAS's tiles. The product rounds once, summed in
+    another order than cuBLAS's."""
+    if x.dtype != weight.dtype or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"plain_linear: rows of {x.shape[-1]} {x.dtype} by a weight {tuple(weight.shape)} "
+                         f"{weight.dtype}")
+    K, N = x.shape[-1], weight.shape[0]
+    xs = x.reshape(-1, K)
+    xs = xs if xs.stride(-1) == 1 else xs.contiguous()
+    M = xs.shape[0]
+    out = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype, device=x.device)
+    if M:
+        bm, bn, bk, warps = blocks(M, K, N, x.device, x.dtype)
+        _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+            xs, xs, xs, xs, weight, out.view(-1, N), M, K, N, 0.0, 1.0, xs.stride(0), xs.stride(0), xs.stride(0),
+            weight.stride(0), weight.stride(1), N, N, BEFORE=PLAIN, GATED=False, UPCAST=x.device.type != "cuda",
+            WHOLE=bk >= K, NORM=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
+    return out
 
 
 class GemvOps(TritonOps):
     """TritonOps, and the norms with the projection after them (and SwiGLU's gate) as one kernel each
-    (norm_linear) for up to `fused_rows` rows (a decode step's); more rows as TritonOps runs them."""
+    (norm_linear), and the other products by the same kernel (plain_linear), for up to `fused_rows` rows
+    (a decode step's); more rows as TritonOps runs them."""
 
     def __init__(self, fused_rows: int = FUSED_ROWS):
         self.fused_rows = fused_rows
 
     def _fused(self, x: torch.Tensor) -> bool:
         return x.numel() // x.shape[-1] <= self.fused_rows
+
+    def linear(self, x, weight):
+        if not self._fused(x):
+            return F.linear(x, weight)
+        return plain_linear(x, weight)
 
     def add_norm_linear(self, h, delta, n, weight):
         if not self._fused(h):

@@ -50,6 +50,22 @@ def test_projections_equal_eager(dtype, rows, d, f, method, residual):
 
 
 @interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, d, f", [(1, 96, 200), (5, 300, 64), (16, 128, 48)])
+def test_plain_products_equal_f_linear(dtype, rows, d, f):
+    """plain_linear, the kernel without a norm (GemvOps.linear: the output and down projections, the byte
+    heads), against F.linear: a row, a few with a width past one block, a tensor-core tile."""
+    x, _, _, weight = inputs(rows, d, f, dtype, rows + d)
+    weight = weight[:f]
+    got = gemv.plain_linear(x, weight)
+    assert got.shape == (rows, 1, f) and got.dtype == dtype
+    torch.testing.assert_close(got, F.linear(x, weight), **TOLERANCE[dtype])
+    torch.testing.assert_close(GemvOps(fused_rows=rows).linear(x, weight), got, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="plain_linear"):
+        gemv.plain_linear(x, weight[:, :d - 1])
+
+
+@interpreted
 def test_projections_take_layouts_and_refuse_what_they_cannot_do(monkeypatch):
     """A transposed weight (the CPU layout, step_weights.wide_layout) and rows sliced from a wider tensor give
     the same values; GemvOps fuses up to FUSED_ROWS rows, and runs more (64 streams, prefill chunks)

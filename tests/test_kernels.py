@@ -122,14 +122,15 @@ for dtype, torch_dtype in (("*bf16", torch.bfloat16), ("*fp32", torch.float32)):
         compile(triton_ops._norm_kernel, triton_ops._norm_program, {"eps": "fp32", "inv_n": "fp32"},
                 dict(D_PAD=2048, BEFORE=before), dtype)
     compile(triton_ops._silu_mul_kernel, triton_ops._silu_mul_program, {}, dict(BLOCK=1024), dtype)
-    for before, gated, rows, width, cols in ((0, False, 1, 768, 2304), (1, True, 64, 2048, 5632),
-                                             (2, False, 16, 1024, 3072), (1, True, 5, 1024, 2816),
-                                             (1, False, 2, 2048, 6144), (1, True, 1, 2048, 5632),
-                                             (2, False, 1, 1024, 1024), (1, False, 1, 5632, 2048)):
+    for before, gated, norm, rows, width, cols in (
+            (0, False, True, 1, 768, 2304), (1, True, True, 64, 2048, 5632), (2, False, True, 16, 1024, 3072),
+            (1, True, True, 5, 1024, 2816), (1, False, True, 2, 2048, 6144), (1, True, True, 1, 2048, 5632),
+            (2, False, True, 1, 1024, 1024), (0, False, False, 1, 5632, 2048), (0, False, False, 1, 1024, 1024),
+            (0, False, False, 8, 2816, 1024), (0, False, False, 16, 2048, 2048)):
         block_m, block_n, block_k, warps = gemv.blocks(rows, width, cols, torch.device("cuda"), torch_dtype)
         block_n = max(1, block_n // 2) if gated and block_m < 16 else block_n  # (as norm_linear halves it)
         compile(gemv._gemv_kernel, gemv._gemv_program, {"eps": "fp32", "inv_width": "fp32"},
-                dict(BEFORE=before, GATED=gated, UPCAST=False, WHOLE=block_k >= width, BLOCK_M=block_m,
+                dict(BEFORE=before, GATED=gated, UPCAST=False, WHOLE=block_k >= width, NORM=norm, BLOCK_M=block_m,
                      BLOCK_N=block_n, BLOCK_K=block_k), dtype, dict(num_warps=warps))
     for gather, tables, width, d in ((True, 6, 8, 1024), (False, 18, 5, 1280)):
         compile(byte_embedding._embed_kernel, byte_embedding._embed_program,
