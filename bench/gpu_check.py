@@ -76,6 +76,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -355,8 +356,9 @@ def _stretch_case(block, B: int, device: torch.device, dtype: torch.dtype) -> di
 def gemv_us(model: BltModel) -> dict:
     """gemv.norm_linear (the projections of "triton-gemv", the norm and the gate inside) against what
     "triton" runs in its place (the norm kernel and cuBLAS, and for the gate/up product the gate
-    kernel), per call, for each stack's first block at 1, 16 and 64 rows (the global model: 1 and 16,
-    the closing rows of 64 streams). GemvOps fuses up to gemv.FUSED_ROWS rows: this says where."""
+    kernel), and gemv.plain_linear (its output and down projections) against cuBLAS, per call, for each
+    stack's first block at 1, 16 and 64 rows (the global model: 1 and 16, the closing rows of 64
+    streams). GemvOps fuses up to gemv.FUSED_ROWS rows: this says where."""
     stacks = (("entropy", model.patcher, (1, 16, 64)), ("decoder", model.local_decoder, (1, 16, 64)),
               ("global", model.global_transformer, (1, 16)))
     return run_cases({f"{name}_b{B}": functools.partial(_gemv_case, stack.layers[0], B, model.device, model.dtype)
@@ -364,7 +366,7 @@ def gemv_us(model: BltModel) -> dict:
 
 
 def _gemv_case(block, B: int, device: torch.device, dtype: torch.dtype) -> dict:
-    from blt_runtime.gemv import norm_linear
+    from blt_runtime.gemv import norm_linear, plain_linear
     from blt_runtime.step_weights import BlockStep
     from blt_runtime.triton_ops import ADD, TritonOps
 
@@ -372,10 +374,15 @@ def _gemv_case(block, B: int, device: torch.device, dtype: torch.dtype) -> dict:
     d = b.norm1.weight.shape[0]
     h, delta = (torch.randn(B, 1, d, device=device, dtype=dtype) for _ in range(2))
     ops = TritonOps()
+    gated = torch.randn(B, 1, b.down.shape[1], device=device, dtype=dtype)
     return {"qkv_gemv": round(time_in_graph(lambda: norm_linear(h, delta, b.norm1, b.qkv, ADD)), 2),
             "qkv_triton": round(time_in_graph(lambda: ops.add_norm_linear(h, delta, b.norm1, b.qkv)), 2),
             "gate_up_gemv": round(time_in_graph(lambda: norm_linear(h, delta, b.norm2, b.gate_up, ADD, gated=True)), 2),
-            "gate_up_triton": round(time_in_graph(lambda: ops.add_norm_swiglu(h, delta, b.norm2, b.gate_up)), 2)}
+            "gate_up_triton": round(time_in_graph(lambda: ops.add_norm_swiglu(h, delta, b.norm2, b.gate_up)), 2),
+            "o_gemv": round(time_in_graph(lambda: plain_linear(h, b.o)), 2),
+            "o_cublas": round(time_in_graph(lambda: F.linear(h, b.o)), 2),
+            "down_gemv": round(time_in_graph(lambda: plain_linear(gated, b.down)), 2),
+            "down_cublas": round(time_in_graph(lambda: F.linear(gated, b.down)), 2)}
 
 
 def sample_us(model: BltModel) -> dict:

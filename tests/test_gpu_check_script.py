@@ -87,6 +87,6 @@ def test_gpu_only_timings_run_their_cases(monkeypatch):
     profiled = gpu_check.profile_steps(engine, [b"one", b"two streams" * 30, b"three"], steps=4)
     assert "error" not in profiled and profiled["device_ops_per_step"] == 0 and not engine.has_work()
     # per attention case its default, with two launches, an additive mask, SDPA and the sweep (every split
-    # count at one block or more); two ways otherwise, two stretches or products per way
+    # count at one block or more); two ways otherwise, two stretches or products per way (four products)
     assert swept >= len(gpu_check.SPLITS) * 5
-    assert len(calls) == 4 * 5 + swept + 4 * 4 + 4 * 8 + 2 * 4
+    assert len(calls) == 4 * 5 + swept + 4 * 4 + 8 * 8 + 2 * 4
