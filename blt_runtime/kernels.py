@@ -117,9 +117,10 @@ def _check_stretches(device: torch.device, dtype: torch.dtype, g: torch.Generato
 
 
 def _check_gemv(device: torch.device, dtype: torch.dtype, g: torch.Generator) -> str | None:
-    """norm_linear against the eager stretches and F.linear: every residual kind, plain and gated, at
-    1, 5 and 64 rows (the kernel itself, though a step fuses fewer), widths that are not multiples of
-    the blocks; on a GPU also at the global model's widths (wider column blocks)."""
+    """norm_linear against the eager stretches and F.linear, and plain_linear (GemvOps.linear) against
+    F.linear: every residual kind, plain and gated, at 1, 5 and 64 rows (the kernel itself, though a
+    step fuses fewer), widths that are not multiples of the blocks; on a GPU also at the global model's
+    widths (wider column blocks)."""
     ops, tolerance = GemvOps(fused_rows=64), (1e-4 if dtype == torch.float32 else 2e-2)
     shapes = [(1, 100, 200), (5, 700, 320), (64, 256, 130)]
     for rows, d, f in shapes + ([(16, 2048, 5632)] if device.type == "cuda" else []):
@@ -139,6 +140,10 @@ def _check_gemv(device: torch.device, dtype: torch.dtype, g: torch.Generator) ->
             error = float((got[1].float() - want[1].float()).abs().max())
             if not torch.allclose(got[1].float(), want[1].float(), atol=tolerance, rtol=tolerance):
                 return f"gemv {name} at {rows} rows of width {d} differs from PyTorch by {error:.3g}"
+        got, want = ops.linear(x, weight[:f]), torch.nn.functional.linear(x, weight[:f])
+        if not torch.allclose(got.float(), want.float(), atol=tolerance, rtol=tolerance):
+            error = float((got.float() - want.float()).abs().max())
+            return f"gemv product at {rows} rows of width {d} differs from PyTorch by {error:.3g}"
     return None
 
 
