@@ -205,10 +205,10 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, P
     unnormalised output go to Part, which _combine_program reduces, or with MEET the last of the
     (row, head)'s splits to finish: each split counts itself at Counts[row x heads + head] (an atomic
     add, after its part is stored), and the one that counts last combines the parts and sets the
-    count back to 0. MASK: 0 every entry read is
-    visible, 1 an additive mask at Mask, 2 the visible entries worked out from the row's length at
-    Mask (Visible), reading no entry past the row's new position's (a row shorter than a ring's window,
-    or than the global cache's span, reads only what it holds). ROPE: the query and the new key are
+    count back to 0. MASK: 0 every entry read is visible, 1 an additive mask at Mask, 2 the visible
+    entries worked out from the row's length at Mask (Visible), reading no entry past the row's new
+    position's (a row shorter than a ring's window, or than the global cache's span, reads only what it
+    holds). ROPE: the query and the new key are
     rotated first, by the row's cos and sin at Rot (1) or by row `length` of a RotationTable (2). STORE:
     the row's new key and value are first stored (by the first query head of their kv head, in its first
     split), at the entry WIndex gives (1) or at the row's new position (2), and, where the row reads that
