@@ -55,6 +55,8 @@ and timed in one run. Prints a table and, last, one JSON line.
      norms and gate inside (gemv.py) per call against what the default runs in their place
      (`gemv_us`), and the engine with `--kernels triton-gemv` as with `torch_kernels`.
 
+Last, `decisions`: what the figures say about the defaults they were measured for (bench/gpu_decisions.py).
+
 Needs torch (and transformers for `transformers`), never the web stack. `--small` runs tiny shapes, which
 is how the script itself is tested on a CPU:
 
@@ -82,6 +84,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.burst import burst  # noqa: E402
+from bench.gpu_decisions import decide  # noqa: E402
 from bench.shared_prompts import run as run_choices  # noqa: E402
 from bench.shared_prompts import turned  # noqa: E402
 from blt_runtime import BltConfig, BltModel, Engine, SamplingParams, attention, encode_tensor  # noqa: E402
@@ -815,6 +818,7 @@ def main() -> None:
         result["parts_s"][name] = round(time.perf_counter() - started, 1)
         print(json.dumps(result), flush=True)
     result["total_s"] = round(time.perf_counter() - t0, 1)
+    result["decisions"] = decide(result)  # what the figures say about the defaults they were measured for
     for key, value in result.items():
         print(f"{key:>34}: {value}")
     print(json.dumps(result))
