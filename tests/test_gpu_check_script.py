@@ -40,6 +40,7 @@ def test_gpu_check_small_on_cpu():
     assert "skipped" not in result and set(result["parts_s"]) == {
         "build_and_primary", "bandwidth_floor", "transformers", "no_lookahead", "unsplit_attention", "compiled",
         "guided", "shared_prompts", "prompt_scores", "burst"}
+    assert {"lookahead_rows_cuda", "max_splits_batch1"} <= set(result["decisions"])  # (bench/gpu_decisions.py)
     floors = result["bandwidth_floor"]  # tiny shapes: a floor far above what a CPU does
     assert set(floors) == {"tb_s", "batch_1", "streams_2"}
     assert all(0 < floors[k]["measured_share"] < 1 for k in ("batch_1", "streams_2")), floors
