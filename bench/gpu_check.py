@@ -504,6 +504,9 @@ def measure_variant(model: BltModel, prompt: bytes, args, result: dict, streams:
 
 
 def measure_floor(model: BltModel, prompt: bytes, args, result: dict) -> None:
+    """The bandwidth floor of the batch-1 run and of the largest stream count (bench/roofline.py: the weights
+    each piece reads, measured on this machine's CPU, and the caches' entries) at an H200's bandwidth and
+    the run's bytes per patch, and the share of it each measured figure is."""
     from bench.roofline import H200_TB_S, floor, measured_reads  # (it imports this module)
 
     reads, floors = measured_reads(), {"tb_s": H200_TB_S}
