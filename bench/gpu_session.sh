@@ -5,7 +5,8 @@
 # all: give the device call timeout_s 540. Logs go to $OUT (the device tool's folder that comes back), else
 # to gpu-logs/. The English text the GPU check sets its threshold on is taken from .gpudata/ when it was
 # carried there (see bench/RESULTS.md, "GPU"). Needs torch (and transformers for the comparison), never the
-# web stack. Extra arguments go to gpu_check.py.
+# web stack. Extra arguments go to gpu_check.py. Last, what the check's figures say about the defaults it
+# measured (bench/gpu_decisions.py), in the call's last lines.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 logs="${OUT:-gpu-logs}"
@@ -21,3 +22,5 @@ echo "tests/gpu: exit ${PIPESTATUS[0]}"
 timeout 60 python3 bench/jump_forward.py --device cuda --dtype bfloat16 --least 2 --rounds 2 2>&1 \
     | tee "$logs/jump_forward.log"
 echo "jump_forward: exit ${PIPESTATUS[0]}"
+# last, so that the call's output ends with it: what the GPU check's figures say about the defaults
+python3 bench/gpu_decisions.py "$logs/gpu_check.log" 2>&1 | tee "$logs/decisions.log"
