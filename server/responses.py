@@ -400,19 +400,30 @@ def response_format(req: ResponsesRequest) -> dict | None:
 def fitted(chat: ChatCompletionRequest, req: ResponsesRequest, state: AppState, first: int) -> ChatCompletionRequest:
     """With truncation "auto", the conversation without its oldest messages (from `first`, after the
     instructions), as few left out as let the prompt and the bytes asked for fit in the context; the last
-    message always stays. A tool message whose call was left out goes with it."""
+    message always stays. A tool message whose call was left out goes with it. The prompt shrinks as
+    messages go, so the cut is found by bisection: a few prompts rendered, not one per message."""
     if req.truncation != "auto":
         return chat
     room = req.max_output_tokens if req.max_output_tokens is not None else max(req.min_tokens, 1)
     messages = list(chat.messages)
-    while len(messages) - first > 1:
-        candidate = chat.model_copy(update={"messages": messages})
-        if len(conversation_prompt(candidate, state)) + room <= state.max_model_len - 1:
-            return candidate
-        del messages[first]
-        while len(messages) - first > 1 and messages[first].role == "tool":
-            del messages[first]
-    return chat.model_copy(update={"messages": messages})
+    cuts = [first]  # where the kept messages may begin: each time the oldest goes, with the tool messages after it
+    while len(messages) - cuts[-1] > 1:
+        cut = cuts[-1] + 1
+        while len(messages) - cut > 1 and messages[cut].role == "tool":
+            cut += 1
+        cuts.append(cut)
+
+    def kept(i: int) -> ChatCompletionRequest:
+        return chat.model_copy(update={"messages": messages[:first] + messages[cuts[i]:]})
+
+    low, high = 0, len(cuts) - 1  # the last message alone is kept whether it fits or not (then refused)
+    while low < high:
+        middle = (low + high) // 2
+        if len(conversation_prompt(kept(middle), state)) + room <= state.max_model_len - 1:
+            high = middle
+        else:
+            low = middle + 1
+    return kept(low)
 
 
 def stored(response_id: str, state: AppState, stream: bool = False, starting_after: int | None = None):

@@ -302,6 +302,47 @@ def test_truncation_auto_leaves_out_the_oldest_messages(url):
         assert r["usage"]["input_tokens"] == len(render(turns[-kept:]))
 
 
+def test_truncation_renders_few_prompts_for_long_conversations(monkeypatch):
+    """With thousands of messages, the cut is found by bisection (a prompt rendered per step, not one per
+    message left out), and it is the cut that leaving out the oldest one at a time finds: the fewest
+    left out, a tool message going with the call before it, the last message always kept."""
+    from types import SimpleNamespace
+
+    from server import responses
+    from server.schemas import ChatCompletionRequest, ResponsesRequest
+
+    renders = []
+
+    def prompt(chat, state):  # every message's content, one after another
+        renders.append(len(chat.messages))
+        return "".join(m.content for m in chat.messages).encode()
+
+    monkeypatch.setattr(responses, "conversation_prompt", prompt)
+    roles = ["user", "assistant", "tool", "tool"]
+    messages = [{"role": "system", "content": "s" * 7}] + [
+        {"role": roles[i % 4], "content": "m" * (1 + i % 5), **({"tool_call_id": "c"} if i % 4 > 1 else {})}
+        for i in range(3000)]
+    chat = ChatCompletionRequest(model="m", messages=messages)
+    req = ResponsesRequest(input="x", truncation="auto", max_output_tokens=10)
+
+    def one_at_a_time(limit: int) -> int:  # how many messages the old loop kept
+        kept = list(chat.messages)
+        while len(kept) - 1 > 1:
+            if len("".join(m.content for m in kept)) + 10 <= limit - 1:
+                break
+            del kept[1]
+            while len(kept) - 1 > 1 and kept[1].role == "tool":
+                del kept[1]
+        return len(kept)
+
+    for limit in (30, 400, 4000, 9000, 20000):
+        renders.clear()
+        got = responses.fitted(chat, req, SimpleNamespace(max_model_len=limit), 1)
+        assert len(got.messages) == one_at_a_time(limit), limit
+        assert got.messages[0].content == "s" * 7 and got.messages[-1] == chat.messages[-1]
+        assert len(renders) <= 13, (limit, len(renders))  # about log2 of the 1,501 places a cut may be
+
+
 def render(turns: list[dict]) -> bytes:
     messages = [{"role": "system", "content": "Be brief."}] + turns
     return ("".join(f"<{m['role']}>{m['content']}</{m['role']}>\n" for m in messages) + "<assistant>").encode()
