@@ -217,10 +217,59 @@ def profile_steps(engine: Engine, prompts: list[bytes], steps: int = 32) -> dict
         return {"error": f"{type(e).__name__}: {e}"[:400]}
 
 
+class PieceTimes:
+    """The device time of each piece of the static steps (encode, patch, finish: static.py) while on: CUDA
+    events recorded around each piece's replay, read once the steps are done (on a CPU, where pieces
+    run as they are called, the clock)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.cuda = engine, engine.model.device.type == "cuda"
+        self.marks: list[tuple[str, object, object]] = []
+
+    def __enter__(self) -> PieceTimes:
+        static = self.engine.static
+        if static is not None:
+            run = self.run = static._run
+
+            def timed(key, piece):
+                start, end = self._mark(), None
+                try:
+                    run(key, piece)
+                finally:
+                    end = self._mark()
+                    self.marks.append((key[0], start, end))
+
+            static._run = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.engine.static is not None:
+            self.engine.static._run = self.run
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def per_step(self, steps: int) -> dict:
+        """Microseconds per engine step in each piece, and how many times each ran (after a sync)."""
+        spent: dict[str, float] = {}
+        runs: dict[str, int] = {}
+        for name, start, end in self.marks:
+            us = start.elapsed_time(end) * 1000 if self.cuda else (end - start) * 1e6
+            spent[name] = spent.get(name, 0.0) + us
+            runs[name] = runs.get(name, 0) + 1
+        return {"us_per_step": {name: round(us / steps, 1) for name, us in spent.items()}, "runs": runs}
+
+
 def _profile_steps(engine: Engine, prompts: list[bytes], steps: int) -> dict:
     """What the device does in a decode step of as many streams as prompts: kernels (and copies)
     launched per step, their summed duration, and the wall time per step, from torch.profiler (CUDA
-    only). Kernel time far below wall time means the step waits on launches, not on the kernels."""
+    only); and the device time of each piece of the steps (`pieces`: PieceTimes) with the wall time per
+    step of those steps (the profiler's own cost left out). Kernel time far below wall time means the
+    step waits on launches or on the host, not on the kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     rids = [f"profile-{RUNS.pop()}" for _ in prompts]
@@ -241,6 +290,12 @@ def _profile_steps(engine: Engine, prompts: list[bytes], steps: int) -> dict:
             engine.step()
         sync(device)
         wall = time.perf_counter() - start
+    with PieceTimes(engine) as pieces:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(device)
+        unprofiled = time.perf_counter() - start
     while engine.has_work():
         engine.step()
     on_device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -251,7 +306,8 @@ def _profile_steps(engine: Engine, prompts: list[bytes], steps: int) -> dict:
     return {"device_ops_per_step": round(len(on_device) / steps, 1),
             "device_us_per_step": round(sum(by_name.values()) / steps, 1),
             "wall_us_per_step_profiled": round(wall / steps * 1e6, 1),
-            "top_device_ops_us_per_step": {name[:60]: round(us / steps, 1) for name, us in top}}
+            "top_device_ops_us_per_step": {name[:60]: round(us / steps, 1) for name, us in top},
+            "pieces": pieces.per_step(steps) | {"wall_us_per_step": round(unprofiled / steps * 1e6, 1)}}
 
 
 def time_in_graph(fn, calls: int = 20, replays: int = 10) -> float:

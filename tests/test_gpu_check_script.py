@@ -87,6 +87,9 @@ def test_gpu_only_timings_run_their_cases(monkeypatch):
     engine = gpu_check.make_engine(model, graphs=False)  # the profile's own steps (the profiler itself is CUDA's)
     profiled = gpu_check.profile_steps(engine, [b"one", b"two streams" * 30, b"three"], steps=4)
     assert "error" not in profiled and profiled["device_ops_per_step"] == 0 and not engine.has_work()
+    pieces = profiled["pieces"]  # each piece's time per step (here the clock's), every step a finish
+    assert pieces["runs"]["finish"] >= 4 and 0 < pieces["us_per_step"]["finish"] < pieces["wall_us_per_step"]
+    assert engine.static._run.__name__ == "_run"  # put back
     # per attention case its default, with two launches, an additive mask, SDPA and the sweep (every split
     # count at one block or more); two ways otherwise, two stretches or products per way (four products)
     assert swept >= len(gpu_check.SPLITS) * 5
