@@ -181,24 +181,12 @@ def norm_linear(x: torch.Tensor, delta: torch.Tensor | None, n: BoundNorm, weigh
     if weight.shape[1] != K or (gated and weight.shape[0] % 2):
         raise ValueError(f"norm_linear: weight {tuple(weight.shape)} for rows of width {K}"
                          + (" (gated: an even number of rows)" if gated else ""))
-    xs = x.reshape(-1, K)
-    M = xs.shape[0]
-    xs = xs if xs.stride(-1) == 1 else xs.contiguous()
-    ds = xs if delta is None else delta.reshape(-1, K)
-    ds = ds if ds.stride(-1) == 1 else ds.contiguous()
+    xs = _rows(x)
+    ds = xs if delta is None else _rows(delta)
     N = weight.shape[0] // 2 if gated else weight.shape[0]
-    out = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype, device=x.device)
     h = x if before == PLAIN else torch.empty(x.shape, dtype=x.dtype, device=x.device)
     hs = xs if before == PLAIN else h.view(-1, K)
-    if M:
-        bm, bn, bk, warps = blocks(M, K, N, x.device, x.dtype)
-        bn = max(1, bn // 2) if gated and bm < 16 else bn  # (two tiles a step: the gate's and the up's)
-        _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
-            xs, ds, n.weight, hs, weight, out.view(-1, N), M, K, N, n.eps, 1.0 / K, xs.stride(0), ds.stride(0),
-            hs.stride(0), weight.stride(0), weight.stride(1), N, N, BEFORE=before, GATED=gated,
-            UPCAST=x.device.type != "cuda", WHOLE=bk >= K, NORM=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=warps, num_stages=3)
-    return h, out
+    return h, _launch(x, xs, ds, n.weight, n.eps, hs, weight, N, before, gated, True)
 
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -208,17 +196,29 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype != weight.dtype or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"plain_linear: rows of {x.shape[-1]} {x.dtype} by a weight {tuple(weight.shape)} "
                          f"{weight.dtype}")
-    K, N = x.shape[-1], weight.shape[0]
-    xs = x.reshape(-1, K)
-    xs = xs if xs.stride(-1) == 1 else xs.contiguous()
-    M = xs.shape[0]
-    out = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype, device=x.device)
+    xs = _rows(x)
+    return _launch(x, xs, xs, xs, 0.0, xs, weight, weight.shape[0], PLAIN, False, False)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (rows, width), its width contiguous (a view where it can be)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(x: torch.Tensor, xs: torch.Tensor, ds: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+            hs: torch.Tensor, weight: torch.Tensor, N: int, before: int, gated: bool, norm: bool) -> torch.Tensor:
+    """_gemv_kernel over the rows xs (of x; ds the residual's, hs where h goes) -> x's shape with N outputs."""
+    (M, K), device = xs.shape, x.device
+    out = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype, device=device)
     if M:
-        bm, bn, bk, warps = blocks(M, K, N, x.device, x.dtype)
+        bm, bn, bk, warps = blocks(M, K, N, device, x.dtype)
+        bn = max(1, bn // 2) if gated and bm < 16 else bn  # (two tiles a step: the gate's and the up's)
         _gemv_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
-            xs, xs, xs, xs, weight, out.view(-1, N), M, K, N, 0.0, 1.0, xs.stride(0), xs.stride(0), xs.stride(0),
-            weight.stride(0), weight.stride(1), N, N, BEFORE=PLAIN, GATED=False, UPCAST=x.device.type != "cuda",
-            WHOLE=bk >= K, NORM=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=3)
+            xs, ds, norm_weight, hs, weight, out.view(-1, N), M, K, N, eps, 1.0 / K, xs.stride(0), ds.stride(0),
+            hs.stride(0), weight.stride(0), weight.stride(1), N, N, BEFORE=before, GATED=gated,
+            UPCAST=device.type != "cuda", WHOLE=bk >= K, NORM=norm, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps, num_stages=3)
     return out
 
 
