@@ -692,7 +692,7 @@ def measure_guided(model: BltModel, prompt: bytes, args, result: dict) -> None:
     replayed = run_engine(engine, *few, sampled=ways["guided"])[1]
     eager = run_engine(make_engine(model, graphs=False), *few, sampled=ways["guided"])[1]
     result["guided"] = {"streams": n, **figures, "states": guide.num_states, "graphs_equal_eager": eager == replayed,
-                        "within_guide": all(guide.state_after(b) >= 0 for b in outputs["guided"])}
+                        "within_guide": all(guide.state_after(b) is not None for b in outputs["guided"])}
 
 
 def top1_agreement(model: BltModel, prompt: bytes, generated: bytes) -> float:

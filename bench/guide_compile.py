@@ -5,8 +5,9 @@
 Each guide is built `--repeats` times (the fastest is reported); blt-serve builds one off the event loop
 on a request's first use and keeps the last 8. A guide's bias rows take 1 KB per state on the device.
 The schemas are what pydantic writes for common fields (its output, kept here as JSON: this needs only
-torch). The grammars are GBNF: JSON (llama.cpp's json.gbnf, recursion unrolled), vLLM's SQL example, and
-arithmetic; and JSON in Lark's syntax (vLLM's docs). The last line printed is JSON.
+torch). The grammars are GBNF: JSON (llama.cpp's json.gbnf, its recursion followed with a stack: a
+PushdownGuide, whose bias rows are per distinct set of allowed bytes met), vLLM's SQL example, and arithmetic;
+and JSON in Lark's syntax (vLLM's docs). The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from blt_runtime.guide import ByteGuide  # noqa: E402
-from blt_runtime.json_guide import JSON_VALUE, schema_regex  # noqa: E402
+from blt_runtime.json_guide import schema_guide  # noqa: E402
 
 # pydantic's model_json_schema() of a model with str (max_length 10), datetime, date, UUID, HttpUrl, int
 # (1..500), float (> 0), tuple[int, bool], Decimal and SecretStr (max_length 8) fields
@@ -42,16 +43,18 @@ EVENT = {"properties": {
 GUIDES = {
     "regex .{0,600}": ".{0,600}",
     "regex words": r"(\w+\s?){1,50}",
-    "json any value (json_object)": JSON_VALUE,
-    "json pydantic model, 10 fields": schema_regex(EVENT),
-    "json the same, whitespace [ \\n]* (pretty-printed)": schema_regex(EVENT, "[ \n]*"),
-    "json HttpUrl": schema_regex(EVENT["properties"]["url"]),
-    "json date-time": schema_regex(EVENT["properties"]["when"]),
-    "json number > 0": schema_regex(EVENT["properties"]["price"]),
+}
+SCHEMAS = {  # (schema, whitespace pattern)
+    "json any value (json_object)": ({}, None),
+    "json pydantic model, 10 fields": (EVENT, None),
+    "json the same, whitespace [ \\n]* (pretty-printed)": (EVENT, "[ \n]*"),
+    "json HttpUrl": (EVENT["properties"]["url"], None),
+    "json date-time": (EVENT["properties"]["when"], None),
+    "json number > 0": (EVENT["properties"]["price"], None),
 }
 
-# GBNF (ByteGuide.grammar): JSON as llama.cpp's grammars/json.gbnf writes it (value and object in each other:
-# unrolled), a SQL query as vLLM's example, arithmetic with brackets
+# GBNF (ByteGuide.grammar): JSON as llama.cpp's grammars/json.gbnf writes it (value and object in each other: a
+# PushdownGuide), a SQL query as vLLM's example, arithmetic with brackets (a PushdownGuide)
 JSON_GBNF = r"""
 root   ::= object
 value  ::= object | array | string | number | ("true" | "false" | "null") ws
@@ -99,6 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     builds = [(name, ByteGuide.regex, pattern) for name, pattern in GUIDES.items()]
+    builds += [(name, lambda pair: schema_guide(*pair), pair) for name, pair in SCHEMAS.items()]
     builds += [(name, ByteGuide.grammar, text) for name, text in GRAMMARS.items()]
     for name, build, source in builds:
         times = []
@@ -106,8 +110,9 @@ def main() -> None:
             start = time.perf_counter()
             guide = build(source)
             times.append(time.perf_counter() - start)
-        results[name] = {"states": guide.num_states, "seconds": round(min(times), 3)}
-        print(f"{name}: {guide.num_states:,} states in {min(times):.3f} s", flush=True)
+        kind = type(guide).__name__
+        results[name] = {"states": guide.num_states, "seconds": round(min(times), 3), "kind": kind}
+        print(f"{name}: {kind}, {guide.num_states:,} states in {min(times):.3f} s", flush=True)
     print(json.dumps({"guides": results}))
 
 

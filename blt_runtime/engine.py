@@ -90,7 +90,7 @@ class StepOutput:
     # `logprobs` (SamplingParams.prompt_logprobs): on the request's first output
     error: str | None = None  # with finish_reason "error": what stopped it (the caches ran out of memory, the
     # logits were not finite)
-    error_code: str | None = None  # the same in a word: "out_of_memory" or "not_finite"
+    error_code: str | None = None  # the same in a word: "out_of_memory", "not_finite" or "guide"
 
 
 ONE_BYTE = [bytes([b]) for b in range(256)]

@@ -9,33 +9,24 @@ Owns GBNF's syntax and the expansion of either's rules:
   `[^...]`, and `.` (any character). Escapes in both: `\\n` `\\r` `\\t` `\\\\` `\\"` `\\[` `\\]` `\\-` `\\xHH`
   `\\uHHHH` `\\UHHHHHHHH`.
 - Sequences, `|`, groups `( )`, and the quantifiers `*` `+` `?` `{m}` `{m,}` `{m,n}`.
-A guide is an automaton with finitely many states. A rule that refers to itself only at the end of what it
-derives (`list ::= item ("," list)?`), or only at the start (`expr ::= expr "+" term | term`), is the
-repetition it stands for, exactly. Any other recursion, direct or through other rules (nested brackets), is
-unrolled: a rule is expanded at most `DEPTH` times inside itself, and an alternative that would need more is
-left out. What the guide allows is then always text the grammar derives; text nested deeper than that is
-not generated. Errors (syntax, a rule defined
-twice, a rule never defined, no root, nothing left to derive) are GuideErrors that say where.
+A rule that refers to itself only at the end of what it derives (`list ::= item ("," list)?`), or only at the
+start (`expr ::= expr "+" term | term`), is the repetition it stands for, exactly; rules are then copied where
+they are named, so that a grammar without other recursion is one automaton (ByteGuide). Any other recursion,
+direct or through other rules (nested brackets), is followed with a stack, at any depth (pushdown.py: its
+rules that name themselves stay rules). Errors (syntax, a rule defined twice, a rule never defined, no
+root, nothing to derive, left recursion through other rules) are GuideErrors that say where.
 """
 
 from __future__ import annotations
 
 from .errors import GuideError
-from .regex_syntax import ANY, MAX_CHAR, Alt, Cat, Chars, Repeat, _complement, _normalised
+from .regex_syntax import ANY, MAX_CHAR, Alt, Cat, Chars, Ref, Repeat, _complement, _normalised
 
-DEPTH = 3  # a rule inside itself at most this many times (as JSON values nest in json_guide.ANY_DEPTH)
 ESCAPES = {"n": 0x0A, "r": 0x0D, "t": 0x09, "\\": 0x5C, '"': 0x22, "[": 0x5B, "]": 0x5D, "-": 0x2D}
 HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 MAX_REPEAT = 1000  # a {m,n} bound beyond this is refused (each repetition is a copy in the automaton)
 MAX_NODES = 200_000  # parts of the expanded tree (its automaton would pass guide.MAX_NFA_STATES long before)
-
-
-class Ref:
-    """A reference to a rule, by name (resolved when the rules are expanded)."""
-
-    def __init__(self, name: str, at: int):
-        self.name, self.at = name, at
 
 
 class _Parser:
@@ -227,9 +218,11 @@ def where(text: str, i: int) -> str:
     return f"line {text.count(chr(10), 0, i) + 1}, column {i - (text.rfind(chr(10), 0, i) + 1) + 1}"
 
 
-def grammar_tree(text: str, depth: int = DEPTH):
-    """The tree of what a GBNF grammar's `root` derives, or a Lark grammar's `start` (lark_grammar.py), its
-    recursion unrolled `depth` times (the module's docstring); a GuideError for a grammar that cannot guide."""
+def grammar_rules(text: str) -> tuple[dict, str, str]:
+    """(rules, the whole text's rule, a label for errors) of a GBNF grammar (its `root`) or a Lark grammar (its
+    `start`, lark_grammar.py), each rule's tree with a Ref where it names a rule, and a rule that names itself
+    only at its end or only at its start as the repetition it stands for; a GuideError for one that cannot
+    guide."""
     from .lark_grammar import is_lark, lark_rules
 
     if not isinstance(text, str):
@@ -246,11 +239,47 @@ def grammar_tree(text: str, depth: int = DEPTH):
         for ref in _refs(node):
             if ref.name not in rules:
                 raise GuideError(f"{label}: no rule named {ref.name!r} ({where(text, ref.at)})")
-    rules = {name: _linear(name, node) for name, node in rules.items()}
-    tree = _expand(rules, rules[root], {root: 1}, depth, [MAX_NODES], label)
-    if tree is None:
-        raise GuideError(f"{label}: {root.strip()!r} derives nothing within {depth} levels of its rules' recursion")
-    return tree
+    return {name: _linear(name, node) for name, node in rules.items()}, root, label
+
+
+def recursive_rules(rules: dict, root: str) -> set[str]:
+    """The rules reachable from `root` that name themselves, directly or through others (a guide follows them
+    with a stack, pushdown.py; the others are copied where they are named)."""
+    names = {name: {ref.name for ref in _refs(node)} for name, node in rules.items()}
+    reachable, stack = {root}, [root]
+    while stack:
+        for name in names[stack.pop()] - reachable:
+            reachable.add(name)
+            stack.append(name)
+    out = set()
+    for name in reachable:
+        seen, stack = set(), [name]
+        while stack and name not in seen:
+            for other in names[stack.pop()] - seen:
+                seen.add(other)
+                stack.append(other)
+        if name in seen:
+            out.add(name)
+    return out
+
+
+def inline(rules: dict, node, keep: set[str], label: str, left: list[int] | None = None):
+    """`node` with each name of a rule not in `keep` replaced by that rule's tree (rules not in `keep` must not
+    name themselves: recursive_rules). A GuideError past MAX_NODES parts."""
+    left = [MAX_NODES] if left is None else left
+    left[0] -= 1
+    if left[0] < 0:
+        raise GuideError(f"{label}: too large (its rules expand to more than {MAX_NODES:,} parts: rules that use "
+                         "others several times, many levels deep?)")
+    if isinstance(node, Ref):
+        return node if node.name in keep else inline(rules, rules[node.name], keep, label, left)
+    if isinstance(node, Cat):
+        return Cat([inline(rules, part, keep, label, left) for part in node.parts])
+    if isinstance(node, Alt):
+        return Alt([inline(rules, option, keep, label, left) for option in node.options])
+    if isinstance(node, Repeat):
+        return Repeat(inline(rules, node.node, keep, label, left), node.least, node.most)
+    return node
 
 
 class _NotLinear(Exception):
@@ -311,38 +340,3 @@ def _refs(node):
             yield from _refs(part)
     elif isinstance(node, Repeat):
         yield from _refs(node.node)
-
-
-def _expand(rules: dict, node, inside: dict[str, int], depth: int, left: list[int], label: str):
-    """`node` with its references replaced by their rules' trees, each rule at most `depth` times inside
-    itself; None where nothing is left (every alternative needs a deeper expansion). `left[0]`: the nodes
-    it may still make (rules that use the next twice, 25 deep, would make millions: a GuideError at once)."""
-    left[0] -= 1
-    if left[0] < 0:
-        raise GuideError(f"{label}: too large (its rules expand to more than {MAX_NODES:,} parts: rules that use "
-                         "others several times, many levels deep?)")
-    if isinstance(node, Chars):
-        return node
-    if isinstance(node, Ref):
-        if inside.get(node.name, 0) >= depth:
-            return None
-        inside[node.name] = inside.get(node.name, 0) + 1
-        try:
-            return _expand(rules, rules[node.name], inside, depth, left, label)
-        finally:
-            inside[node.name] -= 1
-    if isinstance(node, Cat):
-        parts = []
-        for part in node.parts:
-            expanded = _expand(rules, part, inside, depth, left, label)
-            if expanded is None:
-                return None
-            parts.append(expanded)
-        return Cat(parts)
-    if isinstance(node, Alt):
-        options = [o for o in (_expand(rules, o, inside, depth, left, label) for o in node.options) if o is not None]
-        return None if not options else options[0] if len(options) == 1 else Alt(options)
-    expanded = _expand(rules, node.node, inside, depth, left, label)  # Repeat
-    if expanded is None:  # none of it can be derived: only its empty repetition, if any
-        return Cat([]) if node.least == 0 else None
-    return Repeat(expanded, node.least, node.most)

@@ -1,9 +1,10 @@
 """Guided generation: a completion held to a regular expression, or to one of a list of choices, byte by byte.
 
 Owns `ByteGuide`: a deterministic automaton over bytes (a DFA), compiled from a regular expression in
-Python's syntax (`ByteGuide.regex`), from choices (`ByteGuide.choice`) or from a grammar, GBNF or Lark's, whose
-recursion is unrolled (`ByteGuide.grammar`, grammar.py), or made of a set of bytes
-(`of_bytes`) or of words that must not occur (`avoiding`); two guides intersect (`intersect`), and
+Python's syntax (`ByteGuide.regex`), from choices (`ByteGuide.choice`) or from a grammar, GBNF or Lark's,
+without recursion but repetition (`ByteGuide.grammar`, grammar.py; one with is a PushdownGuide, pushdown.py,
+which answers the engine as a ByteGuide does: `start`, `step`, `allowed_bytes`, `accepts`, `mask`), or made
+of a set of bytes (`of_bytes`) or of words that must not occur (`avoiding`); two guides intersect (`intersect`), and
 each is the smallest automaton of its texts (`_minimal`). Since a byte-level model chooses bytes, the
 automaton constrains each choice exactly: at every step the model may only take the bytes that keep
 the text a prefix of some match, and may end (EOS) only where the text so far is a whole match. Where
@@ -30,7 +31,7 @@ from __future__ import annotations
 import time
 
 from .errors import GuideError
-from .regex_syntax import Alt, Cat, Chars, Repeat, parse
+from .regex_syntax import Alt, Cat, Chars, Ref, Repeat, parse
 
 __all__ = ["ByteGuide", "GuideError", "utf8_sequences"]
 
@@ -82,6 +83,7 @@ class _Nfa:
     def __init__(self):
         self.edges: list[list[tuple[int, int, int]]] = []
         self.empty: list[list[int]] = []
+        self.calls: dict[int, list[tuple[str, int]]] = {}  # state -> (rule, state after it): a grammar's rules
 
     def state(self) -> int:
         if len(self.edges) >= MAX_NFA_STATES:
@@ -139,6 +141,10 @@ class _Nfa:
                 exit_ = x
             self.empty[exit_].append(end)
             return entry, end
+        if isinstance(node, Ref):  # a rule's text here (pushdown.py): an edge that names it
+            entry, exit_ = self.state(), self.state()
+            self.calls.setdefault(entry, []).append((node.name, exit_))
+            return entry, exit_
         raise AssertionError(node)
 
     def epsilon(self) -> tuple[int, int]:
@@ -153,6 +159,47 @@ class _Nfa:
                     seen.add(t)
                     stack.append(t)
         return frozenset(seen)
+
+
+def determinised(nfa: _Nfa, entry: int, exit_: int, source: str, deadline: float | None = None
+                  ) -> tuple[list[list[int]], list[dict[str, int]], list[bool]]:
+    """The subset construction from `entry`: (next[s][b], the state after byte b or -1; calls[s][rule], the
+    state after the rule's text (a grammar's rules, pushdown.py); accepting[s], whether `exit_` is reached),
+    state 0 the start. A GuideError past MAX_STATES states or past `deadline` (MAX_SECONDS from now)."""
+    deadline = time.monotonic() + MAX_SECONDS if deadline is None else deadline
+    start = nfa.closure([entry])
+    index = {start: 0}
+    sets: list[frozenset[int]] = [start]
+    next_: list[list[int]] = []
+    calls: list[dict[str, int]] = []
+
+    def number(target: frozenset[int]) -> int:
+        if target not in index:
+            if len(sets) >= MAX_STATES:
+                raise GuideError(f"the {source} needs more than {MAX_STATES} automaton states")
+            index[target] = len(sets)
+            sets.append(target)
+        return index[target]
+
+    while len(next_) < len(sets):
+        if len(next_) % 64 == 0 and time.monotonic() > deadline:
+            raise GuideError(f"the {source} is too complex: its automaton took more than {MAX_SECONDS:.0f} s "
+                             "to build")
+        current = sets[len(next_)]
+        edges = [e for s in current for e in nfa.edges[s]]
+        cuts = sorted({lo for lo, _, _ in edges} | {hi + 1 for _, hi, _ in edges})
+        row = [-1] * 256
+        for lo, hi in zip(cuts, cuts[1:]):
+            targets = [t for a, b, t in edges if a <= lo and hi - 1 <= b]
+            if targets:
+                row[lo:hi] = [number(nfa.closure(targets))] * (hi - lo)
+        next_.append(row)
+        named: dict[str, list[int]] = {}
+        for s in current:
+            for rule, after in nfa.calls.get(s, ()):
+                named.setdefault(rule, []).append(after)
+        calls.append({rule: number(nfa.closure(after)) for rule, after in named.items()})
+    return next_, calls, [exit_ in s for s in sets]
 
 
 MOST_ROUNDS = 24  # of refinement; an automaton whose classes still split after them is kept as it is
@@ -233,18 +280,38 @@ class ByteGuide:
         """Nothing may follow: the completion is a whole match and is over."""
         return self.accepting[state] and not self.allowed[state]
 
-    def state_after(self, data: bytes) -> int:
-        """The state the bytes lead to from the start, or -1 where they are no prefix of a match."""
+    def state_after(self, data: bytes) -> int | None:
+        """The state the bytes lead to from the start, or None where they are no prefix of a match."""
         state = 0
         for b in data:
             state = self.next[state][b]
             if state < 0:
-                return -1
+                return None
         return state
 
     def matches(self, data: bytes) -> bool:
         state = self.state_after(data)
-        return state >= 0 and self.accepting[state]
+        return state is not None and self.accepting[state]
+
+    # ------------------------------------------------------------------ what the engine asks of a guide
+    # (a PushdownGuide, pushdown.py, answers the same)
+    start = 0
+
+    def step(self, state: int, byte: int) -> int | None:
+        """The state after `byte`, or None where it cannot follow."""
+        after = self.next[state][byte]
+        return None if after < 0 else after
+
+    def allowed_bytes(self, state: int) -> list[int]:
+        return self.allowed[state]
+
+    def accepts(self, state: int) -> bool:
+        """The text so far is a whole match."""
+        return self.accepting[state]
+
+    def mask(self, state: int) -> int:
+        """The row of `bias_rows` with this state's biases: its own."""
+        return state
 
     def bias_rows(self, vocab: int, offset: int, eos_id: int, device):
         """(states, vocab) fp32 logit biases, built once per device: 0 where a byte (id offset + byte) may
@@ -273,12 +340,20 @@ class ByteGuide:
             raise GuideError(f"regex {pattern[:60]!r}: groups nested too deeply") from None
 
     @classmethod
-    def grammar(cls, text: str) -> ByteGuide:
-        """A grammar's texts: GBNF's `root` or Lark's `start` (grammar.py; vLLM's guided_grammar)."""
-        from .grammar import grammar_tree
+    def grammar(cls, text: str):
+        """A grammar's texts: GBNF's `root` or Lark's `start` (grammar.py; vLLM's guided_grammar). One automaton
+        where no rule refers to itself but as repetition; else a PushdownGuide (pushdown.py) of its rules."""
+        from .grammar import grammar_rules, inline, recursive_rules
 
         try:
-            return cls._compile(grammar_tree(text), "grammar")
+            rules, root, label = grammar_rules(text)
+            nested = recursive_rules(rules, root)
+            if not nested:
+                return cls._compile(inline(rules, rules[root], set(), label), label)
+            from .pushdown import PushdownGuide
+
+            return PushdownGuide({name: inline(rules, rules[name], nested, label) for name in nested | {root}},
+                                 root, label)
         except RecursionError:
             raise GuideError("grammar: rules nested too deeply") from None
 
@@ -291,33 +366,10 @@ class ByteGuide:
 
     @classmethod
     def _compile(cls, tree, source: str) -> ByteGuide:
-        deadline = time.monotonic() + MAX_SECONDS
         nfa = _Nfa()
         entry, exit_ = nfa.build(tree)
-        start = nfa.closure([entry])
-        index = {start: 0}
-        sets, next_ = [start], []
-        while len(next_) < len(sets):
-            if len(next_) % 64 == 0 and time.monotonic() > deadline:
-                raise GuideError(f"the {source} is too complex: its automaton took more than {MAX_SECONDS:.0f} s "
-                                 "to build")
-            current = sets[len(next_)]
-            edges = [e for s in current for e in nfa.edges[s]]
-            cuts = sorted({lo for lo, _, _ in edges} | {hi + 1 for _, hi, _ in edges})
-            row = [-1] * 256
-            for lo, hi in zip(cuts, cuts[1:]):
-                targets = [t for a, b, t in edges if a <= lo and hi - 1 <= b]
-                if not targets:
-                    continue
-                target = nfa.closure(targets)
-                if target not in index:
-                    if len(sets) >= MAX_STATES:
-                        raise GuideError(f"the {source} needs more than {MAX_STATES} automaton states")
-                    index[target] = len(sets)
-                    sets.append(target)
-                row[lo:hi] = [index[target]] * (hi - lo)
-            next_.append(row)
-        return cls._live(next_, [exit_ in s for s in sets], source)
+        next_, _, accepting = determinised(nfa, entry, exit_, source)
+        return cls._live(next_, accepting, source)
 
     @classmethod
     def _live(cls, next_: list[list[int]], accepting: list[bool], source: str) -> ByteGuide:
@@ -385,8 +437,11 @@ class ByteGuide:
         rows = [[-1 if banned[t] else t for t in row] for row in next_]
         return cls._live(rows, [not b for b in banned], f"{len(words)} bad words")
 
-    def intersect(self, other: ByteGuide) -> ByteGuide:
-        """The texts both guides allow (a product automaton over the pairs of states reachable together)."""
+    def intersect(self, other):
+        """The texts both guides allow (a product automaton over the pairs of states reachable together; with a
+        PushdownGuide, its own intersect)."""
+        if not isinstance(other, ByteGuide):
+            return other.intersect(self)
         index, pairs, next_ = {(0, 0): 0}, [(0, 0)], []
         source = f"{self.source} and {other.source}"
         while len(next_) < len(pairs):

@@ -1,8 +1,11 @@
 """JSON Schemas as regular expressions, for guided generation (guide.py): a completion held to one is JSON
 that the schema validates.
 
-Owns `schema_regex` (a schema -> a pattern ByteGuide.regex compiles) and `JSON_VALUE` (any JSON value,
-objects and arrays nested up to ANY_DEPTH deep: `response_format` "json_object").
+Owns `schema_guide` (a schema -> the guide of its texts) and `schema_regex` (a schema without recursion -> a
+pattern ByteGuide.regex compiles). Any JSON value (`response_format` "json_object", `{}`, an object with no
+properties) nests at any depth, as do recursive schemas: they are rules that name themselves, `(?&value)`
+and `(?&refN)` in their patterns, and their guide a PushdownGuide (pushdown.py); a schema without either is
+one pattern, one automaton (ByteGuide).
 
 The text is compact JSON, with at most one space after a ":" or a ","; or, with a whitespace pattern
 (vLLM's whitespace_pattern), what it matches there and inside brackets, so that "[ \\n]*" takes
@@ -13,9 +16,9 @@ tuple's elements; draft 7's list of `items` with `additionalItems` too) and `ite
 `maxItems`, `minLength` and `maxLength` of strings, `anyOf` and `oneOf` (as a choice among the schemas:
 oneOf's "exactly one" is not checked; a schema among them that cannot be expressed is left out, where
 another can), `allOf` of one schema, `$ref` to `#/$defs`, `#/definitions` or `#` (a recursive one, a tree of
-nodes, is followed at most REF_DEPTH times inside itself: deeper, the schema matches nothing, so that an
-optional property, an array's items or an anyOf's option that would need it is not generated; every text
-is still one the schema validates), and annotations (`title`, `description`, `default`, ...). Strings
+nodes, at any depth; one that cannot end, a required property that needs itself, matches no text and is
+refused, and an optional property or an anyOf's option that would need such a schema is left out), and
+annotations (`title`, `description`, `default`, ...). Strings
 take `format` and `pattern` (json_strings.py); integers and numbers `minimum`, `maximum` and their
 exclusive forms (number_range.py; a number's bounds whole numbers). An object with no `properties`
 has any keys, their values any JSON or what its `additionalProperties` says (a dict of one type).
@@ -26,14 +29,14 @@ than left unchecked.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
 
-from .guide import GuideError
+from .guide import ByteGuide, GuideError
 from .json_strings import ANNOTATION_FORMATS, STRING_CHAR, format_content, pattern_content
 from .number_range import integer_range, number_range
+from .pushdown import Guide, PushdownGuide
 from .regex_syntax import Alt, Cat, Chars, parse
 
 WS = "[ ]?"
@@ -43,10 +46,8 @@ INTEGER = r"-?(?:0|[1-9][0-9]{0,17})"
 # pydantic refuses, among others)
 NUMBER = INTEGER + r"(?:\.[0-9]{1,17})?(?:[eE][+-]?[0-9]{1,2})?"
 SCALARS = {"string": STRING, "integer": INTEGER, "number": NUMBER, "boolean": "(?:true|false)", "null": "null"}
-ANY_DEPTH = 3  # objects and arrays inside "any JSON value", nested this deep at most (1,100 states)
 MAX_DEPTH = 24  # schemas nested (or $ref followed) deeper are refused
-REF_DEPTH = 3  # a $ref followed inside itself at most this many times (recursive schemas: a tree this deep)
-NOTHING = r"[^\s\S]"  # a pattern that matches no text (a recursive $ref past REF_DEPTH)
+ANY_VALUE = "(?&value)"  # any JSON value: the rule `value` (value_rule)
 MAX_PATTERN = 1_000_000  # characters of pattern: a schema whose $refs fan out (each definition using the next
 # twice) would double it at every level; ByteGuide would refuse it anyway, after much longer
 JSON_SPACE = {0x09, 0x0A, 0x0D, 0x20}  # the characters JSON allows between its tokens
@@ -80,18 +81,13 @@ def layout(whitespace: str | None = None) -> tuple[str, str]:
     return f"(?:{whitespace})", f"(?:{whitespace})"
 
 
-@functools.lru_cache(maxsize=8)
-def json_value(sep: str = WS, pad: str = "", depth: int = ANY_DEPTH) -> str:
-    """Any JSON value, objects and arrays nested `depth` deep at most, laid out by `sep` and `pad` (layout)."""
+def value_rule(sep: str = WS, pad: str = "") -> str:
+    """The pattern of the rule `value`, any JSON value laid out by `sep` and `pad` (layout): objects and arrays
+    of values, `(?&value)`, at any depth."""
     options = list(SCALARS.values())
-    if depth > 0:
-        inner = json_value(sep, pad, depth - 1)
-        options.append(rf"\[{pad}(?:{inner}(?:,{sep}{inner})*{pad})?\]")
-        options.append(rf"\{{{pad}(?:{STRING}:{sep}{inner}(?:,{sep}{STRING}:{sep}{inner})*{pad})?\}}")
+    options.append(rf"\[{pad}(?:{ANY_VALUE}(?:,{sep}{ANY_VALUE})*{pad})?\]")
+    options.append(rf"\{{{pad}(?:{STRING}:{sep}{ANY_VALUE}(?:,{sep}{STRING}:{sep}{ANY_VALUE})*{pad})?\}}")
     return "(?:" + "|".join(options) + ")"
-
-
-JSON_VALUE = json_value()
 
 
 def _literal(value) -> str:
@@ -102,9 +98,27 @@ class _Builder:
     def __init__(self, root, whitespace: str | None = None):
         self.root = root
         self.sep, self.pad = layout(whitespace)
-        self.any_value = json_value(self.sep, self.pad)
-        # $ref -> how many times the schema being built is inside it (the root, inside itself, once)
-        self.following: dict[str, int] = {"#": 1}
+        self.any_value = False  # whether the rule `value` is named
+        # the $refs whose schema is being built (the root's, "#", always): named inside themselves, their rules
+        self.following: set[str] = {"#"}
+        self.names: dict[str, str] = {}  # $ref -> the name of its rule, where one is named inside itself
+
+    def value(self) -> str:
+        self.any_value = True
+        return ANY_VALUE
+
+    def rules(self, root: str) -> dict[str, str]:
+        """Every rule named in `root` (the whole schema's pattern) or in another rule: "root" itself, `value`,
+        and each recursive $ref's, built with the $ref and the root being followed (so named inside)."""
+        rules, built = {"root": root}, set()
+        while pending := [ref for ref in self.names if ref not in built]:
+            for ref in pending:
+                built.add(ref)
+                self.following = {"#", ref}
+                rules[self.names[ref]] = root if ref == "#" else self.regex(self.resolve(ref), 1)
+        if self.any_value:
+            rules["value"] = value_rule(self.sep, self.pad)
+        return rules
 
     def fail(self, why: str):
         raise GuideError(f"JSON schema: {why}")
@@ -130,7 +144,7 @@ class _Builder:
 
     def _regex(self, schema, depth: int) -> str:
         if schema is True or schema == {}:
-            return self.any_value
+            return self.value()
         if schema is False:
             self.fail("false matches nothing")
         if not isinstance(schema, dict):
@@ -144,13 +158,13 @@ class _Builder:
                 self.fail(f"$ref beside {', '.join(sorted(rest))} not supported")
             ref = schema["$ref"]
             target = self.resolve(ref)
-            if self.following.get(ref, 0) >= REF_DEPTH:  # recursion unrolled this deep: nothing deeper
-                return NOTHING
-            self.following[ref] = self.following.get(ref, 0) + 1
+            if ref in self.following:  # inside itself: its rule, named
+                return f"(?&{self.names.setdefault(ref, f'ref{len(self.names)}')})"
+            self.following.add(ref)
             try:
                 return self.regex(target, depth + 1)
             finally:
-                self.following[ref] -= 1
+                self.following.discard(ref)
         if "const" in schema:
             return _literal(schema["const"])
         if "enum" in schema:
@@ -168,7 +182,7 @@ class _Builder:
         if types is None:
             types = ["object"] if "properties" in schema else ["array"] if "items" in schema else None
             if types is None:
-                return self.any_value
+                return self.value()
         types = [types] if isinstance(types, str) else list(types)
         return "(?:" + "|".join(self.typed(t, schema, depth) for t in types) + ")"
 
@@ -191,7 +205,7 @@ class _Builder:
             if not properties:  # any keys: their values any JSON, or what additionalProperties says
                 if extra is False:
                     return rf"\{{{self.pad}\}}"
-                value = self.any_value if extra is True else self.regex(extra, depth + 1)
+                value = self.value() if extra is True else self.regex(extra, depth + 1)
                 sep, pad = self.sep, self.pad
                 return rf"\{{{pad}(?:{STRING}:{sep}{value}(?:,{sep}{STRING}:{sep}{value})*{pad})?\}}"
             if extra not in (True, False):
@@ -315,12 +329,37 @@ def _members(items: list[tuple[str, bool]], sep: str) -> str:
     return first
 
 
-def schema_regex(schema, whitespace: str | None = None) -> str:
-    """A regular expression (guide.py's syntax) whose matches are the JSON texts `schema` validates, compact or
-    laid out with `whitespace` (layout; module docstring); a GuideError names what it cannot express."""
+def schema_rules(schema, whitespace: str | None = None) -> dict[str, str]:
+    """The patterns (guide.py's syntax, `(?&name)` for a rule) of the rules whose "root" matches the JSON texts
+    `schema` validates, compact or laid out with `whitespace` (layout; module docstring); "root" alone for a
+    schema without recursion or any JSON value. A GuideError names what it cannot express."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise GuideError(f"JSON schema: not valid JSON ({e})") from None
-    return _Builder(schema, whitespace).regex(schema)
+    builder = _Builder(schema, whitespace)
+    return builder.rules(builder.regex(schema))
+
+
+def schema_regex(schema, whitespace: str | None = None) -> str:
+    """A regular expression whose matches are the JSON texts `schema` validates (schema_rules); a GuideError for
+    a schema with recursion or any JSON value inside, which no regular expression holds (schema_guide)."""
+    rules = schema_rules(schema, whitespace)
+    if len(rules) > 1:
+        raise GuideError("JSON schema: its texts nest without a bound (any JSON value, or a recursive $ref): it has "
+                         "no regular expression")
+    return rules["root"]
+
+
+def schema_guide(schema, whitespace: str | None = None) -> Guide:
+    """The guide of the JSON texts `schema` (a dict, or its JSON text) validates (schema_rules): one automaton,
+    or a PushdownGuide of its rules."""
+    rules = schema_rules(schema, whitespace)
+    if len(rules) == 1:
+        return ByteGuide.regex(rules["root"])
+    try:
+        trees = {name: parse(pattern, refs=True) for name, pattern in rules.items()}
+        return PushdownGuide(trees, "root", "JSON schema")
+    except RecursionError:
+        raise GuideError("JSON schema: nested too deeply") from None

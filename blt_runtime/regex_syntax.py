@@ -22,6 +22,7 @@ NOT_NEWLINE = [(0, 0x09), (0x0B, MAX_CHAR)]
 ANY = [(0, MAX_CHAR)]
 FLAGS = re.compile(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]+))?([:)])")  # (?flags), (?flags:, (?flags-flags:
 SUPPORTED_FLAGS = "ias"
+REF = re.compile(r"\(\?&([A-Za-z0-9_-]+)\)")  # a rule, in the patterns of a grammar's rules
 SIMPLE_ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B, "a": 0x07, "0": 0x00}
 
 
@@ -80,9 +81,21 @@ class Repeat:
     most: int | None
 
 
+class Ref:
+    """A reference to a rule of a grammar, by name (pushdown.py): GBNF's and Lark's rule names, and `(?&name)` in
+    the patterns of rules (json_guide.py's recursive schemas). `at`: where in the text, for an error."""
+
+    def __init__(self, name: str, at: int = 0):
+        self.name, self.at = name, at
+
+    def __repr__(self) -> str:
+        return f"Ref({self.name!r})"
+
+
 class Parser:
-    def __init__(self, pattern: str):
+    def __init__(self, pattern: str, refs: bool = False):
         self.p, self.i = pattern, 0
+        self.refs = refs  # `(?&name)` is a Ref (the patterns of a grammar's rules), else refused
         self.flags = ""  # those in effect: "i" and "s" matter
 
     def set_flags(self, on: str, off: str) -> None:
@@ -204,6 +217,9 @@ class Parser:
                 self.i = scoped.end()
             elif scoped:
                 self.fail("flags for the whole pattern go at its start ((?i)...); for a group, (?i:...)")
+            elif self.refs and (call := REF.match(self.p, self.i - 1)):
+                self.i = call.end()
+                return Ref(call.group(1), call.start())
             elif self.peek() == "?":
                 self.fail("look-around and other (?...) groups are not supported")
             node = self.alternation()
@@ -294,9 +310,10 @@ def _escaped(pattern: str, at: int) -> bool:
     return n % 2 == 1
 
 
-def parse(pattern: str):
-    """The tree of a pattern (Chars, Cat, Alt, Repeat); a GuideError for what is not supported."""
-    return Parser(pattern).parse()
+def parse(pattern: str, refs: bool = False):
+    """The tree of a pattern (Chars, Cat, Alt, Repeat; with `refs`, Ref for `(?&name)`); a GuideError for what
+    is not supported."""
+    return Parser(pattern, refs).parse()
 
 
 def parse_search(pattern: str) -> tuple[object, bool, bool]:

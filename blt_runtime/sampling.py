@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .device import host_tensor
-from .guide import ByteGuide
+from .pushdown import Guide
 from .tokenizer import NEVER_SAMPLED, OFFSET
 
 MASK_32 = 0xFFFFFFFF
@@ -40,7 +40,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # score the prompt's bytes too, with top-N alternatives each
     ignore_eos: bool = False
     logit_bias: tuple[tuple[int, float], ...] = ()  # (byte 0..255, added to its logit): from a dict or pairs
-    guide: ByteGuide | None = None  # the completion must match it (guided generation, guide.py)
+    guide: Guide | None = None  # the completion must match it (guided generation, guide.py)
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -70,7 +70,7 @@ class SamplingParams:
             ("logit_bias", all(0 <= b <= 255 and -100.0 <= v <= 100.0 for b, v in self.logit_bias),
              "keys must be bytes 0..255 and values in [-100, 100]"),
             ("logit_bias", len({b for b, _ in self.logit_bias}) == len(self.logit_bias), "a byte is given twice"),
-            ("guide", self.guide is None or not self.guide.ends(0), "it allows only the empty text"),
+            ("guide", self.guide is None or not self.guide.ends(self.guide.start), "it allows only the empty text"),
         ]
         for name, ok, why in checks:
             if not ok:

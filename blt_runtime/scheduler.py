@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .errors import BltError
+from .errors import BltError, GuideError
 from .sampling import SamplingParams
 from .tokenizer import EOS_ID, OFFSET
 
@@ -80,8 +80,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: bytes | None = None
     error: str | None = None  # with finish_reason "error": why the engine stopped it
-    error_code: str | None = None  # and in a word: "out_of_memory" or "not_finite"
-    guide_state: int = 0  # with params.guide: the automaton's state after the bytes generated so far
+    error_code: str | None = None  # and in a word: "out_of_memory", "not_finite" or "guide"
+    guide_state: object = None  # with params.guide: its state after the bytes generated so far (from its start)
     preemptions: int = 0  # how often it gave its slot up to a more urgent request (Engine)
     pending: int = 0  # the last bytes of `generated` that its guide forced (`force`): prefilled as a chunk, not
     # sampled one step each, and reported before the byte sampled after them
@@ -91,6 +91,8 @@ class Sequence:
     # logprobs asked for: the logprobs of their outputs
 
     def __post_init__(self):
+        if self.params.guide is not None and self.guide_state is None:
+            self.guide_state = self.params.guide.start
         self.prompt_len = len(self.ids)
         self.prefill_len = self.prompt_len  # positions its prefill runs through: the prompt, or after a
         # preemption everything it holds (`restart`)
@@ -120,14 +122,14 @@ class Sequence:
             return len(self.ids) - self.pending - 1
         return None
 
-    def eos_allowed(self, position: int, guide_state: int | None = None) -> bool:
+    def eos_allowed(self, position: int, guide_state=None) -> bool:
         """May the byte chosen for `position` (an index into ids) be EOS: not with ignore_eos, nor before
         min_bytes bytes were generated, nor with a guide before the bytes so far (that reach `guide_state`, by
         default its own) are a whole match."""
         p = self.params
         state = self.guide_state if guide_state is None else guide_state
         return (not p.ignore_eos and position - self.prompt_len >= p.min_bytes
-                and (p.guide is None or p.guide.accepting[state]))
+                and (p.guide is None or p.guide.accepts(state)))
 
     def force(self, least: int, most: int, max_len: int) -> int:
         """Guided jump-forward: where its guide allows a single byte next, and no EOS, that byte is what sampling
@@ -137,17 +139,20 @@ class Sequence:
         Only bytes that do not end it: the one that would (the guide's end, a stop string, the byte limit or
         the context) is sampled as usual. -> how many were appended (`pending` until reported)."""
         p, guide = self.params, self.params.guide
-        if len(guide.allowed[self.guide_state]) != 1:  # (asked after every byte of a guided sequence)
+        if len(guide.allowed_bytes(self.guide_state)) != 1:  # (asked after every byte of a guided sequence)
             return 0
         state, chain = self.guide_state, bytearray()
         room = min(most, p.max_bytes - len(self.generated) - 1, max_len - len(self.ids) - 1)
         longest = max(map(len, p.stop), default=0)
         tail = self.generated[max(len(self.generated) - longest, 0):]  # with the chain: what a stop may end with
         while len(chain) < room:
-            allowed = guide.allowed[state]
+            allowed = guide.allowed_bytes(state)
             if len(allowed) != 1 or self.eos_allowed(len(self.ids) + len(chain), state):
                 break
-            after = guide.next[state][allowed[0]]
+            try:
+                after = guide.step(state, allowed[0])
+            except GuideError:  # (a PushdownGuide's: too ambiguous here) sampled, where it ends the sequence
+                break
             if guide.ends(after):
                 break
             tail.append(allowed[0])
@@ -188,7 +193,15 @@ class Sequence:
             self.finish_reason = "stop"
             return
         byte = byte_id - OFFSET
-        if byte < 0 or (p.guide is not None and p.guide.next[self.guide_state][byte] < 0):
+        after = None
+        if byte >= 0 and p.guide is not None:
+            try:
+                after = p.guide.step(self.guide_state, byte)
+            except GuideError as e:  # a PushdownGuide's text so far parsed too many ways
+                self.finish_reason, self.error_code = "error", "guide"
+                self.error = f"the guide cannot go on after {len(self.generated)} bytes: {e}"
+                return
+        if byte < 0 or (p.guide is not None and after is None):
             self._unsampleable(byte_id, "a special id" if byte < 0 else f"byte {byte}, which its guide forbids there")
             return
         self.ids.append(byte_id)
@@ -197,7 +210,7 @@ class Sequence:
         self.utf8_missing = self.utf8_missing - 1 if continues_char else utf8_continuations(byte)
         n = len(self.generated)
         if p.guide is not None:
-            self.guide_state = p.guide.next[self.guide_state][byte]
+            self.guide_state = after
             if p.guide.ends(self.guide_state):  # a whole match, and nothing may follow it
                 self.finish_reason = "stop"
                 return

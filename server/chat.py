@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from blt_runtime import SamplingParams
-from blt_runtime.guide import ByteGuide
+from blt_runtime.pushdown import Guide
 
 from .chat_template import ChatTemplateError, Conversation
 from .choices import ChatChoiceState
@@ -146,7 +146,7 @@ async def create_chat_completion(req: ChatCompletionRequest, request: Request, s
                                         calls=job.calls, echo=echo), request)
 
 
-async def chat_guide(completion: CompletionRequest, calls: ToolCalling | None) -> ByteGuide | None:
+async def chat_guide(completion: CompletionRequest, calls: ToolCalling | None) -> Guide | None:
     """The request's own guide, or its tool calls' (never both; "auto" has none)."""
     if calls is None or calls.schema is None:
         return await request_guide(completion)

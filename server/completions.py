@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from blt_runtime import PromptTooLong, QueueFull, SamplingParams
-from blt_runtime.guide import ByteGuide
+from blt_runtime.pushdown import Guide
 
 from .choices import ChoiceState
 from .errors import ApiError, error_body, prompt_too_long, queue_full, utf8
@@ -55,7 +55,7 @@ def asked_max_bytes(req: CompletionRequest) -> bool:
     return req.max_tokens is not None and "max_tokens" in req.model_fields_set
 
 
-def sampling_params(req: CompletionRequest, index: int, room: int | None = None, guide: ByteGuide | None = None,
+def sampling_params(req: CompletionRequest, index: int, room: int | None = None, guide: Guide | None = None,
                     defaults: Mapping[str, float | int] = NO_DEFAULTS) -> SamplingParams:
     """The runtime's parameters of choice `index`. max_tokens left out (or null) is 256, or the `room` the
     context leaves after the prompt and BOS where that is less (vLLM gives the whole rest). `guide`: the

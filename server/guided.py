@@ -1,4 +1,4 @@
-"""Guided generation's request fields -> the runtime's ByteGuide (blt_runtime/guide.py).
+"""Guided generation's request fields -> the runtime's guide (blt_runtime/guide.py, pushdown.py).
 
 Owns which fields ask for a guide: vLLM's `guided_regex`, `guided_choice`, `guided_json` and `guided_grammar`
 (GBNF or Lark's syntax, blt_runtime/grammar.py), its newer `structured_outputs` (`regex`, `choice`, `json`, `grammar`,
@@ -19,7 +19,8 @@ import functools
 import json
 
 from blt_runtime.guide import ByteGuide, GuideError
-from blt_runtime.json_guide import layout, schema_regex
+from blt_runtime.json_guide import layout, schema_guide
+from blt_runtime.pushdown import Guide
 
 from .errors import ApiError, utf8
 from .schemas import CompletionRequest
@@ -76,12 +77,12 @@ NO_LIMITS: Limits = (None, None)
 
 @functools.lru_cache(maxsize=8)  # each guide keeps its bias rows on the device while it is cached
 def compiled(kind: str | None, source: str | tuple[str, ...] | None, whitespace: str | None = None,
-             limits: Limits = NO_LIMITS) -> ByteGuide:
+             limits: Limits = NO_LIMITS) -> Guide:
     """A guide of `kind` ("json", "regex", "choice", "grammar"; None: none), within the bytes and without the
     words of `limits`."""
     guide = None
     if kind == "json":
-        guide = ByteGuide.regex(schema_regex(source, whitespace))
+        guide = schema_guide(source, whitespace)
     elif kind == "grammar":
         guide = ByteGuide.grammar(source)
     elif kind is not None:
@@ -110,7 +111,7 @@ def asked_whitespace(req: CompletionRequest) -> tuple[str, str | None]:
     return "guided_whitespace_pattern", req.guided_whitespace_pattern
 
 
-async def request_guide(req: CompletionRequest) -> ByteGuide | None:
+async def request_guide(req: CompletionRequest) -> Guide | None:
     """The request's guide, compiled (in a thread), or None; a 400 naming the field for one that cannot
     guide (GuideError's reason)."""
     asked = asked_guide(req)
@@ -132,7 +133,7 @@ async def request_guide(req: CompletionRequest) -> ByteGuide | None:
 
 
 async def compile_guide(field: str, kind: str | None, source: str | tuple[str, ...] | None,
-                        whitespace: tuple[str, str | None] = ("", None), limits: Limits = NO_LIMITS) -> ByteGuide:
+                        whitespace: tuple[str, str | None] = ("", None), limits: Limits = NO_LIMITS) -> Guide:
     """A guide compiled (in a thread; the last ones kept), `field` named in a 400 for one that cannot guide;
     `whitespace`: (field, pattern) of what a JSON guide allows between its tokens (asked_whitespace);
     `limits`: the request's allowed bytes and bad words (asked_limits), which hold the completion too."""
@@ -146,6 +147,6 @@ async def compile_guide(field: str, kind: str | None, source: str | tuple[str, .
         guide = await asyncio.to_thread(compiled, kind, source, whitespace, limits)
     except GuideError as e:
         raise ApiError(400, f"{field}: {e}", field, "invalid_value") from None
-    if guide.ends(0):
+    if guide.ends(guide.start):
         raise ApiError(400, f"{field}: it allows only the empty text", field, "invalid_value")
     return guide

@@ -88,8 +88,8 @@ class SamplingFields(BaseModel):
                                                "JSON Schema: blt_runtime/json_guide.py; vLLM's)")
     guided_grammar: str | None = Field(None, description="the completion must be text this grammar derives: GBNF "
                                                          "(llama.cpp's format, its root) or Lark's (its start), as "
-                                                         "vLLM takes them; recursion but at a rule's end or start "
-                                                         "unrolled 3 levels deep: blt_runtime/grammar.py)")
+                                                         "vLLM takes them; recursion at any depth: "
+                                                         "blt_runtime/grammar.py, pushdown.py)")
     guided_whitespace_pattern: str | None = Field(
         None, description="what a JSON guide allows after ':' and ',' and inside brackets, a pattern of JSON's "
                           "whitespace (vLLM's; '[ \\n]*' takes pretty-printed JSON); default: compact JSON")

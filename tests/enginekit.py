@@ -70,18 +70,24 @@ def replay_full_recompute(model, prompt: bytes, params: SamplingParams, seed: in
     seen = torch.zeros(1, 260, dtype=torch.bool)
     seen[0, ids[1:first]] = True
     bias = torch.tensor([bias_row(params, 260)])
-    guide, state = params.guide, 0  # with a guide, its row of biases for the state reached (guide.py)
+    guide = params.guide  # with a guide, a row of biases for the state reached: its allowed bytes, EOS if it accepts
+    state = None if guide is None else guide.start
     for t in range(first, len(ids) + ended_by_eos):
         want = ids[t] if t < len(ids) else EOS_ID
-        allow = not params.ignore_eos and t - first >= params.min_bytes and (guide is None or guide.accepting[state])
+        allow = not params.ignore_eos and t - first >= params.min_bytes and (guide is None or guide.accepts(state))
         batch = SamplingBatch.build([params], [seed], "cpu", [allow])
-        row = bias if guide is None else bias + guide.bias_rows(260, OFFSET, EOS_ID, "cpu")[state]
+        row = bias
+        if guide is not None:
+            row = torch.full((1, 260), float("-inf"))
+            row[0, [OFFSET + b for b in guide.allowed_bytes(state)]] = 0.0
+            row[0, EOS_ID] = 0.0 if guide.accepts(state) else float("-inf")
+            row = bias + row
         chosen = int(sample(logits[t - 1:t], batch, torch.tensor([t]), counts, seen, EOS_ID, row)[0])
         assert chosen == want, f"byte {t - first} differs"
         counts[0, chosen] += 1
         seen[0, chosen] = True
         if guide is not None and chosen != EOS_ID:
-            state = guide.next[state][chosen - OFFSET]
+            state = guide.step(state, chosen - OFFSET)
     if engine_logprobs is not None:
         want = torch.log_softmax(logits, -1)[first - 1:-1].gather(1, torch.tensor(ids[first:])[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor([lp[0] for lp in engine_logprobs]), want, atol=1e-4, rtol=0)

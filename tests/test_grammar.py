@@ -1,5 +1,5 @@
 """GBNF grammars (blt_runtime/grammar.py, ByteGuide.grammar): each construct guides as the regular expression it
-stands for does (Python's re decides, on random texts); a recursive grammar is unrolled, and every text its
+stands for does (Python's re decides, on random texts); a recursive grammar nests at any depth, and every text its
 guide lets a random walk write is one the grammar derives (JSON: json.loads decides); what is not a grammar
 is a GuideError that says where."""
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blt_runtime.grammar import DEPTH, grammar_tree
 from blt_runtime.guide import ByteGuide, GuideError
+from blt_runtime.pushdown import PushdownGuide
 
 # grammar -> the regular expression it stands for
 CASES = [
@@ -72,19 +72,48 @@ space ::= [ \\t\\n]*
 """
 
 
-def test_recursion_is_unrolled_depth_levels_deep():
+def test_recursion_nests_at_any_depth():
     guide = ByteGuide.grammar(ARITHMETIC)
-    nested = [b"1", b"(1)", b"((1+2)*3)", b"(((1)))"]
-    # root -> expr (1) -> term -> expr (2) ...: with DEPTH 3, two levels of brackets
-    assert [guide.matches(t) for t in nested] == [True, True, True, False]
-    deeper = ByteGuide._compile(grammar_tree(ARITHMETIC, depth=5), "deeper")
-    assert all(deeper.matches(t) for t in nested) and DEPTH == 3
-    # a rule inside itself in the middle is unrolled too, even where it is at the end elsewhere
+    assert isinstance(guide, PushdownGuide)  # brackets in brackets: followed with a stack
+    nested = [b"1", b"(1)", b"((1+2)*3)", b"(((1)))", b"(" * 300 + b"1" + b")" * 300]
+    assert all(guide.matches(t) for t in nested)
+    assert not any(guide.matches(t) for t in (b"(1", b"1)", b"((1)", b"(" * 300 + b"1" + b")" * 299, b"()"))
+    # a rule inside itself in the middle, even where it is at the end elsewhere
     middle = ByteGuide.grammar('root ::= "b" root | "c" | "d" root "e"')
-    assert [middle.matches(t) for t in (b"bc", b"ddcee", b"dddceee", b"bbbc")] == [True, True, False, False]
-    # at the end or the start only: any length
+    assert [middle.matches(t) for t in (b"bc", b"ddcee", b"dddceee", b"bbbc", b"dbdcee", b"ddce")] == \
+        [True, True, True, True, True, False]
+    # at the end or the start only: the repetition it stands for, one automaton
     for grammar in ('root ::= list\nlist ::= list "," "x" | "x"', 'root ::= "x" ("," root)?'):
-        assert ByteGuide.grammar(grammar).matches(b",".join([b"x"] * 50))
+        guide = ByteGuide.grammar(grammar)
+        assert isinstance(guide, ByteGuide) and guide.matches(b",".join([b"x"] * 50))
+
+
+def test_recursion_the_stack_cannot_follow_is_refused():
+    with pytest.raises(GuideError, match="'a' can come first in itself"):
+        ByteGuide.grammar('root ::= a\na ::= b "x" | "y"\nb ::= a "z"')
+    with pytest.raises(GuideError, match="matches no text"):  # every alternative needs itself again
+        ByteGuide.grammar('root ::= "(" root ")"')
+    # a rule that derives nothing is left out where another alternative derives something
+    guide = ByteGuide.grammar('root ::= "(" root ")" | "x" | never\nnever ::= "[" never "]"')
+    assert guide.matches(b"((x))") and guide.allowed_bytes(guide.start) == [ord("("), ord("x")]
+
+
+def test_a_pushdown_guide_within_allowed_bytes_and_its_bias_rows():
+    import torch
+
+    guide = ByteGuide.grammar(ARITHMETIC)
+    within = guide.intersect(ByteGuide.of_bytes(set(b"(1)+")))  # no spaces, no other digits
+    assert within.matches(b"((1)+1)") and not within.matches(b"(2)") and not within.matches(b"( 1)")
+    assert within.allowed_bytes(within.state_after(b"((1")) == sorted(b")+1")
+    with pytest.raises(GuideError, match="cannot hold it"):  # a stack and bad words could meet a dead end
+        guide.intersect(ByteGuide.avoiding([b"(("]))
+    states = [guide.state_after(t) for t in (b"", b"(", b"(1", b"(1)", b"((1 ")]
+    rows = [guide.mask(s) for s in states]
+    table = guide.bias_rows(260, 4, 2, "cpu")  # rows for the masks met, grown as more are
+    assert table.shape == (len(set(rows)), 260)
+    for state, row in zip(states, rows):
+        allowed = {i - 4 for i in torch.nonzero(table[row] == 0).flatten().tolist() if i != 2}
+        assert allowed == set(guide.allowed_bytes(state)) and (table[row, 2] == 0) == guide.accepts(state)
 
 
 JSON_GBNF = r'''
@@ -110,23 +139,24 @@ ws ::= | " " | "\n" [ \t]{0,20}
 '''
 
 
-def random_walk(guide: ByteGuide, rng: random.Random, most: int = 400) -> bytes | None:
+def random_walk(guide, rng: random.Random, most: int = 400) -> bytes | None:
     """A text the guide allows, byte by byte at random, ending where it may (None: not ended in `most`)."""
-    state, out = 0, bytearray()
+    state, out = guide.start, bytearray()
     while len(out) < most:
-        allowed = guide.allowed[state]
-        if guide.accepting[state] and (not allowed or rng.random() < 0.15):
+        allowed = guide.allowed_bytes(state)
+        if guide.accepts(state) and (not allowed or rng.random() < 0.15):
             return bytes(out)
         byte = rng.choice(list(allowed))
         out.append(byte)
-        state = guide.next[state][byte]
+        state = guide.step(state, byte)
     return None
 
 
 def test_every_text_the_json_grammar_guides_to_is_json():
     guide, rng = ByteGuide.grammar(JSON_GBNF), random.Random(0)
     assert guide.matches(b'{"a": [1, {"b": null}], "c": "\\u00e9"}')
-    assert not guide.matches(b'{"a": [[[1]]]}')  # nested deeper than the unrolling
+    assert guide.matches(b'{"a": [[[[[[1]]]]]]}') and guide.matches(b'{"a": ' * 40 + b"1" + b"}" * 40)
+    assert not guide.matches(b'{"a": [[[1]]}')
     texts = [t for t in (random_walk(guide, rng) for _ in range(300)) if t is not None]
     assert len(texts) > 100
     for text in texts:
@@ -142,7 +172,7 @@ GBNF_ERRORS = [
     ('root ::= "\\q"', "unknown escape \\q"),
     ('root ::= ("a"', "')' expected"),
     ('root ::= "a")', "unexpected ')'"),
-    ("root ::= root \"a\"", "derives nothing within 3 levels"),
+    ("root ::= root \"a\"", "matches no text"),
     ('root ::= "a"{3,2}', "the most is less than the least"),
     ('root ::= "a"{2000}', "a repetition bound above 1000"),
     ('root ::= "\\xZZ"', "\\x takes 2 hex digits"),
@@ -220,7 +250,8 @@ def test_the_lark_examples_of_vllms_docs():
     guide = ByteGuide.grammar(sql)
     assert guide.matches(b"SELECT a,b_2 FROM t") and not guide.matches(b"SELECT a, b FROM t")
     guide = ByteGuide.grammar(LARK_JSON)
-    assert guide.matches(b' {"a" : [1, -2.5e3, "x\\"y"] }\n') and not guide.matches(b"[[[[1]]]]")
+    assert guide.matches(b' {"a" : [1, -2.5e3, "x\\"y"] }\n') and guide.matches(b"[[[[1]]]]")
+    assert not guide.matches(b"[[[[1]]]")
     guide, rng = ByteGuide.grammar(STRICT_JSON), random.Random(1)
     texts = [t for t in (random_walk(guide, rng) for _ in range(300)) if t is not None]
     assert len(texts) > 100
@@ -242,7 +273,7 @@ LARK_ERRORS = [
     ('%declare X\nstart: "a"', "the directives read are"),
     ('start: ("a"', "')' expected"),
     ('start: "ab".."c"', "a range joins two strings of one character each"),
-    ("start: start \"a\" start", "'start' derives nothing within 3 levels"),
+    ("start: start \"a\" start", "matches no text"),
 ]
 
 

@@ -6,9 +6,11 @@ import json
 import random
 
 import pytest
+from guidewalk import walk
 
 from blt_runtime.guide import ByteGuide, GuideError
-from blt_runtime.json_guide import JSON_VALUE, schema_regex
+from blt_runtime.json_guide import schema_guide, schema_regex
+from blt_runtime.pushdown import PushdownGuide
 
 jsonschema = pytest.importorskip("jsonschema", reason="the test extra installs jsonschema")
 
@@ -64,7 +66,7 @@ SCHEMAS = {
     # pydantic's Decimal: a number, or a string whose pattern looks ahead (refused, so left out of the anyOf)
     "decimal": {"anyOf": [{"type": "number"}, {"type": "string", "pattern": "^(?!^[-+.]*$)[+-]?0*\\d*\\.?\\d*$"}]},
     "secret": {"type": "string", "format": "password", "writeOnly": True},  # pydantic's SecretStr
-    # recursive: unrolled, REF_DEPTH levels (pydantic's Node with children: list[Node]; a binary tree; "#")
+    # recursive, at any depth (pydantic's Node with children: list[Node]; a binary tree; "#")
     "tree_of_nodes": {"$defs": {"Node": {"properties": {"name": {"maxLength": 4, "type": "string"}, "children": {
         "default": [], "items": {"$ref": "#/$defs/Node"}, "type": "array"}}, "required": ["name"],
         "type": "object"}}, "$ref": "#/$defs/Node"},
@@ -77,34 +79,10 @@ SCHEMAS = {
 FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
 
 
-def walk(guide: ByteGuide, rng: random.Random, stop: float = 0.3) -> bytes:
-    """A random text the guide allows, ending at a whole match (the shortest way there after 200 bytes)."""
-    back = [[] for _ in guide.next]  # the shortest way to a match: breadth first from the accepting states
-    for s, row in enumerate(guide.next):
-        for t in set(row) - {-1}:
-            back[t].append(s)
-    distance = [0 if a else None for a in guide.accepting]
-    queue = [s for s, a in enumerate(guide.accepting) if a]
-    for s in queue:
-        for p in back[s]:
-            if distance[p] is None:
-                distance[p] = distance[s] + 1
-                queue.append(p)
-    state, out = 0, bytearray()
-    while not (guide.accepting[state] and (not guide.allowed[state] or len(out) > 200 or rng.random() < stop)):
-        choices = guide.allowed[state]
-        if len(out) > 200:
-            choices = [b for b in choices if distance[guide.next[state][b]] < distance[state]]
-        b = rng.choice(choices)
-        out.append(b)
-        state = guide.next[state][b]
-    return bytes(out)
-
-
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_every_text_a_schema_guide_allows_is_json_it_validates(name):
     schema = SCHEMAS[name]
-    guide = ByteGuide.regex(schema_regex(schema))
+    guide = schema_guide(schema)
     rng = random.Random(name)
     for _ in range(40):
         text = walk(guide, rng, stop=0.05)
@@ -112,7 +90,7 @@ def test_every_text_a_schema_guide_allows_is_json_it_validates(name):
 
 
 def test_the_texts_a_schema_should_take_it_takes():
-    guide = ByteGuide.regex(schema_regex(PERSON))
+    guide = schema_guide(PERSON)
     for value in ({"name": "Ann", "age": 3}, {"name": "Bob", "age": -12, "tags": ["é", "a"], "admin": False},
                   {"name": "C", "age": 0, "email": None, "score": 1.5e-3}):
         for separators in ((",", ":"), (", ", ": ")):
@@ -122,7 +100,7 @@ def test_the_texts_a_schema_should_take_it_takes():
                 '{"name": "A", "age": 3, "extra": 1}', '{"name": "A", "age": 03}',
                 '{"name": "A", "age": 3, "tags": []}'):
         assert not guide.matches(bad.encode()), bad
-    strings = ByteGuide.regex(schema_regex(SCHEMAS["formats"]))
+    strings = schema_guide(SCHEMAS["formats"])
     good = {"day": "2024-02-28", "at": "23:59:59.5+01:00", "when": "1999-12-31T00:00:00Z",
             "id": "123e4567-e89b-12d3-A456-426614174000", "ip": "192.168.0.1", "mail": "a.b+c@mail.example.org",
             "site": "https://example.com/a?b=1"}
@@ -136,14 +114,14 @@ def test_the_texts_a_schema_should_take_it_takes():
                      ("mail", "no-at.example.com"), ("site", "ftp://x"), ("site", "https://a/" + "x" * 2074),
                      ("site", "https://a.1"), ("site", "https://a%20b")):
         assert not strings.matches(json.dumps({**good, key: bad}).encode()), (key, bad)
-    numbers = ByteGuide.regex(schema_regex(SCHEMAS["bounds"]))
+    numbers = schema_guide(SCHEMAS["bounds"])
     good = {"age": 120, "level": -3, "big": 100000, "temperature": -4.99, "ratio": 0, "positive": 0.001, "debt": -2}
     assert numbers.matches(json.dumps(good).encode())
     for key, bad in (("age", -1), ("age", 121), ("level", -4), ("level", 10), ("big", 99999), ("temperature", -5),
                      ("temperature", 40.5), ("ratio", 1), ("positive", 0), ("positive", "0.0"), ("debt", -1.5)):
         text = json.dumps({**good, key: bad}).replace('"0.0"', "0.0")
         assert not numbers.matches(text.encode()), (key, bad)
-    patterns = ByteGuide.regex(schema_regex(SCHEMAS["patterns"]))
+    patterns = schema_guide(SCHEMAS["patterns"])
     good = {"code": "ABC-123", "inside": 'a "quoted" xyzyz\n', "escaped": '"\\\t\n"é', "tail": "ab\u0000c"}
     assert patterns.matches(json.dumps(good, ensure_ascii=False).encode()), good
     # (a pattern's own characters are written as themselves, é and not \\u00e9; the text around a match as either)
@@ -151,11 +129,14 @@ def test_the_texts_a_schema_should_take_it_takes():
     assert patterns.matches(json.dumps({**good, "inside": "é xyz", "escaped": '"\t'}, ensure_ascii=True).encode())
     for key, bad in (("code", "AB-123"), ("code", "ABC-12345"), ("inside", "xy"), ("escaped", "a"), ("tail", "b")):
         assert not patterns.matches(json.dumps({**good, key: bad}).encode()), (key, bad)
-    draft4 = ByteGuide.regex(schema_regex({"type": "integer", "minimum": 5, "exclusiveMinimum": True}))
+    draft4 = schema_guide({"type": "integer", "minimum": 5, "exclusiveMinimum": True})
     assert draft4.matches(b"6") and not draft4.matches(b"5")
-    any_value = ByteGuide.regex(JSON_VALUE)
-    for text in ('{"a": [1, {"b": null}]}', '"x"', "[]", "-0.5e10", '{"k": "\\u00e9\\n"}'):
+    any_value = schema_guide({})  # response_format json_object
+    for text in ('{"a": [1, {"b": null}]}', '"x"', "[]", "-0.5e10", '{"k": "\\u00e9\\n"}', "[" * 500 + "]" * 500,
+                 '{"a": ' * 100 + "1" + "}" * 100):
         assert any_value.matches(text.encode()), text
+    for text in ("[" * 500 + "]" * 499, '{"a": 1,}', "[1 2]", '{"a" 1}'):
+        assert not any_value.matches(text.encode()), text
 
 
 @pytest.mark.parametrize("schema, words", [
@@ -182,32 +163,36 @@ def test_what_a_schema_guide_cannot_express_is_refused_by_name(schema, words):
         schema_regex(schema)
 
 
-def test_a_recursive_schema_is_unrolled_ref_depth_levels():
-    """A $ref inside itself is followed REF_DEPTH times: nodes nested that deep are taken, one more is not
-    generated (the schema matches nothing there), and the texts a walk writes validate (above)."""
-    from blt_runtime.json_guide import REF_DEPTH
-
+def test_a_recursive_schema_nests_at_any_depth():
+    """A $ref inside itself is a rule that names itself (a PushdownGuide): nodes nested any depth are taken, and
+    the texts a walk writes validate (above)."""
     def node(depth: int) -> dict:
         return {"name": "n"} if depth == 1 else {"name": "n", "children": [node(depth - 1)]}
 
-    guide = ByteGuide.regex(schema_regex(SCHEMAS["tree_of_nodes"]))
-    assert REF_DEPTH == 3
-    assert [guide.matches(json.dumps(node(d), separators=(",", ":")).encode()) for d in (1, 2, 3, 4)] == [
-        True, True, True, False]
+    guide = schema_guide(SCHEMAS["tree_of_nodes"])
+    assert isinstance(guide, PushdownGuide)
+    assert all(guide.matches(json.dumps(node(d), separators=(",", ":")).encode()) for d in (1, 2, 3, 4, 50))
     assert guide.matches(b'{"name":"n","children":[{"name":"m","children":[]},{"name":"o"}]}')
+    assert not guide.matches(b'{"name":"n","children":[{"name":"m","children":[{}]}]}')  # a node needs its name
     endless = {"$defs": {"n": {"type": "object", "properties": {"n": {"$ref": "#/$defs/n"}}, "required": ["n"]}},
                "$ref": "#/$defs/n"}  # no way out of the recursion
     with pytest.raises(GuideError, match="matches no text"):
-        ByteGuide.regex(schema_regex(endless))
-    lists = ByteGuide.regex(schema_regex(SCHEMAS["nested_lists"]))
-    assert [lists.matches(t) for t in (b"[1,[2,[]]]", b"[[[]]]", b"[[[[]]]]")] == [True, True, False]
+        schema_guide(endless)
+    # optional, it is left out: {} and nothing deeper
+    optional = {"$defs": {"n": {"type": "object", "properties": {"n": {"$ref": "#/$defs/n"}}}}, "$ref": "#/$defs/n"}
+    assert schema_guide(optional).matches(b'{"n":{"n":{"n":{}}}}')
+    lists = schema_guide(SCHEMAS["nested_lists"])
+    assert [lists.matches(t) for t in (b"[1,[2,[]]]", b"[[[]]]", b"[[[[[[[[]]]]]]]]", b"[1,2,3,4]")] == [
+        True, True, True, False]
+    with pytest.raises(GuideError, match="no regular expression"):
+        schema_regex(SCHEMAS["nested_lists"])
 
 
 def test_urls_a_uri_guide_allows_parse_as_pydantics_http_urls():
     """jsonschema has no uri check here: pydantic's URL parser (WHATWG's rules, as browsers) is the oracle."""
     pydantic = pytest.importorskip("pydantic", reason="the server's dependencies install pydantic")
     url = pydantic.TypeAdapter(pydantic.HttpUrl)
-    guide = ByteGuide.regex(schema_regex({"type": "string", "format": "uri", "maxLength": 2083}))
+    guide = schema_guide({"type": "string", "format": "uri", "maxLength": 2083})
     rng = random.Random(7)
     for _ in range(60):
         url.validate_python(json.loads(walk(guide, rng, stop=0.1)))
@@ -219,7 +204,7 @@ def test_schemas_that_would_take_long_to_refuse_are_refused_at_once():
     fan_out = {"$defs": {f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"},
                                                                      "b": {"$ref": f"#/$defs/d{i + 1}"}},
                                    "required": ["a", "b"]} for i in range(11)}, "$ref": "#/$defs/d0"}
-    fan_out["$defs"]["d11"] = {}  # any JSON value: 2**11 of them
+    fan_out["$defs"]["d11"] = {"enum": [f"{i:030d}" for i in range(40)]}  # 2**11 of them
     deep = {"type": "object", "properties": {"a": {}}}
     for _ in range(30):
         deep = {"type": "object", "properties": {"a": deep}}
@@ -233,19 +218,19 @@ def test_schemas_that_would_take_long_to_refuse_are_refused_at_once():
 def test_a_whitespace_pattern_takes_pretty_printed_json():
     """vLLM's whitespace_pattern: what it matches may follow ":" and "," and pad brackets; compact is default."""
     value = {"name": "Ann", "age": 3, "email": None, "tags": ["a", "é"]}  # in the schema's order
-    pretty = ByteGuide.regex(schema_regex(PERSON, "[ \\n]*"))
+    pretty = schema_guide(PERSON, "[ \\n]*")
     for text in (json.dumps(value, indent=2, ensure_ascii=False), json.dumps(value, ensure_ascii=False),
                  json.dumps(value, separators=(",", ":"), ensure_ascii=False), '{ "name":"A",\n"age":0 }'):
         assert pretty.matches(text.encode()), text
-    assert not ByteGuide.regex(schema_regex(PERSON)).matches(json.dumps(value, indent=2).encode())
+    assert not schema_guide(PERSON).matches(json.dumps(value, indent=2).encode())
     assert not pretty.matches(b'{"name": "A", "age": 0}\n')  # nothing after the value
     rng = random.Random(3)
     for schema in (PERSON, SCHEMAS["tuples"], True):
-        guide = ByteGuide.regex(schema_regex(schema, "[ \\t\\n]{0,4}"))
+        guide = schema_guide(schema, "[ \\t\\n]{0,4}")
         for _ in range(20):
             jsonschema.validate(json.loads(walk(guide, rng, stop=0.05).decode("utf-8")), schema,
                                 format_checker=FORMATS)
-    untyped = ByteGuide.regex(schema_regex({"description": "anything"}, "[ \\n]*"))  # no type: any value, laid out
+    untyped = schema_guide({"description": "anything"}, "[ \\n]*")  # no type: any value, laid out
     assert untyped.matches(json.dumps({"a": [1, 2]}, indent=1).encode())
     for bad in ("x*", ".", "[ \\u00a0]"):
         with pytest.raises(GuideError, match="only spaces, tabs, newlines and carriage returns"):

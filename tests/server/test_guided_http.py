@@ -41,7 +41,7 @@ def test_guided_completions_match_their_guide(url):
 
 
 def test_a_recursive_pydantic_model_guides_and_parses(url):
-    """A model with a list of itself (a recursive $ref, unrolled 3 levels): what comes back validates as it."""
+    """A model with a list of itself (a recursive $ref, a PushdownGuide): what comes back validates as it."""
     from pydantic import BaseModel, Field
 
     class Node(BaseModel):
@@ -49,7 +49,7 @@ def test_a_recursive_pydantic_model_guides_and_parses(url):
         children: list[Node] = Field(default_factory=list, max_length=2)
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-    for seed in range(3):  # 7 nodes at most, of 70 bytes at most (6 escaped characters): well within max_tokens
+    for seed in range(3):  # nodes nest at any depth: these seeds' trees end within max_tokens (finish_reason)
         out = client.completions.create(model="tiny", prompt="A tree: ", max_tokens=1000, seed=seed, temperature=0.9,
                                         extra_body={"guided_json": Node.model_json_schema()})
         assert out.choices[0].finish_reason == "stop"

@@ -1,0 +1,276 @@
+"""Guides whose texts nest without a bound: a grammar's rules that refer to themselves, followed with a stack.
+
+Owns `PushdownGuide`. A ByteGuide (guide.py) is one automaton, so a grammar's recursion had to be unrolled a
+few levels deep; here each rule is an automaton over bytes and the rules it names (guide.determinised), and a
+guide's state is the set of stacks of automaton states that the text so far can be parsed into (one for the
+grammars people write: more where a prefix is ambiguous, MAX_STACKS at most). A stack's last state is the
+innermost rule's; naming a rule pushes its start, and where a rule's text may end the stack pops back to the
+state after the name. A state's allowed bytes are those of its stacks' last states, and the text may end
+where some stack is empty. Every automaton state can still reach the end of its rule (states that cannot are
+removed, and so are names of rules that derive nothing), so every allowed byte keeps the text a prefix of a
+match: the guide is exact, as ByteGuide is. Refused, with a GuideError: a rule that can name itself before
+its first byte (left recursion through other rules; grammar.py rewrites a rule's direct left recursion as
+repetition first), a grammar that derives nothing.
+
+What the engine asks of a guide, as of a ByteGuide: `start`, `step(state, byte)` (None where the byte cannot
+follow), `allowed_bytes`, `accepts`, `ends`, and `mask(state)`, the row of `bias_rows` that holds the state's
+logit biases. States are frozensets of tuples, made as texts reach them; transitions are remembered (MEMO
+of them, then forgotten and found again), and rows of biases are made for the distinct masks met so far.
+Texts are nested MAX_DEPTH deep at most.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from .errors import GuideError
+from .guide import MAX_SECONDS, MAX_STATES, ByteGuide, _Nfa, determinised
+
+__all__ = ["Guide", "PushdownGuide"]
+
+MAX_STACKS = 256  # parses of one prefix at once (an ambiguous grammar); more is a GuideError at that byte
+MAX_DEPTH = 10_000  # rules inside rules; a deeper name is not followed
+MEMO = 200_000  # transitions remembered per guide; then the memo starts again
+_MISSING = object()
+
+
+class PushdownGuide:
+    """A grammar's texts, its rules followed with a stack (the module's docstring). `rules`: name -> tree
+    (regex_syntax's nodes, Ref for a rule's name); `root`: the whole text's rule; `allowed`: the only bytes
+    that may occur (vLLM's allowed_token_ids), or None."""
+
+    def __init__(self, rules: dict, root: str, source: str, allowed: frozenset[int] | None = None):
+        self.rules, self.root, self.source, self.allowed_only = rules, root, source, allowed
+        deadline = time.monotonic() + MAX_SECONDS
+        names = [root] + sorted(set(rules) - {root})
+        number = {name: i for i, name in enumerate(names)}
+        self.names = names
+        self.starts: list[int] = []  # each rule's start state (states numbered across the rules)
+        next_: list[list[int]] = []
+        calls: list[dict[int, int]] = []
+        accepting: list[bool] = []
+        for name in names:
+            nfa = _Nfa()
+            entry, exit_ = nfa.build(rules[name])
+            rows, named, accepts = determinised(nfa, entry, exit_, f"{source} (rule {name!r})", deadline)
+            base = len(next_)
+            if base + len(rows) > 4 * MAX_STATES:
+                raise GuideError(f"{source}: needs more than {4 * MAX_STATES} automaton states")
+            self.starts.append(base)
+            for row, call in zip(rows, named):
+                if allowed is not None:
+                    row = [t if b in allowed else -1 for b, t in enumerate(row)]
+                next_.append([t + base if t >= 0 else -1 for t in row])
+                for rule in call:
+                    if rule not in number:
+                        raise GuideError(f"{source}: no rule named {rule!r}")
+                calls.append({number[rule]: t + base for rule, t in call.items()})
+            accepting += accepts
+        self.next, self.calls, self.accepting = next_, calls, accepting
+        self._prune()
+        self._refuse_left_recursion()
+        self.bits = [sum(1 << b for b in set(range(256)) if row[b] >= 0) for row in self.next]
+        self._steps: dict = {}
+        self._info: dict = {}  # state -> (allowed bytes, mask)
+        self._masks: dict[tuple[int, bool], int] = {}
+        self._mask_list: list[tuple[int, bool]] = []
+        self._rows: dict = {}  # (vocab, offset, eos, device) -> [table, rows built]
+        self.start = self._closure([(self.starts[0],)])
+
+    @property
+    def num_states(self) -> int:
+        """Automaton states of all its rules (its bias rows are per distinct mask met, bias_rows)."""
+        return len(self.next)
+
+    def __repr__(self) -> str:
+        return f"PushdownGuide({self.source}, {len(self.names)} rules, {len(self.next)} states)"
+
+    # ------------------------------------------------------------------ construction
+    def _live(self, productive: set[int]) -> set[int]:
+        """The states that can reach their rule's end through bytes and the names of `productive` rules."""
+        back: dict[int, set[int]] = {}
+        for s, row in enumerate(self.next):
+            for t in set(row) - {-1}:
+                back.setdefault(t, set()).add(s)
+            for rule, t in self.calls[s].items():
+                if rule in productive:
+                    back.setdefault(t, set()).add(s)
+        live = {s for s, a in enumerate(self.accepting) if a}
+        stack = list(live)
+        while stack:
+            for s in back.get(stack.pop(), ()):
+                if s not in live:
+                    live.add(s)
+                    stack.append(s)
+        return live
+
+    def _prune(self) -> None:
+        """Remove the names of rules that derive nothing and the states that cannot reach their rule's end."""
+        productive: set[int] = set()
+        while True:
+            live = self._live(productive)
+            now = {r for r, start in enumerate(self.starts) if start in live}
+            if now == productive:
+                break
+            productive = now
+        if 0 not in productive:
+            raise GuideError(f"{self.source}: matches no text (every way through its rules needs one that derives "
+                             "nothing)")
+        self.next = [[t if t in live else -1 for t in row] if s in live else [-1] * 256
+                     for s, row in enumerate(self.next)]
+        self.calls = [{r: t for r, t in call.items() if r in productive and t in live} if s in live else {}
+                      for s, call in enumerate(self.calls)]
+
+    def _byte_free(self, start: int, nullable: set[int]) -> set[int]:
+        """States reached from `start` through names of `nullable` rules alone (no byte)."""
+        seen, stack = {start}, [start]
+        while stack:
+            for rule, t in self.calls[stack.pop()].items():
+                if rule in nullable and t not in seen:
+                    seen.add(t)
+                    stack.append(t)
+        return seen
+
+    def _refuse_left_recursion(self) -> None:
+        """A GuideError where a rule can name itself before any byte (following it would never end)."""
+        nullable: set[int] = set()
+        while True:
+            now = {r for r, start in enumerate(self.starts)
+                   if any(self.accepting[s] for s in self._byte_free(start, nullable))}
+            if now == nullable:
+                break
+            nullable = now
+        first = {r: {c for s in self._byte_free(start, nullable) for c in self.calls[s]}
+                 for r, start in enumerate(self.starts)}
+        for r in range(len(self.starts)):
+            seen, stack = set(), [r]
+            while stack:
+                for c in first[stack.pop()]:
+                    if c == r:
+                        raise GuideError(f"{self.source}: the rule {self.names[r]!r} can come first in itself "
+                                         "(left recursion through other rules), which is not supported")
+                    if c not in seen:
+                        seen.add(c)
+                        stack.append(c)
+
+    # ------------------------------------------------------------------ following a text
+    def _closure(self, stacks: Iterable[tuple[int, ...]]) -> frozenset:
+        """The stacks `stacks` stand for once every rule named at their tops is entered and every rule that may
+        end there has returned: those whose top can take a byte, and () where the text may end."""
+        seen, work, out = set(stacks), list(stacks), []
+        calls, accepting, bits, starts = self.calls, self.accepting, self.bits, self.starts
+        while work:
+            st = work.pop()
+            if not st:
+                out.append(st)
+                continue
+            top = st[-1]
+            if bits[top]:
+                out.append(st)
+            if calls[top] and len(st) < MAX_DEPTH:
+                base = st[:-1]
+                for rule, after in calls[top].items():
+                    new = base + (after, starts[rule])
+                    if new not in seen:
+                        seen.add(new)
+                        work.append(new)
+            if accepting[top] and st[:-1] not in seen:
+                seen.add(st[:-1])
+                work.append(st[:-1])
+        if len(out) > MAX_STACKS:
+            raise GuideError(f"{self.source}: ambiguous here, more than {MAX_STACKS} parses of the text so far")
+        return frozenset(out)
+
+    def step(self, state: frozenset, byte: int) -> frozenset | None:
+        """The state after `byte`, or None where it cannot follow."""
+        key = (state, byte)
+        found = self._steps.get(key, _MISSING)
+        if found is not _MISSING:
+            return found
+        moved = [st[:-1] + (self.next[st[-1]][byte],) for st in state if st and self.next[st[-1]][byte] >= 0]
+        after = self._closure(moved) if moved else None
+        if after is not None and not after:  # nesting past MAX_DEPTH only
+            after = None
+        if len(self._steps) >= MEMO:
+            self._steps.clear()
+        self._steps[key] = after
+        return after
+
+    def _facts(self, state: frozenset) -> tuple[list[int], int]:
+        found = self._info.get(state)
+        if found is None:
+            bits = 0
+            for st in state:
+                if st:
+                    bits |= self.bits[st[-1]]
+            key = (bits, () in state)
+            if key not in self._masks:
+                self._masks[key] = len(self._mask_list)
+                self._mask_list.append(key)
+            found = ([b for b in range(256) if bits >> b & 1], self._masks[key])
+            if len(self._info) >= MEMO:
+                self._info.clear()
+            self._info[state] = found
+        return found
+
+    def allowed_bytes(self, state: frozenset) -> list[int]:
+        return self._facts(state)[0]
+
+    def accepts(self, state: frozenset) -> bool:
+        """The text so far is a whole match."""
+        return () in state
+
+    def ends(self, state: frozenset) -> bool:
+        """Nothing may follow: the completion is a whole match and is over."""
+        return self.accepts(state) and not self.allowed_bytes(state)
+
+    def mask(self, state: frozenset) -> int:
+        """The row of `bias_rows` with this state's biases."""
+        return self._facts(state)[1]
+
+    def state_after(self, data: bytes) -> frozenset | None:
+        """The state the bytes lead to from the start, or None where they are no prefix of a match."""
+        state = self.start
+        for b in data:
+            state = self.step(state, b)
+            if state is None:
+                return None
+        return state
+
+    def matches(self, data: bytes) -> bool:
+        state = self.state_after(data)
+        return state is not None and self.accepts(state)
+
+    def bias_rows(self, vocab: int, offset: int, eos_id: int, device):
+        """(masks met so far, vocab) fp32 logit biases on a device, as ByteGuide.bias_rows; a new tensor where
+        masks were met since the last call (ask `mask` first)."""
+        import torch  # only the engine needs tensors
+
+        key = (vocab, offset, eos_id, str(device))
+        table, built = self._rows.get(key, (None, 0))
+        n = len(self._mask_list)
+        if table is None or built < n:
+            new = torch.full((n - built, vocab), float("-inf"))
+            for i, (bits, accepts) in enumerate(self._mask_list[built:n]):
+                new[i, [offset + b for b in range(256) if bits >> b & 1]] = 0.0
+                if accepts:
+                    new[i, eos_id] = 0.0
+            new = new.to(device)
+            table = new if table is None else torch.cat([table, new])
+            self._rows[key] = (table, n)
+        return table
+
+    def intersect(self, other) -> PushdownGuide:
+        """The texts both allow, where `other` is a set of bytes (ByteGuide.of_bytes); a GuideError for other
+        guides (bad words): their product with a stack could leave the text no way to go on."""
+        if isinstance(other, ByteGuide) and other.num_states == 1 and other.accepting[0]:
+            allowed = frozenset(other.allowed[0])
+            if self.allowed_only is not None:
+                allowed &= self.allowed_only
+            return PushdownGuide(self.rules, self.root, f"{self.source} and {other.source}", allowed)
+        raise GuideError(f"{self.source}: its rules nest, and {other.source} cannot hold it (allowed bytes can)")
+
+
+
+Guide = ByteGuide | PushdownGuide  # what guides a completion (SamplingParams.guide)
