@@ -20,6 +20,8 @@ from .device import host_tensor
 from .pushdown import Guide
 from .tokenizer import NEVER_SAMPLED, OFFSET
 
+MIN_REPETITION = 0.01  # the smallest repetition_penalty taken (SamplingParams)
+
 MASK_32 = 0xFFFFFFFF
 
 
@@ -62,7 +64,9 @@ class SamplingParams:
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
+            # (at least 0.01: a seen byte's logit is divided by it in fp32, where 5e-324 is 0 and a forbidden
+            # byte's -inf times it NaN)
+            ("repetition_penalty", MIN_REPETITION <= self.repetition_penalty <= 10.0, "must be in [0.01, 10]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
             ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              "must be in [0, 20]"),

@@ -16,11 +16,13 @@ import json
 import math
 from pathlib import Path
 
+from blt_runtime.sampling import MIN_REPETITION
+
 FILE = "generation_config.json"
 # its key -> (the request's field, the type it takes, the range the request's field allows)
 KEYS = {"temperature": ("temperature", float, 0.0, 100.0), "top_p": ("top_p", float, 1e-9, 1.0),
         "top_k": ("top_k", int, -1, 2**31), "min_p": ("min_p", float, 0.0, 1.0),
-        "repetition_penalty": ("repetition_penalty", float, 1e-9, 10.0),
+        "repetition_penalty": ("repetition_penalty", float, MIN_REPETITION, 10.0),
         "max_new_tokens": ("max_tokens", int, 0, 2**31)}
 
 

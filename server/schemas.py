@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from blt_runtime.sampling import MIN_REPETITION
+
 Byte = Annotated[int, Field(ge=0, le=255)]
 INT64 = 2**63
 
@@ -62,7 +64,7 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=64)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(1.0, ge=MIN_REPETITION, le=10.0)
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0, description="bytes to generate before EOS or a stop string may end the "
                                                  "completion (vLLM's min_tokens); at most max_tokens")

@@ -364,7 +364,8 @@ def test_logit_bias_is_checked():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_bytes=-1),
-                                 dict(repetition_penalty=0), dict(logprobs=21), dict(stop=[""])])
+                                 dict(repetition_penalty=0), dict(repetition_penalty=5e-324), dict(logprobs=21),
+                                 dict(stop=[""])])
 def test_bad_sampling_params(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):

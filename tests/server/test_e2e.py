@@ -200,7 +200,7 @@ def test_metrics_exist_and_move(server):
     assert usage["prompt_tokens"] == 14 + 28 and usage["prompt_tokens_details"] == {"cached_tokens": 14}
     # a refused request counts as invalid, whichever check refused it: the schema's, a parameter's, the context's
     refused = [{"prompt": "x", "temperature": -1}, {"prompt": "x", "best_of": 5}, {"prompt": "x" * 600},
-               {"prompt": "x", "logit_bias": {"300": 1}}]
+               {"prompt": "x", "logit_bias": {"300": 1}}, {"prompt": "x", "repetition_penalty": 5e-324}]
     for body in refused:
         assert httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH).status_code == 400
     invalid = [metric_value(text, "blt_requests_rejected_total", reason="invalid")
