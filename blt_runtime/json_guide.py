@@ -1,5 +1,4 @@
-"""JSON Schemas as regular expressions, for guided generation (guide.py): a completion held to one is JSON
-that the schema validates.
+"""JSON Schemas as guides (guide.py, pushdown.py): a completion held to one is JSON that the schema validates.
 
 Owns `schema_guide` (a schema -> the guide of its texts) and `schema_regex` (a schema without recursion -> a
 pattern ByteGuide.regex compiles). Any JSON value (`response_format` "json_object", `{}`, an object with no

@@ -15,8 +15,10 @@ repetition first), a grammar that derives nothing.
 What the engine asks of a guide, as of a ByteGuide: `start`, `step(state, byte)` (None where the byte cannot
 follow), `allowed_bytes`, `accepts`, `ends`, and `mask(state)`, the row of `bias_rows` that holds the state's
 logit biases. States are frozensets of tuples, made as texts reach them; transitions are remembered (MEMO
-of them, then forgotten and found again), and rows of biases are made for the distinct masks met so far.
-Texts are nested MAX_DEPTH deep at most.
+of them, then forgotten and found again; not those of states deeper than MEMO_FRAMES, which are rarely met
+twice), and rows of biases are made for the distinct masks met so far. Rules are followed MAX_DEPTH deep at
+most (JSON nested 1,000 deep): past that a rule's name is not entered, and a byte that would need it is not
+allowed (a text that then has no way on ends its request with an error).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from .guide import MAX_SECONDS, MAX_STATES, ByteGuide, _Nfa, determinised
 __all__ = ["Guide", "PushdownGuide"]
 
 MAX_STACKS = 256  # parses of one prefix at once (an ambiguous grammar); more is a GuideError at that byte
-MAX_DEPTH = 10_000  # rules inside rules; a deeper name is not followed
-MEMO = 200_000  # transitions remembered per guide; then the memo starts again
+MAX_DEPTH = 1_000  # rules inside rules; a deeper name is not followed
+MEMO = 100_000  # transitions remembered per guide (of states of MEMO_FRAMES frames at most); then it starts again
+UNROLLED = 3  # rules in themselves, where a guide with bad words stands for this one (intersect)
+MEMO_FRAMES = 64  # a deeper state is worked out again when met again (its key alone would hold its whole stack)
 _MISSING = object()
 
 
@@ -192,9 +196,10 @@ class PushdownGuide:
         after = self._closure(moved) if moved else None
         if after is not None and not after:  # nesting past MAX_DEPTH only
             after = None
-        if len(self._steps) >= MEMO:
-            self._steps.clear()
-        self._steps[key] = after
+        if sum(map(len, state)) <= MEMO_FRAMES:
+            if len(self._steps) >= MEMO:
+                self._steps.clear()
+            self._steps[key] = after
         return after
 
     def _facts(self, state: frozenset) -> tuple[list[int], int]:
@@ -204,14 +209,17 @@ class PushdownGuide:
             for st in state:
                 if st:
                     bits |= self.bits[st[-1]]
+            if max(map(len, state)) + len(self.starts) >= MAX_DEPTH:  # the next rules entered may be cut
+                bits = sum(1 << b for b in range(256) if bits >> b & 1 and self.step(state, b) is not None)
             key = (bits, () in state)
             if key not in self._masks:
                 self._masks[key] = len(self._mask_list)
                 self._mask_list.append(key)
             found = ([b for b in range(256) if bits >> b & 1], self._masks[key])
-            if len(self._info) >= MEMO:
-                self._info.clear()
-            self._info[state] = found
+            if sum(map(len, state)) <= MEMO_FRAMES:
+                if len(self._info) >= MEMO:
+                    self._info.clear()
+                self._info[state] = found
         return found
 
     def allowed_bytes(self, state: frozenset) -> list[int]:
@@ -261,15 +269,28 @@ class PushdownGuide:
             self._rows[key] = (table, n)
         return table
 
-    def intersect(self, other) -> PushdownGuide:
-        """The texts both allow, where `other` is a set of bytes (ByteGuide.of_bytes); a GuideError for other
-        guides (bad words): their product with a stack could leave the text no way to go on."""
+    def intersect(self, other):
+        """The texts both allow. Where `other` is a set of bytes (ByteGuide.of_bytes), a PushdownGuide of those
+        bytes alone; with another ByteGuide (bad words), whose product with a stack is not built, the texts of
+        this one nested UNROLLED deep at most (its rules copied into themselves that many times: one automaton),
+        intersected as ByteGuides are."""
         if isinstance(other, ByteGuide) and other.num_states == 1 and other.accepting[0]:
             allowed = frozenset(other.allowed[0])
             if self.allowed_only is not None:
                 allowed &= self.allowed_only
             return PushdownGuide(self.rules, self.root, f"{self.source} and {other.source}", allowed)
-        raise GuideError(f"{self.source}: its rules nest, and {other.source} cannot hold it (allowed bytes can)")
+        if not isinstance(other, ByteGuide):
+            raise GuideError(f"{self.source} and {other.source}: two guides whose rules nest do not intersect")
+        from .grammar import inline
+
+        tree = inline(self.rules, self.rules[self.root], set(), self.source, UNROLLED)
+        if tree is None:
+            raise GuideError(f"{self.source}: derives nothing within {UNROLLED} levels of its rules' recursion")
+        source = f"{self.source} ({UNROLLED} levels deep)"
+        unrolled = ByteGuide._compile(tree, source)
+        if self.allowed_only is not None:
+            unrolled = unrolled.intersect(ByteGuide.of_bytes(self.allowed_only))
+        return unrolled.intersect(other)
 
 
 

@@ -105,8 +105,11 @@ def test_a_pushdown_guide_within_allowed_bytes_and_its_bias_rows():
     within = guide.intersect(ByteGuide.of_bytes(set(b"(1)+")))  # no spaces, no other digits
     assert within.matches(b"((1)+1)") and not within.matches(b"(2)") and not within.matches(b"( 1)")
     assert within.allowed_bytes(within.state_after(b"((1")) == sorted(b")+1")
-    with pytest.raises(GuideError, match="cannot hold it"):  # a stack and bad words could meet a dead end
-        guide.intersect(ByteGuide.avoiding([b"(("]))
+    # with bad words: one automaton, its recursion unrolled 3 levels (a product with a stack is not built)
+    avoiding = within.intersect(ByteGuide.avoiding([b"1+1"]))
+    assert isinstance(avoiding, ByteGuide) and avoiding.matches(b"((1)+(1))") and not avoiding.matches(b"(1+1)")
+    # (root names expr, expr term, term expr: 3 copies of expr hold two levels of brackets)
+    assert avoiding.matches(b"((1))") and not avoiding.matches(b"(((1)))") and not avoiding.matches(b"( 1)")
     states = [guide.state_after(t) for t in (b"", b"(", b"(1", b"(1)", b"((1 ")]
     rows = [guide.mask(s) for s in states]
     table = guide.bias_rows(260, 4, 2, "cpu")  # rows for the masks met, grown as more are
@@ -295,3 +298,15 @@ def test_a_grammar_that_expands_too_far_is_refused_at_once():
     with pytest.raises(GuideError, match="grammar: too large"):
         ByteGuide.grammar(grammar)
     assert time.perf_counter() - start < 10
+
+
+def test_nesting_past_the_pushdown_depth_is_not_allowed(monkeypatch):
+    from blt_runtime import pushdown
+
+    monkeypatch.setattr(pushdown, "MAX_DEPTH", 12)
+    guide = ByteGuide.grammar('root ::= "(" root ")" | "x"')
+    state, depth = guide.start, 0
+    while ord("(") in guide.allowed_bytes(state) and depth < 20:
+        state, depth = guide.step(state, ord("(")), depth + 1
+    assert 5 < depth < 12 and guide.allowed_bytes(state) == [ord("x")]  # every allowed byte can be followed
+    assert guide.matches(b"(" * depth + b"x" + b")" * depth)

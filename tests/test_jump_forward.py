@@ -18,7 +18,7 @@ from factory import PARITY_TEXT
 from blt_runtime import load_model
 from blt_runtime.engine import Engine
 from blt_runtime.guide import ByteGuide
-from blt_runtime.json_guide import schema_regex
+from blt_runtime.json_guide import schema_guide, schema_regex
 from blt_runtime.sampling import SamplingParams
 from blt_runtime.scheduler import Sequence, Status
 from blt_runtime.tokenizer import OFFSET, encode
@@ -287,3 +287,27 @@ def test_random_guides_stops_and_limits(model, seed):
         for rid in reqs:
             assert_same_logprobs(scores[1][rid], scores[0][rid], rid)
             assert_same_logprobs(scores[2][rid], scores[0][rid], rid)
+
+
+def test_a_pushdown_guide_forces_what_its_stack_allows():
+    """Closing brackets are forced once nothing else may follow (a PushdownGuide: json_object)."""
+    seq = sequence(schema_guide({"type": "array", "items": {"type": "array", "items": {"const": "x"}}}), b'[["x"')
+    assert seq.force(2, 100, 1000) == 0  # "," or "]"
+    seq = sequence(schema_guide({"type": "array", "items": {"$ref": "#"}, "maxItems": 1}), b"[[[[[")
+    assert seq.force(2, 100, 1000) == 0  # "[" or "]"
+    seq.accept(ord("]") + OFFSET, 1000)
+    assert seq.force(2, 100, 1000) == 3 and bytes(seq.generated) == b"[[[[[]]]]"  # the last "]" ends it: sampled
+
+
+def test_a_text_parsed_too_many_ways_ends_its_request_with_an_error(monkeypatch):
+    from blt_runtime import pushdown
+
+    monkeypatch.setattr(pushdown, "MAX_STACKS", 8)
+    guide = ByteGuide.grammar('root ::= a*\na ::= "x" a | "x" | "x" a a')  # ambiguous: more parses each x
+    seq = sequence(guide)
+    for _ in range(20):
+        seq.accept(ord("x") + OFFSET, 1000)
+        if seq.finish_reason is not None:
+            break
+    assert seq.finish_reason == "error" and seq.error_code == "guide" and "more than 8 parses" in seq.error
+    assert 1 < len(seq.generated) < 20

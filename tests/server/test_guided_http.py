@@ -185,6 +185,7 @@ def test_the_openai_client_sends_a_guide_in_extra_body(url):
     ({"guided_regex": "ab+", "bad_words": ["b"]}, "guided_regex", "matches no text"),
     ({"bad_words": [""]}, "bad_words", "at least 1 character"),
     ({"guided_choice": ["yes", "no"], "allowed_token_ids": [121, 101]}, "guided_choice", "matches no text"),
+    ({"guided_grammar": 'root ::= a\na ::= b "x" | "y"\nb ::= a "z"'}, "guided_grammar", "can come first in itself"),
 ])
 def test_what_cannot_guide_is_a_400_naming_the_field(url, body, param, words):
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 5} | body, timeout=60)
