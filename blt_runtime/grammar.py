@@ -263,42 +263,22 @@ def recursive_rules(rules: dict, root: str) -> set[str]:
     return out
 
 
-def inline(rules: dict, node, keep: set[str], label: str, depth: int | None = None):
+def inline(rules: dict, node, keep: set[str], label: str, left: list[int] | None = None):
     """`node` with each name of a rule not in `keep` replaced by that rule's tree (rules not in `keep` must not
-    name themselves: recursive_rules). With `depth`, every name is replaced, each rule at most `depth` times
-    inside itself, and an alternative that would need more is left out (None: nothing is left). A GuideError
-    past MAX_NODES parts."""
-    return _inline(rules, node, keep, label, depth, {}, [MAX_NODES])
-
-
-def _inline(rules: dict, node, keep: set[str], label: str, depth: int | None, inside: dict[str, int],
-            left: list[int]):
+    name themselves: recursive_rules). A GuideError past MAX_NODES parts."""
+    left = [MAX_NODES] if left is None else left
     left[0] -= 1
     if left[0] < 0:
         raise GuideError(f"{label}: too large (its rules expand to more than {MAX_NODES:,} parts: rules that use "
                          "others several times, many levels deep?)")
     if isinstance(node, Ref):
-        if depth is None and node.name in keep:
-            return node
-        if depth is not None and inside.get(node.name, 0) >= depth:
-            return None
-        inside[node.name] = inside.get(node.name, 0) + 1
-        try:
-            return _inline(rules, rules[node.name], keep, label, depth, inside, left)
-        finally:
-            inside[node.name] -= 1
+        return node if node.name in keep else inline(rules, rules[node.name], keep, label, left)
     if isinstance(node, Cat):
-        parts = [_inline(rules, part, keep, label, depth, inside, left) for part in node.parts]
-        return None if any(p is None for p in parts) else Cat(parts)
+        return Cat([inline(rules, part, keep, label, left) for part in node.parts])
     if isinstance(node, Alt):
-        options = [o for o in (_inline(rules, o, keep, label, depth, inside, left) for o in node.options)
-                   if o is not None]
-        return None if not options else options[0] if len(options) == 1 else Alt(options)
+        return Alt([inline(rules, option, keep, label, left) for option in node.options])
     if isinstance(node, Repeat):
-        inner = _inline(rules, node.node, keep, label, depth, inside, left)
-        if inner is None:  # none of it can be derived: only its empty repetition, if any
-            return Cat([]) if node.least == 0 else None
-        return Repeat(inner, node.least, node.most)
+        return Repeat(inline(rules, node.node, keep, label, left), node.least, node.most)
     return node
 
 

@@ -29,17 +29,100 @@ from collections.abc import Iterable
 from .errors import GuideError
 from .guide import MAX_SECONDS, MAX_STATES, ByteGuide, _Nfa, determinised
 
-__all__ = ["Guide", "PushdownGuide"]
+__all__ = ["Guide", "ProductGuide", "PushdownGuide"]
 
 MAX_STACKS = 256  # parses of one prefix at once (an ambiguous grammar); more is a GuideError at that byte
 MAX_DEPTH = 1_000  # rules inside rules; a deeper name is not followed
 MEMO = 100_000  # transitions remembered per guide (of states of MEMO_FRAMES frames at most); then it starts again
-UNROLLED = 3  # rules in themselves, where a guide with bad words stands for this one (intersect)
 MEMO_FRAMES = 64  # a deeper state is worked out again when met again (its key alone would hold its whole stack)
 _MISSING = object()
 
 
-class PushdownGuide:
+class _Followed:
+    """What a PushdownGuide and its product with a ByteGuide share: states made as texts reach them, their
+    transitions and masks remembered (MEMO of each, of states of MEMO_FRAMES frames at most), and rows of
+    biases made for the distinct masks met. A subclass gives `start`, `_successor`, `_bits` (the allowed
+    bytes, as bits), `accepts` and `_frames` (a state's size)."""
+
+    def __init__(self):
+        self._steps: dict = {}
+        self._info: dict = {}  # state -> (allowed bytes, mask)
+        self._masks: dict[tuple[int, bool], int] = {}
+        self._mask_list: list[tuple[int, bool]] = []
+        self._rows: dict = {}  # (vocab, offset, eos, device) -> (table, masks it holds)
+
+    def _remember(self, memo: dict, key, value, state) -> None:
+        if self._frames(state) <= MEMO_FRAMES:
+            if len(memo) >= MEMO:
+                memo.clear()
+            memo[key] = value
+
+    def step(self, state, byte: int):
+        """The state after `byte`, or None where it cannot follow."""
+        key = (state, byte)
+        found = self._steps.get(key, _MISSING)
+        if found is _MISSING:
+            found = self._successor(state, byte)
+            self._remember(self._steps, key, found, state)
+        return found
+
+    def _facts(self, state) -> tuple[list[int], int]:
+        found = self._info.get(state)
+        if found is None:
+            bits = self._bits(state)
+            key = (bits, self.accepts(state))
+            if key not in self._masks:
+                self._masks[key] = len(self._mask_list)
+                self._mask_list.append(key)
+            found = ([b for b in range(256) if bits >> b & 1], self._masks[key])
+            self._remember(self._info, state, found, state)
+        return found
+
+    def allowed_bytes(self, state) -> list[int]:
+        return self._facts(state)[0]
+
+    def ends(self, state) -> bool:
+        """Nothing may follow: the completion is a whole match and is over."""
+        return self.accepts(state) and not self.allowed_bytes(state)
+
+    def mask(self, state) -> int:
+        """The row of `bias_rows` with this state's biases."""
+        return self._facts(state)[1]
+
+    def state_after(self, data: bytes):
+        """The state the bytes lead to from the start, or None where they are no prefix of a match."""
+        state = self.start
+        for b in data:
+            state = self.step(state, b)
+            if state is None:
+                return None
+        return state
+
+    def matches(self, data: bytes) -> bool:
+        state = self.state_after(data)
+        return state is not None and self.accepts(state)
+
+    def bias_rows(self, vocab: int, offset: int, eos_id: int, device):
+        """(masks met so far, vocab) fp32 logit biases on a device, as ByteGuide.bias_rows; a new tensor where
+        masks were met since the last call (ask `mask` first)."""
+        import torch  # only the engine needs tensors
+
+        key = (vocab, offset, eos_id, str(device))
+        table, built = self._rows.get(key, (None, 0))
+        n = len(self._mask_list)
+        if table is None or built < n:
+            new = torch.full((n - built, vocab), float("-inf"))
+            for i, (bits, accepts) in enumerate(self._mask_list[built:n]):
+                new[i, [offset + b for b in range(256) if bits >> b & 1]] = 0.0
+                if accepts:
+                    new[i, eos_id] = 0.0
+            new = new.to(device)
+            table = new if table is None else torch.cat([table, new])
+            self._rows[key] = (table, n)
+        return table
+
+
+class PushdownGuide(_Followed):
     """A grammar's texts, its rules followed with a stack (the module's docstring). `rules`: name -> tree
     (regex_syntax's nodes, Ref for a rule's name); `root`: the whole text's rule; `allowed`: the only bytes
     that may occur (vLLM's allowed_token_ids), or None."""
@@ -74,12 +157,8 @@ class PushdownGuide:
         self.next, self.calls, self.accepting = next_, calls, accepting
         self._prune()
         self._refuse_left_recursion()
-        self.bits = [sum(1 << b for b in set(range(256)) if row[b] >= 0) for row in self.next]
-        self._steps: dict = {}
-        self._info: dict = {}  # state -> (allowed bytes, mask)
-        self._masks: dict[tuple[int, bool], int] = {}
-        self._mask_list: list[tuple[int, bool]] = []
-        self._rows: dict = {}  # (vocab, offset, eos, device) -> [table, rows built]
+        self.bits = [sum(1 << b for b in range(256) if row[b] >= 0) for row in self.next]  # each state's bytes
+        super().__init__()
         self.start = self._closure([(self.starts[0],)])
 
     @property
@@ -186,112 +265,143 @@ class PushdownGuide:
             raise GuideError(f"{self.source}: ambiguous here, more than {MAX_STACKS} parses of the text so far")
         return frozenset(out)
 
-    def step(self, state: frozenset, byte: int) -> frozenset | None:
-        """The state after `byte`, or None where it cannot follow."""
-        key = (state, byte)
-        found = self._steps.get(key, _MISSING)
-        if found is not _MISSING:
-            return found
+    def _successor(self, state: frozenset, byte: int) -> frozenset | None:
         moved = [st[:-1] + (self.next[st[-1]][byte],) for st in state if st and self.next[st[-1]][byte] >= 0]
         after = self._closure(moved) if moved else None
-        if after is not None and not after:  # nesting past MAX_DEPTH only
-            after = None
-        if sum(map(len, state)) <= MEMO_FRAMES:
-            if len(self._steps) >= MEMO:
-                self._steps.clear()
-            self._steps[key] = after
-        return after
+        return after or None  # (empty: nesting past MAX_DEPTH only)
 
-    def _facts(self, state: frozenset) -> tuple[list[int], int]:
-        found = self._info.get(state)
-        if found is None:
-            bits = 0
-            for st in state:
-                if st:
-                    bits |= self.bits[st[-1]]
-            if max(map(len, state)) + len(self.starts) >= MAX_DEPTH:  # the next rules entered may be cut
-                bits = sum(1 << b for b in range(256) if bits >> b & 1 and self.step(state, b) is not None)
-            key = (bits, () in state)
-            if key not in self._masks:
-                self._masks[key] = len(self._mask_list)
-                self._mask_list.append(key)
-            found = ([b for b in range(256) if bits >> b & 1], self._masks[key])
-            if sum(map(len, state)) <= MEMO_FRAMES:
-                if len(self._info) >= MEMO:
-                    self._info.clear()
-                self._info[state] = found
-        return found
+    def _bits(self, state: frozenset) -> int:
+        bits = 0
+        for st in state:
+            if st:
+                bits |= self.bits[st[-1]]
+        if max(map(len, state)) + len(self.starts) >= MAX_DEPTH:  # the next rules entered may be cut
+            bits = sum(1 << b for b in range(256) if bits >> b & 1 and self.step(state, b) is not None)
+        return bits
 
-    def allowed_bytes(self, state: frozenset) -> list[int]:
-        return self._facts(state)[0]
+    def _frames(self, state: frozenset) -> int:
+        return sum(map(len, state))
 
     def accepts(self, state: frozenset) -> bool:
         """The text so far is a whole match."""
         return () in state
 
-    def ends(self, state: frozenset) -> bool:
-        """Nothing may follow: the completion is a whole match and is over."""
-        return self.accepts(state) and not self.allowed_bytes(state)
-
-    def mask(self, state: frozenset) -> int:
-        """The row of `bias_rows` with this state's biases."""
-        return self._facts(state)[1]
-
-    def state_after(self, data: bytes) -> frozenset | None:
-        """The state the bytes lead to from the start, or None where they are no prefix of a match."""
-        state = self.start
-        for b in data:
-            state = self.step(state, b)
-            if state is None:
-                return None
-        return state
-
-    def matches(self, data: bytes) -> bool:
-        state = self.state_after(data)
-        return state is not None and self.accepts(state)
-
-    def bias_rows(self, vocab: int, offset: int, eos_id: int, device):
-        """(masks met so far, vocab) fp32 logit biases on a device, as ByteGuide.bias_rows; a new tensor where
-        masks were met since the last call (ask `mask` first)."""
-        import torch  # only the engine needs tensors
-
-        key = (vocab, offset, eos_id, str(device))
-        table, built = self._rows.get(key, (None, 0))
-        n = len(self._mask_list)
-        if table is None or built < n:
-            new = torch.full((n - built, vocab), float("-inf"))
-            for i, (bits, accepts) in enumerate(self._mask_list[built:n]):
-                new[i, [offset + b for b in range(256) if bits >> b & 1]] = 0.0
-                if accepts:
-                    new[i, eos_id] = 0.0
-            new = new.to(device)
-            table = new if table is None else torch.cat([table, new])
-            self._rows[key] = (table, n)
-        return table
-
     def intersect(self, other):
-        """The texts both allow. Where `other` is a set of bytes (ByteGuide.of_bytes), a PushdownGuide of those
-        bytes alone; with another ByteGuide (bad words), whose product with a stack is not built, the texts of
-        this one nested UNROLLED deep at most (its rules copied into themselves that many times: one automaton),
-        intersected as ByteGuides are."""
-        if isinstance(other, ByteGuide) and other.num_states == 1 and other.accepting[0]:
+        """The texts both allow: with a set of bytes (ByteGuide.of_bytes), a PushdownGuide of those bytes alone;
+        with another ByteGuide (bad words), a ProductGuide."""
+        if not isinstance(other, ByteGuide):
+            raise GuideError(f"{self.source} and {other.source}: two guides whose rules nest do not intersect")
+        if other.num_states == 1 and other.accepting[0]:
             allowed = frozenset(other.allowed[0])
             if self.allowed_only is not None:
                 allowed &= self.allowed_only
             return PushdownGuide(self.rules, self.root, f"{self.source} and {other.source}", allowed)
+        return ProductGuide(self, other)
+
+
+class ProductGuide(_Followed):
+    """The texts a PushdownGuide and a ByteGuide (bad words) both allow. A state is the pair of theirs; a byte
+    is allowed where both allow it and the pair it leads to can still end in a match of both, which the
+    stacks alone cannot say (the words may rule out every way on). `ends[s][q]`: the ByteGuide's states
+    (bits) in which the rule of automaton state s can reach its end from s with the ByteGuide in state q,
+    worked out once (Bar-Hillel's construction, as a least fixed point); a stack is live where its frames,
+    innermost first, lead from q to an accepting state of the ByteGuide."""
+
+    def __init__(self, pushdown: PushdownGuide, other: ByteGuide):
+        self.p, self.a = pushdown, other
+        self.source = f"{pushdown.source} and {other.source}"
+        self.accepting_bits = sum(1 << q for q, a in enumerate(other.accepting) if a)
+        self.ends_in = self._ends(time.monotonic() + MAX_SECONDS)
+        super().__init__()
+        self.start = (pushdown.start, 0)
+        if not self._live(*self.start):
+            raise GuideError(f"{self.source}: matches no text")
+
+    @property
+    def num_states(self) -> int:
+        return self.p.num_states * self.a.num_states
+
+    def __repr__(self) -> str:
+        return f"ProductGuide({self.source})"
+
+    def _ends(self, deadline: float) -> list[list[int]]:
+        p, a = self.p, self.a
+        nq = a.num_states
+        images: dict[tuple[int, ...], list[int]] = {}  # bytes -> per q, the states they lead to (bits)
+        edges = []  # per automaton state: (target, images of the bytes that lead there)
+        for row in p.next:
+            by_target: dict[int, list[int]] = {}
+            for b, t in enumerate(row):
+                if t >= 0:
+                    by_target.setdefault(t, []).append(b)
+            out = []
+            for t, group in by_target.items():
+                key = tuple(group)
+                if key not in images:
+                    images[key] = [sum({1 << a.next[q][b] for b in group if a.next[q][b] >= 0}) for q in range(nq)]
+                out.append((t, images[key]))
+            edges.append(out)
+        ends = [[(1 << q) if accepts else 0 for q in range(nq)] for accepts in p.accepting]
+        changed = True
+        while changed:
+            if time.monotonic() > deadline:
+                raise GuideError(f"{self.source}: too complex together (more than {MAX_SECONDS:.0f} s to build)")
+            changed = False
+            for s in range(len(ends) - 1, -1, -1):
+                row = ends[s]
+                for q in range(nq):
+                    bits = row[q]
+                    for t, image in edges[s]:
+                        bits |= _union(ends[t], image[q])
+                    for rule, t in p.calls[s].items():
+                        bits |= _union(ends[t], ends[p.starts[rule]][q])
+                    if bits != row[q]:
+                        row[q], changed = bits, True
+        return ends
+
+    def _live(self, pstate: frozenset, q: int) -> bool:
+        for stack in pstate:
+            bits = 1 << q
+            for s in reversed(stack):
+                bits = _union(self.ends_in[s], bits) if bits else 0
+            if bits & self.accepting_bits:
+                return True
+        return False
+
+    def _successor(self, state: tuple, byte: int) -> tuple | None:
+        pstate, q = state
+        t = self.a.next[q][byte]
+        if t < 0:
+            return None
+        after = self.p.step(pstate, byte)
+        return (after, t) if after is not None and self._live(after, t) else None
+
+    def _bits(self, state: tuple) -> int:
+        pstate, q = state
+        row = self.a.next[q]
+        return sum(1 << b for b in self.p.allowed_bytes(pstate) if row[b] >= 0 and self.step(state, b) is not None)
+
+    def _frames(self, state: tuple) -> int:
+        return sum(map(len, state[0]))
+
+    def accepts(self, state: tuple) -> bool:
+        return () in state[0] and self.a.accepting[state[1]]
+
+    def intersect(self, other):
+        """With another ByteGuide: the product of this one's PushdownGuide with both."""
         if not isinstance(other, ByteGuide):
             raise GuideError(f"{self.source} and {other.source}: two guides whose rules nest do not intersect")
-        from .grammar import inline
-
-        tree = inline(self.rules, self.rules[self.root], set(), self.source, UNROLLED)
-        if tree is None:
-            raise GuideError(f"{self.source}: derives nothing within {UNROLLED} levels of its rules' recursion")
-        source = f"{self.source} ({UNROLLED} levels deep)"
-        unrolled = ByteGuide._compile(tree, source)
-        if self.allowed_only is not None:
-            unrolled = unrolled.intersect(ByteGuide.of_bytes(self.allowed_only))
-        return unrolled.intersect(other)
+        return ProductGuide(self.p, self.a.intersect(other))
 
 
+def _union(row: list[int], bits: int) -> int:
+    """The union of row[q] (sets as bits) over the q in `bits`."""
+    out = 0
+    while bits:
+        low = bits & -bits
+        out |= row[low.bit_length() - 1]
+        bits ^= low
+    return out
 
-Guide = ByteGuide | PushdownGuide  # what guides a completion (SamplingParams.guide)
+
+Guide = ByteGuide | PushdownGuide | ProductGuide  # what guides a completion (SamplingParams.guide)

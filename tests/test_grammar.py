@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blt_runtime.guide import ByteGuide, GuideError
-from blt_runtime.pushdown import PushdownGuide
+from blt_runtime.pushdown import ProductGuide, PushdownGuide
 
 # grammar -> the regular expression it stands for
 CASES = [
@@ -105,11 +105,9 @@ def test_a_pushdown_guide_within_allowed_bytes_and_its_bias_rows():
     within = guide.intersect(ByteGuide.of_bytes(set(b"(1)+")))  # no spaces, no other digits
     assert within.matches(b"((1)+1)") and not within.matches(b"(2)") and not within.matches(b"( 1)")
     assert within.allowed_bytes(within.state_after(b"((1")) == sorted(b")+1")
-    # with bad words: one automaton, its recursion unrolled 3 levels (a product with a stack is not built)
-    avoiding = within.intersect(ByteGuide.avoiding([b"1+1"]))
-    assert isinstance(avoiding, ByteGuide) and avoiding.matches(b"((1)+(1))") and not avoiding.matches(b"(1+1)")
-    # (root names expr, expr term, term expr: 3 copies of expr hold two levels of brackets)
-    assert avoiding.matches(b"((1))") and not avoiding.matches(b"(((1)))") and not avoiding.matches(b"( 1)")
+    avoiding = within.intersect(ByteGuide.avoiding([b"1+1"]))  # bad words too: a ProductGuide
+    assert isinstance(avoiding, ProductGuide) and avoiding.matches(b"((1)+(1))") and not avoiding.matches(b"(1+1)")
+    assert avoiding.matches(b"(" * 40 + b"1" + b")" * 40) and not avoiding.matches(b"( 1)")
     states = [guide.state_after(t) for t in (b"", b"(", b"(1", b"(1)", b"((1 ")]
     rows = [guide.mask(s) for s in states]
     table = guide.bias_rows(260, 4, 2, "cpu")  # rows for the masks met, grown as more are
@@ -310,3 +308,24 @@ def test_nesting_past_the_pushdown_depth_is_not_allowed(monkeypatch):
         state, depth = guide.step(state, ord("(")), depth + 1
     assert 5 < depth < 12 and guide.allowed_bytes(state) == [ord("x")]  # every allowed byte can be followed
     assert guide.matches(b"(" * depth + b"x" + b")" * depth)
+
+
+def test_bad_words_with_a_stack_leave_no_dead_end():
+    """A ProductGuide allows a byte only where both guides can still end: here the words rule out a third
+    bracket, which the grammar alone would allow, and then every way but "ab"."""
+    guide = ByteGuide.grammar('root ::= "(" root ")" | "ab"').intersect(ByteGuide.avoiding([b"((("]))
+    assert guide.allowed_bytes(guide.start) == [ord("("), ord("a")]
+    assert guide.allowed_bytes(guide.state_after(b"((")) == [ord("a")]  # "(((" is banned
+    assert guide.matches(b"((ab))") and not guide.matches(b"(((ab)))")
+    with pytest.raises(GuideError, match="matches no text"):
+        ByteGuide.grammar('root ::= "(" root ")" | "ab"').intersect(ByteGuide.avoiding([b"ab"]))
+
+
+@pytest.mark.parametrize("words", [[b"null", b"true"], [b'"a', b"}}", b"[["], [b"0", b"1", b",", b'""']])
+def test_every_text_a_product_guide_allows_is_json_without_the_words(words):
+    guide = ByteGuide.grammar(JSON_GBNF).intersect(ByteGuide.avoiding(words))
+    rng = random.Random(repr(words))
+    texts = [t for t in (random_walk(guide, rng) for _ in range(150)) if t is not None]
+    assert len(texts) > 50
+    for text in texts:
+        assert isinstance(json.loads(text), dict) and not any(w in text for w in words), text

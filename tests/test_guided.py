@@ -12,13 +12,14 @@ from blt_runtime import load_model
 from blt_runtime.engine import Engine
 from blt_runtime.guide import ByteGuide
 from blt_runtime.json_guide import schema_guide
-from blt_runtime.pushdown import PushdownGuide
+from blt_runtime.pushdown import ProductGuide, PushdownGuide
 from blt_runtime.sampling import SamplingParams
 
 PATTERN = r"(yes|no|maybe), [a-z]{2,6}( [a-z0-9]{1,5}){0,3}\."
 WORD = ByteGuide.regex(PATTERN)
 CHOICE = ByteGuide.choice(["alpha", "beta", "gamma delta", "é中😀"])
 ANY_JSON = schema_guide({})  # response_format json_object: a PushdownGuide, nested at any depth
+JSON_WITHOUT = ANY_JSON.intersect(ByteGuide.avoiding([b"null", b"[[", b'":']))  # a ProductGuide
 BRACKETS = ByteGuide.grammar('root ::= "(" inner ")"\ninner ::= ([a-z ]+ | "(" inner ")")*')
 
 
@@ -38,9 +39,11 @@ def requests() -> dict:
         "free": (PARITY_TEXT[200:240], SamplingParams(max_bytes=50, temperature=0.0, ignore_eos=True)),
         "unicode": (PARITY_TEXT[400:420], SamplingParams(max_bytes=60, temperature=2.0, seed=9,
                                                          guide=ByteGuide.regex(r"[^a-z\s]{3,12}!"))),
-        "json": (PARITY_TEXT[:64], SamplingParams(max_bytes=70, temperature=1.3, seed=11, guide=ANY_JSON)),
+        "json": (PARITY_TEXT[:64], SamplingParams(max_bytes=70, temperature=1.3, seed=11, guide=ANY_JSON,
+                                                  logit_bias={ord("["): 50.0})),  # 70 levels deep
+        "json_without": (PARITY_TEXT[64:96], SamplingParams(max_bytes=50, temperature=1.0, seed=3, guide=JSON_WITHOUT)),
         "brackets": (PARITY_TEXT[300:340], SamplingParams(max_bytes=60, temperature=1.5, seed=4,
-                                                          logit_bias={ord("("): 4.0}, guide=BRACKETS)),
+                                                          logit_bias={ord("("): 30.0, ord(")"): 25.0}, guide=BRACKETS)),
     }
 
 
@@ -64,6 +67,8 @@ def test_guided_bytes_equal_full_recompute(model, static, overlap):
         text, reason = results[rid][0].decode(), results[rid][1].finish_reason
         assert re.fullmatch(PATTERN, text) if reason == "stop" else len(text) == 80, (rid, text)
     assert isinstance(ANY_JSON, PushdownGuide) and isinstance(BRACKETS, PushdownGuide)
+    assert isinstance(JSON_WITHOUT, ProductGuide) and not any(w in results["json_without"][0]
+                                                              for w in (b"null", b"[[", b'":'))
     assert results["choice"][0].decode() in ("alpha", "beta", "gamma delta", "é中😀")
     assert results["choice"][1].finish_reason == "stop"
 
