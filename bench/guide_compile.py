@@ -97,6 +97,16 @@ GRAMMARS = {"grammar JSON (json.gbnf)": JSON_GBNF, "grammar SQL (vLLM's example)
             "grammar arithmetic": ARITHMETIC_GBNF, "grammar JSON (Lark, vLLM's docs)": JSON_LARK}
 
 
+# a guide whose rules nest, with bad words: a ProductGuide (its build includes the nested guide's)
+PRODUCTS = {"json any value without null and true": ("json", [b"null", b"true"]),
+            'grammar JSON (json.gbnf) without \'"a\' and "}}"': ("gbnf", [b'"a', b"}}"])}
+
+
+def build_product(kind: str, words: list[bytes]):
+    nested = schema_guide({}) if kind == "json" else ByteGuide.grammar(JSON_GBNF)
+    return nested.intersect(ByteGuide.avoiding(words))
+
+
 def follow_us_per_byte(guide, n_bytes: int = 4000, seed: int = 0) -> float:
     """Host time to follow a random text through the guide, per byte, as the engine does at every sampled byte
     (the state after it, its allowed bytes and its row of biases), on a guide just built (nothing remembered):
@@ -123,6 +133,7 @@ def main() -> None:
     builds = [(name, ByteGuide.regex, pattern) for name, pattern in GUIDES.items()]
     builds += [(name, lambda pair: schema_guide(*pair), pair) for name, pair in SCHEMAS.items()]
     builds += [(name, ByteGuide.grammar, text) for name, text in GRAMMARS.items()]
+    builds += [(name, lambda pair: build_product(*pair), pair) for name, pair in PRODUCTS.items()]
     for name, build, source in builds:
         times = []
         for _ in range(args.repeats):

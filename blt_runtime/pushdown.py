@@ -66,6 +66,14 @@ class _Followed:
             self._remember(self._steps, key, found, state)
         return found
 
+    def _followed(self, state, byte: int) -> bool:
+        """Whether `byte` leads somewhere (for the allowed bytes: a byte whose text would parse too many ways is
+        not allowed, rather than an error where the engine asks for a mask)."""
+        try:
+            return self.step(state, byte) is not None
+        except GuideError:
+            return False
+
     def _facts(self, state) -> tuple[list[int], int]:
         found = self._info.get(state)
         if found is None:
@@ -276,7 +284,7 @@ class PushdownGuide(_Followed):
             if st:
                 bits |= self.bits[st[-1]]
         if max(map(len, state)) + len(self.starts) >= MAX_DEPTH:  # the next rules entered may be cut
-            bits = sum(1 << b for b in range(256) if bits >> b & 1 and self.step(state, b) is not None)
+            bits = sum(1 << b for b in range(256) if bits >> b & 1 and self._followed(state, b))
         return bits
 
     def _frames(self, state: frozenset) -> int:
@@ -377,9 +385,15 @@ class ProductGuide(_Followed):
         return (after, t) if after is not None and self._live(after, t) else None
 
     def _bits(self, state: tuple) -> int:
+        """Bytes that lead to the same states of every stack's top and of the words' automaton lead to the same
+        pair: one of them is followed for all."""
         pstate, q = state
-        row = self.a.next[q]
-        return sum(1 << b for b in self.p.allowed_bytes(pstate) if row[b] >= 0 and self.step(state, b) is not None)
+        row, tops = self.a.next[q], [self.p.next[st[-1]] for st in pstate if st]
+        alike: dict[tuple[int, ...], list[int]] = {}
+        for b in self.p.allowed_bytes(pstate):
+            if row[b] >= 0:
+                alike.setdefault((row[b], *(top[b] for top in tops)), []).append(b)
+        return sum(sum(1 << b for b in group) for group in alike.values() if self._followed(state, group[0]))
 
     def _frames(self, state: tuple) -> int:
         return sum(map(len, state[0]))
