@@ -289,7 +289,7 @@ class _NotLinear(Exception):
 def _linear(name: str, node):
     """A rule that refers to itself only at the end of its alternatives (`list ::= item ("," list)?`), or only at
     their start (`expr ::= expr "+" term | term`), as the repetition it stands for (Arden's lemma: R = A R | B is
-    A* B; R = R A | B is B A*), so that it is not unrolled; any other rule as it is."""
+    A* B; R = R A | B is B A*), so that it needs no stack; any other rule as it is."""
     if not any(ref.name == name for ref in _refs(node)):
         return node
     for last in (True, False):
@@ -297,7 +297,7 @@ def _linear(name: str, node):
             more, stop = _split(name, node, last)
         except _NotLinear:
             continue
-        if stop is None:  # every alternative needs the rule again: nothing to derive (unrolling will say so)
+        if stop is None:  # every alternative needs the rule again: nothing to derive (its guide will say so)
             return node
         if more is None:
             return stop

@@ -1,7 +1,7 @@
 """Guides whose texts nest without a bound: a grammar's rules that refer to themselves, followed with a stack.
 
-Owns `PushdownGuide`. A ByteGuide (guide.py) is one automaton, so a grammar's recursion had to be unrolled a
-few levels deep; here each rule is an automaton over bytes and the rules it names (guide.determinised), and a
+Owns `PushdownGuide` and `ProductGuide`. A ByteGuide (guide.py) is one automaton, which holds no recursion but
+repetition; here each rule is an automaton over bytes and the rules it names (guide.determinised), and a
 guide's state is the set of stacks of automaton states that the text so far can be parsed into (one for the
 grammars people write: more where a prefix is ambiguous, MAX_STACKS at most). A stack's last state is the
 innermost rule's; naming a rule pushes its start, and where a rule's text may end the stack pops back to the
@@ -11,6 +11,10 @@ removed, and so are names of rules that derive nothing), so every allowed byte k
 match: the guide is exact, as ByteGuide is. Refused, with a GuideError: a rule that can name itself before
 its first byte (left recursion through other rules; grammar.py rewrites a rule's direct left recursion as
 repetition first), a grammar that derives nothing.
+
+With a ByteGuide of bad words (vLLM's bad_words) the stacks alone no longer say whether a text can end: the
+words may rule out every way on. A ProductGuide pairs the two guides' states and allows a byte only where the
+pair can still end in a match of both (each rule's possible ends worked out once per pair of guides).
 
 What the engine asks of a guide, as of a ByteGuide: `start`, `step(state, byte)` (None where the byte cannot
 follow), `allowed_bytes`, `accepts`, `ends`, and `mask(state)`, the row of `bias_rows` that holds the state's

@@ -29,7 +29,7 @@ CASES = [
     ("# a comment\nroot ::= (\n  \"a\"   # inside\n  | \"b\"\n) tail\ntail ::= | \"!\"  # empty or !\n",
      r"[ab]!?"),
     ('root ::= item ("," item)*\nitem ::= [a-z]+', r"[a-z]+(,[a-z]+)*"),
-    # a rule inside itself at the end, or at the start, only: the repetition it stands for, not unrolled
+    # a rule inside itself at the end, or at the start, only: the repetition it stands for, one automaton
     ('root ::= list\nlist ::= item ("," list)?\nitem ::= [a-z]+', r"[a-z]+(,[a-z]+)*"),
     ('root ::= expr\nexpr ::= expr [-+] term | term | "(" ")"\nterm ::= [0-9]+', r"([0-9]+|\(\))([-+][0-9]+)*"),
     ('root ::= "a" root | "b" root | ""', r"[ab]*"),
