@@ -37,7 +37,8 @@ __all__ = ["Guide", "ProductGuide", "PushdownGuide"]
 
 MAX_STACKS = 256  # parses of one prefix at once (an ambiguous grammar); more is a GuideError at that byte
 MAX_DEPTH = 1_000  # rules inside rules; a deeper name is not followed
-MEMO = 100_000  # transitions remembered per guide (of states of MEMO_FRAMES frames at most); then it starts again
+MEMO = 20_000  # transitions remembered per guide (of states of MEMO_FRAMES frames at most), then forgotten: about
+# 0.4 KB each on a random walk through json_object, 1 KB or so at most (blt-serve keeps 8 guides)
 MEMO_FRAMES = 64  # a deeper state is worked out again when met again (its key alone would hold its whole stack)
 _MISSING = object()
 
