@@ -203,13 +203,8 @@ class PushdownGuide(_Followed):
 
     def _prune(self) -> None:
         """Remove the names of rules that derive nothing and the states that cannot reach their rule's end."""
-        productive: set[int] = set()
-        while True:
-            live = self._live(productive)
-            now = {r for r, start in enumerate(self.starts) if start in live}
-            if now == productive:
-                break
-            productive = now
+        productive = _least_fixed_point(lambda p: {r for r, start in enumerate(self.starts) if start in self._live(p)})
+        live = self._live(productive)
         if 0 not in productive:
             raise GuideError(f"{self.source}: matches no text (every way through its rules needs one that derives "
                              "nothing)")
@@ -230,13 +225,8 @@ class PushdownGuide(_Followed):
 
     def _refuse_left_recursion(self) -> None:
         """A GuideError where a rule can name itself before any byte (following it would never end)."""
-        nullable: set[int] = set()
-        while True:
-            now = {r for r, start in enumerate(self.starts)
-                   if any(self.accepting[s] for s in self._byte_free(start, nullable))}
-            if now == nullable:
-                break
-            nullable = now
+        nullable = _least_fixed_point(lambda n: {r for r, start in enumerate(self.starts)
+                                                 if any(self.accepting[s] for s in self._byte_free(start, n))})
         first = {r: {c for s in self._byte_free(start, nullable) for c in self.calls[s]}
                  for r, start in enumerate(self.starts)}
         for r in range(len(self.starts)):
@@ -411,6 +401,14 @@ class ProductGuide(_Followed):
         if not isinstance(other, ByteGuide):
             raise GuideError(f"{self.source} and {other.source}: two guides whose rules nest do not intersect")
         return ProductGuide(self.p, self.a.intersect(other))
+
+
+def _least_fixed_point(grow) -> set[int]:
+    """The least set that `grow` (monotone) leaves as it is, from the empty set up."""
+    found: set[int] = set()
+    while (now := grow(found)) != found:
+        found = now
+    return found
 
 
 def _union(row: list[int], bits: int) -> int:
