@@ -20,7 +20,9 @@ refused, and an optional property or an anyOf's option that would need such a sc
 annotations (`title`, `description`, `default`, ...). Strings
 take `format` and `pattern` (json_strings.py); integers and numbers `minimum`, `maximum` and their
 exclusive forms (number_range.py; a number's bounds whole numbers). An object with no `properties`
-has any keys, their values any JSON or what its `additionalProperties` says (a dict of one type).
+has any keys, their values any JSON or what its `additionalProperties` says (a dict of one type), as many as
+its `maxProperties` allows and at least its `minProperties` if that is 1 (pydantic's dict with min_length=1;
+more is refused: keys may repeat in JSON, and a reader keeps the last).
 Other constraints (`multipleOf`, `uniqueItems`, `additionalProperties` that is a schema beside
 `properties`, a format beside a pattern, ...) are refused with a GuideError that names them, rather
 than left unchecked.
@@ -52,7 +54,8 @@ MAX_PATTERN = 1_000_000  # characters of pattern: a schema whose $refs fan out (
 JSON_SPACE = {0x09, 0x0A, 0x0D, 0x20}  # the characters JSON allows between its tokens
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly", "$defs", "definitions", "additionalProperties"}
-HANDLED = {"type", "enum", "const", "properties", "required", "items", "minItems", "maxItems", "minLength",
+HANDLED = {"type", "enum", "const", "properties", "required", "items", "minItems", "maxItems", "minProperties",
+           "maxProperties", "minLength",
            "maxLength", "anyOf", "oneOf", "allOf", "$ref", "format", "pattern", "minimum", "maximum",
            "exclusiveMinimum", "exclusiveMaximum", "prefixItems", "additionalItems"}
 
@@ -201,18 +204,36 @@ class _Builder:
             if missing:
                 self.fail(f"required {sorted(missing)} not among the properties")
             extra = schema.get("additionalProperties", True)
+            least, most = schema.get("minProperties", 0), schema.get("maxProperties")
             if not properties:  # any keys: their values any JSON, or what additionalProperties says
-                if extra is False:
-                    return rf"\{{{self.pad}\}}"
-                value = self.value() if extra is True else self.regex(extra, depth + 1)
-                sep, pad = self.sep, self.pad
-                return rf"\{{{pad}(?:{STRING}:{sep}{value}(?:,{sep}{STRING}:{sep}{value})*{pad})?\}}"
+                return self.members(extra, least, most, depth)
+            if least or most is not None:
+                self.fail("minProperties or maxProperties beside properties not supported")
             if extra not in (True, False):
                 self.fail("additionalProperties that is a schema beside properties not supported")
             items = [(f"{_literal(name)}:{self.sep}{self.regex(sub, depth + 1)}", name in required)
                      for name, sub in properties.items()]
             return rf"\{{{self.pad}{_members(items, self.sep)}{self.pad}\}}"
         self.fail(f"type {kind!r} not supported")
+
+    def members(self, extra, least: int, most: int | None, depth: int) -> str:
+        """An object of any keys (a dict), `least` (0 or 1) to `most` of them, their values any JSON or what
+        additionalProperties (`extra`) says. Its keys may repeat (JSON does not forbid it; a reader keeps the
+        last), so `most` holds, and a least of 2 or more would not: refused."""
+        if not (isinstance(least, int) and least >= 0 and (most is None or isinstance(most, int) and most >= least)):
+            self.fail("minProperties and maxProperties must be whole numbers, the least first")
+        if least > 1:
+            self.fail("minProperties above 1 not supported (keys that repeat would count twice)")
+        if extra is False or most == 0:
+            if least:
+                self.fail("minProperties leaves no object")
+            return rf"\{{{self.pad}\}}"
+        value = self.value() if extra is True else self.regex(extra, depth + 1)
+        sep, pad = self.sep, self.pad
+        member = f"{STRING}:{sep}{value}"
+        more = f"(?:,{sep}{member}){{{max(least - 1, 0)},{'' if most is None else most - 1}}}"
+        body = f"{member}{more}"
+        return rf"\{{{pad}{body}{pad}\}}" if least else rf"\{{{pad}(?:{body}{pad})?\}}"
 
     def any_of(self, key: str, options: list, depth: int) -> str:
         """A choice among the schemas; one this cannot express is left out (fewer texts, each still valid: a

@@ -75,6 +75,11 @@ SCHEMAS = {
         "right": {"anyOf": [{"$ref": "#/$defs/tree"}, {"type": "null"}]}}, "required": ["left", "right"]}},
         "$ref": "#/$defs/tree"},
     "nested_lists": {"type": "array", "items": {"anyOf": [{"type": "integer"}, {"$ref": "#"}]}, "maxItems": 3},
+    # pydantic's dict[str, int] = Field(min_length=1, max_length=3), and a dict of anything, one entry at most
+    "dicts": {"type": "object", "properties": {
+        "counts": {"additionalProperties": {"type": "integer"}, "maxProperties": 3, "minProperties": 1,
+                   "type": "object"},
+        "one": {"type": "object", "maxProperties": 1}}, "required": ["counts", "one"]},
 }
 FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
 
@@ -100,6 +105,11 @@ def test_the_texts_a_schema_should_take_it_takes():
                 '{"name": "A", "age": 3, "extra": 1}', '{"name": "A", "age": 03}',
                 '{"name": "A", "age": 3, "tags": []}'):
         assert not guide.matches(bad.encode()), bad
+    dicts = schema_guide(SCHEMAS["dicts"])
+    assert dicts.matches(b'{"counts":{"a":1,"b":2},"one":{"x":[{"y":null}]}}')
+    for bad in (b'{"counts":{},"one":{}}', b'{"counts":{"a":1,"b":2,"c":3,"d":4},"one":{}}',
+                b'{"counts":{"a":1},"one":{"x":1,"y":2}}', b'{"counts":{"a":"1"},"one":{}}'):
+        assert not dicts.matches(bad), bad
     strings = schema_guide(SCHEMAS["formats"])
     good = {"day": "2024-02-28", "at": "23:59:59.5+01:00", "when": "1999-12-31T00:00:00Z",
             "id": "123e4567-e89b-12d3-A456-426614174000", "ip": "192.168.0.1", "mail": "a.b+c@mail.example.org",
@@ -156,6 +166,9 @@ def test_the_texts_a_schema_should_take_it_takes():
     ({"$ref": "http://example.com/s"}, "must name a schema under"),
     ({"type": "object", "properties": {}, "required": ["x"]}, "required"),
     ({"type": "object", "unevaluatedProperties": False}, "unevaluatedProperties"),
+    ({"type": "object", "minProperties": 2}, "minProperties above 1"),
+    ({"type": "object", "properties": {"a": {}}, "maxProperties": 1}, "beside properties"),
+    ({"type": "object", "additionalProperties": False, "minProperties": 1}, "leaves no object"),
     ({"type": "tuple"}, "type 'tuple'"), ("{not json", "not valid JSON"), (False, "matches nothing"),
 ])
 def test_what_a_schema_guide_cannot_express_is_refused_by_name(schema, words):
