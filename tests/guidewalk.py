@@ -44,6 +44,7 @@ def shortest(guide) -> callable:
                 if d[p] is None:
                     d[p] = d[s] + 1
                     queue.append(p)
+        assert all(x is not None for x in d), "a state from which no match can be reached"
         function = d.__getitem__
     else:
         assert isinstance(guide, PushdownGuide)

@@ -12,6 +12,7 @@ import re
 
 import pytest
 import regex
+from guidewalk import walk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -98,32 +99,9 @@ def test_every_path_the_guide_allows_is_utf8_that_matches(pattern, seed):
         return
     rng = random.Random(seed)
     compiled = regex.compile(pattern, regex.ASCII)
-    distance = distances_to_a_match(guide)
     for _ in range(5):
-        state, out = 0, bytearray()
-        while not (guide.accepting[state] and (not guide.allowed[state] or len(out) >= 20 or rng.random() < 0.3)):
-            assert guide.allowed[state], "a state that neither accepts nor continues"
-            choices = guide.allowed[state]
-            if len(out) >= 20:  # then the shortest way to a match
-                choices = [b for b in choices if distance[guide.next[state][b]] < distance[state]]
-            b = rng.choice(choices)
-            out.append(b)
-            state = guide.next[state][b]
+        out = walk(guide, rng, stop=0.3, long=19)  # (every state can reach a match: guidewalk.shortest checks)
         assert fullmatch(compiled, out.decode("utf-8")) in (True, None), (pattern, bytes(out))
-
-
-def distances_to_a_match(guide: ByteGuide) -> list[float]:
-    """Bytes from each state to the nearest accepting one (every state has one: dead ones are pruned)."""
-    distance = [0.0 if a else float("inf") for a in guide.accepting]
-    changed = True
-    while changed:
-        changed = False
-        for s, row in enumerate(guide.next):
-            best = min((distance[t] + 1 for t in row if t >= 0), default=float("inf"))
-            if best < distance[s]:
-                distance[s], changed = best, True
-    assert all(d < float("inf") for d in distance)
-    return distance
 
 
 @given(st.integers(0, 0x10FFFF), st.integers(0, 0x10FFFF), st.lists(st.integers(0, 0x10FFFF), max_size=30))
