@@ -94,6 +94,7 @@ from blt_runtime.guide import ByteGuide  # noqa: E402
 from blt_runtime.kernels import gemv_check, sampling_check, self_check  # noqa: E402
 from blt_runtime.model.blt import checkpoint_key  # noqa: E402
 from blt_runtime.model.entropy import entropy_nats  # noqa: E402
+from blt_runtime.paged_cache import PagedKVCache  # noqa: E402
 
 ENGLISH = [ROOT.parent / "shared" / "data" / "tinyshakespeare.txt", ROOT / "README.md", ROOT / "weights" / "README.md"]
 SMALL = {"patcher_config": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
@@ -345,7 +346,8 @@ def attention_us(model: BltModel) -> dict:
     The kernel with its default block and splits (`triton`; `triton_two_launches`: the splits combined by a
     second kernel, not where they meet in the first), with each of SPLITS at its default block and
     at SWEEP_BLOCKS entries a block (`block_x_splits`, what sets default_splits and default_block), and
-    reading the whole span under an additive mask (`triton_additive_mask`)."""
+    reading the whole span under an additive mask (`triton_additive_mask`); for the global model's, the kernel
+    and SDPA over the same rows in a cache of pages, as the engine's is (`triton_paged`, `sdpa_paged`)."""
     cfg, device, dtype = model.config, model.device, model.dtype
     local, glob = cfg.decoder, cfg.global_model
     cases = {"local_b1_in_place": (local, 512, 1, False), "local_b64_in_place": (local, 512, 64, False),
@@ -384,9 +386,17 @@ def _attention_case(stack, span: int, B: int, gathered: bool, device: torch.devi
     block = attention.default_block(stack.head_dim, span, device)
     sweep = {f"{b}x{n}": timed(visible, b, n) for b in sorted({block, *SWEEP_BLOCKS}, reverse=True) for n in SPLITS
              if n <= -(-span // b)}  # entries a loop iteration x splits (more splits than blocks: as many as blocks)
-    return {"triton": timed(visible), "triton_two_launches": timed(visible, counts=None), "block_x_splits": sweep,
-            "triton_additive_mask": timed(mask),
-            "sdpa": round(time_in_graph(lambda: sdpa_attention(q, *cache.read(0, rows, span), mask)), 2)}
+    out = {"triton": timed(visible), "triton_two_launches": timed(visible, counts=None), "block_x_splits": sweep,
+           "triton_additive_mask": timed(mask),
+           "sdpa": round(time_in_graph(lambda: sdpa_attention(q, *cache.read(0, rows, span), mask)), 2)}
+    if cache.window is None:  # the engine's global cache is one of pages (paged_cache.py): the same rows read there
+        paged = PagedKVCache(1, 65, stack.num_kv_heads, stack.head_dim, 4096, device, dtype, stack.num_heads)
+        paged.reserve_rows([(slot, 0, span) for slot in range(65)])
+        paged.kv.normal_()
+        out["triton_paged"] = round(time_in_graph(lambda: decode_attention(
+            q, paged.kv, 0, rows, span, visible, counts=paged.split_counts, pages=paged.pages)), 2)
+        out["sdpa_paged"] = round(time_in_graph(lambda: sdpa_attention(q, *paged.read(0, rows, span), mask)), 2)
+    return out
 
 
 def stretch_us(model: BltModel) -> dict:

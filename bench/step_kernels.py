@@ -166,14 +166,20 @@ def counted_attention(counter: KernelCount):
     """attention.decode_attention, counted as its one kernel and what it writes (the output; the new
     keys and values it stores). A GPU's splits meet in that kernel (`counts`): still one."""
 
-    def attend(q, kv, layer, rows, span, mask, block=None, store=None, rotation=None, splits=None, counts=None):
+    def attend(q, kv, layer, rows, span, mask, block=None, store=None, rotation=None, splits=None, counts=None,
+               pages=None):
         counter.paused = True
         try:
             if isinstance(rotation, RotationTable):  # the kernel reads the rows' lengths' rows of the table
                 rotation = torch.view_as_complex(rotation.table[mask.lengths])[:, None, None]
             if store is not None and store[3] is None:  # and stores at their new positions' entries
                 window = mask.cache_window
-                store = store[:3] + ((mask.lengths if window is None else mask.lengths % window)[:, None],)
+                index = (mask.lengths if window is None else mask.lengths % window)[:, None]
+                write_rows = store[2]
+                if pages is not None:  # a cache of pages: the page and entry of each row's new position
+                    table, page = pages
+                    write_rows, index = table[write_rows, index // page].long(), index % page
+                store = store[:2] + (write_rows, index)
             if rotation is not None:  # q and the new key come unrotated
                 q = apply_rope(q.transpose(1, 2), rotation).transpose(1, 2)
                 if store is not None:
@@ -184,7 +190,12 @@ def counted_attention(counter: KernelCount):
                 counter.bytes_written += 2 * k.numel() * k.element_size()
             if isinstance(mask, Visible):  # the kernel works it out: no kernel of its own
                 mask = mask.additive(span, kv.dtype)
-            both = kv[:, layer, rows, :, :span] if isinstance(rows, slice) else kv[:, layer, :, :, :span][:, rows]
+            if pages is not None:  # the rows' pages, in position order
+                table, page = pages
+                both = kv[:, layer][:, table[rows, :-(-span // page)].long()]
+                both = both.permute(0, 1, 3, 2, 4, 5).flatten(3, 4)[:, :, :, :span]
+            else:
+                both = kv[:, layer, rows, :, :span] if isinstance(rows, slice) else kv[:, layer, :, :, :span][:, rows]
             out = sdpa_attention(q, both[0], both[1], mask)
         finally:
             counter.paused = False

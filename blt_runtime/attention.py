@@ -192,13 +192,13 @@ def _visible(n, length, CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr):
     return seen
 
 
-def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, Part, Counts, row_offset, span,
-                       per_split, scale, sq_b, sq_h, skv_kv, skv_row, skv_head, skv_entry, sm_b, so_b, so_h,
-                       skn_b, skn_h, svn_b, svn_h, swr_b, swi_b, srot_b, sp_b, sp_h, sp_s,
+def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, Part, Counts, Pages, row_offset,
+                       span, per_split, scale, sq_b, sq_h, skv_kv, skv_row, skv_head, skv_entry, sm_b, so_b, so_h,
+                       skn_b, skn_h, svn_b, svn_h, swr_b, swi_b, srot_b, sp_b, sp_h, sp_s, spg_row,
                        GROUPS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
                        GATHER: tl.constexpr, MASK: tl.constexpr, STORE: tl.constexpr, ROPE: tl.constexpr,
                        CACHE_WINDOW: tl.constexpr, STACK_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-                       MEET: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                       MEET: tl.constexpr, SPLITS_PAD: tl.constexpr, PAGE: tl.constexpr):
     """One (row, query head, split): a running softmax over the row's cache entries from split x
     `per_split` to the next split's or `span`, BLOCK at a time, in fp32 (decode_attention). Without
     SPLIT there is one split, and the result is stored; with it, the split's running maximum, sum and
@@ -213,7 +213,9 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, P
     the row's new key and value are first stored (by the first query head of their kv head, in its first
     split), at the entry WIndex gives (1) or at the row's new position (2), and, where the row reads that
     entry, taken from registers: what other programs of the kv head store there meanwhile is never read.
-    ROPE 2 and STORE 2 need MASK 2, which gives the length."""
+    ROPE 2 and STORE 2 need MASK 2, which gives the length. PAGE (0: none): the cache is a pool of pages
+    (paged_cache.py), row `row`'s position n in page Pages[row, n // PAGE] at entry n % PAGE, and a cache row
+    (KV's `skv_row`) is a page: WRows and WIndex, with STORE 1, give the page and entry."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -231,12 +233,18 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, P
         cos = tl.load(at_rot, mask=in_head, other=1.0)
         sin = tl.load(at_rot + 1, mask=in_head, other=0.0)
     q = _rotated(Q + b * sq_b + h * sq_h, d, in_head, cos, sin, ROPE).to(tl.float32) * scale
-    k_base = KV + row * skv_row + kvh * skv_head
+    if PAGE != 0:  # each block of entries finds its pages below
+        k_base = KV + kvh * skv_head
+    else:
+        k_base = KV + row * skv_row + kvh * skv_head
     v_base = k_base + skv_kv
     if STORE != 0:
         w_row = tl.load(WRows + b * swr_b).to(tl.int64)
         if STORE == 1:
             w_index = tl.load(WIndex + b * swi_b).to(tl.int64)
+        elif PAGE != 0:  # the page that holds the row's new position
+            w_row = tl.load(Pages + w_row * spg_row + length // PAGE).to(tl.int64)
+            w_index = length % PAGE
         elif CACHE_WINDOW == 0:
             w_index = length
         else:
@@ -260,11 +268,19 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, P
     for start in tl.range(lo, hi, BLOCK):
         n = start + tl.arange(0, BLOCK)
         inside = n < hi
-        where = n[:, None] * skv_entry + d[None, :]
+        if PAGE != 0:
+            page = tl.load(Pages + row * spg_row + n // PAGE, mask=inside, other=0).to(tl.int64)
+            where = (page * skv_row + (n % PAGE) * skv_entry)[:, None] + d[None, :]
+            if STORE != 0:
+                is_new = (page == w_row) & (n % PAGE == w_index)
+        else:
+            where = n[:, None] * skv_entry + d[None, :]
+            if STORE != 0:
+                is_new = n == new_at
         both = inside[:, None] & in_head[None, :]
         k = tl.load(k_base + where, mask=both, other=0.0)
         if STORE != 0:
-            k = tl.where((n == new_at)[:, None], k_new[None, :], k)
+            k = tl.where(is_new[:, None], k_new[None, :], k)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1)
         if MASK == 1:
             s += tl.load(Mask + b * sm_b + n, mask=inside, other=0.0).to(tl.float32)
@@ -277,7 +293,7 @@ def _attention_program(Q, KV, Rows, Mask, Out, KNew, VNew, WRows, WIndex, Rot, P
         p = tl.exp(s - m_safe)
         v = tl.load(v_base + where, mask=both, other=0.0)
         if STORE != 0:
-            v = tl.where((n == new_at)[:, None], v_new[None, :], v)
+            v = tl.where(is_new[:, None], v_new[None, :], v)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
@@ -337,7 +353,7 @@ else:
 def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.Tensor | slice, span: int,
                      mask: torch.Tensor | Visible | None, block: int | None = None, store: Store | None = None,
                      rotation: torch.Tensor | RotationTable | None = None, splits: int | None = None,
-                     counts: torch.Tensor | None = None) -> torch.Tensor:
+                     counts: torch.Tensor | None = None, pages: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """q (B, H, 1, D); kv a cache's (2, layers, slots, H_kv, capacity, D) keys and values; `rows` the
     cache row of each query (a tensor of slots, or consecutive slots as a slice); the first `span`
     entries are read; mask (B, 1, 1, span) additive, or Visible (the kernel works the mask out), or
@@ -361,7 +377,9 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     (KVCache.split_counts; with fewer, the second kernel combines), where each (row, head)'s splits
     meet: the last to finish combines them, in the same kernel (one launch, not two), and sets its
     counter back to 0. The same sums as the second kernel's, in the same order. Two kernels that may
-    run at once (on two CUDA streams) must not be given the same counters."""
+    run at once (on two CUDA streams) must not be given the same counters. `pages`: (table, page size)
+    of a cache of pages (paged_cache.PagedKVCache.pages), whose `kv` is then (2, layers, pages, H_kv,
+    page size, D): `rows` index the table, and `store`'s write_rows and write_index are pages and entries."""
     B, H, T, D = q.shape
     if T != 1:
         raise ValueError(f"decode_attention takes one query position per row, not {T}")
@@ -407,15 +425,19 @@ def decode_attention(q: torch.Tensor, kv: torch.Tensor, layer: int, rows: torch.
     if counts is not None and (counts.dtype != torch.int32 or counts.device != q.device):
         raise ValueError(f"counts must be int32 on {q.device}, not {counts.dtype} on {counts.device}")
     meet = splits > 1 and counts is not None and counts.numel() >= B * H and ONE_LAUNCH  # (fewer: two kernels)
+    table, page = pages if pages is not None else (q, 0)
+    if pages is not None and (table.dtype != torch.int32 or table.stride(1) != 1 or span > table.shape[1] * page):
+        raise ValueError(f"a page table must be contiguous int32 rows spanning the {span} entries read")
     _kernel[(B, H, splits)](
         q, cache, rows if gather else q, mask if mask is not None else q, out, k_new, v_new, w_rows, w_index, rot,
-        part, counts if meet else q, 0 if gather else rows.start, span, per_split, D ** -0.5,
+        part, counts if meet else q, table, 0 if gather else rows.start, span, per_split, D ** -0.5,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         mask.stride(0) if mask is not None else 0, out.stride(0), D,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), w_rows.stride(0), w_index.stride(0),
-        rot.stride(0), *(part.stride()[:3] if splits > 1 else (0, 0, 0)), GROUPS=H // cache.shape[2], D=D,
-        D_PAD=d_pad, BLOCK=block, GATHER=gather, MASK=kind, STORE=stored, ROPE=rope, CACHE_WINDOW=windows[0],
-        STACK_WINDOW=windows[1], SPLIT=splits > 1, MEET=meet, SPLITS_PAD=next_power_of_2(splits))
+        rot.stride(0), *(part.stride()[:3] if splits > 1 else (0, 0, 0)), table.stride(0) if page else 0,
+        GROUPS=H // cache.shape[2], D=D, D_PAD=d_pad, BLOCK=block, GATHER=gather, MASK=kind, STORE=stored, ROPE=rope,
+        CACHE_WINDOW=windows[0], STACK_WINDOW=windows[1], SPLIT=splits > 1, MEET=meet,
+        SPLITS_PAD=next_power_of_2(splits), PAGE=page)
     if splits > 1 and not meet:
         _combine[(B, H)](part, out, splits, *part.stride()[:3], out.stride(0), D, D=D, D_PAD=d_pad,
                          SPLITS_PAD=next_power_of_2(splits))

@@ -3,12 +3,13 @@
 Owns:
 - `KVCache`: keys and values of one stack's self-attention for every slot. With a sliding window it
   is a ring buffer of `window` entries (position p lives at p % window), so the memory of a sequence
-  is bounded by the window, not by its length. Without one (the global model) position p lives at
-  p, and the capacity grows by doubling as the longest sequence needs it, up to `max_len`.
+  is bounded by the window, not by its length. Without one (a local model without a window) position
+  p lives at p, and the capacity grows by doubling as the longest sequence needs it, up to `max_len`.
+  The global model's cache is one of pages (paged_cache.py), built on this one.
 - `RowBuffer`: per-slot rows of vectors that grow the same way (the open patch's byte states).
 - `SlotAllocator`: which slots are free.
-- `CacheFull`: the global model's cache could not grow (out of memory). When doubling fails, a cache
-  tries smaller steps down to what is needed before it gives up.
+- `CacheFull`: a cache could not grow (out of memory). When doubling fails, a cache tries smaller steps
+  down to what is needed before it gives up.
 Reading and writing take the rows of a batch (`slots`) and the number of positions each row
 already holds (`lengths`). Knows nothing about what the vectors mean.
 """
@@ -28,10 +29,12 @@ class CacheFull(BltError):
     """A cache could not grow to hold `needed` positions in every row: the allocation failed for want
     of memory, at every size tried."""
 
-    def __init__(self, needed: int, capacity: int, rows: int, bytes_needed: int):
+    def __init__(self, needed: int, capacity: int, rows: int | None, bytes_needed: int):
+        """`rows` None: a cache of pages (paged_cache.py), whose patches are those of all sequences together."""
         self.needed, self.capacity, self.bytes_needed = needed, capacity, bytes_needed
-        super().__init__(f"out of memory: the global model's cache could not grow from {capacity} to {needed} "
-                         f"patches in each of its {rows} rows ({bytes_needed / 2**20:,.1f} MiB)")
+        where = "for all sequences together" if rows is None else f"in each of its {rows} rows"
+        super().__init__(f"out of memory: the global model's cache could not grow from {capacity:,} to {needed:,} "
+                         f"patches {where} ({bytes_needed / 2**20:,.1f} MiB)")
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -62,6 +65,8 @@ def _grown(t: torch.Tensor, dim: int, needed: int, cap: int | None = None) -> to
 
 
 class KVCache:
+    pages: tuple[torch.Tensor, int] | None = None  # a cache of pages' table and page size (paged_cache.py)
+
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, window: int | None,
                  max_len: int, device, dtype, heads: int | None = None):
         self.window = window

@@ -6,7 +6,8 @@ byte of prompts prefilled in the step before, and reports what happened as StepO
 for the device once (transfer.py). With `first_byte_at_once` (a CPU's default, where a second wait
 costs nothing) a prompt's first byte is sampled in the step that ends its prefill instead. Runs on
 one thread; knows nothing about HTTP. Memory per sequence for the local models is bounded by their
-windows.
+windows; the global model's cache takes pages as a sequence's patches need them (paged_cache.py), made
+ready before each step (`_plan`).
 
 With `overlap` (the default on CUDA) a call to `step()` queues the next step's device work before it
 returns this step's outputs, so that what the caller does with them (a server: metrics, delivery to
@@ -287,7 +288,8 @@ class Engine:
         for seq in self.scheduler.admit(lambda seq: sharing.allocate(seq, resume=share and not seq.scores_prompt)):
             if not seq.preemptions:
                 self.last_admitted.append(seq.request_id)
-            self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0, generated=seq.generated,
+            self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0, num_patches=seq.num_patches,
+                              generated=seq.generated,
                               guide_state=seq.guide_state)
             if share:
                 sharing.follow(seq)
@@ -302,40 +304,53 @@ class Engine:
         return Queued(plan, transfer, chunk, decoded, *self._queue_firsts(plan, transfer))
 
     def _plan(self) -> Plan:
-        """The scheduler's plan, with room made in the global model's cache for the most patches a row may
-        hold after it: a closing row's one more, and a prefill chunk's one per byte at most (the rows of a
-        prefill batch are padded to its most, Runner.prefill_finish). Where the cache cannot grow that far
-        (CacheFull: out of memory), the prefill is cut to what it holds; a sequence that does not fit even
-        so fails (finish_reason "error"), the one that needs the most first, and the others are planned
-        again: one long sequence does not take every other request down with it."""
+        """The scheduler's plan, with pages of the global model's cache (paged_cache.py) for the patches its
+        rows may write: a closing row's one more, and a prefill row's one per byte at most. Where the pool
+        of pages cannot grow that far (CacheFull: out of memory), the states kept for later prompts give
+        their pages back first (sharing.py); then the prefill is cut to what the pages hold; a sequence that
+        does not fit even so fails (finish_reason "error"): of all sequences, the one that holds the most
+        patches first (its pages go back), and the others are planned again: one long sequence does not take
+        every other request down with it."""
         cache = self.runner.global_kv
         while True:
             jumped = self.scheduler.jumped
             plan = self.scheduler.plan()
-            most = max((s.num_patches + 1 for s in plan.decode if s.closes_last), default=0)
+            closing = [s for s in plan.decode if s.closes_last]
             rows = self._prefill_rows(plan) if plan.prefill is not None else []
-            if rows:
-                most = max(most, max(s.num_patches for s, _, _ in rows) + max(b - a for _, a, b in rows))
             try:
-                cache.reserve(most)
+                cache.reserve_rows([(s.slot, s.num_patches, s.num_patches + 1) for s in closing]
+                                   + [(s.slot, s.num_patches, s.num_patches + b - a) for s, a, b in rows])
                 return plan
             except CacheFull:
                 pass
-            # what it cannot do without: a closing row's one more patch, and a byte of each prefill row
-            needs = [s for s in plan.decode if s.closes_last] + [s for s, _, _ in rows]
-            try:
-                cache.reserve(max(s.num_patches for s in needs) + 1)
-            except CacheFull as e:
-                victim = max(needs, key=lambda s: (s.num_patches, s.arrival))
-                self._fail(victim, f"{e}; this sequence needed the most ({victim.num_patches + 1} patches) and was "
-                                   f"stopped. Fewer slots leave room for longer sequences")
+            if self._reclaim():
                 self.scheduler.jumped = jumped
                 continue
-            if rows:  # the prefill, cut to the bytes whose patches the cache surely holds
+            # what it cannot do without: a closing row's one more patch, and a byte of each prefill row
+            needs = closing + [s for s, _, _ in rows]
+            try:
+                cache.reserve_rows([(s.slot, s.num_patches, s.num_patches + 1) for s in needs])
+            except CacheFull as e:
+                victim = max(self.scheduler.active, key=lambda s: (s.num_patches, s.arrival))
+                self._fail(victim, f"{e}; this sequence held the most ({victim.num_patches} patches) and was "
+                                   f"stopped. Fewer or shorter sequences at once leave room for longer ones")
+                self.scheduler.jumped = jumped
+                continue
+            if rows:  # the prefill, cut to the bytes whose patches the pages surely hold
                 seq, start, end = rows[0]
                 plan.prefill, plan.batch = seq, []
-                plan.chunk = (start, min(end, start + cache.kv.shape[4] - seq.num_patches))
+                plan.chunk = (start, min(end, start + cache.room(seq.slot, seq.num_patches)))
+                cache.reserve_rows([(seq.slot, seq.num_patches, seq.num_patches + plan.chunk[1] - start)])
             return plan
+
+    def _reclaim(self) -> bool:
+        """The pages of the states kept for later prompts (retained slots, kept prefixes) go back; whether any
+        did."""
+        cache = self.runner.global_kv
+        freed = [slot for slot in self.sharing.forget_retained() if cache.held[slot]]
+        for slot in freed:
+            cache.trim(slot, 0)
+        return bool(freed)
 
     def _queue_firsts(self, plan: Plan, transfer: HostTransfer):
         """The first bytes of the prefilled sequences in `plan.first` (those with max_bytes 0 leave it: they
@@ -448,6 +463,8 @@ class Engine:
         for i, closes in enumerate(result.closes):
             seq.record_close(start + i, closes)
         seq.processed, seq.num_patches, seq.open_len = end, seq.num_patches + result.completed, result.open_len
+        # the pages reserved for a patch per byte (_plan) that the chunk's patches did not take go back
+        self.runner.global_kv.trim(seq.slot, seq.num_patches)
         if end == seq.prefill_len:  # its first byte is sampled with the next step's work (or at once)
             seq.status = Status.PREFILLED
             self._first_logits[seq.request_id] = result.last_logits
@@ -584,7 +601,7 @@ class Engine:
         if self.share_prompts:
             self.sharing.retain(seq)
         self._first_logits.pop(seq.request_id, None)
-        self.slots.release(seq.slot)
+        self._release_slot(seq.slot)
         self.sharing.release(seq)
         self.scheduler.preempt(seq)
         self.last_preempted.append(seq.request_id)
@@ -592,10 +609,16 @@ class Engine:
     def _release(self, seq: Sequence) -> None:
         self._first_logits.pop(seq.request_id, None)
         if seq.slot is not None:
-            self.slots.release(seq.slot)
+            self._release_slot(seq.slot)
             seq.slot = None
         self.sharing.release(seq)
         self.scheduler.remove(seq)
+
+    def _release_slot(self, slot: int) -> None:
+        """A slot is free; its global cache pages go back unless its state is kept for a later prompt."""
+        self.slots.release(slot)
+        if slot not in self.sharing.retained:
+            self.runner.global_kv.trim(slot, 0)
 
     def _finish(self, seq: Sequence, new: bytes, patch_start: bool, logprobs=None) -> StepOutput:
         if self.share_prompts and seq.finish_reason != "error":  # (a state that gave non-finite logits is no use)

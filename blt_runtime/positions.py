@@ -90,9 +90,13 @@ def positions_for(stack: Stack, cache: KVCache, slots: torch.Tensor, lengths: to
     rows = slots[:, None].expand_as(index)
     if real is not None:
         rows = torch.where(real[:, T - kept:], rows, scratch)
+    if cache.pages is not None:  # a cache of pages: the page and entry of each slot's position
+        rows, index = cache.addresses(rows, index)
     write_at = None
     if write_first and read_slots is not None and read_slots.stop - read_slots.start == 1 and min_length == max_length:
         write_at = (read_slots.start, max_length if cache.window is None else max_length % cache.window)
+        if cache.pages is not None:
+            write_at = cache.host_address(*write_at)
     return Positions(slots, read_slots, lengths, span, rotation, mask, rows, index, kept, write_first,
                      write_at, min_length, real, scratch)
 

@@ -32,6 +32,7 @@ from .model.blt import BltModel
 from .model.hashing import power_matrix
 from .model.layers import Block, BoundNorm, Stack
 from .model.local_decoder import attend_gathered
+from .paged_cache import PagedKVCache
 from .patcher import starts_next
 from .positions import Positions, consecutive, positions_for
 from .sample_kernel import sample_pick
@@ -112,7 +113,8 @@ def block_step(block: Block, h: torch.Tensor, delta: torch.Tensor | None, cache:
         # rotate, store, then read the rows' entries where they are: one kernel, fed views of qkv
         q, k, v = qkv.unflatten(-1, (-1, b.head_dim)).transpose(1, 2).split([b.heads, b.kv_heads, b.kv_heads], 1)
         o = decode_attention(q, cache.kv, layer, p.read_slots or p.slots, p.span, p.mask,
-                             store=(k, v, p.write_rows, p.write_index), rotation=p.rotation, counts=cache.split_counts)
+                             store=(k, v, p.write_rows, p.write_index), rotation=p.rotation, counts=cache.split_counts,
+                             pages=cache.pages)
         return _block_rest(b, h, o, ops)
     q, k, v, kv = ops.heads(qkv, p.rotation, b.heads, b.kv_heads, b.head_dim)  # (B, H, T, D), (B, H_kv, T, D) x 2
     new_k, new_v = k[:, :, k.shape[2] - p.kept:], v[:, :, v.shape[2] - p.kept:]
@@ -182,7 +184,9 @@ class Runner:
         self.entropy_kv = kv(cfg.patcher, cfg.patcher.window)
         self.encoder_kv = kv(cfg.encoder, cfg.encoder.window)
         self.decoder_kv = kv(cfg.decoder, cfg.decoder.window)
-        self.global_kv = kv(cfg.global_model, None)
+        g = cfg.global_model  # its patches in pages, taken as each sequence needs them
+        self.global_kv = PagedKVCache(g.num_layers, slots, g.num_kv_heads, g.head_dim, max_len, dev, dt,
+                                      heads=g.num_heads)
         if kernels != "torch":
             self.make_rotation_tables()
         self.open_patch = RowBuffer(slots, cfg.encoder.hidden_size, dev, dt)
@@ -219,12 +223,14 @@ class Runner:
                                                self.model.device)
 
     def admit(self, slot: int, prompt_ids: list[int], params: SamplingParams, resumed: bool = False,
-              generated: bytes | bytearray = b"", guide_state=None) -> None:
-        """Clear a slot's per-sequence state (caches are overwritten position by position) and give it the
-        request's logit bias. `resumed`: the slot holds the state after a prefix of the prompt already
-        (sharing.py), hash history included. A sequence readmitted after a preemption: `prompt_ids` end with
-        the bytes it `generated` (counted for the penalties), and its guide is in `guide_state`."""
+              num_patches: int = 0, generated: bytes | bytearray = b"", guide_state=None) -> None:
+        """Clear a slot's per-sequence state (caches are overwritten position by position; the global cache's
+        pages past what it keeps go back) and give it the request's logit bias. `resumed`: the slot holds the
+        state after a prefix of the prompt already (sharing.py), hash history included, with `num_patches`
+        patches. A sequence readmitted after a preemption: `prompt_ids` end with the bytes it `generated`
+        (counted for the penalties), and its guide is in `guide_state`."""
         self.touched([slot])
+        self.global_kv.trim(slot, num_patches if resumed else 0)
         if not resumed:
             self.history[slot] = 0
         self.output_counts[slot] = 0
@@ -278,13 +284,13 @@ class Runner:
         """Give slot `target` the state that slot `source` holds after its first `length` positions, with
         `num_patches` completed patches and `open_len` bytes in the open one: what prefilling those
         positions in `target` would compute, since every piece of it depends on them alone (the
-        patches of a prefix never change when bytes follow). The sampling counts stay `target`'s own
-        (admit)."""
+        patches of a prefix never change when bytes follow). The local caches are copied; the global
+        cache's pages are shared (paged_cache.py). The sampling counts stay `target`'s own (admit)."""
         self.touched([target])
         for cache in (self.entropy_kv, self.encoder_kv, self.decoder_kv):
             n = cache.span(length)  # a ring buffer holds the last `window` positions at p % window
             cache.kv[:, :, target, :, :n].copy_(cache.kv[:, :, source, :, :n])
-        self.global_kv.kv[:, :, target, :, :num_patches].copy_(self.global_kv.kv[:, :, source, :, :num_patches])
+        self.global_kv.share(source, target, num_patches)
         self.latest[:, :, target].copy_(self.latest[:, :, source])
         self.open_patch.data[target, :open_len].copy_(self.open_patch.data[source, :open_len])
         self.history[target].copy_(self.history[source])
@@ -426,16 +432,19 @@ class Runner:
     def cache_bytes(self) -> dict[str, int]:
         """Device memory the rows' state takes now: "local", the entropy model's and the local models' ring
         buffers and the per-row tables (bounded by the windows, and the open patch by the longest one);
-        "global", the global model's keys and values, which every row holds up to the patches of the
-        longest sequence so far (doubling as it grows: `global_bytes_per_patch` each)."""
+        "global", the global model's pool of pages (paged_cache.py), which grows with the patches of all
+        sequences together (doubling: `global_bytes_per_patch` a patch) and stays; "global_held", the pages
+        of it that slots hold now (sequences, and states kept for later prompts), each page once."""
         local = [self.entropy_kv.kv, self.encoder_kv.kv, self.decoder_kv.kv, self.latest, self.open_patch.data,
                  self.history, self.output_counts, self.seen, self.logit_bias]
-        return {"local": sum(t.nbytes for t in local), "global": self.global_kv.kv.nbytes}
+        pool = self.global_kv
+        return {"local": sum(t.nbytes for t in local), "global": pool.kv.nbytes,
+                "global_held": pool.kv.nbytes // pool.num_pages * pool.pages_held()}
 
     def global_bytes_per_patch(self) -> int:
-        """What one more patch of capacity in the global model's cache takes, for all rows."""
+        """What a patch of one sequence takes in the global model's cache (keys and values, every layer)."""
         kv = self.global_kv.kv
-        return kv.nbytes // kv.shape[4]
+        return kv.nbytes // (kv.shape[2] * kv.shape[4])
 
     def batch_window(self) -> int | None:
         """The most positions a row of a padded batch (prefill_start) takes: more would wrap a ring buffer

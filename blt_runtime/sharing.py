@@ -26,8 +26,10 @@ a leader that scores its own, and takes the leader's scores up to the fork with 
 (`scores_cover`); it never resumes in a retained slot, which keeps no scores. One whose guide forced
 bytes that need logprobs (scheduler.Sequence.force) copies no state past the position before the first
 of them: its own prefill scores them. Outputs do not change
-(up to rounding where a follower's chunks would have been cut elsewhere). Pure bookkeeping but for
-the copies, which the runner makes.
+(up to rounding where a follower's chunks would have been cut elsewhere). Where the global cache's
+pages run short, every retained state and kept prefix is forgotten (`forget_retained`) and its pages go
+back. Pure bookkeeping but for the copies, which the runner makes (the global cache's pages are shared,
+not copied: paged_cache.py).
 """
 
 from __future__ import annotations
@@ -165,6 +167,13 @@ class PromptSharing:
         self.clock += 1
         self.retained[slot] = Retained(ids, seq.num_patches, seq.open_len, [s for s in seq.patch_starts if s <= at],
                                        kept=True, used=self.clock)
+
+    def forget_retained(self) -> list[int]:
+        """Every state kept for a later prompt is forgotten (the global cache needs their pages back): their
+        slots."""
+        slots = list(self.retained)
+        self.retained.clear()
+        return slots
 
     def retain(self, seq: Sequence) -> None:
         """A sequence finishes (not aborted): keep what its slot holds for a prompt that begins with it.

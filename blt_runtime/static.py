@@ -303,7 +303,7 @@ class StaticDecoder:
         """Entries of the global cache a patch step reads: a power of two (few shapes, few graphs), or the
         whole cache where that holds what is needed and the power of two would not fit (the engine grows the
         cache only as far as memory allows: CacheFull)."""
-        span, capacity = span_bucket(needed), self.r.global_kv.kv.shape[4]
+        span, capacity = span_bucket(needed), self.r.global_kv.capacity
         return capacity if needed <= capacity < span else span
 
     def _local_spans(self, max_length: int) -> tuple[int, int, int]:

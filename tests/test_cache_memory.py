@@ -1,20 +1,23 @@
 """When the global model's cache cannot grow (out of memory), the engine goes on without that growth.
 
-The global cache holds, for every row, as many patches as the longest sequence, and grows by doubling
-(cache.py). Here its allocations fail past a number of entries (cache._allocate, as CUDA's would past
-the free memory): the cache then grows by smaller steps; a prefill chunk is cut to the patches the
-cache surely holds; and only a sequence that cannot go on even so fails, with finish_reason "error",
-while every other request's bytes stay those of full recompute.
+The global cache is a pool of pages that the sequences' patches take as they need them, and grows by
+doubling (paged_cache.py). Here its allocations fail past a number of patches (cache._allocate, as CUDA's
+would past the free memory), and its first size is one page a slot: the pool then grows by smaller steps;
+the states kept for later prompts give their pages back; a prefill chunk is cut to the patches the pages
+hold; and only a sequence that cannot go on even so fails, with finish_reason "error" (the one that holds the
+most patches first: its pages go back), while every other request's bytes stay those of full recompute.
 """
 
+import numpy as np
 import pytest
 import torch
 from enginekit import replay_full_recompute, run_engine
 from factory import PARITY_TEXT
 
-from blt_runtime import cache, load_model
-from blt_runtime.cache import CacheFull, KVCache
+from blt_runtime import cache, load_model, paged_cache
+from blt_runtime.cache import CacheFull
 from blt_runtime.engine import Engine
+from blt_runtime.paged_cache import PAGE, PagedKVCache
 from blt_runtime.sampling import SamplingParams
 
 
@@ -25,38 +28,41 @@ def model(hf_checkpoint):
 
 @pytest.fixture
 def memory(monkeypatch):
-    """memory["entries"]: the most entries a global cache's allocation may hold; more fails as CUDA's does."""
-    limit = {"entries": None, "refused": 0, "sizes": []}
+    """memory["patches"]: the most patches a pool of pages may hold (the null page not counted); more fails as
+    CUDA's allocation does. A pool starts at one page a slot."""
+    limit = {"patches": None, "refused": 0, "sizes": []}
     real = cache._allocate
 
     def allocate(like, shape):
-        if limit["entries"] is not None and len(shape) == 6 and shape[4] > limit["entries"]:
+        if limit["patches"] is not None and len(shape) == 6 and (shape[2] - 1) * shape[4] > limit["patches"]:
             limit["refused"] += 1
-            limit["sizes"].append(shape[4])
+            limit["sizes"].append(shape[2])
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {shape} (test)")
         return real(like, shape)
 
     monkeypatch.setattr(cache, "_allocate", allocate)
+    monkeypatch.setattr(paged_cache, "FIRST_PATCHES", PAGE)
     return limit
 
 
-def test_a_cache_grows_by_smaller_steps_when_doubling_runs_out_of_memory(memory, monkeypatch):
-    kv = KVCache(1, 2, 1, 4, None, 10_000, "cpu", torch.float32)
-    kv.kv[:, 0, 1, 0, 63] = 5.0
-    memory["entries"] = 100
-    kv.reserve(70)  # 128 is refused; 96 (1.5x) fits
-    assert kv.kv.shape[4] == 96 and (kv.kv[:, 0, 1, 0, 63] == 5.0).all()
-    with pytest.raises(CacheFull, match="from 96 to 101 patches in each of its 2 rows"):
-        kv.reserve(101)  # 120 and 101 are refused; 192, 144 and 128, not below the 128 refused just now, not tried
-    assert memory["sizes"] == [128, 120, 101]
-    assert kv.kv.shape[4] == 96 and (kv.kv[:, 0, 1, 0, 63] == 5.0).all()  # as it was
-    memory["entries"] = None
+def test_a_pool_grows_by_smaller_steps_when_doubling_runs_out_of_memory(memory, monkeypatch):
+    kv = PagedKVCache(1, 2, 1, 4, 10_000, "cpu", torch.float32)  # 3 pages: the null page and one a slot
+    kv.reserve_rows([(0, 0, 10)])
+    kv.kv[:, 0, kv.host[0, 0]] = 5.0
+    memory["patches"] = 3 * PAGE
+    kv.reserve_rows([(0, 10, 40)])  # 4 pages: 6 (doubling) is refused, 4 (1.5x, and what is needed) fits
+    assert kv.num_pages == 4 and memory["sizes"] == [6] and (kv.kv[:, 0, kv.host[0, 0]] == 5.0).all()
+    with pytest.raises(CacheFull, match="from 48 to 64 patches for all sequences together"):
+        kv.reserve_rows([(1, 0, 10)])  # 5 pages: 8 and 6, not below the 6 refused just now, are not tried; 5 is
+    assert memory["sizes"] == [6, 5]
+    assert kv.num_pages == 4 and kv.held == [3, 0] and (kv.kv[:, 0, kv.host[0, 0]] == 5.0).all()  # as it was
+    memory["patches"] = None
     with pytest.raises(CacheFull):  # what was refused a moment ago is not tried again at once
-        kv.reserve(101)
-    assert memory["sizes"] == [128, 120, 101]
+        kv.reserve_rows([(1, 0, 10)])
+    assert memory["sizes"] == [6, 5]
     monkeypatch.setattr(cache, "RETRY_REFUSED_S", 0.0)  # later, it is
-    kv.reserve(101)
-    assert kv.kv.shape[4] == 192
+    kv.reserve_rows([(1, 0, 10)])
+    assert kv.num_pages == 8 and kv.held == [3, 1]
 
 
 def test_an_error_that_is_not_memory_is_raised(monkeypatch):
@@ -64,8 +70,10 @@ def test_an_error_that_is_not_memory_is_raised(monkeypatch):
         raise RuntimeError("something else")
 
     monkeypatch.setattr(cache, "_allocate", broken)
+    kv = PagedKVCache(1, 2, 1, 4, 10_000, "cpu", torch.float32)
     with pytest.raises(RuntimeError, match="something else"):
-        KVCache(1, 2, 1, 4, None, 10_000, "cpu", torch.float32).reserve(70)
+        kv.reserve_rows([(0, 0, 1000)])
+    assert kv.held == [0, 0] and np.all(kv.host == 0)
 
 
 def greedy(max_bytes: int) -> SamplingParams:
@@ -74,10 +82,10 @@ def greedy(max_bytes: int) -> SamplingParams:
 
 @pytest.mark.parametrize("static, overlap", [(False, False), (True, False), (True, True)])
 def test_only_the_sequence_the_cache_cannot_hold_fails(model, memory, static, overlap):
-    """A global cache that cannot grow past 128 patches a row: a prompt of more patches than that fails when
-    its prefill gets there; a running request whose patches pass it fails at that step; the short requests
-    beside them are served to the end, byte for byte as full recompute."""
-    memory["entries"] = 128
+    """A pool of pages that cannot grow past 256 patches: a prompt of more patches than that (425) fails when its
+    prefill gets there; a running request whose patches pass it (451) fails at that step; the short requests
+    beside them (46 and 59 patches) are served to the end, byte for byte as full recompute."""
+    memory["patches"] = 256
     engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static, overlap=overlap)
     requests = {"short": (PARITY_TEXT[:40], greedy(60)), "long_prompt": (PARITY_TEXT[:1100], greedy(20)),
                 "long_output": (PARITY_TEXT[:200], greedy(900)), "late": (PARITY_TEXT[300:340], greedy(80))}
@@ -89,22 +97,26 @@ def test_only_the_sequence_the_cache_cannot_hold_fails(model, memory, static, ov
     for rid in ("long_prompt", "long_output"):
         final = results[rid][1]
         assert final.finish_reason == "error", rid
-        assert "out of memory" in final.error and "needed the most" in final.error
-        assert final.usage.global_steps <= 128  # it held what fitted, and no more
+        assert "out of memory" in final.error and "held the most" in final.error
+        assert final.usage.global_steps <= 256  # it held what fitted, and no more
     assert results["long_prompt"][0] == b""  # failed during its prefill
     generated = results["long_output"][0]
     assert 0 < len(generated) < 900  # it ran until its patches passed the limit, and what it sent was right
     replay_full_recompute(model, requests["long_output"][0], requests["long_output"][1], 0, generated)
-    assert memory["refused"] > 0 and engine.runner.global_kv.kv.shape[4] <= 128
+    assert memory["refused"] > 0 and engine.runner.global_kv.num_pages <= 1 + 256 // PAGE
+    # what is left is the pages of the states kept for later prompts: the longs' went back
+    kept = engine.sharing.retained.values()
+    assert engine.runner.global_kv.pages_held() == sum(-(-held.num_patches // PAGE) for held in kept)
     assert not engine.has_work() and engine.scheduler.num_running == 0 and engine.slots.num_free == 4
 
 
 def test_a_prefill_chunk_is_cut_to_the_patches_the_cache_holds(model, memory):
-    """Near the limit a chunk of 96 bytes could close 96 patches: it is cut to what the cache holds, so that
+    """Near the limit a chunk of 96 bytes could close 96 patches: it is cut to what the pages hold, so that
     a prompt whose patches fit is served whole, not failed for a chunk's worst case."""
     prompt, params = PARITY_TEXT[:700], greedy(30)
     alone = run_engine(Engine(model, prefill_chunk=96), {"p": (prompt, params)})["p"]
-    memory["entries"] = alone[1].usage.global_steps + 1  # room for every patch it closes, not for a chunk more
+    # room for every patch it closes (297), not for a chunk more
+    memory["patches"] = -(-(alone[1].usage.global_steps + 1) // PAGE) * PAGE
     engine = Engine(model, max_batch_size=2, prefill_chunk=96)
     chunks, plan = [], engine._plan
 
@@ -126,8 +138,9 @@ def test_a_prefill_chunk_is_cut_to_the_patches_the_cache_holds(model, memory):
 def test_followers_of_a_leader_that_fails_go_on_without_it(model, memory, static):
     """Requests waiting to copy a leader's state (shared prompts) whose leader fails: one that forked before
     it failed is served; one that waited for a prefix beyond the failure prefills itself (and fails the same
-    way, its prompt being too long as well); nothing waits forever."""
-    memory["entries"] = 128
+    way, its prompt being too long as well); nothing waits forever. The leader's pages that the early follower
+    took stay its own."""
+    memory["patches"] = 256
     engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static)
     requests = {"leader": (PARITY_TEXT[:1100], greedy(20)), "follower": (PARITY_TEXT[:800] + b"tail", greedy(20)),
                 "early_follower": (PARITY_TEXT[:150] + b"x", greedy(30))}

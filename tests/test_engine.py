@@ -15,6 +15,7 @@ from blt_runtime import load_model
 from blt_runtime.attention import band_attention
 from blt_runtime.engine import Engine
 from blt_runtime.generate import generate
+from blt_runtime.paged_cache import PAGE
 from blt_runtime.reference import reference_generate, reference_patch_lengths
 from blt_runtime.sampling import SamplingParams, ranked
 from blt_runtime.scheduler import PromptTooLong, QueueFull, Sequence
@@ -403,21 +404,30 @@ def test_cpu_layout_keeps_every_weight(hf_checkpoint, tmp_path):
 
 
 def test_cache_bytes_say_what_the_caches_take(models):
-    """Engine.cache_bytes: the local models' part stays as it was; the global model's grows with the longest
-    sequence's patches, `global_bytes_per_patch` a patch of capacity, and stays."""
+    """Engine.cache_bytes: the local models' part stays as it was; the global model's pool of pages grows with
+    the patches of all sequences together (not every slot times the longest), `global_bytes_per_patch` one
+    sequence's patch, and stays."""
     model = copy.deepcopy(models["1b"])
     object.__setattr__(model.config, "patching_threshold", -1.0)  # every byte a patch
     engine = Engine(model, max_batch_size=2)
     before, per_patch = engine.cache_bytes(), engine.runner.global_bytes_per_patch()
     rows, cfg = 2 + 4 + 1, model.config.global_model  # slots, kept prefixes, scratch
-    assert per_patch == 2 * cfg.num_layers * rows * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
-    assert before["global"] == 64 * per_patch and before["local"] > 0
-    _, final = run_engine(engine, {"a": (PARITY_TEXT[:700], SamplingParams(max_bytes=4, temperature=0.0))})["a"]
+    assert per_patch == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+    assert before["global"] == (1 + rows * 64 // PAGE) * PAGE * per_patch and before["local"] > 0
+    requests = {"long": (PARITY_TEXT * 2, SamplingParams(max_bytes=4, temperature=0.0)),
+                "short": (PARITY_TEXT[200:300], SamplingParams(max_bytes=4, temperature=0.0))}
+    results = run_engine(engine, requests)
     after = engine.cache_bytes()
     assert after["local"] == before["local"]
-    patches = final.usage.prompt_patches + final.usage.completion_patches
+    patches = {rid: final.usage.prompt_patches + final.usage.completion_patches for rid, (_, final) in results.items()}
     capacity, rest = divmod(after["global"], per_patch)
-    assert rest == 0 and patches > 700 and patches <= capacity < 2 * patches  # grown, at most doubling
+    assert rest == 0 and patches["long"] > 2000
+    # grown to hold both at once, at most doubling, and less than two rows of the longest would take
+    assert sum(patches.values()) <= capacity < 2 * (sum(patches.values()) + 2 * PAGE)
+    assert capacity < 2 * patches["long"]
+    # what each finished request ran through the models stays, for a later prompt that begins with it
+    held = sum(-(-final.usage.global_steps // PAGE) for _, final in results.values())
+    assert engine.runner.global_kv.pages_held() == held
 
 
 def test_a_chunk_of_more_than_twice_the_window_is_attended_a_window_at_a_time(models, monkeypatch):

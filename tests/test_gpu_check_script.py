@@ -91,6 +91,7 @@ def test_gpu_only_timings_run_their_cases(monkeypatch):
     assert pieces["runs"]["finish"] >= 4 and 0 < pieces["us_per_step"]["finish"] < pieces["wall_us_per_step"]
     assert engine.static._run.__name__ == "_run"  # put back
     # per attention case its default, with two launches, an additive mask, SDPA and the sweep (every split
-    # count at one block or more); two ways otherwise, two stretches or products per way (four products)
+    # count at one block or more), and for the global cache's three the kernel and SDPA over pages; two ways
+    # otherwise, two stretches or products per way (four products)
     assert swept >= len(gpu_check.SPLITS) * 5
-    assert len(calls) == 4 * 5 + swept + 4 * 4 + 8 * 8 + 2 * 4
+    assert len(calls) == 4 * 5 + 2 * 3 + swept + 4 * 4 + 8 * 8 + 2 * 4

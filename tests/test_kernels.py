@@ -102,18 +102,28 @@ def compile(kernel, program, types, constexprs, default="*bf16", options=None):
     assert built.metadata.shared <= 232448, (kernel, constexprs, built.metadata.shared)
 
 types = {"Rows": "*i64", "WRows": "*i64", "WIndex": "*i64", "Rot": "*fp32", "Part": "*fp32", "Counts": "*i32",
-         "scale": "fp32", "skv_kv": "i64"}
-for gather, mask, store, rope, D, groups, windows, split, meet in [
-        (True, 2, True, True, 64, 1, (0, 0), False, False), (False, 2, True, True, 128, 2, (512, 512), False, False),
-        (False, 0, True, True, 128, 2, (512, 0), False, False), (True, 1, False, False, 48, 1, (0, 0), False, False),
-        (False, 1, False, False, 64, 4, (0, 0), False, False), (True, 2, 2, 2, 64, 1, (512, 512), False, False),
-        (False, 2, 2, 2, 128, 2, (0, 0), False, False), (False, 2, 2, 2, 64, 1, (512, 512), True, True),
-        (True, 2, 2, 2, 128, 1, (0, 0), True, True), (True, 1, True, True, 48, 2, (0, 0), True, False),
-        (False, 2, 2, 2, 64, 1, (512, 512), True, False)]:
+         "Pages": "*i32", "scale": "fp32", "skv_kv": "i64"}
+for gather, mask, store, rope, D, groups, windows, split, meet, page in [
+        (True, 2, True, True, 64, 1, (0, 0), False, False, 0),
+        (False, 2, True, True, 128, 2, (512, 512), False, False, 0),
+        (False, 0, True, True, 128, 2, (512, 0), False, False, 0),
+        (True, 1, False, False, 48, 1, (0, 0), False, False, 0),
+        (False, 1, False, False, 64, 4, (0, 0), False, False, 0),
+        (True, 2, 2, 2, 64, 1, (512, 512), False, False, 0),
+        (False, 2, 2, 2, 128, 2, (0, 0), False, False, 0),
+        (False, 2, 2, 2, 64, 1, (512, 512), True, True, 0),
+        (True, 2, 2, 2, 128, 1, (0, 0), True, True, 0),
+        (True, 1, True, True, 48, 2, (0, 0), True, False, 0),
+        (False, 2, 2, 2, 64, 1, (512, 512), True, False, 0),
+        # the global model's cache of pages: stored at each row's length, or at a page and entry given
+        (True, 2, 2, 2, 128, 1, (0, 0), True, True, 16),
+        (False, 2, 2, 2, 128, 1, (0, 0), False, False, 16),
+        (True, 2, True, True, 64, 2, (0, 0), False, False, 16),
+        (True, 1, False, False, 128, 1, (0, 0), True, False, 16)]:
     compile(attention._kernel, attention._attention_program, types | ({"Mask": "*i64"} if mask == 2 else {}),
             dict(GROUPS=groups, D=D, D_PAD=1 << (D - 1).bit_length(), BLOCK=64, GATHER=gather, MASK=mask,
                  STORE=store, ROPE=rope, CACHE_WINDOW=windows[0], STACK_WINDOW=windows[1], SPLIT=split, MEET=meet,
-                 SPLITS_PAD=8))
+                 SPLITS_PAD=8, PAGE=page))
 for D, splits_pad in ((64, 4), (128, 8), (48, 16)):
     compile(attention._combine, attention._combine_program, {"Part": "*fp32"},
             dict(D=D, D_PAD=1 << (D - 1).bit_length(), SPLITS_PAD=splits_pad))

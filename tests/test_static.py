@@ -11,11 +11,12 @@ import torch
 from enginekit import assert_close_scores, replay_full_recompute, run_engine, with_local_window
 from factory import PARITY_TEXT
 
-from blt_runtime import load_model
+from blt_runtime import load_model, paged_cache
 from blt_runtime.cache import KVCache
 from blt_runtime.engine import Engine
 from blt_runtime.graphs import StepGraphs
 from blt_runtime.model.local_encoder import PATCH_BLOCK
+from blt_runtime.paged_cache import PAGE, PagedKVCache
 from blt_runtime.sampling import SamplingParams
 from blt_runtime.static import PIECE_BUFFERS, StaticDecoder, batch_buckets, bucket, span_bucket
 
@@ -26,7 +27,7 @@ def models(hf_checkpoint):
 
 
 @pytest.mark.parametrize("structure, window, prompt_len", [
-    ("gqa", 512, 700),  # ring buffers past the window, global cache grown past 64 patches
+    ("gqa", 512, 700),  # ring buffers past the window, global cache read past 64 patches
     ("1b", 48, 100),  # a small ring that wraps many times
     ("mixed_heads", None, 1),  # local caches without a window: read at power-of-two spans
 ])
@@ -43,7 +44,7 @@ def test_static_greedy_equals_full_recompute(models, structure, window, prompt_l
     generated = b"".join(o.new_bytes for o in outputs)
     assert len(generated) >= 600
     replay_full_recompute(model, prompt, params, seq.seed, generated, engine_logprobs=[o.logprobs for o in outputs])
-    assert engine.runner.global_kv.k.shape[3] > 64, "the global cache should have grown during decoding"
+    assert seq.num_patches > 64, "the global cache should have been read past 64 patches (and 4 pages)"
     assert outputs[-1].usage.global_steps == seq.num_patches
 
 
@@ -138,12 +139,12 @@ def test_byte_pieces_read_caches_in_place(models, monkeypatch):
     reads: list[tuple[tuple, object]] = []
     expected: list[bool] = []  # per decode step: does the bucket above the highest slot equal the batch's
     chosen: list[bool] = []  # per decode step: did it read in place
-    read, run, step = KVCache.read, StaticDecoder._run, StaticDecoder.step
+    read, paged_read, run, step = KVCache.read, PagedKVCache.read, StaticDecoder._run, StaticDecoder.step
     piece = []
 
     def watched_read(self, layer, slots, span):
         reads.append((piece[-1] if piece else ("outside",), slots))
-        return read(self, layer, slots, span)
+        return (paged_read if isinstance(self, PagedKVCache) else read)(self, layer, slots, span)
 
     def watched_run(self, key, fn):
         piece.append(key)
@@ -159,6 +160,7 @@ def test_byte_pieces_read_caches_in_place(models, monkeypatch):
         return step(self, slots, *args)
 
     monkeypatch.setattr(KVCache, "read", watched_read)
+    monkeypatch.setattr(PagedKVCache, "read", watched_read)
     monkeypatch.setattr(StaticDecoder, "_run", watched_run)
     monkeypatch.setattr(StaticDecoder, "step", watched_step)
     requests = {str(i): (PARITY_TEXT[:30 + 40 * i], SamplingParams(max_bytes=12 + 30 * (i % 2), temperature=0.0))
@@ -233,10 +235,12 @@ class CpuStepGraphs(StepGraphs):
         return RecordedPiece(key, piece, self.static)
 
 
-def test_graph_keys_name_every_shape(models):
+def test_graph_keys_name_every_shape(models, monkeypatch):
     """With graphs stood in by replays of the piece recorded at capture, a key that failed to name
     something a piece depends on (bucket, spans, sampling mode, patch shape) or a graph kept across a
-    buffer's growth would give other bytes than the eager static steps."""
+    buffer's growth would give other bytes than the eager static steps. The global cache's pool starts at
+    one page a slot here, so that it grows."""
+    monkeypatch.setattr(paged_cache, "FIRST_PATCHES", PAGE)
     model = models["1b"]
     kinds = [dict(temperature=0.0), dict(temperature=3.0, top_p=0.95, logprobs=2), dict(temperature=0.0,
              repetition_penalty=1.2)]
@@ -261,6 +265,7 @@ def test_graph_keys_name_every_shape(models):
                 assert any(key[-1] for key in graphs.graphs if key[0] == "patch")  # closing rows decoded again
             assert graphs.captures == len(graphs.graphs) + graphs.forgotten
             if requests is mixed:  # the global cache grew: only patch steps, which read it, were captured again
+                assert engine.runner.global_kv.num_pages > 1 + 13
                 assert {key[0] for key, n in graphs.captured.items() if n > 1} == {"patch"}, graphs.captured
                 assert all(key in graphs.graphs for key in graphs.captured if key[0] != "patch")
 

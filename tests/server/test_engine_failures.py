@@ -3,8 +3,8 @@ go on, and blt_requests_failed_total{reason} counts them.
 
 - A request whose patches the global model's cache cannot hold (its growth runs out of memory) fails
   alone, with a 500 that names the cause (code "out_of_memory"), while the others are served
-  (blt_runtime/engine.py, Engine._plan). The cache's allocations are made to fail past 128 patches a
-  row (cache._allocate), as CUDA's would past the free memory; the real engine runs behind the app.
+  (blt_runtime/engine.py, Engine._plan). The cache's pool of pages is made to start small and fail to
+  grow (cache._allocate), as CUDA's would past the free memory; the real engine runs behind the app.
 - An engine step that raises fails every request in flight (500, "internal_error"), and the server
   serves the next ones.
 - A byte the sampler could not have chosen (a guide forbids it: the logits were NaN) fails its request
@@ -19,19 +19,22 @@ import torch
 from scripted import ScriptedEngine
 from serverkit import metric_value, metrics_text, sse_events, wait_until
 
-from blt_runtime import Engine, cache, load_model
+from blt_runtime import Engine, cache, load_model, paged_cache
+from blt_runtime.paged_cache import PAGE
 
 
 @pytest.fixture
 def limited(monkeypatch):
+    """The global cache's pool starts at a page a slot (9 slots: 144 patches) and cannot grow."""
     real = cache._allocate
 
     def allocate(like, shape):
-        if len(shape) == 6 and shape[4] > 128:
+        if len(shape) == 6 and shape[4] == PAGE:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
         return real(like, shape)
 
     monkeypatch.setattr(cache, "_allocate", allocate)
+    monkeypatch.setattr(paged_cache, "FIRST_PATCHES", PAGE)
 
 
 def test_only_the_request_the_cache_cannot_hold_fails(serve, tiny, limited):

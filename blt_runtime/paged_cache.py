@@ -1,0 +1,207 @@
+"""The global model's keys and values in pages, each sequence holding only the patches it has.
+
+A patch position p of a slot lives in page `table[slot, p // PAGE]`, at entry p % PAGE. Pages are handed
+out as a sequence's patches need them (`reserve_rows`, which the engine calls before each step for the rows
+whose patches it may write), so the cache takes the patches of all sequences together, not every slot times
+the longest sequence (a 1B model's 64 slots at a full context of 24 KB would take 75 GiB that way). A page
+that several slots see is shared, not copied: a prefix copied into another slot (`share`: shared prompts,
+kept prefixes, a follower's fork) takes its pages by reference, and the page that holds a row's next
+position is copied first where another slot sees it too (copy on write: pages below a row's length are
+never written again, so only that page can be shared and written). Page 0 is never handed out: table
+entries no page holds point there, and padding rows (the runner's scratch slot) write there.
+
+The pool of pages is one tensor, (2, layers, pages, kv_heads, PAGE, head_dim): a slot's row of a
+`KVCache` is a page here, so writes and the attention kernel take (page, entry) where they took (slot,
+entry). It grows by doubling when pages run out, by smaller steps where that fails for want of memory, and
+raises CacheFull when even the pages asked for cannot be had. The table is on the device (the attention
+kernel and the step's reads look pages up there) and mirrored on the host, which alone decides; rows that
+change are copied up before the step that needs them. Knows nothing about requests.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from . import cache
+from .cache import CacheFull, KVCache, _grown, out_of_memory
+
+PAGE = 16  # patches per page: a sequence leaves at most 15 entries of its last page unused
+FIRST_PATCHES = 64  # the pool's first size: this many patches a slot
+
+
+class PagedKVCache(KVCache):
+    """A KVCache without a window whose rows hold pages (see the module's docstring). Reads, writes and the
+    attention kernel take its `pages` (the device table and PAGE); `read` gathers a batch's pages."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, device, dtype,
+                 heads: int | None = None, page: int = PAGE):
+        super().__init__(layers, 1, kv_heads, head_dim, None, max_len, device, dtype, heads)
+        self.page = page
+        # table columns: every span a step reads, a power of two above the longest sequence at most
+        self.columns = -(-(1 << (max_len + 2 - 1).bit_length()) // page)
+        first = 1 + slots * max(1, FIRST_PATCHES // page)  # the null page, and the first patches of every slot
+        self.kv = torch.zeros((2, layers, first, kv_heads, page, head_dim), device=device, dtype=dtype)
+        self.split_counts = torch.zeros(slots * (heads or kv_heads), device=device, dtype=torch.int32)
+        self.host = np.zeros((slots, self.columns), dtype=np.int32)
+        self.table = torch.zeros((slots, self.columns), dtype=torch.int32, device=device)
+        self.held = [0] * slots  # pages each slot holds: its columns 0 .. held - 1
+        self.refs = np.zeros(first, dtype=np.int64)  # slots that hold each page
+        self.free = list(range(first - 1, 0, -1))  # pop() hands out the lowest page
+        self._dirty: set[int] = set()  # slots whose table row the device has not seen
+
+    @property
+    def pages(self) -> tuple[torch.Tensor, int]:
+        """What the attention kernel needs to find a position: the device table and the page size."""
+        return self.table, self.page
+
+    @property
+    def capacity(self) -> int:
+        """Entries a row's table spans: every span a step may read."""
+        return self.columns * self.page
+
+    @property
+    def num_pages(self) -> int:
+        return self.kv.shape[2]
+
+    def reserve(self, length: int) -> None:
+        """Nothing: rows hold pages by `reserve_rows`, which the engine calls for the rows it will write."""
+
+    def span(self, max_length: int) -> int:
+        return max_length
+
+    # ------------------------------------------------------------------ pages of rows
+    def reserve_rows(self, rows: list[tuple[int, int, int]]) -> None:
+        """Make each (slot, start, end) ready for positions start .. end - 1 to be written: pages up to the
+        one that holds end - 1, and the pages from start's on the slot's alone (copied where another slot
+        holds them too). All or nothing: where the pool cannot grow to the pages needed, CacheFull, with
+        nothing changed."""
+        wanted, copies = 0, []
+        for slot, start, end in rows:
+            if end <= start:
+                continue
+            if end > self.capacity:
+                raise ValueError(f"position {end - 1} is past the global cache's {self.capacity} entries a row")
+            held = self.held[slot]
+            wanted += max(0, -(-end // self.page) - held)
+            shared = [c for c in range(start // self.page, held) if self.refs[self.host[slot, c]] > 1]
+            copies += [(slot, c) for c in shared]
+            wanted += len(shared)
+        if wanted > len(self.free):
+            self._grow(self.num_pages - len(self.free) + wanted)
+        for slot, column in copies:
+            old = int(self.host[slot, column])
+            if self.refs[old] == 1:  # the other slots that held it copied it first (in this call)
+                continue
+            new = self.free.pop()
+            self.kv[:, :, new].copy_(self.kv[:, :, old])
+            self.refs[old] -= 1
+            self.refs[new] = 1
+            self.host[slot, column] = new
+            self._dirty.add(slot)
+        for slot, _, end in rows:
+            for column in range(self.held[slot], -(-end // self.page)):
+                page = self.free.pop()
+                self.refs[page] = 1
+                self.host[slot, column] = page
+                self.held[slot] = column + 1
+                self._dirty.add(slot)
+        self._sync()
+
+    def room(self, slot: int, start: int) -> int:
+        """Positions from `start` on that the slot could write without the pool growing."""
+        held = self.held[slot]
+        shared = sum(1 for c in range(start // self.page, held) if self.refs[self.host[slot, c]] > 1)
+        return max(0, (held + len(self.free) - shared) * self.page - start)
+
+    def trim(self, slot: int, length: int) -> None:
+        """The slot keeps its first `length` positions: the pages past them go back."""
+        keep = -(-length // self.page)
+        for column in range(keep, self.held[slot]):
+            self._drop(int(self.host[slot, column]))
+            self.host[slot, column] = 0
+        if keep < self.held[slot]:
+            self.held[slot] = keep
+            self._dirty.add(slot)
+            self._sync()
+
+    def share(self, source: int, target: int, length: int) -> None:
+        """Slot `target` holds what `source` holds at its first `length` positions: the same pages."""
+        self.trim(target, 0)
+        n = -(-length // self.page)
+        pages = self.host[source, :n]
+        self.refs[pages] += 1
+        self.host[target, :n] = pages
+        self.held[target] = n
+        self._dirty.add(target)
+        self._sync()
+
+    def pages_held(self) -> int:
+        """Pages some slot holds (each once, however many share it)."""
+        return self.num_pages - 1 - len(self.free)
+
+    def _drop(self, page: int) -> None:
+        self.refs[page] -= 1
+        if self.refs[page] == 0:
+            self.free.append(page)
+            self.free.sort(reverse=True)
+
+    def _sync(self) -> None:
+        """Copy the table rows that changed up to the device (between steps: what a step queued before reads
+        the rows as they were, in stream order)."""
+        if not self._dirty:
+            return
+        slots = sorted(self._dirty)
+        self._dirty.clear()
+        rows = torch.from_numpy(self.host[slots])
+        if len(slots) == 1:
+            self.table[slots[0]].copy_(rows[0])
+        else:
+            self.table[torch.tensor(slots, device=self.table.device)] = rows.to(self.table.device)
+
+    def grow(self, pages: int) -> None:
+        """A pool of `pages` pages at least (a benchmark grows it before it times steps)."""
+        if pages > self.num_pages:
+            self._grow(pages)
+
+    def _grow(self, needed: int) -> None:
+        """At least `needed` pages: doubling, else smaller steps down to `needed` (not a size refused in the
+        last cache.RETRY_REFUSED_S seconds); CacheFull if none can be had."""
+        size = self.num_pages
+        refused = None
+        if self._refused is not None and time.monotonic() - self._refused[1] < cache.RETRY_REFUSED_S:
+            refused = self._refused[0]
+        first = max(2 * size, needed)
+        tries = sorted({first, size * 3 // 2, size * 5 // 4, needed}, reverse=True)
+        for new_size in [n for n in tries if needed <= n <= first and (refused is None or n < refused)]:
+            try:
+                self.kv = _grown(self.kv, 2, new_size, cap=new_size)
+            except Exception as e:  # noqa: BLE001 - only a failed allocation is tried again smaller
+                if not out_of_memory(e):
+                    raise
+                self._refused = (new_size, time.monotonic())
+                continue
+            self.refs = np.concatenate([self.refs, np.zeros(new_size - size, dtype=self.refs.dtype)])
+            self.free = sorted(self.free + list(range(size, new_size)), reverse=True)
+            return
+        raise CacheFull((needed - 1) * self.page, (size - 1) * self.page, None, self.kv.nbytes // size * needed)
+
+    # ------------------------------------------------------------------ reads and writes
+    def addresses(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, entry) of each slot's position, both like `positions`. Columns past the table (a padding
+        row's positions, which the scratch slot takes) are read at its last."""
+        columns = torch.clamp(torch.div(positions, self.page, rounding_mode="floor"), max=self.columns - 1)
+        return self.table[rows, columns].long(), torch.remainder(positions, self.page)
+
+    def host_address(self, slot: int, position: int) -> tuple[int, int]:
+        return int(self.host[slot, position // self.page]), position % self.page
+
+    def read(self, layer: int, slots: torch.Tensor | slice, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `span` positions of each row, gathered from their pages: (B, H_kv, span, D) each."""
+        n = -(-span // self.page)
+        pages = self.table[slots, :n].long()  # (B, n)
+        both = self.kv[:, layer][:, pages]  # (2, B, n, H_kv, PAGE, D)
+        both = both.permute(0, 1, 3, 2, 4, 5).flatten(3, 4)[:, :, :, :span]
+        return both[0], both[1]
