@@ -120,21 +120,27 @@ def build_engine(settings: Settings):
 
 
 def log_caches(engine) -> None:
-    """What the caches take, and what the global model's would for a full context at 4 bytes a patch (about
-    what the shipped model, and English at the released models' threshold, give); a warning where that
-    exceeds the device's free memory."""
+    """What the caches take, and what the global model's pages would for a full context at 4 bytes a patch
+    (about what the shipped model, and English at the released models' threshold, give): how many sequences
+    of the full context the device's free memory holds besides, and a warning where it holds not one."""
     from blt_runtime.device import free_memory
 
     per_patch = engine.runner.global_bytes_per_patch()
     full = per_patch * (engine.max_model_len // 4)
-    log.info("caches: %.1f MiB for the local models' windows; the global model's grows with the longest sequence "
-             "and stays, %.1f MiB per 1,000 of its patches (every slot holds as many): %.2f GiB at %d bytes of "
-             "context in patches of 4", engine.cache_bytes()["local"] / 2**20, 1000 * per_patch / 2**20,
-             full / 2**30, engine.max_model_len)
+    log.info("caches: %.1f MiB for the local models' windows; the global model's takes pages as sequences need "
+             "them, %.1f MiB per 1,000 patches of a sequence (shared prompts share theirs): %.2f GiB for a "
+             "sequence of %d bytes in patches of 4, %.2f GiB if all %d slots held one", engine.cache_bytes()["local"]
+             / 2**20, 1000 * per_patch / 2**20, full / 2**30, engine.max_model_len,
+             full * engine.max_batch_size / 2**30, engine.max_batch_size)
     free = free_memory(engine.model.device)
-    if free is not None and full > free:
-        log.warning("a sequence of the full context would grow the global model's cache to %.1f GiB, and %.1f GiB "
-                    "is free on the device: lower --max-batch-size or --max-model-len", full / 2**30, free / 2**30)
+    if free is None:
+        return
+    if full > free:
+        log.warning("a sequence of the full context would grow the global model's cache by %.1f GiB, and %.1f GiB "
+                    "is free on the device: lower --max-model-len", full / 2**30, free / 2**30)
+    elif full * engine.max_batch_size > free:
+        log.info("the free memory (%.1f GiB) holds %d sequences of the full context at once; more, or longer, "
+                 "fail the one that holds the most", free / 2**30, free // full)
 
 
 def warm_up(engine) -> None:

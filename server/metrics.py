@@ -24,8 +24,10 @@ class Metrics:
         self.waiting = Gauge("blt_num_requests_waiting", "Sequences waiting for a cache slot.", m, registry=r)
         self.cache_usage = Gauge("blt_cache_usage_ratio", "Fraction of the cache slots in use.", m, registry=r)
         self.cache_memory = Gauge("blt_cache_memory_bytes", "Memory the caches take, by part: local (the local "
-                                  "models' windows, fixed) and global (the global model's, which every slot holds "
-                                  "up to the longest sequence's patches).", m + ["part"], registry=r)
+                                  "models' windows, fixed), global (the global model's pool of pages, which grows "
+                                  "with the patches of all sequences together and stays) and global_held (the "
+                                  "pages of it that sequences and states kept for later prompts hold now).",
+                                  m + ["part"], registry=r)
         self.prompt_bytes = Counter("blt_prompt_bytes", "Prompt bytes processed.", m, registry=r)
         self.prompt_bytes_shared = Counter("blt_prompt_bytes_shared", "Prompt bytes whose prefill was copied "
                                            "from another request's (shared prompts), not computed.", m, registry=r)

@@ -187,6 +187,9 @@ def test_metrics_exist_and_move(server):
     assert metric_value(after, "blt_generation_bytes_total") - metric_value(before, "blt_generation_bytes_total") >= 20
     assert 'model="tiny"' in after
     assert all(metric_value(after, "blt_cache_memory_bytes", part=part) > 0 for part in ("local", "global"))
+    # the pages held now (nothing runs; states of 64 bytes or more are kept for later prompts)
+    assert 0 <= metric_value(after, "blt_cache_memory_bytes", part="global_held") < metric_value(
+        after, "blt_cache_memory_bytes", part="global")
     # the n choices of a completion prefill their prompt once: the others copy it
     body = {"prompt": "one prompt, three choices", "max_tokens": 5, "n": 3, "ignore_eos": True}
     response = httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60).json()

@@ -75,11 +75,14 @@ def test_start_up_logs_what_the_caches_take_and_warns_where_a_full_context_would
     caplog.set_level("INFO", logger="blt.server")
     engine = build_engine(load_settings([str(tiny), "--max-model-len", "4096"]))
     per_patch = engine.runner.global_bytes_per_patch()
-    assert f"{1000 * per_patch / 2**20:.1f} MiB per 1,000 of its patches" in caplog.text
-    assert "lower --max-batch-size" not in caplog.text  # on the CPU: no device memory to compare with
+    assert f"{1000 * per_patch / 2**20:.1f} MiB per 1,000 patches of a sequence" in caplog.text
+    assert "lower --max-model-len" not in caplog.text  # on the CPU: no device memory to compare with
+    monkeypatch.setattr("blt_runtime.device.free_memory", lambda device: 3 * 1024 * per_patch)
+    log_caches(engine)  # 4096 bytes in patches of 4: 1,024 patches; room for 3 such sequences of the 16
+    assert "holds 3 sequences of the full context at once" in caplog.text and "lower" not in caplog.text
     monkeypatch.setattr("blt_runtime.device.free_memory", lambda device: 1024 * per_patch - 1)
-    log_caches(engine)  # 4096 bytes in patches of 4: 1,024 patches, one byte more than is free
-    assert "lower --max-batch-size or --max-model-len" in caplog.text
+    log_caches(engine)  # one byte less than one such sequence takes
+    assert "lower --max-model-len" in caplog.text
 
 
 def test_vllms_names_for_the_same_settings():
