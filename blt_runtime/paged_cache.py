@@ -34,16 +34,22 @@ FIRST_PATCHES = 64  # the pool's first size: this many patches a slot
 
 class PagedKVCache(KVCache):
     """A KVCache without a window whose rows hold pages (see the module's docstring). Reads, writes and the
-    attention kernel take its `pages` (the device table and PAGE); `read` gathers a batch's pages."""
+    attention kernel take its `pages` (the device table and PAGE); `read` gathers a batch's pages, or where
+    one slot's pages follow each other in the pool, reads them in place.
+
+    The pool is stored (2, layers, kv_heads, pages, PAGE, head_dim), so that a head's entries in consecutive
+    pages are one stretch of memory (what `read` takes in place), and seen through `kv` as (2, layers, pages,
+    kv_heads, PAGE, head_dim), a KVCache's layout with pages for rows (what writes and the kernel take)."""
 
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, device, dtype,
                  heads: int | None = None, page: int = PAGE):
-        super().__init__(layers, 1, kv_heads, head_dim, None, max_len, device, dtype, heads)
-        self.page = page
+        self.window, self.max_len, self.page = None, max_len, page
+        self.rotations = None  # see KVCache
+        self._refused: tuple[int, float] | None = None
         # table columns: every span a step reads, a power of two above the longest sequence at most
         self.columns = -(-(1 << (max_len + 2 - 1).bit_length()) // page)
         first = 1 + slots * max(1, FIRST_PATCHES // page)  # the null page, and the first patches of every slot
-        self.kv = torch.zeros((2, layers, first, kv_heads, page, head_dim), device=device, dtype=dtype)
+        self.pool = torch.zeros((2, layers, kv_heads, first, page, head_dim), device=device, dtype=dtype)
         self.split_counts = torch.zeros(slots * (heads or kv_heads), device=device, dtype=torch.int32)
         self.host = np.zeros((slots, self.columns), dtype=np.int32)
         self.table = torch.zeros((slots, self.columns), dtype=torch.int32, device=device)
@@ -51,6 +57,11 @@ class PagedKVCache(KVCache):
         self.refs = np.zeros(first, dtype=np.int64)  # slots that hold each page
         self.free = list(range(first - 1, 0, -1))  # pop() hands out the lowest page
         self._dirty: set[int] = set()  # slots whose table row the device has not seen
+
+    @property
+    def kv(self) -> torch.Tensor:
+        """The pool as (2, layers, pages, kv_heads, PAGE, head_dim): a view."""
+        return self.pool.transpose(2, 3)
 
     @property
     def pages(self) -> tuple[torch.Tensor, int]:
@@ -64,7 +75,7 @@ class PagedKVCache(KVCache):
 
     @property
     def num_pages(self) -> int:
-        return self.kv.shape[2]
+        return self.pool.shape[3]
 
     def reserve(self, length: int) -> None:
         """Nothing: rows hold pages by `reserve_rows`, which the engine calls for the rows it will write."""
@@ -177,7 +188,7 @@ class PagedKVCache(KVCache):
         tries = sorted({first, size * 3 // 2, size * 5 // 4, needed}, reverse=True)
         for new_size in [n for n in tries if needed <= n <= first and (refused is None or n < refused)]:
             try:
-                self.kv = _grown(self.kv, 2, new_size, cap=new_size)
+                self.pool = _grown(self.pool, 3, new_size, cap=new_size)
             except Exception as e:  # noqa: BLE001 - only a failed allocation is tried again smaller
                 if not out_of_memory(e):
                     raise
@@ -199,9 +210,15 @@ class PagedKVCache(KVCache):
         return int(self.host[slot, position // self.page]), position % self.page
 
     def read(self, layer: int, slots: torch.Tensor | slice, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `span` positions of each row, gathered from their pages: (B, H_kv, span, D) each."""
+        """The first `span` positions of each row: (B, H_kv, span, D) each, gathered from their pages, or for
+        one slot whose pages follow each other in the pool (a sequence alone, mostly), a view."""
         n = -(-span // self.page)
-        pages = self.table[slots, :n].long()  # (B, n)
-        both = self.kv[:, layer][:, pages]  # (2, B, n, H_kv, PAGE, D)
-        both = both.permute(0, 1, 3, 2, 4, 5).flatten(3, 4)[:, :, :, :span]
+        pool = self.pool[:, layer]  # (2, H_kv, pages, PAGE, D)
+        if isinstance(slots, slice) and slots.stop - slots.start == 1:
+            first = int(self.host[slots.start, 0])
+            if n == 1 or (np.diff(self.host[slots.start, :n]) == 1).all():
+                both = pool[:, :, first:first + n].flatten(2, 3)[:, None, :, :span]
+                return both[0], both[1]
+        both = pool[:, :, self.table[slots, :n].long()]  # (2, H_kv, B, n, PAGE, D)
+        both = both.transpose(1, 2).flatten(3, 4)[:, :, :, :span]
         return both[0], both[1]

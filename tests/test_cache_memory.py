@@ -34,9 +34,9 @@ def memory(monkeypatch):
     real = cache._allocate
 
     def allocate(like, shape):
-        if limit["patches"] is not None and len(shape) == 6 and (shape[2] - 1) * shape[4] > limit["patches"]:
+        if limit["patches"] is not None and len(shape) == 6 and (shape[3] - 1) * shape[4] > limit["patches"]:
             limit["refused"] += 1
-            limit["sizes"].append(shape[2])
+            limit["sizes"].append(shape[3])
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {shape} (test)")
         return real(like, shape)
 

@@ -76,15 +76,20 @@ def test_what_each_slot_reads_is_what_was_written_at_its_positions(monkeypatch):
     assert kv.num_pages > 4 * (1 + slots)  # it grew (doubling, twice at least)
 
 
-def test_reads_gather_pages_and_consecutive_slots_alike():
-    kv = PagedKVCache(1, 4, 1, 2, 1000, "cpu", torch.float32)
-    kv.reserve_rows([(1, 0, 40), (2, 0, 20)])
+def test_a_slot_whose_pages_follow_each_other_is_read_in_place():
+    """One slot whose pages follow each other in the pool is read without a copy (a sequence alone, at each
+    patch step of each layer on a CPU); pages elsewhere, or several slots, are gathered; both read the same."""
+    kv = PagedKVCache(1, 4, 2, 2, 1000, "cpu", torch.float32)
+    kv.reserve_rows([(1, 0, 40), (2, 0, 20)])  # slot 1: pages 1, 2, 3; slot 2: 4, 5
+    kv.reserve_rows([(3, 0, 10), (2, 20, 40)])  # slot 3: 6; slot 2: 7
     kv.kv.normal_()
+    for slot, span, in_place in ((1, 40, True), (1, 7, True), (2, 32, True), (2, 40, False)):
+        got = kv.read(0, slice(slot, slot + 1), span)
+        gathered = kv.read(0, torch.tensor([slot]), span)
+        assert all(torch.equal(a, b) for a, b in zip(got, gathered)) and got[0].shape == (1, 2, span, 2)
+        assert (got[0].data_ptr() == kv.pool[0, 0, 0, kv.host[slot, 0]].data_ptr()) == in_place, (slot, span)
     both = kv.read(0, slice(1, 3), 40)
-    gathered = kv.read(0, torch.tensor([1, 2]), 40)
-    assert all(torch.equal(a, b) for a, b in zip(both, gathered)) and both[0].shape == (2, 1, 40, 2)
-    page = kv.host[2, 1]  # slot 2's positions 16 .. 19 lie in its second page
-    assert torch.equal(both[1][1, 0, 16:20], kv.kv[1, 0, page, 0, :4])
+    assert torch.equal(both[1][1, 0, 32:40], kv.kv[1, 0, 7, 0, :8])  # slot 2's positions 32 .. 39: page 7
 
 
 def paged(kv: torch.Tensor, page: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
