@@ -256,8 +256,9 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
             p.error(f"--{kind}-parallel-size {args[f'{kind}_parallel_size']}: blt-serve runs a model on one device; "
                     "serve more with more replicas (README: Scaling out)")
     if args["gpu_memory_utilization"] is not None:
-        p.error("--gpu-memory-utilization: blt-serve reserves no share of the GPU's memory; its caches are sized by "
-                "--max-batch-size and --max-model-len (start-up says whether they fit): leave it out")
+        p.error("--gpu-memory-utilization: blt-serve reserves no share of the GPU's memory; the global model's cache "
+                "takes pages as sequences need them, up to what the device holds (start-up says how many sequences "
+                "of --max-model-len fit): leave it out")
     if settings.log_level not in LOG_LEVELS:
         p.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     if settings.kernels not in KERNELS:

@@ -180,6 +180,33 @@ def test_split_attention_on_cuda(dtype):
         assert not counts.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_on_cuda(dtype):
+    """The global model's cache of pages (paged_cache.py) on a GPU: the kernel through shuffled pages gives the
+    kernel through rows bit for bit, stored entries included, at a patch step's shapes (16 closing rows of 64
+    gathered, 1,024 entries; one row, split), with the splits meeting in the kernel."""
+    from test_paged_cache import paged, rows_of
+
+    from blt_runtime.attention import RotationTable, Visible, decode_attention
+
+    device, g = torch.device("cuda"), torch.Generator().manual_seed(1)
+    for B, H, H_kv, D, span in ((16, 16, 16, 128, 1024), (1, 16, 16, 128, 1024), (4, 8, 2, 64, 200)):
+        kv = torch.randn(2, 1, 64, H_kv, 1024, D, generator=g).to(dtype)
+        pool, table = (t.to(device) for t in paged(kv, 16, seed=B))
+        kv = kv.to(device)
+        q = torch.randn(B, H, 1, D, generator=g).to(device, dtype)
+        new = torch.randn(2, B, H_kv, 1, D, generator=g).to(device, dtype)
+        slots = torch.randperm(64, generator=g)[:B].to(device)
+        lengths = torch.randint(span // 2, span, (B,), generator=g).to(device)
+        rotation = RotationTable.of(1024, D, 10000.0, device)
+        counts = torch.zeros(B * H, device=device, dtype=torch.int32)
+        want = decode_attention(q, kv, 0, slots, span, Visible(lengths, None, None), rotation=rotation,
+                                store=(new[0], new[1], slots[:, None], None), counts=counts)
+        got = decode_attention(q, pool, 0, slots, span, Visible(lengths, None, None), rotation=rotation,
+                               store=(new[0], new[1], slots[:, None], None), counts=counts, pages=(table, 16))
+        assert torch.equal(got, want) and torch.equal(rows_of(pool, table), kv) and not counts.any()
+
+
 def test_decoding_ahead_on_cuda(hf_checkpoint):
     """Steps that decode their sampled bytes ahead in a second CUDA stream beside the entropy model's
     look-ahead (static.py), captured into CUDA graphs as two branches, give the bytes and patches of the
