@@ -20,6 +20,7 @@ change are copied up before the step that needs them. Knows nothing about reques
 
 from __future__ import annotations
 
+import heapq
 import time
 
 import numpy as np
@@ -42,7 +43,9 @@ class PagedKVCache(KVCache):
     kv_heads, PAGE, head_dim), a KVCache's layout with pages for rows (what writes and the kernel take)."""
 
     def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, device, dtype,
-                 heads: int | None = None, page: int = PAGE):
+                 heads: int | None = None, page: int = PAGE, shared_table: bool | None = None):
+        """`shared_table`: the device table is the host's memory (None: on a CPU, where nothing a step queued
+        runs later); else changed entries are copied up (`_sync`)."""
         self.window, self.max_len, self.page = None, max_len, page
         self.rotations = None  # see KVCache
         self._refused: tuple[int, float] | None = None
@@ -52,11 +55,15 @@ class PagedKVCache(KVCache):
         self.pool = torch.zeros((2, layers, kv_heads, first, page, head_dim), device=device, dtype=dtype)
         self.split_counts = torch.zeros(slots * (heads or kv_heads), device=device, dtype=torch.int32)
         self.host = np.zeros((slots, self.columns), dtype=np.int32)
-        self.table = torch.zeros((slots, self.columns), dtype=torch.int32, device=device)
+        if shared_table is None:
+            shared_table = torch.device(device).type == "cpu"
+        self.table = torch.from_numpy(self.host) if shared_table else \
+            torch.zeros((slots, self.columns), dtype=torch.int32, device=device)
+        self.shared_table = shared_table
         self.held = [0] * slots  # pages each slot holds: its columns 0 .. held - 1
         self.refs = np.zeros(first, dtype=np.int64)  # slots that hold each page
-        self.free = list(range(first - 1, 0, -1))  # pop() hands out the lowest page
-        self._dirty: set[int] = set()  # slots whose table row the device has not seen
+        self.free = list(range(1, first))  # a heap: the lowest free page is handed out first
+        self._dirty: list[tuple[int, int, int]] = []  # (slot, first, end) columns the device has not seen
 
     @property
     def kv(self) -> torch.Tensor:
@@ -106,19 +113,20 @@ class PagedKVCache(KVCache):
             old = int(self.host[slot, column])
             if self.refs[old] == 1:  # the other slots that held it copied it first (in this call)
                 continue
-            new = self.free.pop()
+            new = heapq.heappop(self.free)
             self.kv[:, :, new].copy_(self.kv[:, :, old])
             self.refs[old] -= 1
             self.refs[new] = 1
             self.host[slot, column] = new
-            self._dirty.add(slot)
+            self._dirty.append((slot, column, column + 1))
         for slot, _, end in rows:
-            for column in range(self.held[slot], -(-end // self.page)):
-                page = self.free.pop()
-                self.refs[page] = 1
-                self.host[slot, column] = page
-                self.held[slot] = column + 1
-                self._dirty.add(slot)
+            held, needed = self.held[slot], -(-end // self.page)
+            if needed > held:
+                pages = [heapq.heappop(self.free) for _ in range(needed - held)]
+                self.refs[pages] = 1
+                self.host[slot, held:needed] = pages
+                self.held[slot] = needed
+                self._dirty.append((slot, held, needed))
         self._sync()
 
     def room(self, slot: int, start: int) -> int:
@@ -129,14 +137,17 @@ class PagedKVCache(KVCache):
 
     def trim(self, slot: int, length: int) -> None:
         """The slot keeps its first `length` positions: the pages past them go back."""
-        keep = -(-length // self.page)
-        for column in range(keep, self.held[slot]):
-            self._drop(int(self.host[slot, column]))
-            self.host[slot, column] = 0
-        if keep < self.held[slot]:
-            self.held[slot] = keep
-            self._dirty.add(slot)
-            self._sync()
+        keep, held = -(-length // self.page), self.held[slot]
+        if keep >= held:
+            return
+        pages = self.host[slot, keep:held].copy()  # (a slot holds a page once)
+        self.refs[pages] -= 1
+        for page in pages[self.refs[pages] == 0].tolist():
+            heapq.heappush(self.free, page)
+        self.host[slot, keep:held] = 0
+        self.held[slot] = keep
+        self._dirty.append((slot, keep, held))
+        self._sync()
 
     def share(self, source: int, target: int, length: int) -> None:
         """Slot `target` holds what `source` holds at its first `length` positions: the same pages."""
@@ -146,31 +157,24 @@ class PagedKVCache(KVCache):
         self.refs[pages] += 1
         self.host[target, :n] = pages
         self.held[target] = n
-        self._dirty.add(target)
+        self._dirty.append((target, 0, n))
         self._sync()
 
     def pages_held(self) -> int:
         """Pages some slot holds (each once, however many share it)."""
         return self.num_pages - 1 - len(self.free)
 
-    def _drop(self, page: int) -> None:
-        self.refs[page] -= 1
-        if self.refs[page] == 0:
-            self.free.append(page)
-            self.free.sort(reverse=True)
-
     def _sync(self) -> None:
-        """Copy the table rows that changed up to the device (between steps: what a step queued before reads
-        the rows as they were, in stream order)."""
-        if not self._dirty:
+        """Copy the table entries that changed up to the device, in one index_put (between steps: what a step
+        queued before reads the table as it was, in stream order). Nothing to copy with a shared table."""
+        if not self._dirty or self.shared_table:
+            self._dirty.clear()
             return
-        slots = sorted(self._dirty)
+        flat = np.concatenate([np.arange(a, b) + slot * self.columns for slot, a, b in self._dirty])
         self._dirty.clear()
-        rows = torch.from_numpy(self.host[slots])
-        if len(slots) == 1:
-            self.table[slots[0]].copy_(rows[0])
-        else:
-            self.table[torch.tensor(slots, device=self.table.device)] = rows.to(self.table.device)
+        values = self.host.reshape(-1)[flat]
+        device = self.table.device
+        self.table.view(-1)[torch.from_numpy(flat).to(device)] = torch.from_numpy(values).to(device)
 
     def grow(self, pages: int) -> None:
         """A pool of `pages` pages at least (a benchmark grows it before it times steps)."""
@@ -195,7 +199,8 @@ class PagedKVCache(KVCache):
                 self._refused = (new_size, time.monotonic())
                 continue
             self.refs = np.concatenate([self.refs, np.zeros(new_size - size, dtype=self.refs.dtype)])
-            self.free = sorted(self.free + list(range(size, new_size)), reverse=True)
+            self.free += range(size, new_size)
+            heapq.heapify(self.free)
             return
         raise CacheFull((needed - 1) * self.page, (size - 1) * self.page, None, self.kv.nbytes // size * needed)
 

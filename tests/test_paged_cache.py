@@ -36,12 +36,13 @@ def test_what_each_slot_reads_is_what_was_written_at_its_positions(monkeypatch):
     """Random writes (a few positions from a slot's length on, pages reserved first), copies of a prefix
     into another slot (shared pages, some of them partly filled), trims and a pool that grows: after each,
     every slot reads back, at each of its positions, the value last written there for it, and the pages
-    are counted exactly. A copy on write that went to the wrong slot, or a page handed out twice, would
-    show as another slot's values."""
+    are counted exactly (and the device's table is the host's). A copy on write that went to the wrong
+    slot, or a page handed out twice, would show as another slot's values."""
     monkeypatch.setattr(paged_cache, "FIRST_PATCHES", 4)  # a page a slot at first
     rng = random.Random(0)
     slots, layers, H_kv, D = 5, 2, 2, 4
-    kv = PagedKVCache(layers, slots, H_kv, D, 4096, "cpu", torch.float32, page=4)
+    # the table apart from the host's, as on a GPU: the entries that change are copied to it
+    kv = PagedKVCache(layers, slots, H_kv, D, 4096, "cpu", torch.float32, page=4, shared_table=False)
     want: list[list[float]] = [[] for _ in range(slots)]  # each slot's values by position
     counter = 0.0
     for _ in range(400):
