@@ -31,7 +31,8 @@ is ordered by them, and a waiting request more urgent than a running one, with n
 preempts it: the running one gives its slot up and waits again, in its place by priority and arrival.
 Readmitted, it prefills its prompt and the bytes it generated again (what a slot holds of them already
 is copied, as for any prompt: sharing.py) and goes on with the bytes it would have generated anyway:
-greedy or seeded, its output is what it would have been without the preemption.
+greedy or seeded, its output is what it would have been without the preemption. Where the global cache's
+pages run short (the device's memory), the least urgent running sequence is preempted the same way (`_plan`).
 
 Guided jump-forward (`jump_forward`): where a request's guide allows a single byte (and no EOS) at each of
 its next positions, sampling would choose those bytes whatever the logits, so they are appended at once
@@ -190,6 +191,7 @@ class Engine:
         self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step() call
         # (for the first time: not after a preemption)
         self.last_preempted: list[str] = []  # request ids that gave their slots up in the last step() call
+        self.admission_paused = False  # a sequence was preempted for the global cache's pages, and none left since
         self._rng = random.Random(seed)
         self.overlap = on_cuda if overlap is None else overlap
         self.first_byte_at_once = not on_cuda and not self.overlap if first_byte_at_once is None else first_byte_at_once
@@ -281,11 +283,14 @@ class Engine:
         sharing, share = self.sharing, self.share_prompts
         if share:
             sharing.look_again()
-        for _, running in self.scheduler.preemptible():
+        # (while the global cache's pages are short, nobody is admitted: _plan)
+        for _, running in [] if self.admission_paused else self.scheduler.preemptible():
             self._preempt(running)
         # a request that scores its prompt computes every byte's score: it follows only a leader that scores
         # its own (sharing.scores_cover), and never resumes from a finished request's slot
-        for seq in self.scheduler.admit(lambda seq: sharing.allocate(seq, resume=share and not seq.scores_prompt)):
+        admit = (lambda seq: None) if self.admission_paused else \
+            (lambda seq: sharing.allocate(seq, resume=share and not seq.scores_prompt))
+        for seq in self.scheduler.admit(admit):
             if not seq.preemptions:
                 self.last_admitted.append(seq.request_id)
             self.runner.admit(seq.slot, seq.ids, seq.params, resumed=seq.processed > 0, num_patches=seq.num_patches,
@@ -307,10 +312,11 @@ class Engine:
         """The scheduler's plan, with pages of the global model's cache (paged_cache.py) for the patches its
         rows may write: a closing row's one more, and a prefill row's one per byte at most. Where the pool
         of pages cannot grow that far (CacheFull: out of memory), the states kept for later prompts give
-        their pages back first (sharing.py); then the prefill is cut to what the pages hold; a sequence that
-        does not fit even so fails (finish_reason "error"): of all sequences, the one that holds the most
-        patches first (its pages go back), and the others are planned again: one long sequence does not take
-        every other request down with it."""
+        their pages back first (sharing.py); then the prefill is cut to what the pages hold; where even a
+        closing row's one patch and a byte of each prefill row do not fit, the least urgent sequence (of
+        equal priorities, the one that came last) is preempted, as vLLM preempts where its cache is full: its
+        pages go back, it waits again and goes on later where it was (its output unchanged), and nobody is
+        admitted until a sequence leaves. A sequence alone that does not fit fails (finish_reason "error")."""
         cache = self.runner.global_kv
         while True:
             jumped = self.scheduler.jumped
@@ -331,10 +337,14 @@ class Engine:
             try:
                 cache.reserve_rows([(s.slot, s.num_patches, s.num_patches + 1) for s in needs])
             except CacheFull as e:
-                victim = max(self.scheduler.active, key=lambda s: (s.num_patches, s.arrival))
-                self._fail(victim, f"{e}; this sequence held the most ({victim.num_patches} patches) and was "
-                                   f"stopped. Fewer or shorter sequences at once leave room for longer ones")
                 self.scheduler.jumped = jumped
+                if len(self.scheduler.active) > 1:
+                    self._preempt(max(self.scheduler.active, key=lambda s: (s.priority, s.arrival)), retain=False)
+                    self.admission_paused = True
+                    continue
+                alone = self.scheduler.active[0]
+                self._fail(alone, f"{e}; this sequence alone ({alone.num_patches} patches) needs more than the "
+                                  f"device holds. A shorter --max-model-len leaves it out at once")
                 continue
             if rows:  # the prefill, cut to the bytes whose patches the pages surely hold
                 seq, start, end = rows[0]
@@ -594,11 +604,11 @@ class Engine:
         self._release(seq)
         self._aborted.append(seq)
 
-    def _preempt(self, seq: Sequence) -> None:
-        """A running sequence gives its slot up to a more urgent request and waits again (nothing is queued for
-        it). What its slot holds is retained as a finished request's is, for a prompt that begins with it (its own,
-        where nobody took the slot since)."""
-        if self.share_prompts:
+    def _preempt(self, seq: Sequence, retain: bool = True) -> None:
+        """A running sequence gives its slot up to a more urgent request (or the global cache's pages: `retain`
+        False) and waits again (nothing is queued for it). What its slot holds is retained as a finished
+        request's is, for a prompt that begins with it (its own, where nobody took the slot since)."""
+        if self.share_prompts and retain:
             self.sharing.retain(seq)
         self._first_logits.pop(seq.request_id, None)
         self._release_slot(seq.slot)
@@ -611,6 +621,7 @@ class Engine:
         if seq.slot is not None:
             self._release_slot(seq.slot)
             seq.slot = None
+            self.admission_paused = False  # pages went back: the waiting may come in again
         self.sharing.release(seq)
         self.scheduler.remove(seq)
 

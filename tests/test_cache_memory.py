@@ -4,8 +4,9 @@ The global cache is a pool of pages that the sequences' patches take as they nee
 doubling (paged_cache.py). Here its allocations fail past a number of patches (cache._allocate, as CUDA's
 would past the free memory), and its first size is one page a slot: the pool then grows by smaller steps;
 the states kept for later prompts give their pages back; a prefill chunk is cut to the patches the pages
-hold; and only a sequence that cannot go on even so fails, with finish_reason "error" (the one that holds the
-most patches first: its pages go back), while every other request's bytes stay those of full recompute.
+hold; where even that leaves no room, the last sequence to come waits (preempted: its pages go back), and only a
+sequence that cannot go on alone fails, with finish_reason "error", while every other request's bytes stay
+those of full recompute.
 """
 
 import numpy as np
@@ -81,11 +82,22 @@ def greedy(max_bytes: int) -> SamplingParams:
 
 
 @pytest.mark.parametrize("static, overlap", [(False, False), (True, False), (True, True)])
-def test_only_the_sequence_the_cache_cannot_hold_fails(model, memory, static, overlap):
-    """A pool of pages that cannot grow past 256 patches: a prompt of more patches than that (425) fails when its
-    prefill gets there; a running request whose patches pass it (451) fails at that step; the short requests
-    beside them (46 and 59 patches) are served to the end, byte for byte as full recompute."""
+def test_sequences_that_do_not_fit_beside_others_wait_and_only_one_that_cannot_fit_alone_fails(
+        model, memory, monkeypatch, static, overlap):
+    """A pool of pages that cannot grow past 256 patches. Where the others' pages leave a sequence no room, the
+    last to come is preempted (its pages go back; it waits, nobody else is admitted until a sequence leaves,
+    and it goes on later where it was). A prompt of more patches than the pool (425) fails once it is alone;
+    so does a request whose output passes it (451), having sent what fitted. The short requests (46 and 59
+    patches) are served to the end, byte for byte as full recompute, whether or not they were preempted."""
     memory["patches"] = 256
+    preempted = []
+    real = Engine._preempt
+
+    def counted(self, seq, retain=True):
+        preempted.append((seq.request_id, retain))
+        return real(self, seq, retain)
+
+    monkeypatch.setattr(Engine, "_preempt", counted)
     engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static, overlap=overlap)
     requests = {"short": (PARITY_TEXT[:40], greedy(60)), "long_prompt": (PARITY_TEXT[:1100], greedy(20)),
                 "long_output": (PARITY_TEXT[:200], greedy(900)), "late": (PARITY_TEXT[300:340], greedy(80))}
@@ -97,17 +109,19 @@ def test_only_the_sequence_the_cache_cannot_hold_fails(model, memory, static, ov
     for rid in ("long_prompt", "long_output"):
         final = results[rid][1]
         assert final.finish_reason == "error", rid
-        assert "out of memory" in final.error and "held the most" in final.error
+        assert "out of memory" in final.error and "alone" in final.error
         assert final.usage.global_steps <= 256  # it held what fitted, and no more
     assert results["long_prompt"][0] == b""  # failed during its prefill
     generated = results["long_output"][0]
     assert 0 < len(generated) < 900  # it ran until its patches passed the limit, and what it sent was right
     replay_full_recompute(model, requests["long_output"][0], requests["long_output"][1], 0, generated)
+    assert preempted and all(not retain for _, retain in preempted), preempted  # for pages, keeping none
     assert memory["refused"] > 0 and engine.runner.global_kv.num_pages <= 1 + 256 // PAGE
     # what is left is the pages of the states kept for later prompts: the longs' went back
     kept = engine.sharing.retained.values()
     assert engine.runner.global_kv.pages_held() == sum(-(-held.num_patches // PAGE) for held in kept)
     assert not engine.has_work() and engine.scheduler.num_running == 0 and engine.slots.num_free == 4
+    assert not engine.admission_paused
 
 
 def test_a_prefill_chunk_is_cut_to_the_patches_the_cache_holds(model, memory):
@@ -149,3 +163,38 @@ def test_followers_of_a_leader_that_fails_go_on_without_it(model, memory, static
     assert results["early_follower"][1].usage.shared_prompt_bytes == 150
     replay_full_recompute(model, *requests["early_follower"], 0, results["early_follower"][0])
     assert not engine.has_work() and engine.slots.num_free == 4
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_more_sequences_than_the_pages_hold_take_turns(model, memory, monkeypatch, static):
+    """Six requests of about 70 patches each, four slots, and a pool of 160 patches: at most two fit at once.
+    The others wait (preempted where they had started), nobody is admitted while the pages are short, and
+    every request is served in the end, byte for byte as full recompute (greedy and seeded), in a bounded
+    number of steps: preempting does not go round in circles."""
+    memory["patches"] = 160
+    preempted = []
+    real = Engine._preempt
+
+    def counted(self, seq, retain=True):
+        preempted.append(seq.request_id)
+        return real(self, seq, retain)
+
+    monkeypatch.setattr(Engine, "_preempt", counted)
+    engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static)
+    params = [greedy(60), SamplingParams(max_bytes=60, temperature=0.9, seed=11, ignore_eos=True)]
+    requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 250], params[i % 2]) for i in range(6)}
+    steps = [0]
+    step = engine.step
+
+    def counted_step():
+        steps[0] += 1
+        assert steps[0] < 2000, "the engine goes round in circles"
+        return step()
+
+    engine.step = counted_step
+    results = run_engine(engine, requests)
+    for rid, (generated, final) in results.items():
+        assert final.finish_reason == "length" and 60 <= len(generated) <= 63, rid  # (a character finished)
+        replay_full_recompute(model, *requests[rid], requests[rid][1].seed or 0, generated)
+    assert 0 < len(preempted) <= 3 * len(requests) and memory["refused"] > 0  # (12 when written)
+    assert not engine.admission_paused and engine.runner.global_kv.num_pages <= 1 + 160 // PAGE

@@ -1,8 +1,8 @@
 """Requests the server accepted and then could not finish: each gets an error that says why, the rest
 go on, and blt_requests_failed_total{reason} counts them.
 
-- A request whose patches the global model's cache cannot hold (its growth runs out of memory) fails
-  alone, with a 500 that names the cause (code "out_of_memory"), while the others are served
+- A request whose patches the global model's cache cannot hold even alone (its growth runs out of memory)
+  fails, with a 500 that names the cause (code "out_of_memory"), while the others are served
   (blt_runtime/engine.py, Engine._plan). The cache's pool of pages is made to start small and fail to
   grow (cache._allocate), as CUDA's would past the free memory; the real engine runs behind the app.
 - An engine step that raises fails every request in flight (500, "internal_error"), and the server
