@@ -191,6 +191,7 @@ class Engine:
         self.last_admitted: list[str] = []  # request ids that left the waiting queue in the last step() call
         # (for the first time: not after a preemption)
         self.last_preempted: list[str] = []  # request ids that gave their slots up in the last step() call
+        self.last_preempted_for_pages: list[str] = []  # of those, the ones preempted where the pages ran short
         self.admission_paused = False  # a sequence was preempted for the global cache's pages, and none left since
         self._rng = random.Random(seed)
         self.overlap = on_cuda if overlap is None else overlap
@@ -267,7 +268,7 @@ class Engine:
         if self._failed is not None:
             failed, self._failed = self._failed, None
             raise failed
-        self.last_admitted, self.last_preempted = [], []
+        self.last_admitted, self.last_preempted, self.last_preempted_for_pages = [], [], []
         queued, self._queued = self._queued or self._queue(), None
         outputs = self._complete(queued)
         if self.overlap and (self.scheduler.num_waiting or self.scheduler.num_running):
@@ -615,6 +616,8 @@ class Engine:
         self.sharing.release(seq)
         self.scheduler.preempt(seq)
         self.last_preempted.append(seq.request_id)
+        if not retain:
+            self.last_preempted_for_pages.append(seq.request_id)
 
     def _release(self, seq: Sequence) -> None:
         self._first_logits.pop(seq.request_id, None)

@@ -198,7 +198,15 @@ class EngineWorker:
                 m.of(m.queue_time).observe(now - tracked.arrival)
         if engine.last_preempted:
             m.of(m.preemptions).inc(len(engine.last_preempted))
-            log.info("preempted for more urgent requests: %s", ", ".join(engine.last_preempted))
+            for_pages = getattr(engine, "last_preempted_for_pages", [])
+            urgent = [rid for rid in engine.last_preempted if rid not in for_pages]
+            if urgent:
+                log.info("preempted for more urgent requests: %s", ", ".join(urgent))
+            if for_pages:
+                log.warning("preempted where the global model's cache ran out of device memory (%.1f GiB of "
+                            "pages): %s; they go on when a sequence leaves. Fewer slots or a shorter "
+                            "--max-model-len preempt less", engine.cache_bytes()["global"] / 2**30,
+                            ", ".join(for_pages))
         if batch:
             m.of(m.batch_size).observe(batch)
         deliveries, generated = [], 0
