@@ -10,12 +10,13 @@ position is copied first where another slot sees it too (copy on write: pages be
 never written again, so only that page can be shared and written). Page 0 is never handed out: table
 entries no page holds point there, and padding rows (the runner's scratch slot) write there.
 
-The pool of pages is one tensor, (2, layers, pages, kv_heads, PAGE, head_dim): a slot's row of a
-`KVCache` is a page here, so writes and the attention kernel take (page, entry) where they took (slot,
-entry). It grows by doubling when pages run out, by smaller steps where that fails for want of memory, and
-raises CacheFull when even the pages asked for cannot be had. The table is on the device (the attention
-kernel and the step's reads look pages up there) and mirrored on the host, which alone decides; rows that
-change are copied up before the step that needs them. Knows nothing about requests.
+The pool of pages is one tensor, seen through `kv` as (2, layers, pages, kv_heads, PAGE, head_dim): a slot's
+row of a `KVCache` is a page here, so writes and the attention kernel take (page, entry) where they took
+(slot, entry). It grows by doubling when pages run out, by smaller steps where that fails for want of memory,
+and raises CacheFull when even the pages asked for cannot be had. The table is on the device (the attention
+kernel and the step's reads look pages up there) and mirrored on the host, which alone decides; the entries
+that change are copied up before the step that needs them (on a CPU the two are one). Knows nothing about
+requests.
 """
 
 from __future__ import annotations

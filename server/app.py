@@ -139,8 +139,8 @@ def log_caches(engine) -> None:
         log.warning("a sequence of the full context would grow the global model's cache by %.1f GiB, and %.1f GiB "
                     "is free on the device: lower --max-model-len", full / 2**30, free / 2**30)
     elif full * engine.max_batch_size > free:
-        log.info("the free memory (%.1f GiB) holds %d sequences of the full context at once; more, or longer, "
-                 "fail the one that holds the most", free / 2**30, free // full)
+        log.info("the free memory (%.1f GiB) holds %d sequences of the full context at once; beyond what it "
+                 "holds, sequences are preempted and wait their turn", free / 2**30, free // full)
 
 
 def warm_up(engine) -> None:
