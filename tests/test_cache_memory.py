@@ -77,6 +77,18 @@ def test_an_error_that_is_not_memory_is_raised(monkeypatch):
     assert kv.held == [0, 0] and np.all(kv.host == 0)
 
 
+def patches_alone(model, requests: dict[str, tuple[bytes, SamplingParams]]) -> dict[str, int]:
+    """The patches each request takes run alone, with no limit: what the limits below are set from, so that
+    they hold for any test model's patches (scripts/seeds.sh)."""
+    return {rid: run_engine(Engine(model, prefill_chunk=96), {rid: request})[rid][1].usage.global_steps
+            for rid, request in requests.items()}
+
+
+def pages_below(patches: int) -> int:
+    """The most patches, in whole pages, that leave out a request of `patches`."""
+    return (patches - 1) // PAGE * PAGE
+
+
 def greedy(max_bytes: int) -> SamplingParams:
     return SamplingParams(max_bytes=max_bytes, temperature=0.0, ignore_eos=True)
 
@@ -84,12 +96,18 @@ def greedy(max_bytes: int) -> SamplingParams:
 @pytest.mark.parametrize("static, overlap", [(False, False), (True, False), (True, True)])
 def test_sequences_that_do_not_fit_beside_others_wait_and_only_one_that_cannot_fit_alone_fails(
         model, memory, monkeypatch, static, overlap):
-    """A pool of pages that cannot grow past 256 patches. Where the others' pages leave a sequence no room, the
-    last to come is preempted (its pages go back; it waits, nobody else is admitted until a sequence leaves,
-    and it goes on later where it was). A prompt of more patches than the pool (425) fails once it is alone;
-    so does a request whose output passes it (451), having sent what fitted. The short requests (46 and 59
-    patches) are served to the end, byte for byte as full recompute, whether or not they were preempted."""
-    memory["patches"] = 256
+    """A pool of pages that cannot grow past the patches of the shorter of two long requests (seed 0's models:
+    416 patches). Where the others' pages leave a sequence no room, the last to come is preempted (its pages
+    go back; it waits, nobody else is admitted until a sequence leaves, and it goes on later where it was).
+    A prompt of more patches than the pool (425) fails once it is alone; so does a request whose output
+    passes it (451), having sent what fitted. The short requests (46 and 59 patches) are served to the end,
+    byte for byte as full recompute, whether or not they were preempted."""
+    requests = {"short": (PARITY_TEXT[:40], greedy(60)), "long_prompt": (PARITY_TEXT[:1100], greedy(20)),
+                "long_output": (PARITY_TEXT[:200], greedy(900)), "late": (PARITY_TEXT[300:340], greedy(80))}
+    alone = patches_alone(model, requests)
+    limit = pages_below(min(alone["long_prompt"], alone["long_output"]))
+    assert alone["short"] + alone["late"] + 2 * PAGE <= limit, alone
+    memory["patches"] = limit
     preempted = []
     real = Engine._preempt
 
@@ -99,8 +117,6 @@ def test_sequences_that_do_not_fit_beside_others_wait_and_only_one_that_cannot_f
 
     monkeypatch.setattr(Engine, "_preempt", counted)
     engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static, overlap=overlap)
-    requests = {"short": (PARITY_TEXT[:40], greedy(60)), "long_prompt": (PARITY_TEXT[:1100], greedy(20)),
-                "long_output": (PARITY_TEXT[:200], greedy(900)), "late": (PARITY_TEXT[300:340], greedy(80))}
     results = run_engine(engine, requests, {"late": 30})
     for rid in ("short", "late"):
         generated, final = results[rid]
@@ -110,13 +126,13 @@ def test_sequences_that_do_not_fit_beside_others_wait_and_only_one_that_cannot_f
         final = results[rid][1]
         assert final.finish_reason == "error", rid
         assert "out of memory" in final.error and "alone" in final.error
-        assert final.usage.global_steps <= 256  # it held what fitted, and no more
+        assert final.usage.global_steps <= limit  # it held what fitted, and no more
     assert results["long_prompt"][0] == b""  # failed during its prefill
     generated = results["long_output"][0]
     assert 0 < len(generated) < 900  # it ran until its patches passed the limit, and what it sent was right
     replay_full_recompute(model, requests["long_output"][0], requests["long_output"][1], 0, generated)
     assert preempted and all(not retain for _, retain in preempted), preempted  # for pages, keeping none
-    assert memory["refused"] > 0 and engine.runner.global_kv.num_pages <= 1 + 256 // PAGE
+    assert memory["refused"] > 0 and engine.runner.global_kv.num_pages <= 1 + limit // PAGE
     # what is left is the pages of the states kept for later prompts: the longs' went back
     kept = engine.sharing.retained.values()
     assert engine.runner.global_kv.pages_held() == sum(-(-held.num_patches // PAGE) for held in kept)
@@ -153,11 +169,13 @@ def test_followers_of_a_leader_that_fails_go_on_without_it(model, memory, static
     """Requests waiting to copy a leader's state (shared prompts) whose leader fails: one that forked before
     it failed is served; one that waited for a prefix beyond the failure prefills itself (and fails the same
     way, its prompt being too long as well); nothing waits forever. The leader's pages that the early follower
-    took stay its own."""
-    memory["patches"] = 256
-    engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static)
+    took stay its own. The pool holds fewer patches than the follower takes alone (seed 0's models: 320 of 324)."""
     requests = {"leader": (PARITY_TEXT[:1100], greedy(20)), "follower": (PARITY_TEXT[:800] + b"tail", greedy(20)),
                 "early_follower": (PARITY_TEXT[:150] + b"x", greedy(30))}
+    alone = patches_alone(model, requests)
+    memory["patches"] = pages_below(alone["follower"])
+    assert alone["early_follower"] + PAGE <= memory["patches"], alone
+    engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static)
     results = run_engine(engine, requests)
     assert [results[rid][1].finish_reason for rid in requests] == ["error", "error", "length"]
     assert results["early_follower"][1].usage.shared_prompt_bytes == 150
@@ -167,11 +185,16 @@ def test_followers_of_a_leader_that_fails_go_on_without_it(model, memory, static
 
 @pytest.mark.parametrize("static", [False, True])
 def test_more_sequences_than_the_pages_hold_take_turns(model, memory, monkeypatch, static):
-    """Six requests of about 70 patches each, four slots, and a pool of 160 patches: at most two fit at once.
-    The others wait (preempted where they had started), nobody is admitted while the pages are short, and
-    every request is served in the end, byte for byte as full recompute (greedy and seeded), in a bounded
-    number of steps: preempting does not go round in circles."""
-    memory["patches"] = 160
+    """Six requests of about 70 patches each, four slots, and a pool of a page more than the longest takes
+    alone (seed 0's models: 96 patches): fewer than three fit at once. The others wait (preempted where they
+    had started), nobody is admitted while the pages are short, and every request is served in the end, byte
+    for byte as full recompute (greedy and seeded), in a bounded number of steps: preempting does not go round
+    in circles."""
+    params = [greedy(60), SamplingParams(max_bytes=60, temperature=0.9, seed=11, ignore_eos=True)]
+    requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 250], params[i % 2]) for i in range(6)}
+    alone = patches_alone(model, requests)
+    memory["patches"] = -(-max(alone.values()) // PAGE) * PAGE + PAGE
+    assert sum(sorted(alone.values())[:3]) > memory["patches"], alone
     preempted = []
     real = Engine._preempt
 
@@ -181,8 +204,7 @@ def test_more_sequences_than_the_pages_hold_take_turns(model, memory, monkeypatc
 
     monkeypatch.setattr(Engine, "_preempt", counted)
     engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static)
-    params = [greedy(60), SamplingParams(max_bytes=60, temperature=0.9, seed=11, ignore_eos=True)]
-    requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 250], params[i % 2]) for i in range(6)}
+    first = engine.runner.global_kv.num_pages  # a page a slot, whatever the limit on its growth
     steps = [0]
     step = engine.step
 
@@ -196,5 +218,6 @@ def test_more_sequences_than_the_pages_hold_take_turns(model, memory, monkeypatc
     for rid, (generated, final) in results.items():
         assert final.finish_reason == "length" and 60 <= len(generated) <= 63, rid  # (a character finished)
         replay_full_recompute(model, *requests[rid], requests[rid][1].seed or 0, generated)
-    assert 0 < len(preempted) <= 3 * len(requests) and memory["refused"] > 0  # (12 when written)
-    assert not engine.admission_paused and engine.runner.global_kv.num_pages <= 1 + 160 // PAGE
+    assert 0 < len(preempted) <= 3 * len(requests) and memory["refused"] > 0  # each preempted a few times at most
+    pages = engine.runner.global_kv.num_pages
+    assert not engine.admission_paused and pages <= max(first, 1 + memory["patches"] // PAGE)

@@ -62,22 +62,23 @@ def test_only_the_request_the_cache_cannot_hold_fails(serve, tiny, limited):
 
 
 def test_requests_the_pages_cannot_hold_at_once_take_turns(serve, tiny, limited, caplog):
-    """Four requests of about 100 patches each where the pool holds 144: the engine preempts some (a warning in
-    the log, blt_num_preemptions_total), and every request is answered in full, none with an error."""
+    """Eight requests of 203 positions at most (so that each fits alone, whatever the test model's patches)
+    where the pool holds 208 patches (13 slots, a page each): the engine preempts some (a warning in the log,
+    blt_num_preemptions_total), and every request is answered in full, none with an error."""
     from concurrent.futures import ThreadPoolExecutor
 
     from factory import PARITY_TEXT
 
     caplog.set_level("WARNING", logger="blt.server")
-    url, _ = serve(Engine(load_model(tiny), max_batch_size=4))
+    url, _ = serve(Engine(load_model(tiny), max_batch_size=8))
 
     def complete(i: int) -> httpx.Response:
-        body = {"prompt": list(PARITY_TEXT[40 * i:40 * i + 200]), "max_tokens": 30, "ignore_eos": True,
+        body = {"prompt": list(PARITY_TEXT[40 * i:40 * i + 180]), "max_tokens": 19, "ignore_eos": True,
                 "temperature": 0}
         return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
 
-    with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(complete, range(4)))
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(complete, range(8)))
     assert all(a.status_code == 200 and a.json()["choices"][0]["finish_reason"] == "length" for a in answers)
     text = metrics_text(url)
     assert metric_value(text, "blt_num_preemptions_total") > 0
