@@ -103,11 +103,9 @@ class PagedKVCache(KVCache):
                 continue
             if end > self.capacity:
                 raise ValueError(f"position {end - 1} is past the global cache's {self.capacity} entries a row")
-            held = self.held[slot]
-            wanted += max(0, -(-end // self.page) - held)
-            shared = [c for c in range(start // self.page, held) if self.refs[self.host[slot, c]] > 1]
+            shared = self._shared(slot, start)
             copies += [(slot, c) for c in shared]
-            wanted += len(shared)
+            wanted += max(0, -(-end // self.page) - self.held[slot]) + len(shared)
         if wanted > len(self.free):
             self._grow(self.num_pages - len(self.free) + wanted)
         for slot, column in copies:
@@ -132,9 +130,12 @@ class PagedKVCache(KVCache):
 
     def room(self, slot: int, start: int) -> int:
         """Positions from `start` on that the slot could write without the pool growing."""
-        held = self.held[slot]
-        shared = sum(1 for c in range(start // self.page, held) if self.refs[self.host[slot, c]] > 1)
-        return max(0, (held + len(self.free) - shared) * self.page - start)
+        return max(0, (self.held[slot] + len(self.free) - len(self._shared(slot, start))) * self.page - start)
+
+    def _shared(self, slot: int, start: int) -> list[int]:
+        """The slot's columns from position `start`'s on whose pages another slot holds too (to copy before
+        writing: only the column of `start` can be, see the module's docstring)."""
+        return [c for c in range(start // self.page, self.held[slot]) if self.refs[self.host[slot, c]] > 1]
 
     def trim(self, slot: int, length: int) -> None:
         """The slot keeps its first `length` positions: the pages past them go back."""

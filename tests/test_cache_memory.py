@@ -28,6 +28,19 @@ def model(hf_checkpoint):
 
 
 @pytest.fixture
+def preempted(monkeypatch) -> list[tuple[str, bool]]:
+    """(request id, whether its state was kept) of every preemption."""
+    seen, real = [], Engine._preempt
+
+    def counted(self, seq, retain=True):
+        seen.append((seq.request_id, retain))
+        return real(self, seq, retain)
+
+    monkeypatch.setattr(Engine, "_preempt", counted)
+    return seen
+
+
+@pytest.fixture
 def memory(monkeypatch):
     """memory["patches"]: the most patches a pool of pages may hold (the null page not counted); more fails as
     CUDA's allocation does. A pool starts at one page a slot."""
@@ -95,7 +108,7 @@ def greedy(max_bytes: int) -> SamplingParams:
 
 @pytest.mark.parametrize("static, overlap", [(False, False), (True, False), (True, True)])
 def test_sequences_that_do_not_fit_beside_others_wait_and_only_one_that_cannot_fit_alone_fails(
-        model, memory, monkeypatch, static, overlap):
+        model, memory, preempted, static, overlap):
     """A pool of pages that cannot grow past the patches of the shorter of two long requests (seed 0's models:
     416 patches). Where the others' pages leave a sequence no room, the last to come is preempted (its pages
     go back; it waits, nobody else is admitted until a sequence leaves, and it goes on later where it was).
@@ -108,14 +121,6 @@ def test_sequences_that_do_not_fit_beside_others_wait_and_only_one_that_cannot_f
     limit = pages_below(min(alone["long_prompt"], alone["long_output"]))
     assert alone["short"] + alone["late"] + 2 * PAGE <= limit, alone
     memory["patches"] = limit
-    preempted = []
-    real = Engine._preempt
-
-    def counted(self, seq, retain=True):
-        preempted.append((seq.request_id, retain))
-        return real(self, seq, retain)
-
-    monkeypatch.setattr(Engine, "_preempt", counted)
     engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static, overlap=overlap)
     results = run_engine(engine, requests, {"late": 30})
     for rid in ("short", "late"):
@@ -184,7 +189,7 @@ def test_followers_of_a_leader_that_fails_go_on_without_it(model, memory, static
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_more_sequences_than_the_pages_hold_take_turns(model, memory, monkeypatch, static):
+def test_more_sequences_than_the_pages_hold_take_turns(model, memory, preempted, static):
     """Six requests of about 70 patches each, four slots, and a pool of a page more than the longest takes
     alone (seed 0's models: 96 patches): fewer than three fit at once. The others wait (preempted where they
     had started), nobody is admitted while the pages are short, and every request is served in the end, byte
@@ -195,14 +200,6 @@ def test_more_sequences_than_the_pages_hold_take_turns(model, memory, monkeypatc
     alone = patches_alone(model, requests)
     memory["patches"] = -(-max(alone.values()) // PAGE) * PAGE + PAGE
     assert sum(sorted(alone.values())[:3]) > memory["patches"], alone
-    preempted = []
-    real = Engine._preempt
-
-    def counted(self, seq, retain=True):
-        preempted.append(seq.request_id)
-        return real(self, seq, retain)
-
-    monkeypatch.setattr(Engine, "_preempt", counted)
     engine = Engine(model, max_batch_size=4, prefill_chunk=96, static=static)
     first = engine.runner.global_kv.num_pages  # a page a slot, whatever the limit on its growth
     steps = [0]
