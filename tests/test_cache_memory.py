@@ -190,8 +190,8 @@ def test_followers_of_a_leader_that_fails_go_on_without_it(model, memory, static
 
 @pytest.mark.parametrize("static", [False, True])
 def test_more_sequences_than_the_pages_hold_take_turns(model, memory, preempted, static):
-    """Six requests of about 70 patches each, four slots, and a pool of a page more than the longest takes
-    alone (seed 0's models: 96 patches): fewer than three fit at once. The others wait (preempted where they
+    """Six requests of about 150 patches each, four slots, and a pool of a page more than the longest takes
+    alone (seed 0's models: 176 patches): fewer than three fit at once. The others wait (preempted where they
     had started), nobody is admitted while the pages are short, and every request is served in the end, byte
     for byte as full recompute (greedy and seeded), in a bounded number of steps: preempting does not go round
     in circles."""
