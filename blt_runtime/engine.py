@@ -340,7 +340,7 @@ class Engine:
             except CacheFull as e:
                 self.scheduler.jumped = jumped
                 if len(self.scheduler.active) > 1:
-                    self._preempt(max(self.scheduler.active, key=lambda s: (s.priority, s.arrival)), retain=False)
+                    self._preempt(self.scheduler.least_urgent(), retain=False)
                     self.admission_paused = True
                     continue
                 alone = self.scheduler.active[0]

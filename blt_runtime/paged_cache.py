@@ -88,9 +88,6 @@ class PagedKVCache(KVCache):
     def reserve(self, length: int) -> None:
         """Nothing: rows hold pages by `reserve_rows`, which the engine calls for the rows it will write."""
 
-    def span(self, max_length: int) -> int:
-        return max_length
-
     # ------------------------------------------------------------------ pages of rows
     def reserve_rows(self, rows: list[tuple[int, int, int]]) -> None:
         """Make each (slot, start, end) ready for positions start .. end - 1 to be written: pages up to the

@@ -245,6 +245,11 @@ class Plan:
     # prefilled together (the first is `prefill`), instead of one chunk
 
 
+def urgency(seq: Sequence) -> tuple[int, float]:
+    """How sequences are ordered, the most urgent first: a lower priority value, then an earlier arrival."""
+    return seq.priority, seq.arrival
+
+
 class Scheduler:
     def __init__(self, max_running: int, max_waiting: int, prefill_chunk: int, batch_prompt: int | None = None):
         """`batch_prompt`: the rests of prompts of at most that many positions may be prefilled several at
@@ -265,10 +270,10 @@ class Scheduler:
         self._enqueue(seq)
 
     def _enqueue(self, seq: Sequence) -> None:
-        """Into the waiting queue, ordered by priority, then arrival."""
-        key = (seq.priority, seq.arrival)
-        if self.waiting and (self.waiting[-1].priority, self.waiting[-1].arrival) > key:
-            self.waiting.insert(next(i for i, w in enumerate(self.waiting) if (w.priority, w.arrival) > key), seq)
+        """Into the waiting queue, ordered by urgency."""
+        key = urgency(seq)
+        if self.waiting and urgency(self.waiting[-1]) > key:
+            self.waiting.insert(next(i for i, w in enumerate(self.waiting) if urgency(w) > key), seq)
         else:
             self.waiting.append(seq)
 
@@ -278,6 +283,10 @@ class Scheduler:
         self.active.remove(seq)
         seq.restart()
         self._enqueue(seq)
+
+    def least_urgent(self) -> Sequence:
+        """The active sequence to preempt first (the engine's, where the global cache's pages run short)."""
+        return max(self.active, key=urgency)
 
     def preemptible(self) -> list[tuple[Sequence, Sequence]]:
         """vLLM's priority scheduling: (waiting, running) pairs in which the running sequence should give its
@@ -290,7 +299,7 @@ class Scheduler:
             return []
         if max((s.priority for s in self.active), default=0) <= self.waiting[free].priority:
             return []
-        running = sorted(self.active, key=lambda s: (s.priority, s.arrival))
+        running = sorted(self.active, key=urgency)
         pairs = []
         for seq in self.waiting:
             if free > 0:
