@@ -15,6 +15,8 @@
 #   BLT_LOOKAHEAD_ROWS (1 on CUDA: decode steps of up to this many sequences decode each sampled byte ahead; 0: off)
 #   BLT_NO_PROMPT_SHARING (prefill every prompt, even a prefix whose state a cache slot holds)
 #   BLT_KEPT_PREFIXES (4: cache slots that keep a shared prefix's state, a system prompt's, for later prompts)
+#   BLT_KV_CACHE_MEMORY_BYTES (4GiB: the global model's pool of pages takes that at start-up, never more)
+#   BLT_GPU_MEMORY_UTILIZATION (0.9: the pool takes what that share of the GPU leaves; default: it grows)
 #   BLT_JUMP_FORWARD (0 on CUDA, 2 on a CPU: bytes a guide forces, at least, prefilled as one chunk)
 #   BLT_SEED (seeds the requests sent without a seed: the same text after a restart)
 #   BLT_CHAT_TEMPLATE (a Jinja file for /v1/chat/completions; default: the model directory's, if any)

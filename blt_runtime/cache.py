@@ -29,10 +29,16 @@ class CacheFull(BltError):
     """A cache could not grow to hold `needed` positions in every row: the allocation failed for want
     of memory, at every size tried."""
 
-    def __init__(self, needed: int, capacity: int, rows: int | None, bytes_needed: int):
-        """`rows` None: a cache of pages (paged_cache.py), whose patches are those of all sequences together."""
+    def __init__(self, needed: int, capacity: int, rows: int | None, bytes_needed: int, fixed: bool = False):
+        """`rows` None: a cache of pages (paged_cache.py), whose patches are those of all sequences together;
+        `fixed`: its pool was given its size once and never grows (PagedKVCache.fix)."""
         self.needed, self.capacity, self.bytes_needed = needed, capacity, bytes_needed
         where = "for all sequences together" if rows is None else f"in each of its {rows} rows"
+        if fixed:
+            super().__init__(f"out of memory: the global model's cache is full: its pool of a fixed size holds "
+                             f"{capacity:,} patches {where}, and {needed:,} were asked for "
+                             f"({bytes_needed / 2**20:,.1f} MiB)")
+            return
         super().__init__(f"out of memory: the global model's cache could not grow from {capacity:,} to {needed:,} "
                          f"patches {where} ({bytes_needed / 2**20:,.1f} MiB)")
 

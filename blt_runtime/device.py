@@ -50,7 +50,13 @@ def serving_threads(device: torch.device, threads: int | None = None) -> int:
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes of the device's memory free now, on CUDA (None elsewhere)."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    info = memory_info(device)
+    return None if info is None else info[0]
+
+
+def memory_info(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of the device's memory now, on CUDA (None elsewhere): every process's use counts."""
+    return torch.cuda.mem_get_info(device) if device.type == "cuda" else None
 
 
 def host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

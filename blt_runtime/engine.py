@@ -56,6 +56,7 @@ from .fused import CompiledOps
 from .gemv import GemvOps
 from .kernels import resolve, sampling_kernel
 from .model.blt import BltModel
+from .pool_size import fix_global_cache
 from .runner import ChunkResult, PrefillStart, PromptScores, Runner, Sampled
 from .sampling import SamplingParams
 from .scheduler import Plan, PromptTooLong, Scheduler, Sequence, Status
@@ -126,7 +127,7 @@ class Engine:
                  cuda_graphs: bool | None = None, compile: bool = False, kernels: str = "auto",
                  overlap: bool | None = None, share_prompts: bool = True, kept_prefixes: int = 4,
                  first_byte_at_once: bool | None = None, jump_forward: int | None = None, seed: int | None = None,
-                 lookahead_rows: int | None = None):
+                 lookahead_rows: int | None = None, global_cache_bytes: int | None = None):
         """`static`: decode steps at fixed shapes (static.py); `cuda_graphs`: replay them from CUDA
         graphs. Both default to on for a CUDA model and off on CPU, where the dynamic step is faster.
         `compile`: the element-wise stretches of every step compiled into one kernel each (fused.py;
@@ -151,7 +152,10 @@ class Engine:
         `prefill_chunk`: prompt bytes prefilled per step (and the most that prompts prefilled together
         take); by default 2,048 on CUDA and 512 elsewhere (PREFILL_CHUNK_CUDA, _CPU). `lookahead_rows`:
         static decode steps of up to this many rows decode their sampled bytes ahead, beside the entropy
-        model (static.py; outputs do not change); by default 1 on CUDA, 0 (never) on a CPU."""
+        model (static.py; outputs do not change); by default 1 on CUDA, 0 (never) on a CPU. `global_cache_bytes`:
+        the global model's pool of pages takes that much at once and never grows (vLLM's kv_cache_memory_bytes;
+        ConfigError where it holds less than one sequence of max_model_len: pool_size.py); by default it grows
+        as the sequences need it."""
         if kept_prefixes < 0:
             raise ValueError(f"kept_prefixes={kept_prefixes}: must be >= 0")
         if jump_forward is not None and jump_forward < 0:
@@ -198,6 +202,8 @@ class Engine:
         self.first_byte_at_once = not on_cuda and not self.overlap if first_byte_at_once is None else first_byte_at_once
         self._queued: Queued | None = None
         self._failed: BaseException | None = None  # raised by the next step(): queueing failed after a step
+        if global_cache_bytes is not None:
+            fix_global_cache(self, global_cache_bytes)
 
     # ------------------------------------------------------------------ API
     def add_request(self, request_id: str, prompt: bytes, params: SamplingParams | None = None,

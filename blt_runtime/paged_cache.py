@@ -13,10 +13,11 @@ entries no page holds point there, and padding rows (the runner's scratch slot) 
 The pool of pages is one tensor, seen through `kv` as (2, layers, pages, kv_heads, PAGE, head_dim): a slot's
 row of a `KVCache` is a page here, so writes and the attention kernel take (page, entry) where they took
 (slot, entry). It grows by doubling when pages run out, by smaller steps where that fails for want of memory,
-and raises CacheFull when even the pages asked for cannot be had. The table is on the device (the attention
-kernel and the step's reads look pages up there) and mirrored on the host, which alone decides; the entries
-that change are copied up before the step that needs them (on a CPU the two are one). Knows nothing about
-requests.
+and raises CacheFull when even the pages asked for cannot be had; or it is given its size once (`fix`: from
+a byte budget or a share of the GPU's memory, pool_size.py) and never grows, raising CacheFull past it. The
+table is on the device (the attention kernel and the step's reads look pages up there) and mirrored on the
+host, which alone decides; the entries that change are copied up before the step that needs them (on a CPU
+the two are one). Knows nothing about requests.
 """
 
 from __future__ import annotations
@@ -65,6 +66,34 @@ class PagedKVCache(KVCache):
         self.refs = np.zeros(first, dtype=np.int64)  # slots that hold each page
         self.free = list(range(1, first))  # a heap: the lowest free page is handed out first
         self._dirty: list[tuple[int, int, int]] = []  # (slot, first, end) columns the device has not seen
+        self.fixed = False  # the pool was given its size (`fix`) and never grows
+
+    def fix(self, pages: int) -> None:
+        """From now on the pool is `pages` pages besides the null page, and never grows (past them, CacheFull).
+        Only while no slot holds a page. The old pool is freed first (on CUDA given back to the device), so
+        that its memory may be the new one's."""
+        if pages < 1:
+            raise ValueError(f"a pool of {pages} pages holds nothing")
+        if any(self.held):
+            raise RuntimeError(f"the pool's size is fixed only while no slot holds a page ({self.pages_held()} held)")
+        shape, device, dtype = list(self.pool.shape), self.pool.device, self.pool.dtype
+        shape[3] = 1 + pages
+        del self.pool
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.pool = cache._allocate(torch.empty(0, device=device, dtype=dtype), shape)
+        self.refs = np.zeros(1 + pages, dtype=np.int64)
+        self.free = list(range(1, 1 + pages))
+        self.fixed, self._refused = True, None
+
+    @property
+    def page_bytes(self) -> int:
+        """What a page takes: keys and values of PAGE patches, every layer."""
+        return self.pool.nbytes // self.num_pages
+
+    def pages_for(self, positions: int) -> int:
+        """Pages a sequence of that many patches holds."""
+        return -(-positions // self.page)
 
     @property
     def kv(self) -> torch.Tensor:
@@ -182,8 +211,11 @@ class PagedKVCache(KVCache):
 
     def _grow(self, needed: int) -> None:
         """At least `needed` pages: doubling, else smaller steps down to `needed` (not a size refused in the
-        last cache.RETRY_REFUSED_S seconds); CacheFull if none can be had."""
+        last cache.RETRY_REFUSED_S seconds); CacheFull if none can be had, or if the pool's size is fixed."""
         size = self.num_pages
+        if self.fixed:
+            raise CacheFull((needed - 1) * self.page, (size - 1) * self.page, None, self.page_bytes * needed,
+                            fixed=True)
         refused = None
         if self._refused is not None and time.monotonic() - self._refused[1] < cache.RETRY_REFUSED_S:
             refused = self._refused[0]
@@ -201,7 +233,7 @@ class PagedKVCache(KVCache):
             self.free += range(size, new_size)
             heapq.heapify(self.free)
             return
-        raise CacheFull((needed - 1) * self.page, (size - 1) * self.page, None, self.kv.nbytes // size * needed)
+        raise CacheFull((needed - 1) * self.page, (size - 1) * self.page, None, self.page_bytes * needed)
 
     # ------------------------------------------------------------------ reads and writes
     def addresses(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -433,18 +433,18 @@ class Runner:
         """Device memory the rows' state takes now: "local", the entropy model's and the local models' ring
         buffers and the per-row tables (bounded by the windows, and the open patch by the longest one);
         "global", the global model's pool of pages (paged_cache.py), which grows with the patches of all
-        sequences together (doubling: `global_bytes_per_patch` a patch) and stays; "global_held", the pages
+        sequences together (doubling: `global_bytes_per_patch` a patch) and stays, or was given its size
+        (pool_size.py); "global_held", the pages
         of it that slots hold now (sequences, and states kept for later prompts), each page once."""
         local = [self.entropy_kv.kv, self.encoder_kv.kv, self.decoder_kv.kv, self.latest, self.open_patch.data,
                  self.history, self.output_counts, self.seen, self.logit_bias]
         pool = self.global_kv
         return {"local": sum(t.nbytes for t in local), "global": pool.kv.nbytes,
-                "global_held": pool.kv.nbytes // pool.num_pages * pool.pages_held()}
+                "global_held": pool.page_bytes * pool.pages_held()}
 
     def global_bytes_per_patch(self) -> int:
         """What a patch of one sequence takes in the global model's cache (keys and values, every layer)."""
-        kv = self.global_kv.kv
-        return kv.nbytes // (kv.shape[2] * kv.shape[4])
+        return self.global_kv.page_bytes // self.global_kv.page
 
     def batch_window(self) -> int | None:
         """The most positions a row of a padded batch (prefill_start) takes: more would wrap a ring buffer

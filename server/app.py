@@ -91,22 +91,46 @@ def from_hub(settings: Settings) -> Settings:
 def build_engine(settings: Settings):
     """Load the model the settings name and wrap it in an Engine (a BltError names what is wrong)."""
     from blt_runtime import Engine, load_model
-    from blt_runtime.device import serving_threads
+    from blt_runtime.device import memory_info, resolve_device_dtype, serving_threads
     from blt_runtime.errors import ConfigError
+    from blt_runtime.pool_size import use_device_share
 
+    share = settings.gpu_memory_utilization if settings.kv_cache_memory_bytes is None else None
+    if settings.gpu_memory_utilization is not None and share is None:
+        log.info("--gpu-memory-utilization: --kv-cache-memory-bytes gives the global model's cache its size")
+    free_at_start = None  # the device's free memory before the model: what a share of it is measured from
+    if share is not None:
+        info = memory_info(resolve_device_dtype(settings.device, settings.dtype)[0])
+        if info is None:
+            log.warning("--gpu-memory-utilization %s: the model is not on a GPU, ignored (--kv-cache-memory-bytes "
+                        "gives the global model's cache a size on a CPU)", share)
+        else:
+            free_at_start = info[0]
     model = load_model(settings.model_dir, settings.device, settings.dtype)
     threads = serving_threads(model.device, settings.threads)
     log.info("loaded %s on %s in %s (%d CPU threads)", settings.model_dir, model.device, model.dtype, threads)
     if settings.max_model_len is not None and not 2 <= settings.max_model_len <= model.config.max_seq_len:
         raise ConfigError(f"--max-model-len {settings.max_model_len}: must be in 2..{model.config.max_seq_len} "
                           "(the model's max_seq_len)")
-    engine = Engine(model, max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
-                    max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
-                    cuda_graphs=False if settings.enforce_eager else None,  # None: graphs where CUDA is
-                    compile=settings.compile, kernels=settings.kernels,
-                    overlap=False if settings.no_overlap else None,  # None: overlap where CUDA is
-                    share_prompts=not settings.no_prompt_sharing, kept_prefixes=settings.kept_prefixes,
-                    jump_forward=settings.jump_forward, seed=settings.seed, lookahead_rows=settings.lookahead_rows)
+    try:
+        engine = Engine(model, max_batch_size=settings.max_batch_size, max_model_len=settings.max_model_len,
+                        max_queue=settings.max_queue, prefill_chunk=settings.prefill_chunk,
+                        cuda_graphs=False if settings.enforce_eager else None,  # None: graphs where CUDA is
+                        compile=settings.compile, kernels=settings.kernels,
+                        overlap=False if settings.no_overlap else None,  # None: overlap where CUDA is
+                        share_prompts=not settings.no_prompt_sharing, kept_prefixes=settings.kept_prefixes,
+                        jump_forward=settings.jump_forward, seed=settings.seed,
+                        lookahead_rows=settings.lookahead_rows, global_cache_bytes=settings.kv_cache_memory_bytes)
+    except ConfigError as e:
+        if settings.kv_cache_memory_bytes is None:
+            raise
+        raise ConfigError(f"--kv-cache-memory-bytes {settings.kv_cache_memory_bytes}: {e}") from None
+    if free_at_start is not None:
+        warm_up(engine)  # its CUDA graphs, and their memory, before the share is measured
+        try:
+            use_device_share(engine, share, free_at_start)
+        except ConfigError as e:
+            raise ConfigError(f"--gpu-memory-utilization {share}: {e}") from None
     log.info("decode steps: %s%s, %s kernels%s%s; %s", "CUDA graphs" if engine.uses_cuda_graphs else
              "static shapes, eager" if engine.static is not None else "dynamic shapes, eager",
              ", element-wise stretches compiled" if settings.compile else "", engine.kernels,
@@ -122,11 +146,21 @@ def build_engine(settings: Settings):
 def log_caches(engine) -> None:
     """What the caches take, and what the global model's pages would for a full context at 4 bytes a patch
     (about what the shipped model, and English at the released models' threshold, give): how many sequences
-    of the full context the device's free memory holds besides, and a warning where it holds not one."""
+    of the full context its pool holds where its size is fixed; else the device's free memory besides, and a
+    warning where it holds not one."""
     from blt_runtime.device import free_memory
 
     per_patch = engine.runner.global_bytes_per_patch()
     full = per_patch * (engine.max_model_len // 4)
+    pool = engine.runner.global_kv
+    if pool.fixed:
+        patches = (pool.num_pages - 1) * pool.page
+        log.info("caches: %.1f MiB for the local models' windows; %.2f GiB for the global model's pages, fixed: "
+                 "%d patches for all sequences together (shared prompts share theirs), %d sequences of %d bytes "
+                 "in patches of 4 at once, one at a patch a byte; beyond that, sequences wait their turn",
+                 engine.cache_bytes()["local"] / 2**20, engine.cache_bytes()["global"] / 2**30, patches,
+                 patches // max(1, engine.max_model_len // 4), engine.max_model_len)
+        return
     log.info("caches: %.1f MiB for the local models' windows; the global model's takes pages as sequences need "
              "them, %.1f MiB per 1,000 patches of a sequence (shared prompts share theirs): %.2f GiB for a "
              "sequence of %d bytes in patches of 4, %.2f GiB if all %d slots held one", engine.cache_bytes()["local"]

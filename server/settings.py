@@ -40,6 +40,8 @@ class Settings:
     lookahead_rows: int | None = None  # decode steps of up to this many rows decode ahead; default 1 on CUDA, 0 on CPU
     no_prompt_sharing: bool = False  # prefill every prompt, even a prefix whose state a slot holds
     kept_prefixes: int = 4  # slots of their own for the states of prefixes kept for later prompts
+    kv_cache_memory_bytes: int | None = None  # the global model's pool of pages, fixed; default: grows as needed
+    gpu_memory_utilization: float | None = None  # on CUDA, the pool takes what this share of the GPU leaves
     jump_forward: int | None = None  # bytes a guide forces, at least, prefilled as a chunk; default 2 on CPU, 0 on CUDA
     scheduling_policy: str = "fcfs"  # fcfs, or priority: the waiting queue ordered by the requests' priority
     seed: int | None = None  # of the generator that seeds requests sent without a seed; default: random
@@ -113,6 +115,15 @@ HELP = {
     "kept_prefixes": "cache slots of their own, beyond --max-batch-size, that hold the state after a prefix "
                      "that prompts shared but did not end with (a system prompt before new conversations), for "
                      "later prompts that begin with it (0: none)",
+    "kv_cache_memory_bytes": "give the global model's cache (its pool of pages) this many bytes at start-up, "
+                             "never more (vLLM's; 4GiB, 512MiB, 2G or a number; at least one sequence of "
+                             "--max-model-len at a patch a byte, which start-up checks). Default: the pool grows "
+                             "as sequences need it, until the device refuses. Either way a sequence that finds no "
+                             "pages waits its turn",
+    "gpu_memory_utilization": "on CUDA, the share of the GPU's memory (0 to 1) this server takes: the pool of "
+                              "pages gets what the model, its caches and a step's activations leave of it, measured "
+                              "at start-up (vLLM's; --kv-cache-memory-bytes wins where both are given; ignored on a "
+                              "CPU, with a warning)",
     "jump_forward": "where a guided request's guide (a regex, JSON schema, choice, tool call) forces this many "
                     "bytes or more, one byte allowed at each, prefill them as one chunk instead of sampling them a "
                     "step each; outputs do not change (0: never; default: 2 on a CPU, 0 on CUDA)",
@@ -207,9 +218,22 @@ def vllm_flags(p: argparse.ArgumentParser) -> None:
     for kind in PARALLEL:
         g.add_argument(f"--{kind}-parallel-size", f"-{kind[0]}p", type=int, default=1, metavar="N",
                        help="1 only: blt-serve runs a model on one device (scale out with replicas)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
-                   help="refused: no share of the GPU is reserved; --max-batch-size and --max-model-len size the "
-                        "caches (start-up says whether they fit)")
+
+
+UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def byte_size(raw: str) -> int:
+    """A number of bytes: 1073741824, 1e9, 4GiB, 4Gi, 4G (10**9), 512MB, 300k; ValueError otherwise."""
+    text = raw.strip().lower().replace("_", "")
+    number = text.rstrip("kmgtib")
+    unit = text[len(number):].removesuffix("b")
+    if unit not in UNITS or not number:
+        raise ValueError(raw)
+    value = float(number) * UNITS[unit]
+    if value != int(value) or value < 1:
+        raise ValueError(raw)
+    return int(value)
 
 
 def _convert(f, raw):
@@ -222,6 +246,8 @@ def _convert(f, raw):
         return raw if isinstance(raw, bool) else raw.strip().lower() in ("1", "true", "yes", "on")
     if raw in ("", "none", "None") and "None" in f.type:
         return None
+    if f.name == "kv_cache_memory_bytes":
+        return byte_size(raw)
     if f.type.startswith("int"):
         return int(raw)
     if f.type.startswith("float"):
@@ -249,16 +275,15 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
         try:
             values[f.name] = _convert(f, raw)
         except ValueError:
-            p.error(f"--{f.name.replace('_', '-')}: {raw!r} is not a valid {f.type}")
+            what = "number of bytes (4GiB, 512MB, 1e9)" if f.name == "kv_cache_memory_bytes" else f.type
+            p.error(f"--{f.name.replace('_', '-')}: {raw!r} is not a valid {what}")
     settings = Settings(**values)
     for kind in PARALLEL:
         if args[f"{kind}_parallel_size"] != 1:
             p.error(f"--{kind}-parallel-size {args[f'{kind}_parallel_size']}: blt-serve runs a model on one device; "
                     "serve more with more replicas (README: Scaling out)")
-    if args["gpu_memory_utilization"] is not None:
-        p.error("--gpu-memory-utilization: blt-serve reserves no share of the GPU's memory; the global model's cache "
-                "takes pages as sequences need them, up to what the device holds (start-up says how many sequences "
-                "of --max-model-len fit): leave it out")
+    if settings.gpu_memory_utilization is not None and not 0 < settings.gpu_memory_utilization <= 1:
+        p.error("--gpu-memory-utilization must be a fraction in (0, 1]")
     if settings.log_level not in LOG_LEVELS:
         p.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     if settings.kernels not in KERNELS:

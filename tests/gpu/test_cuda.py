@@ -231,3 +231,38 @@ def test_decoding_ahead_on_cuda(hf_checkpoint):
         for rid in requests:
             assert got[rid][0] == want[rid][0] and got[rid][1].usage == want[rid][1].usage, rid
         assert any(key[0] == "finish" and key[-2] == (True, True) for key in ahead.static.graphs.graphs)
+
+
+def test_a_share_of_the_gpu_on_cuda(hf_checkpoint):
+    """vLLM's --gpu-memory-utilization on a real device (pool_size.use_device_share): a share of the GPU 2 GiB
+    above what was in use before the model; after warm-up steps (CUDA graphs) and the share's profile, the
+    process took no more than its share, the pool most of it, and the engine's bytes are the CPU engine's,
+    sequences taking turns where a small fixed pool of a budget cannot hold them together."""
+    from enginekit import run_engine
+
+    from blt_runtime import pool_size
+    from blt_runtime.device import memory_info
+    from blt_runtime.engine import Engine
+    from blt_runtime.sampling import SamplingParams
+
+    device = torch.device("cuda")
+    torch.cuda.synchronize()
+    free_at_start, total = memory_info(device)
+    fraction = (total - free_at_start + 2 * 2**30) / total
+    _, directory = hf_checkpoint("1b")
+    greedy = SamplingParams(max_bytes=60, temperature=0.0, ignore_eos=True)
+    requests = {f"r{i}": (PARITY_TEXT[40 * i:40 * i + 250], greedy) for i in range(6)}
+    want = run_engine(Engine(load_model(directory), max_batch_size=4, max_model_len=320), requests)
+    engine = Engine(load_model(directory, device=device), max_batch_size=4, max_model_len=320)
+    run_engine(engine, {"warm": (PARITY_TEXT[:100], greedy)})
+    pages = pool_size.use_device_share(engine, fraction, free_at_start)
+    torch.cuda.synchronize()
+    taken = free_at_start - memory_info(device)[0]
+    assert taken <= 2 * 2**30 and engine.cache_bytes()["global"] > 2**30, (taken, pages)
+    got = run_engine(engine, requests)
+    assert {rid: g[0] for rid, g in got.items()} == {rid: w[0] for rid, w in want.items()}
+    per_page = engine.runner.global_kv.page_bytes
+    small = Engine(load_model(directory, device=device), max_batch_size=4, max_model_len=320,
+                   global_cache_bytes=per_page * 23)  # 22 pages and the null one: a full context, 324 patches, takes 21
+    got = run_engine(small, requests)
+    assert {rid: g[0] for rid, g in got.items()} == {rid: w[0] for rid, w in want.items()}

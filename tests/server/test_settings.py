@@ -103,10 +103,44 @@ def test_a_vllm_command_line_runs_or_says_why_not(capsys):
     assert load_settings(line, environ={}) == load_settings(["some/dir"], environ={})
     for flags, words in ((["-tp", "2"], "--tensor-parallel-size 2: blt-serve runs a model on one device"),
                          (["--data-parallel-size", "4"], "--data-parallel-size 4"),
-                         (["--gpu-memory-utilization", "0.9"], "reserves no share of the GPU")):
+                         (["--gpu-memory-utilization", "1.5"], "a fraction in (0, 1]"),
+                         (["--kv-cache-memory-bytes", "lots"], "'lots' is not a valid number of bytes")):
         with pytest.raises(SystemExit):
             load_settings(flags, environ={})
         assert words in capsys.readouterr().err
+    settings = load_settings(["--gpu-memory-utilization", "0.9", "--kv-cache-memory-bytes", "4GiB"], environ={})
+    assert settings.gpu_memory_utilization == 0.9 and settings.kv_cache_memory_bytes == 4 * 2**30
+    for raw, value in (("1073741824", 2**30), ("512MiB", 512 * 2**20), ("512MB", 512 * 10**6), ("2G", 2 * 10**9),
+                       ("1e9", 10**9), ("300k", 300_000)):
+        assert load_settings([], environ={"BLT_KV_CACHE_MEMORY_BYTES": raw}).kv_cache_memory_bytes == value, raw
+
+
+def test_the_global_cache_takes_the_bytes_it_is_given_and_no_fewer_than_a_full_context(tiny, caplog):
+    from blt_runtime.errors import ConfigError
+    from server.app import build_engine
+
+    caplog.set_level("INFO", logger="blt.server")
+    engine = build_engine(load_settings([str(tiny), "--max-model-len", "1000", "--kv-cache-memory-bytes", "4MiB",
+                                         "--gpu-memory-utilization", "0.5"], environ={}))
+    pool = engine.runner.global_kv
+    assert pool.fixed and engine.cache_bytes()["global"] == 4 * 2**20 // pool.page_bytes * pool.page_bytes
+    assert "fixed" in caplog.text and "--kv-cache-memory-bytes gives the global model's cache its size" in caplog.text
+    assert f"{(pool.num_pages - 1) * pool.page} patches for all sequences together" in caplog.text
+    per_page = pool.page_bytes
+    too_few = per_page * -(-1004 // pool.page)  # a page short of 1,004 patches, with the null page
+    with pytest.raises(ConfigError, match=f"--kv-cache-memory-bytes {too_few}: .*fewer than one sequence of "
+                                          "max_model_len 1,000 bytes may take .*or a max_model_len of 988 or less"):
+        build_engine(load_settings([str(tiny), "--max-model-len", "1000", "--kv-cache-memory-bytes", str(too_few)],
+                                   environ={}))
+
+
+def test_a_share_of_the_gpu_is_ignored_on_a_cpu_with_a_warning(tiny, caplog):
+    from server.app import build_engine
+
+    caplog.set_level("INFO", logger="blt.server")
+    engine = build_engine(load_settings([str(tiny), "--gpu-memory-utilization", "0.9"], environ={}))
+    assert not engine.runner.global_kv.fixed
+    assert "--gpu-memory-utilization 0.9: the model is not on a GPU, ignored" in caplog.text
 
 
 def test_several_served_names():
@@ -140,3 +174,33 @@ def test_the_api_docs_can_be_turned_off(serve, disabled):
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(f"{url}{path}", timeout=30).status_code == (404 if disabled else 200), path
     assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30).status_code == 200
+
+
+def test_a_share_of_the_gpu_sizes_the_pool_at_start_up(tiny, monkeypatch, caplog):
+    """--gpu-memory-utilization where the device's memory figures are those of a stand-in GPU of 64 MiB, 60 of
+    them free before the model, and once the engine's warm-up and profile ran, 8 MiB fewer and its pool of
+    pages: the new pool gets what is left of half of 64 MiB, 24 MiB; a share that was not free at start-up is
+    refused with the flag named."""
+    from blt_runtime import pool_size
+    from blt_runtime.errors import ConfigError
+    from server.app import build_engine
+
+    profiled, real = [], pool_size.profile_chunk
+    monkeypatch.setattr(pool_size, "profile_chunk", lambda engine: (profiled.append(engine), real(engine)))
+
+    def memory_info(device):
+        taken = 8 * 2**20 + profiled[-1].runner.global_kv.pool.nbytes if profiled else 0
+        return 60 * 2**20 - taken, 64 * 2**20
+
+    monkeypatch.setattr("blt_runtime.device.memory_info", memory_info)
+    caplog.set_level("INFO", logger="blt.server")
+    engine = build_engine(load_settings([str(tiny), "--max-model-len", "1000", "--gpu-memory-utilization", "0.5"],
+                                        environ={}))
+    pool = engine.runner.global_kv
+    assert profiled == [engine] and pool.fixed
+    assert 24 * 2**20 - pool.page_bytes < engine.cache_bytes()["global"] <= 24 * 2**20
+    assert "for the global model's pages, fixed" in caplog.text and not engine.has_work()
+    profiled.clear()
+    with pytest.raises(ConfigError, match=r"--gpu-memory-utilization 0.99: the device had 0.06 GiB free at "
+                                          r"start-up, less than gpu_memory_utilization 0.99"):
+        build_engine(load_settings([str(tiny), "--gpu-memory-utilization", "0.99"], environ={}))
