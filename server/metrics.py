@@ -25,7 +25,8 @@ class Metrics:
         self.cache_usage = Gauge("blt_cache_usage_ratio", "Fraction of the cache slots in use.", m, registry=r)
         self.cache_memory = Gauge("blt_cache_memory_bytes", "Memory the caches take, by part: local (the local "
                                   "models' windows, fixed), global (the global model's pool of pages, which grows "
-                                  "with the patches of all sequences together and stays) and global_held (the "
+                                  "with the patches of all sequences together and stays, or took its size at "
+                                  "start-up: --kv-cache-memory-bytes, --gpu-memory-utilization) and global_held (the "
                                   "pages of it that sequences and states kept for later prompts hold now).",
                                   m + ["part"], registry=r)
         self.prompt_bytes = Counter("blt_prompt_bytes", "Prompt bytes processed.", m, registry=r)
