@@ -16,6 +16,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 KERNELS = ("auto", "torch", "triton", "triton-gemv")  # blt_runtime.kernels.CHOICES (this module imports no torch)
 # tool_parser.PARSERS (this module imports no FastAPI)
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "llama4_json", "pythonic")
+PAGE = 16  # patches a page of the global model's cache holds (blt_runtime.paged_cache.PAGE; no torch here)
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,19 @@ def vllm_flags(p: argparse.ArgumentParser) -> None:
     for kind in PARALLEL:
         g.add_argument(f"--{kind}-parallel-size", f"-{kind[0]}p", type=int, default=1, metavar="N",
                        help="1 only: blt-serve runs a model on one device (scale out with replicas)")
+    g.add_argument("--distributed-executor-backend", metavar="NAME", help="taken: one process runs the model")
+    g.add_argument("--disable-custom-all-reduce", action="store_true", help="taken: one device, nothing to reduce")
+    g.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help=f"{PAGE} only: the global model's cache is in pages of {PAGE} patches")
+    g.add_argument("--swap-space", type=float, default=None, metavar="GIB",
+                   help="taken: nothing is swapped to the host; a sequence preempted for pages is recomputed when "
+                        "it goes on (as in vLLM's V1 engine)")
+    g.add_argument("--kv-cache-dtype", default=None, metavar="DTYPE",
+                   help="auto only: the caches are in the model's --dtype")
+    g.add_argument("--quantization", "-q", default=None, metavar="METHOD",
+                   help="refused: the weights are served as loaded, in --dtype")
+    g.add_argument("--load-format", default=None, metavar="FORMAT",
+                   help="auto or safetensors only: a model directory's weights are safetensors")
 
 
 UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -282,6 +296,18 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
         if args[f"{kind}_parallel_size"] != 1:
             p.error(f"--{kind}-parallel-size {args[f'{kind}_parallel_size']}: blt-serve runs a model on one device; "
                     "serve more with more replicas (README: Scaling out)")
+    if args["block_size"] not in (None, PAGE):
+        p.error(f"--block-size {args['block_size']}: the global model's cache is in pages of {PAGE} patches; leave "
+                "it out (or give 16)")
+    if args["kv_cache_dtype"] not in (None, "auto"):
+        p.error(f"--kv-cache-dtype {args['kv_cache_dtype']}: the caches are kept in the model's --dtype (no 8-bit "
+                "caches, which would change outputs); leave it out")
+    if args["quantization"] is not None:
+        p.error(f"--quantization {args['quantization']}: blt-serve serves the weights as loaded, in --dtype; leave "
+                "it out")
+    if args["load_format"] not in (None, "auto", "safetensors"):
+        p.error(f"--load-format {args['load_format']}: a model directory's weights are read from safetensors "
+                "(blt-convert converts Meta's checkpoints); leave it out")
     if settings.gpu_memory_utilization is not None and not 0 < settings.gpu_memory_utilization <= 1:
         p.error("--gpu-memory-utilization must be a fraction in (0, 1]")
     if settings.log_level not in LOG_LEVELS:

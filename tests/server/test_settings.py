@@ -43,8 +43,12 @@ def test_bad_values_exit_with_a_message(argv, capsys):
 
 
 def test_kernel_choices_are_the_runtimes():
-    """The server checks --kernels without importing torch; its list is the runtime's."""
+    """The server checks --kernels and --block-size without importing torch; its choices are the runtime's."""
     from blt_runtime.kernels import CHOICES
+    from blt_runtime.paged_cache import PAGE
+    from server.settings import PAGE as SETTINGS_PAGE
+
+    assert SETTINGS_PAGE == PAGE
 
     assert KERNELS == CHOICES
     assert load_settings(["--kernels", "torch"], environ={}).kernels == "torch"
@@ -99,10 +103,16 @@ def test_vllms_names_for_the_same_settings():
 
 
 def test_a_vllm_command_line_runs_or_says_why_not(capsys):
-    line = ["some/dir", "--trust-remote-code", "--enable-chunked-prefill", "--tensor-parallel-size", "1", "-pp", "1"]
+    line = ["some/dir", "--trust-remote-code", "--enable-chunked-prefill", "--tensor-parallel-size", "1", "-pp", "1",
+            "--distributed-executor-backend", "mp", "--disable-custom-all-reduce", "--block-size", "16",
+            "--swap-space", "4", "--kv-cache-dtype", "auto", "--load-format", "safetensors"]
     assert load_settings(line, environ={}) == load_settings(["some/dir"], environ={})
     for flags, words in ((["-tp", "2"], "--tensor-parallel-size 2: blt-serve runs a model on one device"),
                          (["--data-parallel-size", "4"], "--data-parallel-size 4"),
+                         (["--block-size", "32"], "--block-size 32: the global model's cache is in pages of 16"),
+                         (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8: the caches are kept in the model's"),
+                         (["-q", "awq"], "--quantization awq: blt-serve serves the weights as loaded"),
+                         (["--load-format", "pt"], "--load-format pt: a model directory's weights are read from"),
                          (["--gpu-memory-utilization", "1.5"], "a fraction in (0, 1]"),
                          (["--kv-cache-memory-bytes", "lots"], "'lots' is not a valid number of bytes")):
         with pytest.raises(SystemExit):
