@@ -5,7 +5,7 @@
                                  [--new-bytes 64] [--n 4] [--turns 16] [--turns-prompt 1000]
                                  [--turns-new 256] [--turns-contexts 1]
 
-Three workloads through one engine each (`--slots` slots), run to the end while the global cache's pages
+Four workloads through one engine each (`--slots` slots), run to the end while the global cache's pages
 are counted after every step:
 - `mixed`: `--short` requests of `--short-bytes` prompt bytes and one of `--long-bytes`, each generating
   `--new-bytes` (English text, each prompt from another place in it);

@@ -434,8 +434,8 @@ class Runner:
         buffers and the per-row tables (bounded by the windows, and the open patch by the longest one);
         "global", the global model's pool of pages (paged_cache.py), which grows with the patches of all
         sequences together (doubling: `global_bytes_per_patch` a patch) and stays, or was given its size
-        (pool_size.py); "global_held", the pages
-        of it that slots hold now (sequences, and states kept for later prompts), each page once."""
+        (pool_size.py); "global_held", the pages of it that slots hold now (sequences, and states kept for
+        later prompts), each page once."""
         local = [self.entropy_kv.kv, self.encoder_kv.kv, self.decoder_kv.kv, self.latest, self.open_patch.data,
                  self.history, self.output_counts, self.seen, self.logit_bias]
         pool = self.global_kv

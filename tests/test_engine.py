@@ -306,7 +306,7 @@ def test_logprobs_list_the_greedy_byte_first_at_a_tie(models, static):
     # a higher byte it never emitted: equal to `common`, it loses every tie, so greedy's bytes stay the same.
     # Its row is a multiple of 64 rows after the other's, and both are in the head's first 256 rows: a product's
     # columns of the same place in the kernels' blocks are summed alike, and a block's tail may be summed
-    # otherwise (the last of 260 rows lost a tie on an AVX-512 CPU, by a rounding)
+    # otherwise (the last of 260 rows, a rounding above its twin, won the ties on an AVX-512 CPU)
     def twin_of(byte: int) -> int | None:
         return max((b for b in range(byte + 64, 256 - OFFSET, 64) if b not in plain), default=None)
 
