@@ -298,7 +298,7 @@ def load_settings(argv: list[str] | None = None, environ=None) -> Settings:
                     "serve more with more replicas (README: Scaling out)")
     if args["block_size"] not in (None, PAGE):
         p.error(f"--block-size {args['block_size']}: the global model's cache is in pages of {PAGE} patches; leave "
-                "it out (or give 16)")
+                f"it out (or give {PAGE})")
     if args["kv_cache_dtype"] not in (None, "auto"):
         p.error(f"--kv-cache-dtype {args['kv_cache_dtype']}: the caches are kept in the model's --dtype (no 8-bit "
                 "caches, which would change outputs); leave it out")
