@@ -59,6 +59,16 @@ def memory_info(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.mem_get_info(device) if device.type == "cuda" else None
 
 
+def spare_memory(device: torch.device) -> tuple[int, int] | None:
+    """(spare, total) bytes on CUDA (None elsewhere): the device's free memory and the blocks PyTorch's allocator
+    holds unused, which a new tensor may take either."""
+    info = memory_info(device)
+    if info is None:
+        return None
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return info[0] + cached, info[1]
+
+
 def host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor of host values on `device`. On CUDA it goes through pinned memory with a non-blocking
     copy: a plain copy from pageable memory waits for everything queued on the stream (a host sync);

@@ -12,8 +12,9 @@ entries no page holds point there, and padding rows (the runner's scratch slot) 
 
 The pool of pages is one tensor, seen through `kv` as (2, layers, pages, kv_heads, PAGE, head_dim): a slot's
 row of a `KVCache` is a page here, so writes and the attention kernel take (page, entry) where they took
-(slot, entry). It grows by doubling when pages run out, by smaller steps where that fails for want of memory,
-and raises CacheFull when even the pages asked for cannot be had; or it is given its size once (`fix`: from
+(slot, entry). It grows by doubling when pages run out, by smaller steps where that fails for want of memory
+or would leave less than HEADROOM of a GPU free (the steps' activations and the CUDA graphs captured later
+need it), and raises CacheFull when even the pages asked for cannot be had; or it is given its size once (`fix`: from
 a byte budget or a share of the GPU's memory, pool_size.py) and never grows, raising CacheFull past it. The
 table is on the device (the attention kernel and the step's reads look pages up there) and mirrored on the
 host, which alone decides; the entries that change are copied up before the step that needs them (on a CPU
@@ -29,10 +30,12 @@ import numpy as np
 import torch
 
 from . import cache
+from . import device as devices
 from .cache import CacheFull, KVCache, _grown, out_of_memory
 
 PAGE = 16  # patches per page: a sequence leaves at most 15 entries of its last page unused
 FIRST_PATCHES = 64  # the pool's first size: this many patches a slot
+HEADROOM = 0.05  # of a GPU's memory, what a growing pool leaves free (a pool given its size: pool_size.py)
 
 
 class PagedKVCache(KVCache):
@@ -219,6 +222,10 @@ class PagedKVCache(KVCache):
         refused = None
         if self._refused is not None and time.monotonic() - self._refused[1] < cache.RETRY_REFUSED_S:
             refused = self._refused[0]
+        spare = devices.spare_memory(self.pool.device)
+        if spare is not None:  # the new pool is allocated while the old one is still there
+            most = int(spare[0] - HEADROOM * spare[1]) // self.page_bytes
+            refused = most + 1 if refused is None else min(refused, most + 1)
         first = max(2 * size, needed)
         tries = sorted({first, size * 3 // 2, size * 5 // 4, needed}, reverse=True)
         for new_size in [n for n in tries if needed <= n <= first and (refused is None or n < refused)]:

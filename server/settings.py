@@ -119,8 +119,8 @@ HELP = {
     "kv_cache_memory_bytes": "give the global model's cache (its pool of pages) this many bytes at start-up, "
                              "never more (vLLM's; 4GiB, 512MiB, 2G or a number; at least one sequence of "
                              "--max-model-len at a patch a byte, which start-up checks). Default: the pool grows "
-                             "as sequences need it, until the device refuses. Either way a sequence that finds no "
-                             "pages waits its turn",
+                             "as sequences need it, until the device refuses or has 5 percent left. Either way a "
+                             "sequence that finds no pages waits its turn",
     "gpu_memory_utilization": "on CUDA, the share of the GPU's memory (0 to 1) this server takes: the pool of "
                               "pages gets what the model, its caches and a step's activations leave of it, measured "
                               "at start-up (vLLM's; --kv-cache-memory-bytes wins where both are given; ignored on a "

@@ -79,6 +79,22 @@ def test_a_pool_grows_by_smaller_steps_when_doubling_runs_out_of_memory(memory, 
     assert kv.num_pages == 8 and kv.held == [3, 1]
 
 
+def test_a_pool_leaves_a_share_of_a_gpu_free_when_it_grows(monkeypatch):
+    """On a GPU the pool grows only as far as leaves paged_cache.HEADROOM of the device free (the steps'
+    activations and later graph captures need it); the new pool is allocated beside the old, so it must fit in
+    what is spare besides. Here a stand-in device of 100 pages' bytes, 40 of them spare: 35 pages may be had."""
+    kv = PagedKVCache(1, 2, 1, 4, 10_000, "cpu", torch.float32)  # 9 pages: the null page and 4 a slot
+    per_page = kv.page_bytes
+    monkeypatch.setattr(paged_cache.devices, "spare_memory", lambda device: (40 * per_page, 100 * per_page))
+    kv.reserve_rows([(0, 0, 12 * PAGE)])  # 13 pages needed: 18 (doubling) fits in 35
+    assert kv.num_pages == 18
+    kv.reserve_rows([(1, 0, 20 * PAGE)])  # 33 needed: 36 (doubling) would leave too little; 33 does not
+    assert kv.num_pages == 33
+    with pytest.raises(CacheFull, match="from 512 to 560 patches"):
+        kv.reserve_rows([(1, 20 * PAGE, 23 * PAGE)])  # 36 needed, past the 35
+    assert kv.num_pages == 33 and kv.held == [12, 20]
+
+
 def test_an_error_that_is_not_memory_is_raised(monkeypatch):
     def broken(like, shape):
         raise RuntimeError("something else")
