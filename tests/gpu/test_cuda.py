@@ -266,3 +266,22 @@ def test_a_share_of_the_gpu_on_cuda(hf_checkpoint):
                    global_cache_bytes=per_page * 23)  # 22 pages and the null one: a full context, 324 patches, takes 21
     got = run_engine(small, requests)
     assert {rid: g[0] for rid, g in got.items()} == {rid: w[0] for rid, w in want.items()}
+
+
+def test_a_growing_pool_leaves_a_share_of_the_gpu_free():
+    """paged_cache.HEADROOM on a real device: a pool of pages asked to grow past what leaves 5% of the GPU free
+    says it is full (CacheFull, not CUDA's out-of-memory error), and grows within it."""
+    from blt_runtime.cache import CacheFull
+    from blt_runtime.device import spare_memory
+    from blt_runtime.paged_cache import HEADROOM, PagedKVCache
+
+    device = torch.device("cuda")
+    kv = PagedKVCache(4, 2, 8, 128, 1 << 20, device, torch.bfloat16)
+    spare, total = spare_memory(device)
+    most = int(spare - HEADROOM * total) // kv.page_bytes
+    with pytest.raises(CacheFull):
+        kv.grow(most + 2)
+    kv.grow(most // 4)
+    assert kv.num_pages >= most // 4 and spare_memory(device)[0] >= HEADROOM * total
+    del kv
+    torch.cuda.empty_cache()
