@@ -39,13 +39,17 @@ PROGRESS_S = 10.0  # seconds between progress lines
 
 
 async def post(app, url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-    """POST `body` (JSON) to the app at `url`, as an HTTP client would, without a socket: status, headers, body."""
+    """POST `body` (JSON) to the app at `url`, as an HTTP client would, without a socket: status, headers, body.
+    With --api-key, it sends the first key."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    keys = app.state.blt.settings.api_key
+    if keys:
+        headers.append((b"authorization", f"Bearer {keys[0]}".encode()))
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": url, "raw_path": url.encode(), "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "path": url, "raw_path": url.encode(), "query_string": b"", "root_path": "", "headers": headers,
              "client": ("batch", 0), "server": ("batch", 0)}
     sent = False
-    status, headers, chunks = 500, {}, []
+    status, answer_headers, chunks = 500, {}, []
 
     async def receive():
         nonlocal sent
@@ -55,15 +59,15 @@ async def post(app, url: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
         await asyncio.Event().wait()  # the request is whole; a disconnect never comes
 
     async def send(message):
-        nonlocal status, headers
+        nonlocal status, answer_headers
         if message["type"] == "http.response.start":
             status = message["status"]
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in message.get("headers", [])}
+            answer_headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in message.get("headers", [])}
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
     await app(scope, receive, send)
-    return status, headers, b"".join(chunks)
+    return status, answer_headers, b"".join(chunks)
 
 
 def error_line(custom_id, status: int, error) -> dict:

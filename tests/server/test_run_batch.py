@@ -29,8 +29,8 @@ def line(custom_id, url="/v1/completions", **body) -> str:
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
 
 
-def run(engine, lines: list[str], in_flight: int = 8) -> tuple[list[dict], dict]:
-    app = create_app(Settings(model_dir=str(SHIPPED_MODEL), log_level="warning"), engine)
+def run(engine, lines: list[str], in_flight: int = 8, **settings) -> tuple[list[dict], dict]:
+    app = create_app(Settings(model_dir=str(SHIPPED_MODEL), log_level="warning", **settings), engine)
     out = io.StringIO()
     counts = asyncio.run(run_batch(app, lines, out, in_flight))
     return [json.loads(text) for text in out.getvalue().splitlines()], counts
@@ -83,7 +83,8 @@ def test_requests_the_queue_cannot_take_yet_are_sent_again(shipped, monkeypatch)
 
     monkeypatch.setattr(run_batch_module, "post", post)
     lines = [line(f"r{i}", prompt=f"CITIZEN {i}:", max_tokens=8, temperature=0) for i in range(6)]
-    got, counts = run(Engine(shipped, max_batch_size=1, max_queue=1), lines, in_flight=6)
+    # (with API keys, the batch sends the first)
+    got, counts = run(Engine(shipped, max_batch_size=1, max_queue=1), lines, in_flight=6, api_key=("k1", "k2"))
     assert counts == {"requests": 6, "failed": 0} and statuses.count(200) == 6 and 429 in statuses, statuses
     assert [g["custom_id"] for g in got] == [f"r{i}" for i in range(6)]
     for i, g in enumerate(got):
