@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A GPU session's checks in one device call, most needed first, each with its own limit, every log kept:
 # bench/gpu_check.sh (checks and timings, at most 6 minutes; its later parts stop starting after
-# --budget-s), then tests/gpu (90 s), then guided jump-forward timed on CUDA (60 s). About 8.5 minutes in
-# all: give the device call timeout_s 540. Logs go to $OUT (the device tool's folder that comes back), else
+# --budget-s), then tests/gpu (120 s), then guided jump-forward timed on CUDA (60 s). About 9 minutes in
+# all: give the device call timeout_s 570. Logs go to $OUT (the device tool's folder that comes back), else
 # to gpu-logs/. The English text the GPU check sets its threshold on is taken from .gpudata/ when it was
 # carried there (see bench/RESULTS.md, "GPU"). Needs torch (and transformers for the comparison), never the
 # web stack. Extra arguments go to gpu_check.py. Last, what the check's figures say about the defaults it
@@ -17,7 +17,7 @@ if [ -f .gpudata/tinyshakespeare.txt ] && [ ! -f ../shared/data/tinyshakespeare.
 fi
 bash bench/gpu_check.sh --budget-s 300 "$@" 2>&1 | tee "$logs/gpu_check.log"
 echo "gpu_check: exit ${PIPESTATUS[0]}"
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$logs/tests_gpu.log"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$logs/tests_gpu.log"
 echo "tests/gpu: exit ${PIPESTATUS[0]}"
 timeout 60 python3 bench/jump_forward.py --device cuda --dtype bfloat16 --least 2 --rounds 2 2>&1 \
     | tee "$logs/jump_forward.log"
